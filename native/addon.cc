@@ -1,0 +1,17 @@
+// Module entry: per-environment state, then each concern's exports.
+#include "addon_data.h"
+#include "uffd.h"
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData(new AddonData());
+  InitErrors(env, exports);
+  InitConstants(env, exports);
+  InitOpen(env, exports);
+  InitIoctls(env, exports);
+  InitMapping(env, exports);
+  InitToucher(env, exports);
+  InitRead(env, exports);
+  return exports;
+}
+
+NODE_API_MODULE(userfaultfd, Init)

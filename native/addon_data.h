@@ -1,0 +1,11 @@
+// Per-environment state (main thread and each worker get their own), stored with
+// SetInstanceData so that nothing lives in statics.
+#pragma once
+#include <napi.h>
+
+struct AddonData {
+  Napi::FunctionReference errorClass;      // UffdError from the TypeScript layer
+  Napi::FunctionReference mappingHandle;   // native MappingHandle constructor
+};
+
+inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }

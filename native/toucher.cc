@@ -1,0 +1,184 @@
+// Internal test/bench helper: touch pages from native threads so that faults are raised off
+// the JS thread (which is the one resolving them). Not part of the public API.
+//
+// touch(addresses: BigUint64Array, { write, value, threads, timings }) -> Promise<{
+//   values: BigUint64Array (the u64 read at each address, or written), ns?: Float64Array }>
+// madviseOnThread(address, length, advice) -> Promise<{ errno }>: raises REMOVE events, which
+//   block their causer until read, from a thread that is not the reader.
+// forkOnThread() -> Promise<{ pid, status }>: fork() from a helper thread (a FORK event blocks
+//   fork() until read); the child _exit(0)s at once; the thread reaps it.
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <time.h>
+
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "args.h"
+#include "uffd.h"
+
+namespace {
+
+struct TouchJob {
+  std::vector<uint64_t> addresses;
+  std::vector<uint64_t> values;
+  std::vector<double> ns;
+  bool write = false;
+  bool timings = false;
+  bool advise = false;  // madvise(addresses[0], adviseLength, advice) instead of touching
+  bool fork = false;    // fork a child that exits at once, and reap it
+  int pid = 0;
+  int status = 0;
+  uint64_t adviseLength = 0;
+  int advice = 0;
+  int err = 0;
+  uint64_t value = 0;
+  std::atomic<int> running{0};
+  std::vector<std::thread> threads;
+  Napi::ThreadSafeFunction tsfn;
+  Napi::Promise::Deferred deferred;
+  explicit TouchJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
+};
+
+inline uint64_t NowNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
+  if (job->fork) {
+    pid_t pid = ::fork();
+    if (pid == 0) _exit(0);  // only async-signal-safe calls in the child of a threaded process
+    if (pid < 0) {
+      job->err = errno;
+      return;
+    }
+    job->pid = pid;
+    while (waitpid(pid, &job->status, 0) < 0 && errno == EINTR) {
+    }
+    return;
+  }
+  if (job->advise) {
+    if (madvise(reinterpret_cast<void*>(job->addresses[0]), job->adviseLength, job->advice) != 0)
+      job->err = errno;
+    return;
+  }
+  for (size_t i = begin; i < end; i += step) {
+    volatile uint64_t* p = reinterpret_cast<volatile uint64_t*>(job->addresses[i]);
+    uint64_t t0 = job->timings ? NowNs() : 0;
+    if (job->write) {
+      *p = job->value + i;
+      job->values[i] = job->value + i;
+    } else {
+      job->values[i] = *p;
+    }
+    if (job->timings) job->ns[i] = static_cast<double>(NowNs() - t0);
+  }
+}
+
+void Settle(Napi::Env env, Napi::Function, TouchJob* job) {
+  for (auto& t : job->threads)
+    if (t.joinable()) t.join();
+  size_t n = job->values.size();
+  Napi::Object result = Napi::Object::New(env);
+  auto values = Napi::BigUint64Array::New(env, n);
+  for (size_t i = 0; i < n; i++) values[i] = job->values[i];
+  result.Set("values", values);
+  result.Set("errno", Napi::Number::New(env, job->err));
+  if (job->fork) {
+    result.Set("pid", Napi::Number::New(env, job->pid));
+    result.Set("status", Napi::Number::New(env, job->status));
+  }
+  if (job->timings) {
+    auto ns = Napi::Float64Array::New(env, n);
+    for (size_t i = 0; i < n; i++) ns[i] = job->ns[i];
+    result.Set("ns", ns);
+  }
+  job->deferred.Resolve(result);
+}
+
+// Starts `threads` threads over the job and returns its promise.
+Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
+  Napi::Promise promise = job->deferred.Promise();
+
+  // The finalizer runs on the JS thread once every touching thread has released the TSFN.
+  auto* keep = new std::shared_ptr<TouchJob>(job);
+  job->tsfn = Napi::ThreadSafeFunction::New(
+      env, Napi::Function(), "userfaultfd.touch", 0, threads, keep,
+      [](Napi::Env env, std::shared_ptr<TouchJob>* kept) {
+        TouchJob* j = kept->get();
+        if (j->running.load() == 0) {
+          Settle(env, Napi::Function(), j);
+        } else {
+          // Environment teardown while threads are still blocked in faults: they own a
+          // reference to the job, so let them finish on their own.
+          for (auto& t : j->threads)
+            if (t.joinable()) t.detach();
+        }
+        delete kept;
+      });
+
+  size_t n = job->addresses.size();
+  job->running.store(threads);
+  for (int t = 0; t < threads; t++) {
+    job->threads.emplace_back([job, t, threads, n]() {
+      TouchSlice(job.get(), static_cast<size_t>(t), n, static_cast<size_t>(threads));
+      job->running.fetch_sub(1);
+      job->tsfn.Release();
+    });
+  }
+  return promise;
+}
+
+Napi::Value Touch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() ||
+      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array)
+    ThrowTypeError(env, "addresses must be a BigUint64Array");
+  auto list = info[0].As<Napi::BigUint64Array>();
+  Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
+  int threads = opts.Get("threads").IsNumber() ? opts.Get("threads").As<Napi::Number>().Int32Value() : 1;
+  if (threads < 1 || threads > 64) ThrowRangeError(env, "threads must be 1..64");
+
+  auto job = std::make_shared<TouchJob>(env);
+  job->addresses.assign(list.Data(), list.Data() + list.ElementLength());
+  job->values.resize(job->addresses.size());
+  job->write = opts.Get("write").ToBoolean();
+  job->timings = opts.Get("timings").ToBoolean();
+  if (opts.Get("value").IsBigInt()) {
+    bool lossless;
+    job->value = opts.Get("value").As<Napi::BigInt>().Uint64Value(&lossless);
+  }
+  if (job->timings) job->ns.resize(job->addresses.size());
+  return Start(env, job, threads);
+}
+
+Napi::Value MadviseOnThread(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto job = std::make_shared<TouchJob>(env);
+  job->advise = true;
+  job->addresses.push_back(ArgU64(info, 0, "address"));
+  job->adviseLength = ArgU64(info, 1, "length");
+  job->advice = ArgI32(info, 2, "advice");
+  return Start(env, job, 1);
+}
+
+Napi::Value ForkOnThread(const Napi::CallbackInfo& info) {
+  auto job = std::make_shared<TouchJob>(info.Env());
+  job->fork = true;
+  job->addresses.push_back(0);
+  return Start(info.Env(), job, 1);
+}
+
+}  // namespace
+
+void InitToucher(Napi::Env env, Napi::Object exports) {
+  exports.Set("touch", Napi::Function::New(env, Touch, "touch"));
+  exports.Set("forkOnThread", Napi::Function::New(env, ForkOnThread, "forkOnThread"));
+  exports.Set("madviseOnThread", Napi::Function::New(env, MadviseOnThread, "madviseOnThread"));
+}

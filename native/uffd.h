@@ -1,0 +1,11 @@
+// Init functions of each native concern; addon.cc calls them all.
+#pragma once
+#include <napi.h>
+
+void InitErrors(Napi::Env env, Napi::Object exports);
+void InitConstants(Napi::Env env, Napi::Object exports);
+void InitOpen(Napi::Env env, Napi::Object exports);
+void InitIoctls(Napi::Env env, Napi::Object exports);
+void InitMapping(Napi::Env env, Napi::Object exports);
+void InitToucher(Napi::Env env, Napi::Object exports);
+void InitRead(Napi::Env env, Napi::Object exports);

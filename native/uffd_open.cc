@@ -1,0 +1,55 @@
+// Creating a userfaultfd (syscall or /dev/userfaultfd), the UFFDIO_API handshake, and close.
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "args.h"
+#include "uapi.h"
+#include "uffd.h"
+
+static Napi::Value OpenSyscall(const Napi::CallbackInfo& info) {
+  int flags = ArgI32(info, 0, "flags");
+  int fd = static_cast<int>(syscall(__NR_userfaultfd, flags));
+  if (fd < 0) ThrowUffdError(info.Env(), errno, "userfaultfd");
+  return Napi::Number::New(info.Env(), fd);
+}
+
+static Napi::Value OpenDevice(const Napi::CallbackInfo& info) {
+  int flags = ArgI32(info, 0, "flags");
+  std::string path = "/dev/userfaultfd";
+  if (info.Length() > 1 && info[1].IsString()) path = info[1].As<Napi::String>().Utf8Value();
+  int dev = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (dev < 0) ThrowUffdError(info.Env(), errno, "open", -1, path);
+  int fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+  int err = errno;
+  close(dev);
+  if (fd < 0) ThrowUffdError(info.Env(), err, "ioctl(USERFAULTFD_IOC_NEW)", -1, path);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// UFFDIO_API: may succeed once per fd. Returns [grantedFeatures, ioctls].
+static Napi::Value Api(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  struct uffdio_api api = {};
+  api.api = UFFD_API;
+  api.features = ArgU64(info, 1, "features");
+  if (ioctl(fd, UFFDIO_API, &api) != 0) ThrowUffdError(info.Env(), errno, "ioctl(UFFDIO_API)");
+  Napi::Array out = Napi::Array::New(info.Env(), 2);
+  out.Set(0u, U64(info.Env(), api.features));
+  out.Set(1u, U64(info.Env(), api.ioctls));
+  return out;
+}
+
+static Napi::Value Close(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  // Linux always releases the fd, even when close reports EINTR: never retry.
+  if (close(fd) != 0 && errno != EINTR) ThrowUffdError(info.Env(), errno, "close");
+  return info.Env().Undefined();
+}
+
+void InitOpen(Napi::Env env, Napi::Object exports) {
+  exports.Set("openSyscall", Napi::Function::New(env, OpenSyscall, "openSyscall"));
+  exports.Set("openDevice", Napi::Function::New(env, OpenDevice, "openDevice"));
+  exports.Set("api", Napi::Function::New(env, Api, "api"));
+  exports.Set("close", Napi::Function::New(env, Close, "close"));
+}

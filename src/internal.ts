@@ -1,0 +1,59 @@
+/**
+ * @internal Test and benchmark helpers: not part of the public API, may change at any time.
+ *
+ * They raise faults and memory events from native threads, so that the JS thread (which reads
+ * and resolves them) never blocks on its own fault.
+ */
+import { native } from './native'
+import { PAGE_SIZE } from './constants'
+import { toAddress, toLength } from './range'
+import type { Advice } from './mapping'
+import type { RangeLike } from './range'
+
+export interface TouchOptions {
+  /** write instead of read: stores value + index (u64) at each address */
+  write?: boolean
+  value?: bigint
+  /** native threads to spread the addresses over (round-robin) */
+  threads?: number
+  /** record each touch's latency in ns */
+  timings?: boolean
+}
+
+export interface TouchResult {
+  /** the u64 read (or written) at each address */
+  values: BigUint64Array
+  /** per-touch latency in ns, with { timings: true } */
+  ns?: Float64Array
+}
+
+/** Touches each address from native threads; resolves once every touch returned. */
+export async function touch(addresses: readonly bigint[] | BigUint64Array, options: TouchOptions = {}): Promise<TouchResult> {
+  const list = addresses instanceof BigUint64Array ? addresses : BigUint64Array.from(addresses)
+  const { values, ns } = await native.touch(list, options)
+  return ns === undefined ? { values } : { values, ns }
+}
+
+/** The addresses of `count` pages from `range`'s start, `stride` bytes apart (default: every page). */
+export function pages(range: RangeLike, count?: number, stride = PAGE_SIZE, offset = 0): BigUint64Array {
+  const start = toAddress(range.address, 'address') + BigInt(offset)
+  const length = toLength(range.length, 'length')
+  const n = count ?? Math.floor((length - offset) / stride)
+  const out = new BigUint64Array(n)
+  for (let i = 0; i < n; i++) out[i] = start + BigInt(i * stride)
+  return out
+}
+
+/** madvise(2) from a native thread (MADV_DONTNEED/REMOVE events block their causer until read). */
+export async function madviseOnThread(range: RangeLike, advice: Advice): Promise<number> {
+  const value = native.constants.Advice[advice]
+  if (value === undefined) throw new TypeError(`unknown advice '${advice}'`)
+  const { errno } = await native.madviseOnThread(toAddress(range.address, 'address'), toLength(range.length, 'length'), value)
+  return errno
+}
+
+/** fork(2) from a native thread; the child exits at once and is reaped. Resolves with its pid. */
+export async function forkOnThread(): Promise<{ pid: number, status: number, errno: number }> {
+  const { pid, status, errno } = await native.forkOnThread()
+  return { pid, status, errno }
+}

@@ -1,0 +1,93 @@
+// Loads the addon and types its exports. The addon is a thin syscall layer: validation and
+// policy live in TypeScript.
+import * as path from 'path'
+import bindings from 'bindings'
+
+type Bytes = ArrayBuffer | ArrayBufferView
+type U64 = bigint | number
+
+export interface MappingHandle {
+  address(): bigint
+  length(): number
+  fd(): number
+  buffer(): ArrayBuffer
+  unmap(): void
+  madvise(offset: number, length: number, advice: number): void
+  protect(offset: number, length: number, prot: number): void
+  read(offset: number, target: Bytes): number
+  write(offset: number, source: Bytes): number
+}
+
+export interface MappingHandleOptions {
+  hugetlb?: boolean
+  populate?: boolean
+  name?: string
+  private?: boolean
+}
+
+export interface NativeConstants {
+  Feature: Record<string, bigint>
+  IoctlBit: Record<string, bigint>
+  Ioctl: Record<string, number>
+  Mode: Record<string, bigint>
+  PagefaultFlag: Record<string, bigint>
+  Event: Record<string, number>
+  OpenFlag: Record<string, number>
+  Prot: Record<string, number>
+  Advice: Record<string, number>
+  UFFD_API: number
+  MSG_SIZE: number
+  PAGE_SIZE: number
+}
+
+export interface TouchResult {
+  values: BigUint64Array
+  ns?: Float64Array
+  errno: number
+}
+
+export interface Binding {
+  constants: NativeConstants
+  setErrorClass(ctor: new (message: string) => Error): void
+  openSyscall(flags: number): number
+  openDevice(flags: number, path?: string): number
+  api(fd: number, features: bigint): [bigint, bigint]
+  close(fd: number): void
+  register(fd: number, start: U64, len: U64, mode: bigint): bigint
+  unregister(fd: number, start: U64, len: U64): void
+  wake(fd: number, start: U64, len: U64): void
+  copy(fd: number, dst: U64, src: U64 | Bytes, len: U64, mode: bigint): number
+  zeropage(fd: number, start: U64, len: U64, mode: bigint): number
+  continue(fd: number, start: U64, len: U64, mode: bigint): number
+  poison(fd: number, start: U64, len: U64, mode: bigint): number
+  move(fd: number, dst: U64, src: U64, len: U64, mode: bigint): number
+  writeProtect(fd: number, start: U64, len: U64, mode: bigint): void
+  MappingHandle: new (kind: 'anonymous' | 'memfd' | 'alias', length: number,
+    options: MappingHandleOptions, source?: MappingHandle) => MappingHandle
+  touch(addresses: BigUint64Array, options: { write?: boolean, value?: bigint, threads?: number,
+    timings?: boolean }): Promise<TouchResult>
+  madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
+  forkOnThread(): Promise<TouchResult & { pid: number, status: number }>
+  readMessages(fd: number, view: ArrayBufferView): number
+}
+
+// module_root is explicit: dist/ and src/ both sit one level below the package root, and the
+// default (walking up from the caller's stack) breaks under bundlers and test runners.
+const moduleRoot = path.join(__dirname, '..')
+
+function load(): Binding {
+  return bindings({
+    bindings: 'userfaultfd',
+    module_root: moduleRoot,
+    // A local build exists only when install chose to compile (no prebuild loaded, or
+    // --build-from-source), so it wins; then the prebuild for this platform.
+    try: [
+      ['module_root', 'build', 'Release', 'bindings'],
+      ['module_root', 'build', 'Debug', 'bindings'],
+      ['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'node.napi.node'],
+      ['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'bindings'],
+    ],
+  }) as Binding
+}
+
+export const native: Binding = load()

@@ -1,0 +1,79 @@
+// Turning user input (Mapping, { address, length }, bigint) into checked address ranges.
+// Every check here exists so that bad input gets a TypeError/RangeError that says what was
+// wrong, instead of a kernel EINVAL or worse.
+import { PAGE_SIZE } from './constants'
+
+const U64_MAX = (1n << 64n) - 1n
+const PAGE = BigInt(PAGE_SIZE)
+
+/** Anything with a start address and a length: a Mapping, or a plain object. */
+export interface RangeLike {
+  address: bigint
+  length: number | bigint
+}
+
+/** A checked range: page-aligned, non-empty, inside the 64-bit address space. */
+export interface Range {
+  address: bigint
+  length: number
+}
+
+export function toAddress(value: unknown, what: string): bigint {
+  if (typeof value === 'bigint') {
+    if (value < 0n || value > U64_MAX) throw new RangeError(`${what} must fit in 64 bits (got ${value})`)
+    return value
+  }
+  if (value !== null && typeof value === 'object' && typeof (value as RangeLike).address === 'bigint') {
+    return toAddress((value as RangeLike).address, what)
+  }
+  if (typeof value === 'number') {
+    throw new TypeError(`${what} must be a bigint (got the number ${value}; write ${what} as BigInt(x) or 0x...n)`)
+  }
+  throw new TypeError(`${what} must be a bigint address or a Mapping (got ${describe(value)})`)
+}
+
+export function toLength(value: unknown, what: string): number {
+  if (typeof value === 'bigint') {
+    if (value <= 0n) throw new RangeError(`${what} must be > 0 (got ${value})`)
+    if (value > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`${what} is too large (got ${value})`)
+    return Number(value)
+  }
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value)) throw new RangeError(`${what} must be an integer (got ${value})`)
+    if (value <= 0) throw new RangeError(`${what} must be > 0 (got ${value})`)
+    return value
+  }
+  throw new TypeError(`${what} must be a number or a bigint (got ${describe(value)})`)
+}
+
+export function checkAligned(address: bigint, length: number, what: string, page = PAGE_SIZE): void {
+  const p = BigInt(page)
+  if (address % p !== 0n) {
+    throw new RangeError(`${what}: address 0x${address.toString(16)} is not aligned to the page size (${page})`)
+  }
+  if (length % page !== 0) {
+    throw new RangeError(`${what}: length ${length} is not a multiple of the page size (${page})`)
+  }
+  if (address + BigInt(length) - 1n > U64_MAX) throw new RangeError(`${what}: range wraps past 2^64`)
+}
+
+/** Normalizes a Mapping or { address, length } into a checked, page-aligned range. */
+export function toRange(value: unknown, what = 'range'): Range {
+  if (value === null || typeof value !== 'object') {
+    throw new TypeError(`${what} must be a Mapping or { address: bigint, length } (got ${describe(value)})`)
+  }
+  const r = value as RangeLike
+  const address = toAddress(r.address, `${what}.address`)
+  const length = toLength(r.length, `${what}.length`)
+  checkAligned(address, length, what)
+  return { address, length }
+}
+
+export function describe(value: unknown): string {
+  if (value === null) return 'null'
+  if (Array.isArray(value)) return 'an array'
+  if (typeof value === 'object') return `an object (${Object.prototype.toString.call(value)})`
+  return `${typeof value} ${String(value).slice(0, 40)}`
+}
+
+export { PAGE }
