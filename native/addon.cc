@@ -11,6 +11,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitMapping(env, exports);
   InitToucher(env, exports);
   InitRead(env, exports);
+  InitEventReader(env, exports);
   return exports;
 }
 

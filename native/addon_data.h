@@ -3,7 +3,10 @@
 #pragma once
 #include <napi.h>
 
+struct Watchdog;
+
 struct AddonData {
+  Watchdog* watchdog = nullptr;            // deadlock watchdog thread (watchdog.cc), lazily started
   Napi::FunctionReference errorClass;      // UffdError from the TypeScript layer
   Napi::FunctionReference mappingHandle;   // native MappingHandle constructor
 };

@@ -9,3 +9,4 @@ void InitIoctls(Napi::Env env, Napi::Object exports);
 void InitMapping(Napi::Env env, Napi::Object exports);
 void InitToucher(Napi::Env env, Napi::Object exports);
 void InitRead(Napi::Env env, Napi::Object exports);
+void InitEventReader(Napi::Env env, Napi::Object exports);

@@ -47,9 +47,21 @@ static Napi::Value Close(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// An fd that came from elsewhere (a socket, a FORK event) must be O_NONBLOCK for the event
+// reader (poll reports POLLERR otherwise) and close-on-exec (it stays tied to this mm).
+static Napi::Value Adopt(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFL)");
+  int fdfl = fcntl(fd, F_GETFD);
+  if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFD)");
+  return info.Env().Undefined();
+}
+
 void InitOpen(Napi::Env env, Napi::Object exports) {
   exports.Set("openSyscall", Napi::Function::New(env, OpenSyscall, "openSyscall"));
   exports.Set("openDevice", Napi::Function::New(env, OpenDevice, "openDevice"));
   exports.Set("api", Napi::Function::New(env, Api, "api"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("adopt", Napi::Function::New(env, Adopt, "adopt"));
 }

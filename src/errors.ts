@@ -21,7 +21,7 @@ export class UffdError extends Error {
 
 native.setErrorClass(UffdError)
 
-const errnoOf: Record<string, number> = { EBADF: 9, EINVAL: 22, ENOTSUP: 95 }
+const errnoOf: Record<string, number> = { EBADF: 9, EBUSY: 16, EINVAL: 22, ENOTSUP: 95 }
 
 /** A UffdError raised by the TypeScript layer itself (e.g. use after close). */
 export function uffdError(code: keyof typeof errnoOf, syscall: string, detail: string): UffdError {

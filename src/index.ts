@@ -1,5 +1,9 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
 export { Userfaultfd } from './userfaultfd'
+export { EventStream } from './events'
+export type { EventsOptions } from './events'
+export { FaultResolver } from './fault-resolver'
+export type { FaultResolverOptions, ResolveOutcome } from './fault-resolver'
 export type { OpenOptions, RegisterModes, WakeOption, CopyOptions, WriteProtectOptions, MoveOptions, UffdEvent } from './userfaultfd'
 export { Mapping, hugePageSize } from './mapping'
 export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './mapping'

@@ -53,6 +53,7 @@ export interface Binding {
   openDevice(flags: number, path?: string): number
   api(fd: number, features: bigint): [bigint, bigint]
   close(fd: number): void
+  adopt(fd: number): void
   register(fd: number, start: U64, len: U64, mode: bigint): bigint
   unregister(fd: number, start: U64, len: U64): void
   wake(fd: number, start: U64, len: U64): void

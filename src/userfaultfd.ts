@@ -5,6 +5,8 @@ import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './erro
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
 import { checkAligned, describe, toAddress, toLength, toRange, type RangeLike } from './range'
+import { EventStream, type EventsOptions } from './events'
+import { IntervalSet } from './interval-set'
 
 export interface OpenOptions {
   /** Feature.* bits OR-ed together; the kernel must offer every one (see Userfaultfd.probe()). */
@@ -74,6 +76,10 @@ function flag(options: Record<string, unknown>, name: string, fallback: boolean)
 export class Userfaultfd {
   #fd: number
   #view: DataView | undefined
+  #stream: EventStream | undefined
+  #registered = new IntervalSet()
+  #refed = true
+  #readListeners = new Set<() => void>()
   /** Features granted by UFFDIO_API. */
   readonly features: bigint
   /** ioctls the fd supports (from UFFDIO_API). */
@@ -159,6 +165,7 @@ export class Userfaultfd {
    */
   static fromFd(fd: number, options: { features?: bigint, ioctls?: bigint } = {}): Userfaultfd {
     if (!Number.isSafeInteger(fd) || fd < 0) throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
+    native.adopt(fd)
     return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
   }
 
@@ -187,7 +194,10 @@ export class Userfaultfd {
     if (flag(m, 'minor', false)) mode |= Mode.REGISTER_MODE_MINOR
     if (mode === 0n) throw new RangeError('register: choose at least one of missing, wp, minor')
     try {
-      return native.register(fd, r.address, r.length, mode)
+      const ioctls = native.register(fd, r.address, r.length, mode)
+      this.#registered.add(r.address, r.address + BigInt(r.length))
+      this.#stream?.updateRef()
+      return ioctls
     } catch (err) {
       const e = err as UffdError
       if (e.code === 'EINVAL' && (mode & Mode.REGISTER_MODE_MINOR) !== 0n) {
@@ -204,6 +214,8 @@ export class Userfaultfd {
     const fd = this.#live('ioctl(UFFDIO_UNREGISTER)')
     const r = toRange(range)
     native.unregister(fd, r.address, r.length)
+    this.#registered.remove(r.address, r.address + BigInt(r.length))
+    this.#stream?.updateRef()
   }
 
   /** UFFDIO_WAKE: wakes threads waiting on faults in the range. */
@@ -325,7 +337,68 @@ export class Userfaultfd {
     }
     const view = new DataView(this.#view.buffer, 0, max * UFFD_MSG_SIZE)
     const count = native.readMessages(fd, view)
-    return this.toEvents(decodeMessages(view, count, this.has(Feature.THREAD_ID)))
+    const events = this.toEvents(decodeMessages(view, count, this.has(Feature.THREAD_ID)))
+    if (count > 0) this._onBatch(events)
+    return events
+  }
+
+  /**
+   * The event stream: an async iterable of events (or of arrays of events with { batch }).
+   * One read(2) drains many messages per wake-up. It ends when the uffd is closed, with an
+   * AbortError when `signal` aborts; `break` releases it. One stream at a time per uffd.
+   */
+  events(options: EventsOptions = {}): EventStream {
+    this.#live('events')
+    if (this.#stream !== undefined) {
+      throw uffdError('EBUSY', 'events', 'this userfaultfd already has an active event stream; end it (break, abort) first')
+    }
+    this.#stream = new EventStream(this, options)
+    return this.#stream
+  }
+
+  /** Lets the process exit while the event stream waits (like socket.unref()). */
+  unref(): this {
+    this.#refed = false
+    this.#stream?.updateRef()
+    return this
+  }
+
+  /** Undoes unref(): the stream keeps the process alive while ranges are registered. */
+  ref(): this {
+    this.#refed = true
+    this.#stream?.updateRef()
+    return this
+  }
+
+  /** @internal registers a callback run after each read of events; returns its remover. */
+  _onRead(listener: () => void): () => void {
+    this.#readListeners.add(listener)
+    return () => this.#readListeners.delete(listener)
+  }
+
+  /** @internal bookkeeping after each read: registrations follow remap/unmap; resolvers retry. */
+  _onBatch(events: UffdEvent[]): void {
+    let changed = false
+    for (const e of events) {
+      if (e.type === 'remap') {
+        this.#registered.move(e.from, e.to, BigInt(e.length))
+      } else if (e.type === 'unmap') {
+        this.#registered.remove(e.start, e.end)
+        changed = true
+      }
+    }
+    if (changed) this.#stream?.updateRef()
+    for (const listener of this.#readListeners) listener()
+  }
+
+  /** @internal */
+  _onStreamEnd(stream: EventStream): void {
+    if (this.#stream === stream) this.#stream = undefined
+  }
+
+  /** @internal keep the process alive? Only while something can fault (or the fd came from elsewhere). */
+  _wantsRef(): boolean {
+    return this.#refed && (this.via === 'inherited' || !this.#registered.empty)
   }
 
   /** @internal decoded messages to public events: FORK fds become Userfaultfd objects. */
@@ -342,7 +415,10 @@ export class Userfaultfd {
   close(): void {
     const fd = this.#fd
     if (fd < 0) return
+    // Stop polling before the fd number can be reused.
+    this.#stream?.close()
     this.#fd = -1
+    this.#registered.clear()
     leaked.unregister(this)
     native.close(fd)
   }

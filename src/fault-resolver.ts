@@ -1,0 +1,142 @@
+// FaultResolver: resolves faults the way every handler must but few do. EEXIST means another
+// resolver (or fault-around) got there first: done. EAGAIN with bytes > 0 is partial progress:
+// continue with the rest. EAGAIN with bytes 0 means a FORK/REMAP/REMOVE/UNMAP event is pending
+// (mmap_changing): the op is deferred and retried after the uffd's next read and on a short
+// backoff timer, never in a tight loop on the thread that must read that event.
+import type { UffdError } from './errors'
+import type { CopyOptions, Userfaultfd, WakeOption } from './userfaultfd'
+import type { RangeLike } from './range'
+
+export type ResolveOutcome = 'done' | 'exists' | 'deferred'
+
+export interface FaultResolverOptions {
+  /** Called when a deferred op finally fails with something other than EAGAIN/EEXIST. */
+  onError?: (error: UffdError) => void
+}
+
+type Op = (offset: number) => number
+
+interface Deferred {
+  op: Op
+  length: number
+  offset: number
+}
+
+const MAX_BACKOFF_MS = 50
+
+export class FaultResolver {
+  readonly #uffd: Userfaultfd
+  readonly #onError: (error: UffdError) => void
+  #deferred: Deferred[] = []
+  #timer: NodeJS.Timeout | undefined
+  #backoff = 1
+  #retries = 0
+  #detach: () => void
+
+  constructor(uffd: Userfaultfd, options: FaultResolverOptions = {}) {
+    this.#uffd = uffd
+    this.#onError = options.onError ?? ((e) => { process.emitWarning(`FaultResolver: ${e.message}`, 'UffdWarning') })
+    this.#detach = uffd._onRead(() => this.#scheduleRetry(true))
+  }
+
+  /** Ops waiting for a pending event to be read. */
+  get pending(): number {
+    return this.#deferred.length
+  }
+
+  /** How many deferred retries were attempted (for stats and tests). */
+  get retries(): number {
+    return this.#retries
+  }
+
+  /** UFFDIO_COPY of `length` bytes (default: src's size) with EEXIST/EAGAIN handled. */
+  copy(dst: bigint, src: ArrayBuffer | ArrayBufferView | bigint, length?: number, options?: CopyOptions): ResolveOutcome {
+    const len = length ?? (typeof src === 'bigint' ? undefined : src.byteLength)
+    if (len === undefined) throw new TypeError('copy: length is required when src is an address')
+    return this.#run((offset) => {
+      const s = typeof src === 'bigint'
+        ? src + BigInt(offset)
+        : new Uint8Array(ArrayBuffer.isView(src) ? src.buffer : src, (ArrayBuffer.isView(src) ? src.byteOffset : 0) + offset, len - offset)
+      return this.#uffd.copy(dst + BigInt(offset), s, len - offset, options)
+    }, len)
+  }
+
+  /** UFFDIO_ZEROPAGE with EEXIST/EAGAIN handled. */
+  zeropage(range: RangeLike, options?: WakeOption): ResolveOutcome {
+    const len = Number(range.length)
+    return this.#run((offset) => this.#uffd.zeropage({ address: range.address + BigInt(offset), length: len - offset }, options), len)
+  }
+
+  /** UFFDIO_CONTINUE with EEXIST/EAGAIN handled. */
+  continue(range: RangeLike, options?: CopyOptions): ResolveOutcome {
+    const len = Number(range.length)
+    return this.#run((offset) => this.#uffd.continue({ address: range.address + BigInt(offset), length: len - offset }, options), len)
+  }
+
+  /** Retries deferred ops now; returns how many remain deferred. */
+  retry(): number {
+    const ops = this.#deferred
+    this.#deferred = []
+    for (const d of ops) {
+      this.#retries++
+      try {
+        this.#continueFrom(d.op, d.length, d.offset)
+      } catch (err) {
+        this.#onError(err as UffdError)
+      }
+    }
+    return this.#deferred.length
+  }
+
+  /** Stops listening to the uffd and cancels the backoff timer (deferred ops are dropped). */
+  close(): void {
+    this.#detach()
+    if (this.#timer !== undefined) clearTimeout(this.#timer)
+    this.#timer = undefined
+    this.#deferred = []
+  }
+
+  #run(op: Op, length: number): ResolveOutcome {
+    return this.#continueFrom(op, length, 0)
+  }
+
+  #continueFrom(op: Op, length: number, offset: number): ResolveOutcome {
+    while (offset < length) {
+      try {
+        offset += op(offset)
+      } catch (err) {
+        const e = err as UffdError
+        if (e.code === 'EEXIST') return 'exists'
+        if (e.code === 'EAGAIN' && (e.bytes ?? 0) > 0) {
+          offset += e.bytes!
+          continue
+        }
+        if (e.code === 'EAGAIN') {
+          this.#deferred.push({ op, length, offset })
+          this.#scheduleRetry(false)
+          return 'deferred'
+        }
+        if (this.#uffd.closed) return 'done'
+        throw e
+      }
+    }
+    return 'done'
+  }
+
+  #scheduleRetry(afterRead: boolean): void {
+    if (this.#deferred.length === 0) {
+      this.#backoff = 1
+      return
+    }
+    if (afterRead) this.#backoff = 1
+    if (this.#timer !== undefined) return
+    // The event that caused EAGAIN may just have been read, but mmap_changing only drops once
+    // the thread that caused it runs again: retry on a short, growing timer.
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined
+      this.retry()
+      this.#backoff = Math.min(this.#backoff * 2, MAX_BACKOFF_MS)
+      this.#scheduleRetry(false)
+    }, this.#backoff)
+  }
+}
