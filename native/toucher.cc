@@ -1,17 +1,20 @@
-// Internal test/bench helper: touch pages from native threads so that faults are raised off
-// the JS thread (which is the one resolving them). Not part of the public API.
+// Internal test/bench helper: touch pages and change the address space from native threads, so
+// that faults and events are raised off the JS thread (which is the one resolving them: a FORK,
+// REMAP, REMOVE or UNMAP event blocks its causer until read, a fault until resolved).
+// Not part of the public API.
 //
 // touch(addresses: BigUint64Array, { write, value, threads, timings }) -> Promise<{
 //   values: BigUint64Array (the u64 read at each address, or written), ns?: Float64Array }>
-// madviseOnThread(address, length, advice) -> Promise<{ errno }>: raises REMOVE events, which
-//   block their causer until read, from a thread that is not the reader.
-// forkOnThread() -> Promise<{ pid, status }>: fork() from a helper thread (a FORK event blocks
-//   fork() until read); the child _exit(0)s at once; the thread reaps it.
+// madviseOnThread(address, length, advice) -> Promise<{ errno }>
+// mremapOnThread(address, oldLength, newLength) -> Promise<{ errno, result: new address }>
+// munmapOnThread(address, length) -> Promise<{ errno }>
+// forkOnThread() -> Promise<{ pid, status }>: the child _exit(0)s at once; the thread reaps it.
+// mmapRaw(length) -> bigint: anonymous memory that no Mapping owns (for mremap/munmap tests).
 #include <errno.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
-#include <unistd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <memory>
@@ -23,20 +26,22 @@
 
 namespace {
 
+enum class Op { Touch, Madvise, Mremap, Munmap, Fork };
+
 struct TouchJob {
+  Op op = Op::Touch;
   std::vector<uint64_t> addresses;
   std::vector<uint64_t> values;
   std::vector<double> ns;
   bool write = false;
   bool timings = false;
-  bool advise = false;  // madvise(addresses[0], adviseLength, advice) instead of touching
-  bool fork = false;    // fork a child that exits at once, and reap it
+  uint64_t value = 0;
+  uint64_t length = 0;   // madvise/mremap/munmap length (mremap: old length)
+  uint64_t arg = 0;      // madvise advice, mremap new length
+  uint64_t result = 0;   // mremap's new address
+  int err = 0;
   int pid = 0;
   int status = 0;
-  uint64_t adviseLength = 0;
-  int advice = 0;
-  int err = 0;
-  uint64_t value = 0;
   std::atomic<int> running{0};
   std::vector<std::thread> threads;
   Napi::ThreadSafeFunction tsfn;
@@ -50,22 +55,41 @@ inline uint64_t NowNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
-  if (job->fork) {
-    pid_t pid = ::fork();
-    if (pid == 0) _exit(0);  // only async-signal-safe calls in the child of a threaded process
-    if (pid < 0) {
-      job->err = errno;
-      return;
+void RunMemoryOp(TouchJob* job) {
+  void* addr = reinterpret_cast<void*>(job->addresses[0]);
+  switch (job->op) {
+    case Op::Madvise:
+      if (madvise(addr, job->length, static_cast<int>(job->arg)) != 0) job->err = errno;
+      break;
+    case Op::Mremap: {
+      void* out = mremap(addr, job->length, job->arg, MREMAP_MAYMOVE);
+      if (out == MAP_FAILED) job->err = errno;
+      else job->result = reinterpret_cast<uintptr_t>(out);
+      break;
     }
-    job->pid = pid;
-    while (waitpid(pid, &job->status, 0) < 0 && errno == EINTR) {
+    case Op::Munmap:
+      if (munmap(addr, job->length) != 0) job->err = errno;
+      break;
+    case Op::Fork: {
+      pid_t pid = ::fork();
+      if (pid == 0) _exit(0);  // only async-signal-safe calls in the child of a threaded process
+      if (pid < 0) {
+        job->err = errno;
+        break;
+      }
+      job->pid = pid;
+      while (waitpid(pid, &job->status, 0) < 0 && errno == EINTR) {
+      }
+      break;
     }
-    return;
+    case Op::Touch:
+      break;
   }
-  if (job->advise) {
-    if (madvise(reinterpret_cast<void*>(job->addresses[0]), job->adviseLength, job->advice) != 0)
-      job->err = errno;
+}
+
+void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
+  if (job->op != Op::Touch) {
+    RunMemoryOp(job);
     return;
   }
   for (size_t i = begin; i < end; i += step) {
@@ -81,23 +105,28 @@ void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
   }
 }
 
-void Settle(Napi::Env env, Napi::Function, TouchJob* job) {
+void Settle(Napi::Env env, TouchJob* job) {
   for (auto& t : job->threads)
     if (t.joinable()) t.join();
-  size_t n = job->values.size();
   Napi::Object result = Napi::Object::New(env);
-  auto values = Napi::BigUint64Array::New(env, n);
-  for (size_t i = 0; i < n; i++) values[i] = job->values[i];
-  result.Set("values", values);
   result.Set("errno", Napi::Number::New(env, job->err));
-  if (job->fork) {
+  if (job->op == Op::Touch) {
+    size_t n = job->values.size();
+    auto values = Napi::BigUint64Array::New(env, n);
+    for (size_t i = 0; i < n; i++) values[i] = job->values[i];
+    result.Set("values", values);
+    if (job->timings) {
+      auto ns = Napi::Float64Array::New(env, n);
+      for (size_t i = 0; i < n; i++) ns[i] = job->ns[i];
+      result.Set("ns", ns);
+    }
+  } else {
+    result.Set("values", Napi::BigUint64Array::New(env, 0));
+  }
+  if (job->op == Op::Mremap) result.Set("result", U64(env, job->result));
+  if (job->op == Op::Fork) {
     result.Set("pid", Napi::Number::New(env, job->pid));
     result.Set("status", Napi::Number::New(env, job->status));
-  }
-  if (job->timings) {
-    auto ns = Napi::Float64Array::New(env, n);
-    for (size_t i = 0; i < n; i++) ns[i] = job->ns[i];
-    result.Set("ns", ns);
   }
   job->deferred.Resolve(result);
 }
@@ -105,15 +134,14 @@ void Settle(Napi::Env env, Napi::Function, TouchJob* job) {
 // Starts `threads` threads over the job and returns its promise.
 Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
   Napi::Promise promise = job->deferred.Promise();
-
-  // The finalizer runs on the JS thread once every touching thread has released the TSFN.
+  // The finalizer runs on the JS thread once every thread has released the TSFN.
   auto* keep = new std::shared_ptr<TouchJob>(job);
   job->tsfn = Napi::ThreadSafeFunction::New(
       env, Napi::Function(), "userfaultfd.touch", 0, threads, keep,
       [](Napi::Env env, std::shared_ptr<TouchJob>* kept) {
         TouchJob* j = kept->get();
         if (j->running.load() == 0) {
-          Settle(env, Napi::Function(), j);
+          Settle(env, j);
         } else {
           // Environment teardown while threads are still blocked in faults: they own a
           // reference to the job, so let them finish on their own.
@@ -122,7 +150,6 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
         }
         delete kept;
       });
-
   size_t n = job->addresses.size();
   job->running.store(threads);
   for (int t = 0; t < threads; t++) {
@@ -158,27 +185,34 @@ Napi::Value Touch(const Napi::CallbackInfo& info) {
   return Start(env, job, threads);
 }
 
-Napi::Value MadviseOnThread(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  auto job = std::make_shared<TouchJob>(env);
-  job->advise = true;
-  job->addresses.push_back(ArgU64(info, 0, "address"));
-  job->adviseLength = ArgU64(info, 1, "length");
-  job->advice = ArgI32(info, 2, "advice");
-  return Start(env, job, 1);
+Napi::Value MemoryOp(const Napi::CallbackInfo& info, Op op) {
+  auto job = std::make_shared<TouchJob>(info.Env());
+  job->op = op;
+  job->addresses.push_back(op == Op::Fork ? 0 : ArgU64(info, 0, "address"));
+  if (op != Op::Fork) job->length = ArgU64(info, 1, "length");
+  if (op == Op::Madvise || op == Op::Mremap) job->arg = ArgU64(info, 2, "arg");
+  return Start(info.Env(), job, 1);
 }
 
-Napi::Value ForkOnThread(const Napi::CallbackInfo& info) {
-  auto job = std::make_shared<TouchJob>(info.Env());
-  job->fork = true;
-  job->addresses.push_back(0);
-  return Start(info.Env(), job, 1);
+Napi::Value MadviseOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Madvise); }
+Napi::Value MremapOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Mremap); }
+Napi::Value MunmapOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Munmap); }
+Napi::Value ForkOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Fork); }
+
+Napi::Value MmapRaw(const Napi::CallbackInfo& info) {
+  uint64_t length = ArgU64(info, 0, "length");
+  void* p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) ThrowUffdError(info.Env(), errno, "mmap");
+  return U64(info.Env(), reinterpret_cast<uintptr_t>(p));
 }
 
 }  // namespace
 
 void InitToucher(Napi::Env env, Napi::Object exports) {
   exports.Set("touch", Napi::Function::New(env, Touch, "touch"));
-  exports.Set("forkOnThread", Napi::Function::New(env, ForkOnThread, "forkOnThread"));
   exports.Set("madviseOnThread", Napi::Function::New(env, MadviseOnThread, "madviseOnThread"));
+  exports.Set("mremapOnThread", Napi::Function::New(env, MremapOnThread, "mremapOnThread"));
+  exports.Set("munmapOnThread", Napi::Function::New(env, MunmapOnThread, "munmapOnThread"));
+  exports.Set("forkOnThread", Napi::Function::New(env, ForkOnThread, "forkOnThread"));
+  exports.Set("mmapRaw", Napi::Function::New(env, MmapRaw, "mmapRaw"));
 }

@@ -57,3 +57,20 @@ export async function forkOnThread(): Promise<{ pid: number, status: number, err
   const { pid, status, errno } = await native.forkOnThread()
   return { pid, status, errno }
 }
+
+/** mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read). */
+export async function mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<{ address: bigint, errno: number }> {
+  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength)
+  return { address: result, errno }
+}
+
+/** munmap(2) from a native thread (an UNMAP event blocks it until read). */
+export async function munmapOnThread(address: bigint, length: number): Promise<number> {
+  const { errno } = await native.munmapOnThread(address, length)
+  return errno
+}
+
+/** Anonymous memory owned by no Mapping: for tests that mremap/munmap it behind our back. */
+export function mmapRaw(length: number): bigint {
+  return native.mmapRaw(length)
+}

@@ -69,6 +69,9 @@ export interface Binding {
     timings?: boolean }): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
   forkOnThread(): Promise<TouchResult & { pid: number, status: number }>
+  mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
+  munmapOnThread(address: bigint, length: number): Promise<TouchResult>
+  mmapRaw(length: number): bigint
   readMessages(fd: number, view: ArrayBufferView): number
 }
 

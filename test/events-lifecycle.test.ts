@@ -1,0 +1,143 @@
+// Lifecycle of event streams: no fd or handle leaks, ref/unref, workers, the deadlock watchdog.
+import { spawnSync } from 'child_process'
+import * as path from 'path'
+import { Worker } from 'worker_threads'
+import { describe, expect, it } from 'vitest'
+import { Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
+import { touch } from '../src/internal'
+import { countFds } from './helpers/events'
+
+const root = path.join(__dirname, '..')
+const dist = JSON.stringify(path.join(root, 'dist'))
+
+function runChild(script: string, timeout = 15_000) {
+  return spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout, killSignal: 'SIGKILL' })
+}
+
+describe('event stream lifecycle', () => {
+  it('1000 start/stop cycles leak no fd and no handle', async () => {
+    const uffd = Userfaultfd.open()
+    const m = Mapping.anonymous(PAGE_SIZE)
+    uffd.register(m)
+    const fds = countFds()
+    const handles = (process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length
+    for (let i = 0; i < 1000; i++) {
+      const stream = uffd.events({ batch: i % 2 === 0 })
+      if (i % 3 === 0) {
+        const ac = new AbortController()
+        stream.close()
+        uffd.events({ signal: ac.signal })
+        ac.abort()
+      } else {
+        const pending = stream.next()
+        await stream.return()
+        await pending
+      }
+    }
+    await new Promise((r) => setImmediate(r))
+    expect(countFds()).toBe(fds)
+    expect((process as unknown as { _getActiveHandles(): unknown[] })._getActiveHandles().length).toBe(handles)
+    uffd.close()
+    m.unmap()
+  })
+
+  it('does not keep the process alive with nothing registered, and does while ranges are', () => {
+    const idle = runChild(`
+      const { Userfaultfd } = require(${dist})
+      const uffd = Userfaultfd.open()
+      uffd.events().next().then(() => console.log('ended'))
+      setTimeout(() => console.log('alive'), 10)
+    `)
+    expect(idle.status).toBe(0)
+    expect(idle.stdout).toBe('alive\n')
+    const busy = runChild(`
+      const { Userfaultfd, Mapping } = require(${dist})
+      const uffd = Userfaultfd.open()
+      const m = Mapping.anonymous(4096)
+      uffd.register(m)
+      uffd.events().next().then((r) => console.log('ended', r.done))
+      setTimeout(() => { uffd.unregister(m); console.log('unregistered') }, 300)
+    `)
+    // After unregister the reader no longer holds the loop: the process exits on its own.
+    expect(busy.status).toBe(0)
+    expect(busy.stdout).toBe('unregistered\n')
+    const unref = runChild(`
+      const { Userfaultfd, Mapping } = require(${dist})
+      const uffd = Userfaultfd.open()
+      uffd.register(Mapping.anonymous(4096))
+      uffd.unref().events().next()
+    `)
+    expect(unref.status).toBe(0)
+  })
+
+  it('a Worker opens its own uffd, serves faults, and exits cleanly while its stream is open', async () => {
+    const worker = new Worker(`
+      const { parentPort } = require('worker_threads')
+      const { Userfaultfd, Mapping } = require(${dist})
+      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'internal'))})
+      const uffd = Userfaultfd.open()
+      const m = Mapping.anonymous(4096 * 4)
+      uffd.register(m)
+      ;(async () => {
+        const reading = touch([m.address, m.address + 4096n])
+        let n = 0
+        for await (const e of uffd.events()) {
+          uffd.copy(e.address, new BigUint64Array(512).fill(7n))
+          if (++n === 2) break
+        }
+        const { values } = await reading
+        uffd.events() // left open on purpose: teardown must close it
+        parentPort.postMessage(values.join(','))
+      })()
+    `, { eval: true })
+    const message = await new Promise((resolve, reject) => {
+      worker.once('message', resolve)
+      worker.once('error', reject)
+    })
+    expect(message).toBe('7,7')
+    const code = await worker.terminate()
+    expect(code).toBe(1) // terminated, not crashed
+  }, 15_000)
+
+  it('a Worker serves memory that the main thread reads directly (in-process lazy loading)', async () => {
+    const m = Mapping.anonymous(8 * PAGE_SIZE)
+    const worker = new Worker(path.join(root, 'examples', 'worker-handler.js'), {
+      workerData: { address: m.address, length: m.length },
+    })
+    await new Promise((resolve, reject) => {
+      worker.once('message', resolve)
+      worker.once('error', reject)
+    })
+    // The main thread blocks in each fault until the worker copies the page in.
+    const view = new BigUint64Array(m.buffer)
+    for (let i = 0; i < 8; i++) expect(view[(i * PAGE_SIZE) / 8]).toBe(BigInt(i) + 1000n)
+    await worker.terminate()
+    m.unmap()
+  }, 15_000)
+
+  it('the watchdog turns a self-deadlock (JS thread touching memory it serves) into a loud abort', () => {
+    const child = runChild(`
+      const { Userfaultfd, Mapping } = require(${dist})
+      const uffd = Userfaultfd.open({ features: 0n })
+      const m = Mapping.anonymous(4096)
+      uffd.register(m)
+      ;(async () => { for await (const e of uffd.events({ watchdog: 300 })) uffd.zeropage(m) })()
+      setTimeout(() => { new Uint8Array(m.buffer)[0] }, 50)
+    `)
+    expect(child.signal).toBe('SIGABRT')
+    expect(child.stderr).toMatch(/DEADLOCK: the JavaScript thread .* blocked in a page fault/)
+    expect(child.stderr).toMatch(/FaultServer/)
+  })
+
+  it('touching served memory from the JS thread is fine when another thread serves it', () => {
+    const child = runChild(`
+      const { Worker } = require('worker_threads')
+      const { Mapping } = require(${dist})
+      const m = Mapping.anonymous(4096 * 2)
+      const w = new Worker(${JSON.stringify(path.join(root, 'examples', 'worker-handler.js'))}, { workerData: { address: m.address, length: m.length } })
+      w.once('message', () => { console.log(String(new BigUint64Array(m.buffer)[512])); process.exit(0) })
+    `)
+    expect(child.stdout).toBe('1001\n')
+    expect(child.status).toBe(0)
+  })
+})
