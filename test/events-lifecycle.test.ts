@@ -141,3 +141,12 @@ describe('event stream lifecycle', () => {
     expect(child.status).toBe(0)
   })
 })
+
+describe('examples', () => {
+  it('examples/first-use.js runs and prints the served page', () => {
+    const r = spawnSync(process.execPath, [path.join(root, 'examples', 'first-use.js')], { encoding: 'utf8', timeout: 15_000, killSignal: 'SIGKILL' })
+    expect(r.stderr).toBe('')
+    expect(r.stdout).toBe('page 5 holds 1005n\n')
+    expect(r.status).toBe(0)
+  })
+})
