@@ -11,13 +11,16 @@
 // forkOnThread() -> Promise<{ pid, status }>: the child _exit(0)s at once; the thread reaps it.
 // mmapRaw(length) -> bigint: anonymous memory that no Mapping owns (for mremap/munmap tests).
 #include <errno.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -43,6 +46,11 @@ struct TouchJob {
   int pid = 0;
   int status = 0;
   std::atomic<int> running{0};
+  // Set once the TSFN is finalized (normally after the last Release; at environment teardown
+  // possibly while threads are still blocked in faults). A thread that wakes up after that
+  // must not touch the freed TSFN.
+  std::mutex mu;
+  bool finalized = false;
   std::vector<std::thread> threads;
   Napi::ThreadSafeFunction tsfn;
   Napi::Promise::Deferred deferred;
@@ -71,8 +79,11 @@ void RunMemoryOp(TouchJob* job) {
       if (munmap(addr, job->length) != 0) job->err = errno;
       break;
     case Op::Fork: {
-      pid_t pid = ::fork();
-      if (pid == 0) _exit(0);  // only async-signal-safe calls in the child of a threaded process
+      // A raw clone, not glibc's fork(): fork() holds glibc's malloc and stdio locks across the
+      // syscall, and with EVENT_FORK the syscall blocks until the event is read, so the JS
+      // thread (the reader) would deadlock on its next malloc. The child only exits.
+      pid_t pid = static_cast<pid_t>(syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0));
+      if (pid == 0) syscall(SYS_exit_group, 0);
       if (pid < 0) {
         job->err = errno;
         break;
@@ -140,6 +151,10 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
       env, Napi::Function(), "userfaultfd.touch", 0, threads, keep,
       [](Napi::Env env, std::shared_ptr<TouchJob>* kept) {
         TouchJob* j = kept->get();
+        {
+          std::lock_guard<std::mutex> lock(j->mu);
+          j->finalized = true;
+        }
         if (j->running.load() == 0) {
           Settle(env, j);
         } else {
@@ -156,7 +171,8 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
     job->threads.emplace_back([job, t, threads, n]() {
       TouchSlice(job.get(), static_cast<size_t>(t), n, static_cast<size_t>(threads));
       job->running.fetch_sub(1);
-      job->tsfn.Release();
+      std::lock_guard<std::mutex> lock(job->mu);
+      if (!job->finalized) job->tsfn.Release();
     });
   }
   return promise;
