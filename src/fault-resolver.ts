@@ -54,6 +54,7 @@ export class FaultResolver {
     const len = length ?? (typeof src === 'bigint' ? undefined : src.byteLength)
     if (len === undefined) throw new TypeError('copy: length is required when src is an address')
     return this.#run((offset) => {
+      if (offset === 0) return this.#uffd.copy(dst, src, len, options)
       const s = typeof src === 'bigint'
         ? src + BigInt(offset)
         : new Uint8Array(ArrayBuffer.isView(src) ? src.buffer : src, (ArrayBuffer.isView(src) ? src.byteOffset : 0) + offset, len - offset)
