@@ -16,6 +16,12 @@ export interface FaultResolverOptions {
 
 type Op = (offset: number) => number
 
+function sourceAt(src: ArrayBuffer | ArrayBufferView | bigint, offset: number, len: number): Uint8Array | bigint {
+  if (typeof src === 'bigint') return src + BigInt(offset)
+  const view = ArrayBuffer.isView(src)
+  return new Uint8Array(view ? src.buffer : src, (view ? src.byteOffset : 0) + offset, len - offset)
+}
+
 interface Deferred {
   op: Op
   length: number
@@ -49,17 +55,25 @@ export class FaultResolver {
     return this.#retries
   }
 
-  /** UFFDIO_COPY of `length` bytes (default: src's size) with EEXIST/EAGAIN handled. */
+  /**
+   * UFFDIO_COPY of `length` bytes (default: src's size) with EEXIST/EAGAIN handled. A deferred
+   * copy keeps a copy of the bytes, so `src` may be reused at once; an address `src` must stay
+   * valid until the op is done.
+   */
   copy(dst: bigint, src: ArrayBuffer | ArrayBufferView | bigint, length?: number, options?: CopyOptions): ResolveOutcome {
     const len = length ?? (typeof src === 'bigint' ? undefined : src.byteLength)
     if (len === undefined) throw new TypeError('copy: length is required when src is an address')
-    return this.#run((offset) => {
+    const first: Op = (offset) => {
       if (offset === 0) return this.#uffd.copy(dst, src, len, options)
-      const s = typeof src === 'bigint'
-        ? src + BigInt(offset)
-        : new Uint8Array(ArrayBuffer.isView(src) ? src.buffer : src, (ArrayBuffer.isView(src) ? src.byteOffset : 0) + offset, len - offset)
-      return this.#uffd.copy(dst + BigInt(offset), s, len - offset, options)
-    }, len)
+      return this.#uffd.copy(dst + BigInt(offset), sourceAt(src, offset, len), len - offset, options)
+    }
+    // A deferred copy keeps its own snapshot of the bytes: callers may reuse their buffer.
+    const later = (offset: number): Op => {
+      if (typeof src === 'bigint') return first
+      const kept = (sourceAt(src, offset, len) as Uint8Array).slice()
+      return (at) => this.#uffd.copy(dst + BigInt(at), kept.subarray(at - offset), len - at, options)
+    }
+    return this.#run(first, len, later)
   }
 
   /** UFFDIO_ZEROPAGE with EEXIST/EAGAIN handled. */
@@ -97,11 +111,11 @@ export class FaultResolver {
     this.#deferred = []
   }
 
-  #run(op: Op, length: number): ResolveOutcome {
-    return this.#continueFrom(op, length, 0)
+  #run(op: Op, length: number, later?: (offset: number) => Op): ResolveOutcome {
+    return this.#continueFrom(op, length, 0, later)
   }
 
-  #continueFrom(op: Op, length: number, offset: number): ResolveOutcome {
+  #continueFrom(op: Op, length: number, offset: number, later?: (offset: number) => Op): ResolveOutcome {
     while (offset < length) {
       try {
         offset += op(offset)
@@ -113,7 +127,7 @@ export class FaultResolver {
           continue
         }
         if (e.code === 'EAGAIN') {
-          this.#deferred.push({ op, length, offset })
+          this.#deferred.push({ op: later !== undefined ? later(offset) : op, length, offset })
           this.#scheduleRetry(false)
           return 'deferred'
         }
