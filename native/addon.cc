@@ -12,6 +12,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitToucher(env, exports);
   InitRead(env, exports);
   InitEventReader(env, exports);
+  InitFdPassing(env, exports);
+  InitFdWatcher(env, exports);
+  InitFileMapping(env, exports);
   return exports;
 }
 

@@ -10,3 +10,6 @@ void InitMapping(Napi::Env env, Napi::Object exports);
 void InitToucher(Napi::Env env, Napi::Object exports);
 void InitRead(Napi::Env env, Napi::Object exports);
 void InitEventReader(Napi::Env env, Napi::Object exports);
+void InitFdPassing(Napi::Env env, Napi::Object exports);
+void InitFdWatcher(Napi::Env env, Napi::Object exports);
+void InitFileMapping(Napi::Env env, Napi::Object exports);

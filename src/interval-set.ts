@@ -45,6 +45,12 @@ export class IntervalSet {
     for (const [s, e] of moved) this.add(s, e)
   }
 
+  /** Whether `address` lies in one of the intervals. */
+  contains(address: bigint): boolean {
+    for (const [s, e] of this.#items) if (address >= s && address < e) return true
+    return false
+  }
+
   clear(): void {
     this.#items = []
   }

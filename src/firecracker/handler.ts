@@ -1,0 +1,458 @@
+// A Firecracker-compatible page-fault handler: listens on a Unix socket; each connection (one
+// VM) sends the region JSON with its uffd attached; MISSING faults are served from the memory
+// snapshot file with UFFDIO_COPY, straight from a read-only mmap of the file (one ioctl per
+// fault, no bounce buffer) or, with { source: 'pread' }, through a reusable buffer.
+//
+// Each connection is independent: a peer that sends garbage, dies mid-stream or misbehaves
+// ends only its own connection (its uffd, socket and pidfd are closed); the server keeps
+// serving the others. A VM's exit is seen through a pidfd of the peer (SO_PEERCRED pid), and
+// UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
+import * as fs from 'fs'
+import * as net from 'net'
+import { EventEmitter } from 'events'
+import { Userfaultfd, type UffdEvent } from '../userfaultfd'
+import { FaultResolver } from '../fault-resolver'
+import { IntervalSet } from '../interval-set'
+import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../fd-passing'
+import { isUserfaultfd } from '../uffd-passing'
+import { fdNative } from '../fd-passing'
+import type { UffdError } from '../errors'
+import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
+
+export type RemovePolicy = 'zero' | 'unregister'
+
+export interface FirecrackerHandlerOptions {
+  /** Unix socket path to listen on (Firecracker's mem_backend.backend_path). */
+  socketPath: string
+  /** The memory snapshot file (Firecracker's snapshot mem_file_path). */
+  memFile: string
+  /**
+   * UFFD_EVENT_REMOVE (balloon inflation, MADV_DONTNEED): 'zero' (default) remembers the range
+   * and serves zero pages for later faults there; 'unregister' unregisters the range so later
+   * faults are the kernel's own (zero pages for anonymous memory) and never reach the handler.
+   */
+  onRemove?: RemovePolicy
+  /** Who may connect. Default: the same uid as this process, or root. */
+  allow?: (peer: PeerCredentials) => boolean
+  /** Largest handshake message (default 65536 bytes). */
+  maxMessageBytes?: number
+  /** Time for a peer to send its complete handshake (default 5000 ms). */
+  handshakeTimeout?: number
+  /** 'mmap' (default): copy from a read-only mapping of the file; 'pread': through a buffer. */
+  source?: 'mmap' | 'pread'
+  /** Remove a stale socket file left by a dead handler (default true). */
+  replaceStaleSocket?: boolean
+}
+
+export interface ConnectionStats {
+  id: number
+  peer: PeerCredentials
+  regions: number
+  faults: number
+  pagesServed: number
+  bytesServed: number
+  zeroPages: number
+  removes: number
+  exists: number
+  deferred: number
+}
+
+export interface HandlerStats {
+  connections: { active: number, total: number, failed: number }
+  faults: number
+  pagesServed: number
+  bytesServed: number
+  zeroPages: number
+  removes: number
+  exists: number
+  deferred: number
+  /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
+  serveLatencyUs: Record<string, number>
+}
+
+interface FileSource {
+  size: number
+  fd: number
+  /** copies [offset, offset+length) of the file to dst (a page in the peer) */
+  copy(resolver: FaultResolver, dst: bigint, offset: number, length: number): 'done' | 'exists' | 'deferred'
+  close(): void
+}
+
+function openSource(path: string, kind: 'mmap' | 'pread'): FileSource {
+  const fd = fs.openSync(path, "r")  // libuv opens with O_CLOEXEC
+  try {
+    const size = fs.fstatSync(fd).size
+    if (size === 0) throw new RangeError(`memory file ${path} is empty`)
+    if (kind === 'mmap') {
+      const map = new (fdNative as unknown as { FileMapping: new (fd: number, length: number) => { address(): bigint, unmap(): void } }).FileMapping(fd, size)
+      const base = map.address()
+      return {
+        size,
+        fd,
+        copy: (resolver, dst, offset, length) => resolver.copy(dst, base + BigInt(offset), length),
+        close: () => { map.unmap(); fs.closeSync(fd) },
+      }
+    }
+    let buffer = Buffer.alloc(0)
+    return {
+      size,
+      fd,
+      copy: (resolver, dst, offset, length) => {
+        // The resolver may defer the copy (EAGAIN): give it its own bytes in that case.
+        if (buffer.length < length) buffer = Buffer.alloc(length)
+        const view = buffer.subarray(0, length)
+        fs.readSync(fd, view, 0, length, offset)
+        const outcome = resolver.copy(dst, view, length)
+        if (outcome === 'deferred') buffer = Buffer.alloc(buffer.length)
+        return outcome
+      },
+      close: () => fs.closeSync(fd),
+    }
+  } catch (err) {
+    fs.closeSync(fd)
+    throw err
+  }
+}
+
+function defaultAllow(peer: PeerCredentials): boolean {
+  const uid = process.getuid?.() ?? 0
+  return peer.uid === uid || peer.uid === 0
+}
+
+function bucket(us: number): string {
+  if (us < 1) return '<1'
+  const p = 2 ** Math.floor(Math.log2(us))
+  return `${p}-${p * 2}`
+}
+
+let nextId = 1
+
+/** One VM: its socket, uffd, regions, and the loop serving its faults. */
+class Connection {
+  readonly id = nextId++
+  readonly stats: ConnectionStats
+  readonly #handler: FirecrackerHandler
+  readonly #socket: net.Socket
+  readonly #channel: FdChannel
+  #uffd: Userfaultfd | undefined
+  #resolver: FaultResolver | undefined
+  #regions: GuestRegion[] = []
+  #removed = new IntervalSet()
+  #removedAny = false
+  #cancelPidfd: (() => void) | undefined
+  #pidfd = -1
+  #ended = false
+  #zero: Buffer | undefined
+
+  constructor(handler: FirecrackerHandler, socket: net.Socket) {
+    this.#handler = handler
+    this.#socket = socket
+    socket.on('error', () => { /* reported through end() */ })
+    this.#channel = new FdChannel(socket)
+    this.stats = {
+      id: this.id, peer: { pid: 0, uid: -1, gid: -1 }, regions: 0, faults: 0, pagesServed: 0,
+      bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0,
+    }
+  }
+
+  get ended(): boolean {
+    return this.#ended
+  }
+
+  async run(): Promise<void> {
+    try {
+      this.stats.peer = this.#channel.peer()
+      if (!this.#handler.allow(this.stats.peer)) {
+        throw new ProtocolError(`peer uid ${this.stats.peer.uid} (pid ${this.stats.peer.pid}) is not allowed`)
+      }
+      await this.#handshake()
+      if (this.#ended) return
+      this.#handler.emit('ready', this.stats, this.#regions)
+      await this.#serve()
+      this.end()
+    } catch (err) {
+      this.end(err as Error)
+    }
+  }
+
+  async #handshake(): Promise<void> {
+    const signal = AbortSignal.timeout(this.#handler.handshakeTimeout)
+    let text = ''
+    let received = 0
+    let fd = -1
+    try {
+      for (;;) {
+        const first = fd < 0
+        // Byte 0 carries the uffd; later pieces of a split message must carry nothing.
+        let msg
+        try {
+          msg = await this.#channel.receive({ maxBytes: this.#handler.maxMessageBytes - received, maxFds: first ? 1 : 0, signal })
+        } catch (err) {
+          const e = err as UffdError & { name?: string }
+          if (e.name === 'TimeoutError') throw new ProtocolError(`incomplete handshake after ${this.#handler.handshakeTimeout} ms`)
+          if (e.code === 'EMSGSIZE') throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+          if (e.code === 'EPROTO') throw new ProtocolError(first ? `expected exactly one fd with the handshake: ${e.message}` : `unexpected fd after the handshake's first bytes: ${e.message}`)
+          throw err
+        }
+        if (msg.end) throw new ProtocolError(received === 0 ? 'the peer closed the connection without sending the handshake' : 'the peer closed the connection mid-handshake (incomplete JSON)')
+        if (first) {
+          if (msg.fds.length !== 1) throw new ProtocolError('the handshake carries no fd: the uffd must be attached (SCM_RIGHTS)')
+          fd = msg.fds[0]
+        }
+        received += msg.data.length
+        text += msg.data.toString('utf8')
+        if (!isIncompleteJson(text)) break
+        if (received >= this.#handler.maxMessageBytes) throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+      }
+      this.#regions = parseRegions(text, { fileSize: this.#handler.source.size })
+      if (!isUserfaultfd(fd)) throw new ProtocolError('the fd attached to the handshake is not a userfaultfd')
+      this.stats.regions = this.#regions.length
+      this.#uffd = Userfaultfd.fromFd(fd)
+      fd = -1
+    } finally {
+      if (fd >= 0) closeFds([fd])
+    }
+    // Learn when the VM exits (its uffd then has nothing more to serve).
+    const pid = this.stats.peer.pid
+    if (pid > 0) {
+      try {
+        this.#pidfd = pidfdOpen(pid)
+        this.#cancelPidfd = whenReadable(this.#pidfd, () => this.end())
+      } catch { /* already gone: ESRCH on the first copy ends it */ }
+    }
+    this.#resolver = new FaultResolver(this.#uffd, { onError: (e) => this.#onResolveError(e) })
+  }
+
+  async #serve(): Promise<void> {
+    const uffd = this.#uffd!
+    const stream = uffd.events({ batch: true, readSize: 256 })
+    this.#streamClose = () => stream.close()
+    if (this.#ended) stream.close()
+    for await (const batch of stream) {
+      for (const event of batch as UffdEvent[]) {
+        if (this.#ended) return
+        this.#handle(event)
+      }
+    }
+  }
+
+  #streamClose: (() => void) | undefined
+
+  #handle(event: UffdEvent): void {
+    const stats = this.#handler.totals
+    if (event.type === 'pagefault') {
+      this.stats.faults++
+      stats.faults++
+      const region = findRegion(this.#regions, event.address)
+      if (region === undefined) {
+        throw new ProtocolError(`fault at 0x${event.address.toString(16)} outside every region the peer declared`)
+      }
+      const page = event.address - (event.address - region.base) % BigInt(region.pageSize)
+      const t0 = process.hrtime.bigint()
+      let outcome: 'done' | 'exists' | 'deferred'
+      try {
+        if (this.#removedAny && this.#isRemoved(page)) {
+          outcome = this.#zeroFill(page, region.pageSize)
+          if (outcome === 'done') { this.stats.zeroPages++; stats.zeroPages++ }
+        } else {
+          const offset = region.offset + Number(page - region.base)
+          outcome = this.#handler.source.copy(this.#resolver!, page, offset, region.pageSize)
+          if (outcome === 'done') {
+            this.stats.pagesServed++
+            this.stats.bytesServed += region.pageSize
+            stats.pagesServed++
+            stats.bytesServed += region.pageSize
+          }
+        }
+      } catch (err) {
+        this.#onResolveError(err as UffdError)
+        return
+      }
+      if (outcome === 'exists') { this.stats.exists++; stats.exists++ }
+      if (outcome === 'deferred') { this.stats.deferred++; stats.deferred++ }
+      this.#handler.recordLatency(Number(process.hrtime.bigint() - t0) / 1000)
+    } else if (event.type === 'remove') {
+      this.stats.removes++
+      stats.removes++
+      if (this.#handler.onRemove === 'unregister') {
+        try {
+          this.#uffd!.unregister({ address: event.start, length: event.end - event.start })
+        } catch (err) {
+          this.#onResolveError(err as UffdError)
+        }
+      } else {
+        this.#removed.add(event.start, event.end)
+        this.#removedAny = true
+      }
+    }
+    // unmap/remap/fork: not enabled by Firecracker; nothing to do.
+  }
+
+  #isRemoved(page: bigint): boolean {
+    return this.#removed.contains(page)
+  }
+
+  #zeroFill(page: bigint, pageSize: number): 'done' | 'exists' | 'deferred' {
+    // UFFDIO_ZEROPAGE is not supported on hugetlbfs: copy zeros there.
+    if (pageSize === 4096) return this.#resolver!.zeropage({ address: page, length: pageSize })
+    if (this.#zero === undefined || this.#zero.length < pageSize) this.#zero = Buffer.alloc(pageSize)
+    return this.#resolver!.copy(page, this.#zero.subarray(0, pageSize), pageSize)
+  }
+
+  #onResolveError(err: UffdError): void {
+    // ESRCH: the VM's address space is gone (it exited): a clean end, not an error.
+    if (err.code === 'ESRCH') this.end()
+    else this.end(err)
+  }
+
+  /** Idempotent: closes the uffd, the socket, the pidfd; reports why it ended. */
+  end(error?: Error): void {
+    if (this.#ended) return
+    this.#ended = true
+    this.#streamClose?.()
+    this.#resolver?.close()
+    this.#uffd?.close()
+    this.#channel.close()
+    this.#cancelPidfd?.()
+    if (this.#pidfd >= 0) closeFds([this.#pidfd])
+    this.#pidfd = -1
+    this.#socket.destroy()
+    this.#handler.connectionEnded(this, error)
+  }
+}
+
+/**
+ * The handler. Events: 'connection' (stats), 'ready' (stats, regions), 'end' (stats, error?)
+ * for every connection; a connection's error never becomes an 'error' event of the handler.
+ */
+export class FirecrackerHandler extends EventEmitter {
+  readonly socketPath: string
+  readonly onRemove: RemovePolicy
+  readonly maxMessageBytes: number
+  readonly handshakeTimeout: number
+  readonly allow: (peer: PeerCredentials) => boolean
+  /** @internal */
+  readonly source: FileSource
+  /** @internal */
+  readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
+  readonly #server: net.Server
+  readonly #connections = new Set<Connection>()
+  readonly #latency = new Map<string, number>()
+  #total = 0
+  #failed = 0
+  #closed = false
+
+  private constructor(options: FirecrackerHandlerOptions, source: FileSource) {
+    super()
+    this.socketPath = options.socketPath
+    this.onRemove = options.onRemove ?? 'zero'
+    this.maxMessageBytes = options.maxMessageBytes ?? 65536
+    this.handshakeTimeout = options.handshakeTimeout ?? 5000
+    this.allow = options.allow ?? defaultAllow
+    this.source = source
+    // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
+    this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
+  }
+
+  /** Opens the memory file and listens. */
+  static async listen(options: FirecrackerHandlerOptions): Promise<FirecrackerHandler> {
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+    if (typeof options.socketPath !== 'string' || options.socketPath === '') throw new TypeError('socketPath must be a non-empty string')
+    if (typeof options.memFile !== 'string' || options.memFile === '') throw new TypeError('memFile must be a non-empty string')
+    if (options.onRemove !== undefined && options.onRemove !== 'zero' && options.onRemove !== 'unregister') {
+      throw new TypeError(`onRemove must be 'zero' or 'unregister' (got ${String(options.onRemove)})`)
+    }
+    if (options.source !== undefined && options.source !== 'mmap' && options.source !== 'pread') {
+      throw new TypeError(`source must be 'mmap' or 'pread' (got ${String(options.source)})`)
+    }
+    const source = openSource(options.memFile, options.source ?? 'mmap')
+    const handler = new FirecrackerHandler(options, source)
+    try {
+      await handler.#listen(options.replaceStaleSocket ?? true)
+    } catch (err) {
+      source.close()
+      throw err
+    }
+    return handler
+  }
+
+  async #listen(replaceStale: boolean): Promise<void> {
+    const attempt = (): Promise<void> => new Promise((resolve, reject) => {
+      const onError = (err: Error): void => reject(err)
+      this.#server.once('error', onError)
+      this.#server.listen(this.socketPath, () => {
+        this.#server.off('error', onError)
+        this.#server.on('error', (err) => this.emit('serverError', err))
+        resolve()
+      })
+    })
+    try {
+      await attempt()
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !replaceStale || await isListening(this.socketPath)) throw err
+      fs.unlinkSync(this.socketPath)
+      await attempt()
+    }
+  }
+
+  #accept(socket: net.Socket): void {
+    if (this.#closed) {
+      socket.destroy()
+      return
+    }
+    this.#total++
+    const conn = new Connection(this, socket)
+    this.#connections.add(conn)
+    this.emit('connection', conn.stats)
+    void conn.run()
+  }
+
+  /** @internal */
+  connectionEnded(conn: Connection, error?: Error): void {
+    this.#connections.delete(conn)
+    if (error !== undefined) this.#failed++
+    this.emit('end', conn.stats, error)
+  }
+
+  /** @internal */
+  recordLatency(us: number): void {
+    const b = bucket(us)
+    this.#latency.set(b, (this.#latency.get(b) ?? 0) + 1)
+  }
+
+  stats(): HandlerStats {
+    const keys = [...this.#latency.keys()].sort((a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')))
+    return {
+      connections: { active: this.#connections.size, total: this.#total, failed: this.#failed },
+      ...this.totals,
+      serveLatencyUs: Object.fromEntries(keys.map((k) => [k, this.#latency.get(k)!])),
+    }
+  }
+
+  /** Per-connection stats of the connections still open. */
+  connections(): ConnectionStats[] {
+    return [...this.#connections].map((c) => c.stats)
+  }
+
+  /** Stops listening, ends every connection (their VMs lose their handler), unmaps the file. */
+  async close(): Promise<void> {
+    if (this.#closed) return
+    this.#closed = true
+    const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()))
+    for (const conn of [...this.#connections]) conn.end()
+    await closed
+    this.source.close()
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+}
+
+function isListening(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(path)
+    s.once('connect', () => { s.destroy(); resolve(true) })
+    s.once('error', () => resolve(false))
+  })
+}

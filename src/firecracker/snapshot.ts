@@ -1,0 +1,31 @@
+// A deterministic memory snapshot for demos and tests: every 8-byte word encodes its own file
+// offset and a seed, so any page served from the wrong offset (or zero-filled) is detected.
+import * as fs from 'fs'
+
+const CHUNK = 1 << 20
+
+/** The bytes of [offset, offset + length) of the snapshot with `seed` (offset and length multiples of 8). */
+export function snapshotBytes(offset: number, length: number, seed = 0x5eed): Buffer {
+  const out = Buffer.allocUnsafeSlow(length)
+  // Little-endian u64 words: low half = the word's file offset (mod 2^32), high half = seed
+  // mixed with the offset's upper bits.
+  const words = new Uint32Array(out.buffer, out.byteOffset, length / 4)
+  for (let i = 0, off = offset; i < words.length; i += 2, off += 8) {
+    words[i] = off >>> 0
+    words[i + 1] = (seed ^ Math.floor(off / 0x100000000)) >>> 0
+  }
+  return out
+}
+
+/** Writes a snapshot file of `size` bytes (a multiple of 8). */
+export function writeSnapshot(path: string, size: number, seed = 0x5eed): void {
+  const fd = fs.openSync(path, 'w', 0o600)
+  try {
+    for (let off = 0; off < size; off += CHUNK) {
+      const len = Math.min(CHUNK, size - off)
+      fs.writeSync(fd, snapshotBytes(off, len, seed), 0, len, off)
+    }
+  } finally {
+    fs.closeSync(fd)
+  }
+}
