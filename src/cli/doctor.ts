@@ -1,0 +1,123 @@
+// `userfaultfd doctor [--json]`: can this machine (this user, this container) use userfaultfd,
+// and if not, what would fix it. Exit code: 0 usable, 1 not usable, 3 only UFFD_USER_MODE_ONLY
+// (faults raised inside syscalls or by KVM are not delivered: not enough for Firecracker).
+import * as fs from 'fs'
+import * as os from 'os'
+import { Userfaultfd } from '../userfaultfd'
+
+export interface DoctorReport {
+  usable: boolean
+  status: 'usable' | 'user-mode-only' | 'unusable'
+  kernel: string
+  arch: string
+  uid: number
+  syscall: { ok: boolean, code?: string }
+  device: { present: boolean, ok: boolean, code?: string, mode?: string }
+  unprivilegedUserfaultfd: number | null
+  capSysPtrace: boolean
+  seccomp: 'disabled' | 'strict' | 'filter' | 'unknown'
+  via: string | null
+  features: string[]
+  ioctls: string[]
+  hugePages: { size: number, total: number, free: number, nrHugepages: number | null }
+  container: { detected: boolean, kind: string | null, evidence: string[] }
+  reason?: string
+  fixes: string[]
+}
+
+function read(path: string): string | null {
+  try {
+    return fs.readFileSync(path, 'utf8')
+  } catch {
+    return null
+  }
+}
+
+function statusField(name: string): string | null {
+  const m = new RegExp(`^${name}:\\s*(\\S+)`, 'm').exec(read('/proc/self/status') ?? '')
+  return m ? m[1] : null
+}
+
+function detectContainer(): DoctorReport['container'] {
+  const evidence: string[] = []
+  let kind: string | null = null
+  if (fs.existsSync('/.dockerenv')) { evidence.push('/.dockerenv exists'); kind = 'docker' }
+  if (fs.existsSync('/run/.containerenv')) { evidence.push('/run/.containerenv exists'); kind ??= 'podman' }
+  const cgroup = read('/proc/1/cgroup') ?? ''
+  const m = /(docker|kubepods|containerd|libpod|lxc)/.exec(cgroup)
+  if (m) { evidence.push(`/proc/1/cgroup mentions ${m[1]}`); kind ??= m[1] === 'kubepods' ? 'kubernetes' : m[1] }
+  const env = process.env.container
+  if (env) { evidence.push(`$container=${env}`); kind ??= env }
+  return { detected: evidence.length > 0, kind, evidence }
+}
+
+export function diagnose(): DoctorReport {
+  const p = Userfaultfd.probe({ refresh: true })
+  const capEff = statusField('CapEff')
+  const capSysPtrace = capEff !== null && (BigInt(`0x${capEff}`) & (1n << 19n)) !== 0n
+  const seccompField = statusField('Seccomp')
+  const seccomp = seccompField === '0' ? 'disabled' : seccompField === '1' ? 'strict' : seccompField === '2' ? 'filter' : 'unknown'
+  const devStat = (() => { try { return fs.statSync('/dev/userfaultfd') } catch { return null } })()
+  const meminfo = read('/proc/meminfo') ?? ''
+  const num = (re: RegExp): number => Number(re.exec(meminfo)?.[1] ?? 0)
+  const nr = read('/proc/sys/vm/nr_hugepages')
+  const container = detectContainer()
+  const status: DoctorReport['status'] = !p.supported ? 'unusable' : p.userModeOnly ? 'user-mode-only' : 'usable'
+  const fixes: string[] = []
+  if (status !== 'usable') {
+    if (devStat !== null && !p.device.ok) fixes.push(`give this user access to /dev/userfaultfd: sudo setfacl -m u:${os.userInfo().username}:rw /dev/userfaultfd (or a udev rule)`)
+    if (p.syscall.code === 'EPERM') fixes.push('sudo sysctl -w vm.unprivileged_userfaultfd=1 (or run with CAP_SYS_PTRACE)')
+    if (container.detected || seccomp === 'filter') {
+      if (devStat === null) fixes.push('docker run --device /dev/userfaultfd ... (the host needs Linux 6.1+ with /dev/userfaultfd; works with the default seccomp profile)')
+      fixes.push("docker run --cap-add SYS_PTRACE --security-opt seccomp=unconfined ... (Docker's default seccomp profile blocks the userfaultfd syscall)")
+    }
+    if (p.syscall.code === 'ENOSYS' && devStat === null && !container.detected) fixes.push('this kernel may lack CONFIG_USERFAULTFD, or a seccomp filter blocks the syscall')
+  }
+  if (num(/HugePages_Total:\s+(\d+)/) === 0) fixes.push('optional, for hugetlb tests/guests: echo 64 | sudo tee /proc/sys/vm/nr_hugepages')
+  return {
+    usable: status === 'usable',
+    status,
+    kernel: p.kernel,
+    arch: process.arch,
+    uid: process.getuid?.() ?? -1,
+    syscall: { ok: p.syscall.ok, code: p.syscall.code },
+    device: { present: devStat !== null, ok: p.device.ok, code: p.device.code, mode: devStat ? `0${(devStat.mode & 0o777).toString(8)} uid=${devStat.uid} gid=${devStat.gid}` : undefined },
+    unprivilegedUserfaultfd: p.unprivilegedUserfaultfd,
+    capSysPtrace,
+    seccomp,
+    via: p.via,
+    features: p.featureNames,
+    ioctls: p.ioctlNames,
+    hugePages: { size: num(/Hugepagesize:\s+(\d+)/) * 1024, total: num(/HugePages_Total:\s+(\d+)/), free: num(/HugePages_Free:\s+(\d+)/), nrHugepages: nr === null ? null : Number(nr.trim()) },
+    container,
+    reason: p.reason,
+    fixes,
+  }
+}
+
+function line(ok: boolean | null, text: string): string {
+  return `${ok === null ? ' ' : ok ? '✓' : '✗'} ${text}`
+}
+
+export function formatReport(r: DoctorReport): string {
+  const out = [
+    `userfaultfd doctor: ${r.status.toUpperCase()}`,
+    line(null, `kernel ${r.kernel} (${r.arch}), uid ${r.uid}`),
+    line(r.syscall.ok, `userfaultfd(2) syscall: ${r.syscall.ok ? 'works' : r.syscall.code}`),
+    line(r.device.ok, `/dev/userfaultfd: ${!r.device.present ? 'absent' : r.device.ok ? 'works' : r.device.code} ${r.device.mode ? `(${r.device.mode})` : ''}`.trimEnd()),
+    line(null, `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`),
+    line(null, `features (${r.features.length}): ${r.features.join(' ') || '-'}`),
+    line(null, `ioctls: ${r.ioctls.join(' ') || '-'}`),
+    line(null, `huge pages: ${r.hugePages.total} x ${r.hugePages.size / 1024} KiB reserved, ${r.hugePages.free} free`),
+    line(null, `container: ${r.container.detected ? `${r.container.kind} (${r.container.evidence.join('; ')})` : 'none detected'}`),
+  ]
+  if (r.reason) out.push('', r.reason)
+  if (r.fixes.length > 0) out.push('', 'Fixes:', ...r.fixes.map((f) => `  - ${f}`))
+  return out.join('\n')
+}
+
+export function doctor(args: { json: boolean }): number {
+  const report = diagnose()
+  process.stdout.write(args.json ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n')
+  return report.status === 'usable' ? 0 : report.status === 'user-mode-only' ? 3 : 1
+}
