@@ -75,6 +75,8 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
   for (const { map } of maps) addresses.push(...pages(map, Math.ceil(map.length / PAGE_SIZE / stride), PAGE_SIZE * stride))
   if (options.dieMidway) {
     // Faults in flight on native threads while the process dies.
+    // (keep the memory and the uffd reachable: a collected Mapping would be unmapped under the threads)
+    ;(globalThis as { guestKeepAlive?: unknown }).guestKeepAlive = { maps, uffd, socket }
     void touch(addresses, { threads: options.threads ?? 1 })
     setTimeout(() => process.kill(process.pid, 'SIGKILL'), 5)
     await new Promise(() => { /* never */ })

@@ -47,7 +47,7 @@ export function isIncompleteJson(text: string): boolean {
     JSON.parse(text)
     return false
   } catch (err) {
-    return /Unexpected end of JSON input/.test((err as Error).message) || text.trim() === ''
+    return /Unexpected end of JSON input|Unterminated string/.test((err as Error).message) || text.trim() === ''
   }
 }
 

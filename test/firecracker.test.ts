@@ -1,0 +1,279 @@
+// The Firecracker-compatible handler against a guest child process that does what Firecracker
+// does (map, register MISSING + EVENT_REMOVE, send JSON + uffd, touch, verify, MADV_DONTNEED),
+// and against every kind of malformed handshake, sent from this process.
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
+import * as fs from 'fs'
+import * as net from 'net'
+import * as os from 'os'
+import * as path from 'path'
+import { FirecrackerHandler, Mapping, PAGE_SIZE, Userfaultfd, parseRegions, sendFds, type ConnectionStats } from '../src'
+import { writeSnapshot } from '../src/firecracker/snapshot'
+import { killChildren, runGuest } from './helpers/children'
+
+const MEM_SIZE = 8 << 20
+let dir: string
+let memFile: string
+let socketCounter = 0
+const handlers: FirecrackerHandler[] = []
+const cleanup: Array<() => void> = []
+
+const openFds = (): number => fs.readdirSync('/proc/self/fd').length
+const fdList = (): string[] => fs.readdirSync('/proc/self/fd').map((f) => { try { return `${f} ${fs.readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fc-handler-'))
+  memFile = path.join(dir, 'mem')
+  writeSnapshot(memFile, MEM_SIZE)
+})
+
+afterEach(async () => {
+  killChildren()
+  for (const f of cleanup.splice(0).reverse()) {
+    try { f() } catch { /* gone */ }
+  }
+  for (const h of handlers.splice(0)) await h.close()
+})
+
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
+
+async function listen(options: Partial<Parameters<typeof FirecrackerHandler.listen>[0]> = {}): Promise<FirecrackerHandler> {
+  const h = await FirecrackerHandler.listen({ socketPath: path.join(dir, `s${socketCounter++}`), memFile, handshakeTimeout: 2000, ...options })
+  handlers.push(h)
+  return h
+}
+
+function nextEnd(h: FirecrackerHandler): Promise<{ stats: ConnectionStats, error?: Error }> {
+  return new Promise((resolve) => h.once('end', (stats: ConnectionStats, error?: Error) => resolve({ stats, error })))
+}
+
+async function connect(h: FirecrackerHandler): Promise<net.Socket> {
+  const s = net.connect(h.socketPath)
+  s.pause()
+  s.on('error', () => { /* the handler may reset it */ })
+  cleanup.push(() => s.destroy())
+  await new Promise((r) => s.once('connect', r))
+  return s
+}
+
+/** A uffd of this process with `pages` registered pages, and the region JSON describing them. */
+function peerMemory(pages = 16): { uffd: Userfaultfd, map: Mapping, region: Record<string, number> } {
+  const uffd = Userfaultfd.open()
+  const map = Mapping.anonymous(pages * PAGE_SIZE)
+  uffd.register(map)
+  cleanup.push(() => { uffd.close(); map.unmap() })
+  return { uffd, map, region: { base_host_virt_addr: Number(map.address), size: map.length, offset: 0, page_size: PAGE_SIZE, page_size_kib: PAGE_SIZE / 1024 } }
+}
+
+/** Sends one raw handshake and returns the error the handler ended that connection with. */
+async function rejected(h: FirecrackerHandler, payload: string | Buffer, fds: number[], closeAfter = false): Promise<Error | undefined> {
+  const ended = nextEnd(h)
+  const s = await connect(h)
+  const closed = new Promise((r) => s.once('close', r))
+  if (payload.length > 0) {
+    // A refused peer may find the connection already closed.
+    await sendFds(s, payload, fds).catch((e: { code?: string }) => { if (e.code !== 'EPIPE' && e.code !== 'ECONNRESET') throw e })
+  }
+  if (closeAfter) s.end()
+  s.resume()  // read, to see the handler's hang-up
+  const { error } = await ended
+  await closed  // the handler closed the connection
+  return error
+}
+
+describe('Firecracker handler: serving a guest', () => {
+  it('serves every page lazily from the snapshot; zero pages after MADV_DONTNEED (onRemove: zero)', { timeout: 30_000 }, async () => {
+    const h = await listen()
+    const ready = new Promise<ConnectionStats>((r) => h.once('ready', r))
+    const ended = nextEnd(h)
+    const g = await runGuest({ socket: h.socketPath, memFile, dontneed: 1 << 20, regions: 2 })
+    expect(g.stderr).toBe('')
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, verifiedBytes: MEM_SIZE, zeroChecked: 256 })
+    const peer = await ready
+    expect(peer.peer.pid).toBe(g.result!.pid)
+    expect(peer.regions).toBe(2)
+    const { stats, error } = await ended  // the guest's exit ends the connection (pidfd)
+    expect(error).toBeUndefined()
+    expect(stats).toMatchObject({ pagesServed: MEM_SIZE / PAGE_SIZE, zeroPages: 256, removes: 1 })
+    expect(h.stats().connections).toEqual({ active: 0, total: 1, failed: 0 })
+  })
+
+  it('onRemove: unregister: the removed range faults no more and reads zeros', { timeout: 30_000 }, async () => {
+    const h = await listen({ onRemove: 'unregister', source: 'pread' })
+    const ended = nextEnd(h)
+    const g = await runGuest({ socket: h.socketPath, memFile, dontneed: 2 << 20, legacyPageSize: true, size: 4 << 20, offset: 4 << 20 })
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, zeroChecked: 512 })
+    const { stats, error } = await ended
+    expect(error).toBeUndefined()
+    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1, faults: 1024 })
+  })
+
+  it('serves two guests at once, several threads each', { timeout: 30_000 }, async () => {
+    const h = await listen()
+    const [a, b] = await Promise.all([
+      runGuest({ socket: h.socketPath, memFile, threads: 2, size: 4 << 20 }),
+      runGuest({ socket: h.socketPath, memFile, threads: 2, size: 4 << 20, offset: 4 << 20 }),
+    ])
+    expect([a.code, b.code]).toEqual([0, 0])
+    expect(a.result).toMatchObject({ mismatches: 0, verifiedBytes: 4 << 20 })
+    expect(b.result).toMatchObject({ mismatches: 0, verifiedBytes: 4 << 20 })
+    await new Promise((r) => setTimeout(r, 50))
+    expect(h.stats()).toMatchObject({ pagesServed: 2048, connections: { total: 2, failed: 0 } })
+  })
+
+  it('survives a guest that dies mid-stream, and serves the next one', { timeout: 30_000 }, async () => {
+    const h = await listen()
+    const ended = nextEnd(h)
+    const dead = await runGuest({ socket: h.socketPath, memFile, dieMidway: true, threads: 2 })
+    expect(dead.signal).toBe('SIGKILL')
+    const { error } = await ended
+    expect(error).toBeUndefined()  // ESRCH or the pidfd: a clean end
+    const g = await runGuest({ socket: h.socketPath, memFile, size: 2 << 20 })
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0 })
+  })
+})
+
+describe('Firecracker handler: malformed handshakes end only that connection', () => {
+  const cases: Array<[string, (r: Record<string, number>) => string, RegExp]> = [
+    ['malformed JSON', () => '[{"base_host_virt_addr": 1,,]', /malformed JSON/],
+    ['not an array', () => '{"regions": []}', /JSON array/],
+    ['no regions', () => '[]', /no memory regions/],
+    ['overlapping regions', (r) => JSON.stringify([r, { ...r, base_host_virt_addr: r.base_host_virt_addr + PAGE_SIZE, offset: 0 }]), /overlaps/],
+    ['beyond the file', (r) => JSON.stringify([{ ...r, offset: MEM_SIZE - PAGE_SIZE }]), /beyond the memory file/],
+    ['unaligned address', (r) => JSON.stringify([{ ...r, base_host_virt_addr: r.base_host_virt_addr + 8 }]), /not aligned/],
+    ['unaligned offset', (r) => JSON.stringify([{ ...r, offset: 100 }]), /offset 100 is not aligned/],
+    ['zero-sized', (r) => JSON.stringify([{ ...r, size: 0 }]), /zero-sized/],
+    ['negative size', (r) => JSON.stringify([{ ...r, size: -4096 }]), /non-negative integer/],
+    ['missing field', (r) => JSON.stringify([{ size: r.size, offset: 0, page_size: PAGE_SIZE }]), /missing "base_host_virt_addr"/],
+    ['page sizes disagree', (r) => JSON.stringify([{ ...r, page_size_kib: 8 }]), /disagrees/],
+    ['unsupported page size', (r) => JSON.stringify([{ ...r, page_size: 12345, page_size_kib: undefined }]), /unsupported page size/],
+  ]
+  for (const [name, body, pattern] of cases) {
+    it(name, { timeout: 10_000 }, async () => {
+      const h = await listen()
+      const { uffd, region } = peerMemory()
+      const error = await rejected(h, body(region), [uffd.fd])
+      expect(error?.message).toMatch(pattern)
+      expect(h.stats().connections).toMatchObject({ active: 0, failed: 1 })
+    })
+  }
+
+  it('missing fd', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    const { region } = peerMemory()
+    expect((await rejected(h, JSON.stringify([region]), []))?.message).toMatch(/no fd|exactly one fd/)
+  })
+
+  it('two fds', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    const { uffd, region } = peerMemory()
+    const memfd = Mapping.memfd(PAGE_SIZE)
+    cleanup.push(() => memfd.unmap())
+    expect((await rejected(h, JSON.stringify([region]), [uffd.fd, memfd.fd]))?.message).toMatch(/exactly one fd.*2 fds/)
+  })
+
+  it('an fd that is not a userfaultfd', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    const { region } = peerMemory()
+    const memfd = Mapping.memfd(PAGE_SIZE)
+    cleanup.push(() => memfd.unmap())
+    expect((await rejected(h, JSON.stringify([region]), [memfd.fd]))?.message).toMatch(/not a userfaultfd/)
+  })
+
+  it('a message too large', { timeout: 10_000 }, async () => {
+    const h = await listen({ maxMessageBytes: 4096 })
+    const { uffd, region } = peerMemory()
+    const many = JSON.stringify(Array.from({ length: 100 }, (_, i) => ({ ...region, base_host_virt_addr: region.base_host_virt_addr + i * 1e9 })))
+    expect((await rejected(h, many, [uffd.fd]))?.message).toMatch(/larger than 4096/)
+  })
+
+  it('incomplete JSON then hang-up; silence until the handshake timeout', { timeout: 10_000 }, async () => {
+    const h = await listen({ handshakeTimeout: 300 })
+    const { uffd, region } = peerMemory()
+    expect((await rejected(h, JSON.stringify([region]).slice(0, 20), [uffd.fd], true))?.message).toMatch(/mid-handshake/)
+    expect((await rejected(h, '', []))?.message).toMatch(/incomplete handshake after 300 ms/)
+  })
+
+  it('a handshake split over two sends is accepted; an fd on the second piece is not', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    const { uffd, region } = peerMemory()
+    const text = JSON.stringify([region])
+    const s = await connect(h)
+    const ready = new Promise<ConnectionStats>((r) => h.once('ready', r))
+    await sendFds(s, text.slice(0, 10), [uffd.fd])
+    await new Promise((r) => setTimeout(r, 30))
+    await sendFds(s, text.slice(10), [])
+    expect((await ready).regions).toBe(1)
+    const other = peerMemory()
+    const memfd = Mapping.memfd(PAGE_SIZE)
+    cleanup.push(() => memfd.unmap())
+    const ended = nextEnd(h)
+    const s2 = await connect(h)
+    await sendFds(s2, JSON.stringify([other.region]).slice(0, 10), [other.uffd.fd])
+    await new Promise((r) => setTimeout(r, 30))
+    await sendFds(s2, JSON.stringify([other.region]).slice(10), [memfd.fd])
+    expect((await ended).error?.message).toMatch(/unexpected fd/)
+  })
+
+  it('a peer that is not allowed is refused', { timeout: 10_000 }, async () => {
+    const h = await listen({ allow: (peer) => peer.uid === 12345 })
+    const { uffd, region } = peerMemory()
+    expect((await rejected(h, JSON.stringify([region]), [uffd.fd]))?.message).toMatch(/not allowed/)
+  })
+
+  it('keeps serving a good guest while bad peers come and go; fd count unchanged after 200 connections', { timeout: 60_000 }, async () => {
+    const { uffd, region } = peerMemory()
+    const memfd = Mapping.memfd(PAGE_SIZE)
+    cleanup.push(() => memfd.unmap())
+    const baseline = openFds()
+    const h = await listen({ handshakeTimeout: 1000 })
+    const guest = runGuest({ socket: h.socketPath, memFile, size: 4 << 20, threads: 2 }, 30_000)
+    await new Promise((r) => h.once('ready', r))
+    const before = openFds()
+    const bodies: Array<[string, number[]]> = [
+      ['not json', [uffd.fd]],
+      [JSON.stringify([{ ...region, size: 0 }]), [uffd.fd]],
+      [JSON.stringify([region]), [uffd.fd, memfd.fd]],
+      [JSON.stringify([region]), []],
+      [JSON.stringify([region]), [memfd.fd]],
+    ]
+    for (let i = 0; i < 150; i++) {
+      const [body, fds] = bodies[i % bodies.length]
+      await rejected(h, body, fds)
+    }
+    if (openFds() !== before) console.log(fdList().join('\n'))
+    expect(openFds()).toBe(before)
+    // 50 valid handshakes from this process: they stay connected until the handler closes.
+    for (let i = 0; i < 50; i++) {
+      const s = await connect(h)
+      const ready = new Promise((r) => h.once('ready', r))
+      await sendFds(s, JSON.stringify([region]), [uffd.fd])
+      await ready
+      s.destroy()
+    }
+    const g = await guest
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0 })
+    expect(h.stats().connections).toMatchObject({ total: 201, failed: 150, active: 50 })
+    await h.close()
+    await new Promise((r) => setTimeout(r, 50))  // libuv closes handles (sockets, watchers' dups) in its close phase
+    expect(openFds()).toBe(baseline)
+  })
+})
+
+describe('parseRegions', () => {
+  it('accepts page_size_kib only (older senders) and sorts regions by address', () => {
+    const regions = parseRegions(JSON.stringify([
+      { base_host_virt_addr: 0x200000, size: 8192, offset: 8192, page_size_kib: 4 },
+      { base_host_virt_addr: 0x100000, size: 8192, offset: 0, page_size_kib: 4 },
+    ]), { fileSize: 16384 })
+    expect(regions.map((r) => [r.base, r.pageSize, r.offset])).toEqual([[0x100000n, 4096, 0], [0x200000n, 4096, 8192]])
+  })
+
+  it('rejects unsafe integers and non-objects', () => {
+    expect(() => parseRegions('[{"base_host_virt_addr": 18446744073709551615, "size": 4096, "offset": 0, "page_size": 4096}]', { fileSize: 4096 })).toThrow(/too large/)
+    expect(() => parseRegions('[1]', { fileSize: 4096 })).toThrow(/must be an object/)
+  })
+})

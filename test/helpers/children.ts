@@ -1,0 +1,50 @@
+// Child processes for cross-process tests: each is killed when its test ends (pass or fail),
+// and each has a hard timeout, so no test can leave a process behind or hang.
+import { spawn, type ChildProcess } from 'child_process'
+import * as path from 'path'
+
+export const root = path.join(__dirname, '..', '..')
+export const dist = path.join(root, 'dist')
+
+const live = new Set<ChildProcess>()
+
+export function killChildren(): void {
+  for (const child of live) child.kill('SIGKILL')
+  live.clear()
+}
+
+export interface ChildResult {
+  code: number | null
+  signal: NodeJS.Signals | null
+  stdout: string
+  stderr: string
+}
+
+/** Spawns `node args...`; resolves when it exits (SIGKILLed after timeoutMs). */
+export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void): Promise<ChildResult> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    live.add(child)
+    onSpawn?.(child)
+    let stdout = ''
+    let stderr = ''
+    child.stdout!.on('data', (d) => { stdout += d })
+    child.stderr!.on('data', (d) => { stderr += d })
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    child.on('close', (code, signal) => {
+      clearTimeout(timer)
+      live.delete(child)
+      resolve({ code, signal, stdout, stderr })
+    })
+  })
+}
+
+/** Runs the Firecracker-like guest (dist/firecracker/guest.js) with `options`. */
+export async function runGuest(options: object, timeoutMs = 15_000): Promise<ChildResult & { result?: Record<string, unknown> }> {
+  const r = await runNode([path.join(dist, 'firecracker', 'guest.js'), JSON.stringify(options)], timeoutMs)
+  let result: Record<string, unknown> | undefined
+  try {
+    result = JSON.parse(r.stdout) as Record<string, unknown>
+  } catch { /* none */ }
+  return { ...r, result }
+}
