@@ -212,6 +212,8 @@ class Connection {
     } finally {
       if (fd >= 0) closeFds([fd])
     }
+    // The socket has nothing more to say (Firecracker sends one message): free its watcher.
+    this.#channel.close()
     // Learn when the VM exits (its uffd then has nothing more to serve).
     const pid = this.stats.peer.pid
     if (pid > 0) {
