@@ -8,7 +8,7 @@ import * as os from 'os'
 import * as path from 'path'
 import { FirecrackerHandler, Mapping, PAGE_SIZE, Userfaultfd, parseRegions, sendFds, type ConnectionStats } from '../src'
 import { writeSnapshot } from '../src/firecracker/snapshot'
-import { killChildren, runGuest } from './helpers/children'
+import { killChildren, runGuest, runNode } from './helpers/children'
 
 const MEM_SIZE = 8 << 20
 let dir: string
@@ -229,9 +229,9 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     cleanup.push(() => memfd.unmap())
     const baseline = openFds()
     const h = await listen({ handshakeTimeout: 1000 })
+    const listening = openFds()  // + the snapshot's fd and the listening socket
     const guest = runGuest({ socket: h.socketPath, memFile, size: 4 << 20, threads: 2 }, 30_000)
     await new Promise((r) => h.once('ready', r))
-    const before = openFds()
     const bodies: Array<[string, number[]]> = [
       ['not json', [uffd.fd]],
       [JSON.stringify([{ ...region, size: 0 }]), [uffd.fd]],
@@ -243,8 +243,13 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
       const [body, fds] = bodies[i % bodies.length]
       await rejected(h, body, fds)
     }
-    if (openFds() !== before) console.log(fdList().join('\n'))
-    expect(openFds()).toBe(before)
+    const g = await guest
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0 })
+    for (let i = 0; i < 100 && h.stats().connections.active > 0; i++) await new Promise((r) => setTimeout(r, 10))
+    await new Promise((r) => setTimeout(r, 50))  // libuv closes handles (sockets, watchers' dups) in its close phase
+    if (openFds() !== listening) console.log(fdList().join('\n'))
+    expect(openFds()).toBe(listening)
     // 50 valid handshakes from this process: they stay connected until the handler closes.
     for (let i = 0; i < 50; i++) {
       const s = await connect(h)
@@ -253,13 +258,37 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
       await ready
       s.destroy()
     }
-    const g = await guest
-    expect(g.code).toBe(0)
-    expect(g.result).toMatchObject({ mismatches: 0 })
     expect(h.stats().connections).toMatchObject({ total: 201, failed: 150, active: 50 })
     await h.close()
     await new Promise((r) => setTimeout(r, 50))  // libuv closes handles (sockets, watchers' dups) in its close phase
     expect(openFds()).toBe(baseline)
+  })
+})
+
+describe('Firecracker handler: lifecycle', () => {
+  it('replaces a stale socket file, refuses a live one, never unlinks a non-socket', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    await expect(FirecrackerHandler.listen({ socketPath: h.socketPath, memFile })).rejects.toMatchObject({ code: 'EADDRINUSE' })
+    const plain = path.join(dir, 'not-a-socket')
+    fs.writeFileSync(plain, 'keep me')
+    await expect(FirecrackerHandler.listen({ socketPath: plain, memFile })).rejects.toMatchObject({ code: 'EADDRINUSE' })
+    expect(fs.readFileSync(plain, 'utf8')).toBe('keep me')
+    // A stale socket: bound by a process that was killed before it could unlink it.
+    const stale = path.join(dir, 'stale.sock')
+    const killed = await runNode(['-e', `require('net').createServer().listen(${JSON.stringify(stale)}, () => process.kill(process.pid, 'SIGKILL'))`])
+    expect(killed.signal).toBe('SIGKILL')
+    expect(fs.lstatSync(stale).isSocket()).toBe(true)
+    const replaced = await listen({ socketPath: stale })
+    expect(replaced.socketPath).toBe(stale)
+  })
+
+  it('rejects bad options and an empty memory file', { timeout: 10_000 }, async () => {
+    await expect(FirecrackerHandler.listen({ socketPath: '', memFile })).rejects.toThrow(TypeError)
+    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'x'), memFile, onRemove: 'maybe' as 'zero' })).rejects.toThrow(TypeError)
+    const empty = path.join(dir, 'empty')
+    fs.writeFileSync(empty, '')
+    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'y'), memFile: empty })).rejects.toThrow(/empty/)
+    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'z'), memFile: path.join(dir, 'absent') })).rejects.toMatchObject({ code: 'ENOENT' })
   })
 })
 

@@ -279,8 +279,11 @@ class Connection {
       if (this.#handler.onRemove === 'unregister') {
         try {
           this.#uffd!.unregister({ address: event.start, length: event.end - event.start })
-        } catch (err) {
-          this.#onResolveError(err as UffdError)
+        } catch {
+          // The range is not one the kernel will unregister as a whole (e.g. it spans other
+          // VMAs): zero-fill it instead, which is just as correct.
+          this.#removed.add(event.start, event.end)
+          this.#removedAny = true
         }
       } else {
         this.#removed.add(event.start, event.end)
@@ -391,7 +394,9 @@ export class FirecrackerHandler extends EventEmitter {
     try {
       await attempt()
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !replaceStale || await isListening(this.socketPath)) throw err
+      // Only a socket file nobody listens on is stale; never unlink anything else.
+      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !replaceStale || !isSocketFile(this.socketPath) ||
+          await isListening(this.socketPath)) throw err
       fs.unlinkSync(this.socketPath)
       await attempt()
     }
@@ -448,6 +453,14 @@ export class FirecrackerHandler extends EventEmitter {
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
+  }
+}
+
+function isSocketFile(path: string): boolean {
+  try {
+    return fs.lstatSync(path).isSocket()
+  } catch {
+    return false
   }
 }
 
