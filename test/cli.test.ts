@@ -5,7 +5,7 @@ import * as os from 'os'
 import * as path from 'path'
 import type { ChildProcess } from 'child_process'
 import { writeSnapshot } from '../src/firecracker/snapshot'
-import { dist, killChildren, runGuest, runNode } from './helpers/children'
+import { dist, killChildren, runCommand, runGuest, runNode } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 let dir: string
@@ -38,6 +38,20 @@ describe('userfaultfd CLI', () => {
     expect(r.code).toBe(0)
     expect(r.stdout).toMatch(/userfaultfd doctor: USABLE/)
     expect(r.stdout).toMatch(/userfaultfd\(2\) syscall: works/)
+  })
+
+  it('doctor as an unprivileged user: user-mode-only, exit 3, names the fixes', { timeout: 15_000 }, async (ctx) => {
+    if (process.getuid!() !== 0 || !fs.existsSync('/usr/bin/setpriv')) {
+      ctx.skip('needs root and setpriv to run as nobody')
+    }
+    if (fs.readFileSync('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').trim() !== '0') {
+      ctx.skip('vm.unprivileged_userfaultfd is 1: nobody may use the syscall')
+    }
+    const r = await runCommand('/usr/bin/setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cli, 'doctor', '--json'])
+    expect(r.code).toBe(3)
+    const report = JSON.parse(r.stdout)
+    expect(report).toMatchObject({ usable: false, status: 'user-mode-only', uid: 65534, syscall: { ok: false, code: 'EPERM' }, capSysPtrace: false })
+    expect(report.fixes.join('\n')).toMatch(/setfacl -m u:nobody:rw \/dev\/userfaultfd/)
   })
 
   it('usage errors exit 2 with a message', { timeout: 15_000 }, async () => {

@@ -67,9 +67,14 @@ export function diagnose(): DoctorReport {
   if (status !== 'usable') {
     if (devStat !== null && !p.device.ok) fixes.push(`give this user access to /dev/userfaultfd: sudo setfacl -m u:${os.userInfo().username}:rw /dev/userfaultfd (or a udev rule)`)
     if (p.syscall.code === 'EPERM') fixes.push('sudo sysctl -w vm.unprivileged_userfaultfd=1 (or run with CAP_SYS_PTRACE)')
-    if (container.detected || seccomp === 'filter') {
-      if (devStat === null) fixes.push('docker run --device /dev/userfaultfd ... (the host needs Linux 6.1+ with /dev/userfaultfd; works with the default seccomp profile)')
-      fixes.push("docker run --cap-add SYS_PTRACE --security-opt seccomp=unconfined ... (Docker's default seccomp profile blocks the userfaultfd syscall)")
+    if (container.detected) {
+      // Docker: the default seccomp profile blocks the syscall (EPERM/ENOSYS) whatever the
+      // capabilities; the device needs only to be passed in (and be accessible to this user).
+      if (devStat === null) fixes.push('docker run --device /dev/userfaultfd ... (the host needs Linux 6.1+; works with the default seccomp profile)')
+      if (seccomp === 'filter') fixes.push("docker run --cap-add SYS_PTRACE --security-opt seccomp=unconfined ... (Docker's default seccomp profile blocks the userfaultfd syscall)")
+      else if (p.syscall.code === 'EPERM' && !capSysPtrace) fixes.push('docker run --cap-add SYS_PTRACE ... (or run the container as a user allowed to open /dev/userfaultfd)')
+    } else if (seccomp === 'filter' && !p.syscall.ok) {
+      fixes.push('a seccomp filter is active: allow the userfaultfd syscall in it, or use /dev/userfaultfd')
     }
     if (p.syscall.code === 'ENOSYS' && devStat === null && !container.detected) fixes.push('this kernel may lack CONFIG_USERFAULTFD, or a seccomp filter blocks the syscall')
   }

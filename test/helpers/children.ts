@@ -22,8 +22,13 @@ export interface ChildResult {
 
 /** Spawns `node args...`; resolves when it exits (SIGKILLed after timeoutMs). */
 export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void): Promise<ChildResult> {
+  return runCommand(process.execPath, args, timeoutMs, onSpawn)
+}
+
+/** Spawns `file args...`; resolves when it exits (SIGKILLed after timeoutMs). */
+export function runCommand(file: string, args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void): Promise<ChildResult> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'] })
     live.add(child)
     onSpawn?.(child)
     let stdout = ''
