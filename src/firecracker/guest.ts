@@ -6,7 +6,7 @@
 import * as fs from 'fs'
 import * as net from 'net'
 import { Userfaultfd } from '../userfaultfd'
-import { Mapping } from '../mapping'
+import { Mapping, hugePageSize } from '../mapping'
 import { Feature, PAGE_SIZE } from '../constants'
 import { touch, pages } from '../internal'
 import { sendFds } from '../fd-passing'
@@ -28,6 +28,8 @@ export interface GuestOptions {
   stride?: number
   /** bytes to MADV_DONTNEED (from the start of the first region) and expect zeros in, after */
   dontneed?: number
+  /** back guest memory with huge pages (MAP_HUGETLB): regions get page_size = the huge page size */
+  hugetlb?: boolean
   /** SIGKILL itself after touching this many pages in flight (the "dies mid-stream" test) */
   dieMidway?: boolean
 }
@@ -50,17 +52,18 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
   const offset = options.offset ?? 0
   const size = options.size ?? fileSize - offset
   const count = options.regions ?? 1
-  const per = Math.floor(size / count / PAGE_SIZE) * PAGE_SIZE
+  const pageSize = options.hugetlb ? hugePageSize() : PAGE_SIZE
+  const per = Math.floor(size / count / pageSize) * pageSize
   const uffd = Userfaultfd.open({ features: Feature.EVENT_REMOVE })
   const maps: Array<{ map: Mapping, offset: number }> = []
   for (let i = 0; i < count; i++) {
-    const map = Mapping.anonymous(per)
+    const map = Mapping.anonymous(per, { hugetlb: options.hugetlb === true })
     uffd.register(map, { missing: true })
     maps.push({ map, offset: offset + i * per })
   }
   const body = maps.map(({ map, offset }) => options.legacyPageSize
-    ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: PAGE_SIZE / 1024 }
-    : { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size: PAGE_SIZE, page_size_kib: PAGE_SIZE / 1024 })
+    ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize / 1024 }
+    : { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size: pageSize, page_size_kib: pageSize / 1024 })
   const socket = net.connect(options.socket)
   socket.pause()
   await new Promise<void>((resolve, reject) => {
@@ -106,7 +109,7 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
   let zeroMismatches = 0
   if (options.dontneed !== undefined && options.dontneed > 0) {
     const first = maps[0].map
-    const len = Math.min(options.dontneed, first.length)
+    const len = Math.ceil(Math.min(options.dontneed, first.length) / pageSize) * pageSize
     first.madvise('dontneed', 0, len)
     await touch(pages(first, len / PAGE_SIZE), { threads: 1 })
     const zeros = Buffer.alloc(PAGE_SIZE)
