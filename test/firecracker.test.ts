@@ -61,7 +61,7 @@ function peerMemory(pages = 16): { uffd: Userfaultfd, map: Mapping, region: Reco
   const map = Mapping.anonymous(pages * PAGE_SIZE)
   uffd.register(map)
   cleanup.push(() => { uffd.close(); map.unmap() })
-  return { uffd, map, region: { base_host_virt_addr: Number(map.address), size: map.length, offset: 0, page_size: PAGE_SIZE, page_size_kib: PAGE_SIZE / 1024 } }
+  return { uffd, map, region: { base_host_virt_addr: Number(map.address), size: map.length, offset: 0, page_size: PAGE_SIZE, page_size_kib: PAGE_SIZE } }
 }
 
 /** Sends one raw handshake and returns the error the handler ended that connection with. */
@@ -162,7 +162,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     ['zero-sized', (r) => JSON.stringify([{ ...r, size: 0 }]), /zero-sized/],
     ['negative size', (r) => JSON.stringify([{ ...r, size: -4096 }]), /non-negative integer/],
     ['missing field', (r) => JSON.stringify([{ size: r.size, offset: 0, page_size: PAGE_SIZE }]), /missing "base_host_virt_addr"/],
-    ['page sizes disagree', (r) => JSON.stringify([{ ...r, page_size_kib: 8 }]), /disagrees/],
+    ['page sizes disagree', (r) => JSON.stringify([{ ...r, page_size_kib: 8192 }]), /disagrees/],
     ['unsupported page size', (r) => JSON.stringify([{ ...r, page_size: 12345, page_size_kib: undefined }]), /unsupported page size/],
   ]
   for (const [name, body, pattern] of cases) {
@@ -308,12 +308,14 @@ describe('Firecracker handler: lifecycle', () => {
 })
 
 describe('parseRegions', () => {
-  it('accepts page_size_kib only (older senders) and sorts regions by address', () => {
+  it('accepts page_size_kib only (older senders: bytes despite the name, or literal KiB) and sorts regions by address', () => {
     const regions = parseRegions(JSON.stringify([
-      { base_host_virt_addr: 0x200000, size: 8192, offset: 8192, page_size_kib: 4 },
+      { base_host_virt_addr: 0x200000, size: 8192, offset: 8192, page_size_kib: 4096 },
       { base_host_virt_addr: 0x100000, size: 8192, offset: 0, page_size_kib: 4 },
     ]), { fileSize: 16384 })
     expect(regions.map((r) => [r.base, r.pageSize, r.offset])).toEqual([[0x100000n, 4096, 0], [0x200000n, 4096, 8192]])
+    const huge = parseRegions('[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152, "page_size_kib": 2097152}]', { fileSize: 2097152 })
+    expect(huge[0].pageSize).toBe(2097152)
   })
 
   it('rejects unsafe integers and non-objects', () => {

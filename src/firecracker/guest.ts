@@ -20,7 +20,7 @@ export interface GuestOptions {
   regions?: number
   /** file offset of the first region (default 0) */
   offset?: number
-  /** send page_size_kib only, as older Firecracker versions do */
+  /** send page_size_kib only, as older Firecracker versions do (in bytes, despite the name) */
   legacyPageSize?: boolean
   /** native threads touching pages (default 1) */
   threads?: number
@@ -62,8 +62,8 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
     maps.push({ map, offset: offset + i * per })
   }
   const body = maps.map(({ map, offset }) => options.legacyPageSize
-    ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize / 1024 }
-    : { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size: pageSize, page_size_kib: pageSize / 1024 })
+    ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize }
+    : { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size: pageSize, page_size_kib: pageSize })
   const socket = net.connect(options.socket)
   socket.pause()
   await new Promise<void>((resolve, reject) => {

@@ -3,8 +3,10 @@
 //   [{ "base_host_virt_addr": 140..., "size": 134217728, "offset": 0,
 //      "page_size": 4096, "page_size_kib": 4 }]
 // base_host_virt_addr: where the region is mapped in Firecracker's address space; size and
-// page_size in BYTES; offset: the region's offset in the memory snapshot file; page_size_kib
-// (KiB) is what older senders send instead of page_size.
+// page_size in BYTES; offset: the region's offset in the memory snapshot file. page_size_kib is
+// what older senders send instead of page_size, and despite its name Firecracker puts BYTES in
+// it (4096, not 4): a value that is a known page size is taken as bytes; a sender that took the
+// name literally (4, 2048) is understood too (the two readings can never collide).
 //
 // Everything here is untrusted input from another process: each check has a message that says
 // which region and which field was wrong.
@@ -87,10 +89,11 @@ export function parseRegions(text: string, options: ParseOptions): GuestRegion[]
     const pageSizeBytes = field(obj, 'page_size', where, false)
     const pageSizeKib = field(obj, 'page_size_kib', where, false)
     if (pageSizeBytes === undefined && pageSizeKib === undefined) throw new ProtocolError(`${where}: missing "page_size" (or "page_size_kib")`)
-    if (pageSizeBytes !== undefined && pageSizeKib !== undefined && pageSizeBytes !== pageSizeKib * 1024) {
-      throw new ProtocolError(`${where}: "page_size" (${pageSizeBytes}) disagrees with "page_size_kib" (${pageSizeKib} KiB)`)
+    const legacy = pageSizeKib === undefined ? undefined : pageSizes.includes(pageSizeKib) ? pageSizeKib : pageSizeKib * 1024
+    if (pageSizeBytes !== undefined && legacy !== undefined && pageSizeBytes !== legacy) {
+      throw new ProtocolError(`${where}: "page_size" (${pageSizeBytes}) disagrees with "page_size_kib" (${pageSizeKib})`)
     }
-    const pageSize = pageSizeBytes ?? pageSizeKib! * 1024
+    const pageSize = pageSizeBytes ?? legacy!
     if (!pageSizes.includes(pageSize)) throw new ProtocolError(`${where}: unsupported page size ${pageSize} (accepted: ${pageSizes.join(', ')})`)
     if (size === 0) throw new ProtocolError(`${where}: zero-sized`)
     if (base === 0) throw new ProtocolError(`${where}: base_host_virt_addr is 0`)
