@@ -98,13 +98,11 @@ function openSource(path: string, kind: 'mmap' | 'pread'): FileSource {
       size,
       fd,
       copy: (resolver, dst, offset, length) => {
-        // The resolver may defer the copy (EAGAIN): give it its own bytes in that case.
+        // Reused for every fault: a deferred copy keeps its own copy of the bytes (FaultResolver).
         if (buffer.length < length) buffer = Buffer.alloc(length)
         const view = buffer.subarray(0, length)
         fs.readSync(fd, view, 0, length, offset)
-        const outcome = resolver.copy(dst, view, length)
-        if (outcome === 'deferred') buffer = Buffer.alloc(buffer.length)
-        return outcome
+        return resolver.copy(dst, view, length)
       },
       close: () => fs.closeSync(fd),
     }
