@@ -80,7 +80,7 @@ export class Userfaultfd {
   #registered = new IntervalSet()
   #refed = true
   #readListeners = new Set<() => void>()
-  /** Features granted by UFFDIO_API. */
+  /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
   readonly features: bigint
   /** ioctls the fd supports (from UFFDIO_API). */
   readonly ioctls: bigint
@@ -141,7 +141,10 @@ export class Userfaultfd {
     }
 
     try {
-      const [granted, ioctls] = native.api(fd, features)
+      // The kernel's answer lists every feature it offers, not what this fd got: the fd gets
+      // what was asked for, plus WP_UNPOPULATED, which WP_ASYNC implies (the kernel turns it on).
+      const [, ioctls] = native.api(fd, features)
+      const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
       native.close(fd)
