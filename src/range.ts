@@ -1,6 +1,7 @@
 // Turning user input (Mapping, { address, length }, bigint) into checked address ranges.
 // Every check here exists so that bad input gets a TypeError/RangeError that says what was
 // wrong, instead of a kernel EINVAL or worse.
+import { types } from 'util'
 import { PAGE_SIZE } from './constants'
 
 const U64_MAX = (1n << 64n) - 1n
@@ -67,6 +68,21 @@ export function toRange(value: unknown, what = 'range'): Range {
   const length = toLength(r.length, `${what}.length`)
   checkAligned(address, length, what)
   return { address, length }
+}
+
+/** Bytes the addon can read or write. */
+export type Bytes = ArrayBuffer | SharedArrayBuffer | ArrayBufferView
+
+/**
+ * Caller memory in a form the addon takes: any ArrayBuffer or ArrayBufferView (also from another
+ * realm); a SharedArrayBuffer, which Node-API cannot read directly, as a Uint8Array over it.
+ * Undefined for anything else.
+ */
+export function asBytes(value: unknown): ArrayBuffer | ArrayBufferView | undefined {
+  if (ArrayBuffer.isView(value)) return value
+  if (types.isSharedArrayBuffer(value)) return new Uint8Array(value)
+  if (types.isArrayBuffer(value)) return value
+  return undefined
 }
 
 export function describe(value: unknown): string {
