@@ -2,9 +2,10 @@
 // test opened, UffdError assertions, huge-page availability, and child processes / workers
 // that run a script against the built package (dist/).
 import { afterEach, expect } from 'vitest'
+import { spawn } from 'child_process'
 import * as fs from 'fs'
 import * as path from 'path'
-import { UffdError } from '../../src/index'
+import { UffdError, type UffdEvent, type Userfaultfd } from '../../src/index'
 import { dist, killChildren, runNode, type ChildResult } from './children'
 
 export { countFds } from './events'
@@ -63,9 +64,30 @@ export function hugePagesMissing(): string | undefined {
  * package (dist/index.js) and `internal` to dist/internal.js. Killed after timeoutMs.
  */
 export function runScript(source: string, options: { execArgv?: string[], args?: string[], timeoutMs?: number } = {}): Promise<ChildResult> {
-  const prelude = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
-    + `const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});`
-  return runNode([...(options.execArgv ?? []), '-e', prelude + source, '--', ...(options.args ?? [])], options.timeoutMs ?? 15_000)
+  return runNode([...(options.execArgv ?? []), '-e', PRELUDE + source, '--', ...(options.args ?? [])], options.timeoutMs ?? 15_000)
+}
+
+const PRELUDE = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
+  + `const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});`
+
+/**
+ * Like runScript, but the child gets `fd` as its fd 3 (e.g. one end of a socketPair()).
+ * `track` (from useCleanup) SIGKILLs it after the test; it is also killed after timeoutMs.
+ */
+export function spawnScript(source: string, fd: number, track: (x: { close: () => void }) => unknown, timeoutMs = 15_000): Promise<ChildResult> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['-e', PRELUDE + source], { stdio: ['ignore', 'pipe', 'pipe', fd] })
+    track({ close: () => child.kill('SIGKILL') })
+    let stdout = ''
+    let stderr = ''
+    child.stdout!.on('data', (d) => { stdout += d })
+    child.stderr!.on('data', (d) => { stderr += d })
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    child.on('close', (code, signal) => {
+      clearTimeout(timer)
+      resolve({ code, signal, stdout, stderr })
+    })
+  })
 }
 
 /** The last line of a child's stdout, parsed as JSON (children report with console.log(JSON.stringify(...))). */
@@ -80,3 +102,24 @@ export function lastJson<T = Record<string, unknown>>(r: ChildResult): T {
 
 /** Resolves after ms. */
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+/** Polls uffd.read() until `n` events arrived; fails after ms. */
+export async function waitEvents(uffd: Userfaultfd, n = 1, ms = 5000): Promise<UffdEvent[]> {
+  const out: UffdEvent[] = []
+  const deadline = Date.now() + ms
+  while (out.length < n) {
+    out.push(...uffd.read())
+    if (out.length >= n) break
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms with ${out.length}/${n} events`)
+    await sleep(2)
+  }
+  return out
+}
+
+/** Resolves true if `promise` settled within ms (it is not awaited otherwise). */
+export async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let settled = false
+  void promise.then(() => { settled = true }, () => { settled = true })
+  await sleep(ms)
+  return settled
+}
