@@ -131,16 +131,18 @@ export class Mapping implements Range {
     return this.#live('buffer').buffer()
   }
 
-  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned. */
+  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned (EBADF once unmapped). */
   range(offset = 0, length = this.length - offset): Range {
+    this.#live('range')
     this.#span(offset, length, 'range')
     const r = { address: this.address + BigInt(offset), length }
     checkAligned(r.address, r.length, 'range', this.pageSize)
     return r
   }
 
-  /** The address of byte `offset` (checked to lie inside the mapping). */
+  /** The address of byte `offset` (checked to lie inside the mapping; EBADF once unmapped). */
   at(offset: number): bigint {
+    this.#live('at')
     this.#span(offset, 0, 'at')
     return this.address + BigInt(offset)
   }

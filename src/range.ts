@@ -3,6 +3,7 @@
 // wrong, instead of a kernel EINVAL or worse.
 import { types } from 'util'
 import { PAGE_SIZE } from './constants'
+import { uffdError } from './errors'
 
 const U64_MAX = (1n << 64n) - 1n
 const PAGE = BigInt(PAGE_SIZE)
@@ -25,6 +26,7 @@ export function toAddress(value: unknown, what: string): bigint {
     return value
   }
   if (value !== null && typeof value === 'object' && typeof (value as RangeLike).address === 'bigint') {
+    checkMapped(value, what)
     return toAddress((value as RangeLike).address, what)
   }
   if (typeof value === 'number') {
@@ -47,6 +49,11 @@ export function toLength(value: unknown, what: string): number {
   throw new TypeError(`${what} must be a number or a bigint (got ${describe(value)})`)
 }
 
+// An unmapped Mapping still knows its address, which another mapping may own by now.
+function checkMapped(value: object, what: string): void {
+  if ((value as { unmapped?: unknown }).unmapped === true) throw uffdError('EBADF', what, 'the mapping was unmapped')
+}
+
 export function checkAligned(address: bigint, length: number, what: string, page = PAGE_SIZE): void {
   const p = BigInt(page)
   if (address % p !== 0n) {
@@ -63,6 +70,7 @@ export function toRange(value: unknown, what = 'range'): Range {
   if (value === null || typeof value !== 'object') {
     throw new TypeError(`${what} must be a Mapping or { address: bigint, length } (got ${describe(value)})`)
   }
+  checkMapped(value, what)
   const r = value as RangeLike
   const address = toAddress(r.address, `${what}.address`)
   const length = toLength(r.length, `${what}.length`)

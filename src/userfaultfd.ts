@@ -58,7 +58,7 @@ function withHint<T extends Error>(err: T, hint: string): T {
 
 function checkOptions(options: unknown, what: string): Record<string, unknown> {
   if (options === undefined) return {}
-  if (options === null || typeof options !== 'object') throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
   return options as Record<string, unknown>
 }
 
