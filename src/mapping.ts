@@ -4,7 +4,7 @@ import * as fs from 'fs'
 import { native, type MappingHandle } from './native'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'
-import { checkAligned, describe, toLength, type Range } from './range'
+import { asBytes, checkAligned, describe, toLength, type Bytes, type Range } from './range'
 
 const c = native.constants
 
@@ -53,10 +53,6 @@ function toProt(prot: Protection): number {
   const value = table[prot]
   if (value === undefined) throw new TypeError(`unknown protection '${String(prot)}' (use ${Object.keys(table).join(', ')} or a number)`)
   return value
-}
-
-function isBytes(value: unknown): value is ArrayBuffer | ArrayBufferView {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
 }
 
 export class Mapping implements Range {
@@ -135,32 +131,36 @@ export class Mapping implements Range {
     return this.#live('buffer').buffer()
   }
 
-  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned. */
+  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned (EBADF once unmapped). */
   range(offset = 0, length = this.length - offset): Range {
+    this.#live('range')
     this.#span(offset, length, 'range')
     const r = { address: this.address + BigInt(offset), length }
     checkAligned(r.address, r.length, 'range', this.pageSize)
     return r
   }
 
-  /** The address of byte `offset` (checked to lie inside the mapping). */
+  /** The address of byte `offset` (checked to lie inside the mapping; EBADF once unmapped). */
   at(offset: number): bigint {
+    this.#live('at')
     this.#span(offset, 0, 'at')
     return this.address + BigInt(offset)
   }
 
   /** Copies memory out into target (no view kept). Returns bytes copied. */
-  read(offset: number, target: ArrayBuffer | ArrayBufferView): number {
-    if (!isBytes(target)) throw new TypeError(`target must be an ArrayBuffer or a typed array (got ${describe(target)})`)
-    this.#span(offset, target.byteLength, 'read')
-    return this.#live('read').read(offset, target)
+  read(offset: number, target: Bytes): number {
+    const bytes = asBytes(target)
+    if (bytes === undefined) throw new TypeError(`target must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(target)})`)
+    this.#span(offset, bytes.byteLength, 'read')
+    return this.#live('read').read(offset, bytes)
   }
 
   /** Copies source into memory (no view kept). Returns bytes copied. */
-  write(offset: number, source: ArrayBuffer | ArrayBufferView): number {
-    if (!isBytes(source)) throw new TypeError(`source must be an ArrayBuffer or a typed array (got ${describe(source)})`)
-    this.#span(offset, source.byteLength, 'write')
-    return this.#live('write').write(offset, source)
+  write(offset: number, source: Bytes): number {
+    const bytes = asBytes(source)
+    if (bytes === undefined) throw new TypeError(`source must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(source)})`)
+    this.#span(offset, bytes.byteLength, 'write')
+    return this.#live('write').write(offset, bytes)
   }
 
   /**

@@ -4,7 +4,7 @@ import { Feature, Mode, OpenFlag, UFFD_MSG_SIZE, featureNames } from './constant
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import { checkAligned, describe, toAddress, toLength, toRange, type RangeLike } from './range'
+import { asBytes, checkAligned, describe, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
 import { EventStream, type EventsOptions } from './events'
 import { IntervalSet } from './interval-set'
 
@@ -36,7 +36,7 @@ export type UffdEvent =
   | { type: 'unknown', event: number }
 
 type Address = bigint | RangeLike
-type Source = Address | ArrayBuffer | ArrayBufferView
+type Source = Address | Bytes
 
 const FALLBACK_CODES = new Set(['EPERM', 'EACCES', 'ENOSYS', 'ENOENT', 'ENODEV'])
 const MAX_BATCH = 4096
@@ -56,13 +56,9 @@ function withHint<T extends Error>(err: T, hint: string): T {
   return err
 }
 
-function isBytes(value: unknown): value is ArrayBuffer | ArrayBufferView {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
-}
-
 function checkOptions(options: unknown, what: string): Record<string, unknown> {
   if (options === undefined) return {}
-  if (options === null || typeof options !== 'object') throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
   return options as Record<string, unknown>
 }
 
@@ -80,7 +76,7 @@ export class Userfaultfd {
   #registered = new IntervalSet()
   #refed = true
   #readListeners = new Set<() => void>()
-  /** Features granted by UFFDIO_API. */
+  /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
   readonly features: bigint
   /** ioctls the fd supports (from UFFDIO_API). */
   readonly ioctls: bigint
@@ -141,7 +137,10 @@ export class Userfaultfd {
     }
 
     try {
-      const [granted, ioctls] = native.api(fd, features)
+      // The kernel's answer lists every feature it offers, not what this fd got: the fd gets
+      // what was asked for, plus WP_UNPOPULATED, which WP_ASYNC implies (the kernel turns it on).
+      const [, ioctls] = native.api(fd, features)
+      const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
       native.close(fd)
@@ -235,10 +234,12 @@ export class Userfaultfd {
     const d = toAddress(dst, 'dst')
     let len: number
     let s: bigint | ArrayBuffer | ArrayBufferView
-    if (isBytes(src)) {
-      len = length === undefined ? src.byteLength : toLength(length, 'length')
-      if (len > src.byteLength) throw new RangeError(`copy: length ${len} exceeds src (${src.byteLength} bytes)`)
-      s = src
+    const bytes = asBytes(src)
+    if (bytes !== undefined) {
+      if (bytes.byteLength === 0) throw new RangeError('copy: src is empty (or its buffer was detached)')
+      len = toLength(length ?? bytes.byteLength, 'length')
+      if (len > bytes.byteLength) throw new RangeError(`copy: length ${len} exceeds src (${bytes.byteLength} bytes)`)
+      s = bytes
     } else {
       s = toAddress(src, 'src')
       if (length === undefined) {
