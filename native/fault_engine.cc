@@ -185,7 +185,7 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
                                          len - off, scratch);
     if (f.done > 0) {
       size_t n = f.done / kPage;
-      MarkPresent(r.get(), page + off / kPage, n);
+      // Counters first: whoever sees the pages present (drained()) sees them counted.
       stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
       if (f.zero)
         stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
@@ -205,6 +205,7 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
           stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
           break;
       }
+      MarkPresent(r.get(), page + off / kPage, n);
       off += f.done;
     }
     *done = off / kPage;
@@ -216,8 +217,8 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
     if (f.err == EEXIST) {
       // Someone (the other thread, a racing fault) filled this page first.
       if (off == 0 && firstExisted != nullptr) *firstExisted = true;
-      MarkPresent(r.get(), page + off / kPage, 1);
       stats_.eexist.fetch_add(1, std::memory_order_relaxed);
+      MarkPresent(r.get(), page + off / kPage, 1);
       off += kPage;
       *done = off / kPage;
       continue;

@@ -6,7 +6,7 @@ import * as path from 'path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
 import { pages, touch } from '../src/internal'
-import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, within } from './helpers/fault-server'
+import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
 
 afterEach(closeAll)
 
@@ -40,6 +40,7 @@ describe('FaultServer sources', () => {
     server.serve(m, { buffer: src })
     await touchAndCheck(m, src, 2, 'seq')
     expect(Buffer.compare(readAll(m), src)).toBe(0)
+    await within(server.drained(), 5000, 'drained')  // the counters trail the wake-ups
     const s = server.stats()
     expect(s.faults).toBeGreaterThanOrEqual(n)
     expect(s.demandPages).toBe(n)
@@ -58,6 +59,7 @@ describe('FaultServer sources', () => {
     const src = big.subarray(8 * PAGE_SIZE)
     await touchAndCheck(m, src, 3, 'random')
     expect(Buffer.compare(readAll(m), src)).toBe(0)
+    await within(server.drained(), 5000, 'drained')
     const s = server.stats()
     expect(s.bytes).toBe(n * PAGE_SIZE)  // every page copied exactly once
     expect(s.faults).toBeLessThan(n)     // fault-around saved faults
@@ -82,6 +84,7 @@ describe('FaultServer sources', () => {
     server.serve(m, { zero: true })
     await touchAndCheck(m, new Uint8Array(n * PAGE_SIZE), 2, 'random')
     expect(readAll(m).every((b) => b === 0)).toBe(true)
+    await within(server.drained(), 5000, 'drained')
     expect(server.stats().zeroPages).toBe(n)
   })
 
@@ -100,6 +103,7 @@ describe('FaultServer sources', () => {
       expected.set(content.subarray(skip))
       await touchAndCheck(m, expected, 2, 'random')
       expect(Buffer.compare(readAll(m), expected)).toBe(0)
+      await within(server.drained(), 5000, 'drained')
       expect(server.stats().zeroPages).toBeGreaterThan(0)
       expect(errors).toEqual([])
     })
@@ -137,6 +141,7 @@ describe('FaultServer sources', () => {
     // The main thread may not read { handler } memory itself until it is present (it runs
     // the handler): it is all present now.
     expect(Buffer.compare(readAll(m), src)).toBe(0)
+    await within(server.drained(), 5000, 'drained')
     const s = server.stats()
     expect(s.requests).toBe(requests.length)
     expect(s.handlerPages).toBe(n)
@@ -173,7 +178,7 @@ describe('FaultServer sources', () => {
 })
 
 describe('FaultServer in-process', () => {
-  it('the main JS thread reads lazily served memory directly (the engine has its own thread)', () => {
+  it('the main JS thread reads lazily served memory directly (the engine has its own thread)', async () => {
     const n = 128
     const { m, server } = setup(n, { faultAround: 4 * PAGE_SIZE })
     const src = randomContent(n * PAGE_SIZE)
@@ -184,7 +189,7 @@ describe('FaultServer in-process', () => {
     for (let i = 0; i < view.length; i += 1021) if (view[i] !== src[i]) mismatches++
     expect(mismatches).toBe(0)
     expect(Buffer.compare(Buffer.from(view), src)).toBe(0)
-    expect(server.stats().faults).toBeGreaterThan(0)
+    await until(() => server.stats().faults > 0)
   })
 })
 
@@ -198,11 +203,13 @@ describe('FaultServer fault-around', () => {
     server.serve(m, { buffer: src })
     expect(uffd.closed).toBe(false)
     await touch([m.at(5 * PAGE_SIZE)])
+    await until(() => server.stats().pagesPresent === 16, 5000, 'window filled')
     let s = server.stats()
     expect(s.pagesPresent).toBe(16)  // the window [0, 16): 15 copied + page 3 found present
     expect(s.eexist).toBe(1)
     expect(s.bytes).toBe(15 * PAGE_SIZE)
     await touch([m.at(17 * PAGE_SIZE)])
+    await within(server.drained(), 5000, 'drained')
     s = server.stats()
     expect(s.pagesPresent).toBe(20)  // the window [16, 32) clipped to the range's 20 pages
     const all = readAll(m)
@@ -227,7 +234,7 @@ describe('FaultServer prefetch and drained()', () => {
     expect(s.demandPages + s.prefetchPages).toBe(n)
     expect(s.pagesPresent).toBe(n)
     expect(Buffer.compare(readAll(m), src)).toBe(0)
-    expect(progress.at(-1)).toBe(1)
+    await until(() => progress.at(-1) === 1, 5000, 'final progress event')
     expect(errors).toEqual([])
   })
 

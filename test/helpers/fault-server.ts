@@ -76,3 +76,12 @@ export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     new Promise<T>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms) }),
   ])
 }
+
+/** Polls `pred` until true (engine counters trail the wake-up of the faulting thread). */
+export async function until(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
+  const end = Date.now() + ms
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`${what}: not true within ${ms} ms`)
+    await new Promise((r) => setTimeout(r, 2))
+  }
+}
