@@ -20,7 +20,7 @@ export type { PeerCredentials, SocketLike, ReceiveOptions, ReceivedMessage } fro
 export { sendUffd, receiveUffd, isUserfaultfd } from './uffd-passing'
 export type { ReceivedUffd } from './uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
-export type { FirecrackerHandlerOptions, HandlerStats, ConnectionStats, RemovePolicy } from './firecracker/handler'
+export type { FirecrackerHandlerOptions, HandlerStats, ConnectionStats, ServingCounts, RemovePolicy } from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
 export type { GuestRegion } from './firecracker/protocol'
 export { FaultServer } from './fault-server'
