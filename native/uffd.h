@@ -13,3 +13,4 @@ void InitEventReader(Napi::Env env, Napi::Object exports);
 void InitFdPassing(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitFileMapping(Napi::Env env, Napi::Object exports);
+void InitFaultServer(Napi::Env env, Napi::Object exports);
