@@ -93,6 +93,7 @@ struct Engine {
   std::string errDetail;
   uint64_t endNs = 0;
   bool lingering = false;  // finished: only wake faults and acknowledge events
+  int drainDepth = 0;
 
   // Shared.
   std::atomic<bool> cancel{false};
@@ -156,7 +157,11 @@ struct Engine {
       size_t want = std::min(n - done, pipeCap);
       ssize_t w = write(pipeW, reinterpret_cast<void*>(src + done), want);
       if (w < 0 && errno == EINTR) continue;
-      if (w < 0) return Fail(errno, "write", "copying the " + Where(index) + " through a pipe");
+      if (w < 0) {
+        int e = errno;
+        return Fail(e, "write", e == EFAULT ? "the " + Where(index) + " is no longer mapped"
+                                            : "copying the " + Where(index) + " through a pipe");
+      }
       size_t got = 0;
       while (got < static_cast<size_t>(w)) {
         ssize_t r = read(pipeR, dst + done + got, static_cast<size_t>(w) - got);
@@ -220,6 +225,19 @@ struct Engine {
     wp.mode = 0;
     while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        // An UNMAP/REMOVE/REMAP event is pending (mmap_changing): read it first. Nested at most
+        // a few levels (a fault read here unprotects too); past that, give the event time.
+        if (drainDepth < 4) {
+          drainDepth++;
+          bool ok = Drain();
+          drainDepth--;
+          if (!ok) return false;
+        } else {
+          usleep(1000);
+        }
+        continue;
+      }
       int e = errno;
       return Fail(e, "ioctl(UFFDIO_WRITEPROTECT)",
                   e == ENOENT ? "the " + Where(index) + " is no longer mapped" : "unprotecting the " + Where(index));

@@ -38,6 +38,8 @@ export interface SnapshotOptions {
   pageSize?: number
   /** @internal how a buffer sink is filled: 'auto' (process_vm_readv, else a pipe) */
   copyMethod?: 'auto' | 'process_vm_readv' | 'pipe'
+  /** @internal false: do not ask for unmap/remove/remap events (tests the copy's own EFAULT path) */
+  events?: boolean
 }
 
 export interface SnapshotProgress {
@@ -114,6 +116,8 @@ export class LiveSnapshot {
 
   /** Synchronous cancel(): stops and joins the native thread, releases the writers. Idempotent. */
   close(): void {
+    // An explicit stop: the ECANCELED rejection is expected, not an unhandled error.
+    this.done.catch(() => {})
     this.#engine.join()
     this.#uffd.close()
   }
@@ -172,8 +176,8 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
 
   // Events that change the range while it is copied (munmap, mremap, MADV_DONTNEED) would lose
   // pages not yet copied: with them the engine sees that and fails the snapshot.
-  let features = Feature.PAGEFAULT_FLAG_WP
-  for (const f of [Feature.WP_HUGETLBFS_SHMEM, Feature.EVENT_REMOVE, Feature.EVENT_UNMAP, Feature.EVENT_REMAP]) features |= offered & f
+  let features = Feature.PAGEFAULT_FLAG_WP | (offered & Feature.WP_HUGETLBFS_SHMEM)
+  if (options.events !== false) features |= offered & (Feature.EVENT_REMOVE | Feature.EVENT_UNMAP | Feature.EVENT_REMAP)
   if (!populate && wpUnpopulated) features |= Feature.WP_UNPOPULATED
 
   const nativeSink = openSink(sink, r.length)
