@@ -201,7 +201,8 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
       const page = Buffer.alloc(PAGE_SIZE)
       const ac = new AbortController()
       void (async () => {
-        for await (const e of uffd.events({ signal: ac.signal })) {
+        for await (const item of uffd.events({ signal: ac.signal })) {
+          const e = item as index.UffdEvent
           if (e.type !== 'pagefault') continue
           const off = Number(e.address - target.address) & ~(PAGE_SIZE - 1)
           fs.readSync(fd, page, 0, PAGE_SIZE, off)
