@@ -46,6 +46,36 @@ export interface TouchResult {
   errno: number
 }
 
+export interface SnapshotEngineProgress {
+  totalBytes: number
+  bytesCopied: number
+  pagesCopied: number
+  totalPages: number
+  faultCopies: number
+  backgroundCopies: number
+  faults: number
+  wakes: number
+  protectMs: number
+  elapsedMs: number
+  done: boolean
+  populated: boolean
+  copyMethod: 'pwrite' | 'process_vm_readv' | 'pipe'
+}
+
+export interface SnapshotEngine {
+  done: Promise<SnapshotEngineProgress>
+  progress(): SnapshotEngineProgress
+  cancel(): void
+  join(): void
+}
+
+export interface Stamper {
+  counts(): Float64Array
+  order(thread: number): Uint32Array
+  initial(thread: number): BigUint64Array
+  stop(): Promise<{ counts: Float64Array, stale: number }>
+}
+
 export interface Binding {
   constants: NativeConstants
   setErrorClass(ctor: new (message: string) => Error): void
@@ -73,6 +103,13 @@ export interface Binding {
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
   readMessages(fd: number, view: ArrayBufferView): number
+  pagemapScan(pid: number, start: U64, end: U64, flags: U64, categoryInverted: U64, categoryMask: U64,
+    categoryAnyofMask: U64, returnMask: U64, maxPages: U64, maxRegions: U64): { regions: BigUint64Array, walkEnd: bigint }
+  pagemapScanProbe(): number
+  SnapshotEngine: new (uffd: number, start: bigint, length: number, pageSize: number,
+    sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
+    options: { chunkSize?: number, maxBytesPerSecond?: number, populate?: boolean, copyMethod?: string }) => SnapshotEngine
+  Stamper: new (address: bigint, length: number, options: { threads?: number, shuffle?: boolean, seed?: number }) => Stamper
 }
 
 // module_root is explicit: dist/ and src/ both sit one level below the package root, and the
