@@ -120,6 +120,7 @@ export class Userfaultfd {
     let fd = -1
     let used: Via = order[0]
     let lastError: unknown
+    const failures: Array<{ path: Via, err: UffdError }> = []
     for (const path of order) {
       try {
         fd = path === 'syscall' ? native.openSyscall(flags) : native.openDevice(flags)
@@ -127,11 +128,20 @@ export class Userfaultfd {
         break
       } catch (err) {
         lastError = err
+        failures.push({ path, err: err as UffdError })
         if (!FALLBACK_CODES.has((err as UffdError).code)) break
       }
     }
     if (fd < 0) {
-      const err = lastError as UffdError
+      // 'auto' tried both: report the permission error (the syscall's EPERM in a Docker container
+      // without --device, say) over the device's mere absence (ENOENT), and name the other one.
+      let err = lastError as UffdError
+      const denied = failures.find((f) => isPermissionError(f.err))
+      if (denied !== undefined && denied.err !== err) {
+        const other = failures[failures.length - 1].path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'
+        denied.err.message += ` (and ${other}: ${err.code})`
+        err = denied.err
+      }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
       throw err
     }
