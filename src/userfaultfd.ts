@@ -136,7 +136,8 @@ export class Userfaultfd {
       // 'auto' tried both: report the permission error (the syscall's EPERM in a Docker container
       // without --device, say) over the device's mere absence (ENOENT), and name the other one.
       let err = lastError as UffdError
-      const denied = failures.find((f) => isPermissionError(f.err))
+      // The last attempt stands when it was itself refused (EACCES on the device, say).
+      const denied = isPermissionError(err) ? undefined : failures.find((f) => isPermissionError(f.err))
       if (denied !== undefined && denied.err !== err) {
         const other = failures[failures.length - 1].path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'
         denied.err.message += ` (and ${other}: ${err.code})`
