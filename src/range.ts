@@ -74,7 +74,7 @@ export function toRange(value: unknown, what = 'range'): Range {
   const r = value as RangeLike
   const address = toAddress(r.address, `${what}.address`)
   const length = toLength(r.length, `${what}.length`)
-  checkAligned(address, length, what)
+  checkAligned(address, length, what, pageSizeOf(value))
   return { address, length }
 }
 
@@ -91,6 +91,27 @@ export function asBytes(value: unknown): ArrayBuffer | ArrayBufferView | undefin
   if (types.isSharedArrayBuffer(value)) return new Uint8Array(value)
   if (types.isArrayBuffer(value)) return value
   return undefined
+}
+
+/** The page size of a Mapping (huge for hugetlb ones); the base page size for anything else. */
+export function pageSizeOf(value: unknown): number {
+  const size = (value as { pageSize?: unknown } | null)?.pageSize
+  return typeof size === 'number' && Number.isSafeInteger(size) && size > PAGE_SIZE ? size : PAGE_SIZE
+}
+
+/** An options argument: undefined (no options) or a plain object. */
+export function checkOptions(options: unknown, what: string): Record<string, unknown> {
+  if (options === undefined) return {}
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
+  return options as Record<string, unknown>
+}
+
+/** A boolean option, `fallback` when absent. */
+export function flag(options: Record<string, unknown>, name: string, fallback: boolean): boolean {
+  const v = options[name]
+  if (v === undefined) return fallback
+  if (typeof v !== 'boolean') throw new TypeError(`option '${name}' must be a boolean (got ${describe(v)})`)
+  return v
 }
 
 export function describe(value: unknown): string {

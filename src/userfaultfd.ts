@@ -4,7 +4,7 @@ import { Feature, Mode, OpenFlag, UFFD_MSG_SIZE, featureNames } from './constant
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import { asBytes, checkAligned, describe, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
+import { asBytes, checkAligned, checkOptions, describe, flag, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
 import { EventStream, type EventsOptions } from './events'
 import { IntervalSet } from './interval-set'
 
@@ -54,19 +54,6 @@ function withHint<T extends Error>(err: T, hint: string): T {
   ;(err as { hint?: string }).hint = hint
   err.message += `\n${hint}`
   return err
-}
-
-function checkOptions(options: unknown, what: string): Record<string, unknown> {
-  if (options === undefined) return {}
-  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
-  return options as Record<string, unknown>
-}
-
-function flag(options: Record<string, unknown>, name: string, fallback: boolean): boolean {
-  const v = options[name]
-  if (v === undefined) return fallback
-  if (typeof v !== 'boolean') throw new TypeError(`option '${name}' must be a boolean (got ${describe(v)})`)
-  return v
 }
 
 export class Userfaultfd {
@@ -260,7 +247,7 @@ export class Userfaultfd {
         len = toLength(length, 'length')
       }
     }
-    checkAligned(d, len, 'copy')
+    checkAligned(d, len, 'copy', pageSizeOf(dst))
     const o = checkOptions(options, 'copy')
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.COPY_MODE_DONTWAKE
@@ -327,8 +314,8 @@ export class Userfaultfd {
     const d = toAddress(dst, 'dst')
     const s = toAddress(src, 'src')
     const len = toLength(length, 'length')
-    checkAligned(d, len, 'move dst')
-    checkAligned(s, len, 'move src')
+    checkAligned(d, len, 'move dst', pageSizeOf(dst))
+    checkAligned(s, len, 'move src', pageSizeOf(src))
     const o = checkOptions(options, 'move')
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.MOVE_MODE_DONTWAKE

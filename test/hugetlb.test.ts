@@ -69,8 +69,19 @@ describe('MAP_HUGETLB anonymous memory', () => {
     expectUffdError(() => uffd.zeropage(m), 'EINVAL', { syscall: 'ioctl(UFFDIO_ZEROPAGE)' })
     const src = track(Mapping.anonymous(4096))
     src.write(0, new Uint8Array(4096).fill(1))
-    expectUffdError(() => uffd.move(m, src, 4096), 'EINVAL', { syscall: 'ioctl(UFFDIO_MOVE)' })
-    expectUffdError(() => uffd.copy(m, new Uint8Array(4096)), 'EINVAL', { syscall: 'ioctl(UFFDIO_COPY)' })
+    expectUffdError(() => uffd.move(m.address, src, 4096), 'EINVAL', { syscall: 'ioctl(UFFDIO_MOVE)' })
+    expectUffdError(() => uffd.copy(m.address, new Uint8Array(4096)), 'EINVAL', { syscall: 'ioctl(UFFDIO_COPY)' })
+  })
+
+  it('given the Mapping itself, the API checks huge-page alignment before the kernel does', () => {
+    const uffd = track(Userfaultfd.open({ features: Feature.MOVE }))
+    const m = hugeAnon(2)
+    uffd.register(m)
+    expect(() => uffd.copy(m, new Uint8Array(4096))).toThrow(/copy: length 4096 is not a multiple of the page size \(2097152\)/)
+    expect(() => uffd.move(m, 0x200000n, 4096)).toThrow(/move dst: length 4096 is not a multiple of the page size \(2097152\)/)
+    expect(() => m.range(4096, H)).toThrow(/range: address .* is not aligned to the page size \(2097152\)/)
+    // A plain { address, length } is checked against the base page size only: the kernel decides.
+    expectUffdError(() => uffd.register({ address: m.address, length: 4096 }), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
   })
 
   it('WRITEPROTECT: a write to a protected huge page is a WP fault; unprotecting resolves it', { timeout: 10_000 }, async () => {

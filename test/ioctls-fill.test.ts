@@ -205,7 +205,7 @@ describe('ESRCH: the process that owns the memory has exited', () => {
         const out = new BigUint64Array(1)
         m.read(0, out)                                   // resident now: no fault on this thread
         console.log(JSON.stringify({ stamp: out[0].toString() }))
-      })().catch((e) => { console.error(e); process.exit(1) })`, theirs, track)
+      })().catch((e) => { console.error(e); process.exit(1) })`, theirs)
     native.close(theirs)
     const { uffd: theirUffd, data } = await receiveUffd(ours)
     track(theirUffd)

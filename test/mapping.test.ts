@@ -83,8 +83,14 @@ describe('Mapping.memfd and alias()', () => {
     expect(() => m.alias()).toThrow(/needs a memfd mapping/)
   })
 
-  it('rejects a non-string name', () => {
+  it('rejects a non-string name and options that are not objects of booleans', () => {
     expect(() => Mapping.memfd(PAGE_SIZE, { name: 5 as never })).toThrow(/name must be a string/)
+    expect(() => Mapping.memfd(PAGE_SIZE, null as never)).toThrow(/Mapping\.memfd options must be an object \(got null\)/)
+    expect(() => Mapping.memfd(PAGE_SIZE, { hugetlb: 1 as never })).toThrow(/option 'hugetlb' must be a boolean/)
+    expect(() => Mapping.anonymous(PAGE_SIZE, 'hugetlb' as never)).toThrow(TypeError)
+    expect(() => Mapping.anonymous(PAGE_SIZE, { populate: 'yes' as never })).toThrow(/option 'populate' must be a boolean \(got string yes\)/)
+    const m = track(Mapping.memfd(PAGE_SIZE))
+    expect(() => m.alias({ private: 1 as never })).toThrow(/option 'private' must be a boolean/)
   })
 
   it('hugePageSize() is the Hugepagesize of /proc/meminfo', () => {

@@ -171,6 +171,16 @@ describe("via: 'auto' falls back", () => {
     expect(out.probe.reason).toMatch(/USER_MODE_ONLY/)
   })
 
+  it('EVENT_FORK without CAP_SYS_PTRACE is EPERM from UFFDIO_API, with a hint saying so', async (ctx) => {
+    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
+    const r = await runCommand(dropPtrace[0], [...dropPtrace.slice(1), process.execPath, ...script(
+      `const before = require('fs').readdirSync('/proc/self/fd').length
+      try { Userfaultfd.open({ features: require(${JSON.stringify(path.join(dist, 'index.js'))}).Feature.EVENT_FORK }) } catch (e) {
+        console.log(JSON.stringify({ code: e.code, syscall: e.syscall, hint: e.hint, leaked: require('fs').readdirSync('/proc/self/fd').length - before }))
+      }`)])
+    expect(lastJson(r)).toEqual({ code: 'EPERM', syscall: 'ioctl(UFFDIO_API)', hint: 'Feature.EVENT_FORK needs CAP_SYS_PTRACE', leaked: 0 })
+  })
+
   it("via: 'syscall' alone does not fall back: EPERM with the hint", async (ctx) => {
     if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
     const r = await runCommand(dropPtrace[0], [...dropPtrace.slice(1), process.execPath, ...script(

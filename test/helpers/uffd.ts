@@ -2,7 +2,6 @@
 // test opened, UffdError assertions, huge-page availability, and child processes / workers
 // that run a script against the built package (dist/).
 import { afterEach, expect } from 'vitest'
-import { spawn } from 'child_process'
 import * as fs from 'fs'
 import * as path from 'path'
 import { UffdError, type UffdEvent, type Userfaultfd } from '../../src/index'
@@ -59,6 +58,9 @@ export function hugePagesMissing(): string | undefined {
   return 'no huge pages are reserved (/proc/sys/vm/nr_hugepages is 0): run `echo 64 > /proc/sys/vm/nr_hugepages` as root (.ci/run does)'
 }
 
+const PRELUDE = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
+  + `const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});`
+
 /**
  * Runs `source` as a CommonJS script in a new node process, with `uffd` bound to the built
  * package (dist/index.js) and `internal` to dist/internal.js. Killed after timeoutMs.
@@ -67,27 +69,9 @@ export function runScript(source: string, options: { execArgv?: string[], args?:
   return runNode([...(options.execArgv ?? []), '-e', PRELUDE + source, '--', ...(options.args ?? [])], options.timeoutMs ?? 15_000)
 }
 
-const PRELUDE = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
-  + `const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});`
-
-/**
- * Like runScript, but the child gets `fd` as its fd 3 (e.g. one end of a socketPair()).
- * `track` (from useCleanup) SIGKILLs it after the test; it is also killed after timeoutMs.
- */
-export function spawnScript(source: string, fd: number, track: (x: { close: () => void }) => unknown, timeoutMs = 15_000): Promise<ChildResult> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['-e', PRELUDE + source], { stdio: ['ignore', 'pipe', 'pipe', fd] })
-    track({ close: () => child.kill('SIGKILL') })
-    let stdout = ''
-    let stderr = ''
-    child.stdout!.on('data', (d) => { stdout += d })
-    child.stderr!.on('data', (d) => { stderr += d })
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
-    child.on('close', (code, signal) => {
-      clearTimeout(timer)
-      resolve({ code, signal, stdout, stderr })
-    })
-  })
+/** Like runScript, but the child gets `fd` as its fd 3 (e.g. one end of a socketPair()). */
+export function spawnScript(source: string, fd: number, timeoutMs = 15_000): Promise<ChildResult> {
+  return runNode(['-e', PRELUDE + source], timeoutMs, undefined, [fd])
 }
 
 /** The last line of a child's stdout, parsed as JSON (children report with console.log(JSON.stringify(...))). */
