@@ -99,8 +99,8 @@ export interface Binding {
   touch(addresses: BigUint64Array, options: { write?: boolean, value?: bigint, threads?: number,
     timings?: boolean }): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
-  forkOnThread(): Promise<TouchResult & { pid: number, status: number }>
-  mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
+  forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number, status: number }>
+  mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<TouchResult & { result: bigint }>
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
   readMessages(fd: number, view: ArrayBufferView): number

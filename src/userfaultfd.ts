@@ -1,6 +1,6 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { native } from './native'
-import { Feature, Mode, OpenFlag, UFFD_MSG_SIZE, featureNames } from './constants'
+import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
@@ -393,6 +393,25 @@ export class Userfaultfd {
   /** @internal */
   _onStreamEnd(stream: EventStream): void {
     if (this.#stream === stream) this.#stream = undefined
+  }
+
+  /**
+   * @internal events a stream read but never handed out: each faulting thread is woken to fault
+   * again (the next reader gets it), and fork uffds, which nobody will serve, are closed.
+   */
+  _release(events: UffdEvent[]): void {
+    for (const e of events) {
+      if (e.type === 'fork') {
+        e.uffd.close()
+      } else if (e.type === 'pagefault' && this.#fd >= 0) {
+        // The kernel matches waiters by the address in their message, whatever the page size.
+        try {
+          native.wake(this.#fd, e.address & ~BigInt(PAGE_SIZE - 1), PAGE_SIZE)
+        } catch {
+          // Nothing better to do from an ending stream: the thread waits for the next resolver.
+        }
+      }
+    }
   }
 
   /** @internal keep the process alive? Only while something can fault (or the fd came from elsewhere). */
