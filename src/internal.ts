@@ -102,3 +102,8 @@ export function startStamper(range: RangeLike, options: StamperOptions = {}): im
 export function stampOf(thread: number, k: number): bigint {
   return (BigInt(thread + 1) << 40n) | BigInt(k)
 }
+
+/** uv poll handles (event streams, fd watchers) this thread's environment has open: leak checks. */
+export function openPollHandles(): number {
+  return native.openPollHandles()
+}
