@@ -1,5 +1,7 @@
 // Lifecycle of event streams: no fd or handle leaks, ref/unref, workers, the deadlock watchdog.
 import { spawnSync } from 'child_process'
+import * as fs from 'fs'
+import * as os from 'os'
 import * as path from 'path'
 import { Worker } from 'worker_threads'
 import { describe, expect, it } from 'vitest'
@@ -144,6 +146,26 @@ describe('event stream lifecycle', () => {
 })
 
 describe('examples', () => {
+  it('the README\'s first-use modules run as written (import from \'userfaultfd\')', () => {
+    const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8')
+    const first = readme.slice(readme.indexOf('## First use'), readme.indexOf('**The one rule**'))
+    const blocks = [...first.matchAll(/```js\n\/\/ ([\w.]+)[^\n]*\n([\s\S]*?)```/g)]
+    expect(blocks.map((b) => b[1])).toEqual(['handler.mjs', 'main.mjs'])
+    // A project that depends on this package: node_modules/userfaultfd is the package itself.
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-readme-'))
+    try {
+      fs.mkdirSync(path.join(dir, 'node_modules'))
+      fs.symlinkSync(root, path.join(dir, 'node_modules', 'userfaultfd'))
+      for (const [, name, code] of blocks) fs.writeFileSync(path.join(dir, name), code)
+      const r = spawnSync(process.execPath, [path.join(dir, 'main.mjs')], { cwd: dir, encoding: 'utf8', timeout: 15_000, killSignal: 'SIGKILL' })
+      expect(r.stderr).toBe('')
+      expect(r.stdout).toBe('1005n\n')
+      expect(r.status).toBe(0)
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
   it('examples/first-use.js runs and prints the served page', () => {
     const r = spawnSync(process.execPath, [path.join(root, 'examples', 'first-use.js')], { encoding: 'utf8', timeout: 15_000, killSignal: 'SIGKILL' })
     expect(r.stderr).toBe('')
