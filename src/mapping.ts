@@ -169,7 +169,7 @@ export class Mapping implements Range {
    * range registered with EVENT_REMOVE block this thread until the event is read.
    */
   madvise(advice: Advice, offset = 0, length = this.length - offset): void {
-    const value = c.Advice[advice]
+    const value = Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
     if (value === undefined) throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
     this.#span(offset, length, 'madvise')
     this.#live('madvise').madvise(offset, length, value)

@@ -106,7 +106,6 @@ export class Userfaultfd {
     const order: Via[] = via === 'auto' ? ['syscall', 'device'] : [via]
     let fd = -1
     let used: Via = order[0]
-    let lastError: unknown
     const failures: Array<{ path: Via, err: UffdError }> = []
     for (const path of order) {
       try {
@@ -114,7 +113,6 @@ export class Userfaultfd {
         used = path
         break
       } catch (err) {
-        lastError = err
         failures.push({ path, err: err as UffdError })
         if (!FALLBACK_CODES.has((err as UffdError).code)) break
       }
@@ -122,13 +120,12 @@ export class Userfaultfd {
     if (fd < 0) {
       // 'auto' tried both: report the permission error (the syscall's EPERM in a Docker container
       // without --device, say) over the device's mere absence (ENOENT), and name the other one.
-      let err = lastError as UffdError
       // The last attempt stands when it was itself refused (EACCES on the device, say).
-      const denied = isPermissionError(err) ? undefined : failures.find((f) => isPermissionError(f.err))
-      if (denied !== undefined && denied.err !== err) {
-        const other = failures[failures.length - 1].path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'
-        denied.err.message += ` (and ${other}: ${err.code})`
-        err = denied.err
+      const last = failures[failures.length - 1]
+      const denied = isPermissionError(last.err) ? last : failures.find((f) => isPermissionError(f.err)) ?? last
+      const err = denied.err
+      for (const f of failures) {
+        if (f !== denied) err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
       }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
       throw err
@@ -201,6 +198,8 @@ export class Userfaultfd {
         withHint(e, 'MINOR faults need shared memory (shmem or hugetlbfs: Mapping.memfd), not anonymous memory')
       } else if (e.code === 'EBUSY') {
         withHint(e, 'another userfaultfd already registered (part of) this range')
+      } else if (e.code === 'EINVAL') {
+        withHint(e, 'the range must be mapped (no part of it a hole), page-aligned, of a kind the mode supports (WP and MINOR on hugetlb/shmem need Feature.WP_HUGETLBFS_SHMEM / MINOR_HUGETLBFS / MINOR_SHMEM), and not VM_PFNMAP/IO memory')
       }
       throw e
     }
