@@ -61,6 +61,7 @@ export class Userfaultfd {
   #view: DataView | undefined
   #stream: EventStream | undefined
   #registered = new IntervalSet()
+  #followed = new WeakSet<object>()  // Mappings whose unmap() we listen to
   #refed = true
   #readListeners = new Set<() => void>()
   /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
@@ -191,6 +192,7 @@ export class Userfaultfd {
       const ioctls = native.register(fd, r.address, r.length, mode)
       this.#registered.add(r.address, r.address + BigInt(r.length))
       this.#stream?.updateRef()
+      this.#followUnmap(range)
       return ioctls
     } catch (err) {
       const e = err as UffdError
@@ -203,6 +205,18 @@ export class Userfaultfd {
       }
       throw e
     }
+  }
+
+  // A Mapping's unmap() unregisters it in the kernel without an event (unless EVENT_UNMAP):
+  // forget it here too, so that it stops keeping the process alive.
+  #followUnmap(range: RangeLike): void {
+    const mapping = range as { _onUnmap?: (listener: (address: bigint, length: number) => void) => void }
+    if (typeof mapping._onUnmap !== 'function' || this.#followed.has(mapping)) return
+    this.#followed.add(mapping)
+    mapping._onUnmap((address, length) => {
+      this.#registered.remove(address, address + BigInt(length))
+      this.#stream?.updateRef()
+    })
   }
 
   /** UFFDIO_UNREGISTER. */

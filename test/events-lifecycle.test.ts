@@ -73,6 +73,17 @@ describe('event stream lifecycle', () => {
     // After unregister the reader no longer holds the loop: the process exits on its own.
     expect(busy.status).toBe(0)
     expect(busy.stdout).toBe('unregistered\n')
+    const unmapped = runChild(`
+      const { Userfaultfd, Mapping } = require(${dist})
+      const uffd = Userfaultfd.open()
+      const m = Mapping.anonymous(4096)
+      uffd.register(m)
+      uffd.events().next()
+      setTimeout(() => { m.unmap(); console.log('unmapped') }, 20)
+    `)
+    // Unmapping the only registered Mapping lets the process exit too.
+    expect(unmapped.status).toBe(0)
+    expect(unmapped.stdout).toBe('unmapped\n')
     const unref = runChild(`
       const { Userfaultfd, Mapping } = require(${dist})
       const uffd = Userfaultfd.open()
