@@ -21,9 +21,9 @@ export interface EventsOptions {
   /** Events queued before the reader stops reading the fd (default 1024). */
   highWaterMark?: number
   /**
-   * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds
-   * unread messages for this long (ms), print why and abort instead of hanging forever.
-   * Default 1000; false disables it.
+   * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
+   * unread fault of this very thread for this long (ms), print why and abort instead of hanging
+   * forever. Default 1000; false disables it.
    */
   watchdog?: number | false
 }

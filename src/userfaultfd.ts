@@ -135,7 +135,11 @@ export class Userfaultfd {
     try {
       // The kernel's answer lists every feature it offers, not what this fd got: the fd gets
       // what was asked for, plus WP_UNPOPULATED, which WP_ASYNC implies (the kernel turns it on).
-      const [, ioctls] = native.api(fd, features)
+      // THREAD_ID is always asked for where offered: the deadlock watchdog tells by the faulting
+      // thread's id whether the JS thread waits for itself (it is not reported in `features`
+      // unless asked for, and events carry `tid` only then).
+      const internal = (probe().features & Feature.THREAD_ID) !== 0n ? Feature.THREAD_ID : 0n
+      const [, ioctls] = native.api(fd, features | internal)
       const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {

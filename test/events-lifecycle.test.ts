@@ -136,6 +136,47 @@ describe('event stream lifecycle', () => {
     expect(child.stderr).toMatch(/FaultServer/)
   })
 
+  it('the watchdog does not abort a JS thread that waits for a slow worker while its own uffd has faults', () => {
+    // The JS thread blocks 1.5 s on worker-served memory; meanwhile a native thread faults on the
+    // main thread's own uffd (watchdog 300 ms). Not a deadlock: the watchdog must see the unread
+    // fault is not the JS thread's, and let it reach the JS reader once the JS thread runs again.
+    const child = runChild(`
+      const { Worker } = require('worker_threads')
+      const { Userfaultfd, Mapping } = require(${dist})
+      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'internal'))})
+      const served = Mapping.anonymous(4096)
+      const own = Mapping.anonymous(4096)
+      const uffd = Userfaultfd.open()
+      uffd.register(own)
+      ;(async () => {
+        for await (const e of uffd.events({ watchdog: 300 })) uffd.copy(e.address & ~4095n, new BigUint64Array(512).fill(77n))
+      })()
+      const w = new Worker(\`
+        const { parentPort, workerData } = require('worker_threads')
+        const { Userfaultfd } = require(${dist})
+        const uffd = Userfaultfd.open()
+        uffd.register({ address: workerData.address, length: 4096 })
+        parentPort.postMessage('ready')
+        ;(async () => {
+          for await (const e of uffd.events()) {
+            await new Promise((r) => setTimeout(r, 1500))
+            uffd.copy(e.address & ~4095n, new BigUint64Array(512).fill(5n))
+          }
+        })()
+      \`, { eval: true, workerData: { address: served.address } })
+      w.once('message', async () => {
+        const toucher = touch([own.address])
+        const fromWorker = new BigUint64Array(served.buffer)[0]   // blocks ~1.5 s
+        const { values } = await toucher
+        console.log(String(fromWorker), String(values[0]))
+        process.exit(0)
+      })
+    `)
+    expect(child.stderr).not.toMatch(/DEADLOCK/)
+    expect(child.stdout).toBe('5 77\n')
+    expect(child.status).toBe(0)
+  })
+
   it('a Worker serves memory that the main JS thread reads directly (in-process lazy loading)', () => {
     // In a child: the JS thread blocks in each fault, so a stalled worker must not hang vitest.
     const child = runChild(`
