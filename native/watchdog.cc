@@ -7,7 +7,8 @@
 // ids (the library asks for UFFD_FEATURE_THREAD_ID): if one is the JS thread's, nobody will
 // ever resolve it: report and abort. If none is, the JS thread is waiting on someone else's
 // uffd (a worker's, say): the faults read are woken with UFFDIO_WAKE, fault again, and reach the
-// JS reader as new messages. A uffd without THREAD_ID cannot tell: it gets the abort.
+// JS reader as new messages. A uffd without THREAD_ID (received from elsewhere) cannot tell:
+// it is left alone.
 #include "watchdog.h"
 
 #include <errno.h>
@@ -144,7 +145,10 @@ void Run(Watchdog* dog) {
         auto it = since.emplace(fd, now).first;
         long ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second).count();
         if (ms < timeout) continue;
-        if (CheckFaults(fd, dog->jsTid) == Verdict::NotOurs) {
+        // Unknown: a uffd received from elsewhere without THREAD_ID, most likely serving another
+        // process's memory (Firecracker's, a fork child's), which the JS thread cannot wait on.
+        // Killing a healthy handler would be worse than missing that rare case: no verdict.
+        if (CheckFaults(fd, dog->jsTid) != Verdict::Deadlock) {
           since.erase(fd);  // the JS thread waits for someone else; look again later
           continue;
         }
