@@ -371,16 +371,21 @@ export class FaultServer extends EventEmitter {
     }
   }
 
-  #request(q: { id: number, handler: number, address: bigint, offset: number, length: number, prefetch: boolean }): void {
+  // A demand request that fails is retried with backoff (10 ms doubling to 1 s): a thread is
+  // blocked on it and nothing else would wake it. Each failure is an 'error' event. A failed
+  // prefetch request gives its pages back to demand faults and stops prefetching the range.
+  #request(q: { id: number, handler: number, address: bigint, offset: number, length: number, prefetch: boolean }, attempt = 0): void {
     const handler = this.#handlers.get(q.handler)
-    if (handler === undefined) {
-      this.#handle.complete(q.id, null)
+    if (handler === undefined || this.#closed) {
+      if (!this.#closed) this.#handle.complete(q.id, null)
       return
     }
     const fail = (err: unknown): void => {
-      if (!this.#closed) this.#handle.complete(q.id, null)
+      if (this.#closed) return
       const e = err instanceof Error ? err : new Error(String(err))
       ;(e as { address?: bigint }).address = q.address
+      if (q.prefetch) this.#handle.complete(q.id, null)
+      else setTimeout(() => this.#request(q, attempt + 1), Math.min(10 * 2 ** attempt, 1000)).unref()
       this.#error(e)
     }
     try {

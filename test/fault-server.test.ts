@@ -8,7 +8,7 @@ import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/
 import { pages, touch } from '../src/internal'
 import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
 
-afterEach(closeAll)
+afterEach((ctx) => closeAll(ctx))
 
 function shuffled(list: BigUint64Array): BigUint64Array {
   const out = BigUint64Array.from(list)
