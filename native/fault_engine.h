@@ -30,7 +30,7 @@
 struct EngineOptions {
   uint64_t faultAround = 64 * 1024;    // bytes, power of two >= page
   uint64_t prefetchChunk = 256 * 1024; // bytes, multiple of the page
-  uint32_t spinUs = 50;                // upper bound of the adaptive spin
+  uint32_t spinUs = 0;                 // upper bound of the adaptive spin (0: never spin)
   uint32_t batch = 64;                 // messages per read(2)
   uint32_t progressMs = 100;           // minimum interval between progress notices
   bool removeToZero = true;            // REMOVE: serve zeros (else re-serve the source)
