@@ -557,8 +557,8 @@ void FaultEngine::HandleUnmap(uint64_t start, uint64_t end) {
   Progress(true);
 }
 
-void FaultEngine::DropGoneRanges() {
-  std::lock_guard<std::mutex> lock(tableMu_);
+// With tableMu_ held: drops the ranges whose every page is gone. Returns whether any was.
+bool FaultEngine::EraseGoneLocked() {
   size_t before = table_.size();
   table_.erase(std::remove_if(table_.begin(), table_.end(),
                               [](const std::shared_ptr<ServedRange>& r) {
@@ -567,7 +567,12 @@ void FaultEngine::DropGoneRanges() {
                                 return gone;
                               }),
                table_.end());
-  if (table_.size() != before) tableVersion_.fetch_add(1);
+  return table_.size() != before;
+}
+
+void FaultEngine::DropGoneRanges() {
+  std::lock_guard<std::mutex> lock(tableMu_);
+  if (EraseGoneLocked()) tableVersion_.fetch_add(1);
 }
 
 void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
@@ -593,13 +598,7 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
       added.push_back(std::move(moved));
     }
     for (auto& m : added) table_.push_back(std::move(m));
-    table_.erase(std::remove_if(table_.begin(), table_.end(),
-                                [](const std::shared_ptr<ServedRange>& r) {
-                                  bool gone = r->states.RunOf(0, r->pages, kGone) == r->pages;
-                                  if (gone) r->dropped.store(true);
-                                  return gone;
-                                }),
-                 table_.end());
+    EraseGoneLocked();
     std::sort(table_.begin(), table_.end(), [](const auto& x, const auto& y) { return x->start < y->start; });
     tableVersion_.fetch_add(1);
   }

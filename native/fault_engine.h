@@ -168,6 +168,7 @@ class FaultEngine {
   const Table& Snapshot(Table* local, uint64_t* version);
   std::shared_ptr<ServedRange> Lookup(const Table& table, uint64_t address) const;
   void DropGoneRanges();
+  bool EraseGoneLocked();
   void Error(int err, const std::string& syscall, const std::string& detail, uint64_t address = 0);
   void Notify(Notice notice);
   void Progress(bool force);
