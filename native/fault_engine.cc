@@ -63,6 +63,15 @@ int FaultEngine::Start(int uffd, std::string* syscall) {
     *syscall = "eventfd";
     return err;
   }
+  requestFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (requestFd_ < 0) {
+    int err = errno;
+    close(uffd_);
+    close(wakeFd_);
+    uffd_ = wakeFd_ = -1;
+    *syscall = "eventfd";
+    return err;
+  }
   started_ = true;
   demand_ = std::thread([this] { DemandLoop(); });
   prefetch_ = std::thread([this] { PrefetchLoop(); });
@@ -79,7 +88,8 @@ void FaultEngine::Stop() {
   if (prefetch_.joinable()) prefetch_.join();
   close(uffd_);
   close(wakeFd_);
-  uffd_ = wakeFd_ = -1;
+  close(requestFd_);
+  uffd_ = wakeFd_ = requestFd_ = -1;
 }
 
 void FaultEngine::KickPrefetch() {
@@ -472,6 +482,9 @@ void FaultEngine::FlushRequests(std::vector<HandlerRequest>* requests) {
   n.kind = Notice::kRequests;
   n.requests.swap(*requests);
   Notify(std::move(n));
+  uint64_t one = 1;
+  ssize_t ignored = write(requestFd_, &one, sizeof one);
+  (void)ignored;
 }
 
 void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok) {
@@ -691,6 +704,11 @@ void FaultEngine::Notify(Notice notice) {
 std::deque<Notice> FaultEngine::TakeNotices() {
   jsScheduled_.store(false);
   progressQueued_.store(false);
+  uint64_t v;
+  if (requestFd_ >= 0) {
+    ssize_t ignored = read(requestFd_, &v, sizeof v);
+    (void)ignored;
+  }
   std::deque<Notice> out;
   std::lock_guard<std::mutex> lock(noticeMu_);
   out.swap(notices_);

@@ -99,6 +99,8 @@ class FaultEngine {
   // are woken when the last reference to the uffd goes).
   void Stop();
   bool running() const { return started_ && !stopping_.load(); }
+  // Readable while { handler } requests wait for the JS thread (for the deadlock watchdog).
+  int requestFd() const { return requestFd_; }
 
   // JS thread. AddRange fails with EEXIST when the range overlaps one being served.
   int AddRange(std::shared_ptr<ServedRange> range);
@@ -178,6 +180,7 @@ class FaultEngine {
   std::function<void()> wakeJs_;
   int uffd_ = -1;
   int wakeFd_ = -1;  // eventfd: stop, completions, deferred retries
+  int requestFd_ = -1;  // eventfd: requests not yet taken by JS
   bool started_ = false;
   std::atomic<bool> stopping_{false};
   std::thread demand_;

@@ -26,6 +26,7 @@ struct Watchdog {
   std::mutex mu;
   std::condition_variable cv;
   std::map<int, int> timeouts;  // fd -> timeout ms
+  std::map<int, std::string> advice;  // fd -> what to do instead (default: the uffd advice)
   std::thread thread;
   bool stop = false;
   pid_t jsTid = 0;
@@ -47,9 +48,12 @@ bool InUserfault(pid_t tid) {
   return n > 0 && strncmp(buf, "handle_userfault", 16) == 0;
 }
 
-[[noreturn]] void Report(pid_t tid, int fd, long ms) {
+[[noreturn]] void Report(pid_t tid, int fd, long ms, const std::string& advice) {
   char msg[1024];
-  int n = snprintf(msg, sizeof(msg),
+  int n = !advice.empty() ? snprintf(msg, sizeof(msg),
+      "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
+      "for %ld ms (fd %d). %s Aborting instead of hanging forever.\n",
+      static_cast<int>(tid), ms, fd, advice.c_str()) : snprintf(msg, sizeof(msg),
       "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
       "for %ld ms while uffd %d, whose events this same thread reads, holds unread messages. "
       "Only this thread could resolve the fault, so it never will.\n"
@@ -81,7 +85,7 @@ void Run(Watchdog* dog) {
       if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN)) {
         auto it = since.emplace(fd, now).first;
         long ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second).count();
-        if (ms >= timeout) Report(dog->jsTid, fd, ms);
+        if (ms >= timeout) Report(dog->jsTid, fd, ms, dog->advice[fd]);
       } else {
         since.erase(fd);
       }
@@ -116,6 +120,13 @@ void WatchdogWatch(napi_env env, int fd, int timeoutMs) {
   }
   std::lock_guard<std::mutex> lock(data->watchdog->mu);
   data->watchdog->timeouts[fd] = timeoutMs;
+  data->watchdog->advice.erase(fd);
+}
+
+void WatchdogWatch(napi_env env, int fd, int timeoutMs, const std::string& advice) {
+  WatchdogWatch(env, fd, timeoutMs);
+  std::lock_guard<std::mutex> lock(GetAddonData(Napi::Env(env))->watchdog->mu);
+  GetAddonData(Napi::Env(env))->watchdog->advice[fd] = advice;
 }
 
 void WatchdogForget(napi_env env, int fd) {
@@ -123,4 +134,5 @@ void WatchdogForget(napi_env env, int fd) {
   if (data == nullptr || data->watchdog == nullptr) return;
   std::lock_guard<std::mutex> lock(data->watchdog->mu);
   data->watchdog->timeouts.erase(fd);
+  data->watchdog->advice.erase(fd);
 }

@@ -39,6 +39,12 @@ export interface FaultServerOptions {
   onFork?: 'close' | 'emit'
   /** Background requests in flight per { handler } range with prefetch. Default 4. */
   handlerConcurrency?: number
+  /**
+   * Deadlock watchdog for { handler } ranges (which need this JS thread): if this thread blocks
+   * in a fault while handler requests wait for it this long (ms), print why and abort instead
+   * of hanging forever. Default 1000; false disables it.
+   */
+  watchdog?: number | false
 }
 
 /** What a { handler } source is asked for: `length` bytes of the range at `address`. */
@@ -194,10 +200,11 @@ export class FaultServer extends EventEmitter {
     const onFork = o.onFork === undefined ? 'close' : checkChoice(o.onFork, 'onFork', ['close', 'emit'] as const)
     const priority = o.prefetchPriority === undefined ? 'idle' : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
     const handlerConcurrency = o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
+    const watchdogMs = o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
     this.#uffd = uffd
     const Handle = (native as unknown as { FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle }).FaultServerHandle
     this.#handle = new Handle(uffd.fd, {
-      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency,
+      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs,
       removeToZero: onRemove === 'zero', forkEmit: onFork === 'emit', prefetchIdle: priority === 'idle',
     }, (notices) => this.#onNotices(notices))
   }

@@ -127,4 +127,21 @@ describe('FaultServer environment teardown', () => {
     expect(r.stdout.trim()).toBe('ok')
     expect(r.code).toBe(0)
   })
+
+  it('the JS thread touching { handler } memory it alone can serve aborts with an explanation, not a silent hang', async () => {
+    const code = `
+      const { Userfaultfd, Mapping, FaultServer } = require(${JSON.stringify(dist)})
+      const uffd = Userfaultfd.open()
+      const m = Mapping.anonymous(4 * 4096)
+      const server = new FaultServer(uffd, { watchdog: 300 })
+      server.serve(m, { handler: ({ length }) => new Uint8Array(length) })
+      new Uint8Array(m.buffer)[0]  // this thread runs the handler: it can never answer
+      console.log('unreachable')
+    `
+    const r = await runNode(['-e', code], 15_000)
+    expect(r.signal).toBe('SIGABRT')
+    expect(r.stdout).toBe('')
+    expect(r.stderr).toMatch(/DEADLOCK/)
+    expect(r.stderr).toMatch(/\{ handler \}/)
+  })
 })
