@@ -16,6 +16,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdWatcher(env, exports);
   InitFileMapping(env, exports);
   InitFaultServer(env, exports);
+  InitPagemapScan(env, exports);
+  InitLiveSnapshot(env, exports);
+  InitStamper(env, exports);
   return exports;
 }
 

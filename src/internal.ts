@@ -74,3 +74,24 @@ export async function munmapOnThread(address: bigint, length: number): Promise<n
 export function mmapRaw(length: number): bigint {
   return native.mmapRaw(length)
 }
+
+export interface StamperOptions {
+  /** writer threads; thread t owns the 4 KiB slots t, t + threads, ... */
+  threads?: number
+  /** write each thread's slots in a seeded shuffled order instead of address order */
+  shuffle?: boolean
+  seed?: number
+}
+
+/**
+ * Native writer threads stamping 4 KiB slots of [address, address + length) with counters until
+ * stop() (see native/stamper.cc for the stamp layout and the stale-data check).
+ */
+export function startStamper(range: RangeLike, options: StamperOptions = {}): import('./native').Stamper {
+  return new native.Stamper(toAddress(range.address, 'address'), toLength(range.length, 'length'), options)
+}
+
+/** The stamp stamper thread `thread` writes on its `k`-th write. */
+export function stampOf(thread: number, k: number): bigint {
+  return (BigInt(thread + 1) << 40n) | BigInt(k)
+}
