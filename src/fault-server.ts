@@ -219,6 +219,9 @@ export class FaultServer extends EventEmitter {
    */
   serve(range: RangeLike, source: FaultSource, options: ServeOptions = {}): this {
     this.#live('serve')
+    if (range instanceof Mapping && range.pageSize !== PAGE_SIZE) {
+      throw new RangeError(`FaultServer serves ${PAGE_SIZE}-byte pages; this mapping has ${range.pageSize}-byte (hugetlb) pages: resolve those with uffd.events()`)
+    }
     const r = toRange(range)
     if (options === null || typeof options !== 'object') throw new TypeError(`serve options must be an object (got ${describe(options)})`)
     const prefetch = options.prefetch ?? this.#prefetch

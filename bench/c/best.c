@@ -2,9 +2,11 @@
  * per read(2)), one UFFDIO_COPY per fault, and a spin on the non-blocking fd before sleeping in
  * poll (a sleeping handler costs one more cross-CPU wake-up per fault).
  *
- *   best <pages> <threads> <seq|random> [spinUs = 50]
+ *   best <pages> <threads> <seq|random> [spinUs = 50] [one|each = each]
  *
- * Same workload and JSON output as naive.c. spinUs 0 never spins; -1 never sleeps. */
+ * Same workload and JSON output as naive.c. spinUs 0 never spins; -1 never sleeps. 'each' copies
+ * every page from its own page of a source as large as the memory (what a real handler and the
+ * FaultServer bench do); 'one' copies the same hot page every time (as naive.c does). */
 #include "bench_common.h"
 
 int main(int argc, char **argv) {
@@ -16,14 +18,16 @@ int main(int argc, char **argv) {
   int threads = atoi(argv[2]);
   int random_order = strcmp(argv[3], "random") == 0;
   long spin_us = argc > 4 ? atol(argv[4]) : 50;
+  int each = !(argc > 5 && strcmp(argv[5], "one") == 0);
   if (pages == 0 || threads < 1 || threads > 64) {
     fprintf(stderr, "best: bad arguments\n");
     return 2;
   }
   int uffd = open_uffd();
   char *base = registered_memory(uffd, pages * PAGE);
-  char *src = aligned_alloc(PAGE, PAGE);
-  memset(src, 1, PAGE);
+  size_t src_len = each ? pages * PAGE : PAGE;
+  char *src = aligned_alloc(PAGE, src_len);
+  memset(src, 1, src_len);
 
   struct touchers t;
   uint64_t t0 = now_ns();
@@ -40,8 +44,9 @@ int main(int argc, char **argv) {
       idle_since = 0;
       for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-        struct uffdio_copy copy = {.dst = msgs[i].arg.pagefault.address & ~(PAGE - 1),
-                                   .src = (uintptr_t)src, .len = PAGE};
+        uint64_t dst = msgs[i].arg.pagefault.address & ~(PAGE - 1);
+        struct uffdio_copy copy = {.dst = dst, .src = (uintptr_t)src + (each ? dst - (uintptr_t)base : 0),
+                                   .len = PAGE};
         if (ioctl(uffd, UFFDIO_COPY, &copy) && errno != EEXIST) die("UFFDIO_COPY");
         served++;
       }
