@@ -162,16 +162,20 @@ async function demandLatency (args, withPrefetch) {
   const uffd = Userfaultfd.open()
   const small = Mapping.anonymous(args.latencyPages * PAGE_SIZE)
   const big = withPrefetch ? Mapping.anonymous(args.restoreMiB * MiB) : null
-  const server = new FaultServer(uffd, { faultAround: PAGE_SIZE, prefetchChunk: args.prefetchChunk, prefetchPriority: args.prefetchPriority, ...(args.spin >= 0 ? { spin: args.spin } : {}) })
+  const server = new FaultServer(uffd, { faultAround: PAGE_SIZE, prefetchChunk: args.prefetchChunk, prefetchPriority: args.prefetchPriority, ...(args.spin >= 0 ? { spin: args.spin } : {}), ...(args.prefetchYield >= 0 ? { prefetchYield: args.prefetchYield } : {}) })
   try {
     server.serve(small, { buffer: new Uint8Array(small.length).fill(2) })
     if (big) server.serve(big, { file: snapshotFile(args.restoreMiB) }, { prefetch: true })
     const list = shuffle(pages(small))
-    // Touch at a steady pace (1 page per ~50 us from one thread: the faults themselves pace it).
+    // Start measuring once the prefetch is copying.
+    while (big && server.stats().prefetchPages === 0) await new Promise((resolve) => setImmediate(resolve))
+    const before = server.stats().prefetchPages
+    const t0 = process.hrtime.bigint()
     const { ns } = await touch(list, { threads: 1, timings: true })
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9
     const stats = server.stats()
     const busy = big ? stats.prefetchPages < big.length / PAGE_SIZE : true
-    return { ...latencies(ns), prefetchStillRunning: busy, prefetchPages: stats.prefetchPages }
+    return { ...latencies(ns), prefetchStillRunning: busy, prefetchMiB: (stats.prefetchPages - before) * PAGE_SIZE / MiB, seconds }
   } finally {
     server.close()
     uffd.close()
@@ -193,14 +197,15 @@ async function latencySection (args) {
     duringP50us: +median(busy.map((x) => x.p50us)).toFixed(1),
     duringP99us: +median(busy.map((x) => x.p99us)).toFixed(1),
     p99DuringVsIdleP50: +median(busy.map((x, i) => x.p99us / idle[i].p50us)).toFixed(2),
-    prefetchRanThroughout: busy.every((x) => x.prefetchStillRunning)
+    prefetchRanThroughout: busy.every((x) => x.prefetchStillRunning),
+    prefetchMiBpsMeanwhile: +median(busy.map((x) => x.prefetchMiB / x.seconds)).toFixed(0)
   }]
 }
 
 async function main () {
   const args = parseArgs(process.argv.slice(2), {
     pages: 50_000, rounds: 5, restoreMiB: 1024, latencyPages: 2000, faultAround: 2 * MiB,
-    prefetchChunk: 256 * 1024, prefetchPriority: 'idle', spin: -1, only: '', json: false
+    prefetchChunk: 256 * 1024, prefetchPriority: 'idle', prefetchYield: -1, spin: -1, only: '', json: false
   })
   const sections = { faults: faultsSection, restore: restoreSection, latency: latencySection }
   const out = {}

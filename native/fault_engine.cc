@@ -378,6 +378,7 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
     switch (m.event) {
       case UFFD_EVENT_PAGEFAULT:
         stats_.faults.fetch_add(1, std::memory_order_relaxed);
+        lastDemandNs_.store(readNs, std::memory_order_relaxed);
         if (m.arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
           stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
           if (!unhandledReported_.exchange(true))
@@ -665,7 +666,16 @@ void FaultEngine::PrefetchLoop() {
         FlushRequests(&requests);
         continue;
       }
-      while (demandBusy_.load(std::memory_order_relaxed) && !stopping_.load()) sched_yield();
+      // Demand first: while faults keep coming, pause (a copy here would slow the CPU that the
+      // faulting thread or the demand thread is woken on). The pages stay claimed meanwhile;
+      // a fault on one of them is copied by the demand thread at once.
+      const uint64_t yieldNs = static_cast<uint64_t>(options_.prefetchYieldUs) * 1000;
+      while (yieldNs > 0 && !stopping_.load() &&
+             EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
+        stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
+        struct timespec pause = {0, static_cast<long>(yieldNs)};
+        nanosleep(&pause, nullptr);
+      }
       size_t done = 0;
       FillStatus s = FillRun(r, i, n, kPrefetch, nullptr, &scratch, nullptr, &done);
       if (s == kFilled) {

@@ -37,6 +37,7 @@ struct EngineOptions {
   bool forkEmit = false;               // FORK: hand the child's uffd to JS (else close it)
   bool prefetchIdle = true;            // prefetch thread under SCHED_IDLE
   uint32_t handlerConcurrency = 4;     // prefetch requests in flight per handler range
+  uint32_t prefetchYieldUs = 1000;     // prefetch pauses while demand faults came this recently
 };
 
 struct ServedRange {
@@ -85,7 +86,7 @@ struct EngineStats {
   std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0},
       handlerPages{0}, zeroPages{0}, bytes{0}, eexist{0}, deferred{0}, retries{0},
       unhandled{0}, wakes{0}, reads{0}, sleeps{0}, spinHits{0}, removes{0}, unmaps{0},
-      remaps{0}, forks{0}, requests{0}, errors{0};
+      remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
 };
 
 class FaultEngine {
@@ -203,6 +204,7 @@ class FaultEngine {
   std::condition_variable prefetchCv_;
   std::atomic<uint64_t> prefetchKick_{0};
   std::atomic<uint32_t> demandBusy_{0};
+  std::atomic<uint64_t> lastDemandNs_{0};  // when the demand thread last read a fault
   std::atomic<uint64_t> eventsRead_{0};
 
   std::mutex requestMu_;

@@ -125,6 +125,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
     o.progressMs = static_cast<uint32_t>(OptU64(opts, "progressMs", o.progressMs));
     o.handlerConcurrency = static_cast<uint32_t>(OptU64(opts, "handlerConcurrency", o.handlerConcurrency));
+    o.prefetchYieldUs = static_cast<uint32_t>(OptU64(opts, "prefetchYieldUs", o.prefetchYieldUs));
     if (opts.Get("removeToZero").IsBoolean()) o.removeToZero = opts.Get("removeToZero").ToBoolean();
     if (opts.Get("forkEmit").IsBoolean()) o.forkEmit = opts.Get("forkEmit").ToBoolean();
     if (opts.Get("prefetchIdle").IsBoolean()) o.prefetchIdle = opts.Get("prefetchIdle").ToBoolean();
@@ -285,6 +286,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     put("forks", s.forks.load());
     put("requests", s.requests.load());
     put("errors", s.errors.load());
+    put("prefetchPauses", s.prefetchPauses.load());
     const LatencyHistogram& h = core_->engine->latency();
     o.Set("latencyP50us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.5)) / 1000.0));
     o.Set("latencyP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));

@@ -24,6 +24,11 @@ export interface FaultServerOptions {
   /** Background copies run under SCHED_IDLE ('idle', default) or normal priority. */
   prefetchPriority?: 'idle' | 'normal'
   /**
+   * Demand first: prefetch pauses while demand faults arrived within this many µs (default
+   * 1000; 0: never pause). Under continuous demand, fault-around does the filling.
+   */
+  prefetchYield?: number
+  /**
    * Longest spin (µs) on the uffd before sleeping, adapted at run time (grows on spin hits,
    * halves on misses). Default 0 (never spin): measured on a 2-vCPU VM whose scheduler packs the
    * faulting thread onto the handler's CPU, spinning only delayed the faulting threads.
@@ -107,6 +112,8 @@ export interface FaultServerStats {
   /** { handler } requests made */
   requests: number
   errors: number
+  /** times the prefetch paused for demand faults */
+  prefetchPauses: number
   /** engine-side demand latency (message read to page filled), µs */
   latencyP50us: number
   latencyP99us: number
@@ -200,11 +207,12 @@ export class FaultServer extends EventEmitter {
     const onFork = o.onFork === undefined ? 'close' : checkChoice(o.onFork, 'onFork', ['close', 'emit'] as const)
     const priority = o.prefetchPriority === undefined ? 'idle' : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
     const handlerConcurrency = o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
+    const prefetchYieldUs = o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
     const watchdogMs = o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
     this.#uffd = uffd
     const Handle = (native as unknown as { FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle }).FaultServerHandle
     this.#handle = new Handle(uffd.fd, {
-      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs,
+      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs, prefetchYieldUs,
       removeToZero: onRemove === 'zero', forkEmit: onFork === 'emit', prefetchIdle: priority === 'idle',
     }, (notices) => this.#onNotices(notices))
   }
