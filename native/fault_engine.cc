@@ -652,6 +652,15 @@ void FaultEngine::PrefetchLoop() {
       if (!r->prefetch || r->dropped.load() || r->prefetchFailed.load()) continue;
       bool handler = r->source->kind() == Source::kHandler;
       if (handler && r->inflight.load() >= options_.handlerConcurrency) continue;
+      // Demand first: while faults keep coming, pause (a copy here would slow the CPU that the
+      // faulting thread or the demand thread is woken on). Nothing is claimed yet.
+      const uint64_t yieldNs = static_cast<uint64_t>(options_.prefetchYieldUs) * 1000;
+      while (!handler && yieldNs > 0 && !stopping_.load() &&
+             EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
+        stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
+        struct timespec pause = {static_cast<time_t>(yieldNs / 1000000000ull), static_cast<long>(yieldNs % 1000000000ull)};
+        nanosleep(&pause, nullptr);
+      }
       size_t i = r->states.Find(std::min(r->cursor.load(), r->pages), kMissing);
       if (i >= r->pages) i = r->states.Find(0, kMissing);
       if (i >= r->pages) continue;
@@ -665,16 +674,6 @@ void FaultEngine::PrefetchLoop() {
         RequestFromHandler(r, i, n, true, &requests);
         FlushRequests(&requests);
         continue;
-      }
-      // Demand first: while faults keep coming, pause (a copy here would slow the CPU that the
-      // faulting thread or the demand thread is woken on). The pages stay claimed meanwhile;
-      // a fault on one of them is copied by the demand thread at once.
-      const uint64_t yieldNs = static_cast<uint64_t>(options_.prefetchYieldUs) * 1000;
-      while (yieldNs > 0 && !stopping_.load() &&
-             EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
-        stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
-        struct timespec pause = {0, static_cast<long>(yieldNs)};
-        nanosleep(&pause, nullptr);
       }
       size_t done = 0;
       FillStatus s = FillRun(r, i, n, kPrefetch, nullptr, &scratch, nullptr, &done);

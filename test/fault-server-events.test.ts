@@ -30,7 +30,7 @@ describe('FaultServer events', () => {
 
   it("REMOVE with onRemove 'source', racing faults from 2 threads: every page ends with its source bytes", async () => {
     const n = 512
-    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, onRemove: 'source', prefetch: true, prefetchChunk: 16 * PAGE_SIZE }, Feature.EVENT_REMOVE)
+    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, onRemove: 'source', prefetch: true, prefetchChunk: 16 * PAGE_SIZE, prefetchYield: 0 }, Feature.EVENT_REMOVE)
     const src = randomContent(n * PAGE_SIZE)
     server.serve(m, { buffer: src })
     for (let round = 0; round < 5; round++) {
