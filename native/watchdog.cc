@@ -35,6 +35,7 @@ struct Watchdog {
   std::mutex mu;
   std::condition_variable cv;
   std::map<int, int> timeouts;  // fd -> timeout ms
+  std::map<int, std::string> advice;  // fd -> what to do instead (default: the uffd advice)
   std::thread thread;
   bool stop = false;
   pid_t jsTid = 0;
@@ -110,9 +111,12 @@ Verdict CheckFaults(int fd, pid_t tid) {
   return ours ? Verdict::Deadlock : Verdict::NotOurs;
 }
 
-[[noreturn]] void Report(pid_t tid, int fd, long ms) {
+[[noreturn]] void Report(pid_t tid, int fd, long ms, const std::string& advice) {
   char msg[1024];
-  int n = snprintf(msg, sizeof(msg),
+  int n = !advice.empty() ? snprintf(msg, sizeof(msg),
+      "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
+      "for %ld ms (fd %d). %s Aborting instead of hanging forever.\n",
+      static_cast<int>(tid), ms, fd, advice.c_str()) : snprintf(msg, sizeof(msg),
       "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
       "for %ld ms while uffd %d, whose events this same thread reads, holds unread messages. "
       "Only this thread could resolve the fault, so it never will.\n"
@@ -145,14 +149,17 @@ void Run(Watchdog* dog) {
         auto it = since.emplace(fd, now).first;
         long ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second).count();
         if (ms < timeout) continue;
+        const std::string& advice = dog->advice[fd];
+        // A FaultServer's notice fd (advice set) is readable only while work that just the JS
+        // thread can do waits: no fault to inspect. A uffd: look at whose faults are unread.
         // Unknown: a uffd received from elsewhere without THREAD_ID, most likely serving another
         // process's memory (Firecracker's, a fork child's), which the JS thread cannot wait on.
         // Killing a healthy handler would be worse than missing that rare case: no verdict.
-        if (CheckFaults(fd, dog->jsTid) != Verdict::Deadlock) {
+        if (advice.empty() && CheckFaults(fd, dog->jsTid) != Verdict::Deadlock) {
           since.erase(fd);  // the JS thread waits for someone else; look again later
           continue;
         }
-        Report(dog->jsTid, fd, ms);
+        Report(dog->jsTid, fd, ms, advice);
       } else {
         since.erase(fd);
       }
@@ -187,6 +194,13 @@ void WatchdogWatch(napi_env env, int fd, int timeoutMs) {
   }
   std::lock_guard<std::mutex> lock(data->watchdog->mu);
   data->watchdog->timeouts[fd] = timeoutMs;
+  data->watchdog->advice.erase(fd);
+}
+
+void WatchdogWatch(napi_env env, int fd, int timeoutMs, const std::string& advice) {
+  WatchdogWatch(env, fd, timeoutMs);
+  std::lock_guard<std::mutex> lock(GetAddonData(Napi::Env(env))->watchdog->mu);
+  GetAddonData(Napi::Env(env))->watchdog->advice[fd] = advice;
 }
 
 void WatchdogForget(napi_env env, int fd) {
@@ -194,4 +208,5 @@ void WatchdogForget(napi_env env, int fd) {
   if (data == nullptr || data->watchdog == nullptr) return;
   std::lock_guard<std::mutex> lock(data->watchdog->mu);
   data->watchdog->timeouts.erase(fd);
+  data->watchdog->advice.erase(fd);
 }
