@@ -90,6 +90,11 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(['process_vm_readv', 'pipe']).toContain(stats.copyMethod)
   })
 
+  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 }, async () => {
+    const m = track(Mapping.anonymous(16 * MiB))
+    await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
+  })
+
   it('4 writer threads, unthrottled, several snapshots in a row', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     for (let i = 0; i < 3; i++) await stampedSnapshot(m, bufferSink, {}, 4)
@@ -330,6 +335,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
     // Not memory of this process: EINVAL/ENOMEM from the kernel, as a UffdError.
     expect(() => takeSnapshot({ address: 0x1000n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(UffdError)
     // A range another userfaultfd already registered: EBUSY.
