@@ -11,6 +11,7 @@
 //   writer loss    = writes lost to the live snapshot / writes lost to stop-and-copy
 //                    (lost = idle rate x duration - writes done during it; < 1: the live snapshot
 //                    costs the writer less than stopping it)
+//   longest stall  = the writer's longest pause (64 writes' precision) / the stop-and-copy time
 'use strict'
 const fs = require('fs')
 const os = require('os')
@@ -58,6 +59,7 @@ async function round (memory, target, args, dir) {
   const idle2 = await idleRate(stamper, 300)
   const idle = (idle1 + idle2) / 2
   const sink = sinkKind === 'file' ? { path: path.join(dir, 'live.bin') } : { buffer: target }
+  stamper.maxGapMs(true)
   const c0 = total(stamper.counts())
   const l0 = now()
   const options = { backgroundPriority: args.priority }
@@ -66,13 +68,14 @@ async function round (memory, target, args, dir) {
   const stats = await snap.done
   const liveMs = now() - l0
   const during = total(stamper.counts()) - c0
+  const livePauseMs = stamper.maxGapMs()
   await stamper.stop()
 
   const liveRate = during / liveMs
   const lostLive = Math.max(0, idle * liveMs - during)
   const lostFloor = idle * floorMs
   return {
-    floorMs, liveMs, idleRate: idle, liveRate, lostLive, lostFloor,
+    floorMs, liveMs, livePauseMs, idleRate: idle, liveRate, lostLive, lostFloor,
     timeRatio: liveMs / floorMs,
     writerSpeed: liveRate / idle,
     writerLoss: lostLive / lostFloor,
@@ -98,7 +101,7 @@ async function main () {
     mib: args.mib, sink: args.sink, rounds: args.rounds, cpus: os.cpus().length,
     floorMs: m('floorMs'), liveMs: m('liveMs'), timeRatio: m('timeRatio'),
     idleWritesPerMs: m('idleRate'), liveWritesPerMs: m('liveRate'), writerSpeed: m('writerSpeed'),
-    writerLoss: m('writerLoss'), faultCopies: m('faultCopies'), protectMs: m('protectMs'),
+    writerLoss: m('writerLoss'), livePauseMs: m('livePauseMs'), faultCopies: m('faultCopies'), protectMs: m('protectMs'),
   }
   if (args.json) {
     console.log(JSON.stringify({ summary, results }, null, 2))
@@ -112,6 +115,7 @@ async function main () {
   console.log(`| time to complete | ${f(summary.floorMs, 0)} ms | ${f(summary.liveMs, 0)} ms | ${f(summary.timeRatio)}x |`)
   console.log(`| writer speed meanwhile (idle: ${f(summary.idleWritesPerMs, 0)} writes/ms) | 0 | ${f(summary.liveWritesPerMs, 0)} writes/ms | ${f(summary.writerSpeed)}x idle |`)
   console.log(`| writes lost by the writer | ${f(m('lostFloor'), 0)} | ${f(m('lostLive'), 0)} | ${f(summary.writerLoss)}x |`)
+  console.log(`| writer's longest stall | ${f(summary.floorMs, 0)} ms | ${f(summary.livePauseMs, 1)} ms | ${f(summary.livePauseMs / summary.floorMs)}x |`)
   console.log(`pages copied on a writer's fault: ${f(summary.faultCopies, 0)}; write-protect: ${f(summary.protectMs, 1)} ms`)
 }
 

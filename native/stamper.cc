@@ -13,7 +13,11 @@
 //   .counts() -> Float64Array: writes completed by each thread (the k of its last write)
 //   .order(t) -> Uint32Array: thread t's slots in write order
 //   .initial(t) -> BigUint64Array: the first word of each of them before any write
+//   .maxGapMs(reset?) -> the longest time any thread took for 64 consecutive writes (its longest
+//     stall, to ~64 writes' precision) since the start or the last reset
 //   .stop() -> Promise<{ counts: Float64Array, stale: number }>
+#include <time.h>
+
 #include <atomic>
 #include <memory>
 #include <thread>
@@ -34,6 +38,7 @@ struct StampJob {
   std::vector<std::vector<uint64_t>> initial;
   std::unique_ptr<std::atomic<uint64_t>[]> counts;
   std::atomic<uint64_t> stale{0};
+  std::atomic<uint64_t> maxGapNs{0};
   std::atomic<bool> stop{false};
   std::atomic<int> running{0};
   std::vector<std::thread> workers;
@@ -43,6 +48,12 @@ struct StampJob {
   explicit StampJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
 
+inline uint64_t NowNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
 inline uint64_t Stamp(int t, uint64_t k) { return (static_cast<uint64_t>(t) + 1) << 40 | k; }
 
 void StampLoop(StampJob* job, int t) {
@@ -50,7 +61,13 @@ void StampLoop(StampJob* job, int t) {
   size_t n = own.size();
   if (n == 0) return;
   std::vector<uint64_t> last(job->initial[t]);
+  uint64_t mark = NowNs();
   for (uint64_t k = 1; !job->stop.load(std::memory_order_relaxed); k++) {
+    if ((k & 63) == 0) {
+      uint64_t now = NowNs();
+      if (now - mark > job->maxGapNs.load(std::memory_order_relaxed)) job->maxGapNs.store(now - mark, std::memory_order_relaxed);
+      mark = now;
+    }
     size_t j = static_cast<size_t>((k - 1) % n);
     volatile uint64_t* slot = reinterpret_cast<volatile uint64_t*>(job->base + own[j] * kSlot);
     if (slot[0] != last[j]) job->stale.fetch_add(1, std::memory_order_relaxed);
@@ -76,6 +93,7 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
                            InstanceMethod<&Stamper::Order>("order"),
                            InstanceMethod<&Stamper::Initial>("initial"),
                            InstanceMethod<&Stamper::Stop>("stop"),
+                           InstanceMethod<&Stamper::MaxGapMs>("maxGapMs"),
                        });
   }
 
@@ -168,6 +186,12 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
     auto out = Napi::BigUint64Array::New(info.Env(), v.size());
     for (size_t i = 0; i < v.size(); i++) out[i] = v[i];
     return out;
+  }
+
+  Napi::Value MaxGapMs(const Napi::CallbackInfo& info) {
+    double ms = static_cast<double>(job_->maxGapNs.load()) / 1e6;
+    if (info[0].ToBoolean()) job_->maxGapNs.store(0);
+    return Napi::Number::New(info.Env(), ms);
   }
 
   // Resolves once every writer has stopped (a writer blocked in a fault stops after it is woken).

@@ -73,6 +73,7 @@ export interface Stamper {
   counts(): Float64Array
   order(thread: number): Uint32Array
   initial(thread: number): BigUint64Array
+  maxGapMs(reset?: boolean): number
   stop(): Promise<{ counts: Float64Array, stale: number }>
 }
 
