@@ -196,6 +196,19 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([])
   })
 
+  it('transparent huge pages: the first write splits the THP, so pages stay exact', { timeout: 10_000 }, async () => {
+    const m = track(Mapping.anonymous(8 * MiB))
+    m.madvise('hugepage')
+    const H = 2n * BigInt(MiB)
+    const aligned = (m.address + H - 1n) / H * H
+    await touch(pages({ address: aligned, length: 2 * MiB }), { write: true })
+    const before = pagemapScan({ address: aligned, length: 2 * MiB }, { returnMask: PageCategory.HUGE })
+    if (before.regions[0]?.categories !== PageCategory.HUGE) return console.log('skipped: no THP was allocated (transparent_hugepage disabled?)')
+    const tracker = track(DirtyTracker.start(m))
+    await touch([aligned + BigInt(5 * PAGE_SIZE)], { write: true })
+    expect(tracker.collect()).toEqual([{ address: aligned + BigInt(5 * PAGE_SIZE), offset: Number(aligned - m.address) + 5 * PAGE_SIZE, length: PAGE_SIZE, huge: false }])
+  })
+
   it('a range another userfaultfd holds: EBUSY; stop() is idempotent and ends collect()', { timeout: 10_000 }, () => {
     const m = track(Mapping.anonymous(MiB))
     const tracker = DirtyTracker.start(m)
