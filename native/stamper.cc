@@ -170,23 +170,18 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
  private:
   Napi::Value GetCounts(const Napi::CallbackInfo& info) { return Counts(info.Env(), job_.get()); }
 
-  Napi::Value Order(const Napi::CallbackInfo& info) {
+  // A per-thread vector (argument 0 picks the thread) as a typed array.
+  template <typename Array, typename T>
+  Napi::Value PerThread(const Napi::CallbackInfo& info, const std::vector<std::vector<T>>& of) {
     int t = ArgI32(info, 0, "thread");
     if (t < 0 || t >= job_->threads) ThrowRangeError(info.Env(), "no such thread");
-    const auto& own = job_->order[t];
-    auto out = Napi::Uint32Array::New(info.Env(), own.size());
-    for (size_t i = 0; i < own.size(); i++) out[i] = own[i];
+    auto out = Array::New(info.Env(), of[t].size());
+    for (size_t i = 0; i < of[t].size(); i++) out[i] = of[t][i];
     return out;
   }
 
-  Napi::Value Initial(const Napi::CallbackInfo& info) {
-    int t = ArgI32(info, 0, "thread");
-    if (t < 0 || t >= job_->threads) ThrowRangeError(info.Env(), "no such thread");
-    const auto& v = job_->initial[t];
-    auto out = Napi::BigUint64Array::New(info.Env(), v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = v[i];
-    return out;
-  }
+  Napi::Value Order(const Napi::CallbackInfo& info) { return PerThread<Napi::Uint32Array>(info, job_->order); }
+  Napi::Value Initial(const Napi::CallbackInfo& info) { return PerThread<Napi::BigUint64Array>(info, job_->initial); }
 
   Napi::Value MaxGapMs(const Napi::CallbackInfo& info) {
     double ms = static_cast<double>(job_->maxGapNs.load()) / 1e6;

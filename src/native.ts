@@ -2,6 +2,7 @@
 // policy live in TypeScript.
 import * as path from 'path'
 import bindings from 'bindings'
+import type { SnapshotStats } from './live-snapshot'
 
 type Bytes = ArrayBuffer | ArrayBufferView
 type U64 = bigint | number
@@ -46,25 +47,9 @@ export interface TouchResult {
   errno: number
 }
 
-export interface SnapshotEngineProgress {
-  totalBytes: number
-  bytesCopied: number
-  pagesCopied: number
-  totalPages: number
-  faultCopies: number
-  backgroundCopies: number
-  faults: number
-  wakes: number
-  protectMs: number
-  elapsedMs: number
-  done: boolean
-  populated: boolean
-  copyMethod: 'pwrite' | 'process_vm_readv' | 'pipe'
-}
-
 export interface SnapshotEngine {
-  done: Promise<SnapshotEngineProgress>
-  progress(): SnapshotEngineProgress
+  done: Promise<SnapshotStats>
+  progress(): SnapshotStats
   cancel(): void
   join(): void
 }
