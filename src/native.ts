@@ -1,5 +1,6 @@
 // Loads the addon and types its exports. The addon is a thin syscall layer: validation and
 // policy live in TypeScript.
+import * as fs from 'fs'
 import * as path from 'path'
 import bindings from 'bindings'
 import type { SnapshotStats } from './live-snapshot'
@@ -103,19 +104,56 @@ export interface Binding {
 // default (walking up from the caller's stack) breaks under bundlers and test runners.
 const moduleRoot = path.join(__dirname, '..')
 
-function load(): Binding {
-  return bindings({
-    bindings: 'userfaultfd',
-    module_root: moduleRoot,
-    // A local build exists only when install chose to compile (no prebuild loaded, or
-    // --build-from-source), so it wins; then the prebuild for this platform.
-    try: [
-      ['module_root', 'build', 'Release', 'bindings'],
-      ['module_root', 'build', 'Debug', 'bindings'],
-      ['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'node.napi.node'],
-      ['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'bindings'],
-    ],
-  }) as Binding
+/** Which addon to load: USERFAULTFD_NATIVE=auto (default) | build | prebuild. */
+export type NativeSource = 'auto' | 'build' | 'prebuild'
+
+/** glibc or musl, for the prebuild's libc tag (there is no musl prebuild: musl compiles). */
+export function libc(): 'glibc' | 'musl' {
+  try {
+    if (fs.readdirSync('/lib').some((f) => f.startsWith('ld-musl-'))) return 'musl'
+  } catch { /* no /lib: assume glibc */ }
+  return 'glibc'
+}
+
+/**
+ * The places the addon is looked for, in order (bindings' path templates):
+ * - a local build (build/Release, build/Debug): it exists only when someone compiled on purpose
+ *   (a development checkout, `npm install --build-from-source`, or install's fallback when no
+ *   prebuild loaded), so it wins and always matches the sources next to it;
+ * - then the prebuilt binary for this platform, arch and libc (prebuilds/linux-x64/userfaultfd.glibc.node).
+ * USERFAULTFD_NATIVE=build or =prebuild takes only that one (an error if it is absent).
+ */
+export function candidates(source: NativeSource = nativeSource()): string[][] {
+  const build = [
+    ['module_root', 'build', 'Release', 'bindings'],
+    ['module_root', 'build', 'Debug', 'bindings'],
+  ]
+  const prebuild = [['module_root', 'prebuilds', `${process.platform}-${process.arch}`, `userfaultfd.${libc()}.node`]]
+  return source === 'build' ? build : source === 'prebuild' ? prebuild : [...build, ...prebuild]
+}
+
+export function nativeSource(): NativeSource {
+  const v = process.env.USERFAULTFD_NATIVE
+  if (v === undefined || v === '' || v === 'auto') return 'auto'
+  if (v === 'build' || v === 'prebuild') return v
+  throw new Error(`USERFAULTFD_NATIVE must be 'auto', 'build' or 'prebuild' (got '${v}')`)
+}
+
+function load(): Binding & { path: string } {
+  const source = nativeSource()
+  try {
+    return bindings({ bindings: 'userfaultfd', module_root: moduleRoot, try: candidates(source) }) as Binding & { path: string }
+  } catch (err) {
+    const e = err as Error
+    if (/Could not locate the bindings file/.test(e.message)) {
+      e.message = `userfaultfd: no native addon for ${process.platform}-${process.arch} (${libc()})` +
+        `${source === 'auto' ? '' : ` with USERFAULTFD_NATIVE=${source}`}. ${e.message}\n` +
+        'Compile it: npm rebuild userfaultfd --build-from-source (needs python3, make and a C++ compiler).'
+    }
+    throw e
+  }
 }
 
 export const native: Binding = load()
+/** The file the addon was loaded from (a local build or a prebuild). */
+export const nativePath: string = (native as Binding & { path: string }).path

@@ -3,6 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
 import { collect, stampedPage } from './helpers/events'
+import { env, needs } from './helpers/env'
 
 const cleanup: Array<() => void> = []
 afterEach(() => {
@@ -124,7 +125,8 @@ describe('events(): typed events', () => {
     expect(await unmapped).toBe(0)
   })
 
-  it('delivers FORK with a Userfaultfd for the child, which serves (and then loses) the child', async () => {
+  it('delivers FORK with a Userfaultfd for the child, which serves (and then loses) the child', async (ctx) => {
+    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_FORK }))
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     uffd.register(m)
