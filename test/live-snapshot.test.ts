@@ -5,7 +5,7 @@ import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
 import * as index from '../src/index'
-import { Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
+import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/internal'
 import type { Stamper } from '../src/native'
 import { checkFinal, checkStamps } from './helpers/stamps'
@@ -179,7 +179,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), { maxBytesPerSecond: 64 * MiB })
   })
 
-  it('a snapshot file restores into fresh memory (lazily, page by page)', { timeout: 60_000 }, async () => {
+  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     const stamper = startStamper(m, { threads: 2 })
     await sleep(20)
@@ -192,37 +192,10 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     const target = track(Mapping.anonymous(m.length))
     const uffd = Userfaultfd.open()
     cleanup.push(() => uffd.close())
-    const FaultServer = (index as Record<string, unknown>).FaultServer as undefined | (new (u: Userfaultfd) => {
-      serve(r: Mapping, s: object): unknown, close(): void })
-    let stop: () => void
-    if (FaultServer !== undefined) {
-      const server = new FaultServer(uffd)
-      server.serve(target, { file, offset: 0 })
-      stop = () => server.close()
-    } else {
-      // Until FaultServer is on this branch: the same { file, offset } contract, served from JS.
-      uffd.register(target)
-      const fd = fs.openSync(file, 'r')
-      const page = Buffer.alloc(PAGE_SIZE)
-      const ac = new AbortController()
-      void (async () => {
-        for await (const item of uffd.events({ signal: ac.signal })) {
-          const e = item as index.UffdEvent
-          if (e.type !== 'pagefault') continue
-          const off = Number(e.address - target.address) & ~(PAGE_SIZE - 1)
-          fs.readSync(fd, page, 0, PAGE_SIZE, off)
-          try {
-            uffd.copy(target.address + BigInt(off), page)
-          } catch (err) {
-            if ((err as UffdError).code !== 'EEXIST') throw err
-          }
-        }
-      })().catch(() => {})
-      stop = () => {
-        ac.abort()
-        fs.closeSync(fd)
-      }
-    }
+    // FaultServer serves the file lazily: page offset in the range = offset in the file.
+    const server = new FaultServer(uffd)
+    server.serve(target, { file, offset: 0 })
+    const stop = (): void => server.close()
     try {
       const read = await touch(pages(target), { threads: 2 })
       for (let i = 0; i < read.values.length; i++) expect(read.values[i]).toBe(expected.readBigUInt64LE(i * PAGE_SIZE))
