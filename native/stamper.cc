@@ -45,6 +45,7 @@ struct StampJob {
   Napi::ThreadSafeFunction tsfn;
   Napi::Promise::Deferred deferred;
   bool settled = false;
+  std::shared_ptr<StampJob>* hookArg = nullptr;  // env teardown hook's reference, while registered
   explicit StampJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
 
@@ -82,6 +83,19 @@ Napi::Float64Array Counts(Napi::Env env, StampJob* job) {
   auto out = Napi::Float64Array::New(env, job->threads);
   for (int t = 0; t < job->threads; t++) out[t] = static_cast<double>(job->counts[t].load());
   return out;
+}
+
+// Environment teardown (a worker exiting) while writers run: stop and join them before the
+// memory they write is unmapped. Hooks run in reverse order of registration, so a snapshot taken
+// after the stamper started has already released writers blocked in its faults.
+void OnEnvTeardown(void* arg) {
+  auto* kept = static_cast<std::shared_ptr<StampJob>*>(arg);
+  StampJob* job = kept->get();
+  job->hookArg = nullptr;
+  job->stop.store(true);
+  for (auto& w : job->workers)
+    if (w.joinable()) w.join();
+  delete kept;
 }
 
 class Stamper : public Napi::ObjectWrap<Stamper> {
@@ -145,6 +159,8 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
             if (w.joinable()) w.detach();
           delete k;
         });
+    job_->hookArg = new std::shared_ptr<StampJob>(job_);
+    napi_add_env_cleanup_hook(env, OnEnvTeardown, job_->hookArg);
     for (int t = 0; t < threads; t++) {
       std::shared_ptr<StampJob> job = job_;
       job_->workers.emplace_back([job, t]() {
@@ -156,6 +172,11 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
             for (auto& w : j->workers)
               if (w.joinable()) w.join();
             j->settled = true;
+            if (j->hookArg != nullptr) {
+              napi_remove_env_cleanup_hook(env, OnEnvTeardown, j->hookArg);
+              delete j->hookArg;
+              j->hookArg = nullptr;
+            }
             Napi::Object out = Napi::Object::New(env);
             out.Set("counts", Counts(env, j));
             out.Set("stale", Napi::Number::New(env, static_cast<double>(j->stale.load())));

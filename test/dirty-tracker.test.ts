@@ -12,6 +12,7 @@ const MiB = 1024 * 1024
 const support = DirtyTracker.support()
 const probe = Userfaultfd.probe()
 if (!support.supported) console.log(`dirty-tracker tests skipped: ${support.reason}`)
+if (!pagemapScanSupported()) console.log(`pagemapScan tests skipped: kernel ${probe.kernel} has no PAGEMAP_SCAN ioctl (6.7+)`)
 const freeHuge = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
 
 const cleanup: Array<() => unknown> = []

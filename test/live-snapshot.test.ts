@@ -4,6 +4,8 @@ import { afterEach, describe, expect, it } from 'vitest'
 import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
+import { once } from 'events'
+import { Worker } from 'worker_threads'
 import * as index from '../src/index'
 import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/internal'
@@ -291,6 +293,32 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await sleep(30)
     expect(await madviseOnThread({ address: m.address + BigInt(m.length - MiB), length: MiB }, 'dontneed')).toBe(0)
     await expect(outcome).rejects.toMatchObject({ code: 'EFAULT', message: expect.stringMatching(/discarded/) })
+  })
+
+  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 }, async () => {
+    const dist = path.join(__dirname, '..', 'dist')
+    for (const how of ['exit', 'terminate']) {
+      const worker = new Worker(`
+        const { parentPort } = require('worker_threads')
+        const { Mapping, takeSnapshot } = require(${JSON.stringify(dist)})
+        const { startStamper } = require(${JSON.stringify(path.join(dist, 'internal'))})
+        const m = Mapping.anonymous(64 * 1024 * 1024)
+        startStamper(m, { threads: 1 })
+        const snap = takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * 1024 * 1024 })
+        snap.done.catch(() => {})
+        setTimeout(() => ${JSON.stringify(how)} === 'exit' ? process.exit(0) : parentPort.postMessage('running'), 50)
+      `, { eval: true })
+      if (how === 'terminate') {
+        await once(worker, 'message')
+        await worker.terminate()
+      } else {
+        const [code] = await once(worker, 'exit')
+        expect(code).toBe(0)
+      }
+    }
+    // This process is fine: a snapshot still works here.
+    const m = track(Mapping.anonymous(MiB))
+    await track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).done
   })
 
   it('rejects bad input before touching the memory', { timeout: 10_000 }, () => {
