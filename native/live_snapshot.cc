@@ -419,23 +419,30 @@ struct Engine {
       poll(&p, 1, 5);
     }
     background.join();
-    if (failed.load()) {
-      // Release every writer: unprotect whatever is left (pieces may be unmapped: ignore).
-      struct uffdio_writeprotect wp = {};
-      wp.range.start = start;
-      wp.range.len = length;
-      if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
-        for (uint64_t i = 0; i < pages; i++) {
-          if (state[i].load() == kDone) continue;
-          wp.range.start = start + i * pageSize;
-          wp.range.len = pageSize;
-          ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
-        }
-      }
-    }
+    lingering = true;  // from here on: no copies, no new errors; faults are only woken
+    if (failed.load()) ReleaseAll();
     endNs = NowNs();
-    lingering = true;
     finished.store(true);
+  }
+
+  // After a failure or cancel: unprotect whatever is still protected so that every writer goes
+  // on. Pieces may be unmapped (ENOENT: skip them), and a pending event makes the ioctl EAGAIN
+  // until it is read.
+  void ReleaseAll() {
+    auto unprotect = [this](uint64_t from, uint64_t len) {
+      struct uffdio_writeprotect wp = {};
+      wp.range.start = from;
+      wp.range.len = len;
+      for (int attempt = 0; attempt < 100; attempt++) {
+        if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0) return true;
+        if (errno != EAGAIN && errno != EINTR) return false;
+        Drain();
+      }
+      return false;
+    };
+    if (unprotect(start, length)) return;
+    for (uint64_t i = 0; i < pages; i++)
+      if (state[i].load() != kDone) unprotect(start + i * pageSize, pageSize);
   }
 
   // After finishing, until the JS thread joins (and then closes the uffd at once): keep reading,
