@@ -3,6 +3,7 @@
 import * as fs from 'fs'
 import * as path from 'path'
 import bindings from 'bindings'
+import type { SnapshotStats } from './live-snapshot'
 
 type Bytes = ArrayBuffer | ArrayBufferView
 type U64 = bigint | number
@@ -47,25 +48,9 @@ export interface TouchResult {
   errno: number
 }
 
-export interface SnapshotEngineProgress {
-  totalBytes: number
-  bytesCopied: number
-  pagesCopied: number
-  totalPages: number
-  faultCopies: number
-  backgroundCopies: number
-  faults: number
-  wakes: number
-  protectMs: number
-  elapsedMs: number
-  done: boolean
-  populated: boolean
-  copyMethod: 'pwrite' | 'process_vm_readv' | 'pipe'
-}
-
 export interface SnapshotEngine {
-  done: Promise<SnapshotEngineProgress>
-  progress(): SnapshotEngineProgress
+  done: Promise<SnapshotStats>
+  progress(): SnapshotStats
   cancel(): void
   join(): void
 }
@@ -74,6 +59,7 @@ export interface Stamper {
   counts(): Float64Array
   order(thread: number): Uint32Array
   initial(thread: number): BigUint64Array
+  maxGapMs(reset?: boolean): number
   stop(): Promise<{ counts: Float64Array, stale: number }>
 }
 
@@ -110,7 +96,8 @@ export interface Binding {
   pagemapScanProbe(): number
   SnapshotEngine: new (uffd: number, start: bigint, length: number, pageSize: number,
     sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
-    options: { chunkSize?: number, maxBytesPerSecond?: number, populate?: boolean, copyMethod?: string }) => SnapshotEngine
+    options: { chunkSize?: number, maxBytesPerSecond?: number, backgroundPriority?: string, populate?: boolean,
+      copyMethod?: string }) => SnapshotEngine
   Stamper: new (address: bigint, length: number, options: { threads?: number, shuffle?: boolean, seed?: number }) => Stamper
 }
 

@@ -4,8 +4,10 @@ import { afterEach, describe, expect, it } from 'vitest'
 import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
+import { once } from 'events'
+import { Worker } from 'worker_threads'
 import * as index from '../src/index'
-import { Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
+import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/internal'
 import type { Stamper } from '../src/native'
 import { checkFinal, checkStamps } from './helpers/stamps'
@@ -88,6 +90,11 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(stats.faultCopies).toBeGreaterThan(0)
     expect(stats.populated).toBe((offered & Feature.WP_UNPOPULATED) === 0n)
     expect(['process_vm_readv', 'pipe']).toContain(stats.copyMethod)
+  })
+
+  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 }, async () => {
+    const m = track(Mapping.anonymous(16 * MiB))
+    await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
   })
 
   it('4 writer threads, unthrottled, several snapshots in a row', { timeout: 60_000 }, async () => {
@@ -174,7 +181,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), { maxBytesPerSecond: 64 * MiB })
   })
 
-  it('a snapshot file restores into fresh memory (lazily, page by page)', { timeout: 60_000 }, async () => {
+  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     const stamper = startStamper(m, { threads: 2 })
     await sleep(20)
@@ -187,37 +194,10 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     const target = track(Mapping.anonymous(m.length))
     const uffd = Userfaultfd.open()
     cleanup.push(() => uffd.close())
-    const FaultServer = (index as Record<string, unknown>).FaultServer as undefined | (new (u: Userfaultfd) => {
-      serve(r: Mapping, s: object): unknown, close(): void })
-    let stop: () => void
-    if (FaultServer !== undefined) {
-      const server = new FaultServer(uffd)
-      server.serve(target, { file, offset: 0 })
-      stop = () => server.close()
-    } else {
-      // Until FaultServer is on this branch: the same { file, offset } contract, served from JS.
-      uffd.register(target)
-      const fd = fs.openSync(file, 'r')
-      const page = Buffer.alloc(PAGE_SIZE)
-      const ac = new AbortController()
-      void (async () => {
-        for await (const item of uffd.events({ signal: ac.signal })) {
-          const e = item as index.UffdEvent
-          if (e.type !== 'pagefault') continue
-          const off = Number(e.address - target.address) & ~(PAGE_SIZE - 1)
-          fs.readSync(fd, page, 0, PAGE_SIZE, off)
-          try {
-            uffd.copy(target.address + BigInt(off), page)
-          } catch (err) {
-            if ((err as UffdError).code !== 'EEXIST') throw err
-          }
-        }
-      })().catch(() => {})
-      stop = () => {
-        ac.abort()
-        fs.closeSync(fd)
-      }
-    }
+    // FaultServer serves the file lazily: page offset in the range = offset in the file.
+    const server = new FaultServer(uffd)
+    server.serve(target, { file, offset: 0 })
+    const stop = (): void => server.close()
     try {
       const read = await touch(pages(target), { threads: 2 })
       for (let i = 0; i < read.values.length; i++) expect(read.values[i]).toBe(expected.readBigUInt64LE(i * PAGE_SIZE))
@@ -315,6 +295,32 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await expect(outcome).rejects.toMatchObject({ code: 'EFAULT', message: expect.stringMatching(/discarded/) })
   })
 
+  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 }, async () => {
+    const dist = path.join(__dirname, '..', 'dist')
+    for (const how of ['exit', 'terminate']) {
+      const worker = new Worker(`
+        const { parentPort } = require('worker_threads')
+        const { Mapping, takeSnapshot } = require(${JSON.stringify(dist)})
+        const { startStamper } = require(${JSON.stringify(path.join(dist, 'internal'))})
+        const m = Mapping.anonymous(64 * 1024 * 1024)
+        startStamper(m, { threads: 1 })
+        const snap = takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * 1024 * 1024 })
+        snap.done.catch(() => {})
+        setTimeout(() => ${JSON.stringify(how)} === 'exit' ? process.exit(0) : parentPort.postMessage('running'), 50)
+      `, { eval: true })
+      if (how === 'terminate') {
+        await once(worker, 'message')
+        await worker.terminate()
+      } else {
+        const [code] = await once(worker, 'exit')
+        expect(code).toBe(0)
+      }
+    }
+    // This process is fine: a snapshot still works here.
+    const m = track(Mapping.anonymous(MiB))
+    await track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).done
+  })
+
   it('rejects bad input before touching the memory', { timeout: 10_000 }, () => {
     const m = track(Mapping.anonymous(MiB))
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(RangeError)
@@ -330,6 +336,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
     // Not memory of this process: EINVAL/ENOMEM from the kernel, as a UffdError.
     expect(() => takeSnapshot({ address: 0x1000n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(UffdError)
     // A range another userfaultfd already registered: EBUSY.
