@@ -15,6 +15,10 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdPassing(env, exports);
   InitFdWatcher(env, exports);
   InitFileMapping(env, exports);
+  InitFaultServer(env, exports);
+  InitPagemapScan(env, exports);
+  InitLiveSnapshot(env, exports);
+  InitStamper(env, exports);
   return exports;
 }
 

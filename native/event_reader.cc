@@ -8,46 +8,12 @@
 #include <uv.h>
 
 #include "args.h"
+#include "poll_handle.h"
 #include "uapi.h"
 #include "uffd.h"
 #include "watchdog.h"
 
 namespace {
-
-class EventReader;
-
-// Outlives the JS object until libuv has closed the handle.
-struct PollState {
-  uv_poll_t poll;
-  napi_env env = nullptr;
-  napi_async_cleanup_hook_handle hook = nullptr;
-  EventReader* owner = nullptr;
-  bool closing = false;
-  bool polling = false;
-  int fd = -1;
-};
-
-void OnClosed(uv_handle_t* handle) {
-  PollState* state = static_cast<PollState*>(handle->data);
-  if (state->hook != nullptr) napi_remove_async_cleanup_hook(state->hook);
-  delete state;
-}
-
-void BeginClose(PollState* state) {
-  if (state->closing) return;
-  state->closing = true;
-  WatchdogForget(state->env, state->fd);
-  uv_poll_stop(&state->poll);
-  uv_close(reinterpret_cast<uv_handle_t*>(&state->poll), OnClosed);
-}
-
-void ForgetOwner(PollState* state);
-
-void OnEnvTeardown(napi_async_cleanup_hook_handle, void* arg) {
-  PollState* state = static_cast<PollState*>(arg);
-  ForgetOwner(state);
-  BeginClose(state);
-}
 
 class EventReader : public Napi::ObjectWrap<EventReader> {
  public:
@@ -76,41 +42,18 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
     buffer_ = Napi::Persistent(Napi::ArrayBuffer::New(env, batch_ * sizeof(struct uffd_msg)));
     info.This().As<Napi::Object>().Set("buffer", buffer_.Value());
 
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr)
-      ThrowTypeError(env, "no event loop for this environment");
-    state_ = new PollState();
-    state_->env = env;
-    state_->owner = this;
-    state_->fd = fd;
-    state_->poll.data = state_;
-    int rc = uv_poll_init(loop, &state_->poll, fd);
-    if (rc != 0) {
-      delete state_;
-      state_ = nullptr;
-      ThrowUffdError(env, -rc, "uv_poll_init");
-    }
-    napi_add_async_cleanup_hook(env, OnEnvTeardown, state_, &state_->hook);
+    env_ = env;
+    fd_ = fd;
+    poll_ = PollHandle::Open(env, fd, [this]() {
+      WatchdogForget(env_, fd_);
+      poll_ = nullptr;
+    });
     if (watchdogMs > 0) WatchdogWatch(env, fd, watchdogMs);
   }
 
-  // The state is about to be freed by libuv: never touch it again.
-  void ForgetState() { state_ = nullptr; }
-
-  ~EventReader() override {
-    if (state_ != nullptr) {
-      state_->owner = nullptr;
-      BeginClose(state_);
-    }
-  }
+  ~EventReader() override { Release(); }
 
  private:
-  static void OnReadable(uv_poll_t* handle, int status, int) {
-    PollState* state = static_cast<PollState*>(handle->data);
-    if (state->owner == nullptr || state->closing) return;
-    state->owner->Drain(status);
-  }
-
   void Drain(int status) {
     Napi::Env env = Env();
     Napi::HandleScope scope(env);
@@ -120,7 +63,7 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
     } else {
       ssize_t n;
       do {
-        n = read(state_->fd, buffer_.Value().Data(), batch_ * sizeof(struct uffd_msg));
+        n = read(fd_, buffer_.Value().Data(), batch_ * sizeof(struct uffd_msg));
       } while (n < 0 && errno == EINTR);
       if (n < 0 && errno == EAGAIN) return;  // another reader (or a woken fault) took it
       if (n < 0) {
@@ -129,68 +72,65 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
         arg = Napi::Number::New(env, static_cast<double>(n / sizeof(struct uffd_msg)));
       }
     }
-    napi_value result;
-    napi_value argv[] = {arg};
-    napi_status s = napi_make_callback(env, context_, Value(), callback_.Value(), 1, argv, &result);
-    if (s == napi_pending_exception) {
-      napi_value error;
-      napi_get_and_clear_last_exception(env, &error);
-      napi_fatal_exception(env, error);
-    }
+    CallFromLoop(env, context_, Value(), callback_.Value(), arg);
   }
 
   Napi::Value Start(const Napi::CallbackInfo& info) {
-    if (state_ == nullptr || state_->closing) return info.Env().Undefined();
-    if (!state_->polling) {
-      int rc = uv_poll_start(&state_->poll, UV_READABLE, OnReadable);
+    if (poll_ != nullptr && !polling_) {
+      int rc = poll_->Start(UV_READABLE, [this](int status, int) { Drain(status); });
       if (rc != 0) ThrowUffdError(info.Env(), -rc, "uv_poll_start");
-      state_->polling = true;
+      polling_ = true;
     }
     return info.Env().Undefined();
   }
 
   Napi::Value Stop(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing && state_->polling) {
-      uv_poll_stop(&state_->poll);
-      state_->polling = false;
+    if (poll_ != nullptr && polling_) {
+      poll_->Stop();
+      polling_ = false;
     }
     return info.Env().Undefined();
   }
 
   Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing) uv_ref(reinterpret_cast<uv_handle_t*>(&state_->poll));
+    if (poll_ != nullptr) poll_->Ref();
     return info.Env().Undefined();
   }
 
   Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing) uv_unref(reinterpret_cast<uv_handle_t*>(&state_->poll));
+    if (poll_ != nullptr) poll_->Unref();
     return info.Env().Undefined();
   }
 
   // Idempotent. The fd itself belongs to the Userfaultfd and is closed by it, after this.
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr) {
-      state_->owner = nullptr;
-      BeginClose(state_);
-      state_ = nullptr;
-    }
+    Release();
     return info.Env().Undefined();
+  }
+
+  void Release() {
+    if (poll_ == nullptr) return;
+    WatchdogForget(env_, fd_);
+    poll_->Close();
+    poll_ = nullptr;
   }
 
   Napi::AsyncContext context_;
   Napi::FunctionReference callback_;
   Napi::Reference<Napi::ArrayBuffer> buffer_;
   size_t batch_ = 0;
-  PollState* state_ = nullptr;
+  napi_env env_ = nullptr;
+  int fd_ = -1;
+  bool polling_ = false;
+  PollHandle* poll_ = nullptr;
 };
-
-void ForgetOwner(PollState* state) {
-  if (state->owner != nullptr) state->owner->ForgetState();
-  state->owner = nullptr;
-}
 
 }  // namespace
 
 void InitEventReader(Napi::Env env, Napi::Object exports) {
   exports.Set("EventReader", EventReader::Define(env));
+  // Internal: how many uv poll handles (event readers, fd watchers) this environment has open.
+  exports.Set("openPollHandles", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), GetAddonData(info.Env())->pollHandles);
+  }, "openPollHandles"));
 }

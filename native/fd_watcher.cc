@@ -9,42 +9,10 @@
 #include <uv.h>
 
 #include "args.h"
+#include "poll_handle.h"
 #include "uffd.h"
 
 namespace {
-
-class FdWatcher;
-
-// Outlives the JS object until libuv has closed the handle (then the dup is closed).
-struct WatchState {
-  uv_poll_t poll;
-  napi_async_cleanup_hook_handle hook = nullptr;
-  FdWatcher* owner = nullptr;
-  bool closing = false;
-  int dup = -1;
-};
-
-void OnClosed(uv_handle_t* handle) {
-  WatchState* state = static_cast<WatchState*>(handle->data);
-  if (state->hook != nullptr) napi_remove_async_cleanup_hook(state->hook);
-  if (state->dup >= 0) close(state->dup);
-  delete state;
-}
-
-void BeginClose(WatchState* state) {
-  if (state->closing) return;
-  state->closing = true;
-  uv_poll_stop(&state->poll);
-  uv_close(reinterpret_cast<uv_handle_t*>(&state->poll), OnClosed);
-}
-
-void ForgetOwner(WatchState* state);
-
-void OnEnvTeardown(napi_async_cleanup_hook_handle, void* arg) {
-  WatchState* state = static_cast<WatchState*>(arg);
-  ForgetOwner(state);
-  BeginClose(state);
-}
 
 class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
  public:
@@ -65,43 +33,21 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
     Napi::Env env = info.Env();
     int fd = ArgFd(info, 0);
     if (!info[1].IsFunction()) ThrowTypeError(env, "callback must be a function");
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr)
-      ThrowTypeError(env, "no event loop for this environment");
     int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dup < 0) ThrowUffdError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
     callback_ = Napi::Persistent(info[1].As<Napi::Function>());
-    state_ = new WatchState();
-    state_->owner = this;
-    state_->dup = dup;
-    state_->poll.data = state_;
-    int rc = uv_poll_init(loop, &state_->poll, dup);
-    if (rc != 0) {
+    try {
+      // The dup is closed once libuv has let go of it.
+      poll_ = PollHandle::Open(env, dup, [this]() { poll_ = nullptr; }, [dup]() { close(dup); });
+    } catch (...) {
       close(dup);
-      delete state_;
-      state_ = nullptr;
-      ThrowUffdError(env, -rc, "uv_poll_init");
-    }
-    napi_add_async_cleanup_hook(env, OnEnvTeardown, state_, &state_->hook);
-  }
-
-  void ForgetState() { state_ = nullptr; }
-
-  ~FdWatcher() override {
-    if (state_ != nullptr) {
-      state_->owner = nullptr;
-      BeginClose(state_);
+      throw;
     }
   }
+
+  ~FdWatcher() override { Release(); }
 
  private:
-  static void OnReady(uv_poll_t* handle, int status, int events) {
-    WatchState* state = static_cast<WatchState*>(handle->data);
-    if (state->owner == nullptr || state->closing) return;
-    uv_poll_stop(handle);  // one-shot: the caller does its syscall, then waits again if needed
-    state->owner->Fire(status, events);
-  }
-
   void Fire(int status, int events) {
     Napi::Env env = Env();
     Napi::HandleScope scope(env);
@@ -115,63 +61,55 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       if (events & UV_DISCONNECT) out |= 4;
       arg = Napi::Number::New(env, out);
     }
-    napi_value result;
-    napi_value argv[] = {arg};
-    napi_status s = napi_make_callback(env, context_, Value(), callback_.Value(), 1, argv, &result);
-    if (s == napi_pending_exception) {
-      napi_value error;
-      napi_get_and_clear_last_exception(env, &error);
-      napi_fatal_exception(env, error);
-    }
+    CallFromLoop(env, context_, Value(), callback_.Value(), arg);
   }
 
   // wait(events): 1 readable, 2 writable (both allowed). Calls back once.
   Napi::Value Wait(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (state_ == nullptr || state_->closing) ThrowUffdError(env, EBADF, "FdWatcher.wait", -1, "the watcher was closed");
+    if (poll_ == nullptr) ThrowUffdError(env, EBADF, "FdWatcher.wait", -1, "the watcher was closed");
     int want = ArgI32(info, 0, "events");
     int events = UV_DISCONNECT;
     if (want & 1) events |= UV_READABLE;
     if (want & 2) events |= UV_WRITABLE;
-    int rc = uv_poll_start(&state_->poll, events, OnReady);
+    int rc = poll_->Start(events, [this](int status, int ready) {
+      poll_->Stop();  // one-shot: the caller does its syscall, then waits again if needed
+      Fire(status, ready);
+    });
     if (rc != 0) ThrowUffdError(env, -rc, "uv_poll_start");
     return env.Undefined();
   }
 
   Napi::Value Stop(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing) uv_poll_stop(&state_->poll);
+    if (poll_ != nullptr) poll_->Stop();
     return info.Env().Undefined();
   }
 
   Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing) uv_ref(reinterpret_cast<uv_handle_t*>(&state_->poll));
+    if (poll_ != nullptr) poll_->Ref();
     return info.Env().Undefined();
   }
 
   Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr && !state_->closing) uv_unref(reinterpret_cast<uv_handle_t*>(&state_->poll));
+    if (poll_ != nullptr) poll_->Unref();
     return info.Env().Undefined();
   }
 
   // Idempotent: stops polling; the dup is closed once libuv has let go of it.
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr) {
-      state_->owner = nullptr;
-      BeginClose(state_);
-      state_ = nullptr;
-    }
+    Release();
     return info.Env().Undefined();
+  }
+
+  void Release() {
+    if (poll_ != nullptr) poll_->Close();
+    poll_ = nullptr;
   }
 
   Napi::AsyncContext context_;
   Napi::FunctionReference callback_;
-  WatchState* state_ = nullptr;
+  PollHandle* poll_ = nullptr;
 };
-
-void ForgetOwner(WatchState* state) {
-  if (state->owner != nullptr) state->owner->ForgetState();
-  state->owner = nullptr;
-}
 
 }  // namespace
 

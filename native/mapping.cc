@@ -224,7 +224,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     BytesArg bytes;
     if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "target must be an ArrayBuffer or a view");
     CheckSpan(info.Env(), offset, bytes.length);
-    memcpy(bytes.data, region_->addr + offset, bytes.length);
+    if (bytes.length > 0) memcpy(bytes.data, region_->addr + offset, bytes.length);  // data may be null
     return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
   }
 
@@ -234,7 +234,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     BytesArg bytes;
     if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "source must be an ArrayBuffer or a view");
     CheckSpan(info.Env(), offset, bytes.length);
-    memcpy(region_->addr + offset, bytes.data, bytes.length);
+    if (bytes.length > 0) memcpy(region_->addr + offset, bytes.data, bytes.length);  // data may be null
     return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
   }
 

@@ -1,8 +1,11 @@
 // Creating a userfaultfd (syscall or /dev/userfaultfd), the UFFDIO_API handshake, and close.
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
+#include "addon_data.h"
 #include "args.h"
 #include "uapi.h"
 #include "uffd.h"
@@ -11,6 +14,7 @@ static Napi::Value OpenSyscall(const Napi::CallbackInfo& info) {
   int flags = ArgI32(info, 0, "flags");
   int fd = static_cast<int>(syscall(__NR_userfaultfd, flags));
   if (fd < 0) ThrowUffdError(info.Env(), errno, "userfaultfd");
+  GetAddonData(info.Env())->uffds.insert(fd);
   return Napi::Number::New(info.Env(), fd);
 }
 
@@ -24,6 +28,7 @@ static Napi::Value OpenDevice(const Napi::CallbackInfo& info) {
   int err = errno;
   close(dev);
   if (fd < 0) ThrowUffdError(info.Env(), err, "ioctl(USERFAULTFD_IOC_NEW)", -1, path);
+  GetAddonData(info.Env())->uffds.insert(fd);
   return Napi::Number::New(info.Env(), fd);
 }
 
@@ -42,6 +47,7 @@ static Napi::Value Api(const Napi::CallbackInfo& info) {
 
 static Napi::Value Close(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
+  GetAddonData(info.Env())->uffds.erase(fd);
   // Linux always releases the fd, even when close reports EINTR: never retry.
   if (close(fd) != 0 && errno != EINTR) ThrowUffdError(info.Env(), errno, "close");
   return info.Env().Undefined();
@@ -55,10 +61,28 @@ static Napi::Value Adopt(const Napi::CallbackInfo& info) {
   if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFL)");
   int fdfl = fcntl(fd, F_GETFD);
   if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFD)");
+  GetAddonData(info.Env())->uffds.insert(fd);
   return info.Env().Undefined();
 }
 
+// Environment teardown (a worker terminated, or exiting without close()): no finalizer runs
+// then, and a uffd left open would keep its ranges registered with nobody serving them, so
+// threads faulting there would hang forever. Closing it wakes them (they retry as ordinary
+// faults). Only fds that are still a userfaultfd are closed, in case the number was reused.
+static void CloseLeftovers(void* arg) {
+  AddonData* data = static_cast<AddonData*>(arg);
+  for (int fd : data->uffds) {
+    char path[64];
+    char link[64] = {0};
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(path, link, sizeof(link) - 1);
+    if (n > 0 && strcmp(link, "anon_inode:[userfaultfd]") == 0) close(fd);
+  }
+  data->uffds.clear();
+}
+
 void InitOpen(Napi::Env env, Napi::Object exports) {
+  napi_add_env_cleanup_hook(env, CloseLeftovers, GetAddonData(env));
   exports.Set("openSyscall", Napi::Function::New(env, OpenSyscall, "openSyscall"));
   exports.Set("openDevice", Napi::Function::New(env, OpenDevice, "openDevice"));
   exports.Set("api", Napi::Function::New(env, Api, "api"));

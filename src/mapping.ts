@@ -4,7 +4,7 @@ import * as fs from 'fs'
 import { native, type MappingHandle } from './native'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'
-import { checkAligned, describe, toLength, type Range } from './range'
+import { asBytes, checkAligned, checkOptions, describe, flag, toLength, type Bytes, type Range } from './range'
 
 const c = native.constants
 
@@ -55,10 +55,6 @@ function toProt(prot: Protection): number {
   return value
 }
 
-function isBytes(value: unknown): value is ArrayBuffer | ArrayBufferView {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
-}
-
 export class Mapping implements Range {
   /** Start address. */
   readonly address: bigint
@@ -81,24 +77,24 @@ export class Mapping implements Range {
   }
 
   /** Private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS). */
-  static anonymous(length: number, options: AnonymousOptions = {}): Mapping {
-    const len = Mapping.#checkLength(length, options.hugetlb === true)
-    const handle = new native.MappingHandle('anonymous', len, {
-      hugetlb: options.hugetlb === true, populate: options.populate === true,
-    })
-    return new Mapping(handle, 'anonymous', options.hugetlb === true)
+  static anonymous(length: number, options?: AnonymousOptions): Mapping {
+    const o = checkOptions(options, 'Mapping.anonymous')
+    const hugetlb = flag(o, 'hugetlb', false)
+    const len = Mapping.#checkLength(length, hugetlb)
+    const handle = new native.MappingHandle('anonymous', len, { hugetlb, populate: flag(o, 'populate', false) })
+    return new Mapping(handle, 'anonymous', hugetlb)
   }
 
   /** MAP_SHARED over a new memfd (shmem or hugetlbfs): what MINOR faults and CONTINUE need. */
-  static memfd(length: number, options: MemfdOptions = {}): Mapping {
-    const len = Mapping.#checkLength(length, options.hugetlb === true)
-    if (options.name !== undefined && typeof options.name !== 'string') {
-      throw new TypeError(`name must be a string (got ${describe(options.name)})`)
+  static memfd(length: number, options?: MemfdOptions): Mapping {
+    const o = checkOptions(options, 'Mapping.memfd')
+    const hugetlb = flag(o, 'hugetlb', false)
+    const len = Mapping.#checkLength(length, hugetlb)
+    if (o.name !== undefined && typeof o.name !== 'string') {
+      throw new TypeError(`name must be a string (got ${describe(o.name)})`)
     }
-    const handle = new native.MappingHandle('memfd', len, {
-      hugetlb: options.hugetlb === true, name: options.name, private: options.private === true,
-    })
-    return new Mapping(handle, 'memfd', options.hugetlb === true)
+    const handle = new native.MappingHandle('memfd', len, { hugetlb, name: o.name, private: flag(o, 'private', false) })
+    return new Mapping(handle, 'memfd', hugetlb)
   }
 
   static #checkLength(length: unknown, hugetlb: boolean): number {
@@ -109,10 +105,11 @@ export class Mapping implements Range {
   }
 
   /** A second MAP_SHARED mapping of the same memfd: write through one, fault through the other. */
-  alias(options: { private?: boolean } = {}): Mapping {
+  alias(options?: { private?: boolean }): Mapping {
     const handle = this.#live('alias')
     if (this.kind !== 'memfd') throw new TypeError('alias() needs a memfd mapping (Mapping.memfd)')
-    const copy = new native.MappingHandle('alias', this.length, { private: options.private === true }, handle)
+    const priv = flag(checkOptions(options, 'alias'), 'private', false)
+    const copy = new native.MappingHandle('alias', this.length, { private: priv }, handle)
     return new Mapping(copy, 'memfd', this.hugetlb)
   }
 
@@ -135,32 +132,36 @@ export class Mapping implements Range {
     return this.#live('buffer').buffer()
   }
 
-  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned. */
+  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned (EBADF once unmapped). */
   range(offset = 0, length = this.length - offset): Range {
+    this.#live('range')
     this.#span(offset, length, 'range')
     const r = { address: this.address + BigInt(offset), length }
     checkAligned(r.address, r.length, 'range', this.pageSize)
     return r
   }
 
-  /** The address of byte `offset` (checked to lie inside the mapping). */
+  /** The address of byte `offset` (checked to lie inside the mapping; EBADF once unmapped). */
   at(offset: number): bigint {
+    this.#live('at')
     this.#span(offset, 0, 'at')
     return this.address + BigInt(offset)
   }
 
   /** Copies memory out into target (no view kept). Returns bytes copied. */
-  read(offset: number, target: ArrayBuffer | ArrayBufferView): number {
-    if (!isBytes(target)) throw new TypeError(`target must be an ArrayBuffer or a typed array (got ${describe(target)})`)
-    this.#span(offset, target.byteLength, 'read')
-    return this.#live('read').read(offset, target)
+  read(offset: number, target: Bytes): number {
+    const bytes = asBytes(target)
+    if (bytes === undefined) throw new TypeError(`target must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(target)})`)
+    this.#span(offset, bytes.byteLength, 'read')
+    return this.#live('read').read(offset, bytes)
   }
 
   /** Copies source into memory (no view kept). Returns bytes copied. */
-  write(offset: number, source: ArrayBuffer | ArrayBufferView): number {
-    if (!isBytes(source)) throw new TypeError(`source must be an ArrayBuffer or a typed array (got ${describe(source)})`)
-    this.#span(offset, source.byteLength, 'write')
-    return this.#live('write').write(offset, source)
+  write(offset: number, source: Bytes): number {
+    const bytes = asBytes(source)
+    if (bytes === undefined) throw new TypeError(`source must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(source)})`)
+    this.#span(offset, bytes.byteLength, 'write')
+    return this.#live('write').write(offset, bytes)
   }
 
   /**

@@ -1,10 +1,10 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { native } from './native'
-import { Feature, Mode, OpenFlag, UFFD_MSG_SIZE, featureNames } from './constants'
+import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import { checkAligned, describe, toAddress, toLength, toRange, type RangeLike } from './range'
+import { asBytes, checkAligned, checkOptions, describe, flag, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
 import { EventStream, type EventsOptions } from './events'
 import { IntervalSet } from './interval-set'
 
@@ -36,7 +36,7 @@ export type UffdEvent =
   | { type: 'unknown', event: number }
 
 type Address = bigint | RangeLike
-type Source = Address | ArrayBuffer | ArrayBufferView
+type Source = Address | Bytes
 
 const FALLBACK_CODES = new Set(['EPERM', 'EACCES', 'ENOSYS', 'ENOENT', 'ENODEV'])
 const MAX_BATCH = 4096
@@ -56,23 +56,6 @@ function withHint<T extends Error>(err: T, hint: string): T {
   return err
 }
 
-function isBytes(value: unknown): value is ArrayBuffer | ArrayBufferView {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
-}
-
-function checkOptions(options: unknown, what: string): Record<string, unknown> {
-  if (options === undefined) return {}
-  if (options === null || typeof options !== 'object') throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
-  return options as Record<string, unknown>
-}
-
-function flag(options: Record<string, unknown>, name: string, fallback: boolean): boolean {
-  const v = options[name]
-  if (v === undefined) return fallback
-  if (typeof v !== 'boolean') throw new TypeError(`option '${name}' must be a boolean (got ${describe(v)})`)
-  return v
-}
-
 export class Userfaultfd {
   #fd: number
   #view: DataView | undefined
@@ -80,7 +63,7 @@ export class Userfaultfd {
   #registered = new IntervalSet()
   #refed = true
   #readListeners = new Set<() => void>()
-  /** Features granted by UFFDIO_API. */
+  /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
   readonly features: bigint
   /** ioctls the fd supports (from UFFDIO_API). */
   readonly ioctls: bigint
@@ -140,7 +123,8 @@ export class Userfaultfd {
       // 'auto' tried both: report the permission error (the syscall's EPERM in a Docker container
       // without --device, say) over the device's mere absence (ENOENT), and name the other one.
       let err = lastError as UffdError
-      const denied = failures.find((f) => isPermissionError(f.err))
+      // The last attempt stands when it was itself refused (EACCES on the device, say).
+      const denied = isPermissionError(err) ? undefined : failures.find((f) => isPermissionError(f.err))
       if (denied !== undefined && denied.err !== err) {
         const other = failures[failures.length - 1].path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'
         denied.err.message += ` (and ${other}: ${err.code})`
@@ -151,7 +135,10 @@ export class Userfaultfd {
     }
 
     try {
-      const [granted, ioctls] = native.api(fd, features)
+      // The kernel's answer lists every feature it offers, not what this fd got: the fd gets
+      // what was asked for, plus WP_UNPOPULATED, which WP_ASYNC implies (the kernel turns it on).
+      const [, ioctls] = native.api(fd, features)
+      const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
       native.close(fd)
@@ -245,10 +232,12 @@ export class Userfaultfd {
     const d = toAddress(dst, 'dst')
     let len: number
     let s: bigint | ArrayBuffer | ArrayBufferView
-    if (isBytes(src)) {
-      len = length === undefined ? src.byteLength : toLength(length, 'length')
-      if (len > src.byteLength) throw new RangeError(`copy: length ${len} exceeds src (${src.byteLength} bytes)`)
-      s = src
+    const bytes = asBytes(src)
+    if (bytes !== undefined) {
+      if (bytes.byteLength === 0) throw new RangeError('copy: src is empty (or its buffer was detached)')
+      len = toLength(length ?? bytes.byteLength, 'length')
+      if (len > bytes.byteLength) throw new RangeError(`copy: length ${len} exceeds src (${bytes.byteLength} bytes)`)
+      s = bytes
     } else {
       s = toAddress(src, 'src')
       if (length === undefined) {
@@ -258,7 +247,7 @@ export class Userfaultfd {
         len = toLength(length, 'length')
       }
     }
-    checkAligned(d, len, 'copy')
+    checkAligned(d, len, 'copy', pageSizeOf(dst))
     const o = checkOptions(options, 'copy')
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.COPY_MODE_DONTWAKE
@@ -325,8 +314,8 @@ export class Userfaultfd {
     const d = toAddress(dst, 'dst')
     const s = toAddress(src, 'src')
     const len = toLength(length, 'length')
-    checkAligned(d, len, 'move dst')
-    checkAligned(s, len, 'move src')
+    checkAligned(d, len, 'move dst', pageSizeOf(dst))
+    checkAligned(s, len, 'move src', pageSizeOf(src))
     const o = checkOptions(options, 'move')
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.MOVE_MODE_DONTWAKE
@@ -404,6 +393,25 @@ export class Userfaultfd {
   /** @internal */
   _onStreamEnd(stream: EventStream): void {
     if (this.#stream === stream) this.#stream = undefined
+  }
+
+  /**
+   * @internal events a stream read but never handed out: each faulting thread is woken to fault
+   * again (the next reader gets it), and fork uffds, which nobody will serve, are closed.
+   */
+  _release(events: UffdEvent[]): void {
+    for (const e of events) {
+      if (e.type === 'fork') {
+        e.uffd.close()
+      } else if (e.type === 'pagefault' && this.#fd >= 0) {
+        // The kernel matches waiters by the address in their message, whatever the page size.
+        try {
+          native.wake(this.#fd, e.address & ~BigInt(PAGE_SIZE - 1), PAGE_SIZE)
+        } catch {
+          // Nothing better to do from an ending stream: the thread waits for the next resolver.
+        }
+      }
+    }
   }
 
   /** @internal keep the process alive? Only while something can fault (or the fd came from elsewhere). */

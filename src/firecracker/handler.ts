@@ -44,10 +44,8 @@ export interface FirecrackerHandlerOptions {
   replaceStaleSocket?: boolean
 }
 
-export interface ConnectionStats {
-  id: number
-  peer: PeerCredentials
-  regions: number
+/** What a connection, or the handler in all, has served. */
+export interface ServingCounts {
   faults: number
   pagesServed: number
   bytesServed: number
@@ -57,15 +55,14 @@ export interface ConnectionStats {
   deferred: number
 }
 
-export interface HandlerStats {
+export interface ConnectionStats extends ServingCounts {
+  id: number
+  peer: PeerCredentials
+  regions: number
+}
+
+export interface HandlerStats extends ServingCounts {
   connections: { active: number, total: number, failed: number }
-  faults: number
-  pagesServed: number
-  bytesServed: number
-  zeroPages: number
-  removes: number
-  exists: number
-  deferred: number
   /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
   serveLatencyUs: Record<string, number>
 }

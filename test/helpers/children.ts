@@ -24,14 +24,17 @@ export interface ChildResult {
 }
 
 /** Spawns `node args...`; resolves when it exits (SIGKILLed after timeoutMs). */
-export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void): Promise<ChildResult> {
-  return runCommand(process.execPath, args, timeoutMs, onSpawn)
+export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void, extraFds: number[] = []): Promise<ChildResult> {
+  return runCommand(process.execPath, args, timeoutMs, onSpawn, extraFds)
 }
 
-/** Spawns `file args...`; resolves when it exits (SIGKILLed after timeoutMs). */
-export function runCommand(file: string, args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void): Promise<ChildResult> {
+/**
+ * Spawns `file args...`; resolves when it exits (SIGKILLed after timeoutMs). `extraFds` become
+ * the child's fds 3, 4, ...
+ */
+export function runCommand(file: string, args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void, extraFds: number[] = []): Promise<ChildResult> {
   return new Promise((resolve) => {
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', ...extraFds] })
     live.add(child)
     onSpawn?.(child)
     let stdout = ''

@@ -1,0 +1,87 @@
+// Shared by the FaultServer tests: servers, uffds and mappings closed after each test, and
+// page contents that tell every page (and every offset) apart.
+import * as crypto from 'crypto'
+import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type FaultServerOptions } from '../../src/index'
+
+const cleanup: Array<() => void> = []
+
+/** Runs (in reverse order) everything registered by the helpers below; call from afterEach. */
+export function closeAll(): void {
+  for (const f of cleanup.splice(0).reverse()) {
+    try {
+      f()
+    } catch { /* already closed */ }
+  }
+}
+
+export function track<T extends { close?: () => void, unmap?: () => void }>(x: T): T {
+  cleanup.push(() => (x.close ?? x.unmap)!.call(x))
+  return x
+}
+
+export function onCleanup(f: () => void): void {
+  cleanup.push(f)
+}
+
+/** A uffd, a mapping of `pages` pages and a server over it (errors collected, not thrown). */
+export function setup(pages: number, options: FaultServerOptions = {}, features = 0n): {
+  uffd: Userfaultfd, m: Mapping, server: FaultServer, errors: Error[]
+} {
+  const uffd = track(Userfaultfd.open({ features }))
+  const m = track(Mapping.anonymous(pages * PAGE_SIZE))
+  const server = track(new FaultServer(uffd, options))
+  const errors: Error[] = []
+  server.on('error', (e: Error) => errors.push(e))
+  return { uffd, m, server, errors }
+}
+
+/** Random bytes, with each page's first u64 set to its page index + 1 (never 0). */
+export function randomContent(length: number): Uint8Array {
+  const bytes = crypto.randomBytes(length)
+  const out = new Uint8Array(bytes.buffer, bytes.byteOffset, length)
+  const view = new DataView(out.buffer, out.byteOffset, length)
+  for (let p = 0; p * PAGE_SIZE < length; p++) view.setBigUint64(p * PAGE_SIZE, BigInt(p + 1), true)
+  return out
+}
+
+/** The u64 at byte `at` of `bytes` (little-endian), 0 past its end. */
+export function u64At(bytes: Uint8Array, at: number): bigint {
+  if (at + 8 > bytes.length) return 0n
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.length).getBigUint64(at, true)
+}
+
+/** Whole-mapping copy read by THIS (the main JS) thread: faults are served by the engine. */
+export function readAll(m: Mapping, offset = 0, length = m.length - offset): Uint8Array {
+  const out = new Uint8Array(length)
+  m.read(offset, out)
+  return out
+}
+
+/** Resolves when `server` emitted `event` (or rejects after ms). */
+export function once<T = unknown>(server: FaultServer, event: string, ms = 5000): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no '${event}' within ${ms} ms`)), ms)
+    server.once(event, (v: T) => {
+      clearTimeout(timer)
+      resolve(v)
+    })
+  })
+}
+
+/** Rejects when `p` is not settled within ms. */
+export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout
+  return Promise.race([
+    p.finally(() => clearTimeout(timer)),
+    new Promise<T>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms) }),
+  ])
+}
+
+/** Polls `pred` until true (engine counters trail the wake-up of the faulting thread). */
+export async function until(pred: () => boolean, ms = 5000, what = 'condition'): Promise<void> {
+  const end = Date.now() + ms
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`${what}: not true within ${ms} ms`)
+    await new Promise((r) => setTimeout(r, 2))
+  }
+}
