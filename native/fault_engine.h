@@ -30,13 +30,14 @@
 struct EngineOptions {
   uint64_t faultAround = 64 * 1024;    // bytes, power of two >= page
   uint64_t prefetchChunk = 256 * 1024; // bytes, multiple of the page
-  uint32_t spinUs = 50;                // upper bound of the adaptive spin
+  uint32_t spinUs = 0;                 // upper bound of the adaptive spin (0: never spin)
   uint32_t batch = 64;                 // messages per read(2)
   uint32_t progressMs = 100;           // minimum interval between progress notices
   bool removeToZero = true;            // REMOVE: serve zeros (else re-serve the source)
   bool forkEmit = false;               // FORK: hand the child's uffd to JS (else close it)
   bool prefetchIdle = true;            // prefetch thread under SCHED_IDLE
   uint32_t handlerConcurrency = 4;     // prefetch requests in flight per handler range
+  uint32_t prefetchYieldUs = 1000;     // prefetch pauses while demand faults came this recently
 };
 
 struct ServedRange {
@@ -85,7 +86,7 @@ struct EngineStats {
   std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0},
       handlerPages{0}, zeroPages{0}, bytes{0}, eexist{0}, deferred{0}, retries{0},
       unhandled{0}, wakes{0}, reads{0}, sleeps{0}, spinHits{0}, removes{0}, unmaps{0},
-      remaps{0}, forks{0}, requests{0}, errors{0};
+      remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
 };
 
 class FaultEngine {
@@ -99,6 +100,8 @@ class FaultEngine {
   // are woken when the last reference to the uffd goes).
   void Stop();
   bool running() const { return started_ && !stopping_.load(); }
+  // Readable while { handler } requests wait for the JS thread (for the deadlock watchdog).
+  int requestFd() const { return requestFd_; }
 
   // JS thread. AddRange fails with EEXIST when the range overlaps one being served.
   int AddRange(std::shared_ptr<ServedRange> range);
@@ -168,6 +171,7 @@ class FaultEngine {
   const Table& Snapshot(Table* local, uint64_t* version);
   std::shared_ptr<ServedRange> Lookup(const Table& table, uint64_t address) const;
   void DropGoneRanges();
+  bool EraseGoneLocked();
   void Error(int err, const std::string& syscall, const std::string& detail, uint64_t address = 0);
   void Notify(Notice notice);
   void Progress(bool force);
@@ -177,6 +181,7 @@ class FaultEngine {
   std::function<void()> wakeJs_;
   int uffd_ = -1;
   int wakeFd_ = -1;  // eventfd: stop, completions, deferred retries
+  int requestFd_ = -1;  // eventfd: requests not yet taken by JS
   bool started_ = false;
   std::atomic<bool> stopping_{false};
   std::thread demand_;
@@ -199,6 +204,7 @@ class FaultEngine {
   std::condition_variable prefetchCv_;
   std::atomic<uint64_t> prefetchKick_{0};
   std::atomic<uint32_t> demandBusy_{0};
+  std::atomic<uint64_t> lastDemandNs_{0};  // when the demand thread last read a fault
   std::atomic<uint64_t> eventsRead_{0};
 
   std::mutex requestMu_;

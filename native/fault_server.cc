@@ -17,11 +17,14 @@
 #include "args.h"
 #include "fault_engine.h"
 #include "uffd.h"
+#include "watchdog.h"
 
 namespace {
 
 struct Core {
   std::unique_ptr<FaultEngine> engine;
+  int watchdogMs = 0;
+  bool watched = false;
   Napi::ThreadSafeFunction tsfn;
   napi_env env = nullptr;
   bool closed = false;
@@ -30,6 +33,7 @@ struct Core {
   void Close() {
     if (closed) return;
     closed = true;
+    if (watched) WatchdogForget(env, engine->requestFd());
     engine->Stop();  // joins the threads: nothing calls the TSFN after this
     tsfn.Release();
     if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
@@ -121,13 +125,16 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
     o.progressMs = static_cast<uint32_t>(OptU64(opts, "progressMs", o.progressMs));
     o.handlerConcurrency = static_cast<uint32_t>(OptU64(opts, "handlerConcurrency", o.handlerConcurrency));
+    o.prefetchYieldUs = static_cast<uint32_t>(OptU64(opts, "prefetchYieldUs", o.prefetchYieldUs));
     if (opts.Get("removeToZero").IsBoolean()) o.removeToZero = opts.Get("removeToZero").ToBoolean();
     if (opts.Get("forkEmit").IsBoolean()) o.forkEmit = opts.Get("forkEmit").ToBoolean();
     if (opts.Get("prefetchIdle").IsBoolean()) o.prefetchIdle = opts.Get("prefetchIdle").ToBoolean();
     if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
+    int watchdogMs = static_cast<int>(OptU64(opts, "watchdogMs", 0));
 
     core_ = std::make_shared<Core>();
     core_->env = env;
+    core_->watchdogMs = watchdogMs;
     core_->tsfn = Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
     std::weak_ptr<Core> weak = core_;
     core_->engine.reset(new FaultEngine(o, [weak]() {
@@ -139,7 +146,20 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
         if (!c || env == nullptr) return;
         std::deque<Notice> notices = c->engine->TakeNotices();
         if (notices.empty()) return;
-        notify.Call({NoticesToJs(env, notices)});
+        // No C++ exception may leave this callback (std::terminate). A listener that threw is
+        // an uncaught exception, as from any event; at environment teardown, when JS can no
+        // longer run, the notices are dropped.
+        try {
+          notify.Call({NoticesToJs(env, notices)});
+        } catch (const Napi::Error&) {
+          bool pending = false;
+          if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+            napi_value error;
+            if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_fatal_exception(env, error);
+          }
+        }
+        for (auto& n : notices)
+          if (n.kind == Notice::kFork && n.fd >= 0) close(n.fd);
       });
     }));
     std::string syscall;
@@ -198,6 +218,18 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
       source = Source::Zero();
     } else if (kind == "handler") {
       source = Source::Handler(static_cast<uint32_t>(OptU64(src, "id", 0)));
+      if (core_->watchdogMs > 0 && !core_->watched) {
+        // { handler } ranges need this thread: if it blocks in a fault while their requests
+        // wait for it, nothing will ever resolve the fault.
+        WatchdogWatch(env, engine->requestFd(), core_->watchdogMs,
+                      "FaultServer { handler } requests wait for this thread, which alone runs "
+                      "the handlers, so the fault will never be resolved. Never touch memory "
+                      "served by a { handler } source on the JS thread that owns the FaultServer "
+                      "until it is present (await server.drained(), or touch it from a worker, "
+                      "a child process or a native thread); buffer, file and zero sources have "
+                      "no such limit.");
+        core_->watched = true;
+      }
     } else {
       ThrowTypeError(env, "unknown source kind '" + kind + "'");
     }
@@ -254,6 +286,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     put("forks", s.forks.load());
     put("requests", s.requests.load());
     put("errors", s.errors.load());
+    put("prefetchPauses", s.prefetchPauses.load());
     const LatencyHistogram& h = core_->engine->latency();
     o.Set("latencyP50us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.5)) / 1000.0));
     o.Set("latencyP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));

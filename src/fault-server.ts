@@ -23,7 +23,16 @@ export interface FaultServerOptions {
   prefetchChunk?: number
   /** Background copies run under SCHED_IDLE ('idle', default) or normal priority. */
   prefetchPriority?: 'idle' | 'normal'
-  /** Longest spin (µs) before sleeping when idle; adapted to the fault rate; 0: never spin. Default 50. */
+  /**
+   * Demand first: prefetch pauses while demand faults arrived within this many µs (default
+   * 1000; 0: never pause). Under continuous demand, fault-around does the filling.
+   */
+  prefetchYield?: number
+  /**
+   * Longest spin (µs) on the uffd before sleeping, adapted at run time (grows on spin hits,
+   * halves on misses). Default 0 (never spin): measured on a 2-vCPU VM whose scheduler packs the
+   * faulting thread onto the handler's CPU, spinning only delayed the faulting threads.
+   */
   spin?: number
   /** Messages per read(2), 1..4096. Default 64. */
   batch?: number
@@ -35,6 +44,12 @@ export interface FaultServerOptions {
   onFork?: 'close' | 'emit'
   /** Background requests in flight per { handler } range with prefetch. Default 4. */
   handlerConcurrency?: number
+  /**
+   * Deadlock watchdog for { handler } ranges (which need this JS thread): if this thread blocks
+   * in a fault while handler requests wait for it this long (ms), print why and abort instead
+   * of hanging forever. Default 1000; false disables it.
+   */
+  watchdog?: number | false
 }
 
 /** What a { handler } source is asked for: `length` bytes of the range at `address`. */
@@ -97,6 +112,8 @@ export interface FaultServerStats {
   /** { handler } requests made */
   requests: number
   errors: number
+  /** times the prefetch paused for demand faults */
+  prefetchPauses: number
   /** engine-side demand latency (message read to page filled), µs */
   latencyP50us: number
   latencyP99us: number
@@ -183,17 +200,19 @@ export class FaultServer extends EventEmitter {
     this.#prefetch = o.prefetch ?? false
     const prefetchChunk = o.prefetchChunk === undefined ? 256 * 1024 : checkInt(o.prefetchChunk, 'prefetchChunk', PAGE_SIZE, MAX_WINDOW)
     if (prefetchChunk % PAGE_SIZE !== 0) throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
-    const spinUs = o.spin === undefined ? 50 : checkInt(o.spin, 'spin', 0, 100_000)
+    const spinUs = o.spin === undefined ? 0 : checkInt(o.spin, 'spin', 0, 100_000)
     const batch = o.batch === undefined ? 64 : checkInt(o.batch, 'batch', 1, 4096)
     const progressMs = o.progressInterval === undefined ? 100 : checkInt(o.progressInterval, 'progressInterval', 0, 3_600_000)
     const onRemove = o.onRemove === undefined ? 'zero' : checkChoice(o.onRemove, 'onRemove', ['zero', 'source'] as const)
     const onFork = o.onFork === undefined ? 'close' : checkChoice(o.onFork, 'onFork', ['close', 'emit'] as const)
     const priority = o.prefetchPriority === undefined ? 'idle' : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
     const handlerConcurrency = o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
+    const prefetchYieldUs = o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
+    const watchdogMs = o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
     this.#uffd = uffd
     const Handle = (native as unknown as { FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle }).FaultServerHandle
     this.#handle = new Handle(uffd.fd, {
-      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency,
+      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs, prefetchYieldUs,
       removeToZero: onRemove === 'zero', forkEmit: onFork === 'emit', prefetchIdle: priority === 'idle',
     }, (notices) => this.#onNotices(notices))
   }
@@ -208,6 +227,9 @@ export class FaultServer extends EventEmitter {
    */
   serve(range: RangeLike, source: FaultSource, options: ServeOptions = {}): this {
     this.#live('serve')
+    if (range instanceof Mapping && range.pageSize !== PAGE_SIZE) {
+      throw new RangeError(`FaultServer serves ${PAGE_SIZE}-byte pages; this mapping has ${range.pageSize}-byte (hugetlb) pages: resolve those with uffd.events()`)
+    }
     const r = toRange(range)
     if (options === null || typeof options !== 'object') throw new TypeError(`serve options must be an object (got ${describe(options)})`)
     const prefetch = options.prefetch ?? this.#prefetch
@@ -371,16 +393,21 @@ export class FaultServer extends EventEmitter {
     }
   }
 
-  #request(q: { id: number, handler: number, address: bigint, offset: number, length: number, prefetch: boolean }): void {
+  // A demand request that fails is retried with backoff (10 ms doubling to 1 s): a thread is
+  // blocked on it and nothing else would wake it. Each failure is an 'error' event. A failed
+  // prefetch request gives its pages back to demand faults and stops prefetching the range.
+  #request(q: { id: number, handler: number, address: bigint, offset: number, length: number, prefetch: boolean }, attempt = 0): void {
     const handler = this.#handlers.get(q.handler)
-    if (handler === undefined) {
-      this.#handle.complete(q.id, null)
+    if (handler === undefined || this.#closed) {
+      if (!this.#closed) this.#handle.complete(q.id, null)
       return
     }
     const fail = (err: unknown): void => {
-      if (!this.#closed) this.#handle.complete(q.id, null)
+      if (this.#closed) return
       const e = err instanceof Error ? err : new Error(String(err))
       ;(e as { address?: bigint }).address = q.address
+      if (q.prefetch) this.#handle.complete(q.id, null)
+      else setTimeout(() => this.#request(q, attempt + 1), Math.min(10 * 2 ** attempt, 1000)).unref()
       this.#error(e)
     }
     try {

@@ -85,10 +85,11 @@ export interface Binding {
   touch(addresses: BigUint64Array, options: { write?: boolean, value?: bigint, threads?: number,
     timings?: boolean }): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
-  forkOnThread(): Promise<TouchResult & { pid: number, status: number }>
-  mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
+  forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number, status: number }>
+  mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<TouchResult & { result: bigint }>
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
+  openPollHandles(): number
   readMessages(fd: number, view: ArrayBufferView): number
   pagemapScan(pid: number, start: U64, end: U64, flags: U64, categoryInverted: U64, categoryMask: U64,
     categoryAnyofMask: U64, returnMask: U64, maxPages: U64, maxRegions: U64): { regions: BigUint64Array, walkEnd: bigint }

@@ -8,8 +8,8 @@ import { pages, touch } from '../src/internal'
 import { killChildren, root, runNode } from './helpers/children'
 import { closeAll, randomContent, setup, until, within } from './helpers/fault-server'
 
-afterEach(() => {
-  closeAll()
+afterEach((ctx) => {
+  closeAll(ctx)
   killChildren()
 })
 
@@ -72,15 +72,17 @@ describe('FaultServer load', () => {
     const n = 64
     const { uffd, m, server } = setup(n)
     let answered = 0
+    let called = 0
     server.serve(m, {
       handler: async ({ length }) => {
+        called++
         await new Promise((r) => setTimeout(r, 30))
         answered++
         return new Uint8Array(length).fill(7)
       },
     })
     const touching = touch(pages(m), { threads: 2 })
-    await until(() => server.stats().requests > 0, 5000, 'requests')
+    await until(() => called > 0, 5000, 'handler called')
     server.close()
     uffd.close()
     await within(touching, 10_000, 'touch')
@@ -124,5 +126,22 @@ describe('FaultServer environment teardown', () => {
     expect(r.stderr).toBe('')
     expect(r.stdout.trim()).toBe('ok')
     expect(r.code).toBe(0)
+  })
+
+  it('the JS thread touching { handler } memory it alone can serve aborts with an explanation, not a silent hang', async () => {
+    const code = `
+      const { Userfaultfd, Mapping, FaultServer } = require(${JSON.stringify(dist)})
+      const uffd = Userfaultfd.open()
+      const m = Mapping.anonymous(4 * 4096)
+      const server = new FaultServer(uffd, { watchdog: 300 })
+      server.serve(m, { handler: ({ length }) => new Uint8Array(length) })
+      new Uint8Array(m.buffer)[0]  // this thread runs the handler: it can never answer
+      console.log('unreachable')
+    `
+    const r = await runNode(['-e', code], 15_000)
+    expect(r.signal).toBe('SIGABRT')
+    expect(r.stdout).toBe('')
+    expect(r.stderr).toMatch(/DEADLOCK/)
+    expect(r.stderr).toMatch(/\{ handler \}/)
   })
 })

@@ -8,7 +8,7 @@ import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/
 import { pages, touch } from '../src/internal'
 import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
 
-afterEach(closeAll)
+afterEach((ctx) => closeAll(ctx))
 
 function shuffled(list: BigUint64Array): BigUint64Array {
   const out = BigUint64Array.from(list)
@@ -222,7 +222,8 @@ describe('FaultServer fault-around', () => {
 describe('FaultServer prefetch and drained()', () => {
   it('prefetch races demand faults from 2 threads: every page once, none lost', async () => {
     const n = 4096
-    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, prefetchChunk: 32 * PAGE_SIZE, prefetch: true })
+    // prefetchYield 0: the prefetch does not pause for demand faults, so the two really race.
+    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, prefetchChunk: 32 * PAGE_SIZE, prefetch: true, prefetchYield: 0 })
     const src = randomContent(n * PAGE_SIZE)
     const progress: number[] = []
     server.on('progress', (p: { fraction: number }) => progress.push(p.fraction))
@@ -250,6 +251,18 @@ describe('FaultServer prefetch and drained()', () => {
     await server.drained()
   })
 
+  it('prefetch pauses while demand faults keep coming (demand first), then completes', async () => {
+    const { server, m } = setup(2000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
+    const big = track(Mapping.anonymous(16384 * PAGE_SIZE))
+    server.serve(big, { buffer: randomContent(big.length) }, { prefetch: true })
+    server.serve(m, { zero: true })
+    await touch(pages(m), { threads: 1 })
+    await within(server.drained(), 10_000, 'drained')
+    const s = server.stats()
+    expect(s.prefetchPauses).toBeGreaterThan(0)
+    expect(s.prefetchPages).toBe(16384)
+  })
+
   it('drained() rejects when the server closes first', async () => {
     const { m, server } = setup(16)
     server.serve(m, { zero: true })
@@ -270,6 +283,10 @@ describe('FaultServer bad input', () => {
     expect(() => new FaultServer(uffd, { spin: -1 })).toThrow(RangeError)
     expect(() => new FaultServer(uffd, { batch: 0 })).toThrow(RangeError)
     expect(() => new FaultServer(uffd, { prefetchChunk: 1000 })).toThrow(RangeError)
+    expect(() => new FaultServer(uffd, { prefetchYield: -5 })).toThrow(RangeError)
+    expect(() => new FaultServer(uffd, { watchdog: 0 })).toThrow(RangeError)
+    expect(() => new FaultServer(uffd, { onFork: 'keep' as 'close' })).toThrow(TypeError)
+    expect(() => new FaultServer(uffd, { prefetchPriority: 'high' as 'idle' })).toThrow(TypeError)
     expect(() => new FaultServer(uffd, { onRemove: 'drop' as 'zero' })).toThrow(TypeError)
     expect(() => new FaultServer(uffd, null as unknown as object)).toThrow(TypeError)
     const server = track(new FaultServer(uffd))

@@ -139,7 +139,7 @@ describe('probe()', () => {
 const script = (body: string): string[] => ['-e',
   `const { Userfaultfd } = require(${JSON.stringify(path.join(dist, 'index.js'))});` + body]
 const report = `const out = {}
-try { const u = Userfaultfd.open(); out.via = u.via; u.close() } catch (e) { out.error = { code: e.code, syscall: e.syscall, hint: e.hint } }
+try { const u = Userfaultfd.open(); out.via = u.via; u.close() } catch (e) { out.error = { code: e.code, syscall: e.syscall, hint: e.hint, message: e.message } }
 try { const u = Userfaultfd.open({ via: 'syscall' }); u.close(); out.syscall = 'ok' } catch (e) { out.syscall = e.code }
 const p = Userfaultfd.probe()
 out.probe = { supported: p.supported, via: p.via, userModeOnly: p.userModeOnly, syscall: p.syscall, device: p.device, reason: p.reason }
@@ -160,9 +160,10 @@ describe("via: 'auto' falls back", () => {
   it('and when both paths are refused, the error carries a hint naming the fixes; probe() still does not throw', async (ctx) => {
     if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
     const r = await runCommand(setpriv, ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, ...script(report)])
-    const out = lastJson<{ error: { code: string, syscall: string, hint: string }, probe: Record<string, unknown> }>(r)
+    const out = lastJson<{ error: { code: string, syscall: string, hint: string, message: string }, probe: Record<string, unknown> }>(r)
     expect(out.error.code).toBe('EACCES') // the last attempt: open('/dev/userfaultfd')
     expect(out.error.syscall).toBe('open')
+    expect(out.error.message).toMatch(/\(and the userfaultfd\(2\) syscall: EPERM\)/) // the other path's refusal
     expect(out.error.hint).toMatch(/setfacl -m u:\$USER:rw \/dev\/userfaultfd/)
     expect(out.error.hint).toMatch(/vm\.unprivileged_userfaultfd=1/)
     expect(out.error.hint).toMatch(/CAP_SYS_PTRACE/)

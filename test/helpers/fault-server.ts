@@ -3,32 +3,38 @@
 import * as crypto from 'crypto'
 import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type FaultServerOptions } from '../../src/index'
 
-const cleanup: Array<() => void> = []
+const cleanup: Array<{ run: () => void, unmap: boolean }> = []
 
-/** Runs (in reverse order) everything registered by the helpers below; call from afterEach. */
-export function closeAll(): void {
-  for (const f of cleanup.splice(0).reverse()) {
+/**
+ * Runs (in reverse order) everything registered by the helpers below; call from afterEach.
+ * After a failed test, mappings are left mapped: a toucher thread still blocked in a fault there
+ * is woken when its uffd closes, and must not find its memory gone (SIGSEGV).
+ */
+export function closeAll(ctx?: { task: { result?: { state?: string } } }): void {
+  const failed = ctx?.task.result?.state === 'fail'
+  for (const { run, unmap } of cleanup.splice(0).reverse()) {
+    if (failed && unmap) continue
     try {
-      f()
+      run()
     } catch { /* already closed */ }
   }
 }
 
 export function track<T extends { close?: () => void, unmap?: () => void }>(x: T): T {
-  cleanup.push(() => (x.close ?? x.unmap)!.call(x))
+  cleanup.push({ run: () => (x.close ?? x.unmap)!.call(x), unmap: x.close === undefined })
   return x
 }
 
-export function onCleanup(f: () => void): void {
-  cleanup.push(f)
+export function onCleanup(f: () => void, unmap = false): void {
+  cleanup.push({ run: f, unmap })
 }
 
 /** A uffd, a mapping of `pages` pages and a server over it (errors collected, not thrown). */
 export function setup(pages: number, options: FaultServerOptions = {}, features = 0n): {
   uffd: Userfaultfd, m: Mapping, server: FaultServer, errors: Error[]
 } {
-  const uffd = track(Userfaultfd.open({ features }))
   const m = track(Mapping.anonymous(pages * PAGE_SIZE))
+  const uffd = track(Userfaultfd.open({ features }))
   const server = track(new FaultServer(uffd, options))
   const errors: Error[] = []
   server.on('error', (e: Error) => errors.push(e))
