@@ -221,6 +221,9 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(() => tracker.collect()).toThrow(/stopped/)
     // Once stopped, the range can be tracked again.
     track(DirtyTracker.start(m)).stop()
+    expect(() => DirtyTracker.start(m, { memory: 'file' as never })).toThrow(TypeError)
+    expect(() => DirtyTracker.start(m, { batch: 0 })).toThrow(RangeError)
+    expect(() => DirtyTracker.start({ address: m.address + 1n, length: PAGE_SIZE })).toThrow(RangeError)
   })
 })
 
