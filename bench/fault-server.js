@@ -71,17 +71,21 @@ async function faultsSection (args) {
       const n = []; const b = []; const s = []; const a = []
       for (let r = 0; r < args.rounds; r++) {
         n.push(run(naive, [args.pages, threads, order]))
-        // best.c: the better of never spinning and spinning up to 50 us, in this round
-        const variants = [0, 50].map((spin) => run(best, [args.pages, threads, order, spin]))
-        b.push(variants.reduce((x, y) => (y.faultsPerSec > x.faultsPerSec ? y : x)))
-        const spin = args.spin >= 0 ? { spin: args.spin } : {}
-        s.push(await serverFaults(args.pages, threads, order, spin))
+        // best.c with and without spinning (up to 50 us); the better setting is chosen below
+        b.push([0, 50].map((spin) => run(best, [args.pages, threads, order, spin])))
+        const spinOpt = args.spin >= 0 ? { spin: args.spin } : {}
+        s.push(await serverFaults(args.pages, threads, order, spinOpt))
         // The default configuration: 64 KiB fault-around (pages touched per second).
-        a.push(await serverFaults(args.pages, threads, order, { ...spin, faultAround: 64 * 1024 }))
+        a.push(await serverFaults(args.pages, threads, order, { ...spinOpt, faultAround: 64 * 1024 }))
       }
       const pick = (list, key) => median(list.map((x) => x[key]))
+      // The spin setting with the better median over all rounds (not the better one in each
+      // round: the maximum of two noisy runs would flatter the C handler).
+      const spin = [0, 1].reduce((x, y) => (pick(b.map((v) => v[y]), 'faultsPerSec') > pick(b.map((v) => v[x]), 'faultsPerSec') ? y : x))
+      b.splice(0, b.length, ...b.map((v) => v[spin]))
       rows.push({
         workload: `${threads} thread${threads > 1 ? 's' : ''}, ${order}`,
+        bestSpinUs: [0, 50][spin],
         naiveFaultsPerSec: Math.round(pick(n, 'faultsPerSec')),
         bestFaultsPerSec: Math.round(pick(b, 'faultsPerSec')),
         serverFaultsPerSec: Math.round(pick(s, 'faultsPerSec')),
