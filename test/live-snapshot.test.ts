@@ -40,6 +40,19 @@ function trackStamper(s: Stamper): Stamper {
 }
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
 
+/** Every stamper thread writes again within `ms` (none is left blocked in a fault). */
+async function expectProgress(stamper: Stamper, ms = 2000): Promise<void> {
+  const c0 = stamper.counts()
+  const deadline = Date.now() + ms
+  let c = c0
+  while (Date.now() < deadline) {
+    await sleep(5)
+    c = stamper.counts()
+    if (c.every((v, t) => v > c0[t])) return
+  }
+  throw new Error(`stamper threads stuck: ${Array.from(c0)} -> ${Array.from(c)} in ${ms} ms`)
+}
+
 function bytesOf(m: Mapping): Uint8Array {
   const out = new Uint8Array(m.length)
   m.read(0, out)
@@ -97,9 +110,9 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
   })
 
-  it('4 writer threads, unthrottled, several snapshots in a row', { timeout: 60_000 }, async () => {
+  it('4 writer threads, unthrottled, several snapshots in a row (fault-around 0, 64 KiB, 1 MiB)', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    for (let i = 0; i < 3; i++) await stampedSnapshot(m, bufferSink, {}, 4)
+    for (const faultAround of [0, 64 * 1024, MiB]) await stampedSnapshot(m, bufferSink, { faultAround }, 4)
   })
 
   it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', { timeout: 60_000 }, async () => {
@@ -130,7 +143,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
 
   it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB })
+    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB, faultAround: 0 })
     expect(stats.copyMethod).toBe('pipe')
   })
 
@@ -232,10 +245,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await sleep(50)
     await snap.cancel()
     await expect(snap.done).rejects.toMatchObject({ code: 'ECANCELED', syscall: 'snapshot' })
-    const c1 = stamper.counts()
-    await sleep(30)
-    const c2 = stamper.counts()
-    expect(c2[0] + c2[1]).toBeGreaterThan(c1[0] + c1[1])
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
 
     const ac = new AbortController()
@@ -258,13 +268,12 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(await munmapOnThread(m.address + BigInt(half), half)).toBe(0)
     const err = await outcome
     expect(err).toBeInstanceOf(UffdError)
+    // From the UNMAP event, or from a copy that got there first (munmap unmaps, then reports).
     expect(err).toMatchObject({ code: 'EFAULT' })
-    expect((err as UffdError).message).toMatch(/unmapped/)
+    expect((err as UffdError).message).toMatch(/was unmapped|no longer mapped/)
     expect((err as UffdError & { stats: index.SnapshotStats }).stats.pagesCopied).toBeLessThan(m.length / PAGE_SIZE)
-    // Writers in the half still mapped run on.
-    const c1 = stamper.counts()
-    await sleep(30)
-    expect(stamper.counts()[0]).toBeGreaterThan(c1[0])
+    // Writers in the half still mapped run on (each makes progress within 2 s, however loaded the machine).
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
   })
 
@@ -334,6 +343,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 2 * MiB })).toThrow(/not aligned|multiple/)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { chunkSize: 0 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { faultAround: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
