@@ -63,6 +63,8 @@ async function main () {
         cFaultsPerSec: Math.round(pick(c, 'faultsPerSec')),
         jsFaultsPerSec: Math.round(pick(js, 'faultsPerSec')),
         ratio: +(median(js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec))).toFixed(2),
+        ratioMin: +Math.min(...js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec)).toFixed(2),
+        ratioMax: +Math.max(...js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec)).toFixed(2),
         cP50us: +pick(c, 'p50us').toFixed(1),
         jsP50us: +pick(js, 'p50us').toFixed(1),
         cP99us: +pick(c, 'p99us').toFixed(1),
@@ -70,8 +72,12 @@ async function main () {
       })
     }
   }
-  if (args.json) console.log(JSON.stringify(rows, null, 2))
-  else console.table(rows)
+  const load = require('os').loadavg()[0].toFixed(2)
+  if (args.json) console.log(JSON.stringify({ load, rows }, null, 2))
+  else {
+    console.table(rows)
+    console.log(`load average at the end: ${load} (ratios are per round, C and JS back to back)`)
+  }
 }
 
 main().catch((e) => { console.error(e); process.exit(1) })

@@ -129,4 +129,8 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
 
 void InitEventReader(Napi::Env env, Napi::Object exports) {
   exports.Set("EventReader", EventReader::Define(env));
+  // Internal: how many uv poll handles (event readers, fd watchers) this environment has open.
+  exports.Set("openPollHandles", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), GetAddonData(info.Env())->pollHandles);
+  }, "openPollHandles"));
 }

@@ -2,13 +2,15 @@
 // was at the moment it was protected, while other threads keep writing to it.
 //
 // The constructor (on the JS thread) optionally populates the range, then write-protects all of
-// it with one UFFDIO_WRITEPROTECT: that ioctl's return is the snapshot instant. Then one native
-// thread owns the uffd (registered WP by the caller, read by nobody else) and loops:
-//   1. drain pending messages: a WP fault on a page not yet copied copies it out, then
-//      unprotects it (which wakes the writer); a fault on a page already copied only wakes;
-//      REMOVE/UNMAP/REMAP events over pages not yet copied fail the snapshot (their old contents
-//      are about to vanish);
-//   2. copy the next chunk of not-yet-copied pages in the background and unprotect it.
+// it with one UFFDIO_WRITEPROTECT: that ioctl's return is the snapshot instant. Then two native
+// threads share the work (the uffd, registered WP by the caller, is read by nobody else):
+//   - the fault thread reads messages: a WP fault on a page nobody has claimed claims it (and
+//     the free pages next to it in its fault-around window), copies them out, then unprotects
+//     them (which wakes the writer); a fault on a page being or already
+//     copied needs nothing (the unprotect wakes it); REMOVE/UNMAP/REMAP events over pages not yet
+//     copied fail the snapshot (their old contents are about to vanish);
+//   - the background thread claims, copies and unprotects the rest, a chunk at a time.
+// Each page is claimed once (atomically) and unprotected only by its claimer, after its copy.
 // Nothing is unprotected before the whole range was protected, so every thread's writes are cut
 // at one point: the snapshot never sees a write made after it began, and a writer never sees
 // stale data (pages are only copied OUT; the memory itself is never rewritten).
@@ -25,6 +27,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -32,6 +36,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -64,6 +69,24 @@ uint64_t NowNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
+// How one thread copies source pages out (each thread has its own: the pipe, and the fallback
+// from process_vm_readv once seccomp refused it).
+struct Copier {
+  Method method = Method::Pwrite;
+  bool fixed = false;  // no fallback (a test forcing one method)
+  int pipeR = -1;
+  int pipeW = -1;
+  size_t pipeCap = 0;
+  ~Copier() {
+    if (pipeR >= 0) close(pipeR);
+    if (pipeW >= 0) close(pipeW);
+  }
+};
+
+// Page states. A page is copied by whichever thread claims it (0 -> 1) and unprotected by that
+// same thread after the copy (1 -> 2); nobody else unprotects it in between.
+enum : uint8_t { kFree = 0, kClaimed = 1, kDone = 2 };
+
 struct Engine {
   // Set up on the JS thread, then read-only.
   int uffd = -1;
@@ -74,28 +97,34 @@ struct Engine {
   int sinkFd = -1;
   uint64_t sinkOffset = 0;
   uint8_t* buffer = nullptr;
-  uint64_t chunkSize = 256 * 1024;
+  Method method = Method::Pwrite;  // initial method of each thread's Copier
+  bool methodFixed = false;
+  uint64_t chunkSize = 2 * 1024 * 1024;
+  uint64_t faultAround = 64 * 1024;  // bytes copied around a fault (aligned window)
   double maxBytesPerSecond = 0;
+  bool backgroundIdle = false;  // run the background copy under SCHED_IDLE
   bool populated = false;
   uint64_t protectNs = 0;  // duration of the write-protect ioctl
   uint64_t instantNs = 0;  // when it returned: the snapshot instant
+  std::unique_ptr<std::atomic<uint8_t>[]> state;
 
-  // Owned by the engine thread.
-  Method method = Method::Pwrite;
-  bool methodFixed = false;
-  int pipeR = -1;
-  int pipeW = -1;
-  size_t pipeCap = 0;
-  std::vector<uint8_t> copied;
+  // Fault thread only (it reads the uffd).
+  Copier faultCopier;
+  int drainDepth = 0;
+  bool lingering = false;  // finished: only wake faults and acknowledge events
+  // Background thread only.
+  Copier backgroundCopier;
   uint64_t backgroundBytes = 0;
+
+  // Shared.
+  std::mutex errMu;
   int err = 0;
   std::string errSyscall;
   std::string errDetail;
+  std::atomic<bool> failed{false};
+  std::atomic<bool> backgroundDone{false};
   uint64_t endNs = 0;
-  bool lingering = false;  // finished: only wake faults and acknowledge events
-  int drainDepth = 0;
-
-  // Shared.
+  std::atomic<const char*> usedMethod{nullptr};
   std::atomic<bool> cancel{false};
   std::atomic<bool> finished{false};
   std::atomic<bool> stop{false};  // leave Linger()
@@ -115,19 +144,19 @@ struct Engine {
   bool settled = false;
 
   explicit Engine(Napi::Env e) : deferred(Napi::Promise::Deferred::New(e)), env(e) {}
-  ~Engine() {
-    if (pipeR >= 0) close(pipeR);
-    if (pipeW >= 0) close(pipeW);
-  }
 
   bool Fail(int error, const char* syscall, const std::string& detail = "") {
-    if (err == 0 && !lingering) {
+    std::lock_guard<std::mutex> lock(errMu);
+    if (err == 0 && !finished.load()) {
       err = error;
       errSyscall = syscall;
       errDetail = detail;
+      failed.store(true);
     }
     return false;
   }
+
+  bool Stopping() const { return failed.load() || cancel.load(); }
 
   std::string Where(uint64_t index) const {
     char buf[96];
@@ -137,25 +166,25 @@ struct Engine {
     return buf;
   }
 
-  bool OpenPipe() {
+  bool OpenPipe(Copier* c) {
     int fds[2];
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return Fail(errno, "pipe2");
-    pipeR = fds[0];
-    pipeW = fds[1];
-    int cap = fcntl(pipeW, F_SETPIPE_SZ, 1 << 20);
-    if (cap < 0) cap = fcntl(pipeW, F_GETPIPE_SZ);
-    pipeCap = cap > 0 ? static_cast<size_t>(cap) : 65536;
+    c->pipeR = fds[0];
+    c->pipeW = fds[1];
+    int cap = fcntl(c->pipeW, F_SETPIPE_SZ, 1 << 20);
+    if (cap < 0) cap = fcntl(c->pipeW, F_GETPIPE_SZ);
+    c->pipeCap = cap > 0 ? static_cast<size_t>(cap) : 65536;
     return true;
   }
 
   // Copies [src, src + n) into the buffer sink at dst through a pipe: write(2) reads the source
   // with copy_from_user, so an unmapped source is EFAULT, never a crash.
-  bool CopyViaPipe(uint64_t src, uint8_t* dst, size_t n, uint64_t index) {
-    if (pipeR < 0 && !OpenPipe()) return false;
+  bool CopyViaPipe(Copier* c, uint64_t src, uint8_t* dst, size_t n, uint64_t index) {
+    if (c->pipeR < 0 && !OpenPipe(c)) return false;
     size_t done = 0;
     while (done < n) {
-      size_t want = std::min(n - done, pipeCap);
-      ssize_t w = write(pipeW, reinterpret_cast<void*>(src + done), want);
+      size_t want = std::min(n - done, c->pipeCap);
+      ssize_t w = write(c->pipeW, reinterpret_cast<void*>(src + done), want);
       if (w < 0 && errno == EINTR) continue;
       if (w < 0) {
         int e = errno;
@@ -164,7 +193,7 @@ struct Engine {
       }
       size_t got = 0;
       while (got < static_cast<size_t>(w)) {
-        ssize_t r = read(pipeR, dst + done + got, static_cast<size_t>(w) - got);
+        ssize_t r = read(c->pipeR, dst + done + got, static_cast<size_t>(w) - got);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return Fail(r < 0 ? errno : EIO, "read", "draining the copy pipe");
         got += static_cast<size_t>(r);
@@ -175,14 +204,14 @@ struct Engine {
   }
 
   // Copies `count` pages from page `index` to the sink.
-  bool CopyPages(uint64_t index, uint64_t count) {
+  bool CopyPages(Copier* c, uint64_t index, uint64_t count) {
     uint64_t off = index * pageSize;
     uint64_t src = start + off;
     size_t n = static_cast<size_t>(count * pageSize);
     size_t done = 0;
     while (done < n) {
       ssize_t r;
-      if (method == Method::Pwrite) {
+      if (c->method == Method::Pwrite) {
         r = pwrite(sinkFd, reinterpret_cast<void*>(src + done), n - done,
                    static_cast<off_t>(sinkOffset + off + done));
         if (r < 0 && errno == EINTR) continue;
@@ -192,13 +221,13 @@ struct Engine {
                                                : "writing the " + Where(index) + " to the sink");
         }
         if (r == 0) return Fail(EIO, "pwrite", "the sink accepted no bytes");
-      } else if (method == Method::ProcessVmReadv) {
+      } else if (c->method == Method::ProcessVmReadv) {
         struct iovec local = {buffer + off + done, n - done};
         struct iovec remote = {reinterpret_cast<void*>(src + done), n - done};
         r = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && !methodFixed && (errno == EPERM || errno == ENOSYS || errno == EACCES)) {
-          method = Method::Pipe;  // seccomp (Docker's default profile) forbids it
+        if (r < 0 && !c->fixed && (errno == EPERM || errno == ENOSYS || errno == EACCES)) {
+          c->method = Method::Pipe;  // seccomp (Docker's default profile) forbids it
           continue;
         }
         if (r < 0) {
@@ -208,17 +237,19 @@ struct Engine {
         }
         if (r == 0) return Fail(EFAULT, "process_vm_readv", "the " + Where(index) + " is no longer mapped");
       } else {
-        if (!CopyViaPipe(src + done, buffer + off + done, n - done, index)) return false;
+        if (!CopyViaPipe(c, src + done, buffer + off + done, n - done, index)) return false;
         r = static_cast<ssize_t>(n - done);
       }
       done += static_cast<size_t>(r);
     }
+    usedMethod.store(MethodName(c->method));
     bytesCopied.fetch_add(n, std::memory_order_relaxed);
     return true;
   }
 
-  // Unprotects (and wakes) `count` pages from page `index`.
-  bool Unprotect(uint64_t index, uint64_t count) {
+  // Unprotects (and wakes) `count` pages from page `index`. `reader`: called on the thread that
+  // reads the uffd, which can read a pending event itself.
+  bool Unprotect(uint64_t index, uint64_t count, bool reader) {
     struct uffdio_writeprotect wp = {};
     wp.range.start = start + index * pageSize;
     wp.range.len = count * pageSize;
@@ -226,15 +257,17 @@ struct Engine {
     while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN) {
-        // An UNMAP/REMOVE/REMAP event is pending (mmap_changing): read it first. Nested at most
-        // a few levels (a fault read here unprotects too); past that, give the event time.
-        if (drainDepth < 4) {
+        // An UNMAP/REMOVE/REMAP event is pending (mmap_changing): it must be read first. The
+        // reader reads it (nested at most a few levels: a fault read here unprotects too);
+        // the background thread waits for the reader to.
+        if (reader && drainDepth < 4) {
           drainDepth++;
           bool ok = Drain();
           drainDepth--;
           if (!ok) return false;
         } else {
-          usleep(1000);
+          if (Stopping()) return false;
+          usleep(200);
         }
         continue;
       }
@@ -245,23 +278,47 @@ struct Engine {
     return true;
   }
 
-  bool Wake(uint64_t address, uint64_t len) {
+  void Wake(uint64_t address, uint64_t len) {
     struct uffdio_range r = {address, len};
     ioctl(uffd, UFFDIO_WAKE, &r);  // a thread already woken by an unprotect: nothing to do
     wakes.fetch_add(1, std::memory_order_relaxed);
-    return true;
   }
 
   bool OnFault(uint64_t address) {
     faults.fetch_add(1, std::memory_order_relaxed);
     uint64_t page = address & ~(pageSize - 1);
-    if (page < start || page >= start + length) return Wake(page, pageSize);  // not ours
+    if (page < start || page >= start + length || lingering) {
+      Wake(page, pageSize);
+      return true;
+    }
     uint64_t index = (page - start) / pageSize;
-    if (copied[index] || lingering) return Wake(page, pageSize);  // raised before its unprotect
-    if (!CopyPages(index, 1)) return false;
-    copied[index] = 1;
-    faultCopies.fetch_add(1, std::memory_order_relaxed);
-    return Unprotect(index, 1);
+    uint8_t expected = kFree;
+    if (!state[index].compare_exchange_strong(expected, kClaimed)) {
+      // Done: the fault was raised before the unprotect, which woke it already. Claimed: the
+      // background thread is copying it and its unprotect will wake the writer.
+      if (expected == kDone) Wake(page, pageSize);
+      return true;
+    }
+    // Fault-around: also claim the free pages next to it within its aligned window, so that a
+    // writer moving through memory faults once per window, not once per page.
+    uint64_t first = index;
+    uint64_t last = index + 1;
+    uint64_t window = std::max<uint64_t>(1, faultAround / pageSize);
+    uint64_t lo = index - index % window;
+    uint64_t hi = std::min(pages, lo + window);
+    for (; last < hi; last++) {
+      uint8_t e = kFree;
+      if (!state[last].compare_exchange_strong(e, kClaimed)) break;
+    }
+    for (; first > lo; first--) {
+      uint8_t e = kFree;
+      if (!state[first - 1].compare_exchange_strong(e, kClaimed)) break;
+    }
+    if (!CopyPages(&faultCopier, first, last - first)) return false;
+    faultCopies.fetch_add(last - first, std::memory_order_relaxed);
+    if (!Unprotect(first, last - first, true)) return false;
+    for (uint64_t k = first; k < last; k++) state[k].store(kDone);
+    return true;
   }
 
   // An event that changes the address space: fatal if it covers pages not yet copied.
@@ -271,7 +328,7 @@ struct Engine {
     uint64_t hi = std::min(to, start + length);
     for (uint64_t a = lo & ~(pageSize - 1); a < hi; a += pageSize) {
       uint64_t index = (a - start) / pageSize;
-      if (!copied[index]) {
+      if (state[index].load() != kDone) {
         return Fail(EFAULT, "snapshot",
                     std::string("the range was ") + what + " while the snapshot ran, before its " +
                         Where(index) + " was copied");
@@ -308,33 +365,9 @@ struct Engine {
           default:
             break;
         }
-        if (!ok) return false;
+        if (!ok && !lingering) return false;
       }
     }
-  }
-
-  // Copies the not-yet-copied pages of the chunk at `*next`, then unprotects the chunk.
-  bool Background(uint64_t* next) {
-    uint64_t per = std::max<uint64_t>(1, chunkSize / pageSize);
-    uint64_t first = *next;
-    uint64_t end = std::min(pages, first + per);
-    uint64_t i = first;
-    while (i < end) {
-      if (copied[i]) {
-        i++;
-        continue;
-      }
-      uint64_t j = i;
-      while (j < end && !copied[j]) j++;
-      if (!CopyPages(i, j - i)) return false;
-      for (uint64_t k = i; k < j; k++) copied[k] = 1;
-      backgroundCopies.fetch_add(j - i, std::memory_order_relaxed);
-      backgroundBytes += (j - i) * pageSize;
-      i = j;
-    }
-    if (!Unprotect(first, end - first)) return false;
-    *next = end;
-    return true;
   }
 
   // Milliseconds to wait before the next background chunk under maxBytesPerSecond (0: go).
@@ -347,40 +380,86 @@ struct Engine {
     return std::max(1, std::min(10, static_cast<int>(wait)));
   }
 
-  void Run() {
-    uint64_t next = 0;
-    for (;;) {
-      if (cancel.load()) {
-        Fail(ECANCELED, "snapshot", "cancelled");
-        break;
-      }
-      if (!Drain()) break;
-      if (next >= pages) break;
+  // The background thread: claims, copies and unprotects the pages nobody has claimed, a chunk
+  // at a time, so that the fault thread stays free to serve writers at once.
+  void Background() {
+    if (backgroundIdle) {
+      struct sched_param param = {};
+      pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);  // best effort
+    }
+    uint64_t per = std::max<uint64_t>(1, chunkSize / pageSize);
+    for (uint64_t first = 0; first < pages;) {
+      if (Stopping()) return;
       int wait = ThrottleMs();
       if (wait > 0) {
-        struct pollfd p = {uffd, POLLIN, 0};
-        poll(&p, 1, wait);
+        usleep(static_cast<useconds_t>(wait) * 1000);
         continue;
       }
-      if (!Background(&next)) break;
-    }
-    if (err != 0) {
-      // Release every writer: unprotect whatever is left (pieces may be unmapped: ignore).
-      struct uffdio_writeprotect wp = {};
-      wp.range.start = start;
-      wp.range.len = length;
-      if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
-        for (uint64_t i = 0; i < pages; i++) {
-          if (copied[i]) continue;
-          wp.range.start = start + i * pageSize;
-          wp.range.len = pageSize;
-          ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
+      uint64_t end = std::min(pages, first + per);
+      uint64_t i = first;
+      while (i < end) {
+        uint8_t expected = kFree;
+        if (!state[i].compare_exchange_strong(expected, kClaimed)) {
+          i++;
+          continue;
         }
+        uint64_t j = i + 1;
+        for (; j < end; j++) {
+          uint8_t e = kFree;
+          if (!state[j].compare_exchange_strong(e, kClaimed)) break;
+        }
+        if (!CopyPages(&backgroundCopier, i, j - i)) return;
+        if (!Unprotect(i, j - i, false)) return;
+        for (uint64_t k = i; k < j; k++) state[k].store(kDone);
+        backgroundCopies.fetch_add(j - i, std::memory_order_relaxed);
+        backgroundBytes += (j - i) * pageSize;
+        i = j;
       }
+      first = end;
     }
+    backgroundDone.store(true);
+  }
+
+  // The fault thread: serves writers until the background thread is through.
+  void Run() {
+    std::thread background([this]() { Background(); });
+    for (;;) {
+      if (cancel.load()) Fail(ECANCELED, "snapshot", "cancelled");
+      if (failed.load()) break;
+      if (!Drain()) break;
+      if (backgroundDone.load()) {
+        // Every page is copied and unprotected; faults raised before that were woken by it.
+        if (!Drain()) break;
+        break;
+      }
+      struct pollfd p = {uffd, POLLIN, 0};
+      poll(&p, 1, 5);
+    }
+    background.join();
+    lingering = true;  // from here on: no copies, no new errors; faults are only woken
+    if (failed.load()) ReleaseAll();
     endNs = NowNs();
-    lingering = true;
     finished.store(true);
+  }
+
+  // After a failure or cancel: unprotect whatever is still protected so that every writer goes
+  // on. Pieces may be unmapped (ENOENT: skip them), and a pending event makes the ioctl EAGAIN
+  // until it is read.
+  void ReleaseAll() {
+    auto unprotect = [this](uint64_t from, uint64_t len) {
+      struct uffdio_writeprotect wp = {};
+      wp.range.start = from;
+      wp.range.len = len;
+      for (int attempt = 0; attempt < 100; attempt++) {
+        if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0) return true;
+        if (errno != EAGAIN && errno != EINTR) return false;
+        Drain();
+      }
+      return false;
+    };
+    if (unprotect(start, length)) return;
+    for (uint64_t i = 0; i < pages; i++)
+      if (state[i].load() != kDone) unprotect(start + i * pageSize, pageSize);
   }
 
   // After finishing, until the JS thread joins (and then closes the uffd at once): keep reading,
@@ -410,7 +489,8 @@ Napi::Object Stats(Napi::Env env, Engine* e) {
   num("elapsedMs", static_cast<double>(end - e->instantNs) / 1e6);
   o.Set("done", Napi::Boolean::New(env, e->finished.load()));
   o.Set("populated", Napi::Boolean::New(env, e->populated));
-  o.Set("copyMethod", Napi::String::New(env, MethodName(e->method)));
+  const char* used = e->usedMethod.load();
+  o.Set("copyMethod", Napi::String::New(env, used != nullptr ? used : MethodName(e->method)));
   return o;
 }
 
@@ -507,9 +587,19 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
       if (!(c >= 1)) ThrowRangeError(env, "chunkSize must be >= 1");
       e->chunkSize = static_cast<uint64_t>(c);
     }
+    e->backgroundIdle = opts.Get("backgroundPriority").IsString() &&
+                        opts.Get("backgroundPriority").As<Napi::String>().Utf8Value() == "idle";
+    if (opts.Get("faultAround").IsNumber()) {
+      double f = opts.Get("faultAround").As<Napi::Number>().DoubleValue();
+      if (!(f >= 0)) ThrowRangeError(env, "faultAround must be >= 0");
+      e->faultAround = static_cast<uint64_t>(f);
+    }
     if (opts.Get("maxBytesPerSecond").IsNumber())
       e->maxBytesPerSecond = opts.Get("maxBytesPerSecond").As<Napi::Number>().DoubleValue();
-    e->copied.assign(e->pages, 0);
+    e->state.reset(new std::atomic<uint8_t>[e->pages]);
+    for (uint64_t i = 0; i < e->pages; i++) e->state[i].store(kFree, std::memory_order_relaxed);
+    e->faultCopier.method = e->backgroundCopier.method = e->method;
+    e->faultCopier.fixed = e->backgroundCopier.fixed = e->methodFixed;
 
     if (opts.Get("populate").ToBoolean()) {
       // Without WP_UNPOPULATED, WRITEPROTECT skips empty page-table entries: fill them first.

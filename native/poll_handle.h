@@ -10,6 +10,7 @@
 #include <functional>
 #include <utility>
 
+#include "addon_data.h"
 #include "uffd.h"
 
 class PollHandle {
@@ -33,6 +34,8 @@ class PollHandle {
     h->onTeardown_ = std::move(onTeardown);
     h->onClosed_ = std::move(onClosed);
     napi_add_async_cleanup_hook(env, OnEnvTeardown, h, &h->hook_);
+    h->data_ = GetAddonData(env);
+    h->data_->pollHandles++;
     return h;
   }
 
@@ -59,6 +62,7 @@ class PollHandle {
   void Close() {
     if (closing_) return;
     closing_ = true;
+    data_->pollHandles--;  // the AddonData outlives every cleanup hook, so it is still there
     ready_ = nullptr;
     onTeardown_ = nullptr;
     uv_poll_stop(&poll_);
@@ -91,6 +95,7 @@ class PollHandle {
   uv_poll_t poll_;
   napi_async_cleanup_hook_handle hook_ = nullptr;
   bool closing_ = false;
+  AddonData* data_ = nullptr;
   ReadyCallback ready_;
   std::function<void()> onTeardown_;
   std::function<void()> onClosed_;

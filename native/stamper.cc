@@ -13,7 +13,11 @@
 //   .counts() -> Float64Array: writes completed by each thread (the k of its last write)
 //   .order(t) -> Uint32Array: thread t's slots in write order
 //   .initial(t) -> BigUint64Array: the first word of each of them before any write
+//   .maxGapMs(reset?) -> the longest time any thread took for 64 consecutive writes (its longest
+//     stall, to ~64 writes' precision) since the start or the last reset
 //   .stop() -> Promise<{ counts: Float64Array, stale: number }>
+#include <time.h>
+
 #include <atomic>
 #include <memory>
 #include <thread>
@@ -34,14 +38,22 @@ struct StampJob {
   std::vector<std::vector<uint64_t>> initial;
   std::unique_ptr<std::atomic<uint64_t>[]> counts;
   std::atomic<uint64_t> stale{0};
+  std::atomic<uint64_t> maxGapNs{0};
   std::atomic<bool> stop{false};
   std::atomic<int> running{0};
   std::vector<std::thread> workers;
   Napi::ThreadSafeFunction tsfn;
   Napi::Promise::Deferred deferred;
   bool settled = false;
+  std::shared_ptr<StampJob>* hookArg = nullptr;  // env teardown hook's reference, while registered
   explicit StampJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
+
+inline uint64_t NowNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
 
 inline uint64_t Stamp(int t, uint64_t k) { return (static_cast<uint64_t>(t) + 1) << 40 | k; }
 
@@ -50,7 +62,13 @@ void StampLoop(StampJob* job, int t) {
   size_t n = own.size();
   if (n == 0) return;
   std::vector<uint64_t> last(job->initial[t]);
+  uint64_t mark = NowNs();
   for (uint64_t k = 1; !job->stop.load(std::memory_order_relaxed); k++) {
+    if ((k & 63) == 0) {
+      uint64_t now = NowNs();
+      if (now - mark > job->maxGapNs.load(std::memory_order_relaxed)) job->maxGapNs.store(now - mark, std::memory_order_relaxed);
+      mark = now;
+    }
     size_t j = static_cast<size_t>((k - 1) % n);
     volatile uint64_t* slot = reinterpret_cast<volatile uint64_t*>(job->base + own[j] * kSlot);
     if (slot[0] != last[j]) job->stale.fetch_add(1, std::memory_order_relaxed);
@@ -67,6 +85,19 @@ Napi::Float64Array Counts(Napi::Env env, StampJob* job) {
   return out;
 }
 
+// Environment teardown (a worker exiting) while writers run: stop and join them before the
+// memory they write is unmapped. Hooks run in reverse order of registration, so a snapshot taken
+// after the stamper started has already released writers blocked in its faults.
+void OnEnvTeardown(void* arg) {
+  auto* kept = static_cast<std::shared_ptr<StampJob>*>(arg);
+  StampJob* job = kept->get();
+  job->hookArg = nullptr;
+  job->stop.store(true);
+  for (auto& w : job->workers)
+    if (w.joinable()) w.join();
+  delete kept;
+}
+
 class Stamper : public Napi::ObjectWrap<Stamper> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -76,6 +107,7 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
                            InstanceMethod<&Stamper::Order>("order"),
                            InstanceMethod<&Stamper::Initial>("initial"),
                            InstanceMethod<&Stamper::Stop>("stop"),
+                           InstanceMethod<&Stamper::MaxGapMs>("maxGapMs"),
                        });
   }
 
@@ -127,6 +159,8 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
             if (w.joinable()) w.detach();
           delete k;
         });
+    job_->hookArg = new std::shared_ptr<StampJob>(job_);
+    napi_add_env_cleanup_hook(env, OnEnvTeardown, job_->hookArg);
     for (int t = 0; t < threads; t++) {
       std::shared_ptr<StampJob> job = job_;
       job_->workers.emplace_back([job, t]() {
@@ -138,6 +172,11 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
             for (auto& w : j->workers)
               if (w.joinable()) w.join();
             j->settled = true;
+            if (j->hookArg != nullptr) {
+              napi_remove_env_cleanup_hook(env, OnEnvTeardown, j->hookArg);
+              delete j->hookArg;
+              j->hookArg = nullptr;
+            }
             Napi::Object out = Napi::Object::New(env);
             out.Set("counts", Counts(env, j));
             out.Set("stale", Napi::Number::New(env, static_cast<double>(j->stale.load())));
@@ -152,22 +191,23 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
  private:
   Napi::Value GetCounts(const Napi::CallbackInfo& info) { return Counts(info.Env(), job_.get()); }
 
-  Napi::Value Order(const Napi::CallbackInfo& info) {
+  // A per-thread vector (argument 0 picks the thread) as a typed array.
+  template <typename Array, typename T>
+  Napi::Value PerThread(const Napi::CallbackInfo& info, const std::vector<std::vector<T>>& of) {
     int t = ArgI32(info, 0, "thread");
     if (t < 0 || t >= job_->threads) ThrowRangeError(info.Env(), "no such thread");
-    const auto& own = job_->order[t];
-    auto out = Napi::Uint32Array::New(info.Env(), own.size());
-    for (size_t i = 0; i < own.size(); i++) out[i] = own[i];
+    auto out = Array::New(info.Env(), of[t].size());
+    for (size_t i = 0; i < of[t].size(); i++) out[i] = of[t][i];
     return out;
   }
 
-  Napi::Value Initial(const Napi::CallbackInfo& info) {
-    int t = ArgI32(info, 0, "thread");
-    if (t < 0 || t >= job_->threads) ThrowRangeError(info.Env(), "no such thread");
-    const auto& v = job_->initial[t];
-    auto out = Napi::BigUint64Array::New(info.Env(), v.size());
-    for (size_t i = 0; i < v.size(); i++) out[i] = v[i];
-    return out;
+  Napi::Value Order(const Napi::CallbackInfo& info) { return PerThread<Napi::Uint32Array>(info, job_->order); }
+  Napi::Value Initial(const Napi::CallbackInfo& info) { return PerThread<Napi::BigUint64Array>(info, job_->initial); }
+
+  Napi::Value MaxGapMs(const Napi::CallbackInfo& info) {
+    double ms = static_cast<double>(job_->maxGapNs.load()) / 1e6;
+    if (info[0].ToBoolean()) job_->maxGapNs.store(0);
+    return Napi::Number::New(info.Env(), ms);
   }
 
   // Resolves once every writer has stopped (a writer blocked in a fault stops after it is woken).

@@ -1,11 +1,19 @@
 // One watchdog thread per environment, running only while some uffd is watched. Every tick it
 // reads /proc/self/task/<js tid>/wchan: "handle_userfault" means the JS thread sleeps in a
-// userfault. If at the same time a uffd that this very thread reads has unread messages (poll
-// says readable) for longer than its timeout, nobody will ever resolve the fault: report and
-// abort. (Reading the messages to check the fault's tid would steal them from the JS reader.)
+// userfault. If at the same time a uffd that this very thread reads has had unread messages
+// (poll says readable) for longer than its timeout, the JS thread may be waiting for itself.
+// To be sure, the watchdog reads the unread page faults itself (they come before events, and
+// /proc/self/fdinfo says how many there are, so no event is taken) and looks at their thread
+// ids (the library asks for UFFD_FEATURE_THREAD_ID): if one is the JS thread's, nobody will
+// ever resolve it: report and abort. If none is, the JS thread is waiting on someone else's
+// uffd (a worker's, say): the faults read are woken with UFFDIO_WAKE, fault again, and reach the
+// JS reader as new messages. A uffd without THREAD_ID (received from elsewhere) cannot tell:
+// it is left alone.
 #include "watchdog.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +29,7 @@
 #include <thread>
 
 #include "addon_data.h"
+#include "uapi.h"
 
 struct Watchdog {
   std::mutex mu;
@@ -46,6 +55,60 @@ bool InUserfault(pid_t tid) {
   ssize_t n = read(fd, buf, sizeof(buf) - 1);
   close(fd);
   return n > 0 && strncmp(buf, "handle_userfault", 16) == 0;
+}
+
+// From /proc/self/fdinfo/<fd>: unread page faults ("pending") and the fd's features ("API:
+// <api>:<features>:<ioctls>"). False if the file could not be read.
+bool ReadFdInfo(int fd, long* unread, uint64_t* features) {
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+  int f = open(path, O_RDONLY | O_CLOEXEC);
+  if (f < 0) return false;
+  char buf[1024];
+  ssize_t n = read(f, buf, sizeof(buf) - 1);
+  close(f);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  const char* pending = strstr(buf, "pending:");
+  const char* api = strstr(buf, "API:");
+  if (pending == nullptr || api == nullptr) return false;
+  *unread = strtol(pending + 8, nullptr, 10);
+  const char* colon = strchr(api, ':');
+  colon = colon == nullptr ? nullptr : strchr(colon + 1, ':');
+  if (colon == nullptr) return false;
+  *features = strtoull(colon + 1, nullptr, 16);
+  return true;
+}
+
+enum class Verdict { Deadlock, NotOurs, Unknown };
+
+// Reads the unread page faults of `fd`: Deadlock if one of them is `tid`'s. The others are
+// woken so that they fault again for the JS reader. Unknown without THREAD_ID (nothing read).
+Verdict CheckFaults(int fd, pid_t tid) {
+  long unread = 0;
+  uint64_t features = 0;
+  if (!ReadFdInfo(fd, &unread, &features) || (features & UFFD_FEATURE_THREAD_ID) == 0) return Verdict::Unknown;
+  // Only events unread: the JS thread's fault (a page fault message) is not on this uffd.
+  if (unread <= 0) return Verdict::NotOurs;
+  bool ours = false;
+  for (long i = 0; i < unread; i++) {
+    struct uffd_msg msg;
+    ssize_t got = read(fd, &msg, sizeof(msg));
+    if (got != static_cast<ssize_t>(sizeof(msg))) break;  // EAGAIN: resolved meanwhile
+    if (msg.event != UFFD_EVENT_PAGEFAULT) {
+      // A fault went away between fdinfo and read (a signal), and an event came next: it is
+      // lost to the JS reader. Rare; say so rather than hide it.
+      const char warn[] = "userfaultfd: watchdog: read an event while checking for a deadlock; it is lost\n";
+      ssize_t w = write(2, warn, sizeof(warn) - 1);
+      (void)w;
+      continue;
+    }
+    if (static_cast<pid_t>(msg.arg.pagefault.feat.ptid) == tid) ours = true;
+    struct uffdio_range range = {msg.arg.pagefault.address & ~static_cast<uint64_t>(getpagesize() - 1),
+                                 static_cast<uint64_t>(getpagesize())};
+    ioctl(fd, UFFDIO_WAKE, &range);
+  }
+  return ours ? Verdict::Deadlock : Verdict::NotOurs;
 }
 
 [[noreturn]] void Report(pid_t tid, int fd, long ms, const std::string& advice) {
@@ -85,7 +148,18 @@ void Run(Watchdog* dog) {
       if (poll(&p, 1, 0) == 1 && (p.revents & POLLIN)) {
         auto it = since.emplace(fd, now).first;
         long ms = std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second).count();
-        if (ms >= timeout) Report(dog->jsTid, fd, ms, dog->advice[fd]);
+        if (ms < timeout) continue;
+        const std::string& advice = dog->advice[fd];
+        // A FaultServer's notice fd (advice set) is readable only while work that just the JS
+        // thread can do waits: no fault to inspect. A uffd: look at whose faults are unread.
+        // Unknown: a uffd received from elsewhere without THREAD_ID, most likely serving another
+        // process's memory (Firecracker's, a fork child's), which the JS thread cannot wait on.
+        // Killing a healthy handler would be worse than missing that rare case: no verdict.
+        if (advice.empty() && CheckFaults(fd, dog->jsTid) != Verdict::Deadlock) {
+          since.erase(fd);  // the JS thread waits for someone else; look again later
+          continue;
+        }
+        Report(dog->jsTid, fd, ms, advice);
       } else {
         since.erase(fd);
       }

@@ -21,9 +21,9 @@ export interface EventsOptions {
   /** Events queued before the reader stops reading the fd (default 1024). */
   highWaterMark?: number
   /**
-   * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds
-   * unread messages for this long (ms), print why and abort instead of hanging forever.
-   * Default 1000; false disables it.
+   * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
+   * unread fault of this very thread for this long (ms), print why and abort instead of hanging
+   * forever. Default 1000; false disables it.
    */
   watchdog?: number | false
 }
@@ -37,6 +37,8 @@ export interface EventSource {
   _onBatch(events: UffdEvent[]): void
   /** called when the stream ends */
   _onStreamEnd(stream: EventStream): void
+  /** events read but never handed out (the stream ended first) */
+  _release(events: UffdEvent[]): void
   /** whether the reader should keep the process alive */
   _wantsRef(): boolean
 }
@@ -190,13 +192,14 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     this.#ended = true
     this.#reader.close()
     this.#signal?.removeEventListener('abort', this.#onAbort)
-    // Events already read are still delivered on a plain end; an abort or error drops them
-    // (faulting threads then stay blocked until the uffd is closed or someone else resolves).
-    if (error !== undefined) {
-      this.#error = error
-      this.#queue = []
-      this.#queued = 0
-    }
+    if (error !== undefined) this.#error = error
+    // Events read but never handed out would strand their threads: the source wakes them to
+    // fault again for the next reader, and closes fork uffds nobody will serve.
+    const leftovers = this.#queue.flatMap((batch, i) => i === 0 ? batch.slice(this.#head) : batch)
+    this.#queue = []
+    this.#head = 0
+    this.#queued = 0
+    if (leftovers.length > 0) this.#source._release(leftovers)
     for (const w of this.#waiters.splice(0)) {
       if (error !== undefined) w.reject(error)
       else w.resolve({ done: true, value: undefined })

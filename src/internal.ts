@@ -52,15 +52,22 @@ export async function madviseOnThread(range: RangeLike, advice: Advice): Promise
   return errno
 }
 
-/** fork(2) from a native thread; the child exits at once and is reaped. Resolves with its pid. */
-export async function forkOnThread(): Promise<{ pid: number, status: number, errno: number }> {
-  const { pid, status, errno } = await native.forkOnThread()
+/**
+ * fork(2) from a native thread; the child exits at once and is reaped. With `readAt`, the child
+ * first reads the u64 there (faulting, for the fork's uffd, where it is missing) and exits with
+ * its low byte as status. Resolves with the child's pid and wait status.
+ */
+export async function forkOnThread(readAt?: bigint): Promise<{ pid: number, status: number, errno: number }> {
+  const { pid, status, errno } = await native.forkOnThread(readAt)
   return { pid, status, errno }
 }
 
-/** mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read). */
-export async function mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<{ address: bigint, errno: number }> {
-  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength)
+/**
+ * mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read); with
+ * `fixedTo`, MREMAP_FIXED to that address.
+ */
+export async function mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<{ address: bigint, errno: number }> {
+  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength, fixedTo)
   return { address: result, errno }
 }
 
@@ -94,4 +101,9 @@ export function startStamper(range: RangeLike, options: StamperOptions = {}): im
 /** The stamp stamper thread `thread` writes on its `k`-th write. */
 export function stampOf(thread: number, k: number): bigint {
   return (BigInt(thread + 1) << 40n) | BigInt(k)
+}
+
+/** uv poll handles (event streams, fd watchers) this thread's environment has open: leak checks. */
+export function openPollHandles(): number {
+  return native.openPollHandles()
 }

@@ -66,6 +66,7 @@ export class Mapping implements Range {
   readonly kind: 'anonymous' | 'memfd'
   readonly hugetlb: boolean
   #handle: MappingHandle | null
+  #unmapListeners: Array<(address: bigint, length: number) => void> = []
 
   private constructor(handle: MappingHandle, kind: 'anonymous' | 'memfd', hugetlb: boolean) {
     this.#handle = handle
@@ -169,7 +170,7 @@ export class Mapping implements Range {
    * range registered with EVENT_REMOVE block this thread until the event is read.
    */
   madvise(advice: Advice, offset = 0, length = this.length - offset): void {
-    const value = c.Advice[advice]
+    const value = Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
     if (value === undefined) throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
     this.#span(offset, length, 'madvise')
     this.#live('madvise').madvise(offset, length, value)
@@ -187,7 +188,14 @@ export class Mapping implements Range {
     const handle = this.#handle
     if (handle === null) return
     this.#handle = null
+    const { address, length } = this
     handle.unmap()
+    for (const listener of this.#unmapListeners.splice(0)) listener(address, length)
+  }
+
+  /** @internal told after unmap(): uffds forget the range (it no longer keeps a process alive). */
+  _onUnmap(listener: (address: bigint, length: number) => void): void {
+    if (this.#handle !== null) this.#unmapListeners.push(listener)
   }
 
   [Symbol.dispose](): void {

@@ -3,6 +3,7 @@
 import * as fs from 'fs'
 import * as path from 'path'
 import bindings from 'bindings'
+import type { SnapshotStats } from './live-snapshot'
 
 type Bytes = ArrayBuffer | ArrayBufferView
 type U64 = bigint | number
@@ -47,25 +48,9 @@ export interface TouchResult {
   errno: number
 }
 
-export interface SnapshotEngineProgress {
-  totalBytes: number
-  bytesCopied: number
-  pagesCopied: number
-  totalPages: number
-  faultCopies: number
-  backgroundCopies: number
-  faults: number
-  wakes: number
-  protectMs: number
-  elapsedMs: number
-  done: boolean
-  populated: boolean
-  copyMethod: 'pwrite' | 'process_vm_readv' | 'pipe'
-}
-
 export interface SnapshotEngine {
-  done: Promise<SnapshotEngineProgress>
-  progress(): SnapshotEngineProgress
+  done: Promise<SnapshotStats>
+  progress(): SnapshotStats
   cancel(): void
   join(): void
 }
@@ -74,6 +59,7 @@ export interface Stamper {
   counts(): Float64Array
   order(thread: number): Uint32Array
   initial(thread: number): BigUint64Array
+  maxGapMs(reset?: boolean): number
   stop(): Promise<{ counts: Float64Array, stale: number }>
 }
 
@@ -99,17 +85,19 @@ export interface Binding {
   touch(addresses: BigUint64Array, options: { write?: boolean, value?: bigint, threads?: number,
     timings?: boolean }): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
-  forkOnThread(): Promise<TouchResult & { pid: number, status: number }>
-  mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
+  forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number, status: number }>
+  mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<TouchResult & { result: bigint }>
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
+  openPollHandles(): number
   readMessages(fd: number, view: ArrayBufferView): number
   pagemapScan(pid: number, start: U64, end: U64, flags: U64, categoryInverted: U64, categoryMask: U64,
     categoryAnyofMask: U64, returnMask: U64, maxPages: U64, maxRegions: U64): { regions: BigUint64Array, walkEnd: bigint }
   pagemapScanProbe(): number
   SnapshotEngine: new (uffd: number, start: bigint, length: number, pageSize: number,
     sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
-    options: { chunkSize?: number, maxBytesPerSecond?: number, populate?: boolean, copyMethod?: string }) => SnapshotEngine
+    options: { chunkSize?: number, faultAround?: number, maxBytesPerSecond?: number, backgroundPriority?: string, populate?: boolean,
+      copyMethod?: string }) => SnapshotEngine
   Stamper: new (address: bigint, length: number, options: { threads?: number, shuffle?: boolean, seed?: number }) => Stamper
 }
 

@@ -33,6 +33,9 @@ export const PagemapScanFlag = Object.freeze({
 } as const)
 
 const ALL_CATEGORIES = Object.values(PageCategory).reduce((a, b) => a | b, 0)
+// The default return mask: every category of the original ABI (6.7). GUARD came in 6.14, and a
+// kernel that does not know a bit rejects the call, so it is reported only when asked for.
+const DEFAULT_RETURN = ALL_CATEGORIES & ~PageCategory.GUARD
 const ALL_FLAGS = PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC
 const MAX_REGIONS = 1 << 20
 
@@ -45,7 +48,7 @@ export interface PagemapScanOptions {
   categoryMask?: number
   /** report only pages matching ANY of these categories (after inversion) */
   categoryAnyofMask?: number
-  /** categories to report in each region (default: every category) */
+  /** categories to report in each region (default: every category but GUARD, which needs 6.14+) */
   returnMask?: number
   /** stop after this many pages (0: no limit) */
   maxPages?: number
@@ -96,7 +99,7 @@ export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}):
   const categoryInverted = mask(options.categoryInverted, 'categoryInverted', ALL_CATEGORIES)
   const categoryMask = mask(options.categoryMask, 'categoryMask', ALL_CATEGORIES)
   const categoryAnyofMask = mask(options.categoryAnyofMask, 'categoryAnyofMask', ALL_CATEGORIES)
-  const returnMask = options.returnMask === undefined ? ALL_CATEGORIES : mask(options.returnMask, 'returnMask', ALL_CATEGORIES)
+  const returnMask = options.returnMask === undefined ? DEFAULT_RETURN : mask(options.returnMask, 'returnMask', ALL_CATEGORIES)
   if (returnMask === 0) throw new RangeError('returnMask must name at least one category (regions would carry nothing)')
   const maxPages = options.maxPages ?? 0
   if (!Number.isSafeInteger(maxPages) || maxPages < 0) throw new RangeError(`maxPages must be a non-negative integer (got ${describe(maxPages)})`)

@@ -1,6 +1,6 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { native } from './native'
-import { Feature, Mode, OpenFlag, UFFD_MSG_SIZE, featureNames } from './constants'
+import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
@@ -61,6 +61,7 @@ export class Userfaultfd {
   #view: DataView | undefined
   #stream: EventStream | undefined
   #registered = new IntervalSet()
+  #followed = new WeakSet<object>()  // Mappings whose unmap() we listen to
   #refed = true
   #readListeners = new Set<() => void>()
   /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
@@ -106,7 +107,6 @@ export class Userfaultfd {
     const order: Via[] = via === 'auto' ? ['syscall', 'device'] : [via]
     let fd = -1
     let used: Via = order[0]
-    let lastError: unknown
     const failures: Array<{ path: Via, err: UffdError }> = []
     for (const path of order) {
       try {
@@ -114,7 +114,6 @@ export class Userfaultfd {
         used = path
         break
       } catch (err) {
-        lastError = err
         failures.push({ path, err: err as UffdError })
         if (!FALLBACK_CODES.has((err as UffdError).code)) break
       }
@@ -122,13 +121,12 @@ export class Userfaultfd {
     if (fd < 0) {
       // 'auto' tried both: report the permission error (the syscall's EPERM in a Docker container
       // without --device, say) over the device's mere absence (ENOENT), and name the other one.
-      let err = lastError as UffdError
       // The last attempt stands when it was itself refused (EACCES on the device, say).
-      const denied = isPermissionError(err) ? undefined : failures.find((f) => isPermissionError(f.err))
-      if (denied !== undefined && denied.err !== err) {
-        const other = failures[failures.length - 1].path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'
-        denied.err.message += ` (and ${other}: ${err.code})`
-        err = denied.err
+      const last = failures[failures.length - 1]
+      const denied = isPermissionError(last.err) ? last : failures.find((f) => isPermissionError(f.err)) ?? last
+      const err = denied.err
+      for (const f of failures) {
+        if (f !== denied) err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
       }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
       throw err
@@ -137,7 +135,11 @@ export class Userfaultfd {
     try {
       // The kernel's answer lists every feature it offers, not what this fd got: the fd gets
       // what was asked for, plus WP_UNPOPULATED, which WP_ASYNC implies (the kernel turns it on).
-      const [, ioctls] = native.api(fd, features)
+      // THREAD_ID is always asked for where offered: the deadlock watchdog tells by the faulting
+      // thread's id whether the JS thread waits for itself (it is not reported in `features`
+      // unless asked for, and events carry `tid` only then).
+      const internal = (probe().features & Feature.THREAD_ID) !== 0n ? Feature.THREAD_ID : 0n
+      const [, ioctls] = native.api(fd, features | internal)
       const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
@@ -194,6 +196,7 @@ export class Userfaultfd {
       const ioctls = native.register(fd, r.address, r.length, mode)
       this.#registered.add(r.address, r.address + BigInt(r.length))
       this.#stream?.updateRef()
+      this.#followUnmap(range)
       return ioctls
     } catch (err) {
       const e = err as UffdError
@@ -201,9 +204,23 @@ export class Userfaultfd {
         withHint(e, 'MINOR faults need shared memory (shmem or hugetlbfs: Mapping.memfd), not anonymous memory')
       } else if (e.code === 'EBUSY') {
         withHint(e, 'another userfaultfd already registered (part of) this range')
+      } else if (e.code === 'EINVAL') {
+        withHint(e, 'the range must be mapped (no part of it a hole), page-aligned, of a kind the mode supports (WP and MINOR on hugetlb/shmem need Feature.WP_HUGETLBFS_SHMEM / MINOR_HUGETLBFS / MINOR_SHMEM), and not VM_PFNMAP/IO memory')
       }
       throw e
     }
+  }
+
+  // A Mapping's unmap() unregisters it in the kernel without an event (unless EVENT_UNMAP):
+  // forget it here too, so that it stops keeping the process alive.
+  #followUnmap(range: RangeLike): void {
+    const mapping = range as { _onUnmap?: (listener: (address: bigint, length: number) => void) => void }
+    if (typeof mapping._onUnmap !== 'function' || this.#followed.has(mapping)) return
+    this.#followed.add(mapping)
+    mapping._onUnmap((address, length) => {
+      this.#registered.remove(address, address + BigInt(length))
+      this.#stream?.updateRef()
+    })
   }
 
   /** UFFDIO_UNREGISTER. */
@@ -393,6 +410,25 @@ export class Userfaultfd {
   /** @internal */
   _onStreamEnd(stream: EventStream): void {
     if (this.#stream === stream) this.#stream = undefined
+  }
+
+  /**
+   * @internal events a stream read but never handed out: each faulting thread is woken to fault
+   * again (the next reader gets it), and fork uffds, which nobody will serve, are closed.
+   */
+  _release(events: UffdEvent[]): void {
+    for (const e of events) {
+      if (e.type === 'fork') {
+        e.uffd.close()
+      } else if (e.type === 'pagefault' && this.#fd >= 0) {
+        // The kernel matches waiters by the address in their message, whatever the page size.
+        try {
+          native.wake(this.#fd, e.address & ~BigInt(PAGE_SIZE - 1), PAGE_SIZE)
+        } catch {
+          // Nothing better to do from an ending stream: the thread waits for the next resolver.
+        }
+      }
+    }
   }
 
   /** @internal keep the process alive? Only while something can fault (or the fd came from elsewhere). */

@@ -2,7 +2,7 @@
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
-import { collect, stampedPage } from './helpers/events'
+import { collect, countFds, stampedPage } from './helpers/events'
 import { env, needs } from './helpers/env'
 
 const cleanup: Array<() => void> = []
@@ -146,6 +146,27 @@ describe('events(): typed events', () => {
   })
 })
 
+describe('events(): fork', () => {
+  it('the fork event\'s uffd serves the child\'s own faults', async (ctx) => {
+    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
+    const uffd = track(Userfaultfd.open({ features: Feature.EVENT_FORK }))
+    const m = track(Mapping.anonymous(2 * PAGE_SIZE))
+    uffd.register(m)
+    // The child reads the (missing) second page and exits with the low byte of what it read.
+    const forked = forkOnThread(m.address + BigInt(PAGE_SIZE))
+    const [fork] = await collect(uffd.events(), 1)
+    expect(fork.type).toBe('fork')
+    const child = track((fork as Extract<UffdEvent, { type: 'fork' }>).uffd)
+    const [fault] = await collect(child.events(), 1)
+    expect(fault).toMatchObject({ type: 'pagefault', address: m.address + BigInt(PAGE_SIZE), write: false })
+    expect(child.copy(m.address + BigInt(PAGE_SIZE), stampedPage(0x1234_5642n))).toBe(PAGE_SIZE)
+    const { status } = await forked
+    expect(status >> 8).toBe(0x42) // WEXITSTATUS: the child read our page
+    // The parent's own memory was never served.
+    expect(uffd.copy(m.address + BigInt(PAGE_SIZE), stampedPage(7n))).toBe(PAGE_SIZE)
+  })
+})
+
 describe('events(): ending', () => {
   it('ends when the uffd is closed, resolving a pending next()', async () => {
     const uffd = Userfaultfd.open()
@@ -185,6 +206,52 @@ describe('events(): ending', () => {
     await reader
     const again = uffd.events()
     again.close()
+  })
+
+  it('faults read but not handed out when the consumer breaks are woken and reach the next stream', async () => {
+    const uffd = track(Userfaultfd.open())
+    const m = track(Mapping.anonymous(4 * PAGE_SIZE))
+    uffd.register(m)
+    const reader = touch(pages(m), { threads: 4 })
+    const stream = uffd.events()
+    // Wait until the stream holds every fault (some in its queue), then take one and leave.
+    const deadline = Date.now() + 5000
+    while (stream.queued < 4 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+    expect(stream.queued).toBe(4)
+    for await (const e of stream) {
+      uffd.copy((e as Extract<UffdEvent, { type: 'pagefault' }>).address, stampedPage(1n))
+      break
+    }
+    // The other three faulted again: a new stream gets them.
+    const again = await collect(uffd.events(), 3, (e) => e.type === 'pagefault')
+    const left = new Set(again.map((e) => (e as Extract<UffdEvent, { type: 'pagefault' }>).address))
+    expect(left.size).toBe(3)
+    for (const address of left) uffd.copy(address, stampedPage(2n))
+    const { values } = await reader
+    expect([...values].sort()).toEqual([1n, 2n, 2n, 2n])
+  })
+
+  it('an abort releases queued faults and closes queued fork uffds', async (ctx) => {
+    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks')
+    const uffd = track(Userfaultfd.open({ features: Feature.EVENT_FORK }))
+    const m = track(Mapping.anonymous(2 * PAGE_SIZE))
+    uffd.register(m)
+    const fds = countFds()
+    const ac = new AbortController()
+    const stream = uffd.events({ signal: ac.signal })
+    const reader = touch([m.address])
+    const forked = forkOnThread()
+    const deadline = Date.now() + 5000
+    while (stream.queued < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5))
+    expect(stream.queued).toBe(2)
+    ac.abort()
+    await expect(stream.next()).rejects.toMatchObject({ name: 'AbortError' })
+    // The fork uffd was closed (the child, unserved, just ran on) and the fault came back.
+    expect(countFds()).toBe(fds)
+    expect((await forked).status).toBe(0)
+    const [e] = await collect(uffd.events(), 1, (x) => x.type === 'pagefault')
+    uffd.copy((e as Extract<UffdEvent, { type: 'pagefault' }>).address, stampedPage(9n))
+    expect((await reader).values[0]).toBe(9n)
   })
 
   it('closing with a thread blocked in a fault wakes it: anonymous memory then reads as zeros', async () => {

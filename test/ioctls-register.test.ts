@@ -80,7 +80,8 @@ describe('register(): errors', () => {
     track({ close: () => { void munmapOnThread(addr, len) } })
     // Punch a hole in the middle (nothing registered yet: munmap raises no event).
     expect(await munmapOnThread(addr + BigInt(PAGE_SIZE), PAGE_SIZE)).toBe(0)
-    expectUffdError(() => uffd.register({ address: addr + BigInt(PAGE_SIZE), length: PAGE_SIZE }), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
+    const hole = expectUffdError(() => uffd.register({ address: addr + BigInt(PAGE_SIZE), length: PAGE_SIZE }), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
+    expect(hole.hint).toMatch(/must be mapped/)
     // Across the hole the kernel registers the mapped parts (as it does on 6.18).
     expect(uffd.register({ address: addr, length: len })).toBe(expected({}))
     expect(uffd.zeropage({ address: addr, length: PAGE_SIZE })).toBe(PAGE_SIZE)

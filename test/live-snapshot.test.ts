@@ -4,11 +4,14 @@ import { afterEach, describe, expect, it } from 'vitest'
 import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
+import { once } from 'events'
+import { Worker } from 'worker_threads'
 import * as index from '../src/index'
-import { Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
+import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/internal'
 import type { Stamper } from '../src/native'
 import { checkFinal, checkStamps } from './helpers/stamps'
+import { env } from './helpers/env'
 
 const MiB = 1024 * 1024
 const probe = Userfaultfd.probe()
@@ -37,6 +40,19 @@ function trackStamper(s: Stamper): Stamper {
   return s
 }
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+/** Every stamper thread writes again within `ms` (none is left blocked in a fault). */
+async function expectProgress(stamper: Stamper, ms = 2000): Promise<void> {
+  const c0 = stamper.counts()
+  const deadline = Date.now() + ms
+  let c = c0
+  while (Date.now() < deadline) {
+    await sleep(5)
+    c = stamper.counts()
+    if (c.every((v, t) => v > c0[t])) return
+  }
+  throw new Error(`stamper threads stuck: ${Array.from(c0)} -> ${Array.from(c)} in ${ms} ms`)
+}
 
 function bytesOf(m: Mapping): Uint8Array {
   const out = new Uint8Array(m.length)
@@ -90,9 +106,14 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(['process_vm_readv', 'pipe']).toContain(stats.copyMethod)
   })
 
-  it('4 writer threads, unthrottled, several snapshots in a row', { timeout: 60_000 }, async () => {
+  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 }, async () => {
+    const m = track(Mapping.anonymous(16 * MiB))
+    await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
+  })
+
+  it('4 writer threads, unthrottled, several snapshots in a row (fault-around 0, 64 KiB, 1 MiB)', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    for (let i = 0; i < 3; i++) await stampedSnapshot(m, bufferSink, {}, 4)
+    for (const faultAround of [0, 64 * 1024, MiB]) await stampedSnapshot(m, bufferSink, { faultAround }, 4)
   })
 
   it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', { timeout: 60_000 }, async () => {
@@ -123,7 +144,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
 
   it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB })
+    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB, faultAround: 0 })
     expect(stats.copyMethod).toBe('pipe')
   })
 
@@ -174,7 +195,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), { maxBytesPerSecond: 64 * MiB })
   })
 
-  it('a snapshot file restores into fresh memory (lazily, page by page)', { timeout: 60_000 }, async () => {
+  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     const stamper = startStamper(m, { threads: 2 })
     await sleep(20)
@@ -187,37 +208,10 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     const target = track(Mapping.anonymous(m.length))
     const uffd = Userfaultfd.open()
     cleanup.push(() => uffd.close())
-    const FaultServer = (index as Record<string, unknown>).FaultServer as undefined | (new (u: Userfaultfd) => {
-      serve(r: Mapping, s: object): unknown, close(): void })
-    let stop: () => void
-    if (FaultServer !== undefined) {
-      const server = new FaultServer(uffd)
-      server.serve(target, { file, offset: 0 })
-      stop = () => server.close()
-    } else {
-      // Until FaultServer is on this branch: the same { file, offset } contract, served from JS.
-      uffd.register(target)
-      const fd = fs.openSync(file, 'r')
-      const page = Buffer.alloc(PAGE_SIZE)
-      const ac = new AbortController()
-      void (async () => {
-        for await (const item of uffd.events({ signal: ac.signal })) {
-          const e = item as index.UffdEvent
-          if (e.type !== 'pagefault') continue
-          const off = Number(e.address - target.address) & ~(PAGE_SIZE - 1)
-          fs.readSync(fd, page, 0, PAGE_SIZE, off)
-          try {
-            uffd.copy(target.address + BigInt(off), page)
-          } catch (err) {
-            if ((err as UffdError).code !== 'EEXIST') throw err
-          }
-        }
-      })().catch(() => {})
-      stop = () => {
-        ac.abort()
-        fs.closeSync(fd)
-      }
-    }
+    // FaultServer serves the file lazily: page offset in the range = offset in the file.
+    const server = new FaultServer(uffd)
+    server.serve(target, { file, offset: 0 })
+    const stop = (): void => server.close()
     try {
       const read = await touch(pages(target), { threads: 2 })
       for (let i = 0; i < read.values.length; i++) expect(read.values[i]).toBe(expected.readBigUInt64LE(i * PAGE_SIZE))
@@ -252,10 +246,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await sleep(50)
     await snap.cancel()
     await expect(snap.done).rejects.toMatchObject({ code: 'ECANCELED', syscall: 'snapshot' })
-    const c1 = stamper.counts()
-    await sleep(30)
-    const c2 = stamper.counts()
-    expect(c2[0] + c2[1]).toBeGreaterThan(c1[0] + c1[1])
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
 
     const ac = new AbortController()
@@ -278,19 +269,20 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(await munmapOnThread(m.address + BigInt(half), half)).toBe(0)
     const err = await outcome
     expect(err).toBeInstanceOf(UffdError)
+    // From the UNMAP event, or from a copy that got there first (munmap unmaps, then reports).
     expect(err).toMatchObject({ code: 'EFAULT' })
-    expect((err as UffdError).message).toMatch(/unmapped/)
+    expect((err as UffdError).message).toMatch(/was unmapped|no longer mapped/)
     expect((err as UffdError & { stats: index.SnapshotStats }).stats.pagesCopied).toBeLessThan(m.length / PAGE_SIZE)
-    // Writers in the half still mapped run on.
-    const c1 = stamper.counts()
-    await sleep(30)
-    expect(stamper.counts()[0]).toBeGreaterThan(c1[0])
+    // Writers in the half still mapped run on (each makes progress within 2 s, however loaded the machine).
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
   })
 
   it('range unmapped under the copy with no event to warn it: EFAULT from the copy itself, no crash', { timeout: 30_000 }, async () => {
     // Every copy path must survive a source that vanishes (the pipe path is what runs in Docker).
-    for (const sink of ['process_vm_readv', 'pipe', 'file'] as const) {
+    // process_vm_readv only where seccomp allows it (Docker's profile: with CAP_SYS_PTRACE only)
+    if (!env.processVmReadv) console.log('process_vm_readv sink not tried: a seccomp filter without CAP_SYS_PTRACE refuses it here (the pipe path is what runs)')
+    for (const sink of (['process_vm_readv', 'pipe', 'file'] as const).filter((k) => k !== 'process_vm_readv' || env.processVmReadv)) {
       const m = Mapping.anonymous(32 * MiB)
       const snap = track(takeSnapshot(m, sink === 'file' ? { path: tmpFile('gone.bin') } : { buffer: new ArrayBuffer(m.length) },
         { maxBytesPerSecond: 64 * MiB, copyMethod: sink === 'file' ? undefined : sink, events: false }))
@@ -315,6 +307,32 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await expect(outcome).rejects.toMatchObject({ code: 'EFAULT', message: expect.stringMatching(/discarded/) })
   })
 
+  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 }, async () => {
+    const dist = path.join(__dirname, '..', 'dist')
+    for (const how of ['exit', 'terminate']) {
+      const worker = new Worker(`
+        const { parentPort } = require('worker_threads')
+        const { Mapping, takeSnapshot } = require(${JSON.stringify(dist)})
+        const { startStamper } = require(${JSON.stringify(path.join(dist, 'internal'))})
+        const m = Mapping.anonymous(64 * 1024 * 1024)
+        startStamper(m, { threads: 1 })
+        const snap = takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * 1024 * 1024 })
+        snap.done.catch(() => {})
+        setTimeout(() => ${JSON.stringify(how)} === 'exit' ? process.exit(0) : parentPort.postMessage('running'), 50)
+      `, { eval: true })
+      if (how === 'terminate') {
+        await once(worker, 'message')
+        await worker.terminate()
+      } else {
+        const [code] = await once(worker, 'exit')
+        expect(code).toBe(0)
+      }
+    }
+    // This process is fine: a snapshot still works here.
+    const m = track(Mapping.anonymous(MiB))
+    await track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).done
+  })
+
   it('rejects bad input before touching the memory', { timeout: 10_000 }, () => {
     const m = track(Mapping.anonymous(MiB))
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(RangeError)
@@ -328,8 +346,10 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 2 * MiB })).toThrow(/not aligned|multiple/)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { chunkSize: 0 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { faultAround: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
     // Not memory of this process: EINVAL/ENOMEM from the kernel, as a UffdError.
     expect(() => takeSnapshot({ address: 0x1000n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(UffdError)
     // A range another userfaultfd already registered: EBUSY.

@@ -196,6 +196,7 @@ describe('madvise() and protect()', () => {
   it('unknown advice or protection, bad numbers and unaligned spans are errors, not crashes', () => {
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     expect(() => m.madvise('forget' as never)).toThrow(/unknown advice 'forget'/)
+    expect(() => m.madvise('toString' as never)).toThrow(/unknown advice 'toString'/)
     expect(() => m.protect('w' as never)).toThrow(/unknown protection 'w'/)
     expect(() => m.protect(1.5)).toThrow(/prot must be a 32-bit integer/)
     expect(() => m.protect(Number.NaN)).toThrow(RangeError)

@@ -42,7 +42,7 @@ describe('package.json', () => {
     expect(pkg.engines.node).toBe('>=20.0.0')
     expect(pkg.dependencies).toHaveProperty('bindings')
     expect(pkg.bin).toEqual({ userfaultfd: 'dist/cli/index.js' })
-    for (const s of ['test:docker', 'test:pack', 'test:node-matrix', 'prebuilds']) expect(pkg.scripts).toHaveProperty(s)
+    for (const s of ['test:docker', 'test:pack', 'test:node-matrix', 'test:arm64', 'prebuilds']) expect(pkg.scripts).toHaveProperty(s)
   })
 
   it('the package name resolves from require and from import, to one instance', () => {

@@ -27,17 +27,7 @@ t0=$SECONDS
 say() { echo "test:docker: $*"; }
 
 # --- a Docker engine -----------------------------------------------------------------------
-if ! docker info >/dev/null 2>&1; then
-  if ! command -v dockerd >/dev/null; then
-    say "installing docker.io (Debian)"
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q docker.io >"$logs/apt.log" 2>&1 \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q docker.io >"$logs/apt.log" 2>&1; }
-  fi
-  say "starting dockerd (--iptables=false --bridge=none; containers use --network host)"
-  nohup dockerd --iptables=false --bridge=none >"$cache/dockerd.log" 2>&1 &
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-  docker info >/dev/null 2>&1 || { tail -20 "$cache/dockerd.log"; say "dockerd did not start"; exit 1; }
-fi
+scripts/docker/dockerd.sh
 
 # The build needs BuildKit (RUN --mount for the CA secret): a client with buildx, or Debian's
 # docker.io client (20.10), which has BuildKit built in.

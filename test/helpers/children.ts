@@ -8,6 +8,9 @@ export const dist = path.join(root, 'dist')
 
 const live = new Set<ChildProcess>()
 
+/** USERFAULTFD_TEST_TIME_SCALE (e.g. 6 under arm64 emulation) stretches the children's hard timeouts too. */
+export const timeScale = Number(process.env.USERFAULTFD_TEST_TIME_SCALE ?? '1') || 1
+
 export function killChildren(): void {
   for (const child of live) child.kill('SIGKILL')
   live.clear()
@@ -38,7 +41,7 @@ export function runCommand(file: string, args: string[], timeoutMs = 15_000, onS
     let stderr = ''
     child.stdout!.on('data', (d) => { stdout += d })
     child.stderr!.on('data', (d) => { stderr += d })
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs * timeScale)
     child.on('close', (code, signal) => {
       clearTimeout(timer)
       live.delete(child)
