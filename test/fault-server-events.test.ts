@@ -4,6 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type Userfaultfd as Uffd } from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
 import { closeAll, onCleanup, once, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
+import { env, needs } from './helpers/env'
 
 afterEach((ctx) => closeAll(ctx))
 
@@ -95,7 +96,8 @@ describe('FaultServer events', () => {
     expect(errors).toEqual([])
   })
 
-  it("FORK: the child's uffd is closed by default, or emitted with onFork 'emit'", async () => {
+  it("FORK: the child's uffd is closed by default, or emitted with onFork 'emit'", async (ctx) => {
+    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
     for (const onFork of ['close', 'emit'] as const) {
       const { m, server } = setup(8, { onFork }, Feature.EVENT_FORK)
       const src = randomContent(m.length)

@@ -290,6 +290,7 @@ describe('FaultServer bad input', () => {
     expect(() => new FaultServer(uffd, { onRemove: 'drop' as 'zero' })).toThrow(TypeError)
     expect(() => new FaultServer(uffd, null as unknown as object)).toThrow(TypeError)
     const server = track(new FaultServer(uffd))
+    expect(() => new FaultServer(uffd)).toThrow(/already has a FaultServer/)
     expect(() => server.serve(m, null as unknown as { zero: true })).toThrow(TypeError)
     expect(() => server.serve(m, {} as { zero: true })).toThrow(/one of/)
     expect(() => server.serve(m, { zero: false as true })).toThrow(TypeError)
@@ -316,6 +317,7 @@ describe('FaultServer bad input', () => {
     server.close()
     expect(() => server.serve(m.range(2 * PAGE_SIZE, PAGE_SIZE), { zero: true })).toThrow(/closed/)
     expect(server.closed).toBe(true)
+    track(new FaultServer(uffd)).close()  // the uffd is free again
   })
 
   it('a closed uffd cannot be served', () => {

@@ -40,7 +40,15 @@ export const env = {
   device: canOpen(() => native.openDevice(flags)),
   /** in a Docker (or similar) container */
   container: fs.existsSync('/.dockerenv') || fs.existsSync('/run/.containerenv'),
+  /** a seccomp filter is active (Docker's default profile, say) */
+  seccompFilter: /^Seccomp:\s*2$/m.test(fs.readFileSync('/proc/self/status', 'utf8')),
+  /**
+   * process_vm_readv(2) on this process is allowed: Docker's default seccomp profile permits it
+   * only with CAP_SYS_PTRACE (a heuristic: any seccomp filter without CAP_SYS_PTRACE counts as no)
+   */
+  processVmReadv: false,
 }
+env.processVmReadv = !env.seccompFilter || env.capSysPtrace
 
 /** Skips the test, saying why, unless `ok`. */
 export function needs(ctx: { skip: (note?: string) => void }, ok: boolean, why: string): void {
