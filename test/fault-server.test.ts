@@ -252,7 +252,9 @@ describe('FaultServer prefetch and drained()', () => {
   })
 
   it('prefetch pauses while demand faults keep coming (demand first), then completes', async () => {
-    const { server, m } = setup(2000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
+    // Demand (20 000 faults, one page each) lasts longer than the 64 MiB prefetch would alone,
+    // so the two overlap however the scheduler runs them.
+    const { server, m } = setup(20_000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
     const big = track(Mapping.anonymous(16384 * PAGE_SIZE))
     server.serve(big, { buffer: randomContent(big.length) }, { prefetch: true })
     server.serve(m, { zero: true })
