@@ -1,8 +1,10 @@
 // Live-snapshot benchmark: a 1 GiB snapshot of memory that a native writer thread keeps writing
 // (one 4 KiB slot per write, in a shuffled order over the whole range), against the floor:
-// stopping the writer and copying the memory (one memcpy), then letting it go on.
+// stopping the writer and copying the memory (one memcpy into a buffer, or write(2) of it to a file
+// in /dev/shm), then letting it go on.
 //
-//   npm run bench:live-snapshot [-- --mib 1024 --rounds 3 --sink buffer|file --hot MIB --chunk KIB --priority normal|idle]
+//   npm run bench:live-snapshot [-- --mib 1024 --rounds 3 --sink buffer|file --hot MIB --chunk KIB --around KIB
+//   --order shuffled|sequential --priority normal|idle]
 // --hot: the writer only writes the first MIB (a hot set); default: the whole range.
 //
 // Reported as ratios (medians over rounds), all measured in the same run:
@@ -38,15 +40,16 @@ async function round (memory, target, args, dir) {
   // The writer stamps the first `hot` MiB (all of it by default), in a shuffled order.
   const written = { address: memory.address, length: (args.hot || args.mib) * MiB }
   // Floor: stop the writer, copy, start it again. The writer loses the whole copy time.
-  let stamper = startStamper(written, { threads: 1, shuffle: true, seed: 1 })
+  let stamper = startStamper(written, { threads: 1, shuffle: args.order === 'shuffled', seed: 1 })
   await sleep(100)
   const idle1 = await idleRate(stamper, 300)
   await stamper.stop()
   const f0 = now()
   if (sinkKind === 'file') {
+    // One write(2) straight from the memory, as the live snapshot's pwrite(2)s do.
     const fd = fs.openSync(path.join(dir, 'floor.bin'), 'w')
-    memory.read(0, target)
-    fs.writeSync(fd, target)
+    const view = new Uint8Array(memory.buffer)
+    for (let done = 0; done < view.length;) done += fs.writeSync(fd, view, done, view.length - done)
     fs.closeSync(fd)
   } else {
     memory.read(0, target)
@@ -54,7 +57,7 @@ async function round (memory, target, args, dir) {
   const floorMs = now() - f0
 
   // Live: the writer keeps going.
-  stamper = startStamper(written, { threads: 1, shuffle: true, seed: 2 })
+  stamper = startStamper(written, { threads: 1, shuffle: args.order === 'shuffled', seed: 2 })
   await sleep(100)
   const idle2 = await idleRate(stamper, 300)
   const idle = (idle1 + idle2) / 2
@@ -64,6 +67,7 @@ async function round (memory, target, args, dir) {
   const l0 = now()
   const options = { backgroundPriority: args.priority }
   if (args.chunk > 0) options.chunkSize = args.chunk * 1024
+  if (args.around >= 0) options.faultAround = args.around * 1024
   const snap = takeSnapshot(memory, sink, options)
   const stats = await snap.done
   const liveMs = now() - l0
@@ -85,7 +89,7 @@ async function round (memory, target, args, dir) {
 }
 
 async function main () {
-  const args = parseArgs(process.argv.slice(2), { mib: 1024, rounds: 3, sink: 'buffer', hot: 0, chunk: 0, priority: 'normal', json: false })
+  const args = parseArgs(process.argv.slice(2), { mib: 1024, rounds: 3, sink: 'buffer', hot: 0, chunk: 0, around: -1, order: 'shuffled', priority: 'normal', json: false })
   const dir = fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir(), 'bench-snap-'))
   const memory = Mapping.anonymous(args.mib * MiB, { populate: true })
   const target = Buffer.alloc(memory.length) // touched now: neither side pays for first-touch faults
@@ -108,7 +112,7 @@ async function main () {
     return
   }
   const f = (x, d = 2) => x.toFixed(d)
-  const pattern = args.hot ? `writes to a ${args.hot} MiB hot set` : 'writes all over it'
+  const pattern = `${args.order} writes ${args.hot ? `to a ${args.hot} MiB hot set` : 'all over it'}`
   console.log(`live snapshot of ${args.mib} MiB (${args.sink} sink), one writer thread (${pattern}), background priority ${args.priority}, ${args.rounds} rounds, ${summary.cpus} CPUs; medians`)
   console.log('| measure | stop-and-copy (floor) | live snapshot | ratio |')
   console.log('|---|---|---|---|')

@@ -298,7 +298,9 @@ void FaultEngine::DemandLoop() {
   int backoffMs = 1;
   bool dead = false;
   while (!stopping_.load(std::memory_order_relaxed)) {
-    ssize_t n = dead ? -1 : read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
+    ssize_t n = -1;
+    errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
+    if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
     if (n > 0) {
       uint64_t now = EngineNowNs();
       if (idleSince != 0) {

@@ -4,8 +4,9 @@
 // The constructor (on the JS thread) optionally populates the range, then write-protects all of
 // it with one UFFDIO_WRITEPROTECT: that ioctl's return is the snapshot instant. Then two native
 // threads share the work (the uffd, registered WP by the caller, is read by nobody else):
-//   - the fault thread reads messages: a WP fault on a page nobody has claimed claims it, copies
-//     it out, then unprotects it (which wakes the writer); a fault on a page being or already
+//   - the fault thread reads messages: a WP fault on a page nobody has claimed claims it (and
+//     the free pages next to it in its fault-around window), copies them out, then unprotects
+//     them (which wakes the writer); a fault on a page being or already
 //     copied needs nothing (the unprotect wakes it); REMOVE/UNMAP/REMAP events over pages not yet
 //     copied fail the snapshot (their old contents are about to vanish);
 //   - the background thread claims, copies and unprotects the rest, a chunk at a time.
@@ -99,6 +100,7 @@ struct Engine {
   Method method = Method::Pwrite;  // initial method of each thread's Copier
   bool methodFixed = false;
   uint64_t chunkSize = 2 * 1024 * 1024;
+  uint64_t faultAround = 64 * 1024;  // bytes copied around a fault (aligned window)
   double maxBytesPerSecond = 0;
   bool backgroundIdle = false;  // run the background copy under SCHED_IDLE
   bool populated = false;
@@ -297,10 +299,25 @@ struct Engine {
       if (expected == kDone) Wake(page, pageSize);
       return true;
     }
-    if (!CopyPages(&faultCopier, index, 1)) return false;
-    faultCopies.fetch_add(1, std::memory_order_relaxed);
-    if (!Unprotect(index, 1, true)) return false;
-    state[index].store(kDone);
+    // Fault-around: also claim the free pages next to it within its aligned window, so that a
+    // writer moving through memory faults once per window, not once per page.
+    uint64_t first = index;
+    uint64_t last = index + 1;
+    uint64_t window = std::max<uint64_t>(1, faultAround / pageSize);
+    uint64_t lo = index - index % window;
+    uint64_t hi = std::min(pages, lo + window);
+    for (; last < hi; last++) {
+      uint8_t e = kFree;
+      if (!state[last].compare_exchange_strong(e, kClaimed)) break;
+    }
+    for (; first > lo; first--) {
+      uint8_t e = kFree;
+      if (!state[first - 1].compare_exchange_strong(e, kClaimed)) break;
+    }
+    if (!CopyPages(&faultCopier, first, last - first)) return false;
+    faultCopies.fetch_add(last - first, std::memory_order_relaxed);
+    if (!Unprotect(first, last - first, true)) return false;
+    for (uint64_t k = first; k < last; k++) state[k].store(kDone);
     return true;
   }
 
@@ -572,6 +589,11 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
     }
     e->backgroundIdle = opts.Get("backgroundPriority").IsString() &&
                         opts.Get("backgroundPriority").As<Napi::String>().Utf8Value() == "idle";
+    if (opts.Get("faultAround").IsNumber()) {
+      double f = opts.Get("faultAround").As<Napi::Number>().DoubleValue();
+      if (!(f >= 0)) ThrowRangeError(env, "faultAround must be >= 0");
+      e->faultAround = static_cast<uint64_t>(f);
+    }
     if (opts.Get("maxBytesPerSecond").IsNumber())
       e->maxBytesPerSecond = opts.Get("maxBytesPerSecond").As<Napi::Number>().DoubleValue();
     e->state.reset(new std::atomic<uint8_t>[e->pages]);

@@ -104,6 +104,9 @@ export class DirtyTracker {
     if (options === null || typeof options !== 'object') throw new TypeError(`options must be an object (got ${describe(options)})`)
     const r = toRange(range)
     const memory = options.memory ?? memoryOf(range)
+    if (memory !== 'anonymous' && memory !== 'shmem' && memory !== 'hugetlb') {
+      throw new TypeError(`memory must be 'anonymous', 'shmem' or 'hugetlb' (got ${describe(memory)})`)
+    }
     const batch = options.batch ?? 4096
     if (!Number.isSafeInteger(batch) || batch < 1) throw new RangeError(`batch must be a positive integer (got ${describe(batch)})`)
     const support = DirtyTracker.support(memory)

@@ -157,6 +157,11 @@ interface Served {
 
 const MAX_WINDOW = 64 * 1024 * 1024
 
+// One reader per uffd: two servers would take each other's faults (and serve them as zeros).
+const serving = new WeakSet<Userfaultfd>()
+// A server collected without close() (its engine is stopped by its native finalizer) frees it.
+const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
+
 function isBytes(value: unknown): value is Bytes {
   return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
 }
@@ -209,12 +214,15 @@ export class FaultServer extends EventEmitter {
     const handlerConcurrency = o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
     const prefetchYieldUs = o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
     const watchdogMs = o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
+    if (serving.has(uffd)) throw uffdError('EBUSY', 'FaultServer', 'this userfaultfd already has a FaultServer; close it first')
     this.#uffd = uffd
     const Handle = (native as unknown as { FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle }).FaultServerHandle
     this.#handle = new Handle(uffd.fd, {
       faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs, prefetchYieldUs,
       removeToZero: onRemove === 'zero', forkEmit: onFork === 'emit', prefetchIdle: priority === 'idle',
     }, (notices) => this.#onNotices(notices))
+    serving.add(uffd)
+    released.register(this, uffd, this)
   }
 
   get closed(): boolean {
@@ -306,6 +314,8 @@ export class FaultServer extends EventEmitter {
     if (this.#closed) return
     this.#closed = true
     this.#handle.close()
+    serving.delete(this.#uffd)
+    released.unregister(this)
     this.#served.clear()
     this.#handlers.clear()
     const err = uffdError('EBADF', 'FaultServer.drained', 'the server was closed before every page was present')

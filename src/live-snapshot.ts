@@ -27,6 +27,12 @@ export interface SnapshotOptions {
   populate?: boolean | 'auto'
   /** bytes copied per background step (default 2 MiB, at least a page); faults are served meanwhile */
   chunkSize?: number
+  /**
+   * On a writer's fault, also copy the pages not yet copied around it, within this aligned
+   * window (default 64 KiB; 0 or a page size: only the faulting page). Fewer faults for writers
+   * that move through memory; a little more latency per fault for writers that jump around.
+   */
+  faultAround?: number
   /** limit the background copy rate (faults are always served at once) */
   maxBytesPerSecond?: number
   /**
@@ -156,6 +162,8 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
   checkAligned(r.address, r.length, 'takeSnapshot', pageSize)
   const chunkSize = options.chunkSize ?? 2 * 1024 * 1024
   if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw new RangeError(`chunkSize must be a positive integer (got ${describe(chunkSize)})`)
+  const faultAround = options.faultAround ?? 64 * 1024
+  if (!Number.isSafeInteger(faultAround) || faultAround < 0) throw new RangeError(`faultAround must be a non-negative integer (got ${describe(faultAround)})`)
   const maxBytesPerSecond = options.maxBytesPerSecond ?? 0
   if (typeof maxBytesPerSecond !== 'number' || !(maxBytesPerSecond >= 0)) {
     throw new RangeError(`maxBytesPerSecond must be a non-negative number (got ${describe(maxBytesPerSecond)})`)
@@ -195,7 +203,7 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
   try {
     uffd.register(r, { wp: true })
     engine = new native.SnapshotEngine(uffd.fd, r.address, r.length, pageSize, nativeSink.sink,
-      { chunkSize: Math.max(chunkSize, pageSize), maxBytesPerSecond, backgroundPriority, populate, copyMethod: options.copyMethod ?? 'auto' })
+      { chunkSize: Math.max(chunkSize, pageSize), faultAround, maxBytesPerSecond, backgroundPriority, populate, copyMethod: options.copyMethod ?? 'auto' })
   } catch (err) {
     uffd.close()
     nativeSink.close()

@@ -96,7 +96,7 @@ export interface Binding {
   pagemapScanProbe(): number
   SnapshotEngine: new (uffd: number, start: bigint, length: number, pageSize: number,
     sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
-    options: { chunkSize?: number, maxBytesPerSecond?: number, backgroundPriority?: string, populate?: boolean,
+    options: { chunkSize?: number, faultAround?: number, maxBytesPerSecond?: number, backgroundPriority?: string, populate?: boolean,
       copyMethod?: string }) => SnapshotEngine
   Stamper: new (address: bigint, length: number, options: { threads?: number, shuffle?: boolean, seed?: number }) => Stamper
 }

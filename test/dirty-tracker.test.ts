@@ -1,5 +1,6 @@
 // Dirty tracking (WP_ASYNC + PAGEMAP_SCAN) and the validated pagemapScan() under it.
 import { afterEach, describe, expect, it, vi } from 'vitest'
+import { timeScale } from './helpers/children'
 import * as fs from 'fs'
 import {
   DirtyTracker, Feature, Mapping, PAGE_SIZE, PageCategory, PagemapScanFlag, UffdError, UnsupportedError, Userfaultfd,
@@ -88,7 +89,7 @@ describe('dirtyTrackingSupport: the decision, for kernels other than this one', 
 })
 
 describe.skipIf(!support.supported)('DirtyTracker', () => {
-  it('reports exactly the pages written since the last collect(), round after round', { timeout: 30_000 }, async () => {
+  it('reports exactly the pages written since the last collect(), round after round', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     const n = m.length / PAGE_SIZE
     // Half the memory populated before tracking starts, half never touched (WP_UNPOPULATED).
@@ -106,7 +107,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     }
   })
 
-  it('adjacent pages merge into one range; peek() does not reset', { timeout: 10_000 }, async () => {
+  it('adjacent pages merge into one range; peek() does not reset', { timeout: 10_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(4 * MiB))
     const tracker = track(DirtyTracker.start(m))
     await touch(pages({ address: m.address + BigInt(5 * PAGE_SIZE), length: 10 * PAGE_SIZE }), { write: true })
@@ -121,7 +122,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.peek()).toEqual([])
   })
 
-  it('reads are not writes; the JS thread may write (async WP never blocks)', { timeout: 10_000 }, async () => {
+  it('reads are not writes; the JS thread may write (async WP never blocks)', { timeout: 10_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(MiB))
     const tracker = track(DirtyTracker.start(m))
     await touch(pages(m), { threads: 2 })
@@ -131,7 +132,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(pageSet(tracker.collect())).toEqual(new Set([3, 7]))
   })
 
-  it('no write is missed while writers run during collect(); no page is reported without a write', { timeout: 30_000 }, async () => {
+  it('no write is missed while writers run during collect(); no page is reported without a write', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     const tracker = track(DirtyTracker.start(m))
     const threads = 2
@@ -178,7 +179,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(rounds).toBeGreaterThanOrEqual(5)
   })
 
-  it('shmem (memfd): exact pages', { timeout: 10_000 }, async () => {
+  it('shmem (memfd): exact pages', { timeout: 10_000 * timeScale }, async () => {
     const m = track(Mapping.memfd(16 * MiB))
     const tracker = track(DirtyTracker.start(m))
     const written = randomPages(m.length / PAGE_SIZE, 300, 9)
@@ -187,7 +188,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([])
   })
 
-  it('hugetlb: reported at huge-page granularity (the documented false positives)', { timeout: 10_000 }, async () => {
+  it('hugetlb: reported at huge-page granularity (the documented false positives)', { timeout: 10_000 * timeScale }, async () => {
     if (freeHuge() < 4) return console.log('skipped: needs 4 free huge pages (echo 64 > /proc/sys/vm/nr_hugepages)')
     const huge = hugePageSize()
     const m = track(Mapping.anonymous(4 * huge, { hugetlb: true }))
@@ -197,7 +198,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([])
   })
 
-  it('transparent huge pages: the first write splits the THP, so pages stay exact', { timeout: 10_000 }, async () => {
+  it('transparent huge pages: the first write splits the THP, so pages stay exact', { timeout: 10_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     m.madvise('hugepage')
     const H = 2n * BigInt(MiB)
@@ -210,7 +211,7 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([{ address: aligned + BigInt(5 * PAGE_SIZE), offset: Number(aligned - m.address) + 5 * PAGE_SIZE, length: PAGE_SIZE, huge: false }])
   })
 
-  it('a range another userfaultfd holds: EBUSY; stop() is idempotent and ends collect()', { timeout: 10_000 }, () => {
+  it('a range another userfaultfd holds: EBUSY; stop() is idempotent and ends collect()', { timeout: 10_000 * timeScale }, () => {
     const m = track(Mapping.anonymous(MiB))
     const tracker = DirtyTracker.start(m)
     expect(() => DirtyTracker.start(m)).toThrow(expect.objectContaining({ code: 'EBUSY' }))
@@ -220,11 +221,14 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(() => tracker.collect()).toThrow(/stopped/)
     // Once stopped, the range can be tracked again.
     track(DirtyTracker.start(m)).stop()
+    expect(() => DirtyTracker.start(m, { memory: 'file' as never })).toThrow(TypeError)
+    expect(() => DirtyTracker.start(m, { batch: 0 })).toThrow(RangeError)
+    expect(() => DirtyTracker.start({ address: m.address + 1n, length: PAGE_SIZE })).toThrow(RangeError)
   })
 })
 
 describe.skipIf(!pagemapScanSupported())('pagemapScan', () => {
-  it('reports categories; maxPages stops the walk early and walkEnd says where', { timeout: 10_000 }, async () => {
+  it('reports categories; maxPages stops the walk early and walkEnd says where', { timeout: 10_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(MiB))
     await touch(pages({ address: m.address, length: 16 * PAGE_SIZE }), { write: true })
     const present = pagemapScan(m, { categoryMask: PageCategory.PRESENT, returnMask: PageCategory.PRESENT })

@@ -2,6 +2,7 @@
 // deferred and retried after the events are read: under a storm of REMOVE and REMAP events,
 // every fault is still resolved exactly as asked.
 import { describe, expect, it } from 'vitest'
+import { whenReadable } from '../src/fd-passing'
 import { Feature, FaultResolver, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
 import { madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
 import { stampedPage } from './helpers/events'
@@ -42,7 +43,9 @@ describe('FaultResolver', () => {
       uffd.register(m)
       const resolver = new FaultResolver(uffd)
       const advised = madviseOnThread(m.range(3 * PAGE_SIZE, PAGE_SIZE), 'dontneed')
-      await new Promise((r) => setTimeout(r, 50)) // the REMOVE event is now pending, unread
+      // Wait until the REMOVE event is pending, unread (the uffd turns readable), however slowly
+      // the native thread gets to run on a loaded machine.
+      await new Promise<void>((resolve, reject) => { whenReadable(uffd.fd, (e) => e ? reject(e) : resolve()) })
       expect(resolver.copy(m.address, stampedPage(42n))).toBe('deferred')
       expect(resolver.pending).toBe(1)
       await new Promise((r) => setTimeout(r, 20))

@@ -170,7 +170,9 @@ describe('FaultServer errors', () => {
     const [a, b] = await within(Promise.all([first, second]), 5000, 'touch')
     expect(a.values[0]).toBe(1n)
     expect(b.values[0]).toBe(u64At(src, 8))
-    expect(calls).toBe(3)
+    // Two failures, then success. (The second fault may ask again while the first request is
+    // backing off on a loaded machine: a third successful call is allowed, not required.)
+    expect(calls).toBeGreaterThanOrEqual(3)
     expect(errors.map((e) => e.message)).toEqual(['fetch failed', 'fetch failed'])
     expect((errors[0] as Error & { address: bigint }).address).toBe(m.address)
   })

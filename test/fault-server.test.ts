@@ -252,7 +252,9 @@ describe('FaultServer prefetch and drained()', () => {
   })
 
   it('prefetch pauses while demand faults keep coming (demand first), then completes', async () => {
-    const { server, m } = setup(2000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
+    // Demand (20 000 faults, one page each) lasts longer than the 64 MiB prefetch would alone,
+    // so the two overlap however the scheduler runs them.
+    const { server, m } = setup(20_000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
     const big = track(Mapping.anonymous(16384 * PAGE_SIZE))
     server.serve(big, { buffer: randomContent(big.length) }, { prefetch: true })
     server.serve(m, { zero: true })
@@ -290,6 +292,7 @@ describe('FaultServer bad input', () => {
     expect(() => new FaultServer(uffd, { onRemove: 'drop' as 'zero' })).toThrow(TypeError)
     expect(() => new FaultServer(uffd, null as unknown as object)).toThrow(TypeError)
     const server = track(new FaultServer(uffd))
+    expect(() => new FaultServer(uffd)).toThrow(/already has a FaultServer/)
     expect(() => server.serve(m, null as unknown as { zero: true })).toThrow(TypeError)
     expect(() => server.serve(m, {} as { zero: true })).toThrow(/one of/)
     expect(() => server.serve(m, { zero: false as true })).toThrow(TypeError)
@@ -316,6 +319,7 @@ describe('FaultServer bad input', () => {
     server.close()
     expect(() => server.serve(m.range(2 * PAGE_SIZE, PAGE_SIZE), { zero: true })).toThrow(/closed/)
     expect(server.closed).toBe(true)
+    track(new FaultServer(uffd)).close()  // the uffd is free again
   })
 
   it('a closed uffd cannot be served', () => {

@@ -1,5 +1,6 @@
 // The live-snapshot and pre-copy examples run as users would run them (against dist/).
 import { describe, expect, it } from 'vitest'
+import { timeScale } from './helpers/children'
 import { spawnSync } from 'child_process'
 import * as path from 'path'
 import { DirtyTracker, Feature, Userfaultfd } from '../src/index'
@@ -9,12 +10,12 @@ const probe = Userfaultfd.probe()
 const canWp = probe.supported && (probe.features & Feature.PAGEFAULT_FLAG_WP) !== 0n
 
 function run(example: string, ...args: string[]): { status: number | null, stdout: string, stderr: string } {
-  const r = spawnSync(process.execPath, [path.join(root, 'examples', example), ...args], { encoding: 'utf8', timeout: 60_000, killSignal: 'SIGKILL' })
+  const r = spawnSync(process.execPath, [path.join(root, 'examples', example), ...args], { encoding: 'utf8', timeout: 60_000 * timeScale, killSignal: 'SIGKILL' })
   return { status: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
 describe('examples', () => {
-  it.skipIf(!canWp)('examples/live-snapshot.js: the copy equals memory as of its start while the program writes', { timeout: 90_000 }, () => {
+  it.skipIf(!canWp)('examples/live-snapshot.js: the copy equals memory as of its start while the program writes', { timeout: 90_000 * timeScale }, () => {
     const r = run('live-snapshot.js', '32')
     expect(r.stderr).toBe('')
     expect(r.status).toBe(0)
@@ -22,7 +23,7 @@ describe('examples', () => {
     expect(r.stdout).toMatch(/while the program made [1-9]\d* more writes/)
   })
 
-  it('examples/precopy.js: converges, then stop-and-copy leaves an identical destination', { timeout: 90_000 }, () => {
+  it('examples/precopy.js: converges, then stop-and-copy leaves an identical destination', { timeout: 90_000 * timeScale }, () => {
     const r = run('precopy.js', '128')
     expect(r.stderr).toBe('')
     expect(r.status).toBe(0)

@@ -1,6 +1,7 @@
 // Live snapshots under concurrent writers. Writes come from native stamper/toucher threads only:
 // the snapshot's resolver is a native thread, but the JS thread must stay free to run the test.
 import { afterEach, describe, expect, it } from 'vitest'
+import { timeScale } from './helpers/children'
 import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
@@ -41,6 +42,19 @@ function trackStamper(s: Stamper): Stamper {
 }
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
 
+/** Every stamper thread writes again within `ms` (none is left blocked in a fault). */
+async function expectProgress(stamper: Stamper, ms = 2000 * timeScale): Promise<void> {
+  const c0 = stamper.counts()
+  const deadline = Date.now() + ms
+  let c = c0
+  while (Date.now() < deadline) {
+    await sleep(5)
+    c = stamper.counts()
+    if (c.every((v, t) => v > c0[t])) return
+  }
+  throw new Error(`stamper threads stuck: ${Array.from(c0)} -> ${Array.from(c)} in ${ms} ms`)
+}
+
 function bytesOf(m: Mapping): Uint8Array {
   const out = new Uint8Array(m.length)
   m.read(0, out)
@@ -57,7 +71,8 @@ async function stampedSnapshot(m: Mapping, sinkOf: (length: number) => { sink: P
   const snap = track(takeSnapshot(m, sink, options))
   const after = stamper.counts()
   const stats = await snap.done
-  await sleep(10)
+  // Writers go on after it (each writes again, however loaded the machine).
+  await expectProgress(stamper)
   const { counts, stale } = await stamper.stop()
   const check = checkStamps(read(), stamper, threads, before, after)
   expect(check.mismatches).toEqual([])
@@ -84,7 +99,7 @@ function tmpFile(name: string): string {
 }
 
 describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
-  it('equals memory as of its start, page by page, while 2 threads keep writing (buffer sink)', { timeout: 60_000 }, async () => {
+  it('equals memory as of its start, page by page, while 2 threads keep writing (buffer sink)', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     // Slow the background pass so that writers hit many pages before it does.
     const stats = await stampedSnapshot(m, bufferSink, { maxBytesPerSecond: 256 * MiB })
@@ -93,17 +108,17 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(['process_vm_readv', 'pipe']).toContain(stats.copyMethod)
   })
 
-  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 }, async () => {
+  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
   })
 
-  it('4 writer threads, unthrottled, several snapshots in a row', { timeout: 60_000 }, async () => {
+  it('4 writer threads, unthrottled, several snapshots in a row (fault-around 0, 64 KiB, 1 MiB)', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    for (let i = 0; i < 3; i++) await stampedSnapshot(m, bufferSink, {}, 4)
+    for (const faultAround of [0, 64 * 1024, MiB]) await stampedSnapshot(m, bufferSink, { faultAround }, 4)
   })
 
-  it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', { timeout: 60_000 }, async () => {
+  it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     const file = tmpFile('snap.bin')
     const offset = 3 * PAGE_SIZE
@@ -118,7 +133,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(content.subarray(0, offset).every((b) => b === 0xaa)).toBe(true)
   })
 
-  it('fd sink is written but not closed', { timeout: 30_000 }, async () => {
+  it('fd sink is written but not closed', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(4 * MiB))
     m.write(0, Buffer.from('hello'))
     const file = tmpFile('fd.bin')
@@ -129,20 +144,20 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(fs.readFileSync(file).subarray(0, 5).toString()).toBe('hello')
   })
 
-  it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', { timeout: 60_000 }, async () => {
+  it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB })
+    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB, faultAround: 0 })
     expect(stats.copyMethod).toBe('pipe')
   })
 
-  it('populate: true (the path for kernels without WP_UNPOPULATED) is consistent and says so', { timeout: 60_000 }, async () => {
+  it('populate: true (the path for kernels without WP_UNPOPULATED) is consistent and says so', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     const stats = await stampedSnapshot(m, bufferSink, { populate: true, maxBytesPerSecond: 256 * MiB })
     expect(stats.populated).toBe(true)
   })
 
   for (const populate of [false, true]) {
-    it(`writes to never-touched pages after it began are not in it (populate: ${populate})`, { timeout: 30_000 }, async () => {
+    it(`writes to never-touched pages after it began are not in it (populate: ${populate})`, { timeout: 30_000 * timeScale }, async () => {
       if (!populate && (offered & Feature.WP_UNPOPULATED) === 0n) {
         console.log(`skipped: kernel ${probe.kernel} lacks WP_UNPOPULATED`)
         return
@@ -160,7 +175,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     })
   }
 
-  it('hugetlb memory (2 MiB pages)', { timeout: 60_000 }, async () => {
+  it('hugetlb memory (2 MiB pages)', { timeout: 60_000 * timeScale }, async () => {
     if (!canShared) return console.log(`skipped: kernel ${probe.kernel} lacks WP_HUGETLBFS_SHMEM`)
     if (freeHuge() < 8) return console.log('skipped: needs 8 free huge pages (echo 64 > /proc/sys/vm/nr_hugepages)')
     const m = track(Mapping.anonymous(8 * hugePageSize(), { hugetlb: true }))
@@ -168,13 +183,13 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(stats.totalPages).toBe(8)
   })
 
-  it('shmem (memfd) memory', { timeout: 60_000 }, async () => {
+  it('shmem (memfd) memory', { timeout: 60_000 * timeScale }, async () => {
     if (!canShared) return console.log(`skipped: kernel ${probe.kernel} lacks WP_HUGETLBFS_SHMEM`)
     const m = track(Mapping.memfd(32 * MiB))
     await stampedSnapshot(m, bufferSink, { maxBytesPerSecond: 256 * MiB })
   })
 
-  it('hugetlbfs memfd memory, to a file', { timeout: 60_000 }, async () => {
+  it('hugetlbfs memfd memory, to a file', { timeout: 60_000 * timeScale }, async () => {
     if (!canShared) return console.log(`skipped: kernel ${probe.kernel} lacks WP_HUGETLBFS_SHMEM`)
     if (freeHuge() < 8) return console.log('skipped: needs 8 free huge pages (echo 64 > /proc/sys/vm/nr_hugepages)')
     const m = track(Mapping.memfd(8 * hugePageSize(), { hugetlb: true }))
@@ -182,7 +197,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), { maxBytesPerSecond: 64 * MiB })
   })
 
-  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 }, async () => {
+  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     const stamper = startStamper(m, { threads: 2 })
     await sleep(20)
@@ -208,7 +223,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(Buffer.from(bytesOf(target)).equals(expected)).toBe(true)
   })
 
-  it('reports progress while it runs and once at the end', { timeout: 30_000 }, async () => {
+  it('reports progress while it runs and once at the end', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     const seen: index.SnapshotProgress[] = []
     const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) },
@@ -225,18 +240,16 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(stats.protectMs).toBeGreaterThanOrEqual(0)
   })
 
-  it('cancel() releases the writers and rejects with ECANCELED; so does an AbortSignal', { timeout: 30_000 }, async () => {
+  it('cancel() releases the writers and rejects with ECANCELED; so does an AbortSignal', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    const stamper = trackStamper(startStamper(m, { threads: 2 }))
+    // Writers on the first MiB only, one page per fault: their faults cannot finish the snapshot early.
+    const stamper = trackStamper(startStamper({ address: m.address, length: MiB }, { threads: 2 }))
     await sleep(20)
-    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB }))
+    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB, faultAround: 0 }))
     await sleep(50)
     await snap.cancel()
     await expect(snap.done).rejects.toMatchObject({ code: 'ECANCELED', syscall: 'snapshot' })
-    const c1 = stamper.counts()
-    await sleep(30)
-    const c2 = stamper.counts()
-    expect(c2[0] + c2[1]).toBeGreaterThan(c1[0] + c1[1])
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
 
     const ac = new AbortController()
@@ -247,29 +260,28 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect((err as UffdError).code).toBe('ECANCELED')
   })
 
-  it('range unmapped mid-snapshot: a clear error, writers elsewhere released, no hang', { timeout: 30_000 }, async () => {
+  it('range unmapped mid-snapshot: a clear error, writers elsewhere released, no hang', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     const half = m.length / 2
     const stamper = trackStamper(startStamper({ address: m.address, length: half }, { threads: 2 }))
     await sleep(20)
-    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 32 * MiB }))
+    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 32 * MiB, faultAround: 0 }))
     const outcome = snap.done.catch((e: UffdError) => e)
     await sleep(50)
     // From a native thread: munmap blocks until the snapshot thread reads the UNMAP event.
     expect(await munmapOnThread(m.address + BigInt(half), half)).toBe(0)
     const err = await outcome
     expect(err).toBeInstanceOf(UffdError)
+    // From the UNMAP event, or from a copy that got there first (munmap unmaps, then reports).
     expect(err).toMatchObject({ code: 'EFAULT' })
-    expect((err as UffdError).message).toMatch(/unmapped/)
+    expect((err as UffdError).message).toMatch(/was unmapped|no longer mapped/)
     expect((err as UffdError & { stats: index.SnapshotStats }).stats.pagesCopied).toBeLessThan(m.length / PAGE_SIZE)
-    // Writers in the half still mapped run on.
-    const c1 = stamper.counts()
-    await sleep(30)
-    expect(stamper.counts()[0]).toBeGreaterThan(c1[0])
+    // Writers in the half still mapped run on (each makes progress within 2 s, however loaded the machine).
+    await expectProgress(stamper)
     expect((await stamper.stop()).stale).toBe(0)
   })
 
-  it('range unmapped under the copy with no event to warn it: EFAULT from the copy itself, no crash', { timeout: 30_000 }, async () => {
+  it('range unmapped under the copy with no event to warn it: EFAULT from the copy itself, no crash', { timeout: 30_000 * timeScale }, async () => {
     // Every copy path must survive a source that vanishes (the pipe path is what runs in Docker).
     // process_vm_readv only where seccomp allows it (Docker's profile: with CAP_SYS_PTRACE only)
     if (!env.processVmReadv) console.log('process_vm_readv sink not tried: a seccomp filter without CAP_SYS_PTRACE refuses it here (the pipe path is what runs)')
@@ -287,7 +299,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     }
   })
 
-  it('MADV_DONTNEED over pages not yet copied fails the snapshot instead of copying zeros', { timeout: 30_000 }, async () => {
+  it('MADV_DONTNEED over pages not yet copied fails the snapshot instead of copying zeros', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     m.write(m.length - PAGE_SIZE, Buffer.from('old data'))
     const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB }))
@@ -298,7 +310,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await expect(outcome).rejects.toMatchObject({ code: 'EFAULT', message: expect.stringMatching(/discarded/) })
   })
 
-  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 }, async () => {
+  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 * timeScale }, async () => {
     const dist = path.join(__dirname, '..', 'dist')
     for (const how of ['exit', 'terminate']) {
       const worker = new Worker(`
@@ -324,7 +336,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     await track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).done
   })
 
-  it('rejects bad input before touching the memory', { timeout: 10_000 }, () => {
+  it('rejects bad input before touching the memory', { timeout: 10_000 * timeScale }, () => {
     const m = track(Mapping.anonymous(MiB))
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(RangeError)
     expect(() => takeSnapshot(m, {} as never)).toThrow(TypeError)
@@ -337,6 +349,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 2 * MiB })).toThrow(/not aligned|multiple/)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { chunkSize: 0 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { faultAround: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
