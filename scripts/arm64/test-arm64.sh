@@ -155,7 +155,7 @@ args=""
 [ -n "$exclude" ] && args="-t '^(?!.*(${exclude//\'/}))'"
 for a in "$@"; do args="$args '${a//\'/\'\\\'\'}'"; done
 cat > "$ctl/run.sh" <<RUN
-export PATH=/usr/local/bin:/bin HOME=/tmp LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
+export PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
 export USERFAULTFD_TEST_TIME_SCALE=$scale CI=1
 cd /work
 echo "guest: \$(uname -m) \$(uname -r), node \$(node -v), \$(cat /proc/sys/vm/nr_hugepages) huge pages"
