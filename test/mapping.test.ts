@@ -8,9 +8,13 @@ import { expectUffdError, useCleanup } from './helpers/uffd'
 const track = useCleanup()
 
 /** The /proc/self/maps line of the mapping starting at `address`, if any. */
+// The /proc/self/maps line whose range holds `address` (an anonymous mapping may have been
+// merged with a neighbour of the same kind, so it need not start there).
 function mapsLine(address: bigint): string | undefined {
-  const hex = address.toString(16)
-  return fs.readFileSync('/proc/self/maps', 'utf8').split('\n').find((l) => l.startsWith(`${hex}-`))
+  return fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l !== '').find((l) => {
+    const [start, end] = l.split(' ')[0].split('-').map((x) => BigInt(`0x${x}`))
+    return start <= address && address < end
+  })
 }
 
 describe('Mapping.anonymous', () => {
