@@ -4,12 +4,16 @@
 //
 // Memory is cut into 4 KiB slots; thread t owns slots t, t + T, t + 2T, ... and writes them
 // round-robin in a fixed order (address order, or a seeded shuffle). Its k-th write (k >= 1)
-// stores stamp(t, k) = (t + 1) << 40 | k into 8 words spread over the slot (first word last,
-// so a copy taken mid-write would show as torn). Before each write it checks that the slot
+// stores stamp(t, k) = run << 48 | (t + 1) << 40 | k into 8 words spread over the slot (first
+// word last, so a copy taken mid-write would show as torn). `run` numbers the stampers of this
+// process (1..65535, then again from 1): a stamper started on memory another one wrote never
+// writes a value that was already there, so a slot's value tells which of them wrote it (with
+// the same order, two stampers would otherwise write the very same values to the same slots). Before each write it checks that the slot
 // still holds what it wrote there last (or what it held at the start): a mismatch is a writer
 // seeing stale data.
 //
 // new Stamper(address, length, { threads, shuffle, seed })
+//   .run() -> this stamper's run number (see stamp(t, k))
 //   .counts() -> Float64Array: writes completed by each thread (the k of its last write)
 //   .order(t) -> Uint32Array: thread t's slots in write order
 //   .initial(t) -> BigUint64Array: the first word of each of them before any write
@@ -33,6 +37,7 @@ constexpr int kWords = 8;
 
 struct StampJob {
   uint64_t base = 0;
+  uint64_t run = 1;
   int threads = 1;
   std::vector<std::vector<uint32_t>> order;
   std::vector<std::vector<uint64_t>> initial;
@@ -55,7 +60,11 @@ inline uint64_t NowNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-inline uint64_t Stamp(int t, uint64_t k) { return (static_cast<uint64_t>(t) + 1) << 40 | k; }
+inline uint64_t Stamp(uint64_t run, int t, uint64_t k) { return run << 48 | (static_cast<uint64_t>(t) + 1) << 40 | k; }
+
+std::atomic<uint64_t> nextRun{0};
+
+uint64_t NewRun() { return nextRun.fetch_add(1) % 65535 + 1; }
 
 void StampLoop(StampJob* job, int t) {
   const std::vector<uint32_t>& own = job->order[t];
@@ -72,7 +81,7 @@ void StampLoop(StampJob* job, int t) {
     size_t j = static_cast<size_t>((k - 1) % n);
     volatile uint64_t* slot = reinterpret_cast<volatile uint64_t*>(job->base + own[j] * kSlot);
     if (slot[0] != last[j]) job->stale.fetch_add(1, std::memory_order_relaxed);
-    uint64_t v = Stamp(t, k);
+    uint64_t v = Stamp(job->run, t, k);
     for (int w = kWords - 1; w >= 0; w--) slot[w * (kSlot / 8 / kWords)] = v;
     last[j] = v;
     job->counts[t].store(k, std::memory_order_release);
@@ -103,6 +112,7 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Stamper",
                        {
+                           InstanceMethod<&Stamper::GetRun>("run"),
                            InstanceMethod<&Stamper::GetCounts>("counts"),
                            InstanceMethod<&Stamper::Order>("order"),
                            InstanceMethod<&Stamper::Initial>("initial"),
@@ -124,6 +134,7 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
 
     job_ = std::make_shared<StampJob>(env);
     job_->base = base;
+    job_->run = NewRun();
     job_->threads = threads;
     job_->counts.reset(new std::atomic<uint64_t>[threads]);
     uint64_t slots = length / kSlot;
@@ -190,6 +201,7 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
 
  private:
   Napi::Value GetCounts(const Napi::CallbackInfo& info) { return Counts(info.Env(), job_.get()); }
+  Napi::Value GetRun(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(job_->run)); }
 
   // A per-thread vector (argument 0 picks the thread) as a typed array.
   template <typename Array, typename T>

@@ -98,9 +98,9 @@ export function startStamper(range: RangeLike, options: StamperOptions = {}): im
   return new native.Stamper(toAddress(range.address, 'address'), toLength(range.length, 'length'), options)
 }
 
-/** The stamp stamper thread `thread` writes on its `k`-th write. */
-export function stampOf(thread: number, k: number): bigint {
-  return (BigInt(thread + 1) << 40n) | BigInt(k)
+/** The stamp thread `thread` of the stamper numbered `run` (stamper.run()) writes on its `k`-th write. */
+export function stampOf(run: number, thread: number, k: number): bigint {
+  return (BigInt(run) << 48n) | (BigInt(thread + 1) << 40n) | BigInt(k)
 }
 
 /** uv poll handles (event streams, fd watchers) this thread's environment has open: leak checks. */

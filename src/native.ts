@@ -56,6 +56,8 @@ export interface SnapshotEngine {
 }
 
 export interface Stamper {
+  /** this stamper's run number, part of every stamp it writes (see stampOf) */
+  run(): number
   counts(): Float64Array
   order(thread: number): Uint32Array
   initial(thread: number): BigUint64Array

@@ -6,6 +6,7 @@
 // allows process_vm_readv/process_vm_writev, ptrace and kcmp only with CAP_SYS_PTRACE: tests
 // that use those must check `env.capSysPtrace` (see `needs`).
 import * as fs from 'fs'
+import * as os from 'os'
 import { native } from '../../src/native'
 import { OpenFlag } from '../../src/constants'
 
@@ -49,6 +50,18 @@ export const env = {
   processVmReadv: false,
 }
 env.processVmReadv = !env.seccompFilter || env.capSysPtrace
+
+/** The running kernel's version as [major, minor] (from uname -r: "6.12.57+deb12-arm64" -> [6, 12]). */
+export function kernelVersion(): [number, number] {
+  const m = /^(\d+)\.(\d+)/.exec(os.release())
+  return m === null ? [0, 0] : [Number(m[1]), Number(m[2])]
+}
+
+/** The running kernel is at least major.minor. */
+export function kernelAtLeast(major: number, minor: number): boolean {
+  const [a, b] = kernelVersion()
+  return a > major || (a === major && b >= minor)
+}
 
 /** Skips the test, saying why, unless `ok`. */
 export function needs(ctx: { skip: (note?: string) => void }, ok: boolean, why: string): void {

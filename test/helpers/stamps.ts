@@ -7,6 +7,12 @@
 // correct iff every thread's slots look exactly like that for one M, and M lies between the
 // writes completed before the snapshot began and those completed when it had protected the
 // range.
+//
+// A stamp carries its stamper's run number (stamper.run(), distinct for every stamper of the
+// process), so that a slot's initial value, written by an earlier stamper on the same memory, is
+// never mistaken for one of this stamper's writes: two stampers with the same order and seed
+// used to write identical values to the same slots, and a slot holding write k of the second
+// one read as "still its initial value" (k = 0).
 import type { Stamper } from '../../src/native'
 import { stampOf } from '../../src/internal'
 
@@ -31,10 +37,10 @@ function word(bytes: Uint8Array, slot: number, w: number): bigint {
   return view.getBigUint64(slot * SLOT + w * (SLOT / WORDS), true)
 }
 
-/** The k of the write that put `value` into a slot of thread t (0 for the slot's initial value). */
-function decode(value: bigint, t: number, initial: bigint): number {
+/** The k of the write that put `value` into a slot of thread t of stamper `run` (0 for the slot's initial value). */
+function decode(value: bigint, run: number, t: number, initial: bigint): number {
   if (value === initial) return 0
-  if (value >> 40n !== BigInt(t + 1)) return -1
+  if (value >> 40n !== (BigInt(run) << 8n | BigInt(t + 1))) return -1
   return Number(value & MASK)
 }
 
@@ -54,6 +60,7 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
   const mismatches: string[] = []
   let torn = 0
   const cut: number[] = []
+  const run = stamper.run()
   for (let t = 0; t < threads; t++) {
     const order = stamper.order(t)
     const initial = stamper.initial(t)
@@ -64,14 +71,14 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
     for (let j = 0; j < n; j++) {
       const first = word(snapshot, order[j], 0)
       for (let w = 1; w < WORDS; w++) if (word(snapshot, order[j], w) !== first) { split.push(j); break }
-      ks[j] = decode(first, t, initial[j])
+      ks[j] = decode(first, run, t, initial[j])
       if (ks[j] > M) M = ks[j]
     }
     cut.push(M)
     for (const j of split) {
       // Words are stored last to first: a write in progress shows as new upper words over old lower ones.
       const inProgress = M % n === j
-      const next = stampOf(t, M + 1)
+      const next = stampOf(run, t, M + 1)
       const old = word(snapshot, order[j], 0)
       let seenOld = false
       let ok = inProgress
@@ -93,7 +100,9 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
     for (let j = 0; j < n; j++) {
       const want = expectedK(j, n, M)
       if (ks[j] !== want && mismatches.length < 20) {
-        mismatches.push(`thread ${t} slot ${order[j]}: holds write ${ks[j]}, memory at the snapshot's start held write ${want} (of ${M})`)
+        const got = word(snapshot, order[j], 0).toString(16)
+        const wanted = (want === 0 ? initial[j] : stampOf(run, t, want)).toString(16)
+        mismatches.push(`thread ${t} slot ${order[j]}: holds write ${ks[j]} (0x${got}), memory at the snapshot's start held write ${want} (0x${wanted}) (of ${M}; initial 0x${initial[j].toString(16)})`)
       }
     }
   }
@@ -103,12 +112,13 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
 /** After the stamper stopped: memory must hold every thread's last writes (no lost write). */
 export function checkFinal(memory: Uint8Array, stamper: Stamper, threads: number, counts: Float64Array): string[] {
   const bad: string[] = []
+  const run = stamper.run()
   for (let t = 0; t < threads; t++) {
     const order = stamper.order(t)
     const initial = stamper.initial(t)
     for (let j = 0; j < order.length; j++) {
       const k = expectedK(j, order.length, counts[t])
-      const want = k === 0 ? initial[j] : stampOf(t, k)
+      const want = k === 0 ? initial[j] : stampOf(run, t, k)
       const got = word(memory, order[j], 0)
       if (got !== want && bad.length < 20) bad.push(`thread ${t} slot ${order[j]}: ${got.toString(16)} != ${want.toString(16)}`)
     }
