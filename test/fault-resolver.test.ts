@@ -73,13 +73,8 @@ describe('FaultResolver', () => {
     const stormPages = 16
     const storm = Mapping.anonymous(stormPages * PAGE_SIZE, { populate: true })
     const rawLength = 4 * PAGE_SIZE
-    // The registered range moves back and forth between two places (MREMAP_FIXED): a REMAP
-    // event every time. `spare` is the place it is not at (first an unregistered placeholder).
-    // Both sit inside one reserved region, between unregistered pages, so that the moved range
-    // never merges with a registered neighbour.
-    const region = mmapRaw(5 * rawLength)
-    let raw = region + BigInt(rawLength)
-    let spare = region + BigInt(3 * rawLength)
+    let raw = mmapRaw(rawLength)
+    let rawSize = rawLength
     try {
       uffd.register(m)
       uffd.register(storm)
@@ -98,10 +93,13 @@ describe('FaultResolver', () => {
       const remap = (async () => {
         let count = 0
         while (!stop) {
-          const moved = await mremapOnThread(raw, rawLength, rawLength, spare)
-          expect(moved.errno).toBe(0)
-          expect(moved.address).toBe(spare);
-          [raw, spare] = [spare, raw]
+          // Grow (moving when it cannot grow in place) and shrink back: a REMAP event each time
+          // it moves. Never MREMAP_FIXED: the hole a move leaves may be reused by any allocation
+          // of this process (a thread's stack, ASan's), and a fixed move back would unmap it.
+          const grown = await mremapOnThread(raw, rawSize, rawSize === rawLength ? 2 * rawLength : rawLength)
+          expect(grown.errno).toBe(0)
+          raw = grown.address
+          rawSize = rawSize === rawLength ? 2 * rawLength : rawLength
           count++
         }
         return count
@@ -147,7 +145,7 @@ describe('FaultResolver', () => {
       // Every page holds its own stamp, deferred or not.
       for (let i = 0; i < n; i++) if (values[i] !== (order[i] ^ 0x5555n)) throw new Error(`page ${order[i]} read ${values[i]}`)
       expect(kinds.get('remove')).toBeGreaterThan(10)
-      expect(kinds.get('remap')).toBeGreaterThan(10)
+      expect(kinds.get('remap')).toBeGreaterThan(0)
       // The point of the storm: some fills met a pending event and were retried, none lost.
       expect(deferred).toBeGreaterThan(0)
       resolver.close()
@@ -155,7 +153,7 @@ describe('FaultResolver', () => {
       uffd.close()
       m.unmap()
       storm.unmap()
-      await munmapOnThread(region, 5 * rawLength)
+      await munmapOnThread(raw, rawSize)
     }
   }, 60_000)
 })
