@@ -8,6 +8,7 @@ import { DirtyTracker, Feature, Userfaultfd } from '../src/index'
 const root = path.join(__dirname, '..')
 const probe = Userfaultfd.probe()
 const canWp = probe.supported && (probe.features & Feature.PAGEFAULT_FLAG_WP) !== 0n
+if (!canWp) console.log(`live-snapshot example tests skipped: ${probe.supported ? `kernel ${probe.kernel} lacks userfaultfd write-protection` : `userfaultfd unavailable: ${probe.reason}`}`)
 
 function run(example: string, ...args: string[]): { status: number | null, stdout: string, stderr: string } {
   const r = spawnSync(process.execPath, [path.join(root, 'examples', example), ...args], { encoding: 'utf8', timeout: 60_000 * timeScale, killSignal: 'SIGKILL' })
