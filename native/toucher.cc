@@ -6,7 +6,7 @@
 // touch(addresses: BigUint64Array, { write, value, threads, timings }) -> Promise<{
 //   values: BigUint64Array (the u64 read at each address, or written), ns?: Float64Array }>
 // madviseOnThread(address, length, advice) -> Promise<{ errno }>
-// mremapOnThread(address, oldLength, newLength, fixedTo?) -> Promise<{ errno, result: new address }>
+// mremapOnThread(address, oldLength, newLength) -> Promise<{ errno, result: new address }>
 // munmapOnThread(address, length) -> Promise<{ errno }>
 // forkOnThread(readAt?) -> Promise<{ pid, status }>: the child exits at once, with status 0 or, given
 //   readAt, the low byte of the u64 it reads there (a fault for the fork's uffd); the thread reaps it.
@@ -42,7 +42,6 @@ struct TouchJob {
   uint64_t value = 0;
   uint64_t length = 0;   // madvise/mremap/munmap length (mremap: old length)
   uint64_t arg = 0;      // madvise advice, mremap new length
-  uint64_t fixedTo = 0;  // mremap: MREMAP_FIXED destination (0: let the kernel choose)
   uint64_t result = 0;   // mremap's new address
   int err = 0;
   int pid = 0;
@@ -72,10 +71,7 @@ void RunMemoryOp(TouchJob* job) {
       if (madvise(addr, job->length, static_cast<int>(job->arg)) != 0) job->err = errno;
       break;
     case Op::Mremap: {
-      void* out = job->fixedTo != 0
-                      ? mremap(addr, job->length, job->arg, MREMAP_MAYMOVE | MREMAP_FIXED,
-                               reinterpret_cast<void*>(job->fixedTo))
-                      : mremap(addr, job->length, job->arg, MREMAP_MAYMOVE);
+      void* out = mremap(addr, job->length, job->arg, MREMAP_MAYMOVE);
       if (out == MAP_FAILED) job->err = errno;
       else job->result = reinterpret_cast<uintptr_t>(out);
       break;
@@ -216,7 +212,6 @@ Napi::Value MemoryOp(const Napi::CallbackInfo& info, Op op) {
   job->addresses.push_back(op == Op::Fork && !given ? 0 : ArgU64(info, 0, "address"));
   if (op != Op::Fork) job->length = ArgU64(info, 1, "length");
   if (op == Op::Madvise || op == Op::Mremap) job->arg = ArgU64(info, 2, "arg");
-  if (op == Op::Mremap && info.Length() > 3 && !info[3].IsUndefined()) job->fixedTo = ArgU64(info, 3, "fixedTo");
   return Start(info.Env(), job, 1);
 }
 

@@ -62,12 +62,9 @@ export async function forkOnThread(readAt?: bigint): Promise<{ pid: number, stat
   return { pid, status, errno }
 }
 
-/**
- * mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read); with
- * `fixedTo`, MREMAP_FIXED to that address.
- */
-export async function mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<{ address: bigint, errno: number }> {
-  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength, fixedTo)
+/** mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read). */
+export async function mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<{ address: bigint, errno: number }> {
+  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength)
   return { address: result, errno }
 }
 

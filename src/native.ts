@@ -88,7 +88,7 @@ export interface Binding {
     timings?: boolean }): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
   forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number, status: number }>
-  mremapOnThread(address: bigint, oldLength: number, newLength: number, fixedTo?: bigint): Promise<TouchResult & { result: bigint }>
+  mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
   openPollHandles(): number
