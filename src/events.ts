@@ -3,7 +3,7 @@
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
 import { native } from './native'
-import { Feature, UFFD_MSG_SIZE } from './constants'
+import { Feature } from './constants'
 import { decodeMessages } from './messages'
 import { describe } from './range'
 import type { UffdEvent } from './userfaultfd'

@@ -6,7 +6,7 @@ import * as path from 'path'
 import { Worker } from 'worker_threads'
 import { describe, expect, it } from 'vitest'
 import { Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
-import { openPollHandles, touch } from '../src/internal'
+import { openPollHandles } from '../src/internal'
 import { countFds } from './helpers/events'
 
 const root = path.join(__dirname, '..')
