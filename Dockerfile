@@ -34,7 +34,7 @@ RUN --mount=type=secret,id=ca_bundle \
 
 COPY . .
 # Always compile here: the suite must test these sources, not a prebuilt binary.
-RUN npm run build && node -e "require('./dist/native')" \
+RUN npm run build && node -e "require('./dist/addon/native')" \
     && chmod +x scripts/docker/run-suite.sh
 
 CMD ["scripts/docker/run-suite.sh"]

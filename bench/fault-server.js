@@ -19,7 +19,7 @@ const crypto = require('crypto')
 const { spawnSync } = require('child_process')
 const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
 const { Userfaultfd, Mapping, FaultServer, PAGE_SIZE } = require('../dist')
-const { touch, pages } = require('../dist/internal')
+const { touch, pages } = require('../dist/testing')
 
 const MiB = 1 << 20
 

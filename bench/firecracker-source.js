@@ -10,7 +10,7 @@ const { execFile } = require('child_process')
 const { promisify } = require('util')
 const dist = path.join(__dirname, '..', 'dist')
 const { FirecrackerHandler } = require(dist)
-const { writeSnapshot } = require(path.join(dist, 'firecracker', 'snapshot'))
+const { writeSnapshot } = require(path.join(dist, 'cli', 'demo', 'snapshot'))
 
 const sizeMiB = Number(process.argv[2] ?? 64)
 const runs = Number(process.argv[3] ?? 3)
@@ -21,7 +21,7 @@ async function once(source, threads, dir, memFile) {
   const socketPath = path.join(dir, `s-${source}-${threads}-${Math.random()}`)
   const h = await FirecrackerHandler.listen({ socketPath, memFile, source })
   try {
-    const { stdout } = await promisify(execFile)(process.execPath, [path.join(dist, 'firecracker', 'guest.js'),
+    const { stdout } = await promisify(execFile)(process.execPath, [path.join(dist, 'cli', 'demo', 'guest.js'),
       JSON.stringify({ socket: socketPath, memFile, threads })], { maxBuffer: 1 << 28 })
     const r = JSON.parse(stdout)
     if (r.mismatches !== 0) throw new Error('mismatch')

@@ -11,7 +11,7 @@ const path = require('path')
 const { spawnSync } = require('child_process')
 const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
 const { Userfaultfd, Mapping, PAGE_SIZE } = require('../dist')
-const { touch, pages } = require('../dist/internal')
+const { touch, pages } = require('../dist/testing')
 
 async function jsHandler (count, threads, order) {
   const uffd = Userfaultfd.open()

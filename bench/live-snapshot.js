@@ -20,7 +20,7 @@ const os = require('os')
 const path = require('path')
 const { median, parseArgs } = require('./lib')
 const { Mapping, takeSnapshot } = require('../dist')
-const { startStamper } = require('../dist/internal')
+const { startStamper } = require('../dist/testing')
 
 const MiB = 1024 * 1024
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))

@@ -73,7 +73,7 @@ function main() {
   if (fs.existsSync(path.join(root, '.git'))) return compile('a development checkout builds its own sources')
   const pre = tryPrebuild()
   if (pre.error === undefined) {
-    // A stale local build would win over the prebuild (src/native.ts): remove it.
+    // A stale local build would win over the prebuild (src/addon/native.ts): remove it.
     fs.rmSync(path.join(root, 'build'), { recursive: true, force: true })
     say(`using the prebuilt binary ${path.relative(root, pre.file)} (N-API; no compiler needed)`)
     return

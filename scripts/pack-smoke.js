@@ -19,7 +19,7 @@ async function main() {
   const esm = await import(req.resolve('userfaultfd').replace(/index\.js$/, 'index.mjs'))
   if (esm.Userfaultfd !== Userfaultfd) fail('import and require give different Userfaultfd classes')
   const { nativePath } = req(path.join(pkgDir, 'dist', 'native.js'))
-  const { touch, pages } = req(path.join(pkgDir, 'dist', 'internal.js'))
+  const { touch, pages } = req(path.join(pkgDir, 'dist', 'testing', 'index.js'))
   const loaded = path.relative(pkgDir, nativePath)
   const want = expected === 'build' ? path.join('build', 'Release', 'userfaultfd.node')
     : path.join('prebuilds', `linux-${process.arch}`, 'userfaultfd.glibc.node')

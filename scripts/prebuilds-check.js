@@ -21,8 +21,8 @@ const FILE = 'userfaultfd.glibc.node'
 const MAX = { GLIBC: '2.36', GLIBCXX: '3.4.30', CXXABI: '1.3.13', GCC: '12.0.0' }
 
 function sourceFiles() {
-  const files = ['binding.gyp', ...fs.readdirSync(path.join(root, 'native')).sort().map((f) => `native/${f}`)]
-  return files.filter((f) => fs.statSync(path.join(root, f)).isFile())
+  const files = fs.readdirSync(path.join(root, 'native'), { recursive: true }).sort().map((f) => `native/${f}`)
+  return ['binding.gyp', ...files.filter((f) => fs.statSync(path.join(root, f)).isFile())]
 }
 
 function sourceHashes() {

@@ -4,7 +4,7 @@ import * as fs from 'fs'
 import * as os from 'os'
 import * as path from 'path'
 import type { ChildProcess } from 'child_process'
-import { writeSnapshot } from '../src/firecracker/snapshot'
+import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { dist, killChildren, runCommand, runGuest, runNode } from './helpers/children'
 import { env } from './helpers/env'
 

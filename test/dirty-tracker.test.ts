@@ -6,8 +6,8 @@ import {
   DirtyTracker, Feature, Mapping, PAGE_SIZE, PageCategory, PagemapScanFlag, UffdError, UnsupportedError, Userfaultfd,
   dirtyTrackingSupport, hugePageSize, pagemapScan, pagemapScanSupported, type DirtyRange,
 } from '../src/index'
-import { native } from '../src/native'
-import { pages, startStamper, touch } from '../src/internal'
+import { native } from '../src/addon/native'
+import { pages, startStamper, touch } from '../src/testing'
 
 const MiB = 1024 * 1024
 const support = DirtyTracker.support()

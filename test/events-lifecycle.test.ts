@@ -6,7 +6,7 @@ import * as path from 'path'
 import { Worker } from 'worker_threads'
 import { describe, expect, it } from 'vitest'
 import { Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
-import { openPollHandles } from '../src/internal'
+import { openPollHandles } from '../src/testing'
 import { countFds } from './helpers/events'
 
 const root = path.join(__dirname, '..')
@@ -97,7 +97,7 @@ describe('event stream lifecycle', () => {
     const worker = new Worker(`
       const { parentPort } = require('worker_threads')
       const { Userfaultfd, Mapping } = require(${dist})
-      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'internal'))})
+      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'testing'))})
       const uffd = Userfaultfd.open()
       const m = Mapping.anonymous(4096 * 4)
       uffd.register(m)
@@ -143,7 +143,7 @@ describe('event stream lifecycle', () => {
     const child = runChild(`
       const { Worker } = require('worker_threads')
       const { Userfaultfd, Mapping } = require(${dist})
-      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'internal'))})
+      const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'testing'))})
       const served = Mapping.anonymous(4096)
       const own = Mapping.anonymous(4096)
       const uffd = Userfaultfd.open()

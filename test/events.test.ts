@@ -1,7 +1,7 @@
 // Every event type arrives typed through uffd.events(), raised from native threads.
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
-import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
+import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import { collect, countFds, stampedPage } from './helpers/events'
 import { env, needs } from './helpers/env'
 

@@ -2,9 +2,9 @@
 // deferred and retried after the events are read: under a storm of REMOVE and REMAP events,
 // every fault is still resolved exactly as asked.
 import { describe, expect, it } from 'vitest'
-import { whenReadable } from '../src/fd-passing'
+import { whenReadable } from '../src/ipc/fd-passing'
 import { Feature, FaultResolver, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
-import { madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
+import { madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 
 describe('FaultResolver', () => {

@@ -2,7 +2,7 @@
 // it serves), and errors surfacing as 'error' events.
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type Userfaultfd as Uffd } from '../src/index'
-import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/internal'
+import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import { closeAll, onCleanup, once, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
 import { env, needs } from './helpers/env'
 

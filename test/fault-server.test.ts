@@ -5,7 +5,7 @@ import * as os from 'os'
 import * as path from 'path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
-import { pages, touch } from '../src/internal'
+import { pages, touch } from '../src/testing'
 import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
 
 afterEach((ctx) => closeAll(ctx))

@@ -8,7 +8,7 @@ import * as path from 'path'
 import {
   FdChannel, Mapping, Userfaultfd, fdFlags, peerCredentials, receiveFds, receiveUffd, sendFds, sendUffd, socketPair,
 } from '../src'
-import { native } from '../src/native'
+import { native } from '../src/addon/native'
 
 const openFds = (): number => fs.readdirSync('/proc/self/fd').length
 const cleanup: Array<() => void> = []

@@ -7,7 +7,7 @@ import * as net from 'net'
 import * as os from 'os'
 import * as path from 'path'
 import { FirecrackerHandler, Mapping, PAGE_SIZE, Userfaultfd, parseRegions, sendFds, type ConnectionStats } from '../src'
-import { writeSnapshot } from '../src/firecracker/snapshot'
+import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { killChildren, runGuest, runNode } from './helpers/children'
 
 const MEM_SIZE = 8 << 20

@@ -3,7 +3,7 @@
 // reserved do these tests skip, and they say why.
 import { beforeEach, describe, expect, it } from 'vitest'
 import { Feature, IoctlBit, Mapping, Userfaultfd, hugePageSize } from '../src/index'
-import { madviseOnThread, touch } from '../src/internal'
+import { madviseOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, hugePagesMissing, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 

@@ -3,8 +3,8 @@
 // when the TypeScript layer is bypassed).
 import { describe, expect, it } from 'vitest'
 import { Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
-import { touch } from '../src/internal'
-import { native } from '../src/native'
+import { touch } from '../src/testing'
+import { native } from '../src/addon/native'
 import { expectUffdError, useCleanup } from './helpers/uffd'
 
 const track = useCleanup()

@@ -3,8 +3,8 @@
 // is unread (all five fill ioctls), DONTWAKE, and ESRCH once the process owning the memory exited.
 import { describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd, receiveUffd, sendFds, socketPair } from '../src/index'
-import { madviseOnThread, touch } from '../src/internal'
-import { native } from '../src/native'
+import { madviseOnThread, touch } from '../src/testing'
+import { native } from '../src/addon/native'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, lastJson, settlesWithin, spawnScript, useCleanup, waitEvents } from './helpers/uffd'
 

@@ -3,7 +3,7 @@
 // Every fault comes from a native thread.
 import { describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
-import { touch } from '../src/internal'
+import { touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 

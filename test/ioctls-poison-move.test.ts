@@ -2,7 +2,7 @@
 // and UFFDIO_MOVE within this process: success, resolving a fault, and every error path.
 import { describe, expect, it } from 'vitest'
 import { Feature, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
-import { forkOnThread, touch } from '../src/internal'
+import { forkOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, lastJson, runScript, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 

@@ -3,7 +3,7 @@
 // unregistering.
 import { describe, expect, it } from 'vitest'
 import { Feature, IoctlBit, Mapping, PAGE_SIZE, Userfaultfd, ioctlNames } from '../src/index'
-import { mmapRaw, munmapOnThread } from '../src/internal'
+import { mmapRaw, munmapOnThread } from '../src/testing'
 import { kernelAtLeast } from './helpers/env'
 import { expectUffdError, useCleanup } from './helpers/uffd'
 

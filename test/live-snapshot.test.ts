@@ -9,8 +9,8 @@ import { once } from 'events'
 import { Worker } from 'worker_threads'
 import * as index from '../src/index'
 import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
-import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/internal'
-import type { Stamper } from '../src/native'
+import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/testing'
+import type { Stamper } from '../src/addon/native'
 import { checkFinal, checkStamps } from './helpers/stamps'
 import { env } from './helpers/env'
 
@@ -336,7 +336,7 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
       const worker = new Worker(`
         const { parentPort } = require('worker_threads')
         const { Mapping, takeSnapshot } = require(${JSON.stringify(dist)})
-        const { startStamper } = require(${JSON.stringify(path.join(dist, 'internal'))})
+        const { startStamper } = require(${JSON.stringify(path.join(dist, 'testing'))})
         const m = Mapping.anonymous(64 * 1024 * 1024)
         startStamper(m, { threads: 1 })
         const snap = takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * 1024 * 1024 })

@@ -6,7 +6,7 @@ import * as os from 'os'
 import {
   Feature, IoctlBit, Mapping, PAGE_SIZE, UffdError, Userfaultfd, fdFlags, featureNames, isUserfaultfd,
 } from '../src/index'
-import { native } from '../src/native'
+import { native } from '../src/addon/native'
 import * as path from 'path'
 import { dist, runCommand } from './helpers/children'
 import { countFds, expectUffdError, lastJson, useCleanup } from './helpers/uffd'

@@ -8,7 +8,7 @@ import * as fs from 'fs'
 import { createRequire } from 'module'
 import * as path from 'path'
 import { describe, expect, it } from 'vitest'
-import { candidates, nativePath } from '../src/native'
+import { candidates, nativePath } from '../src/addon/native'
 
 const root = path.join(__dirname, '..')
 const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'))
@@ -96,7 +96,7 @@ describe('loader', () => {
   })
 
   it('USERFAULTFD_NATIVE=prebuild|build chooses, and the prebuild works', () => {
-    const script = "const n = require('./dist/native'); const { Userfaultfd } = require('./dist'); console.log(n.nativePath); console.log(Userfaultfd.probe().kernel)"
+    const script = "const n = require('./dist/addon/native'); const { Userfaultfd } = require('./dist'); console.log(n.nativePath); console.log(Userfaultfd.probe().kernel)"
     const pre = node(['-e', script], { USERFAULTFD_NATIVE: 'prebuild' })
     expect(pre.stderr).toBe('')
     expect(rel(pre.stdout.split('\n')[0])).toBe(prebuild)

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest'
 import * as path from 'path'
 import { Worker } from 'worker_threads'
 import { Mapping, PAGE_SIZE } from '../src/index'
-import { touch } from '../src/internal'
+import { touch } from '../src/testing'
 import { dist } from './helpers/children'
 import { countFds, sleep, useCleanup } from './helpers/uffd'
 
@@ -13,7 +13,7 @@ const track = useCleanup()
 
 const PRELUDE = `const { parentPort, workerData } = require('worker_threads');
 const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});
-const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});\n`
+const internal = require(${JSON.stringify(path.join(dist, 'testing', 'index.js'))});\n`
 
 /** Starts a worker from source; it is terminated after the test if still running. */
 function startWorker(source: string, workerData: unknown = {}): { worker: Worker, messages: unknown[], exited: Promise<number> } {

@@ -144,7 +144,7 @@ file "$proj/build/Release/userfaultfd.node" | grep -q 'ARM aarch64' || { say "th
 # --- boot and run -----------------------------------------------------------------------------
 # CPU: cortex-a72. With `-cpu max,pauth-impdef=on` QEMU 7.2's emulation of
 # some newer feature crashes Node's main process now and then (SIGSEGV in vitest's main process
-# under load, reproducible with test/events-load.test.ts; not with cortex-a72). ARM64_CPU overrides.
+# under load, reproducible with test/load/events-load.test.ts; not with cortex-a72). ARM64_CPU overrides.
 cpu=${ARM64_CPU:-cortex-a72}
 ctl=$cache/ctl
 rm -rf "$ctl"; mkdir -p "$ctl"

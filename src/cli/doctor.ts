@@ -3,7 +3,7 @@
 // (faults raised inside syscalls or by KVM are not delivered: not enough for Firecracker).
 import * as fs from 'fs'
 import * as os from 'os'
-import { Userfaultfd } from '../userfaultfd'
+import { Userfaultfd } from '../core/userfaultfd'
 
 export interface DoctorReport {
   usable: boolean

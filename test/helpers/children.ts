@@ -50,9 +50,9 @@ export function runCommand(file: string, args: string[], timeoutMs = 15_000, onS
   })
 }
 
-/** Runs the Firecracker-like guest (dist/firecracker/guest.js) with `options`. */
+/** Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. */
 export async function runGuest(options: object, timeoutMs = 15_000): Promise<ChildResult & { result?: Record<string, unknown> }> {
-  const r = await runNode([path.join(dist, 'firecracker', 'guest.js'), JSON.stringify(options)], timeoutMs)
+  const r = await runNode([path.join(dist, 'cli', 'demo', 'guest.js'), JSON.stringify(options)], timeoutMs)
   let result: Record<string, unknown> | undefined
   try {
     result = JSON.parse(r.stdout) as Record<string, unknown>

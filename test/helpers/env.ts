@@ -7,8 +7,8 @@
 // that use those must check `env.capSysPtrace` (see `needs`).
 import * as fs from 'fs'
 import * as os from 'os'
-import { native } from '../../src/native'
-import { OpenFlag } from '../../src/constants'
+import { native } from '../../src/addon/native'
+import { OpenFlag } from '../../src/core/constants'
 
 const CAP_SYS_PTRACE = 19n
 

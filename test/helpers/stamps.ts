@@ -1,4 +1,4 @@
-// Checking memory written by the native stamper (native/stamper.cc) against a snapshot of it.
+// Checking memory written by the native stamper (native/testing/stamper.cc) against a snapshot of it.
 //
 // Thread t writes its slots round-robin in order(t); its k-th write stores stamp(t, k) in 8
 // words of slot order(t)[(k - 1) % n]. So memory "as of an instant" holds, for each thread, the
@@ -13,8 +13,8 @@
 // never mistaken for one of this stamper's writes: two stampers with the same order and seed
 // used to write identical values to the same slots, and a slot holding write k of the second
 // one read as "still its initial value" (k = 0).
-import type { Stamper } from '../../src/native'
-import { stampOf } from '../../src/internal'
+import type { Stamper } from '../../src/addon/native'
+import { stampOf } from '../../src/testing'
 
 const SLOT = 4096
 const WORDS = 8

@@ -59,11 +59,11 @@ export function hugePagesMissing(): string | undefined {
 }
 
 const PRELUDE = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
-  + `const internal = require(${JSON.stringify(path.join(dist, 'internal.js'))});`
+  + `const internal = require(${JSON.stringify(path.join(dist, 'testing', 'index.js'))});`
 
 /**
  * Runs `source` as a CommonJS script in a new node process, with `uffd` bound to the built
- * package (dist/index.js) and `internal` to dist/internal.js. Killed after timeoutMs.
+ * package (dist/index.js) and `internal` to dist/testing/index.js. Killed after timeoutMs.
  */
 export function runScript(source: string, options: { execArgv?: string[], args?: string[], timeoutMs?: number } = {}): Promise<ChildResult> {
   return runNode([...(options.execArgv ?? []), '-e', PRELUDE + source, '--', ...(options.args ?? [])], options.timeoutMs ?? 15_000)

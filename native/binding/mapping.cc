@@ -1,0 +1,252 @@
+// Memory mappings for userfaultfd to manage: anonymous, memfd (MAP_SHARED), aliases of a memfd,
+// and huge-page variants. The external ArrayBuffer over a mapping must never outlive it:
+// unmap() detaches the buffer before munmap, and a refcount shared by the handle and its
+// buffer munmaps exactly once when the last of them is collected.
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "binding/addon_data.h"
+#include "binding/args.h"
+#include "binding/uffd.h"
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004U
+#endif
+
+namespace {
+
+// Shared by a MappingHandle and the external ArrayBuffer it hands out.
+struct Region {
+  std::mutex mu;
+  std::atomic<int> refs{1};
+  uint8_t* addr = nullptr;
+  size_t length = 0;
+  bool unmapped = false;
+
+  void UnmapOnce() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!unmapped) {
+      munmap(addr, length);
+      unmapped = true;
+    }
+  }
+  void Unref() {
+    if (refs.fetch_sub(1) == 1) {
+      UnmapOnce();
+      delete this;
+    }
+  }
+};
+
+class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "MappingHandle",
+                       {
+                           InstanceMethod<&MappingHandle::Address>("address"),
+                           InstanceMethod<&MappingHandle::Length>("length"),
+                           InstanceMethod<&MappingHandle::Fd>("fd"),
+                           InstanceMethod<&MappingHandle::Buffer>("buffer"),
+                           InstanceMethod<&MappingHandle::Unmap>("unmap"),
+                           InstanceMethod<&MappingHandle::Madvise>("madvise"),
+                           InstanceMethod<&MappingHandle::Protect>("protect"),
+                           InstanceMethod<&MappingHandle::Read>("read"),
+                           InstanceMethod<&MappingHandle::Write>("write"),
+                       });
+  }
+
+  // new MappingHandle(kind, length, { hugetlb, populate, name, private }, source?)
+  // kind: 'anonymous' | 'memfd' | 'alias'
+  MappingHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MappingHandle>(info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsString()) ThrowTypeError(env, "kind must be a string");
+    std::string kind = info[0].As<Napi::String>().Utf8Value();
+    uint64_t length = ArgU64(info, 1, "length");
+    if (length == 0) ThrowRangeError(env, "length must be > 0");
+    Napi::Object opts = info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
+    bool hugetlb = opts.Get("hugetlb").ToBoolean();
+    bool populate = opts.Get("populate").ToBoolean();
+    bool priv = opts.Get("private").ToBoolean();
+
+    int prot = PROT_READ | PROT_WRITE;
+    void* addr = MAP_FAILED;
+    if (kind == "anonymous") {
+      int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+      if (hugetlb) flags |= MAP_HUGETLB;
+      if (populate) flags |= MAP_POPULATE;
+      addr = mmap(nullptr, length, prot, flags, -1, 0);
+      if (addr == MAP_FAILED) ThrowUffdError(env, errno, "mmap", -1, "anonymous");
+    } else if (kind == "memfd" || kind == "alias") {
+      int fd;
+      if (kind == "memfd") {
+        std::string name = opts.Get("name").IsString()
+                               ? opts.Get("name").As<Napi::String>().Utf8Value()
+                               : std::string("userfaultfd");
+        fd = static_cast<int>(memfd_create(name.c_str(), MFD_CLOEXEC | (hugetlb ? MFD_HUGETLB : 0)));
+        if (fd < 0) ThrowUffdError(env, errno, "memfd_create");
+        if (ftruncate(fd, static_cast<off_t>(length)) != 0) {
+          int err = errno;
+          close(fd);
+          ThrowUffdError(env, err, "ftruncate");
+        }
+      } else {
+        if (!info[3].IsObject()) ThrowTypeError(env, "alias needs a source mapping");
+        MappingHandle* src = Unwrap(info[3].As<Napi::Object>());
+        if (src == nullptr || src->fd_ < 0) ThrowTypeError(env, "alias needs a memfd mapping");
+        fd = fcntl(src->fd_, F_DUPFD_CLOEXEC, 0);
+        if (fd < 0) ThrowUffdError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
+      }
+      int flags = priv ? MAP_PRIVATE : MAP_SHARED;
+      if (populate) flags |= MAP_POPULATE;
+      addr = mmap(nullptr, length, prot, flags, fd, 0);
+      if (addr == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        ThrowUffdError(env, err, "mmap", -1, kind);
+      }
+      fd_ = fd;
+    } else {
+      ThrowTypeError(env, "unknown mapping kind: " + kind);
+    }
+    region_ = new Region();
+    region_->addr = static_cast<uint8_t*>(addr);
+    region_->length = length;
+  }
+
+  ~MappingHandle() override { Release(); }
+
+ private:
+  void Release() {
+    if (fd_ >= 0) {
+      close(fd_);
+      fd_ = -1;
+    }
+    if (region_ != nullptr) {
+      region_->Unref();
+      region_ = nullptr;
+    }
+  }
+
+  void CheckMapped(Napi::Env env) {
+    if (region_ == nullptr) ThrowUffdError(env, EBADF, "mapping", -1, "the mapping was unmapped");
+  }
+
+  void CheckSpan(Napi::Env env, uint64_t offset, uint64_t length) {
+    CheckMapped(env);
+    if (offset > region_->length || length > region_->length - offset)
+      ThrowRangeError(env, "offset + length exceeds the mapping");
+  }
+
+  Napi::Value Address(const Napi::CallbackInfo& info) {
+    CheckMapped(info.Env());
+    return U64(info.Env(), reinterpret_cast<uintptr_t>(region_->addr));
+  }
+
+  Napi::Value Length(const Napi::CallbackInfo& info) {
+    CheckMapped(info.Env());
+    return Napi::Number::New(info.Env(), static_cast<double>(region_->length));
+  }
+
+  Napi::Value Fd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), fd_); }
+
+  static void BufferFinalizer(Napi::Env, void*, Region* region) { region->Unref(); }
+
+  Napi::Value Buffer(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckMapped(env);
+    if (!buffer_.IsEmpty()) {
+      Napi::Value existing = buffer_.Value();
+      if (!existing.IsEmpty() && existing.IsArrayBuffer()) return existing;
+    }
+    region_->refs.fetch_add(1);
+    napi_value ab;
+    napi_status status = napi_create_external_arraybuffer(
+        env, region_->addr, region_->length,
+        [](napi_env, void*, void* hint) { static_cast<Region*>(hint)->Unref(); }, region_, &ab);
+    if (status != napi_ok) {
+      region_->refs.fetch_sub(1);
+      // e.g. napi_no_external_buffers_allowed under a V8 sandbox: read()/write() still work.
+      ThrowUffdError(env, ENOTSUP, "napi_create_external_arraybuffer", -1,
+                     "external buffers are not allowed in this runtime; use read()/write()");
+    }
+    buffer_ = Napi::Weak(Napi::Value(env, ab).As<Napi::ArrayBuffer>());
+    return Napi::Value(env, ab);
+  }
+
+  // Detach first so no view can touch the pages after munmap, then unmap. Idempotent.
+  Napi::Value Unmap(const Napi::CallbackInfo& info) {
+    if (region_ == nullptr) return info.Env().Undefined();
+    if (!buffer_.IsEmpty()) {
+      Napi::Value existing = buffer_.Value();
+      if (!existing.IsEmpty() && existing.IsArrayBuffer()) {
+        Napi::ArrayBuffer ab = existing.As<Napi::ArrayBuffer>();
+        if (!ab.IsDetached()) ab.Detach();
+      }
+      buffer_.Reset();
+    }
+    region_->UnmapOnce();
+    Release();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Madvise(const Napi::CallbackInfo& info) {
+    uint64_t offset = ArgU64(info, 0, "offset");
+    uint64_t length = ArgU64(info, 1, "length");
+    int advice = ArgI32(info, 2, "advice");
+    CheckSpan(info.Env(), offset, length);
+    if (madvise(region_->addr + offset, length, advice) != 0)
+      ThrowUffdError(info.Env(), errno, "madvise");
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Protect(const Napi::CallbackInfo& info) {
+    uint64_t offset = ArgU64(info, 0, "offset");
+    uint64_t length = ArgU64(info, 1, "length");
+    int prot = ArgI32(info, 2, "prot");
+    CheckSpan(info.Env(), offset, length);
+    if (mprotect(region_->addr + offset, length, prot) != 0)
+      ThrowUffdError(info.Env(), errno, "mprotect");
+    return info.Env().Undefined();
+  }
+
+  // read(offset, target): copy mapping -> target view. Returns bytes copied.
+  Napi::Value Read(const Napi::CallbackInfo& info) {
+    uint64_t offset = ArgU64(info, 0, "offset");
+    BytesArg bytes;
+    if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "target must be an ArrayBuffer or a view");
+    CheckSpan(info.Env(), offset, bytes.length);
+    if (bytes.length > 0) memcpy(bytes.data, region_->addr + offset, bytes.length);  // data may be null
+    return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
+  }
+
+  // write(offset, source): copy source view -> mapping. Returns bytes copied.
+  Napi::Value Write(const Napi::CallbackInfo& info) {
+    uint64_t offset = ArgU64(info, 0, "offset");
+    BytesArg bytes;
+    if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "source must be an ArrayBuffer or a view");
+    CheckSpan(info.Env(), offset, bytes.length);
+    if (bytes.length > 0) memcpy(region_->addr + offset, bytes.data, bytes.length);  // data may be null
+    return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
+  }
+
+  Region* region_ = nullptr;
+  int fd_ = -1;
+  Napi::Reference<Napi::ArrayBuffer> buffer_;
+};
+
+}  // namespace
+
+void InitMapping(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = MappingHandle::Define(env);
+  GetAddonData(env)->mappingHandle = Napi::Persistent(ctor);
+  exports.Set("MappingHandle", ctor);
+}

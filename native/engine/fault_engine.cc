@@ -1,0 +1,749 @@
+#include "engine/fault_engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "kernel/uapi.h"
+
+namespace {
+const uint64_t kPage = 4096;
+
+inline void CpuRelax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+}  // namespace
+
+uint64_t EngineNowNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+FaultEngine::FaultEngine(const EngineOptions& options, std::function<void()> wakeJs)
+    : options_(options), wakeJs_(std::move(wakeJs)) {
+  if (options_.batch < 1) options_.batch = 1;
+  spinBudgetNs_.store(options_.spinUs * 1000);
+}
+
+FaultEngine::~FaultEngine() {
+  Stop();
+  for (auto& n : notices_)
+    if (n.kind == Notice::kFork && n.fd >= 0) close(n.fd);
+}
+
+int FaultEngine::Start(int uffd, std::string* syscall) {
+  uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
+  if (uffd_ < 0) {
+    *syscall = "fcntl(F_DUPFD_CLOEXEC)";
+    return errno;
+  }
+  wakeFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wakeFd_ < 0) {
+    int err = errno;
+    close(uffd_);
+    uffd_ = -1;
+    *syscall = "eventfd";
+    return err;
+  }
+  requestFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (requestFd_ < 0) {
+    int err = errno;
+    close(uffd_);
+    close(wakeFd_);
+    uffd_ = wakeFd_ = -1;
+    *syscall = "eventfd";
+    return err;
+  }
+  started_ = true;
+  demand_ = std::thread([this] { DemandLoop(); });
+  prefetch_ = std::thread([this] { PrefetchLoop(); });
+  return 0;
+}
+
+void FaultEngine::Stop() {
+  if (!started_ || stopping_.exchange(true)) return;
+  uint64_t one = 1;
+  ssize_t ignored = write(wakeFd_, &one, sizeof one);
+  (void)ignored;
+  KickPrefetch();
+  if (demand_.joinable()) demand_.join();
+  if (prefetch_.joinable()) prefetch_.join();
+  close(uffd_);
+  close(wakeFd_);
+  close(requestFd_);
+  uffd_ = wakeFd_ = requestFd_ = -1;
+}
+
+void FaultEngine::KickPrefetch() {
+  {
+    std::lock_guard<std::mutex> lock(prefetchMu_);
+    prefetchKick_.fetch_add(1);
+  }
+  prefetchCv_.notify_all();
+}
+
+// ---- ranges ---------------------------------------------------------------------------------
+
+int FaultEngine::AddRange(std::shared_ptr<ServedRange> range) {
+  {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    for (auto& r : table_)
+      if (range->start < r->end() && r->start < range->end()) return EEXIST;
+    auto at = std::upper_bound(table_.begin(), table_.end(), range,
+                               [](const auto& a, const auto& b) { return a->start < b->start; });
+    table_.insert(at, std::move(range));
+    tableVersion_.fetch_add(1);
+  }
+  KickPrefetch();
+  return 0;
+}
+
+int FaultEngine::RemoveRange(uint64_t start, uint64_t end) {
+  int removed = 0;
+  std::lock_guard<std::mutex> lock(tableMu_);
+  for (auto it = table_.begin(); it != table_.end();) {
+    if ((*it)->start >= start && (*it)->end() <= end) {
+      (*it)->dropped.store(true);
+      it = table_.erase(it);
+      removed++;
+    } else {
+      ++it;
+    }
+  }
+  if (removed > 0) tableVersion_.fetch_add(1);
+  return removed;
+}
+
+void FaultEngine::SettledTotal(uint64_t* settled, uint64_t* total) {
+  std::lock_guard<std::mutex> lock(tableMu_);
+  *settled = *total = 0;
+  for (auto& r : table_) {
+    *settled += r->settled.load();
+    *total += r->pages;
+  }
+}
+
+const FaultEngine::Table& FaultEngine::Snapshot(Table* local, uint64_t* version) {
+  uint64_t v = tableVersion_.load();
+  if (v != *version) {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    *local = table_;
+    *version = tableVersion_.load();
+  }
+  return *local;
+}
+
+std::shared_ptr<ServedRange> FaultEngine::Lookup(const Table& table, uint64_t address) const {
+  auto it = std::upper_bound(table.begin(), table.end(), address,
+                             [](uint64_t a, const auto& r) { return a < r->start; });
+  if (it == table.begin()) return nullptr;
+  --it;
+  if (address >= (*it)->end() || (*it)->dropped.load(std::memory_order_relaxed)) return nullptr;
+  return *it;
+}
+
+// ---- page states ----------------------------------------------------------------------------
+
+size_t FaultEngine::MarkPresent(ServedRange* r, size_t first, size_t count) {
+  size_t changed = 0;
+  for (size_t i = first; i < first + count; i++) {
+    uint8_t s = r->states.Get(i);
+    if ((s == kMissing || s == kInFlight) && r->states.Transition(i, s, kPresent)) changed++;
+  }
+  if (changed > 0) Progress(r->settled.fetch_add(changed) + changed == r->pages);
+  return changed;
+}
+
+void FaultEngine::SetState(ServedRange* r, size_t page, uint8_t to) {
+  uint8_t prev = r->states.Set(page, to);
+  if (Settled(prev) && !Settled(to)) r->settled.fetch_sub(1);
+  if (!Settled(prev) && Settled(to)) r->settled.fetch_add(1);
+}
+
+// ---- filling --------------------------------------------------------------------------------
+
+FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>& r, size_t page,
+                                             size_t count, Origin origin, const uint8_t* bytes,
+                                             std::vector<uint8_t>* scratch, bool* firstExisted,
+                                             size_t* done) {
+  uint64_t dst = r->start + page * kPage;
+  uint64_t len = count * kPage;
+  uint64_t off = 0;
+  *done = 0;
+  while (off < len) {
+    FillResult f = bytes != nullptr
+                       ? CopyPages(uffd_, dst + off, bytes + off, len - off)
+                       : r->source->Fill(uffd_, dst + off, r->sourceOffset + page * kPage + off,
+                                         len - off, scratch);
+    if (f.done > 0) {
+      size_t n = f.done / kPage;
+      // Counters first: whoever sees the pages present (drained()) sees them counted.
+      stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
+      if (f.zero)
+        stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
+      switch (origin) {
+        case kDemand:
+          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+          stats_.aroundPages.fetch_add(off == 0 ? n - 1 : n, std::memory_order_relaxed);
+          break;
+        case kAround:
+          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+          stats_.aroundPages.fetch_add(n, std::memory_order_relaxed);
+          break;
+        case kPrefetch:
+          stats_.prefetchPages.fetch_add(n, std::memory_order_relaxed);
+          break;
+        case kCompletion:
+          stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
+          break;
+      }
+      MarkPresent(r.get(), page + off / kPage, n);
+      off += f.done;
+    }
+    *done = off / kPage;
+    if (f.err == 0) continue;
+    if (f.err == EAGAIN) {
+      if (f.done > 0) continue;  // partial progress: go on with the rest
+      return kDeferredOp;        // an event is pending: read it first
+    }
+    if (f.err == EEXIST) {
+      // Someone (the other thread, a racing fault) filled this page first.
+      if (off == 0 && firstExisted != nullptr) *firstExisted = true;
+      stats_.eexist.fetch_add(1, std::memory_order_relaxed);
+      MarkPresent(r.get(), page + off / kPage, 1);
+      off += kPage;
+      *done = off / kPage;
+      continue;
+    }
+    if (f.err == ENOENT || f.err == ESRCH) {
+      // Not registered any more (unregistered behind our back, or the process exited):
+      // nothing will fault there through this uffd again.
+      for (size_t i = page + off / kPage; i < page + count; i++) SetState(r.get(), i, kGone);
+      if (f.err == ESRCH) Error(f.err, f.syscall, "the process owning the memory exited", dst + off);
+      *done = count;
+      return kFailed;
+    }
+    Error(f.err, f.syscall, std::string("filling ") + Hex(dst + off) + " from source offset " +
+                                Hex(r->sourceOffset + page * kPage + off), dst + off);
+    return kFailed;
+  }
+  return kFilled;
+}
+
+void FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
+                              Origin origin, std::shared_ptr<std::vector<uint8_t>> bytes,
+                              bool* firstExisted) {
+  size_t done = 0;
+  FillStatus s = FillRun(r, page, count, origin, bytes ? bytes->data() : nullptr, &demandScratch_,
+                         firstExisted, &done);
+  if (s != kDeferredOp) return;
+  std::shared_ptr<std::vector<uint8_t>> rest;
+  if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * kPage, bytes->end());
+  deferred_.push_back(Deferred{r, 0, page + done, count - done, origin, std::move(rest)});
+  stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+}
+
+void FaultEngine::ZeroFault(uint64_t page) {
+  FillResult f = ZeroPages(uffd_, page, kPage);
+  if (f.err == EAGAIN && f.done == 0) {
+    deferred_.push_back(Deferred{nullptr, page, 0, 1, kDemand, nullptr});
+    stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+  } else if (f.err == EEXIST) {
+    WakePages(uffd_, page, kPage);
+  } else if (f.err == 0) {
+    stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
+  } else if (f.err != ENOENT) {
+    Error(f.err, f.syscall, "zero page for " + Hex(page), page);
+  }
+}
+
+void FaultEngine::RetryDeferred() {
+  std::vector<Deferred> ops;
+  ops.swap(deferred_);
+  for (auto& d : ops) {
+    stats_.retries.fetch_add(1, std::memory_order_relaxed);
+    if (d.range == nullptr) {
+      ZeroFault(d.address);
+    } else if (!d.range->dropped.load()) {
+      FillOrDefer(d.range, d.page, d.count, d.origin, d.bytes, nullptr);
+    }
+  }
+}
+
+// ---- demand thread --------------------------------------------------------------------------
+
+void FaultEngine::DemandLoop() {
+  std::vector<struct uffd_msg> msgs(options_.batch);
+  const uint64_t maxSpin = static_cast<uint64_t>(options_.spinUs) * 1000;
+  uint64_t idleSince = 0;
+  int sleepsWithoutSpin = 0;
+  int backoffMs = 1;
+  bool dead = false;
+  while (!stopping_.load(std::memory_order_relaxed)) {
+    ssize_t n = -1;
+    errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
+    if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
+    if (n > 0) {
+      uint64_t now = EngineNowNs();
+      if (idleSince != 0) {
+        // A spin hit: the message came while spinning. Spin a little longer next time.
+        stats_.spinHits.fetch_add(1, std::memory_order_relaxed);
+        uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
+        spinBudgetNs_.store(static_cast<uint32_t>(std::min<uint64_t>(maxSpin, b + b / 4 + 1000)),
+                            std::memory_order_relaxed);
+      }
+      idleSince = 0;
+      stats_.reads.fetch_add(1, std::memory_order_relaxed);
+      demandBusy_.store(1, std::memory_order_relaxed);
+      HandleMessages(msgs.data(), static_cast<size_t>(n) / sizeof(struct uffd_msg), now);
+      demandBusy_.store(0, std::memory_order_relaxed);
+      if (!deferred_.empty()) RetryDeferred();  // the events that blocked them were just read
+      if (completionsPending_.load()) ProcessCompletions();
+      FlushRequests(&batchRequests_);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN && !dead) {
+      Error(errno, "read", "the fault server stopped reading this uffd");
+      dead = true;
+    }
+    if (completionsPending_.load()) {
+      ProcessCompletions();
+      FlushRequests(&batchRequests_);
+      continue;
+    }
+    int timeout = -1;
+    if (!deferred_.empty()) {
+      // mmap_changing drops once the event's causer runs again: retry on a short, growing
+      // timer, never in a tight loop.
+      RetryDeferred();
+      if (!deferred_.empty()) {
+        timeout = backoffMs;
+        backoffMs = std::min(backoffMs * 2, 50);
+      } else {
+        backoffMs = 1;
+      }
+    } else {
+      backoffMs = 1;
+    }
+    uint64_t now = EngineNowNs();
+    if (idleSince == 0) idleSince = now;
+    // Adaptive spin: a sleeping reader costs one more cross-CPU wake-up per fault.
+    uint64_t budget = spinBudgetNs_.load(std::memory_order_relaxed);
+    if (!dead && timeout < 0 && now - idleSince < budget) {
+      for (int i = 0; i < 16; i++) CpuRelax();
+      continue;
+    }
+    // A spin miss halves the budget: spinning only pays when faulting threads run on another
+    // CPU; when the scheduler packs them onto this one, spinning only delays them (measured on
+    // this project's 2-vCPU VM: p99 = spin budget + 10 us). At 0, probe again now and then.
+    if (maxSpin > 0 && timeout < 0) {
+      uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
+      if (b > 0) b = b / 2 < 1000 ? 0 : b / 2;
+      else if (++sleepsWithoutSpin >= 256) b = maxSpin / 4, sleepsWithoutSpin = 0;
+      spinBudgetNs_.store(static_cast<uint32_t>(b), std::memory_order_relaxed);
+    }
+    struct pollfd fds[2] = {{uffd_, POLLIN, 0}, {wakeFd_, POLLIN, 0}};
+    stats_.sleeps.fetch_add(1, std::memory_order_relaxed);
+    int rc = poll(dead ? fds + 1 : fds, dead ? 1 : 2, timeout);
+    if (rc > 0 && (fds[1].revents & POLLIN)) {
+      uint64_t v;
+      ssize_t ignored = read(wakeFd_, &v, sizeof v);
+      (void)ignored;
+    }
+    idleSince = 0;
+  }
+}
+
+void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs) {
+  const struct uffd_msg* msgs = static_cast<const struct uffd_msg*>(data);
+  for (size_t i = 0; i < count; i++) {
+    const struct uffd_msg& m = msgs[i];
+    switch (m.event) {
+      case UFFD_EVENT_PAGEFAULT:
+        stats_.faults.fetch_add(1, std::memory_order_relaxed);
+        lastDemandNs_.store(readNs, std::memory_order_relaxed);
+        if (m.arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+          stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
+          if (!unhandledReported_.exchange(true))
+            Error(EINVAL, "read", "the fault server serves MISSING faults only; a WP or MINOR fault at " +
+                                      Hex(m.arg.pagefault.address) + " is left to its waiter", m.arg.pagefault.address);
+          break;
+        }
+        HandleFault(m.arg.pagefault.address & ~(kPage - 1), readNs);
+        break;
+      case UFFD_EVENT_REMOVE:
+        stats_.removes.fetch_add(1, std::memory_order_relaxed);
+        HandleRemove(m.arg.remove.start, m.arg.remove.end);
+        break;
+      case UFFD_EVENT_UNMAP:
+        stats_.unmaps.fetch_add(1, std::memory_order_relaxed);
+        HandleUnmap(m.arg.remove.start, m.arg.remove.end);
+        break;
+      case UFFD_EVENT_REMAP:
+        stats_.remaps.fetch_add(1, std::memory_order_relaxed);
+        HandleRemap(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
+        break;
+      case UFFD_EVENT_FORK:
+        stats_.forks.fetch_add(1, std::memory_order_relaxed);
+        HandleFork(static_cast<int>(m.arg.fork.ufd));
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
+  const Table& table = Snapshot(&demandTable_, &demandVersion_);
+  std::shared_ptr<ServedRange> r = Lookup(table, page);
+  uint8_t state = r ? r->states.Get((page - r->start) / kPage) : static_cast<uint8_t>(kGone);
+  if (state == kGone) {
+    // Registered with this uffd but served by no range: zeros, and say so once.
+    stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
+    if (!unhandledReported_.exchange(true))
+      Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)", "fault at " + Hex(page) +
+                                                  " outside every served range: served as zeros", page);
+    ZeroFault(page);
+    return;
+  }
+  size_t i = (page - r->start) / kPage;
+  if (state == kRemoved) {
+    ZeroFault(page);
+    latency_.Record(EngineNowNs() - readNs);
+    return;
+  }
+  size_t window = std::max<uint64_t>(r->faultAround / kPage, 1);
+  size_t ws = i - i % window;
+  size_t we = std::min(ws + window, r->pages);
+  // Prefetch follows demand (locality), one window ahead: the next window is the likeliest
+  // next fault, and the demand thread copies it faster than the two could share it.
+  if (r->prefetch) r->cursor.store(std::min(we + window, r->pages), std::memory_order_relaxed);
+  if (r->source->kind() == Source::kHandler) {
+    if (state == kInFlight) return;  // the handler's bytes will wake it
+    SetState(r.get(), i, kInFlight);
+    size_t last = i + 1;
+    while (last < we && r->states.Transition(last, kMissing, kInFlight)) last++;
+    size_t first = i;
+    while (first > ws && r->states.Transition(first - 1, kMissing, kInFlight)) first--;
+    RequestFromHandler(r, first, last - first, false, &batchRequests_);
+    return;
+  }
+  bool existed = false;
+  size_t forward = 1 + r->states.RunOf(i + 1, we - i - 1, kMissing);
+  FillOrDefer(r, i, forward, kDemand, nullptr, &existed);
+  latency_.Record(EngineNowNs() - readNs);
+  if (existed) {
+    // Filled by the prefetch thread, whose ioctl wakes waiters only when it ends: wake now.
+    WakePages(uffd_, page, kPage);
+    stats_.wakes.fetch_add(1, std::memory_order_relaxed);
+  }
+  size_t back = i;
+  while (back > ws && r->states.Get(back - 1) == kMissing) back--;
+  if (back < i) FillOrDefer(r, back, i - back, kAround, nullptr, nullptr);
+}
+
+void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
+                                     bool prefetch, std::vector<HandlerRequest>* out) {
+  HandlerRequest q;
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    q.id = nextRequest_++;
+    requests_[q.id] = Pending{r, page, count, prefetch};
+  }
+  q.handlerId = r->source->handlerId();
+  q.rangeId = r->id;
+  q.address = r->start + page * kPage;
+  q.offset = r->sourceOffset + page * kPage;
+  q.length = count * kPage;
+  q.prefetch = prefetch;
+  stats_.requests.fetch_add(1, std::memory_order_relaxed);
+  out->push_back(q);
+}
+
+void FaultEngine::FlushRequests(std::vector<HandlerRequest>* requests) {
+  if (requests->empty()) return;
+  Notice n;
+  n.kind = Notice::kRequests;
+  n.requests.swap(*requests);
+  Notify(std::move(n));
+  uint64_t one = 1;
+  ssize_t ignored = write(requestFd_, &one, sizeof one);
+  (void)ignored;
+}
+
+void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok) {
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    completions_.push_back(Completion{requestId, std::move(bytes), ok});
+  }
+  completionsPending_.store(true);
+  uint64_t one = 1;
+  if (wakeFd_ >= 0) {
+    ssize_t ignored = write(wakeFd_, &one, sizeof one);
+    (void)ignored;
+  }
+}
+
+void FaultEngine::ProcessCompletions() {
+  std::deque<Completion> done;
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    completionsPending_.store(false);
+    done.swap(completions_);
+  }
+  bool kick = false;
+  for (auto& c : done) {
+    Pending p;
+    {
+      std::lock_guard<std::mutex> lock(requestMu_);
+      auto it = requests_.find(c.id);
+      if (it == requests_.end()) continue;
+      p = it->second;
+      requests_.erase(it);
+    }
+    if (p.prefetch) {
+      p.range->inflight.fetch_sub(1);
+      kick = true;
+    }
+    if (p.range->dropped.load()) continue;
+    if (!c.ok) {
+      for (size_t i = p.page; i < p.page + p.count; i++) p.range->states.Transition(i, kInFlight, kMissing);
+      if (p.prefetch) p.range->prefetchFailed.store(true);
+      continue;
+    }
+    c.bytes.resize(p.count * kPage, 0);
+    auto bytes = std::make_shared<std::vector<uint8_t>>(std::move(c.bytes));
+    FillOrDefer(p.range, p.page, p.count, kCompletion, bytes, nullptr);
+  }
+  if (kick) KickPrefetch();
+}
+
+// ---- events ---------------------------------------------------------------------------------
+
+void FaultEngine::HandleRemove(uint64_t start, uint64_t end) {
+  const Table& table = Snapshot(&demandTable_, &demandVersion_);
+  bool kick = false;
+  for (auto& r : table) {
+    uint64_t a = std::max(start, r->start), b = std::min(end, r->end());
+    if (a >= b) continue;
+    size_t pa = (a - r->start) / kPage, pb = (b - r->start + kPage - 1) / kPage;
+    for (size_t p = pa; p < pb; p++) {
+      if (r->states.Get(p) == kGone) continue;
+      SetState(r.get(), p, options_.removeToZero ? kRemoved : kMissing);
+    }
+    if (!options_.removeToZero && r->prefetch) {
+      r->cursor.store(pa);  // re-serve from where the hole starts
+      kick = true;
+    }
+  }
+  if (kick) KickPrefetch();
+  Progress(false);
+}
+
+void FaultEngine::HandleUnmap(uint64_t start, uint64_t end) {
+  const Table& table = Snapshot(&demandTable_, &demandVersion_);
+  bool anyGone = false;
+  for (auto& r : table) {
+    uint64_t a = std::max(start, r->start), b = std::min(end, r->end());
+    if (a >= b) continue;
+    size_t pa = (a - r->start) / kPage, pb = (b - r->start + kPage - 1) / kPage;
+    for (size_t p = pa; p < pb; p++) SetState(r.get(), p, kGone);
+    if (r->states.RunOf(0, r->pages, kGone) == r->pages) anyGone = true;
+  }
+  if (anyGone) DropGoneRanges();
+  Progress(true);
+}
+
+// With tableMu_ held: drops the ranges whose every page is gone. Returns whether any was.
+bool FaultEngine::EraseGoneLocked() {
+  size_t before = table_.size();
+  table_.erase(std::remove_if(table_.begin(), table_.end(),
+                              [](const std::shared_ptr<ServedRange>& r) {
+                                bool gone = r->states.RunOf(0, r->pages, kGone) == r->pages;
+                                if (gone) r->dropped.store(true);
+                                return gone;
+                              }),
+               table_.end());
+  return table_.size() != before;
+}
+
+void FaultEngine::DropGoneRanges() {
+  std::lock_guard<std::mutex> lock(tableMu_);
+  if (EraseGoneLocked()) tableVersion_.fetch_add(1);
+}
+
+void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
+  {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    Table added;
+    for (auto& r : table_) {
+      uint64_t a = std::max(from, r->start), b = std::min(from + len, r->end());
+      if (a >= b) continue;
+      // The moved part becomes a range of its own at the new address, with its page states.
+      size_t pa = (a - r->start) / kPage, n = (b - a) / kPage;
+      auto moved = std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->source,
+                                                 r->sourceOffset + (a - r->start), r->prefetch, r->faultAround);
+      size_t settled = 0;
+      for (size_t k = 0; k < n; k++) {
+        uint8_t s = r->states.Get(pa + k);
+        if (s == kInFlight) s = kMissing;  // the handler's bytes would land at the old address
+        moved->states.Set(k, s);
+        if (Settled(s)) settled++;
+      }
+      moved->settled.store(settled);
+      for (size_t k = 0; k < n; k++) SetState(r.get(), pa + k, kGone);
+      added.push_back(std::move(moved));
+    }
+    for (auto& m : added) table_.push_back(std::move(m));
+    EraseGoneLocked();
+    std::sort(table_.begin(), table_.end(), [](const auto& x, const auto& y) { return x->start < y->start; });
+    tableVersion_.fetch_add(1);
+  }
+  KickPrefetch();
+}
+
+void FaultEngine::HandleFork(int fd) {
+  if (options_.forkEmit) {
+    Notice n;
+    n.kind = Notice::kFork;
+    n.fd = fd;
+    Notify(std::move(n));
+  } else {
+    close(fd);  // the child's ranges are unregistered; its missing pages read as zeros
+  }
+}
+
+// ---- prefetch thread ------------------------------------------------------------------------
+
+void FaultEngine::PrefetchLoop() {
+  if (options_.prefetchIdle) {
+    struct sched_param param = {};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+  }
+  Table local;
+  uint64_t version = 0;
+  std::vector<uint8_t> scratch;
+  std::vector<HandlerRequest> requests;
+  size_t chunk = std::max<uint64_t>(options_.prefetchChunk / kPage, 1);
+  int backoffMs = 1;
+  while (!stopping_.load()) {
+    uint64_t kick = prefetchKick_.load();
+    const Table& table = Snapshot(&local, &version);
+    bool worked = false;
+    for (auto& r : table) {
+      if (stopping_.load()) break;
+      if (!r->prefetch || r->dropped.load() || r->prefetchFailed.load()) continue;
+      bool handler = r->source->kind() == Source::kHandler;
+      if (handler && r->inflight.load() >= options_.handlerConcurrency) continue;
+      // Demand first: while faults keep coming, pause (a copy here would slow the CPU that the
+      // faulting thread or the demand thread is woken on). Nothing is claimed yet.
+      const uint64_t yieldNs = static_cast<uint64_t>(options_.prefetchYieldUs) * 1000;
+      while (!handler && yieldNs > 0 && !stopping_.load() &&
+             EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
+        stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
+        struct timespec pause = {static_cast<time_t>(yieldNs / 1000000000ull), static_cast<long>(yieldNs % 1000000000ull)};
+        nanosleep(&pause, nullptr);
+      }
+      size_t i = r->states.Find(std::min(r->cursor.load(), r->pages), kMissing);
+      if (i >= r->pages) i = r->states.Find(0, kMissing);
+      if (i >= r->pages) continue;
+      size_t n = 0;
+      while (n < chunk && i + n < r->pages && r->states.Transition(i + n, kMissing, kInFlight)) n++;
+      if (n == 0) continue;
+      worked = true;
+      r->cursor.store(i + n);
+      if (handler) {
+        r->inflight.fetch_add(1);
+        RequestFromHandler(r, i, n, true, &requests);
+        FlushRequests(&requests);
+        continue;
+      }
+      size_t done = 0;
+      FillStatus s = FillRun(r, i, n, kPrefetch, nullptr, &scratch, nullptr, &done);
+      if (s == kFilled) {
+        backoffMs = 1;
+        continue;
+      }
+      for (size_t k = i + done; k < i + n; k++) r->states.Transition(k, kInFlight, kMissing);
+      if (s == kFailed) {
+        r->prefetchFailed.store(true);
+        continue;
+      }
+      // EAGAIN: an event is pending; the demand thread reads it. Back off and retry.
+      r->cursor.store(i + done);
+      stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+      struct timespec ts = {0, backoffMs * 1000000L};
+      nanosleep(&ts, nullptr);
+      backoffMs = std::min(backoffMs * 2, 50);
+    }
+    if (!worked) {
+      std::unique_lock<std::mutex> lock(prefetchMu_);
+      prefetchCv_.wait(lock, [&] { return stopping_.load() || prefetchKick_.load() != kick; });
+    }
+  }
+}
+
+// ---- notices --------------------------------------------------------------------------------
+
+void FaultEngine::Notify(Notice notice) {
+  {
+    std::lock_guard<std::mutex> lock(noticeMu_);
+    notices_.push_back(std::move(notice));
+  }
+  if (!jsScheduled_.exchange(true)) wakeJs_();
+}
+
+std::deque<Notice> FaultEngine::TakeNotices() {
+  jsScheduled_.store(false);
+  progressQueued_.store(false);
+  uint64_t v;
+  if (requestFd_ >= 0) {
+    ssize_t ignored = read(requestFd_, &v, sizeof v);
+    (void)ignored;
+  }
+  std::deque<Notice> out;
+  std::lock_guard<std::mutex> lock(noticeMu_);
+  out.swap(notices_);
+  return out;
+}
+
+void FaultEngine::Error(int err, const std::string& syscall, const std::string& detail, uint64_t address) {
+  stats_.errors.fetch_add(1, std::memory_order_relaxed);
+  Notice n;
+  n.kind = Notice::kError;
+  n.err = err;
+  n.syscall = syscall;
+  n.detail = detail;
+  n.address = address;
+  Notify(std::move(n));
+}
+
+void FaultEngine::Progress(bool force) {
+  uint64_t now = EngineNowNs();
+  uint64_t last = lastProgressNs_.load(std::memory_order_relaxed);
+  if (!force && now - last < static_cast<uint64_t>(options_.progressMs) * 1000000ull) return;
+  lastProgressNs_.store(now, std::memory_order_relaxed);
+  if (progressQueued_.exchange(true)) return;  // one is already on its way
+  Notice n;
+  n.kind = Notice::kProgress;
+  Notify(std::move(n));
+}

@@ -1,0 +1,209 @@
+// The async event stream of a uffd: an EventReader (native, on this thread's event loop) drains
+// the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
+// with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
+// and hands them out one by one or as batches.
+import { native } from '../addon/native'
+import { Feature } from './constants'
+import { decodeMessages } from './messages'
+import { describe } from './range'
+import type { UffdEvent } from './userfaultfd'
+
+export interface EventsOptions {
+  /** Ends the iteration with an AbortError. */
+  signal?: AbortSignal
+  /**
+   * false (default): yield events one by one. true: yield each read(2)'s events as an array
+   * (the fast form for handlers that resolve synchronously). A number N: arrays of at most N.
+   */
+  batch?: boolean | number
+  /** Messages per read(2) (default 128). */
+  readSize?: number
+  /** Events queued before the reader stops reading the fd (default 1024). */
+  highWaterMark?: number
+  /**
+   * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
+   * unread fault of this very thread for this long (ms), print why and abort instead of hanging
+   * forever. Default 1000; false disables it.
+   */
+  watchdog?: number | false
+}
+
+/** What the stream needs from its Userfaultfd (kept narrow to avoid an import cycle). */
+export interface EventSource {
+  readonly fd: number
+  readonly features: bigint
+  toEvents(messages: ReturnType<typeof decodeMessages>): UffdEvent[]
+  /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
+  _onBatch(events: UffdEvent[]): void
+  /** called when the stream ends */
+  _onStreamEnd(stream: EventStream): void
+  /** events read but never handed out (the stream ended first) */
+  _release(events: UffdEvent[]): void
+  /** whether the reader should keep the process alive */
+  _wantsRef(): boolean
+}
+
+interface NativeReader {
+  buffer: ArrayBuffer
+  start(): void
+  stop(): void
+  ref(): void
+  unref(): void
+  close(): void
+}
+
+type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void, reject: (e: unknown) => void }
+
+function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
+  if (value === undefined) return fallback
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > max) {
+    throw new RangeError(`${name} must be an integer 1..${max} (got ${describe(value)})`)
+  }
+  return value
+}
+
+export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[]> {
+  readonly #source: EventSource
+  readonly #reader: NativeReader
+  readonly #view: DataView
+  readonly #threadId: boolean
+  readonly #batchMax: number  // 0: single events
+  readonly #highWaterMark: number
+  readonly #signal: AbortSignal | undefined
+  readonly #onAbort: () => void
+  // Queue of read batches; #head indexes into the first one (single-event mode).
+  #queue: UffdEvent[][] = []
+  #head = 0
+  #queued = 0
+  #waiters: Waiter[] = []
+  #ended = false
+  #error: unknown = undefined
+  #paused = false
+
+  constructor(source: EventSource, options: EventsOptions = {}) {
+    if (options === null || typeof options !== 'object') throw new TypeError(`events options must be an object (got ${describe(options)})`)
+    const { batch, signal } = options
+    if (batch !== undefined && typeof batch !== 'boolean') positiveInt(batch, 'batch', 1, 4096)
+    if (signal !== undefined && !(signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
+    const watchdog = options.watchdog ?? 1000
+    if (watchdog !== false) positiveInt(watchdog, 'watchdog', 1000, 3_600_000)
+    this.#batchMax = batch === true ? Infinity : typeof batch === 'number' ? batch : 0
+    const readSize = positiveInt(options.readSize, 'readSize', typeof batch === 'number' ? Math.max(batch, 128) : 128, 4096)
+    this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
+    signal?.throwIfAborted()
+    this.#source = source
+    this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
+    this.#reader = new (native as unknown as { EventReader: new (fd: number, batch: number,
+      cb: (r: number | Error) => void, watchdogMs: number) => NativeReader }).EventReader(
+      source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
+    this.#view = new DataView(this.#reader.buffer)
+    this.#signal = signal
+    this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))
+    signal?.addEventListener('abort', this.#onAbort, { once: true })
+    this.updateRef()
+    this.#reader.start()
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this
+  }
+
+  /** Events read but not yet handed out. */
+  get queued(): number {
+    return this.#queued
+  }
+
+  next(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+    if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
+    if (this.#error !== undefined) return Promise.reject(this.#error)
+    if (this.#ended) return Promise.resolve({ done: true, value: undefined })
+    return new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }))
+  }
+
+  /** `break` in for-await: releases the reader. */
+  return(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+    this.#end(undefined)
+    return Promise.resolve({ done: true, value: undefined })
+  }
+
+  /** Stops the stream (as when its uffd is closed): pending next() calls get done. */
+  close(): void {
+    this.#end(undefined)
+  }
+
+  /** Keeps the process alive only while the uffd has registered ranges (like a socket). */
+  updateRef(): void {
+    if (this.#ended) return
+    if (this.#source._wantsRef()) this.#reader.ref()
+    else this.#reader.unref()
+  }
+
+  #onRead(result: number | Error): void {
+    if (typeof result !== 'number') {
+      this.#end(result)
+      return
+    }
+    if (result === 0) return
+    const events = this.#source.toEvents(decodeMessages(this.#view, result, this.#threadId))
+    this.#source._onBatch(events)
+    if (this.#ended) return
+    this.#queue.push(events)
+    this.#queued += events.length
+    while (this.#waiters.length > 0 && this.#queued > 0) {
+      this.#waiters.shift()!.resolve({ done: false, value: this.#take() })
+    }
+    if (this.#queued >= this.#highWaterMark && !this.#paused) {
+      this.#paused = true
+      this.#reader.stop()
+    }
+  }
+
+  #take(): UffdEvent | UffdEvent[] {
+    const first = this.#queue[0]
+    let out: UffdEvent | UffdEvent[]
+    if (this.#batchMax === 0) {
+      out = first[this.#head++]
+      this.#queued--
+      if (this.#head === first.length) {
+        this.#queue.shift()
+        this.#head = 0
+      }
+    } else {
+      const rest = this.#head === 0 ? first : first.slice(this.#head)
+      if (rest.length <= this.#batchMax) {
+        out = rest
+        this.#queue.shift()
+        this.#head = 0
+      } else {
+        out = rest.slice(0, this.#batchMax)
+        this.#head += this.#batchMax
+      }
+      this.#queued -= out.length
+    }
+    if (this.#paused && this.#queued <= this.#highWaterMark >> 1 && !this.#ended) {
+      this.#paused = false
+      this.#reader.start()
+    }
+    return out
+  }
+
+  #end(error: unknown): void {
+    if (this.#ended) return
+    this.#ended = true
+    this.#reader.close()
+    this.#signal?.removeEventListener('abort', this.#onAbort)
+    if (error !== undefined) this.#error = error
+    // Events read but never handed out would strand their threads: the source wakes them to
+    // fault again for the next reader, and closes fork uffds nobody will serve.
+    const leftovers = this.#queue.flatMap((batch, i) => i === 0 ? batch.slice(this.#head) : batch)
+    this.#queue = []
+    this.#head = 0
+    this.#queued = 0
+    if (leftovers.length > 0) this.#source._release(leftovers)
+    for (const w of this.#waiters.splice(0)) {
+      if (error !== undefined) w.reject(error)
+      else w.resolve({ done: true, value: undefined })
+    }
+    this.#source._onStreamEnd(this)
+  }
+}

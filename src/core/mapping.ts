@@ -1,0 +1,226 @@
+// Memory for userfaultfd to manage. A Mapping owns an mmap'd region (anonymous, or MAP_SHARED
+// over a memfd); `buffer` is an external ArrayBuffer over it that unmap() detaches first.
+import * as fs from 'fs'
+import { native, type MappingHandle } from '../addon/native'
+import { PAGE_SIZE } from './constants'
+import { uffdError } from './errors'
+import { asBytes, checkAligned, checkOptions, describe, flag, toLength, type Bytes, type Range } from './range'
+
+const c = native.constants
+
+export type Advice = 'normal' | 'random' | 'sequential' | 'willneed' | 'dontneed' | 'remove'
+  | 'dontfork' | 'dofork' | 'hugepage' | 'nohugepage' | 'free' | 'cold' | 'pageout'
+  | 'populate_read' | 'populate_write' | 'collapse'
+
+export type Protection = 'none' | 'r' | 'rw' | 'rx' | 'rwx' | number
+
+export interface AnonymousOptions {
+  /** MAP_HUGETLB: back with huge pages (needs /proc/sys/vm/nr_hugepages > 0). */
+  hugetlb?: boolean
+  /** MAP_POPULATE: fault everything in now. */
+  populate?: boolean
+}
+
+export interface MemfdOptions {
+  /** memfd name, shown in /proc/PID/maps. */
+  name?: string
+  /** MFD_HUGETLB: back with huge pages. */
+  hugetlb?: boolean
+  /** MAP_PRIVATE instead of MAP_SHARED (copy-on-write over the memfd: "shmem-private"). */
+  private?: boolean
+}
+
+let hugePageSizeCache: number | undefined
+
+/** The default huge page size (Hugepagesize in /proc/meminfo), in bytes. */
+export function hugePageSize(): number {
+  if (hugePageSizeCache === undefined) {
+    const m = /Hugepagesize:\s+(\d+)\s+kB/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))
+    hugePageSizeCache = m ? Number(m[1]) * 1024 : 2 * 1024 * 1024
+  }
+  return hugePageSizeCache
+}
+
+function toProt(prot: Protection): number {
+  if (typeof prot === 'number') return prot
+  const table: Record<string, number> = {
+    none: c.Prot.PROT_NONE,
+    r: c.Prot.PROT_READ,
+    rw: c.Prot.PROT_READ | c.Prot.PROT_WRITE,
+    rx: c.Prot.PROT_READ | c.Prot.PROT_EXEC,
+    rwx: c.Prot.PROT_READ | c.Prot.PROT_WRITE | c.Prot.PROT_EXEC,
+  }
+  const value = table[prot]
+  if (value === undefined) throw new TypeError(`unknown protection '${String(prot)}' (use ${Object.keys(table).join(', ')} or a number)`)
+  return value
+}
+
+export class Mapping implements Range {
+  /** Start address. */
+  readonly address: bigint
+  /** Length in bytes. */
+  readonly length: number
+  /** Page size of this mapping: the huge page size for hugetlb mappings. */
+  readonly pageSize: number
+  /** 'anonymous' or 'memfd' (aliases are 'memfd'). */
+  readonly kind: 'anonymous' | 'memfd'
+  readonly hugetlb: boolean
+  #handle: MappingHandle | null
+  #unmapListeners: Array<(address: bigint, length: number) => void> = []
+
+  private constructor(handle: MappingHandle, kind: 'anonymous' | 'memfd', hugetlb: boolean) {
+    this.#handle = handle
+    this.address = handle.address()
+    this.length = handle.length()
+    this.kind = kind
+    this.hugetlb = hugetlb
+    this.pageSize = hugetlb ? hugePageSize() : PAGE_SIZE
+  }
+
+  /** Private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS). */
+  static anonymous(length: number, options?: AnonymousOptions): Mapping {
+    const o = checkOptions(options, 'Mapping.anonymous')
+    const hugetlb = flag(o, 'hugetlb', false)
+    const len = Mapping.#checkLength(length, hugetlb)
+    const handle = new native.MappingHandle('anonymous', len, { hugetlb, populate: flag(o, 'populate', false) })
+    return new Mapping(handle, 'anonymous', hugetlb)
+  }
+
+  /** MAP_SHARED over a new memfd (shmem or hugetlbfs): what MINOR faults and CONTINUE need. */
+  static memfd(length: number, options?: MemfdOptions): Mapping {
+    const o = checkOptions(options, 'Mapping.memfd')
+    const hugetlb = flag(o, 'hugetlb', false)
+    const len = Mapping.#checkLength(length, hugetlb)
+    if (o.name !== undefined && typeof o.name !== 'string') {
+      throw new TypeError(`name must be a string (got ${describe(o.name)})`)
+    }
+    const handle = new native.MappingHandle('memfd', len, { hugetlb, name: o.name, private: flag(o, 'private', false) })
+    return new Mapping(handle, 'memfd', hugetlb)
+  }
+
+  static #checkLength(length: unknown, hugetlb: boolean): number {
+    const len = toLength(length, 'length')
+    const page = hugetlb ? hugePageSize() : PAGE_SIZE
+    if (len % page !== 0) throw new RangeError(`length ${len} is not a multiple of the page size (${page})`)
+    return len
+  }
+
+  /** A second MAP_SHARED mapping of the same memfd: write through one, fault through the other. */
+  alias(options?: { private?: boolean }): Mapping {
+    const handle = this.#live('alias')
+    if (this.kind !== 'memfd') throw new TypeError('alias() needs a memfd mapping (Mapping.memfd)')
+    const priv = flag(checkOptions(options, 'alias'), 'private', false)
+    const copy = new native.MappingHandle('alias', this.length, { private: priv }, handle)
+    return new Mapping(copy, 'memfd', this.hugetlb)
+  }
+
+  /** True after unmap(). */
+  get unmapped(): boolean {
+    return this.#handle === null
+  }
+
+  /** The memfd behind a memfd mapping (owned by the mapping; -1 for anonymous memory). */
+  get fd(): number {
+    return this.#live('fd').fd()
+  }
+
+  /**
+   * An ArrayBuffer over the mapped memory (no copy). It is detached by unmap(), so views over
+   * it become empty rather than dangling. Reading it on the thread that resolves faults for
+   * this memory deadlocks: see the README.
+   */
+  get buffer(): ArrayBuffer {
+    return this.#live('buffer').buffer()
+  }
+
+  /** A checked sub-range [offset, offset + length) of this mapping, page-aligned (EBADF once unmapped). */
+  range(offset = 0, length = this.length - offset): Range {
+    this.#live('range')
+    this.#span(offset, length, 'range')
+    const r = { address: this.address + BigInt(offset), length }
+    checkAligned(r.address, r.length, 'range', this.pageSize)
+    return r
+  }
+
+  /** The address of byte `offset` (checked to lie inside the mapping; EBADF once unmapped). */
+  at(offset: number): bigint {
+    this.#live('at')
+    this.#span(offset, 0, 'at')
+    return this.address + BigInt(offset)
+  }
+
+  /** Copies memory out into target (no view kept). Returns bytes copied. */
+  read(offset: number, target: Bytes): number {
+    const bytes = asBytes(target)
+    if (bytes === undefined) throw new TypeError(`target must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(target)})`)
+    this.#span(offset, bytes.byteLength, 'read')
+    return this.#live('read').read(offset, bytes)
+  }
+
+  /** Copies source into memory (no view kept). Returns bytes copied. */
+  write(offset: number, source: Bytes): number {
+    const bytes = asBytes(source)
+    if (bytes === undefined) throw new TypeError(`source must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(source)})`)
+    this.#span(offset, bytes.byteLength, 'write')
+    return this.#live('write').write(offset, bytes)
+  }
+
+  /**
+   * madvise(2) over [offset, offset + length) (default: all). 'dontneed' and 'remove' on a
+   * range registered with EVENT_REMOVE block this thread until the event is read.
+   */
+  madvise(advice: Advice, offset = 0, length = this.length - offset): void {
+    const value = Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
+    if (value === undefined) throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
+    this.#span(offset, length, 'madvise')
+    this.#live('madvise').madvise(offset, length, value)
+  }
+
+  /** mprotect(2) over [offset, offset + length) (default: all). */
+  protect(prot: Protection, offset = 0, length = this.length - offset): void {
+    const value = toProt(prot)
+    this.#span(offset, length, 'protect')
+    this.#live('protect').protect(offset, length, value)
+  }
+
+  /** Detaches `buffer`, then munmaps (and closes the memfd). Idempotent. */
+  unmap(): void {
+    const handle = this.#handle
+    if (handle === null) return
+    this.#handle = null
+    const { address, length } = this
+    handle.unmap()
+    for (const listener of this.#unmapListeners.splice(0)) listener(address, length)
+  }
+
+  /** @internal told after unmap(): uffds forget the range (it no longer keeps a process alive). */
+  _onUnmap(listener: (address: bigint, length: number) => void): void {
+    if (this.#handle !== null) this.#unmapListeners.push(listener)
+  }
+
+  [Symbol.dispose](): void {
+    this.unmap()
+  }
+
+  /** @internal the native handle, for other modules of this package */
+  get _handle(): MappingHandle {
+    return this.#live('handle')
+  }
+
+  #live(op: string): MappingHandle {
+    if (this.#handle === null) throw uffdError('EBADF', `mapping.${op}`, 'the mapping was unmapped')
+    return this.#handle
+  }
+
+  #span(offset: unknown, length: unknown, op: string): void {
+    if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) {
+      throw new RangeError(`${op}: offset must be a non-negative integer (got ${describe(offset)})`)
+    }
+    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0) {
+      throw new RangeError(`${op}: length must be a non-negative integer (got ${describe(length)})`)
+    }
+    if (offset + length > this.length) {
+      throw new RangeError(`${op}: [${offset}, ${offset + length}) lies outside the mapping (length ${this.length})`)
+    }
+  }
+}
