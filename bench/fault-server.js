@@ -23,26 +23,26 @@ const { touch, pages } = require('../dist/testing')
 
 const MiB = 1 << 20
 
-function run (binary, args) {
+function run(binary, args) {
   const r = spawnSync(binary, args.map(String), { encoding: 'utf8', timeout: 300_000 })
   if (r.status !== 0) throw new Error(`${binary} ${args.join(' ')} failed: ${r.stderr}`)
   return JSON.parse(r.stdout)
 }
 
 /** Builds bench/c/NAME.c, rebuilding when the shared header is newer than the binary. */
-function build (name) {
+function build(name) {
   const bin = path.join(__dirname, 'out', name)
   const header = path.join(__dirname, 'c', 'bench_common.h')
   if (fs.existsSync(bin) && fs.statSync(bin).mtimeMs < fs.statSync(header).mtimeMs) fs.unlinkSync(bin)
   return buildC(name)
 }
 
-function latencies (ns) {
+function latencies(ns) {
   const sorted = Float64Array.from(ns).sort()
   return { p50us: percentile(sorted, 0.5) / 1e3, p99us: percentile(sorted, 0.99) / 1e3 }
 }
 
-async function serverFaults (count, threads, order, options) {
+async function serverFaults(count, threads, order, options) {
   const uffd = Userfaultfd.open()
   const m = Mapping.anonymous(count * PAGE_SIZE)
   const src = new Uint8Array(count * PAGE_SIZE).fill(1)
@@ -62,13 +62,16 @@ async function serverFaults (count, threads, order, options) {
   }
 }
 
-async function faultsSection (args) {
+async function faultsSection(args) {
   const naive = build('naive')
   const best = build('best')
   const rows = []
   for (const threads of [1, 2]) {
     for (const order of ['seq', 'random']) {
-      const n = []; const b = []; const s = []; const a = []
+      const n = []
+      const b = []
+      const s = []
+      const a = []
       for (let r = 0; r < args.rounds; r++) {
         n.push(run(naive, [args.pages, threads, order]))
         // best.c with and without spinning (up to 50 us); the better setting is chosen below
@@ -81,7 +84,18 @@ async function faultsSection (args) {
       const pick = (list, key) => median(list.map((x) => x[key]))
       // The spin setting with the better median over all rounds (not the better one in each
       // round: the maximum of two noisy runs would flatter the C handler).
-      const spin = [0, 1].reduce((x, y) => (pick(b.map((v) => v[y]), 'faultsPerSec') > pick(b.map((v) => v[x]), 'faultsPerSec') ? y : x))
+      const spin = [0, 1].reduce((x, y) =>
+        pick(
+          b.map((v) => v[y]),
+          'faultsPerSec',
+        ) >
+        pick(
+          b.map((v) => v[x]),
+          'faultsPerSec',
+        )
+          ? y
+          : x,
+      )
       b.splice(0, b.length, ...b.map((v) => v[spin]))
       rows.push({
         workload: `${threads} thread${threads > 1 ? 's' : ''}, ${order}`,
@@ -97,14 +111,14 @@ async function faultsSection (args) {
         serverP50us: +pick(s, 'p50us').toFixed(1),
         bestP50us: +pick(b, 'p50us').toFixed(1),
         serverP99us: +pick(s, 'p99us').toFixed(1),
-        bestP99us: +pick(b, 'p99us').toFixed(1)
+        bestP99us: +pick(b, 'p99us').toFixed(1),
       })
     }
   }
   return rows
 }
 
-function snapshotFile (mib) {
+function snapshotFile(mib) {
   const file = path.join(__dirname, 'out', `snapshot-${mib}m.bin`)
   if (!fs.existsSync(file) || fs.statSync(file).size !== mib * MiB) {
     fs.mkdirSync(path.dirname(file), { recursive: true })
@@ -119,7 +133,7 @@ function snapshotFile (mib) {
   return file
 }
 
-async function serverRestore (file, length, options) {
+async function serverRestore(file, length, options) {
   const uffd = Userfaultfd.open()
   const m = Mapping.anonymous(length)
   const server = new FaultServer(uffd, { prefetch: true, ...options })
@@ -137,36 +151,50 @@ async function serverRestore (file, length, options) {
   }
 }
 
-async function restoreSection (args) {
+async function restoreSection(args) {
   const restore = build('restore')
   const file = snapshotFile(args.restoreMiB)
   const length = args.restoreMiB * MiB
-  const config = { faultAround: args.faultAround, prefetchChunk: args.prefetchChunk, prefetchPriority: args.prefetchPriority }
-  const c = []; const floor = []; const s = []
+  const config = {
+    faultAround: args.faultAround,
+    prefetchChunk: args.prefetchChunk,
+    prefetchPriority: args.prefetchPriority,
+  }
+  const c = []
+  const floor = []
+  const s = []
   for (let r = 0; r < args.rounds; r++) {
     c.push(run(restore, [file, 'uffd', 2 * MiB]))
     floor.push(run(restore, [file, 'floor']))
     s.push(await serverRestore(file, length, config))
   }
   const secs = (list) => median(list.map((x) => x.seconds))
-  return [{
-    workload: `restore ${args.restoreMiB} MiB (faultAround ${config.faultAround / 1024} KiB, prefetch chunk ${config.prefetchChunk / 1024} KiB, ${config.prefetchPriority})`,
-    cChunkGiBps: +(length / secs(c) / (1 << 30)).toFixed(2),
-    floorGiBps: +(length / secs(floor) / (1 << 30)).toFixed(2),
-    serverGiBps: +(length / secs(s) / (1 << 30)).toFixed(2),
-    vsC2MiB: +median(s.map((x, i) => c[i].seconds / x.seconds)).toFixed(2),
-    vsFloor: +median(s.map((x, i) => floor[i].seconds / x.seconds)).toFixed(2),
-    prefetchShare: +(median(s.map((x) => x.stats.prefetchPages / (length / PAGE_SIZE)))).toFixed(2)
-  }]
+  return [
+    {
+      workload: `restore ${args.restoreMiB} MiB (faultAround ${config.faultAround / 1024} KiB, prefetch chunk ${config.prefetchChunk / 1024} KiB, ${config.prefetchPriority})`,
+      cChunkGiBps: +(length / secs(c) / (1 << 30)).toFixed(2),
+      floorGiBps: +(length / secs(floor) / (1 << 30)).toFixed(2),
+      serverGiBps: +(length / secs(s) / (1 << 30)).toFixed(2),
+      vsC2MiB: +median(s.map((x, i) => c[i].seconds / x.seconds)).toFixed(2),
+      vsFloor: +median(s.map((x, i) => floor[i].seconds / x.seconds)).toFixed(2),
+      prefetchShare: +median(s.map((x) => x.stats.prefetchPages / (length / PAGE_SIZE))).toFixed(2),
+    },
+  ]
 }
 
 // Demand faults on a small range (no fault-around, no prefetch) while the server prefetches a
 // big one in the background; idle p50 from the same range shape with nothing else running.
-async function demandLatency (args, withPrefetch) {
+async function demandLatency(args, withPrefetch) {
   const uffd = Userfaultfd.open()
   const small = Mapping.anonymous(args.latencyPages * PAGE_SIZE)
   const big = withPrefetch ? Mapping.anonymous(args.restoreMiB * MiB) : null
-  const server = new FaultServer(uffd, { faultAround: PAGE_SIZE, prefetchChunk: args.prefetchChunk, prefetchPriority: args.prefetchPriority, ...(args.spin >= 0 ? { spin: args.spin } : {}), ...(args.prefetchYield >= 0 ? { prefetchYield: args.prefetchYield } : {}) })
+  const server = new FaultServer(uffd, {
+    faultAround: PAGE_SIZE,
+    prefetchChunk: args.prefetchChunk,
+    prefetchPriority: args.prefetchPriority,
+    ...(args.spin >= 0 ? { spin: args.spin } : {}),
+    ...(args.prefetchYield >= 0 ? { prefetchYield: args.prefetchYield } : {}),
+  })
   try {
     server.serve(small, { buffer: new Uint8Array(small.length).fill(2) })
     if (big) server.serve(big, { file: snapshotFile(args.restoreMiB) }, { prefetch: true })
@@ -179,7 +207,12 @@ async function demandLatency (args, withPrefetch) {
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
     const stats = server.stats()
     const busy = big ? stats.prefetchPages < big.length / PAGE_SIZE : true
-    return { ...latencies(ns), prefetchStillRunning: busy, prefetchMiB: (stats.prefetchPages - before) * PAGE_SIZE / MiB, seconds }
+    return {
+      ...latencies(ns),
+      prefetchStillRunning: busy,
+      prefetchMiB: ((stats.prefetchPages - before) * PAGE_SIZE) / MiB,
+      seconds,
+    }
   } finally {
     server.close()
     uffd.close()
@@ -190,7 +223,7 @@ async function demandLatency (args, withPrefetch) {
 
 // Two rows: the default (the prefetch pauses while demand faults arrive) and prefetchYield 0
 // (the prefetch keeps copying alongside the demand faults), unless --prefetchYield is given.
-async function latencySection (args) {
+async function latencySection(args) {
   const rows = []
   for (const y of args.prefetchYield >= 0 ? [args.prefetchYield] : [-1, 0]) {
     rows.push(await latencyRow({ ...args, prefetchYield: y }))
@@ -198,8 +231,9 @@ async function latencySection (args) {
   return rows
 }
 
-async function latencyRow (args) {
-  const idle = []; const busy = []
+async function latencyRow(args) {
+  const idle = []
+  const busy = []
   for (let r = 0; r < args.rounds; r++) {
     idle.push(await demandLatency(args, false))
     busy.push(await demandLatency(args, true))
@@ -212,14 +246,23 @@ async function latencyRow (args) {
     duringP99us: +median(busy.map((x) => x.p99us)).toFixed(1),
     p99DuringVsIdleP50: +median(busy.map((x, i) => x.p99us / idle[i].p50us)).toFixed(2),
     prefetchRanThroughout: busy.every((x) => x.prefetchStillRunning),
-    prefetchMiBpsMeanwhile: +median(busy.map((x) => x.prefetchMiB / x.seconds)).toFixed(0)
+    prefetchMiBpsMeanwhile: +median(busy.map((x) => x.prefetchMiB / x.seconds)).toFixed(0),
   }
 }
 
-async function main () {
+async function main() {
   const args = parseArgs(process.argv.slice(2), {
-    pages: 50_000, rounds: 5, restoreMiB: 1024, latencyPages: 2000, faultAround: 2 * MiB,
-    prefetchChunk: 256 * 1024, prefetchPriority: 'idle', prefetchYield: -1, spin: -1, only: '', json: false
+    pages: 50_000,
+    rounds: 5,
+    restoreMiB: 1024,
+    latencyPages: 2000,
+    faultAround: 2 * MiB,
+    prefetchChunk: 256 * 1024,
+    prefetchPriority: 'idle',
+    prefetchYield: -1,
+    spin: -1,
+    only: '',
+    json: false,
   })
   const sections = { faults: faultsSection, restore: restoreSection, latency: latencySection }
   const out = {}
@@ -231,4 +274,7 @@ async function main () {
   if (args.json) console.log(JSON.stringify(out, null, 2))
 }
 
-main().catch((e) => { console.error(e); process.exit(1) })
+main().catch((e) => {
+  console.error(e)
+  process.exit(1)
+})

@@ -15,14 +15,19 @@ const { writeSnapshot } = require(path.join(dist, 'cli', 'demo', 'snapshot'))
 const sizeMiB = Number(process.argv[2] ?? 64)
 const runs = Number(process.argv[3] ?? 3)
 
-function pct(sorted, p) { return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))] }
+function pct(sorted, p) {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
+}
 
 async function once(source, threads, dir, memFile) {
   const socketPath = path.join(dir, `s-${source}-${threads}-${Math.random()}`)
   const h = await FirecrackerHandler.listen({ socketPath, memFile, source })
   try {
-    const { stdout } = await promisify(execFile)(process.execPath, [path.join(dist, 'cli', 'demo', 'guest.js'),
-      JSON.stringify({ socket: socketPath, memFile, threads })], { maxBuffer: 1 << 28 })
+    const { stdout } = await promisify(execFile)(
+      process.execPath,
+      [path.join(dist, 'cli', 'demo', 'guest.js'), JSON.stringify({ socket: socketPath, memFile, threads })],
+      { maxBuffer: 1 << 28 },
+    )
     const r = JSON.parse(stdout)
     if (r.mismatches !== 0) throw new Error('mismatch')
     const lat = r.latencyUs.sort((a, b) => a - b)
@@ -43,7 +48,9 @@ async function once(source, threads, dir, memFile) {
       for (let i = 0; i < runs; i++) results.push(await once(source, threads, dir, memFile))
       const best = results.sort((a, b) => a.ms - b.ms)[0]
       const mibs = sizeMiB / (best.ms / 1000)
-      console.log(`${source.padEnd(5)} threads=${threads}: ${best.ms.toFixed(0)} ms, ${mibs.toFixed(0)} MiB/s, ${((sizeMiB << 8) / best.ms * 1000).toFixed(0)} faults/s, p50 ${best.p50.toFixed(1)} us, p99 ${best.p99.toFixed(1)} us`)
+      console.log(
+        `${source.padEnd(5)} threads=${threads}: ${best.ms.toFixed(0)} ms, ${mibs.toFixed(0)} MiB/s, ${(((sizeMiB << 8) / best.ms) * 1000).toFixed(0)} faults/s, p50 ${best.p50.toFixed(1)} us, p99 ${best.p99.toFixed(1)} us`,
+      )
     }
   }
   fs.rmSync(dir, { recursive: true, force: true })

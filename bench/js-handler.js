@@ -13,7 +13,7 @@ const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
 const { Userfaultfd, Mapping, PAGE_SIZE } = require('../dist')
 const { touch, pages } = require('../dist/testing')
 
-async function jsHandler (count, threads, order) {
+async function jsHandler(count, threads, order) {
   const uffd = Userfaultfd.open()
   const m = Mapping.anonymous(count * PAGE_SIZE)
   try {
@@ -33,26 +33,33 @@ async function jsHandler (count, threads, order) {
     const { ns } = await touching
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
     const sorted = Float64Array.from(ns).sort()
-    return { faults: count, seconds, faultsPerSec: count / seconds, p50us: percentile(sorted, 0.5) / 1e3, p99us: percentile(sorted, 0.99) / 1e3 }
+    return {
+      faults: count,
+      seconds,
+      faultsPerSec: count / seconds,
+      p50us: percentile(sorted, 0.5) / 1e3,
+      p99us: percentile(sorted, 0.99) / 1e3,
+    }
   } finally {
     uffd.close()
     m.unmap()
   }
 }
 
-function cHandler (binary, count, threads, order) {
+function cHandler(binary, count, threads, order) {
   const r = spawnSync(binary, [String(count), String(threads), order], { encoding: 'utf8', timeout: 120_000 })
   if (r.status !== 0) throw new Error(`${binary} failed: ${r.stderr}`)
   return JSON.parse(r.stdout)
 }
 
-async function main () {
+async function main() {
   const args = parseArgs(process.argv.slice(2), { pages: 50_000, rounds: 5, json: false })
   const naive = buildC('naive')
   const rows = []
   for (const threads of [1, 2]) {
     for (const order of ['seq', 'random']) {
-      const c = []; const js = []
+      const c = []
+      const js = []
       for (let r = 0; r < args.rounds; r++) {
         c.push(cHandler(naive, args.pages, threads, order))
         js.push(await jsHandler(args.pages, threads, order))
@@ -62,13 +69,13 @@ async function main () {
         workload: `${threads} thread${threads > 1 ? 's' : ''}, ${order}`,
         cFaultsPerSec: Math.round(pick(c, 'faultsPerSec')),
         jsFaultsPerSec: Math.round(pick(js, 'faultsPerSec')),
-        ratio: +(median(js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec))).toFixed(2),
+        ratio: +median(js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec)).toFixed(2),
         ratioMin: +Math.min(...js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec)).toFixed(2),
         ratioMax: +Math.max(...js.map((x, i) => x.faultsPerSec / c[i].faultsPerSec)).toFixed(2),
         cP50us: +pick(c, 'p50us').toFixed(1),
         jsP50us: +pick(js, 'p50us').toFixed(1),
         cP99us: +pick(c, 'p99us').toFixed(1),
-        jsP99us: +pick(js, 'p99us').toFixed(1)
+        jsP99us: +pick(js, 'p99us').toFixed(1),
       })
     }
   }
@@ -80,4 +87,7 @@ async function main () {
   }
 }
 
-main().catch((e) => { console.error(e); process.exit(1) })
+main().catch((e) => {
+  console.error(e)
+  process.exit(1)
+})

@@ -7,7 +7,7 @@ const { execFileSync } = require('child_process')
 const out = path.join(__dirname, 'out')
 
 /** Compiles bench/c/NAME.c (if newer than its binary) and returns the binary's path. */
-function buildC (name, extra = []) {
+function buildC(name, extra = []) {
   fs.mkdirSync(out, { recursive: true })
   const src = path.join(__dirname, 'c', `${name}.c`)
   const bin = path.join(out, name)
@@ -17,28 +17,30 @@ function buildC (name, extra = []) {
   return bin
 }
 
-function median (values) {
+function median(values) {
   const s = [...values].sort((a, b) => a - b)
   const mid = s.length >> 1
   return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2
 }
 
 /** q-th quantile of an ascending array. */
-function percentile (sorted, q) {
+function percentile(sorted, q) {
   if (sorted.length === 0) return NaN
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]
 }
 
-function shuffle (list) {
+function shuffle(list) {
   for (let i = list.length - 1; i > 0; i--) {
     const j = Math.floor(Math.random() * (i + 1))
-    const t = list[i]; list[i] = list[j]; list[j] = t
+    const t = list[i]
+    list[i] = list[j]
+    list[j] = t
   }
   return list
 }
 
 /** --name value / --flag parsing against defaults (numbers stay numbers). */
-function parseArgs (argv, defaults) {
+function parseArgs(argv, defaults) {
   const args = { ...defaults }
   for (let i = 0; i < argv.length; i++) {
     const key = argv[i].replace(/^--/, '')

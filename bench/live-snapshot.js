@@ -28,14 +28,14 @@ const now = () => Number(process.hrtime.bigint()) / 1e6
 const total = (counts) => counts.reduce((a, b) => a + b, 0)
 
 /** The writer's idle rate (writes/ms) over `ms`. */
-async function idleRate (stamper, ms) {
+async function idleRate(stamper, ms) {
   const c0 = total(stamper.counts())
   const t0 = now()
   await sleep(ms)
   return (total(stamper.counts()) - c0) / (now() - t0)
 }
 
-async function round (memory, target, args, dir) {
+async function round(memory, target, args, dir) {
   const sinkKind = args.sink
   // The writer stamps the first `hot` MiB (all of it by default), in a shuffled order.
   const written = { address: memory.address, length: (args.hot || args.mib) * MiB }
@@ -49,7 +49,7 @@ async function round (memory, target, args, dir) {
     // One write(2) straight from the memory, as the live snapshot's pwrite(2)s do.
     const fd = fs.openSync(path.join(dir, 'floor.bin'), 'w')
     const view = new Uint8Array(memory.buffer)
-    for (let done = 0; done < view.length;) done += fs.writeSync(fd, view, done, view.length - done)
+    for (let done = 0; done < view.length; ) done += fs.writeSync(fd, view, done, view.length - done)
     fs.closeSync(fd)
   } else {
     memory.read(0, target)
@@ -79,7 +79,13 @@ async function round (memory, target, args, dir) {
   const lostLive = Math.max(0, idle * liveMs - during)
   const lostFloor = idle * floorMs
   return {
-    floorMs, liveMs, livePauseMs, idleRate: idle, liveRate, lostLive, lostFloor,
+    floorMs,
+    liveMs,
+    livePauseMs,
+    idleRate: idle,
+    liveRate,
+    lostLive,
+    lostFloor,
     timeRatio: liveMs / floorMs,
     writerSpeed: liveRate / idle,
     writerLoss: lostLive / lostFloor,
@@ -88,8 +94,18 @@ async function round (memory, target, args, dir) {
   }
 }
 
-async function main () {
-  const args = parseArgs(process.argv.slice(2), { mib: 1024, rounds: 3, sink: 'buffer', hot: 0, chunk: 0, around: -1, order: 'shuffled', priority: 'normal', json: false })
+async function main() {
+  const args = parseArgs(process.argv.slice(2), {
+    mib: 1024,
+    rounds: 3,
+    sink: 'buffer',
+    hot: 0,
+    chunk: 0,
+    around: -1,
+    order: 'shuffled',
+    priority: 'normal',
+    json: false,
+  })
   const dir = fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir(), 'bench-snap-'))
   const memory = Mapping.anonymous(args.mib * MiB, { populate: true })
   const target = Buffer.alloc(memory.length) // touched now: neither side pays for first-touch faults
@@ -102,10 +118,20 @@ async function main () {
   }
   const m = (key) => median(results.map((r) => r[key]))
   const summary = {
-    mib: args.mib, sink: args.sink, rounds: args.rounds, cpus: os.cpus().length,
-    floorMs: m('floorMs'), liveMs: m('liveMs'), timeRatio: m('timeRatio'),
-    idleWritesPerMs: m('idleRate'), liveWritesPerMs: m('liveRate'), writerSpeed: m('writerSpeed'),
-    writerLoss: m('writerLoss'), livePauseMs: m('livePauseMs'), faultCopies: m('faultCopies'), protectMs: m('protectMs'),
+    mib: args.mib,
+    sink: args.sink,
+    rounds: args.rounds,
+    cpus: os.cpus().length,
+    floorMs: m('floorMs'),
+    liveMs: m('liveMs'),
+    timeRatio: m('timeRatio'),
+    idleWritesPerMs: m('idleRate'),
+    liveWritesPerMs: m('liveRate'),
+    writerSpeed: m('writerSpeed'),
+    writerLoss: m('writerLoss'),
+    livePauseMs: m('livePauseMs'),
+    faultCopies: m('faultCopies'),
+    protectMs: m('protectMs'),
   }
   if (args.json) {
     console.log(JSON.stringify({ summary, results }, null, 2))
@@ -113,14 +139,26 @@ async function main () {
   }
   const f = (x, d = 2) => x.toFixed(d)
   const pattern = `${args.order} writes ${args.hot ? `to a ${args.hot} MiB hot set` : 'all over it'}`
-  console.log(`live snapshot of ${args.mib} MiB (${args.sink} sink), one writer thread (${pattern}), background priority ${args.priority}, ${args.rounds} rounds, ${summary.cpus} CPUs; medians`)
+  console.log(
+    `live snapshot of ${args.mib} MiB (${args.sink} sink), one writer thread (${pattern}), background priority ${args.priority}, ${args.rounds} rounds, ${summary.cpus} CPUs; medians`,
+  )
   console.log('| measure | stop-and-copy (floor) | live snapshot | ratio |')
   console.log('|---|---|---|---|')
-  console.log(`| time to complete | ${f(summary.floorMs, 0)} ms | ${f(summary.liveMs, 0)} ms | ${f(summary.timeRatio)}x |`)
-  console.log(`| writer speed meanwhile (idle: ${f(summary.idleWritesPerMs, 0)} writes/ms) | 0 | ${f(summary.liveWritesPerMs, 0)} writes/ms | ${f(summary.writerSpeed)}x idle |`)
-  console.log(`| writes lost by the writer | ${f(m('lostFloor'), 0)} | ${f(m('lostLive'), 0)} | ${f(summary.writerLoss)}x |`)
-  console.log(`| writer's longest stall | ${f(summary.floorMs, 0)} ms | ${f(summary.livePauseMs, 1)} ms | ${f(summary.livePauseMs / summary.floorMs)}x |`)
-  console.log(`pages copied on a writer's fault: ${f(summary.faultCopies, 0)}; write-protect: ${f(summary.protectMs, 1)} ms`)
+  console.log(
+    `| time to complete | ${f(summary.floorMs, 0)} ms | ${f(summary.liveMs, 0)} ms | ${f(summary.timeRatio)}x |`,
+  )
+  console.log(
+    `| writer speed meanwhile (idle: ${f(summary.idleWritesPerMs, 0)} writes/ms) | 0 | ${f(summary.liveWritesPerMs, 0)} writes/ms | ${f(summary.writerSpeed)}x idle |`,
+  )
+  console.log(
+    `| writes lost by the writer | ${f(m('lostFloor'), 0)} | ${f(m('lostLive'), 0)} | ${f(summary.writerLoss)}x |`,
+  )
+  console.log(
+    `| writer's longest stall | ${f(summary.floorMs, 0)} ms | ${f(summary.livePauseMs, 1)} ms | ${f(summary.livePauseMs / summary.floorMs)}x |`,
+  )
+  console.log(
+    `pages copied on a writer's fault: ${f(summary.faultCopies, 0)}; write-protect: ${f(summary.protectMs, 1)} ms`,
+  )
 }
 
 main().catch((err) => {

@@ -6,17 +6,19 @@
 // (`npx userfaultfd serve --socket ... --mem-file ...` is the same as a ready-made command.)
 const { FirecrackerHandler } = require('..')
 
-async function main () {
+async function main() {
   const [socketPath, memFile] = process.argv.slice(2)
   if (!socketPath || !memFile) throw new Error('usage: firecracker-handler.js SOCKET MEM_FILE')
   const handler = await FirecrackerHandler.listen({
     socketPath,
     memFile,
-    onRemove: 'zero',                              // balloon-removed pages come back as zeros
+    onRemove: 'zero', // balloon-removed pages come back as zeros
     allow: (peer) => peer.uid === process.getuid(), // SO_PEERCRED: only our own user's VMs
   })
   handler.on('ready', (vm, regions) => console.log(`VM pid ${vm.peer.pid}: ${regions.length} region(s)`))
-  handler.on('end', (vm, error) => console.log(`VM pid ${vm.peer.pid} done: ${vm.pagesServed} pages${error ? ` (${error.message})` : ''}`))
+  handler.on('end', (vm, error) =>
+    console.log(`VM pid ${vm.peer.pid} done: ${vm.pagesServed} pages${error ? ` (${error.message})` : ''}`),
+  )
   process.once('SIGINT', async () => {
     await handler.close()
     console.log(handler.stats())
@@ -24,4 +26,7 @@ async function main () {
   console.log(`serving ${memFile} on ${socketPath}; Ctrl-C to stop`)
 }
 
-main().catch((err) => { console.error(err.message); process.exit(1) })
+main().catch((err) => {
+  console.error(err.message)
+  process.exit(1)
+})

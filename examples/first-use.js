@@ -6,11 +6,11 @@ const { once } = require('events')
 const path = require('path')
 const { Mapping, PAGE_SIZE } = require(path.join(__dirname, '..', 'dist'))
 
-async function main () {
+async function main() {
   const memory = Mapping.anonymous(16 * PAGE_SIZE) // mmap'd, nothing populated yet
   // The worker opens a uffd, registers `memory` and copies a page in on each fault.
   const handler = new Worker(path.join(__dirname, 'worker-handler.js'), {
-    workerData: { address: memory.address, length: memory.length }
+    workerData: { address: memory.address, length: memory.length },
   })
   await once(handler, 'message') // registered
 

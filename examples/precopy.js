@@ -10,7 +10,7 @@ const { DirtyTracker, Mapping, PAGE_SIZE } = require(path.join(__dirname, '..', 
 
 const MiB = 1024 * 1024
 
-async function main () {
+async function main() {
   const support = DirtyTracker.support()
   if (!support.supported) {
     console.log(`skipped: ${support.reason}`)
@@ -78,7 +78,9 @@ async function main () {
 
   const identical = Buffer.from(source.buffer).equals(destination)
   console.log(`stop-and-copy: ${last.length} ranges, ${(downtimeBytes / 1024).toFixed(0)} KiB sent while paused`)
-  console.log(`total sent ${(sent / MiB).toFixed(1)} MiB for ${size / MiB} MiB of memory after ${writes} writes; destination identical: ${identical ? 'yes' : 'NO'}`)
+  console.log(
+    `total sent ${(sent / MiB).toFixed(1)} MiB for ${size / MiB} MiB of memory after ${writes} writes; destination identical: ${identical ? 'yes' : 'NO'}`,
+  )
   source.unmap()
   if (!identical) process.exitCode = 1
 }

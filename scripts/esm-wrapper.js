@@ -10,6 +10,6 @@ const lines = [
   "import cjs from './index.js'",
   ...names.map((n) => `export const ${n} = cjs.${n}`),
   'export default cjs',
-  ''
+  '',
 ]
 fs.writeFileSync(path.join(dist, 'index.mjs'), lines.join('\n'))

@@ -17,7 +17,9 @@ const yes = (v) => v !== undefined && v !== '' && v !== 'false' && v !== '0'
 function libc() {
   try {
     if (fs.readdirSync('/lib').some((f) => f.startsWith('ld-musl-'))) return 'musl'
-  } catch { /* assume glibc */ }
+  } catch {
+    /* assume glibc */
+  }
   return 'glibc'
 }
 
@@ -26,7 +28,9 @@ function tryPrebuild() {
   const dir = `${process.platform}-${process.arch}`
   const file = path.join(root, 'prebuilds', dir, `userfaultfd.${libc()}.node`)
   if (!fs.existsSync(file)) {
-    const have = fs.existsSync(path.join(root, 'prebuilds')) ? fs.readdirSync(path.join(root, 'prebuilds')).filter((d) => d.includes('-')) : []
+    const have = fs.existsSync(path.join(root, 'prebuilds'))
+      ? fs.readdirSync(path.join(root, 'prebuilds')).filter((d) => d.includes('-'))
+      : []
     return { file, error: `no prebuilt binary for ${dir} (${libc()}); prebuilt: ${have.join(', ') || 'none'}` }
   }
   try {
@@ -34,7 +38,10 @@ function tryPrebuild() {
     if (typeof binding.openSyscall !== 'function') throw new Error('it does not export openSyscall')
     return { file }
   } catch (err) {
-    return { file, error: `the prebuilt binary ${path.relative(root, file)} does not load: ${err.message.split('\n')[0]}` }
+    return {
+      file,
+      error: `the prebuilt binary ${path.relative(root, file)} does not load: ${err.message.split('\n')[0]}`,
+    }
   }
 }
 
@@ -43,19 +50,26 @@ function compile(why) {
   // npm's own node-gyp when npm runs us (npm_config_node_gyp), else the package's dependency.
   let gyp = process.env.npm_config_node_gyp
   if (!gyp || !fs.existsSync(gyp)) {
-    try { gyp = require.resolve('node-gyp/bin/node-gyp.js') } catch { gyp = undefined }
+    try {
+      gyp = require.resolve('node-gyp/bin/node-gyp.js')
+    } catch {
+      gyp = undefined
+    }
   }
   // Build against this Node's own headers when it has them (official builds and Debian's do),
   // rather than downloading them.
   const env = { ...process.env }
   const prefix = path.dirname(path.dirname(fs.realpathSync(process.execPath)))
-  if (!env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h'))) env.npm_config_nodedir = prefix
+  if (!env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h')))
+    env.npm_config_nodedir = prefix
   const r = gyp
     ? spawnSync(process.execPath, [gyp, 'rebuild'], { cwd: root, stdio: 'inherit', env })
     : spawnSync('node-gyp', ['rebuild'], { cwd: root, stdio: 'inherit', env })
   if (r.status !== 0) {
-    say('node-gyp failed: compiling needs python3, make and a C++ compiler (Debian: apt-get install python3 make g++;'
-      + ' Alpine: apk add python3 make g++)')
+    say(
+      'node-gyp failed: compiling needs python3, make and a C++ compiler (Debian: apt-get install python3 make g++;' +
+        ' Alpine: apk add python3 make g++)',
+    )
     process.exit(r.status ?? 1)
   }
   say(`compiled ${path.join('build', 'Release', 'userfaultfd.node')}`)
@@ -66,9 +80,13 @@ function main() {
     say(`userfaultfd is Linux-only (this is ${process.platform}): nothing to build`)
     return
   }
-  const forced = yes(process.env.npm_config_build_from_source) ? '--build-from-source'
-    : yes(process.env.USERFAULTFD_BUILD_FROM_SOURCE) ? 'USERFAULTFD_BUILD_FROM_SOURCE'
-      : process.env.USERFAULTFD_NATIVE === 'build' ? 'USERFAULTFD_NATIVE=build' : null
+  const forced = yes(process.env.npm_config_build_from_source)
+    ? '--build-from-source'
+    : yes(process.env.USERFAULTFD_BUILD_FROM_SOURCE)
+      ? 'USERFAULTFD_BUILD_FROM_SOURCE'
+      : process.env.USERFAULTFD_NATIVE === 'build'
+        ? 'USERFAULTFD_NATIVE=build'
+        : null
   if (forced) return compile(`asked to build from source (${forced})`)
   if (fs.existsSync(path.join(root, '.git'))) return compile('a development checkout builds its own sources')
   const pre = tryPrebuild()

@@ -11,7 +11,10 @@ const { createRequire } = require('module')
 const expected = process.argv[2]
 const req = createRequire(path.join(process.cwd(), 'package.json'))
 const pkgDir = path.dirname(req.resolve('userfaultfd/package.json'))
-const fail = (msg) => { console.error(`pack-smoke: FAIL: ${msg}`); process.exit(1) }
+const fail = (msg) => {
+  console.error(`pack-smoke: FAIL: ${msg}`)
+  process.exit(1)
+}
 setTimeout(() => fail('timed out after 20 s'), 20_000).unref()
 
 async function main() {
@@ -21,8 +24,10 @@ async function main() {
   const { nativePath } = req(path.join(pkgDir, 'dist', 'native.js'))
   const { touch, pages } = req(path.join(pkgDir, 'dist', 'testing', 'index.js'))
   const loaded = path.relative(pkgDir, nativePath)
-  const want = expected === 'build' ? path.join('build', 'Release', 'userfaultfd.node')
-    : path.join('prebuilds', `linux-${process.arch}`, 'userfaultfd.glibc.node')
+  const want =
+    expected === 'build'
+      ? path.join('build', 'Release', 'userfaultfd.node')
+      : path.join('prebuilds', `linux-${process.arch}`, 'userfaultfd.glibc.node')
   if (loaded !== want) fail(`loaded ${loaded}, expected ${want}`)
 
   const n = 8
@@ -42,6 +47,8 @@ async function main() {
   for (let i = 0; i < n; i++) if (values[i] !== 0xfeed0000n + BigInt(i)) fail(`page ${i} read ${values[i]}`)
   uffd.close()
   m.unmap()
-  console.log(`pack-smoke: ok: ${loaded} (${process.arch}, node ${process.version}), opened via ${uffd.via}, served ${served} faults by UFFDIO_COPY, every value checked`)
+  console.log(
+    `pack-smoke: ok: ${loaded} (${process.arch}, node ${process.version}), opened via ${uffd.via}, served ${served} faults by UFFDIO_COPY, every value checked`,
+  )
 }
 main().catch((err) => fail(err.stack))

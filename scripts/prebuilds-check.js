@@ -21,13 +21,20 @@ const FILE = 'userfaultfd.glibc.node'
 const MAX = { GLIBC: '2.36', GLIBCXX: '3.4.30', CXXABI: '1.3.13', GCC: '12.0.0' }
 
 function sourceFiles() {
-  const files = fs.readdirSync(path.join(root, 'native'), { recursive: true }).sort().map((f) => `native/${f}`)
+  const files = fs
+    .readdirSync(path.join(root, 'native'), { recursive: true })
+    .sort()
+    .map((f) => `native/${f}`)
   return ['binding.gyp', ...files.filter((f) => fs.statSync(path.join(root, f)).isFile())]
 }
 
 function sourceHashes() {
   const files = {}
-  for (const f of sourceFiles()) files[f] = crypto.createHash('sha256').update(fs.readFileSync(path.join(root, f))).digest('hex')
+  for (const f of sourceFiles())
+    files[f] = crypto
+      .createHash('sha256')
+      .update(fs.readFileSync(path.join(root, f)))
+      .digest('hex')
   const all = crypto.createHash('sha256')
   for (const [f, h] of Object.entries(files)) all.update(`${f} ${h}\n`)
   return { hash: all.digest('hex'), files }
@@ -89,14 +96,23 @@ function inspect() {
     }
     const machine = elfMachine(file)
     const versions = symbolVersions(file)
-    binaries[dir] = { file: path.relative(root, file), machine, arch: machine === want.machine ? want.name : `e_machine ${machine}`, versions }
+    binaries[dir] = {
+      file: path.relative(root, file),
+      machine,
+      arch: machine === want.machine ? want.name : `e_machine ${machine}`,
+      versions,
+    }
     if (machine !== want.machine) problems.push(`prebuilds/${dir}/${FILE} is not ${want.name} (e_machine ${machine})`)
     for (const [lib, v] of Object.entries(versions ?? {})) {
-      if (cmp(v, MAX[lib]) > 0) problems.push(`prebuilds/${dir}/${FILE} needs ${lib}_${v}, newer than Debian bookworm's ${lib}_${MAX[lib]}`)
+      if (cmp(v, MAX[lib]) > 0)
+        problems.push(`prebuilds/${dir}/${FILE} needs ${lib}_${v}, newer than Debian bookworm's ${lib}_${MAX[lib]}`)
     }
   }
   const fresh = freshness()
-  if (!fresh.fresh) problems.push(`prebuilds are stale: built before changes to ${fresh.changed.join(', ')}; run \`npm run prebuilds\` and commit prebuilds/`)
+  if (!fresh.fresh)
+    problems.push(
+      `prebuilds are stale: built before changes to ${fresh.changed.join(', ')}; run \`npm run prebuilds\` and commit prebuilds/`,
+    )
   return { binaries, fresh, problems }
 }
 
@@ -105,14 +121,25 @@ module.exports = { inspect, freshness, sourceHashes, symbolVersions, elfMachine,
 if (require.main === module) {
   if (process.argv.includes('--write')) {
     const { hash, files } = sourceHashes()
-    fs.writeFileSync(path.join(root, 'prebuilds', 'sources.json'),
-      JSON.stringify({ note: 'sha256 of the sources prebuilds/ was built from; npm run prebuilds rewrites it', hash, files }, null, 2) + '\n')
+    fs.writeFileSync(
+      path.join(root, 'prebuilds', 'sources.json'),
+      JSON.stringify(
+        { note: 'sha256 of the sources prebuilds/ was built from; npm run prebuilds rewrites it', hash, files },
+        null,
+        2,
+      ) + '\n',
+    )
   }
   const r = inspect()
   if (process.argv.includes('--json')) console.log(JSON.stringify(r, null, 2))
   else {
     for (const [dir, b] of Object.entries(r.binaries)) {
-      const v = b.versions === null ? '(no readelf: symbol versions not checked)' : Object.entries(b.versions).map(([k, x]) => `${k}_${x}`).join(' ')
+      const v =
+        b.versions === null
+          ? '(no readelf: symbol versions not checked)'
+          : Object.entries(b.versions)
+              .map(([k, x]) => `${k}_${x}`)
+              .join(' ')
       console.log(`prebuilds/${dir}: ${b.arch}; needs ${v}`)
     }
     console.log(r.fresh.fresh ? 'prebuilds: fresh (built from the current native/ and binding.gyp)' : '')

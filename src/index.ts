@@ -4,30 +4,80 @@ export { EventStream } from './core/events'
 export type { EventsOptions } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
-export type { OpenOptions, RegisterModes, WakeOption, CopyOptions, WriteProtectOptions, MoveOptions, UffdEvent } from './core/userfaultfd'
+export type {
+  OpenOptions,
+  RegisterModes,
+  WakeOption,
+  CopyOptions,
+  WriteProtectOptions,
+  MoveOptions,
+  UffdEvent,
+} from './core/userfaultfd'
 export { Mapping, hugePageSize } from './core/mapping'
 export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
 export { UffdError, UnsupportedError, PERMISSION_HINT } from './core/errors'
 export {
-  Feature, IoctlBit, Ioctl, Mode, RegisterMode, PagefaultFlag, EventType, OpenFlag,
-  UFFD_API, UFFD_MSG_SIZE, PAGE_SIZE, featureNames, ioctlNames, bitNames,
+  Feature,
+  IoctlBit,
+  Ioctl,
+  Mode,
+  RegisterMode,
+  PagefaultFlag,
+  EventType,
+  OpenFlag,
+  UFFD_API,
+  UFFD_MSG_SIZE,
+  PAGE_SIZE,
+  featureNames,
+  ioctlNames,
+  bitNames,
 } from './core/constants'
 export type { FeatureName, IoctlName } from './core/constants'
 export type { Probe, AccessResult, Via } from './core/probe'
 export type { Range, RangeLike } from './core/range'
-export { FdChannel, sendFds, receiveFds, socketPair, peerCredentials, socketFd, pidfdOpen, fdFlags, whenReadable } from './ipc/fd-passing'
+export {
+  FdChannel,
+  sendFds,
+  receiveFds,
+  socketPair,
+  peerCredentials,
+  socketFd,
+  pidfdOpen,
+  fdFlags,
+  whenReadable,
+} from './ipc/fd-passing'
 export type { PeerCredentials, SocketLike, ReceiveOptions, ReceivedMessage } from './ipc/fd-passing'
 export { sendUffd, receiveUffd, isUserfaultfd } from './ipc/uffd-passing'
 export type { ReceivedUffd } from './ipc/uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
-export type { FirecrackerHandlerOptions, HandlerStats, ConnectionStats, ServingCounts, RemovePolicy } from './firecracker/handler'
+export type {
+  FirecrackerHandlerOptions,
+  HandlerStats,
+  ConnectionStats,
+  ServingCounts,
+  RemovePolicy,
+} from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
 export type { GuestRegion } from './firecracker/protocol'
 export { FaultServer } from './engines/fault-server'
-export type { FaultServerOptions, FaultSource, FaultHandler, FaultRequest, ServeOptions, FaultServerStats, FaultServerProgress } from './engines/fault-server'
+export type {
+  FaultServerOptions,
+  FaultSource,
+  FaultHandler,
+  FaultRequest,
+  ServeOptions,
+  FaultServerStats,
+  FaultServerProgress,
+} from './engines/fault-server'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type { SnapshotSink, SnapshotOptions, SnapshotProgress, SnapshotStats } from './engines/live-snapshot'
 export { DirtyTracker, dirtyTrackingSupport } from './engines/dirty-tracker'
-export type { DirtyRange, DirtyTrackerOptions, DirtyTrackingSupport, DirtyTrackingInputs, MemoryKind } from './engines/dirty-tracker'
+export type {
+  DirtyRange,
+  DirtyTrackerOptions,
+  DirtyTrackingSupport,
+  DirtyTrackingInputs,
+  MemoryKind,
+} from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'

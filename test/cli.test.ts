@@ -11,7 +11,9 @@ import { env } from './helpers/env'
 const cli = path.join(dist, 'cli', 'index.js')
 let dir: string
 
-beforeAll(() => { dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cli-')) })
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-cli-'))
+})
 afterEach(() => killChildren())
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
 
@@ -22,12 +24,20 @@ describe('userfaultfd CLI', () => {
     expect(pkg.bin).toEqual({ userfaultfd: 'dist/cli/index.js' })
   })
 
-  it('doctor --json: usable here, with kernel, features, ioctls, huge pages, container; exit 0', { timeout: 15_000 }, async () => {
+  it('doctor --json: usable here, with kernel, features, ioctls, huge pages, container; exit 0', {
+    timeout: 15_000,
+  }, async () => {
     const r = await runNode([cli, 'doctor', '--json'])
     expect(r.code).toBe(0)
     const report = JSON.parse(r.stdout)
     // In a container given only --device /dev/userfaultfd the syscall is blocked (seccomp).
-    expect(report).toMatchObject({ usable: true, status: 'usable', kernel: os.release(), syscall: { ok: env.syscall }, device: { ok: env.device } })
+    expect(report).toMatchObject({
+      usable: true,
+      status: 'usable',
+      kernel: os.release(),
+      syscall: { ok: env.syscall },
+      device: { ok: env.device },
+    })
     expect(report.features).toContain('EVENT_REMOVE')
     expect(report.ioctls).toContain('REGISTER')
     expect(report.hugePages).toHaveProperty('total')
@@ -49,16 +59,29 @@ describe('userfaultfd CLI', () => {
     if (fs.readFileSync('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').trim() !== '0') {
       ctx.skip('vm.unprivileged_userfaultfd is 1: nobody may use the syscall')
     }
-    const r = await runCommand('/usr/bin/setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, cli, 'doctor', '--json'])
+    const r = await runCommand('/usr/bin/setpriv', [
+      '--reuid=65534',
+      '--regid=65534',
+      '--clear-groups',
+      process.execPath,
+      cli,
+      'doctor',
+      '--json',
+    ])
     // Under Docker's seccomp profile even UFFD_USER_MODE_ONLY is blocked: unusable (exit 1).
     expect(r.code).toBe(env.syscallUserModeOnly ? 3 : 1)
     const report = JSON.parse(r.stdout)
     expect(report).toMatchObject({
-      usable: false, status: env.syscallUserModeOnly ? 'user-mode-only' : 'unusable', uid: 65534,
-      syscall: { ok: false, code: 'EPERM' }, capSysPtrace: false,
+      usable: false,
+      status: env.syscallUserModeOnly ? 'user-mode-only' : 'unusable',
+      uid: 65534,
+      syscall: { ok: false, code: 'EPERM' },
+      capSysPtrace: false,
     })
     // The device can be opened to nobody: setfacl. Absent (a container without --device): the flag.
-    expect(report.fixes.join('\n')).toMatch(env.deviceExists ? /setfacl -m u:nobody:rw \/dev\/userfaultfd/ : /--device \/dev\/userfaultfd/)
+    expect(report.fixes.join('\n')).toMatch(
+      env.deviceExists ? /setfacl -m u:nobody:rw \/dev\/userfaultfd/ : /--device \/dev\/userfaultfd/,
+    )
   })
 
   it('usage errors exit 2 with a message', { timeout: 15_000 }, async () => {
@@ -70,19 +93,30 @@ describe('userfaultfd CLI', () => {
     expect(missing.stderr).toMatch(/--mem-file/)
     const bad = await runNode([cli, 'serve', '--socket', 'x', '--mem-file', 'y', '--on-remove', 'maybe'])
     expect(bad.code).toBe(2)
-    const noFile = await runNode([cli, 'serve', '--socket', path.join(dir, 'nf'), '--mem-file', path.join(dir, 'absent')])
+    const noFile = await runNode([
+      cli,
+      'serve',
+      '--socket',
+      path.join(dir, 'nf'),
+      '--mem-file',
+      path.join(dir, 'absent'),
+    ])
     expect(noFile.code).toBe(1)
     expect(noFile.stderr).toMatch(/ENOENT/)
   })
 
-  it('serve: serves a Firecracker-like guest; SIGTERM shuts down cleanly with --json stats', { timeout: 30_000 }, async () => {
+  it('serve: serves a Firecracker-like guest; SIGTERM shuts down cleanly with --json stats', {
+    timeout: 30_000,
+  }, async () => {
     const memFile = path.join(dir, 'serve.mem')
     const socket = path.join(dir, 'serve.sock')
     writeSnapshot(memFile, 4 << 20)
     let server: ChildProcess | undefined
     let stderr = ''
     let onListening: () => void = () => {}
-    const listening = new Promise<void>((resolve) => { onListening = resolve })
+    const listening = new Promise<void>((resolve) => {
+      onListening = resolve
+    })
     const serverDone = runNode([cli, 'serve', '--socket', socket, '--mem-file', memFile, '--json'], 25_000, (child) => {
       server = child
       child.stderr!.on('data', (d) => {
@@ -99,9 +133,14 @@ describe('userfaultfd CLI', () => {
     const r = await serverDone
     expect(r.code).toBe(0)
     const stats = JSON.parse(r.stdout)
-    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 16, removes: 1, connections: { total: 1, active: 0, failed: 0 } })
+    expect(stats).toMatchObject({
+      pagesServed: 1024,
+      zeroPages: 16,
+      removes: 1,
+      connections: { total: 1, active: 0, failed: 0 },
+    })
     expect(r.stderr).toMatch(/connection 1: pid \d+/)
-    expect(fs.existsSync(socket)).toBe(false)  // the socket file is removed on shutdown
+    expect(fs.existsSync(socket)).toBe(false) // the socket file is removed on shutdown
   })
 
   it('demo --json: lazily restores a snapshot into a child and verifies every page', { timeout: 60_000 }, async () => {
@@ -109,7 +148,15 @@ describe('userfaultfd CLI', () => {
     expect(r.stderr).toBe('')
     expect(r.code).toBe(0)
     const s = JSON.parse(r.stdout)
-    expect(s).toMatchObject({ ok: true, pages: 2048, pagesServed: 2048, mismatches: 0, verifiedBytes: 8 << 20, zeroMismatches: 0, zeroPages: 256 })
+    expect(s).toMatchObject({
+      ok: true,
+      pages: 2048,
+      pagesServed: 2048,
+      mismatches: 0,
+      verifiedBytes: 8 << 20,
+      zeroMismatches: 0,
+      zeroPages: 256,
+    })
     expect(s.pagesFaulted).toBe(2048 + 256)
     expect(Object.values(s.faultLatencyHistogramUs).reduce((a: number, b) => a + (b as number), 0)).toBe(2048)
   })

@@ -3,8 +3,20 @@ import { afterEach, describe, expect, it, vi } from 'vitest'
 import { timeScale } from './helpers/children'
 import * as fs from 'fs'
 import {
-  DirtyTracker, Feature, Mapping, PAGE_SIZE, PageCategory, PagemapScanFlag, UffdError, UnsupportedError, Userfaultfd,
-  dirtyTrackingSupport, hugePageSize, pagemapScan, pagemapScanSupported, type DirtyRange,
+  DirtyTracker,
+  Feature,
+  Mapping,
+  PAGE_SIZE,
+  PageCategory,
+  PagemapScanFlag,
+  UffdError,
+  UnsupportedError,
+  Userfaultfd,
+  dirtyTrackingSupport,
+  hugePageSize,
+  pagemapScan,
+  pagemapScanSupported,
+  type DirtyRange,
 } from '../src/index'
 import { native } from '../src/addon/native'
 import { pages, startStamper, touch } from '../src/testing'
@@ -13,8 +25,10 @@ const MiB = 1024 * 1024
 const support = DirtyTracker.support()
 const probe = Userfaultfd.probe()
 if (!support.supported) console.log(`dirty-tracker tests skipped: ${support.reason}`)
-if (!pagemapScanSupported()) console.log(`pagemapScan tests skipped: kernel ${probe.kernel} has no PAGEMAP_SCAN ioctl (6.7+)`)
-const freeHuge = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
+if (!pagemapScanSupported())
+  console.log(`pagemapScan tests skipped: kernel ${probe.kernel} has no PAGEMAP_SCAN ioctl (6.7+)`)
+const freeHuge = (): number =>
+  Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
 
 const cleanup: Array<() => unknown> = []
 afterEach(async () => {
@@ -48,26 +62,44 @@ describe('dirtyTrackingSupport: the decision, for kernels other than this one', 
   const all = Feature.WP_ASYNC | Feature.WP_UNPOPULATED | Feature.WP_HUGETLBFS_SHMEM | Feature.PAGEFAULT_FLAG_WP
   it('supported with WP_ASYNC and PAGEMAP_SCAN (6.7+)', () => {
     expect(dirtyTrackingSupport({ features: all, pagemapScan: true })).toEqual({ supported: true })
-    expect(dirtyTrackingSupport({ features: Feature.WP_ASYNC, pagemapScan: true, memory: 'anonymous' })).toEqual({ supported: true })
+    expect(dirtyTrackingSupport({ features: Feature.WP_ASYNC, pagemapScan: true, memory: 'anonymous' })).toEqual({
+      supported: true,
+    })
   })
   it('6.1-like kernel: no WP_ASYNC, no PAGEMAP_SCAN', () => {
-    const r = dirtyTrackingSupport({ features: Feature.WP_HUGETLBFS_SHMEM | Feature.PAGEFAULT_FLAG_WP, pagemapScan: false, kernel: '6.1.0-arm64' })
+    const r = dirtyTrackingSupport({
+      features: Feature.WP_HUGETLBFS_SHMEM | Feature.PAGEFAULT_FLAG_WP,
+      pagemapScan: false,
+      kernel: '6.1.0-arm64',
+    })
     expect(r.supported).toBe(false)
     expect(r.reason).toMatch(/WP_ASYNC.*6\.7.*PAGEMAP_SCAN.*6\.1\.0-arm64/)
   })
   it('one of the two missing', () => {
     expect(dirtyTrackingSupport({ features: all, pagemapScan: false }).reason).toMatch(/PAGEMAP_SCAN/)
     expect(dirtyTrackingSupport({ features: all, pagemapScan: false }).reason).not.toMatch(/WP_ASYNC/)
-    expect(dirtyTrackingSupport({ features: all & ~Feature.WP_ASYNC, pagemapScan: true }).reason).toMatch(/^dirty tracking needs UFFD_FEATURE_WP_ASYNC/)
+    expect(dirtyTrackingSupport({ features: all & ~Feature.WP_ASYNC, pagemapScan: true }).reason).toMatch(
+      /^dirty tracking needs UFFD_FEATURE_WP_ASYNC/,
+    )
   })
   it('shmem and hugetlb also need WP_HUGETLBFS_SHMEM', () => {
     const f = Feature.WP_ASYNC
-    expect(dirtyTrackingSupport({ features: f, pagemapScan: true, memory: 'shmem' }).reason).toMatch(/WP_HUGETLBFS_SHMEM for shmem/)
+    expect(dirtyTrackingSupport({ features: f, pagemapScan: true, memory: 'shmem' }).reason).toMatch(
+      /WP_HUGETLBFS_SHMEM for shmem/,
+    )
     expect(dirtyTrackingSupport({ features: f, pagemapScan: true, memory: 'hugetlb' }).reason).toMatch(/hugetlb/)
-    expect(dirtyTrackingSupport({ features: f | Feature.WP_HUGETLBFS_SHMEM, pagemapScan: true, memory: 'hugetlb' }).supported).toBe(true)
+    expect(
+      dirtyTrackingSupport({ features: f | Feature.WP_HUGETLBFS_SHMEM, pagemapScan: true, memory: 'hugetlb' })
+        .supported,
+    ).toBe(true)
   })
   it('no userfaultfd for this process at all', () => {
-    const r = dirtyTrackingSupport({ features: all, pagemapScan: true, userfaultfd: false, userfaultfdReason: 'EPERM: give access to /dev/userfaultfd' })
+    const r = dirtyTrackingSupport({
+      features: all,
+      pagemapScan: true,
+      userfaultfd: false,
+      userfaultfdReason: 'EPERM: give access to /dev/userfaultfd',
+    })
     expect(r).toEqual({ supported: false, reason: expect.stringMatching(/not available.*\/dev\/userfaultfd/) })
   })
   it('DirtyTracker.start throws UnsupportedError (exported, code ENOTSUP) where the probe lacks WP_ASYNC', () => {
@@ -89,7 +121,9 @@ describe('dirtyTrackingSupport: the decision, for kernels other than this one', 
 })
 
 describe.skipIf(!support.supported)('DirtyTracker', () => {
-  it('reports exactly the pages written since the last collect(), round after round', { timeout: 30_000 * timeScale }, async () => {
+  it('reports exactly the pages written since the last collect(), round after round', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     const n = m.length / PAGE_SIZE
     // Half the memory populated before tracking starts, half never touched (WP_UNPOPULATED).
@@ -98,11 +132,15 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([])
     for (let round = 0; round < 6; round++) {
       const written = randomPages(n, 500 + round * 300, round + 1)
-      await touch(BigUint64Array.from(written, (p) => m.address + BigInt(p * PAGE_SIZE + 8 * round)), { write: true, threads: 2 })
+      await touch(
+        BigUint64Array.from(written, (p) => m.address + BigInt(p * PAGE_SIZE + 8 * round)),
+        { write: true, threads: 2 },
+      )
       const dirty = tracker.collect()
       expect([...pageSet(dirty)].sort((a, b) => a - b)).toEqual([...written].sort((a, b) => a - b))
       for (const r of dirty) expect(r.huge).toBe(false)
-      for (let i = 1; i < dirty.length; i++) expect(dirty[i].address).toBeGreaterThan(dirty[i - 1].address + BigInt(dirty[i - 1].length))
+      for (let i = 1; i < dirty.length; i++)
+        expect(dirty[i].address).toBeGreaterThan(dirty[i - 1].address + BigInt(dirty[i - 1].length))
       expect(tracker.collect()).toEqual([])
     }
   })
@@ -122,7 +160,9 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.peek()).toEqual([])
   })
 
-  it('reads are not writes; the JS thread may write (async WP never blocks)', { timeout: 10_000 * timeScale }, async () => {
+  it('reads are not writes; the JS thread may write (async WP never blocks)', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(MiB))
     const tracker = track(DirtyTracker.start(m))
     await touch(pages(m), { threads: 2 })
@@ -132,7 +172,9 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(pageSet(tracker.collect())).toEqual(new Set([3, 7]))
   })
 
-  it('no write is missed while writers run during collect(); no page is reported without a write', { timeout: 30_000 * timeScale }, async () => {
+  it('no write is missed while writers run during collect(); no page is reported without a write', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     const tracker = track(DirtyTracker.start(m))
     const threads = 2
@@ -158,17 +200,24 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
       for (let t = 0; t < threads; t++) {
         // Writes that began after the previous collect() returned and ended before this one began.
         for (const slot of slotsOf(t, prevAfter[t] + 1, before[t])) {
-          if (!dirty.has(slot)) throw new Error(`round ${rounds}: thread ${t} wrote slot ${slot} between collects; not reported`)
+          if (!dirty.has(slot))
+            throw new Error(`round ${rounds}: thread ${t} wrote slot ${slot} between collects; not reported`)
         }
         // Writes done while the previous collect() ran: reported by it or by this one.
-        if (rounds > 0) for (const slot of slotsOf(t, prevBefore[t], prevAfter[t])) {
-          if (!dirty.has(slot) && !prevDirty.has(slot)) throw new Error(`round ${rounds}: thread ${t} wrote slot ${slot} during the previous collect; never reported`)
-        }
+        if (rounds > 0)
+          for (const slot of slotsOf(t, prevBefore[t], prevAfter[t])) {
+            if (!dirty.has(slot) && !prevDirty.has(slot))
+              throw new Error(
+                `round ${rounds}: thread ${t} wrote slot ${slot} during the previous collect; never reported`,
+              )
+          }
       }
       // Every reported page had a write after the previous collect() began.
       const possible = new Set<number>()
-      for (let t = 0; t < threads; t++) for (const slot of slotsOf(t, Math.max(0, prevBefore[t] - 1), after[t] + 1)) possible.add(slot)
-      for (const slot of dirty) if (!possible.has(slot)) throw new Error(`round ${rounds}: slot ${slot} reported but not written`)
+      for (let t = 0; t < threads; t++)
+        for (const slot of slotsOf(t, Math.max(0, prevBefore[t] - 1), after[t] + 1)) possible.add(slot)
+      for (const slot of dirty)
+        if (!possible.has(slot)) throw new Error(`round ${rounds}: slot ${slot} reported but not written`)
       prevBefore = before
       prevAfter = after
       prevDirty = dirty
@@ -183,12 +232,17 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     const m = track(Mapping.memfd(16 * MiB))
     const tracker = track(DirtyTracker.start(m))
     const written = randomPages(m.length / PAGE_SIZE, 300, 9)
-    await touch(BigUint64Array.from(written, (p) => m.address + BigInt(p * PAGE_SIZE)), { write: true, threads: 2 })
+    await touch(
+      BigUint64Array.from(written, (p) => m.address + BigInt(p * PAGE_SIZE)),
+      { write: true, threads: 2 },
+    )
     expect(pageSet(tracker.collect())).toEqual(new Set(written))
     expect(tracker.collect()).toEqual([])
   })
 
-  it('hugetlb: reported at huge-page granularity (the documented false positives)', { timeout: 10_000 * timeScale }, async () => {
+  it('hugetlb: reported at huge-page granularity (the documented false positives)', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     if (freeHuge() < 4) return console.log('skipped: needs 4 free huge pages (echo 64 > /proc/sys/vm/nr_hugepages)')
     const huge = hugePageSize()
     const m = track(Mapping.anonymous(4 * huge, { hugetlb: true }))
@@ -198,20 +252,32 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
     expect(tracker.collect()).toEqual([])
   })
 
-  it('transparent huge pages: the first write splits the THP, so pages stay exact', { timeout: 10_000 * timeScale }, async () => {
+  it('transparent huge pages: the first write splits the THP, so pages stay exact', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     m.madvise('hugepage')
     const H = 2n * BigInt(MiB)
-    const aligned = (m.address + H - 1n) / H * H
+    const aligned = ((m.address + H - 1n) / H) * H
     await touch(pages({ address: aligned, length: 2 * MiB }), { write: true })
     const before = pagemapScan({ address: aligned, length: 2 * MiB }, { returnMask: PageCategory.HUGE })
-    if (before.regions[0]?.categories !== PageCategory.HUGE) return console.log('skipped: no THP was allocated (transparent_hugepage disabled?)')
+    if (before.regions[0]?.categories !== PageCategory.HUGE)
+      return console.log('skipped: no THP was allocated (transparent_hugepage disabled?)')
     const tracker = track(DirtyTracker.start(m))
     await touch([aligned + BigInt(5 * PAGE_SIZE)], { write: true })
-    expect(tracker.collect()).toEqual([{ address: aligned + BigInt(5 * PAGE_SIZE), offset: Number(aligned - m.address) + 5 * PAGE_SIZE, length: PAGE_SIZE, huge: false }])
+    expect(tracker.collect()).toEqual([
+      {
+        address: aligned + BigInt(5 * PAGE_SIZE),
+        offset: Number(aligned - m.address) + 5 * PAGE_SIZE,
+        length: PAGE_SIZE,
+        huge: false,
+      },
+    ])
   })
 
-  it('a range another userfaultfd holds: EBUSY; stop() is idempotent and ends collect()', { timeout: 10_000 * timeScale }, () => {
+  it('a range another userfaultfd holds: EBUSY; stop() is idempotent and ends collect()', {
+    timeout: 10_000 * timeScale,
+  }, () => {
     const m = track(Mapping.anonymous(MiB))
     const tracker = DirtyTracker.start(m)
     expect(() => DirtyTracker.start(m)).toThrow(expect.objectContaining({ code: 'EBUSY' }))
@@ -228,16 +294,31 @@ describe.skipIf(!support.supported)('DirtyTracker', () => {
 })
 
 describe.skipIf(!pagemapScanSupported())('pagemapScan', () => {
-  it('reports categories; maxPages stops the walk early and walkEnd says where', { timeout: 10_000 * timeScale }, async () => {
+  it('reports categories; maxPages stops the walk early and walkEnd says where', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(MiB))
     await touch(pages({ address: m.address, length: 16 * PAGE_SIZE }), { write: true })
     const present = pagemapScan(m, { categoryMask: PageCategory.PRESENT, returnMask: PageCategory.PRESENT })
-    expect(present).toEqual({ regions: [{ address: m.address, length: 16 * PAGE_SIZE, categories: PageCategory.PRESENT }], walkEnd: m.address + BigInt(m.length) })
-    const limited = pagemapScan(m, { categoryMask: PageCategory.PRESENT, returnMask: PageCategory.PRESENT, maxPages: 4 })
+    expect(present).toEqual({
+      regions: [{ address: m.address, length: 16 * PAGE_SIZE, categories: PageCategory.PRESENT }],
+      walkEnd: m.address + BigInt(m.length),
+    })
+    const limited = pagemapScan(m, {
+      categoryMask: PageCategory.PRESENT,
+      returnMask: PageCategory.PRESENT,
+      maxPages: 4,
+    })
     expect(limited.regions).toEqual([{ address: m.address, length: 4 * PAGE_SIZE, categories: PageCategory.PRESENT }])
     expect(limited.walkEnd).toBe(m.address + BigInt(4 * PAGE_SIZE))
-    const inverted = pagemapScan(m, { categoryInverted: PageCategory.PRESENT, categoryMask: PageCategory.PRESENT, returnMask: PageCategory.PRESENT })
-    expect(inverted.regions).toEqual([{ address: m.address + BigInt(16 * PAGE_SIZE), length: m.length - 16 * PAGE_SIZE, categories: 0 }])
+    const inverted = pagemapScan(m, {
+      categoryInverted: PageCategory.PRESENT,
+      categoryMask: PageCategory.PRESENT,
+      returnMask: PageCategory.PRESENT,
+    })
+    expect(inverted.regions).toEqual([
+      { address: m.address + BigInt(16 * PAGE_SIZE), length: m.length - 16 * PAGE_SIZE, categories: 0 },
+    ])
     // One region of output: the walk ends after the first region (the caller resumes at walkEnd).
     await touch([m.address + BigInt(32 * PAGE_SIZE)], { write: true })
     const one = pagemapScan(m, { categoryMask: PageCategory.PRESENT, returnMask: PageCategory.PRESENT, maxRegions: 1 })
@@ -288,9 +369,11 @@ describe.skipIf(!pagemapScanSupported())('pagemapScan', () => {
 
   it('CHECK_WPASYNC on memory without async write-protection: EPERM', () => {
     const m = track(Mapping.anonymous(MiB))
-    const run = (): unknown => pagemapScan(m, {
-      flags: PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC, categoryMask: PageCategory.WRITTEN,
-    })
+    const run = (): unknown =>
+      pagemapScan(m, {
+        flags: PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC,
+        categoryMask: PageCategory.WRITTEN,
+      })
     expect(run).toThrow(UffdError)
     expect(run).toThrow(expect.objectContaining({ code: 'EPERM', syscall: 'ioctl(PAGEMAP_SCAN)' }))
   })

@@ -94,7 +94,8 @@ describe('event stream lifecycle', () => {
   })
 
   it('a Worker opens its own uffd, serves faults, and exits cleanly while its stream is open', async () => {
-    const worker = new Worker(`
+    const worker = new Worker(
+      `
       const { parentPort } = require('worker_threads')
       const { Userfaultfd, Mapping } = require(${dist})
       const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'testing'))})
@@ -112,7 +113,9 @@ describe('event stream lifecycle', () => {
         uffd.events() // left open on purpose: teardown must close it
         parentPort.postMessage(values.join(','))
       })()
-    `, { eval: true })
+    `,
+      { eval: true },
+    )
     const message = await new Promise((resolve, reject) => {
       worker.once('message', resolve)
       worker.once('error', reject)
@@ -198,7 +201,7 @@ describe('event stream lifecycle', () => {
 })
 
 describe('examples', () => {
-  it('the README\'s first-use modules run as written (import from \'userfaultfd\')', () => {
+  it("the README's first-use modules run as written (import from 'userfaultfd')", () => {
     const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8')
     const first = readme.slice(readme.indexOf('## First use'), readme.indexOf('**The one rule**'))
     const blocks = [...first.matchAll(/```js\n\/\/ ([\w.]+)[^\n]*\n([\s\S]*?)```/g)]
@@ -209,7 +212,12 @@ describe('examples', () => {
       fs.mkdirSync(path.join(dir, 'node_modules'))
       fs.symlinkSync(root, path.join(dir, 'node_modules', 'userfaultfd'))
       for (const [, name, code] of blocks) fs.writeFileSync(path.join(dir, name), code)
-      const r = spawnSync(process.execPath, [path.join(dir, 'main.mjs')], { cwd: dir, encoding: 'utf8', timeout: 15_000, killSignal: 'SIGKILL' })
+      const r = spawnSync(process.execPath, [path.join(dir, 'main.mjs')], {
+        cwd: dir,
+        encoding: 'utf8',
+        timeout: 15_000,
+        killSignal: 'SIGKILL',
+      })
       expect(r.stderr).toBe('')
       expect(r.stdout).toBe('1005n\n')
       expect(r.status).toBe(0)
@@ -219,7 +227,11 @@ describe('examples', () => {
   })
 
   it('examples/first-use.js runs and prints the served page', () => {
-    const r = spawnSync(process.execPath, [path.join(root, 'examples', 'first-use.js')], { encoding: 'utf8', timeout: 15_000, killSignal: 'SIGKILL' })
+    const r = spawnSync(process.execPath, [path.join(root, 'examples', 'first-use.js')], {
+      encoding: 'utf8',
+      timeout: 15_000,
+      killSignal: 'SIGKILL',
+    })
     expect(r.stderr).toBe('')
     expect(r.stdout).toBe('page 5 holds 1005n\n')
     expect(r.status).toBe(0)

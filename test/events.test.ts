@@ -9,7 +9,7 @@ const cleanup: Array<() => void> = []
 afterEach(() => {
   for (const f of cleanup.splice(0).reverse()) f()
 })
-function track<T extends { close?: () => void, unmap?: () => void }>(x: T): T {
+function track<T extends { close?: () => void; unmap?: () => void }>(x: T): T {
   cleanup.push(() => (x.close ?? x.unmap)!.call(x))
   return x
 }
@@ -76,7 +76,10 @@ describe('events(): typed events', () => {
     const m = track(Mapping.anonymous(4 * PAGE_SIZE, { populate: true }))
     uffd.register(m)
     let settled = false
-    const advised = madviseOnThread(m.range(PAGE_SIZE, 2 * PAGE_SIZE), 'dontneed').then((e) => { settled = true; return e })
+    const advised = madviseOnThread(m.range(PAGE_SIZE, 2 * PAGE_SIZE), 'dontneed').then((e) => {
+      settled = true
+      return e
+    })
     await new Promise((r) => setTimeout(r, 50))
     expect(settled).toBe(false) // blocked in the kernel until the event is read
     const [e] = await collect(uffd.events(), 1)
@@ -105,7 +108,9 @@ describe('events(): typed events', () => {
     const [e] = await collect(uffd.events(), 1)
     const { address: to, errno } = await remapped
     expect(errno).toBe(0)
-    cleanup.push(() => { void munmapOnThread(to, 2 * len) })
+    cleanup.push(() => {
+      void munmapOnThread(to, 2 * len)
+    })
     expect(e).toEqual({ type: 'remap', from: addr, to, length: len })
     const reader = touch([to])
     const [f] = await collect(uffd.events(), 1)
@@ -126,7 +131,11 @@ describe('events(): typed events', () => {
   })
 
   it('delivers FORK with a Userfaultfd for the child, which serves (and then loses) the child', async (ctx) => {
-    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
+    needs(
+      ctx,
+      env.capSysPtrace,
+      'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
+    )
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_FORK }))
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     uffd.register(m)
@@ -147,8 +156,12 @@ describe('events(): typed events', () => {
 })
 
 describe('events(): fork', () => {
-  it('the fork event\'s uffd serves the child\'s own faults', async (ctx) => {
-    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
+  it("the fork event's uffd serves the child's own faults", async (ctx) => {
+    needs(
+      ctx,
+      env.capSysPtrace,
+      'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
+    )
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_FORK }))
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     uffd.register(m)

@@ -45,7 +45,9 @@ describe('FaultResolver', () => {
       const advised = madviseOnThread(m.range(3 * PAGE_SIZE, PAGE_SIZE), 'dontneed')
       // Wait until the REMOVE event is pending, unread (the uffd turns readable), however slowly
       // the native thread gets to run on a loaded machine.
-      await new Promise<void>((resolve, reject) => { whenReadable(uffd.fd, (e) => e ? reject(e) : resolve()) })
+      await new Promise<void>((resolve, reject) => {
+        whenReadable(uffd.fd, (e) => (e ? reject(e) : resolve()))
+      })
       expect(resolver.copy(m.address, stampedPage(42n))).toBe('deferred')
       expect(resolver.pending).toBe(1)
       await new Promise((r) => setTimeout(r, 20))
@@ -106,15 +108,18 @@ describe('FaultResolver', () => {
       })()
       const order = pages(m)
       for (let i = order.length - 1; i > 0; i--) {
-        const j = Math.floor(Math.random() * (i + 1));
-        [order[i], order[j]] = [order[j], order[i]]
+        const j = Math.floor(Math.random() * (i + 1))
+        ;[order[i], order[j]] = [order[j], order[i]]
       }
       const toucher = touch(order, { threads: 2 })
       const served = new Map<bigint, number>()
       const kinds = new Map<string, number>()
       const page = new BigUint64Array(PAGE_SIZE / 8)
       let faults = 0
-      const done = toucher.then((r) => { stop = true; return r })
+      const done = toucher.then((r) => {
+        stop = true
+        return r
+      })
       const stream = uffd.events({ batch: true })
       // The storms end once the toucher is done; each needs its last event read to return, so
       // the stream runs until all three settled (or a safety timeout closes the uffd).
@@ -143,7 +148,8 @@ describe('FaultResolver', () => {
       expect(faults).toBe(n)
       expect([...served.values()].every((c) => c === 1)).toBe(true)
       // Every page holds its own stamp, deferred or not.
-      for (let i = 0; i < n; i++) if (values[i] !== (order[i] ^ 0x5555n)) throw new Error(`page ${order[i]} read ${values[i]}`)
+      for (let i = 0; i < n; i++)
+        if (values[i] !== (order[i] ^ 0x5555n)) throw new Error(`page ${order[i]} read ${values[i]}`)
       expect(kinds.get('remove')).toBeGreaterThan(10)
       expect(kinds.get('remap')).toBeGreaterThan(0)
       // The point of the storm: some fills met a pending event and were retried, none lost.

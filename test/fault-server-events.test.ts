@@ -3,7 +3,18 @@
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type Userfaultfd as Uffd } from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
-import { closeAll, onCleanup, once, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
+import {
+  closeAll,
+  onCleanup,
+  once,
+  randomContent,
+  readAll,
+  setup,
+  track,
+  u64At,
+  until,
+  within,
+} from './helpers/fault-server'
 import { env, needs } from './helpers/env'
 
 afterEach((ctx) => closeAll(ctx))
@@ -25,18 +36,28 @@ describe('FaultServer events', () => {
     for (let p = 0; p < n; p++) {
       expect(values[p]).toBe(p >= 16 && p < 32 ? 0n : BigInt(p + 1))
     }
-    await until(() => server.stats().pagesPresent === n)  // removed pages count as settled
+    await until(() => server.stats().pagesPresent === n) // removed pages count as settled
     expect(errors).toEqual([])
   })
 
   it("REMOVE with onRemove 'source', racing faults from 2 threads: every page ends with its source bytes", async () => {
     const n = 512
-    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, onRemove: 'source', prefetch: true, prefetchChunk: 16 * PAGE_SIZE, prefetchYield: 0 }, Feature.EVENT_REMOVE)
+    const { m, server, errors } = setup(
+      n,
+      {
+        faultAround: 4 * PAGE_SIZE,
+        onRemove: 'source',
+        prefetch: true,
+        prefetchChunk: 16 * PAGE_SIZE,
+        prefetchYield: 0,
+      },
+      Feature.EVENT_REMOVE,
+    )
     const src = randomContent(n * PAGE_SIZE)
     server.serve(m, { buffer: src })
     for (let round = 0; round < 5; round++) {
       const touching = touch(pages(m), { threads: 2 })
-      const removing = madviseOnThread(m.range((round * 64) * PAGE_SIZE, 128 * PAGE_SIZE), 'dontneed')
+      const removing = madviseOnThread(m.range(round * 64 * PAGE_SIZE, 128 * PAGE_SIZE), 'dontneed')
       const [{ values }, errno] = await within(Promise.all([touching, removing]), 10_000, `round ${round}`)
       expect(errno).toBe(0)
       for (let p = 0; p < n; p++) expect(values[p]).toBe(BigInt(p + 1))
@@ -59,7 +80,7 @@ describe('FaultServer events', () => {
     let s = server.stats()
     expect(s.unmaps).toBe(1)
     expect(s.pagesTotal).toBe(n)
-    expect(s.pagesPresent).toBeGreaterThanOrEqual(16)  // gone pages are settled
+    expect(s.pagesPresent).toBeGreaterThanOrEqual(16) // gone pages are settled
     const { values } = await touch([addr + BigInt(15 * PAGE_SIZE)])
     expect(values[0]).toBe(16n)
     expect(await within(munmapOnThread(addr, 16 * PAGE_SIZE), 5000, 'munmap')).toBe(0)
@@ -80,10 +101,12 @@ describe('FaultServer events', () => {
     const addr = mmapRaw(len)
     const src = randomContent(len)
     server.serve({ address: addr, length: len }, { buffer: src })
-    await touch(pages({ address: addr, length: len }, 8))  // pages 0..7 present before the move
+    await touch(pages({ address: addr, length: len }, 8)) // pages 0..7 present before the move
     const moved = await within(mremapOnThread(addr, len, 2 * len), 5000, 'mremap')
     expect(moved.errno).toBe(0)
-    onCleanup(() => { void munmapOnThread(moved.address, 2 * len) }, true)
+    onCleanup(() => {
+      void munmapOnThread(moved.address, 2 * len)
+    }, true)
     await until(() => server.stats().remaps === 1)
     const list = pages({ address: moved.address, length: len })
     const { values } = await within(touch(list, { threads: 2 }), 5000, 'touch')
@@ -92,12 +115,16 @@ describe('FaultServer events', () => {
     const s = server.stats()
     expect(s.pagesTotal).toBe(n)
     expect(s.pagesPresent).toBe(n)
-    expect(s.demandPages).toBe(n)  // the 8 moved pages were not copied again
+    expect(s.demandPages).toBe(n) // the 8 moved pages were not copied again
     expect(errors).toEqual([])
   })
 
   it("FORK: the child's uffd is closed by default, or emitted with onFork 'emit'", async (ctx) => {
-    needs(ctx, env.capSysPtrace, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)')
+    needs(
+      ctx,
+      env.capSysPtrace,
+      'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
+    )
     for (const onFork of ['close', 'emit'] as const) {
       const { m, server } = setup(8, { onFork }, Feature.EVENT_FORK)
       const src = randomContent(m.length)
@@ -130,20 +157,20 @@ describe('FaultServer errors', () => {
     const { uffd, m, server, errors } = setup(4, { faultAround: PAGE_SIZE })
     const srcMap = Mapping.anonymous(4 * PAGE_SIZE)
     server.serve(m, { buffer: srcMap })
-    srcMap.unmap()  // misuse: the source vanishes while served
+    srcMap.unmap() // misuse: the source vanishes while served
     const err = once<Error>(server, 'error')
     const touching = touch([m.at(0)])
     expect(await err).toMatchObject({ name: 'UffdError', code: 'EFAULT', syscall: 'ioctl(UFFDIO_COPY)' })
     expect(server.stats().errors).toBeGreaterThanOrEqual(1)
     server.close()
-    uffd.close()  // wakes the blocked thread: it reads zeros
+    uffd.close() // wakes the blocked thread: it reads zeros
     expect((await within(touching, 5000, 'touch')).values[0]).toBe(0n)
     expect(errors.length).toBeGreaterThanOrEqual(1)
   })
 
   it('a fault outside every served range is served as zeros and reported once', async () => {
     const { uffd, m, server, errors } = setup(8)
-    uffd.register(m)  // registered, not served
+    uffd.register(m) // registered, not served
     server.serve(m.range(0, 4 * PAGE_SIZE), { buffer: randomContent(4 * PAGE_SIZE) }, { register: false })
     const { values } = await within(touch([m.at(5 * PAGE_SIZE), m.at(6 * PAGE_SIZE)]), 5000, 'touch')
     expect(u64s(values)).toEqual([0n, 0n])
@@ -166,7 +193,7 @@ describe('FaultServer errors', () => {
     const errors: Error[] = []
     server.on('error', (e: Error) => errors.push(e))
     const first = touch([m.at(0)])
-    const second = touch([m.at(8)])  // another fault on the same page meanwhile
+    const second = touch([m.at(8)]) // another fault on the same page meanwhile
     const [a, b] = await within(Promise.all([first, second]), 5000, 'touch')
     expect(a.values[0]).toBe(1n)
     expect(b.values[0]).toBe(u64At(src, 8))
@@ -194,7 +221,7 @@ describe('FaultServer errors', () => {
     track(new FaultServer(uffd)) // serves no range: the fault below is unhandled
     uffd.register(m)
     const warned = new Promise<Error>((resolve) => process.once('warning', resolve))
-    const t = touch([m.at(0)])  // not served: zeros, and one ENOENT report
+    const t = touch([m.at(0)]) // not served: zeros, and one ENOENT report
     const w = await within(warned, 5000, 'warning')
     expect(w.message).toMatch(/outside every served range/)
     await t

@@ -14,13 +14,20 @@ function shuffled(list: BigUint64Array): BigUint64Array {
   const out = BigUint64Array.from(list)
   for (let i = out.length - 1; i > 0; i--) {
     const j = Math.floor(Math.random() * (i + 1))
-    const t = out[i]; out[i] = out[j]; out[j] = t
+    const t = out[i]
+    out[i] = out[j]
+    out[j] = t
   }
   return out
 }
 
 /** Touches every page (at a varying offset) from `threads` native threads; checks each u64. */
-async function touchAndCheck(m: Mapping, expected: Uint8Array, threads: number, order: 'seq' | 'random'): Promise<void> {
+async function touchAndCheck(
+  m: Mapping,
+  expected: Uint8Array,
+  threads: number,
+  order: 'seq' | 'random',
+): Promise<void> {
   const n = m.length / PAGE_SIZE
   const list = pages(m)
   for (let i = 0; i < n; i++) list[i] += BigInt((i * 72) % (PAGE_SIZE - 8))
@@ -28,7 +35,8 @@ async function touchAndCheck(m: Mapping, expected: Uint8Array, threads: number, 
   const { values } = await within(touch(addrs, { threads }), 15_000, 'touch')
   for (let i = 0; i < addrs.length; i++) {
     const at = Number(addrs[i] - m.address)
-    if (values[i] !== u64At(expected, at)) throw new Error(`u64 at offset ${at}: got ${values[i]}, want ${u64At(expected, at)}`)
+    if (values[i] !== u64At(expected, at))
+      throw new Error(`u64 at offset ${at}: got ${values[i]}, want ${u64At(expected, at)}`)
   }
 }
 
@@ -40,7 +48,7 @@ describe('FaultServer sources', () => {
     server.serve(m, { buffer: src })
     await touchAndCheck(m, src, 2, 'seq')
     expect(Buffer.compare(readAll(m), src)).toBe(0)
-    await within(server.drained(), 5000, 'drained')  // the counters trail the wake-ups
+    await within(server.drained(), 5000, 'drained') // the counters trail the wake-ups
     const s = server.stats()
     expect(s.faults).toBeGreaterThanOrEqual(n)
     expect(s.demandPages).toBe(n)
@@ -61,8 +69,8 @@ describe('FaultServer sources', () => {
     expect(Buffer.compare(readAll(m), src)).toBe(0)
     await within(server.drained(), 5000, 'drained')
     const s = server.stats()
-    expect(s.bytes).toBe(n * PAGE_SIZE)  // every page copied exactly once
-    expect(s.faults).toBeLessThan(n)     // fault-around saved faults
+    expect(s.bytes).toBe(n * PAGE_SIZE) // every page copied exactly once
+    expect(s.faults).toBeLessThan(n) // fault-around saved faults
     expect(s.aroundPages).toBeGreaterThan(0)
     expect(errors).toEqual([])
   })
@@ -95,7 +103,7 @@ describe('FaultServer sources', () => {
       onCleanup(() => fs.rmSync(dir, { recursive: true, force: true }))
       const file = path.join(dir, 'snapshot.bin')
       const skip = 4 * PAGE_SIZE
-      const content = randomContent(skip + 200 * PAGE_SIZE + 123)  // ends mid-page
+      const content = randomContent(skip + 200 * PAGE_SIZE + 123) // ends mid-page
       fs.writeFileSync(file, content)
       const { m, server, errors } = setup(n, { faultAround: 32 * PAGE_SIZE })
       server.serve(m, { file, offset: skip, mode })
@@ -119,7 +127,7 @@ describe('FaultServer sources', () => {
     const fd = fs.openSync(file, 'r')
     const { m, server } = setup(n)
     server.serve(m, { file: fd, offset: 100 })
-    fs.closeSync(fd)  // the server keeps its own reference
+    fs.closeSync(fd) // the server keeps its own reference
     await touchAndCheck(m, content.subarray(100), 2, 'seq')
   })
 
@@ -127,7 +135,7 @@ describe('FaultServer sources', () => {
     const n = 256
     const { m, server, errors } = setup(n, { faultAround: 8 * PAGE_SIZE })
     const src = randomContent(n * PAGE_SIZE)
-    const requests: Array<{ offset: number, length: number }> = []
+    const requests: Array<{ offset: number; length: number }> = []
     server.serve(m, {
       handler: async ({ address, offset, length, prefetch }) => {
         expect(prefetch).toBe(false)
@@ -153,7 +161,11 @@ describe('FaultServer sources', () => {
     const n = 200
     const { m, server } = setup(n, { prefetchChunk: 16 * PAGE_SIZE })
     const src = randomContent((n + 1) * PAGE_SIZE)
-    server.serve(m, { handler: ({ offset, length }) => src.slice(offset, offset + length), offset: PAGE_SIZE }, { prefetch: true })
+    server.serve(
+      m,
+      { handler: ({ offset, length }) => src.slice(offset, offset + length), offset: PAGE_SIZE },
+      { prefetch: true },
+    )
     await within(server.drained(), 10_000, 'drained')
     expect(server.stats().faults).toBe(0)
     expect(Buffer.compare(readAll(m), src.subarray(PAGE_SIZE))).toBe(0)
@@ -205,13 +217,13 @@ describe('FaultServer fault-around', () => {
     await touch([m.at(5 * PAGE_SIZE)])
     await until(() => server.stats().pagesPresent === 16, 5000, 'window filled')
     let s = server.stats()
-    expect(s.pagesPresent).toBe(16)  // the window [0, 16): 15 copied + page 3 found present
+    expect(s.pagesPresent).toBe(16) // the window [0, 16): 15 copied + page 3 found present
     expect(s.eexist).toBe(1)
     expect(s.bytes).toBe(15 * PAGE_SIZE)
     await touch([m.at(17 * PAGE_SIZE)])
     await within(server.drained(), 5000, 'drained')
     s = server.stats()
-    expect(s.pagesPresent).toBe(20)  // the window [16, 32) clipped to the range's 20 pages
+    expect(s.pagesPresent).toBe(20) // the window [16, 32) clipped to the range's 20 pages
     const all = readAll(m)
     expect(all.subarray(3 * PAGE_SIZE, 4 * PAGE_SIZE).every((b) => b === 0xab)).toBe(true)
     expect(Buffer.compare(all.subarray(4 * PAGE_SIZE), src.subarray(4 * PAGE_SIZE))).toBe(0)
@@ -223,7 +235,12 @@ describe('FaultServer prefetch and drained()', () => {
   it('prefetch races demand faults from 2 threads: every page once, none lost', async () => {
     const n = 4096
     // prefetchYield 0: the prefetch does not pause for demand faults, so the two really race.
-    const { m, server, errors } = setup(n, { faultAround: 4 * PAGE_SIZE, prefetchChunk: 32 * PAGE_SIZE, prefetch: true, prefetchYield: 0 })
+    const { m, server, errors } = setup(n, {
+      faultAround: 4 * PAGE_SIZE,
+      prefetchChunk: 32 * PAGE_SIZE,
+      prefetch: true,
+      prefetchYield: 0,
+    })
     const src = randomContent(n * PAGE_SIZE)
     const progress: number[] = []
     server.on('progress', (p: { fraction: number }) => progress.push(p.fraction))
@@ -231,7 +248,7 @@ describe('FaultServer prefetch and drained()', () => {
     await touchAndCheck(m, src, 2, 'random')
     await within(server.drained(), 10_000, 'drained')
     const s = server.stats()
-    expect(s.bytes).toBe(n * PAGE_SIZE)  // a page is never copied twice (EEXIST instead)
+    expect(s.bytes).toBe(n * PAGE_SIZE) // a page is never copied twice (EEXIST instead)
     expect(s.demandPages + s.prefetchPages).toBe(n)
     expect(s.pagesPresent).toBe(n)
     expect(Buffer.compare(readAll(m), src)).toBe(0)
@@ -242,7 +259,7 @@ describe('FaultServer prefetch and drained()', () => {
   it('drained() resolves at once when everything is present, and after a prefetch-only fill', async () => {
     const n = 2048
     const { m, server } = setup(n, { prefetchChunk: 2 * 1024 * 1024 })
-    await server.drained()  // no ranges: nothing to wait for
+    await server.drained() // no ranges: nothing to wait for
     const src = randomContent(n * PAGE_SIZE)
     server.serve(m, { buffer: src }, { prefetch: true })
     await within(server.drained(), 10_000, 'drained')
@@ -254,7 +271,11 @@ describe('FaultServer prefetch and drained()', () => {
   it('prefetch pauses while demand faults keep coming (demand first), then completes', async () => {
     // Demand (20 000 faults, one page each) lasts longer than the 64 MiB prefetch would alone,
     // so the two overlap however the scheduler runs them.
-    const { server, m } = setup(20_000, { faultAround: PAGE_SIZE, prefetchChunk: 4 * PAGE_SIZE, prefetchPriority: 'normal' })
+    const { server, m } = setup(20_000, {
+      faultAround: PAGE_SIZE,
+      prefetchChunk: 4 * PAGE_SIZE,
+      prefetchPriority: 'normal',
+    })
     const big = track(Mapping.anonymous(16384 * PAGE_SIZE))
     server.serve(big, { buffer: randomContent(big.length) }, { prefetch: true })
     server.serve(m, { zero: true })
@@ -319,7 +340,7 @@ describe('FaultServer bad input', () => {
     server.close()
     expect(() => server.serve(m.range(2 * PAGE_SIZE, PAGE_SIZE), { zero: true })).toThrow(/closed/)
     expect(server.closed).toBe(true)
-    track(new FaultServer(uffd)).close()  // the uffd is free again
+    track(new FaultServer(uffd)).close() // the uffd is free again
   })
 
   it('a closed uffd cannot be served', () => {

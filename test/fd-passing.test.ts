@@ -6,7 +6,16 @@ import * as net from 'net'
 import * as os from 'os'
 import * as path from 'path'
 import {
-  FdChannel, Mapping, Userfaultfd, fdFlags, peerCredentials, receiveFds, receiveUffd, sendFds, sendUffd, socketPair,
+  FdChannel,
+  Mapping,
+  Userfaultfd,
+  fdFlags,
+  peerCredentials,
+  receiveFds,
+  receiveUffd,
+  sendFds,
+  sendUffd,
+  socketPair,
 } from '../src'
 import { native } from '../src/addon/native'
 
@@ -14,13 +23,20 @@ const openFds = (): number => fs.readdirSync('/proc/self/fd').length
 const cleanup: Array<() => void> = []
 afterEach(() => {
   for (const f of cleanup.splice(0).reverse()) {
-    try { f() } catch { /* already closed */ }
+    try {
+      f()
+    } catch {
+      /* already closed */
+    }
   }
 })
 
 function pair(type: 'stream' | 'seqpacket' | 'dgram' = 'stream'): [number, number] {
   const [a, b] = socketPair(type)
-  cleanup.push(() => native.close(a), () => native.close(b))
+  cleanup.push(
+    () => native.close(a),
+    () => native.close(b),
+  )
   return [a, b]
 }
 
@@ -38,7 +54,9 @@ function readFdText(fd: number, length: number): string {
 }
 
 describe('fd passing over a socketpair', () => {
-  it('sends a memfd with a payload; the received fd is a new, close-on-exec fd on the same file', { timeout: 10_000 }, async () => {
+  it('sends a memfd with a payload; the received fd is a new, close-on-exec fd on the same file', {
+    timeout: 10_000,
+  }, async () => {
     const [a, b] = pair()
     const m = memfdWith('hello through SCM_RIGHTS')
     await sendFds(a, 'payload-1', [m.fd])
@@ -65,22 +83,33 @@ describe('fd passing over a socketpair', () => {
     expect(used.user + used.system).toBeLessThan(150_000)
   })
 
-  it('MSG_CTRUNC: more fds than the control buffer holds is an error, and every fd that arrived is closed', { timeout: 10_000 }, async () => {
+  it('MSG_CTRUNC: more fds than the control buffer holds is an error, and every fd that arrived is closed', {
+    timeout: 10_000,
+  }, async () => {
     const [a, b] = pair()
     const m = memfdWith('x')
     const before = openFds()
     await sendFds(a, 'five', [m.fd, m.fd, m.fd, m.fd, m.fd])
-    await expect(receiveFds(b, { maxFds: 1 })).rejects.toMatchObject({ code: 'EPROTO', syscall: 'recvmsg', message: expect.stringMatching(/MSG_CTRUNC/) })
+    await expect(receiveFds(b, { maxFds: 1 })).rejects.toMatchObject({
+      code: 'EPROTO',
+      syscall: 'recvmsg',
+      message: expect.stringMatching(/MSG_CTRUNC/),
+    })
     expect(openFds()).toBe(before)
   })
 
-  it('extra fds that fit the rounded-up control buffer are an error too, and are closed', { timeout: 10_000 }, async () => {
+  it('extra fds that fit the rounded-up control buffer are an error too, and are closed', {
+    timeout: 10_000,
+  }, async () => {
     const [a, b] = pair()
     const m = memfdWith('x')
     const before = openFds()
     // CMSG_SPACE(4) is 24 bytes on 64-bit: room for two fds although one was asked for.
     await sendFds(a, 'two', [m.fd, m.fd])
-    await expect(receiveFds(b, { maxFds: 1 })).rejects.toMatchObject({ code: 'EPROTO', message: expect.stringMatching(/2 fds, at most 1/) })
+    await expect(receiveFds(b, { maxFds: 1 })).rejects.toMatchObject({
+      code: 'EPROTO',
+      message: expect.stringMatching(/2 fds, at most 1/),
+    })
     expect(openFds()).toBe(before)
   })
 
@@ -93,12 +122,17 @@ describe('fd passing over a socketpair', () => {
     expect(openFds()).toBe(before)
   })
 
-  it('a missing fd fails with minFds, a too-large message with EMSGSIZE (its fds closed)', { timeout: 10_000 }, async () => {
+  it('a missing fd fails with minFds, a too-large message with EMSGSIZE (its fds closed)', {
+    timeout: 10_000,
+  }, async () => {
     const [a, b] = pair('seqpacket')
     const m = memfdWith('x')
     const before = openFds()
     await sendFds(a, 'no fd', [])
-    await expect(receiveFds(b, { minFds: 1 })).rejects.toMatchObject({ code: 'EPROTO', message: expect.stringMatching(/expected an fd/) })
+    await expect(receiveFds(b, { minFds: 1 })).rejects.toMatchObject({
+      code: 'EPROTO',
+      message: expect.stringMatching(/expected an fd/),
+    })
     await sendFds(a, Buffer.alloc(5000, 0x41), [m.fd])
     await expect(receiveFds(b, { maxBytes: 4096 })).rejects.toMatchObject({ code: 'EMSGSIZE' })
     expect(openFds()).toBe(before)
@@ -110,7 +144,10 @@ describe('fd passing over a socketpair', () => {
     native.close(a)
     const msg = await receiveFds(b, { maxFds: 0 })
     expect(msg.end).toBe(true)
-    await expect(receiveFds(b, { minFds: 1 })).rejects.toMatchObject({ code: 'EPROTO', message: expect.stringMatching(/closed the connection/) })
+    await expect(receiveFds(b, { minFds: 1 })).rejects.toMatchObject({
+      code: 'EPROTO',
+      message: expect.stringMatching(/closed the connection/),
+    })
   })
 
   it('send to a closed peer is EPIPE, not SIGPIPE', { timeout: 10_000 }, async () => {
@@ -163,13 +200,20 @@ describe('fd passing over a socketpair', () => {
 })
 
 describe('uffd passing over net sockets', () => {
-  it('a uffd sent by a net client arrives at a pauseOnConnect server, with features and peer credentials', { timeout: 10_000 }, async () => {
+  it('a uffd sent by a net client arrives at a pauseOnConnect server, with features and peer credentials', {
+    timeout: 10_000,
+  }, async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-pass-'))
     cleanup.push(() => fs.rmSync(dir, { recursive: true, force: true }))
     const sock = path.join(dir, 's')
     const received = new Promise<Awaited<ReturnType<typeof receiveUffd>>>((resolve, reject) => {
       const server = net.createServer({ pauseOnConnect: true }, (s) => {
-        receiveUffd(s).then(resolve, reject).finally(() => { s.destroy(); server.close() })
+        receiveUffd(s)
+          .then(resolve, reject)
+          .finally(() => {
+            s.destroy()
+            server.close()
+          })
       })
       server.listen(sock)
     })
@@ -192,7 +236,7 @@ describe('uffd passing over net sockets', () => {
     const m = Mapping.anonymous(4096)
     cleanup.push(() => m.unmap())
     got.uffd.register(m)
-    expect(() => uffd.register(m)).not.toThrow()  // same context: re-registering is allowed
+    expect(() => uffd.register(m)).not.toThrow() // same context: re-registering is allowed
   })
 
   it('receiveUffd rejects an fd that is not a userfaultfd, and closes it', { timeout: 10_000 }, async () => {
@@ -200,7 +244,10 @@ describe('uffd passing over net sockets', () => {
     const m = memfdWith('not a uffd')
     const before = openFds()
     await sendFds(a, '{}', [m.fd])
-    await expect(receiveUffd(b)).rejects.toMatchObject({ code: 'EPROTO', message: expect.stringMatching(/not a userfaultfd/) })
+    await expect(receiveUffd(b)).rejects.toMatchObject({
+      code: 'EPROTO',
+      message: expect.stringMatching(/not a userfaultfd/),
+    })
     expect(openFds()).toBe(before)
   })
 })

@@ -6,7 +6,15 @@ import * as fs from 'fs'
 import * as net from 'net'
 import * as os from 'os'
 import * as path from 'path'
-import { FirecrackerHandler, Mapping, PAGE_SIZE, Userfaultfd, parseRegions, sendFds, type ConnectionStats } from '../src'
+import {
+  FirecrackerHandler,
+  Mapping,
+  PAGE_SIZE,
+  Userfaultfd,
+  parseRegions,
+  sendFds,
+  type ConnectionStats,
+} from '../src'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { killChildren, runGuest, runNode } from './helpers/children'
 
@@ -18,7 +26,14 @@ const handlers: FirecrackerHandler[] = []
 const cleanup: Array<() => void> = []
 
 const openFds = (): number => fs.readdirSync('/proc/self/fd').length
-const fdList = (): string[] => fs.readdirSync('/proc/self/fd').map((f) => { try { return `${f} ${fs.readlinkSync(`/proc/self/fd/${f}`)}` } catch { return f } })
+const fdList = (): string[] =>
+  fs.readdirSync('/proc/self/fd').map((f) => {
+    try {
+      return `${f} ${fs.readlinkSync(`/proc/self/fd/${f}`)}`
+    } catch {
+      return f
+    }
+  })
 
 beforeAll(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fc-handler-'))
@@ -29,59 +44,94 @@ beforeAll(() => {
 afterEach(async () => {
   killChildren()
   for (const f of cleanup.splice(0).reverse()) {
-    try { f() } catch { /* gone */ }
+    try {
+      f()
+    } catch {
+      /* gone */
+    }
   }
   for (const h of handlers.splice(0)) await h.close()
 })
 
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
 
-async function listen(options: Partial<Parameters<typeof FirecrackerHandler.listen>[0]> = {}): Promise<FirecrackerHandler> {
-  const h = await FirecrackerHandler.listen({ socketPath: path.join(dir, `s${socketCounter++}`), memFile, handshakeTimeout: 2000, ...options })
+async function listen(
+  options: Partial<Parameters<typeof FirecrackerHandler.listen>[0]> = {},
+): Promise<FirecrackerHandler> {
+  const h = await FirecrackerHandler.listen({
+    socketPath: path.join(dir, `s${socketCounter++}`),
+    memFile,
+    handshakeTimeout: 2000,
+    ...options,
+  })
   handlers.push(h)
   return h
 }
 
-function nextEnd(h: FirecrackerHandler): Promise<{ stats: ConnectionStats, error?: Error }> {
+function nextEnd(h: FirecrackerHandler): Promise<{ stats: ConnectionStats; error?: Error }> {
   return new Promise((resolve) => h.once('end', (stats: ConnectionStats, error?: Error) => resolve({ stats, error })))
 }
 
 async function connect(h: FirecrackerHandler): Promise<net.Socket> {
   const s = net.connect(h.socketPath)
   s.pause()
-  s.on('error', () => { /* the handler may reset it */ })
+  s.on('error', () => {
+    /* the handler may reset it */
+  })
   cleanup.push(() => s.destroy())
   await new Promise((r) => s.once('connect', r))
   return s
 }
 
 /** A uffd of this process with `pages` registered pages, and the region JSON describing them. */
-function peerMemory(pages = 16): { uffd: Userfaultfd, map: Mapping, region: Record<string, number> } {
+function peerMemory(pages = 16): { uffd: Userfaultfd; map: Mapping; region: Record<string, number> } {
   const uffd = Userfaultfd.open()
   const map = Mapping.anonymous(pages * PAGE_SIZE)
   uffd.register(map)
-  cleanup.push(() => { uffd.close(); map.unmap() })
-  return { uffd, map, region: { base_host_virt_addr: Number(map.address), size: map.length, offset: 0, page_size: PAGE_SIZE, page_size_kib: PAGE_SIZE } }
+  cleanup.push(() => {
+    uffd.close()
+    map.unmap()
+  })
+  return {
+    uffd,
+    map,
+    region: {
+      base_host_virt_addr: Number(map.address),
+      size: map.length,
+      offset: 0,
+      page_size: PAGE_SIZE,
+      page_size_kib: PAGE_SIZE,
+    },
+  }
 }
 
 /** Sends one raw handshake and returns the error the handler ended that connection with. */
-async function rejected(h: FirecrackerHandler, payload: string | Buffer, fds: number[], closeAfter = false): Promise<Error | undefined> {
+async function rejected(
+  h: FirecrackerHandler,
+  payload: string | Buffer,
+  fds: number[],
+  closeAfter = false,
+): Promise<Error | undefined> {
   const ended = nextEnd(h)
   const s = await connect(h)
   const closed = new Promise((r) => s.once('close', r))
   if (payload.length > 0) {
     // A refused peer may find the connection already closed.
-    await sendFds(s, payload, fds).catch((e: { code?: string }) => { if (e.code !== 'EPIPE' && e.code !== 'ECONNRESET') throw e })
+    await sendFds(s, payload, fds).catch((e: { code?: string }) => {
+      if (e.code !== 'EPIPE' && e.code !== 'ECONNRESET') throw e
+    })
   }
   if (closeAfter) s.end()
-  s.resume()  // read, to see the handler's hang-up
+  s.resume() // read, to see the handler's hang-up
   const { error } = await ended
-  await closed  // the handler closed the connection
+  await closed // the handler closed the connection
   return error
 }
 
 describe('Firecracker handler: serving a guest', () => {
-  it('serves every page lazily from the snapshot; zero pages after MADV_DONTNEED (onRemove: zero)', { timeout: 30_000 }, async () => {
+  it('serves every page lazily from the snapshot; zero pages after MADV_DONTNEED (onRemove: zero)', {
+    timeout: 30_000,
+  }, async () => {
     const h = await listen()
     const ready = new Promise<ConnectionStats>((r) => h.once('ready', r))
     const ended = nextEnd(h)
@@ -92,7 +142,7 @@ describe('Firecracker handler: serving a guest', () => {
     const peer = await ready
     expect(peer.peer.pid).toBe(g.result!.pid)
     expect(peer.regions).toBe(2)
-    const { stats, error } = await ended  // the guest's exit ends the connection (pidfd)
+    const { stats, error } = await ended // the guest's exit ends the connection (pidfd)
     expect(error).toBeUndefined()
     expect(stats).toMatchObject({ pagesServed: MEM_SIZE / PAGE_SIZE, zeroPages: 256, removes: 1 })
     expect(h.stats().connections).toEqual({ active: 0, total: 1, failed: 0 })
@@ -101,7 +151,14 @@ describe('Firecracker handler: serving a guest', () => {
   it('onRemove: unregister: the removed range faults no more and reads zeros', { timeout: 30_000 }, async () => {
     const h = await listen({ onRemove: 'unregister', source: 'pread' })
     const ended = nextEnd(h)
-    const g = await runGuest({ socket: h.socketPath, memFile, dontneed: 2 << 20, legacyPageSize: true, size: 4 << 20, offset: 4 << 20 })
+    const g = await runGuest({
+      socket: h.socketPath,
+      memFile,
+      dontneed: 2 << 20,
+      legacyPageSize: true,
+      size: 4 << 20,
+      offset: 4 << 20,
+    })
     expect(g.code).toBe(0)
     expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, zeroChecked: 512 })
     const { stats, error } = await ended
@@ -109,12 +166,21 @@ describe('Firecracker handler: serving a guest', () => {
     expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1, faults: 1024 })
   })
 
-  it('serves a huge-page guest (page_size 2 MiB) a huge page at a time, zero-filling after MADV_DONTNEED', { timeout: 30_000 }, async (ctx) => {
+  it('serves a huge-page guest (page_size 2 MiB) a huge page at a time, zero-filling after MADV_DONTNEED', {
+    timeout: 30_000,
+  }, async (ctx) => {
     const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
     if (free < 8) ctx.skip(`needs 8 free huge pages (HugePages_Free: ${free}; echo 64 > /proc/sys/vm/nr_hugepages)`)
     const h = await listen()
     const ended = nextEnd(h)
-    const g = await runGuest({ socket: h.socketPath, memFile, hugetlb: true, size: 8 << 20, dontneed: 2 << 20, regions: 2 })
+    const g = await runGuest({
+      socket: h.socketPath,
+      memFile,
+      hugetlb: true,
+      size: 8 << 20,
+      dontneed: 2 << 20,
+      regions: 2,
+    })
     expect(g.stderr).toBe('')
     expect(g.code).toBe(0)
     expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, verifiedBytes: 8 << 20, zeroChecked: 512 })
@@ -143,7 +209,7 @@ describe('Firecracker handler: serving a guest', () => {
     const dead = await runGuest({ socket: h.socketPath, memFile, dieMidway: true, threads: 2 })
     expect(dead.signal).toBe('SIGKILL')
     const { error } = await ended
-    expect(error).toBeUndefined()  // ESRCH or the pidfd: a clean end
+    expect(error).toBeUndefined() // ESRCH or the pidfd: a clean end
     const g = await runGuest({ socket: h.socketPath, memFile, size: 2 << 20 })
     expect(g.code).toBe(0)
     expect(g.result).toMatchObject({ mismatches: 0 })
@@ -155,15 +221,31 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     ['malformed JSON', () => '[{"base_host_virt_addr": 1,,]', /malformed JSON/],
     ['not an array', () => '{"regions": []}', /JSON array/],
     ['no regions', () => '[]', /no memory regions/],
-    ['overlapping regions', (r) => JSON.stringify([r, { ...r, base_host_virt_addr: r.base_host_virt_addr + PAGE_SIZE, offset: 0 }]), /overlaps/],
+    [
+      'overlapping regions',
+      (r) => JSON.stringify([r, { ...r, base_host_virt_addr: r.base_host_virt_addr + PAGE_SIZE, offset: 0 }]),
+      /overlaps/,
+    ],
     ['beyond the file', (r) => JSON.stringify([{ ...r, offset: MEM_SIZE - PAGE_SIZE }]), /beyond the memory file/],
-    ['unaligned address', (r) => JSON.stringify([{ ...r, base_host_virt_addr: r.base_host_virt_addr + 8 }]), /not aligned/],
+    [
+      'unaligned address',
+      (r) => JSON.stringify([{ ...r, base_host_virt_addr: r.base_host_virt_addr + 8 }]),
+      /not aligned/,
+    ],
     ['unaligned offset', (r) => JSON.stringify([{ ...r, offset: 100 }]), /offset 100 is not aligned/],
     ['zero-sized', (r) => JSON.stringify([{ ...r, size: 0 }]), /zero-sized/],
     ['negative size', (r) => JSON.stringify([{ ...r, size: -4096 }]), /non-negative integer/],
-    ['missing field', (r) => JSON.stringify([{ size: r.size, offset: 0, page_size: PAGE_SIZE }]), /missing "base_host_virt_addr"/],
+    [
+      'missing field',
+      (r) => JSON.stringify([{ size: r.size, offset: 0, page_size: PAGE_SIZE }]),
+      /missing "base_host_virt_addr"/,
+    ],
     ['page sizes disagree', (r) => JSON.stringify([{ ...r, page_size_kib: 8192 }]), /disagrees/],
-    ['unsupported page size', (r) => JSON.stringify([{ ...r, page_size: 12345, page_size_kib: undefined }]), /unsupported page size/],
+    [
+      'unsupported page size',
+      (r) => JSON.stringify([{ ...r, page_size: 12345, page_size_kib: undefined }]),
+      /unsupported page size/,
+    ],
   ]
   for (const [name, body, pattern] of cases) {
     it(name, { timeout: 10_000 }, async () => {
@@ -200,18 +282,24 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
   it('a message too large', { timeout: 10_000 }, async () => {
     const h = await listen({ maxMessageBytes: 4096 })
     const { uffd, region } = peerMemory()
-    const many = JSON.stringify(Array.from({ length: 100 }, (_, i) => ({ ...region, base_host_virt_addr: region.base_host_virt_addr + i * 1e9 })))
+    const many = JSON.stringify(
+      Array.from({ length: 100 }, (_, i) => ({ ...region, base_host_virt_addr: region.base_host_virt_addr + i * 1e9 })),
+    )
     expect((await rejected(h, many, [uffd.fd]))?.message).toMatch(/larger than 4096/)
   })
 
   it('incomplete JSON then hang-up; silence until the handshake timeout', { timeout: 10_000 }, async () => {
     const h = await listen({ handshakeTimeout: 300 })
     const { uffd, region } = peerMemory()
-    expect((await rejected(h, JSON.stringify([region]).slice(0, 20), [uffd.fd], true))?.message).toMatch(/mid-handshake/)
+    expect((await rejected(h, JSON.stringify([region]).slice(0, 20), [uffd.fd], true))?.message).toMatch(
+      /mid-handshake/,
+    )
     expect((await rejected(h, '', []))?.message).toMatch(/incomplete handshake after 300 ms/)
   })
 
-  it('a handshake split over two sends is accepted; an fd on the second piece is not', { timeout: 10_000 }, async () => {
+  it('a handshake split over two sends is accepted; an fd on the second piece is not', {
+    timeout: 10_000,
+  }, async () => {
     const h = await listen()
     const { uffd, region } = peerMemory()
     const text = JSON.stringify([region])
@@ -238,13 +326,15 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await rejected(h, JSON.stringify([region]), [uffd.fd]))?.message).toMatch(/not allowed/)
   })
 
-  it('keeps serving a good guest while bad peers come and go; fd count unchanged after 200 connections', { timeout: 60_000 }, async () => {
+  it('keeps serving a good guest while bad peers come and go; fd count unchanged after 200 connections', {
+    timeout: 60_000,
+  }, async () => {
     const { uffd, region } = peerMemory()
     const memfd = Mapping.memfd(PAGE_SIZE)
     cleanup.push(() => memfd.unmap())
     const baseline = openFds()
     const h = await listen({ handshakeTimeout: 1000 })
-    const listening = openFds()  // + the snapshot's fd and the listening socket
+    const listening = openFds() // + the snapshot's fd and the listening socket
     const guest = runGuest({ socket: h.socketPath, memFile, size: 4 << 20, threads: 2 }, 30_000)
     await new Promise((r) => h.once('ready', r))
     const bodies: Array<[string, number[]]> = [
@@ -262,7 +352,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect(g.code).toBe(0)
     expect(g.result).toMatchObject({ mismatches: 0 })
     for (let i = 0; i < 100 && h.stats().connections.active > 0; i++) await new Promise((r) => setTimeout(r, 10))
-    await new Promise((r) => setTimeout(r, 50))  // libuv closes handles (sockets, watchers' dups) in its close phase
+    await new Promise((r) => setTimeout(r, 50)) // libuv closes handles (sockets, watchers' dups) in its close phase
     if (openFds() !== listening) console.log(fdList().join('\n'))
     expect(openFds()).toBe(listening)
     // 50 valid handshakes from this process: they stay connected until the handler closes.
@@ -275,7 +365,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     }
     expect(h.stats().connections).toMatchObject({ total: 201, failed: 150, active: 50 })
     await h.close()
-    await new Promise((r) => setTimeout(r, 50))  // libuv closes handles (sockets, watchers' dups) in its close phase
+    await new Promise((r) => setTimeout(r, 50)) // libuv closes handles (sockets, watchers' dups) in its close phase
     expect(openFds()).toBe(baseline)
   })
 })
@@ -283,14 +373,21 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
 describe('Firecracker handler: lifecycle', () => {
   it('replaces a stale socket file, refuses a live one, never unlinks a non-socket', { timeout: 10_000 }, async () => {
     const h = await listen()
-    await expect(FirecrackerHandler.listen({ socketPath: h.socketPath, memFile })).rejects.toMatchObject({ code: 'EADDRINUSE' })
+    await expect(FirecrackerHandler.listen({ socketPath: h.socketPath, memFile })).rejects.toMatchObject({
+      code: 'EADDRINUSE',
+    })
     const plain = path.join(dir, 'not-a-socket')
     fs.writeFileSync(plain, 'keep me')
-    await expect(FirecrackerHandler.listen({ socketPath: plain, memFile })).rejects.toMatchObject({ code: 'EADDRINUSE' })
+    await expect(FirecrackerHandler.listen({ socketPath: plain, memFile })).rejects.toMatchObject({
+      code: 'EADDRINUSE',
+    })
     expect(fs.readFileSync(plain, 'utf8')).toBe('keep me')
     // A stale socket: bound by a process that was killed before it could unlink it.
     const stale = path.join(dir, 'stale.sock')
-    const killed = await runNode(['-e', `require('net').createServer().listen(${JSON.stringify(stale)}, () => process.kill(process.pid, 'SIGKILL'))`])
+    const killed = await runNode([
+      '-e',
+      `require('net').createServer().listen(${JSON.stringify(stale)}, () => process.kill(process.pid, 'SIGKILL'))`,
+    ])
     expect(killed.signal).toBe('SIGKILL')
     expect(fs.lstatSync(stale).isSocket()).toBe(true)
     const replaced = await listen({ socketPath: stale })
@@ -299,27 +396,46 @@ describe('Firecracker handler: lifecycle', () => {
 
   it('rejects bad options and an empty memory file', { timeout: 10_000 }, async () => {
     await expect(FirecrackerHandler.listen({ socketPath: '', memFile })).rejects.toThrow(TypeError)
-    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'x'), memFile, onRemove: 'maybe' as 'zero' })).rejects.toThrow(TypeError)
+    await expect(
+      FirecrackerHandler.listen({ socketPath: path.join(dir, 'x'), memFile, onRemove: 'maybe' as 'zero' }),
+    ).rejects.toThrow(TypeError)
     const empty = path.join(dir, 'empty')
     fs.writeFileSync(empty, '')
-    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'y'), memFile: empty })).rejects.toThrow(/empty/)
-    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'z'), memFile: path.join(dir, 'absent') })).rejects.toMatchObject({ code: 'ENOENT' })
+    await expect(FirecrackerHandler.listen({ socketPath: path.join(dir, 'y'), memFile: empty })).rejects.toThrow(
+      /empty/,
+    )
+    await expect(
+      FirecrackerHandler.listen({ socketPath: path.join(dir, 'z'), memFile: path.join(dir, 'absent') }),
+    ).rejects.toMatchObject({ code: 'ENOENT' })
   })
 })
 
 describe('parseRegions', () => {
   it('accepts page_size_kib only (older senders: bytes despite the name, or literal KiB) and sorts regions by address', () => {
-    const regions = parseRegions(JSON.stringify([
-      { base_host_virt_addr: 0x200000, size: 8192, offset: 8192, page_size_kib: 4096 },
-      { base_host_virt_addr: 0x100000, size: 8192, offset: 0, page_size_kib: 4 },
-    ]), { fileSize: 16384 })
-    expect(regions.map((r) => [r.base, r.pageSize, r.offset])).toEqual([[0x100000n, 4096, 0], [0x200000n, 4096, 8192]])
-    const huge = parseRegions('[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152, "page_size_kib": 2097152}]', { fileSize: 2097152 })
+    const regions = parseRegions(
+      JSON.stringify([
+        { base_host_virt_addr: 0x200000, size: 8192, offset: 8192, page_size_kib: 4096 },
+        { base_host_virt_addr: 0x100000, size: 8192, offset: 0, page_size_kib: 4 },
+      ]),
+      { fileSize: 16384 },
+    )
+    expect(regions.map((r) => [r.base, r.pageSize, r.offset])).toEqual([
+      [0x100000n, 4096, 0],
+      [0x200000n, 4096, 8192],
+    ])
+    const huge = parseRegions(
+      '[{"base_host_virt_addr": 2097152, "size": 2097152, "offset": 0, "page_size": 2097152, "page_size_kib": 2097152}]',
+      { fileSize: 2097152 },
+    )
     expect(huge[0].pageSize).toBe(2097152)
   })
 
   it('rejects unsafe integers and non-objects', () => {
-    expect(() => parseRegions('[{"base_host_virt_addr": 18446744073709551615, "size": 4096, "offset": 0, "page_size": 4096}]', { fileSize: 4096 })).toThrow(/too large/)
+    expect(() =>
+      parseRegions('[{"base_host_virt_addr": 18446744073709551615, "size": 4096, "offset": 0, "page_size": 4096}]', {
+        fileSize: 4096,
+      }),
+    ).toThrow(/too large/)
     expect(() => parseRegions('[1]', { fileSize: 4096 })).toThrow(/must be an object/)
   })
 })

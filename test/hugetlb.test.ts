@@ -19,7 +19,8 @@ beforeEach((ctx) => {
   }
 })
 
-const hugeAnon = (pages: number, populate = false): Mapping => track(Mapping.anonymous(pages * H, { hugetlb: true, populate }))
+const hugeAnon = (pages: number, populate = false): Mapping =>
+  track(Mapping.anonymous(pages * H, { hugetlb: true, populate }))
 
 describe('MAP_HUGETLB anonymous memory', () => {
   it('is a 2 MiB-page mapping; register allows WAKE, COPY, POISON (no ZEROPAGE, no MOVE)', () => {
@@ -29,8 +30,9 @@ describe('MAP_HUGETLB anonymous memory', () => {
     expect(m).toMatchObject({ hugetlb: true, pageSize: H, length: H })
     expect(m.address % HB).toBe(0n)
     expect(uffd.register(m)).toBe(IoctlBit.WAKE | IoctlBit.COPY | IoctlBit.POISON)
-    expect(uffd.register(m, { missing: true, wp: true, minor: true }))
-      .toBe(IoctlBit.WAKE | IoctlBit.COPY | IoctlBit.POISON | IoctlBit.WRITEPROTECT | IoctlBit.CONTINUE)
+    expect(uffd.register(m, { missing: true, wp: true, minor: true })).toBe(
+      IoctlBit.WAKE | IoctlBit.COPY | IoctlBit.POISON | IoctlBit.WRITEPROTECT | IoctlBit.CONTINUE,
+    )
   })
 
   it('lengths must be whole huge pages', () => {
@@ -48,7 +50,7 @@ describe('MAP_HUGETLB anonymous memory', () => {
     const at = (e as { address: bigint }).address
     expect(at >= m.address && at < m.address + HB).toBe(true)
     const page = new BigUint64Array(H / 8)
-    page[4096 * 5 / 8] = 0x2bn
+    page[(4096 * 5) / 8] = 0x2bn
     expect(uffd.copy(m, page)).toBe(H)
     expect((await reader).values[0]).toBe(0x2bn)
     expectUffdError(() => uffd.copy(m, page), 'EEXIST', { syscall: 'ioctl(UFFDIO_COPY)' })
@@ -77,14 +79,22 @@ describe('MAP_HUGETLB anonymous memory', () => {
     const uffd = track(Userfaultfd.open({ features: Feature.MOVE }))
     const m = hugeAnon(2)
     uffd.register(m)
-    expect(() => uffd.copy(m, new Uint8Array(4096))).toThrow(/copy: length 4096 is not a multiple of the page size \(2097152\)/)
-    expect(() => uffd.move(m, 0x200000n, 4096)).toThrow(/move dst: length 4096 is not a multiple of the page size \(2097152\)/)
+    expect(() => uffd.copy(m, new Uint8Array(4096))).toThrow(
+      /copy: length 4096 is not a multiple of the page size \(2097152\)/,
+    )
+    expect(() => uffd.move(m, 0x200000n, 4096)).toThrow(
+      /move dst: length 4096 is not a multiple of the page size \(2097152\)/,
+    )
     expect(() => m.range(4096, H)).toThrow(/range: address .* is not aligned to the page size \(2097152\)/)
     // A plain { address, length } is checked against the base page size only: the kernel decides.
-    expectUffdError(() => uffd.register({ address: m.address, length: 4096 }), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
+    expectUffdError(() => uffd.register({ address: m.address, length: 4096 }), 'EINVAL', {
+      syscall: 'ioctl(UFFDIO_REGISTER)',
+    })
   })
 
-  it('WRITEPROTECT: a write to a protected huge page is a WP fault; unprotecting resolves it', { timeout: 10_000 }, async () => {
+  it('WRITEPROTECT: a write to a protected huge page is a WP fault; unprotecting resolves it', {
+    timeout: 10_000,
+  }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM }))
     const m = hugeAnon(1, true)
     uffd.register(m, { wp: true })
@@ -106,7 +116,9 @@ describe('MAP_HUGETLB anonymous memory', () => {
     expectUffdError(() => uffd.poison(m), 'EEXIST', { syscall: 'ioctl(UFFDIO_POISON)' })
   })
 
-  it('EAGAIN with bytes: 0 while a REMOVE event (MADV_DONTNEED of a huge page) is unread', { timeout: 10_000 }, async () => {
+  it('EAGAIN with bytes: 0 while a REMOVE event (MADV_DONTNEED of a huge page) is unread', {
+    timeout: 10_000,
+  }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_REMOVE }))
     const m = hugeAnon(2, true)
     uffd.register(m)

@@ -10,7 +10,7 @@ import { expectUffdError, useCleanup } from './helpers/uffd'
 const track = useCleanup()
 const U64_MAX = (1n << 64n) - 1n
 
-function registered(pages = 2): { uffd: Userfaultfd, m: Mapping } {
+function registered(pages = 2): { uffd: Userfaultfd; m: Mapping } {
   const uffd = track(Userfaultfd.open())
   const m = track(Mapping.anonymous(pages * PAGE_SIZE))
   uffd.register(m)
@@ -21,8 +21,12 @@ describe('addresses', () => {
   it('a number is a TypeError that says to use a bigint', () => {
     const { uffd, m } = registered()
     expect(() => uffd.copy(Number(m.address) as never, new Uint8Array(PAGE_SIZE))).toThrow(TypeError)
-    expect(() => uffd.copy(Number(m.address) as never, new Uint8Array(PAGE_SIZE))).toThrow(/dst must be a bigint \(got the number .*BigInt\(x\)/)
-    expect(() => uffd.zeropage({ address: 4096 as never, length: PAGE_SIZE })).toThrow(/range\.address must be a bigint/)
+    expect(() => uffd.copy(Number(m.address) as never, new Uint8Array(PAGE_SIZE))).toThrow(
+      /dst must be a bigint \(got the number .*BigInt\(x\)/,
+    )
+    expect(() => uffd.zeropage({ address: 4096 as never, length: PAGE_SIZE })).toThrow(
+      /range\.address must be a bigint/,
+    )
     expect(() => uffd.move(m, Number(m.address) as never, PAGE_SIZE)).toThrow(/src must be a bigint/)
   })
 
@@ -31,7 +35,9 @@ describe('addresses', () => {
     for (const bad of ['0x1000', null, undefined, true, [], {}, Symbol('x'), () => 1]) {
       expect(() => uffd.copy(bad as never, new Uint8Array(PAGE_SIZE))).toThrow(TypeError)
     }
-    expect(() => uffd.copy('0x1000' as never, new Uint8Array(PAGE_SIZE))).toThrow(/dst must be a bigint address or a Mapping \(got string 0x1000\)/)
+    expect(() => uffd.copy('0x1000' as never, new Uint8Array(PAGE_SIZE))).toThrow(
+      /dst must be a bigint address or a Mapping \(got string 0x1000\)/,
+    )
     expect(() => uffd.copy([] as never, new Uint8Array(PAGE_SIZE))).toThrow(/got an array/)
   })
 
@@ -45,12 +51,16 @@ describe('addresses', () => {
 
   it('unaligned addresses are RangeErrors naming the page size', () => {
     const { uffd, m } = registered()
-    expect(() => uffd.copy(m.address + 1n, new Uint8Array(PAGE_SIZE))).toThrow(new RegExp(`copy: address 0x[0-9a-f]+ is not aligned to the page size \\(${PAGE_SIZE}\\)`))
-    expect(() => uffd.register({ address: m.address + 8n, length: PAGE_SIZE })).toThrow(/range: address .* is not aligned/)
+    expect(() => uffd.copy(m.address + 1n, new Uint8Array(PAGE_SIZE))).toThrow(
+      new RegExp(`copy: address 0x[0-9a-f]+ is not aligned to the page size \\(${PAGE_SIZE}\\)`),
+    )
+    expect(() => uffd.register({ address: m.address + 8n, length: PAGE_SIZE })).toThrow(
+      /range: address .* is not aligned/,
+    )
     expect(() => uffd.writeProtect({ address: m.address + 8n, length: PAGE_SIZE })).toThrow(RangeError)
   })
 
-  it('addresses outside this process\'s mappings reach the kernel and come back as UffdErrors', () => {
+  it("addresses outside this process's mappings reach the kernel and come back as UffdErrors", () => {
     const { uffd, m } = registered()
     const kernelSpace = { address: 0xffff_8000_0000_0000n, length: PAGE_SIZE }
     expectUffdError(() => uffd.register(kernelSpace), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
@@ -75,7 +85,9 @@ describe('lengths', () => {
     expect(() => uffd.zeropage(r('4096'))).toThrow(/range\.length must be a number or a bigint \(got string 4096\)/)
     expect(() => uffd.zeropage(r(100))).toThrow(/range: length 100 is not a multiple of the page size/)
     expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), 0)).toThrow(/length must be > 0/)
-    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), 100)).toThrow(/copy: length 100 is not a multiple of the page size/)
+    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), 100)).toThrow(
+      /copy: length 100 is not a multiple of the page size/,
+    )
   })
 
   it('a bigint length is fine', () => {
@@ -94,9 +106,13 @@ describe('ranges, sources and options', () => {
 
   it('copy sources: wrong types, too short, empty or detached', () => {
     const { uffd, m } = registered()
-    expect(() => uffd.copy(m, 'bytes' as never)).toThrow(/src must be a bigint address or a Mapping \(got string bytes\)/)
+    expect(() => uffd.copy(m, 'bytes' as never)).toThrow(
+      /src must be a bigint address or a Mapping \(got string bytes\)/,
+    )
     expect(() => uffd.copy(m, [1, 2, 3] as never)).toThrow(TypeError)
-    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), 2 * PAGE_SIZE)).toThrow(/length 8192 exceeds src \(4096 bytes\)/)
+    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), 2 * PAGE_SIZE)).toThrow(
+      /length 8192 exceeds src \(4096 bytes\)/,
+    )
     expect(() => uffd.copy(m, new Uint8Array(0))).toThrow(/src is empty/)
     const detached = new ArrayBuffer(PAGE_SIZE)
     structuredClone(detached, { transfer: [detached] })
@@ -107,7 +123,9 @@ describe('ranges, sources and options', () => {
     const { uffd, m } = registered()
     expect(() => uffd.zeropage(m, 'wake' as never)).toThrow(/zeropage options must be an object \(got string wake\)/)
     expect(() => uffd.zeropage(m, { wake: 'no' as never })).toThrow(/option 'wake' must be a boolean \(got string no\)/)
-    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), undefined, null as never)).toThrow(/copy options must be an object \(got null\)/)
+    expect(() => uffd.copy(m, new Uint8Array(PAGE_SIZE), undefined, null as never)).toThrow(
+      /copy options must be an object \(got null\)/,
+    )
     expect(() => uffd.writeProtect(m, { protect: 1 as never })).toThrow(/'protect' must be a boolean/)
     expect(() => uffd.poison(m, [] as never)).toThrow(TypeError)
   })
@@ -144,7 +162,7 @@ describe('use after close() or unmap()', () => {
   })
 })
 
-describe('the addon\'s own guards (the TypeScript layer bypassed)', () => {
+describe("the addon's own guards (the TypeScript layer bypassed)", () => {
   it('exact 32-bit integers for fds and flags: no silent truncation', () => {
     for (const bad of [1.5, Number.NaN, Infinity, 2 ** 31, -(2 ** 31) - 1]) {
       expect(() => native.openSyscall(bad)).toThrow(/flags must be a 32-bit integer/)

@@ -11,7 +11,7 @@ import { expectUffdError, lastJson, settlesWithin, spawnScript, useCleanup, wait
 const track = useCleanup()
 const P = BigInt(PAGE_SIZE)
 
-function setup(pages: number, features = 0n): { uffd: Userfaultfd, m: Mapping } {
+function setup(pages: number, features = 0n): { uffd: Userfaultfd; m: Mapping } {
   const uffd = track(Userfaultfd.open({ features }))
   const m = track(Mapping.anonymous(pages * PAGE_SIZE))
   uffd.register(m)
@@ -43,7 +43,9 @@ describe('copy()', () => {
     it(`copies from a ${name} (length defaults to its size)`, () => {
       const { uffd, m } = setup(1)
       const src = make()
-      const bytes = ArrayBuffer.isView(src) ? new Uint8Array(src.buffer, src.byteOffset, src.byteLength) : new Uint8Array(src)
+      const bytes = ArrayBuffer.isView(src)
+        ? new Uint8Array(src.buffer, src.byteOffset, src.byteLength)
+        : new Uint8Array(src)
       bytes[0] = 0xab
       bytes[PAGE_SIZE - 1] = 0xcd
       expect(uffd.copy(m, src)).toBe(PAGE_SIZE)
@@ -52,14 +54,16 @@ describe('copy()', () => {
     })
   }
 
-  it('copies from a view\'s own bytes (byteOffset honoured), and length limits it', () => {
+  it("copies from a view's own bytes (byteOffset honoured), and length limits it", () => {
     const { uffd, m } = setup(2)
     const backing = new Uint8Array(3 * PAGE_SIZE)
     backing[PAGE_SIZE] = 1
     backing[2 * PAGE_SIZE] = 2
     expect(uffd.copy(m, backing.subarray(PAGE_SIZE), PAGE_SIZE)).toBe(PAGE_SIZE)
     expect(new Uint8Array(m.buffer)[0]).toBe(1)
-    expect(() => uffd.copy(m.at(PAGE_SIZE), backing.subarray(PAGE_SIZE), 3 * PAGE_SIZE)).toThrow(/length 12288 exceeds src/)
+    expect(() => uffd.copy(m.at(PAGE_SIZE), backing.subarray(PAGE_SIZE), 3 * PAGE_SIZE)).toThrow(
+      /length 12288 exceeds src/,
+    )
   })
 
   it('copies from another address or Mapping (length from the Mapping, or given)', () => {
@@ -77,14 +81,20 @@ describe('copy()', () => {
   it('then EEXIST: the page is already there (bytes not set, errno 17)', () => {
     const { uffd, m } = setup(1)
     uffd.copy(m, new Uint8Array(PAGE_SIZE))
-    const err = expectUffdError(() => uffd.copy(m, new Uint8Array(PAGE_SIZE)), 'EEXIST', { errno: 17, syscall: 'ioctl(UFFDIO_COPY)' })
+    const err = expectUffdError(() => uffd.copy(m, new Uint8Array(PAGE_SIZE)), 'EEXIST', {
+      errno: 17,
+      syscall: 'ioctl(UFFDIO_COPY)',
+    })
     expect(err.bytes).toBeUndefined()
   })
 
   it('ENOENT outside a registered range', () => {
     const { uffd } = setup(1)
     const other = track(Mapping.anonymous(PAGE_SIZE))
-    expectUffdError(() => uffd.copy(other, new Uint8Array(PAGE_SIZE)), 'ENOENT', { errno: 2, syscall: 'ioctl(UFFDIO_COPY)' })
+    expectUffdError(() => uffd.copy(other, new Uint8Array(PAGE_SIZE)), 'ENOENT', {
+      errno: 2,
+      syscall: 'ioctl(UFFDIO_COPY)',
+    })
     expectUffdError(() => uffd.zeropage(other), 'ENOENT', { syscall: 'ioctl(UFFDIO_ZEROPAGE)' })
   })
 
@@ -98,18 +108,24 @@ describe('copy()', () => {
   it('partial progress: EAGAIN with bytes > 0 when a later page exists; the caller continues', () => {
     const { uffd, m } = setup(4)
     uffd.copy(m.at(PAGE_SIZE), stampedPage(1n)) // page 1 already there
-    const src = new BigUint64Array(4 * PAGE_SIZE / 8)
-    for (let i = 0; i < 4; i++) src[i * PAGE_SIZE / 8] = 100n + BigInt(i)
-    const err = expectUffdError(() => uffd.copy(m, src), 'EAGAIN', { errno: 11, syscall: 'ioctl(UFFDIO_COPY)', bytes: PAGE_SIZE })
+    const src = new BigUint64Array((4 * PAGE_SIZE) / 8)
+    for (let i = 0; i < 4; i++) src[(i * PAGE_SIZE) / 8] = 100n + BigInt(i)
+    const err = expectUffdError(() => uffd.copy(m, src), 'EAGAIN', {
+      errno: 11,
+      syscall: 'ioctl(UFFDIO_COPY)',
+      bytes: PAGE_SIZE,
+    })
     expect(err.bytes).toBe(PAGE_SIZE)
     // Continue after the bytes done: the next page is the existing one (EEXIST), then the rest.
     expectUffdError(() => uffd.copy(m.at(err.bytes!), new Uint8Array(src.buffer, err.bytes!), 3 * PAGE_SIZE), 'EEXIST')
     expect(uffd.copy(m.at(2 * PAGE_SIZE), new Uint8Array(src.buffer, 2 * PAGE_SIZE))).toBe(2 * PAGE_SIZE)
     const out = new BigUint64Array(m.buffer)
-    expect([0, 1, 2, 3].map((i) => out[i * PAGE_SIZE / 8])).toEqual([100n, 1n, 102n, 103n])
+    expect([0, 1, 2, 3].map((i) => out[(i * PAGE_SIZE) / 8])).toEqual([100n, 1n, 102n, 103n])
   })
 
-  it('wake: false (DONTWAKE) maps the page but leaves the faulter asleep until wake()', { timeout: 10_000 }, async () => {
+  it('wake: false (DONTWAKE) maps the page but leaves the faulter asleep until wake()', {
+    timeout: 10_000,
+  }, async () => {
     const { uffd, m } = setup(1)
     const reader = touch([m.address])
     await waitEvents(uffd)
@@ -193,7 +209,8 @@ describe('ESRCH: the process that owns the memory has exited', () => {
   it('a child sends its uffd, we fill its memory while it lives, then ESRCH', { timeout: 20_000 }, async () => {
     const [ours, theirs] = socketPair()
     track({ close: () => native.close(ours) })
-    const child = spawnScript(`
+    const child = spawnScript(
+      `
       (async () => {
         const u = uffd.Userfaultfd.open({ features: uffd.Feature.MINOR_SHMEM })
         const m = uffd.Mapping.anonymous(4 * uffd.PAGE_SIZE)
@@ -205,11 +222,13 @@ describe('ESRCH: the process that owns the memory has exited', () => {
         const out = new BigUint64Array(1)
         m.read(0, out)                                   // resident now: no fault on this thread
         console.log(JSON.stringify({ stamp: out[0].toString() }))
-      })().catch((e) => { console.error(e); process.exit(1) })`, theirs)
+      })().catch((e) => { console.error(e); process.exit(1) })`,
+      theirs,
+    )
     native.close(theirs)
     const { uffd: theirUffd, data } = await receiveUffd(ours)
     track(theirUffd)
-    const meta = JSON.parse(data.toString()) as { address: string, shm: string }
+    const meta = JSON.parse(data.toString()) as { address: string; shm: string }
     const address = BigInt(meta.address)
     expect(theirUffd.copy(address, stampedPage(0xc0ffeen))).toBe(PAGE_SIZE)
     await sendFds(ours, 'go', [])
@@ -217,9 +236,18 @@ describe('ESRCH: the process that owns the memory has exited', () => {
     expect(r.code, r.stderr).toBe(0)
     expect(lastJson(r)).toEqual({ stamp: String(0xc0ffeen) })
     // Its address space is gone: every fill ioctl reports ESRCH.
-    expectUffdError(() => theirUffd.copy(address + P, stampedPage(1n)), 'ESRCH', { errno: 3, syscall: 'ioctl(UFFDIO_COPY)' })
-    expectUffdError(() => theirUffd.zeropage({ address: address + P, length: PAGE_SIZE }), 'ESRCH', { syscall: 'ioctl(UFFDIO_ZEROPAGE)' })
-    expectUffdError(() => theirUffd.continue({ address: BigInt(meta.shm), length: PAGE_SIZE }), 'ESRCH', { syscall: 'ioctl(UFFDIO_CONTINUE)' })
-    expectUffdError(() => theirUffd.poison({ address: address + P, length: PAGE_SIZE }), 'ESRCH', { syscall: 'ioctl(UFFDIO_POISON)' })
+    expectUffdError(() => theirUffd.copy(address + P, stampedPage(1n)), 'ESRCH', {
+      errno: 3,
+      syscall: 'ioctl(UFFDIO_COPY)',
+    })
+    expectUffdError(() => theirUffd.zeropage({ address: address + P, length: PAGE_SIZE }), 'ESRCH', {
+      syscall: 'ioctl(UFFDIO_ZEROPAGE)',
+    })
+    expectUffdError(() => theirUffd.continue({ address: BigInt(meta.shm), length: PAGE_SIZE }), 'ESRCH', {
+      syscall: 'ioctl(UFFDIO_CONTINUE)',
+    })
+    expectUffdError(() => theirUffd.poison({ address: address + P, length: PAGE_SIZE }), 'ESRCH', {
+      syscall: 'ioctl(UFFDIO_POISON)',
+    })
   })
 })

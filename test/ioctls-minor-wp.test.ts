@@ -9,7 +9,7 @@ import { expectUffdError, settlesWithin, useCleanup, waitEvents } from './helper
 
 const track = useCleanup()
 
-function minorSetup(pages: number, features = 0n): { uffd: Userfaultfd, m: Mapping, alias: Mapping } {
+function minorSetup(pages: number, features = 0n): { uffd: Userfaultfd; m: Mapping; alias: Mapping } {
   const uffd = track(Userfaultfd.open({ features: Feature.MINOR_SHMEM | features }))
   const m = track(Mapping.memfd(pages * PAGE_SIZE))
   const alias = track(m.alias())
@@ -17,7 +17,9 @@ function minorSetup(pages: number, features = 0n): { uffd: Userfaultfd, m: Mappi
 }
 
 describe('MINOR + continue() on shmem', () => {
-  it('a read of a page present in the page cache raises a MINOR fault; continue() maps it', { timeout: 10_000 }, async () => {
+  it('a read of a page present in the page cache raises a MINOR fault; continue() maps it', {
+    timeout: 10_000,
+  }, async () => {
     const { uffd, m, alias } = minorSetup(2)
     alias.write(PAGE_SIZE, stampedPage(777n)) // in the page cache; m has no PTE for it yet
     uffd.register(m, { minor: true })
@@ -89,7 +91,7 @@ describe('MINOR + continue() on shmem', () => {
 })
 
 describe('writeProtect() and WP faults on anonymous memory', () => {
-  function wpSetup(pages: number, features = 0n): { uffd: Userfaultfd, m: Mapping } {
+  function wpSetup(pages: number, features = 0n): { uffd: Userfaultfd; m: Mapping } {
     const uffd = track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | features }))
     const m = track(Mapping.anonymous(pages * PAGE_SIZE, { populate: true }))
     return { uffd, m }
@@ -130,7 +132,9 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
   it('protect with wake: false is EINVAL (the kernel refuses WP|DONTWAKE), with a hint', () => {
     const { uffd, m } = wpSetup(1)
     uffd.register(m, { wp: true })
-    const err = expectUffdError(() => uffd.writeProtect(m, { wake: false }), 'EINVAL', { syscall: 'ioctl(UFFDIO_WRITEPROTECT)' })
+    const err = expectUffdError(() => uffd.writeProtect(m, { wake: false }), 'EINVAL', {
+      syscall: 'ioctl(UFFDIO_WRITEPROTECT)',
+    })
     expect(err.hint).toMatch(/only valid when unprotecting/)
   })
 

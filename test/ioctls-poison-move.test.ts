@@ -47,7 +47,9 @@ describe('poison()', () => {
     expect(lastJson(r)).toEqual({ bytes: PAGE_SIZE, first: 0 })
   })
 
-  it('resolving a fault with poison() wakes the faulting thread into a SIGBUS (a child)', { timeout: 20_000 }, async () => {
+  it('resolving a fault with poison() wakes the faulting thread into a SIGBUS (a child)', {
+    timeout: 20_000,
+  }, async () => {
     const r = await runScript(`
       const u = uffd.Userfaultfd.open({ features: uffd.Feature.POISON })
       const m = uffd.Mapping.anonymous(uffd.PAGE_SIZE)
@@ -66,7 +68,9 @@ describe('poison()', () => {
     expect(lastJson(r)).toEqual({ type: 'pagefault' })
   })
 
-  it('wake: false leaves the faulter asleep (it would get SIGBUS when woken, so it is not)', { timeout: 10_000 }, async () => {
+  it('wake: false leaves the faulter asleep (it would get SIGBUS when woken, so it is not)', {
+    timeout: 10_000,
+  }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     uffd.register(m)
@@ -80,7 +84,7 @@ describe('poison()', () => {
 })
 
 describe('move()', () => {
-  function moveSetup(pages: number): { uffd: Userfaultfd, src: Mapping, dst: Mapping } {
+  function moveSetup(pages: number): { uffd: Userfaultfd; src: Mapping; dst: Mapping } {
     const uffd = track(Userfaultfd.open({ features: Feature.MOVE }))
     const src = track(Mapping.anonymous(pages * PAGE_SIZE))
     const dst = track(Mapping.anonymous(pages * PAGE_SIZE))

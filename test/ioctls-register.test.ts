@@ -12,11 +12,16 @@ const track = useCleanup()
 const B = IoctlBit
 // What every registered range allows (this kernel: 6.18), then what each mode adds.
 const BASE = B.WAKE | B.COPY | B.ZEROPAGE | B.MOVE | B.POISON
-const combos: Array<{ missing?: boolean, wp?: boolean, minor?: boolean }> = [
-  { missing: true }, { wp: true }, { minor: true }, { missing: true, wp: true },
-  { missing: true, minor: true }, { wp: true, minor: true }, { missing: true, wp: true, minor: true },
+const combos: Array<{ missing?: boolean; wp?: boolean; minor?: boolean }> = [
+  { missing: true },
+  { wp: true },
+  { minor: true },
+  { missing: true, wp: true },
+  { missing: true, minor: true },
+  { wp: true, minor: true },
+  { missing: true, wp: true, minor: true },
 ]
-const expected = (modes: { wp?: boolean, minor?: boolean }): bigint =>
+const expected = (modes: { wp?: boolean; minor?: boolean }): bigint =>
   BASE | (modes.wp ? B.WRITEPROTECT : 0n) | (modes.minor ? B.CONTINUE : 0n)
 
 describe('register(): the ioctl mask for each mode combination', () => {
@@ -37,7 +42,9 @@ describe('register(): the ioctl mask for each mode combination', () => {
     })
 
     it(`shmem (memfd), ${name}`, () => {
-      const uffd = track(Userfaultfd.open({ features: Feature.MISSING_SHMEM | Feature.MINOR_SHMEM | Feature.WP_HUGETLBFS_SHMEM }))
+      const uffd = track(
+        Userfaultfd.open({ features: Feature.MISSING_SHMEM | Feature.MINOR_SHMEM | Feature.WP_HUGETLBFS_SHMEM }),
+      )
       const m = track(Mapping.memfd(2 * PAGE_SIZE))
       expect(uffd.register(m, modes)).toBe(expected(modes))
     })
@@ -78,10 +85,18 @@ describe('register(): errors', () => {
     const uffd = track(Userfaultfd.open())
     const len = 3 * PAGE_SIZE
     const addr = mmapRaw(len)
-    track({ close: () => { void munmapOnThread(addr, len) } })
+    track({
+      close: () => {
+        void munmapOnThread(addr, len)
+      },
+    })
     // Punch a hole in the middle (nothing registered yet: munmap raises no event).
     expect(await munmapOnThread(addr + BigInt(PAGE_SIZE), PAGE_SIZE)).toBe(0)
-    const hole = expectUffdError(() => uffd.register({ address: addr + BigInt(PAGE_SIZE), length: PAGE_SIZE }), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
+    const hole = expectUffdError(
+      () => uffd.register({ address: addr + BigInt(PAGE_SIZE), length: PAGE_SIZE }),
+      'EINVAL',
+      { syscall: 'ioctl(UFFDIO_REGISTER)' },
+    )
     expect(hole.hint).toMatch(/must be mapped/)
     // Across the hole the kernel registers the mapped parts (as it does on 6.18).
     expect(uffd.register({ address: addr, length: len })).toBe(expected({}))

@@ -9,7 +9,8 @@ import { env } from './helpers/env'
 const track = useCleanup()
 const mapsLines = (): string[] => fs.readFileSync('/proc/self/maps', 'utf8').split('\n')
 const memfdMapsCount = (): number => mapsLines().filter((l) => l.includes('/memfd:')).length
-const isMemfdLine = (start: string): boolean => mapsLines().some((l) => l.startsWith(`${start}-`) && l.includes('/memfd:'))
+const isMemfdLine = (start: string): boolean =>
+  mapsLines().some((l) => l.startsWith(`${start}-`) && l.includes('/memfd:'))
 
 describe('close()', () => {
   it('is idempotent; closed and Symbol.dispose agree; the fd is really closed', () => {
@@ -107,14 +108,20 @@ describe('no leaks', () => {
     expect(countFds()).toBe(fds)
     expect(memfdMapsCount()).toBe(memfdMaps)
     // (Counting every line of /proc/self/maps would also count the allocator's own growth.)
-    const starts = fs.readFileSync('/proc/self/maps', 'utf8').split('\n').map((l) => l.split('-')[0])
+    const starts = fs
+      .readFileSync('/proc/self/maps', 'utf8')
+      .split('\n')
+      .map((l) => l.split('-')[0])
     expect(starts.filter((start) => addresses.has(start) && isMemfdLine(start))).toEqual([])
   })
 })
 
 describe('garbage collection (child with --expose-gc)', () => {
-  it('munmaps dropped Mappings once the buffer is gone too, closes memfds and uffds, never munmaps twice', { timeout: 30_000 }, async () => {
-    const r = await runScript(`
+  it('munmaps dropped Mappings once the buffer is gone too, closes memfds and uffds, never munmaps twice', {
+    timeout: 30_000,
+  }, async () => {
+    const r = await runScript(
+      `
       const fs = require('fs')
       const mapped = (a) => fs.readFileSync('/proc/self/maps', 'utf8').split('\\n').some((l) => l.startsWith(a.toString(16) + '-'))
       const fdTo = (text) => fs.readdirSync('/proc/self/fd').some((fd) => { try { return fs.readlinkSync('/proc/self/fd/' + fd).includes(text) } catch { return false } })
@@ -148,12 +155,22 @@ describe('garbage collection (child with --expose-gc)', () => {
         await collect()
         Object.assign(out, { reused: e.address === dAddr, eMapped: mapped(e.address), eText: Buffer.from(e.buffer, 0, 5).toString() })
         console.log(JSON.stringify(out))
-      })().catch((err) => { console.error(err); process.exit(1) })`, { execArgv: ['--expose-gc'] })
+      })().catch((err) => { console.error(err); process.exit(1) })`,
+      { execArgv: ['--expose-gc'] },
+    )
     expect(r.code, r.stderr).toBe(0)
     expect(lastJson(r)).toEqual({
-      aMapped: false, bMapped: true, bValue: 7, cMapped: false, memfdOpen: false, uffdOpen: false,
+      aMapped: false,
+      bMapped: true,
+      bValue: 7,
+      cMapped: false,
+      memfdOpen: false,
+      uffdOpen: false,
       warning: expect.stringMatching(/closing fd \d+ on garbage collection/),
-      bMappedAfter: false, reused: true, eMapped: true, eText: 'alive',
+      bMappedAfter: false,
+      reused: true,
+      eMapped: true,
+      eText: 'alive',
     })
   })
 })

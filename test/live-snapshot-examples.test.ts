@@ -8,23 +8,36 @@ import { DirtyTracker, Feature, Userfaultfd } from '../src/index'
 const root = path.join(__dirname, '..')
 const probe = Userfaultfd.probe()
 const canWp = probe.supported && (probe.features & Feature.PAGEFAULT_FLAG_WP) !== 0n
-if (!canWp) console.log(`live-snapshot example tests skipped: ${probe.supported ? `kernel ${probe.kernel} lacks userfaultfd write-protection` : `userfaultfd unavailable: ${probe.reason}`}`)
+if (!canWp)
+  console.log(
+    `live-snapshot example tests skipped: ${probe.supported ? `kernel ${probe.kernel} lacks userfaultfd write-protection` : `userfaultfd unavailable: ${probe.reason}`}`,
+  )
 
-function run(example: string, ...args: string[]): { status: number | null, stdout: string, stderr: string } {
-  const r = spawnSync(process.execPath, [path.join(root, 'examples', example), ...args], { encoding: 'utf8', timeout: 60_000 * timeScale, killSignal: 'SIGKILL' })
+function run(example: string, ...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [path.join(root, 'examples', example), ...args], {
+    encoding: 'utf8',
+    timeout: 60_000 * timeScale,
+    killSignal: 'SIGKILL',
+  })
   return { status: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
 describe('examples', () => {
-  it.skipIf(!canWp)('examples/live-snapshot.js: the copy equals memory as of its start while the program writes', { timeout: 90_000 * timeScale }, () => {
-    const r = run('live-snapshot.js', '32')
-    expect(r.stderr).toBe('')
-    expect(r.status).toBe(0)
-    expect(r.stdout).toMatch(/snapshot equals memory as of its start: yes; cells newer than the snapshot in it: 0/)
-    expect(r.stdout).toMatch(/while the program made [1-9]\d* more writes/)
-  })
+  it.skipIf(!canWp)(
+    'examples/live-snapshot.js: the copy equals memory as of its start while the program writes',
+    { timeout: 90_000 * timeScale },
+    () => {
+      const r = run('live-snapshot.js', '32')
+      expect(r.stderr).toBe('')
+      expect(r.status).toBe(0)
+      expect(r.stdout).toMatch(/snapshot equals memory as of its start: yes; cells newer than the snapshot in it: 0/)
+      expect(r.stdout).toMatch(/while the program made [1-9]\d* more writes/)
+    },
+  )
 
-  it('examples/precopy.js: converges, then stop-and-copy leaves an identical destination', { timeout: 90_000 * timeScale }, () => {
+  it('examples/precopy.js: converges, then stop-and-copy leaves an identical destination', {
+    timeout: 90_000 * timeScale,
+  }, () => {
     const r = run('precopy.js', '128')
     expect(r.stderr).toBe('')
     expect(r.status).toBe(0)

@@ -8,7 +8,17 @@ import * as path from 'path'
 import { once } from 'events'
 import { Worker } from 'worker_threads'
 import * as index from '../src/index'
-import { FaultServer, Feature, Mapping, PAGE_SIZE, Userfaultfd, UffdError, hugePageSize, takeSnapshot, type LiveSnapshot } from '../src/index'
+import {
+  FaultServer,
+  Feature,
+  Mapping,
+  PAGE_SIZE,
+  Userfaultfd,
+  UffdError,
+  hugePageSize,
+  takeSnapshot,
+  type LiveSnapshot,
+} from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/testing'
 import type { Stamper } from '../src/addon/native'
 import { checkFinal, checkStamps } from './helpers/stamps'
@@ -19,7 +29,8 @@ const probe = Userfaultfd.probe()
 const offered = probe.features
 const canWp = probe.supported && (offered & Feature.PAGEFAULT_FLAG_WP) !== 0n
 const canShared = canWp && (offered & Feature.WP_HUGETLBFS_SHMEM) !== 0n
-const freeHuge = (): number => Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
+const freeHuge = (): number =>
+  Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
 
 function skipReason(): string | undefined {
   if (!probe.supported) return `userfaultfd unavailable: ${probe.reason}`
@@ -62,8 +73,12 @@ function bytesOf(m: Mapping): Uint8Array {
 }
 
 /** Snapshot `m` while `threads` stampers write it; check it page by page; return the stats. */
-async function stampedSnapshot(m: Mapping, sinkOf: (length: number) => { sink: Parameters<typeof takeSnapshot>[1], read: () => Uint8Array },
-  options: Parameters<typeof takeSnapshot>[2] = {}, threads = 2): Promise<index.SnapshotStats> {
+async function stampedSnapshot(
+  m: Mapping,
+  sinkOf: (length: number) => { sink: Parameters<typeof takeSnapshot>[1]; read: () => Uint8Array },
+  options: Parameters<typeof takeSnapshot>[2] = {},
+  threads = 2,
+): Promise<index.SnapshotStats> {
   const stamper = trackStamper(startStamper(m, { threads, shuffle: true, seed: 7 }))
   await sleep(30)
   const { sink, read } = sinkOf(m.length)
@@ -87,7 +102,7 @@ async function stampedSnapshot(m: Mapping, sinkOf: (length: number) => { sink: P
   return stats
 }
 
-const bufferSink = (length: number): { sink: { buffer: ArrayBuffer }, read: () => Uint8Array } => {
+const bufferSink = (length: number): { sink: { buffer: ArrayBuffer }; read: () => Uint8Array } => {
   const buffer = new ArrayBuffer(length)
   return { sink: { buffer }, read: () => new Uint8Array(buffer) }
 }
@@ -99,7 +114,9 @@ function tmpFile(name: string): string {
 }
 
 describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
-  it('equals memory as of its start, page by page, while 2 threads keep writing (buffer sink)', { timeout: 60_000 * timeScale }, async () => {
+  it('equals memory as of its start, page by page, while 2 threads keep writing (buffer sink)', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(64 * MiB))
     // Slow the background pass so that writers hit many pages before it does.
     const stats = await stampedSnapshot(m, bufferSink, { maxBytesPerSecond: 256 * MiB })
@@ -108,12 +125,16 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(['process_vm_readv', 'pipe']).toContain(stats.copyMethod)
   })
 
-  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", { timeout: 60_000 * timeScale }, async () => {
+  it("backgroundPriority: 'idle' (SCHED_IDLE background copy) is consistent too", {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     await stampedSnapshot(m, bufferSink, { backgroundPriority: 'idle', chunkSize: 64 * 1024 })
   })
 
-  it('4 writer threads, unthrottled, several snapshots in a row (fault-around 0, 64 KiB, 1 MiB)', { timeout: 60_000 * timeScale }, async () => {
+  it('4 writer threads, unthrottled, several snapshots in a row (fault-around 0, 64 KiB, 1 MiB)', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     for (const faultAround of [0, 64 * 1024, MiB]) await stampedSnapshot(m, bufferSink, { faultAround }, 4)
   })
@@ -122,7 +143,9 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
   // so a second snapshot of memory a first stamper had written (slowly: under emulation it did
   // not get through its slots twice) read its first writes as "initial values" and failed the
   // check above although the snapshot was right. Each stamper now tags its stamps with its run.
-  it('stampers on the same memory write values no earlier stamper wrote (run number in each stamp)', { timeout: 30_000 * timeScale }, async () => {
+  it('stampers on the same memory write values no earlier stamper wrote (run number in each stamp)', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(MiB))
     const first = startStamper(m, { threads: 2, shuffle: true, seed: 7 })
     await first.stop()
@@ -135,18 +158,26 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
       const run = Number(words[slot * (PAGE_SIZE / 8)] >> 48n)
       expect([0, first.run(), second.run()]).toContain(run)
     }
-    expect(Array.from({ length: m.length / PAGE_SIZE }, (_, slot) => Number(words[slot * (PAGE_SIZE / 8)] >> 48n))).toContain(second.run())
+    expect(
+      Array.from({ length: m.length / PAGE_SIZE }, (_, slot) => Number(words[slot * (PAGE_SIZE / 8)] >> 48n)),
+    ).toContain(second.run())
   })
 
-  it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', { timeout: 60_000 * timeScale }, async () => {
+  it('file sink: pages land at offset + page offset (a FaultServer { file, offset } source)', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     const file = tmpFile('snap.bin')
     const offset = 3 * PAGE_SIZE
     fs.writeFileSync(file, Buffer.alloc(offset, 0xaa))
-    const stats = await stampedSnapshot(m, () => ({
-      sink: { path: file, offset },
-      read: () => new Uint8Array(fs.readFileSync(file).subarray(offset)),
-    }), { maxBytesPerSecond: 128 * MiB })
+    const stats = await stampedSnapshot(
+      m,
+      () => ({
+        sink: { path: file, offset },
+        read: () => new Uint8Array(fs.readFileSync(file).subarray(offset)),
+      }),
+      { maxBytesPerSecond: 128 * MiB },
+    )
     expect(stats.copyMethod).toBe('pwrite')
     const content = fs.readFileSync(file)
     expect(content.length).toBe(offset + m.length)
@@ -164,20 +195,30 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(fs.readFileSync(file).subarray(0, 5).toString()).toBe('hello')
   })
 
-  it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', { timeout: 60_000 * timeScale }, async () => {
+  it('the pipe copy path (used where seccomp forbids process_vm_readv) is consistent too', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
-    const stats = await stampedSnapshot(m, bufferSink, { copyMethod: 'pipe', maxBytesPerSecond: 256 * MiB, faultAround: 0 })
+    const stats = await stampedSnapshot(m, bufferSink, {
+      copyMethod: 'pipe',
+      maxBytesPerSecond: 256 * MiB,
+      faultAround: 0,
+    })
     expect(stats.copyMethod).toBe('pipe')
   })
 
-  it('populate: true (the path for kernels without WP_UNPOPULATED) is consistent and says so', { timeout: 60_000 * timeScale }, async () => {
+  it('populate: true (the path for kernels without WP_UNPOPULATED) is consistent and says so', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     const stats = await stampedSnapshot(m, bufferSink, { populate: true, maxBytesPerSecond: 256 * MiB })
     expect(stats.populated).toBe(true)
   })
 
   for (const populate of [false, true]) {
-    it(`writes to never-touched pages after it began are not in it (populate: ${populate})`, { timeout: 30_000 * timeScale }, async () => {
+    it(`writes to never-touched pages after it began are not in it (populate: ${populate})`, {
+      timeout: 30_000 * timeScale,
+    }, async () => {
       if (!populate && (offered & Feature.WP_UNPOPULATED) === 0n) {
         console.log(`skipped: kernel ${probe.kernel} lacks WP_UNPOPULATED`)
         return
@@ -214,10 +255,14 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     if (freeHuge() < 8) return console.log('skipped: needs 8 free huge pages (echo 64 > /proc/sys/vm/nr_hugepages)')
     const m = track(Mapping.memfd(8 * hugePageSize(), { hugetlb: true }))
     const file = tmpFile('huge.bin')
-    await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), { maxBytesPerSecond: 64 * MiB })
+    await stampedSnapshot(m, () => ({ sink: { path: file }, read: () => new Uint8Array(fs.readFileSync(file)) }), {
+      maxBytesPerSecond: 64 * MiB,
+    })
   })
 
-  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', { timeout: 60_000 * timeScale }, async () => {
+  it('a snapshot file restores into fresh memory through FaultServer (lazily, page by page)', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(8 * MiB))
     const stamper = startStamper(m, { threads: 2 })
     await sleep(20)
@@ -246,8 +291,13 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
   it('reports progress while it runs and once at the end', { timeout: 30_000 * timeScale }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     const seen: index.SnapshotProgress[] = []
-    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) },
-      { maxBytesPerSecond: 64 * MiB, progressIntervalMs: 20, onProgress: (p) => seen.push(p) }))
+    const snap = track(
+      takeSnapshot(
+        m,
+        { buffer: new ArrayBuffer(m.length) },
+        { maxBytesPerSecond: 64 * MiB, progressIntervalMs: 20, onProgress: (p) => seen.push(p) },
+      ),
+    )
     await sleep(60)
     const mid = snap.progress()
     expect(mid.done).toBe(false)
@@ -260,12 +310,16 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(stats.protectMs).toBeGreaterThanOrEqual(0)
   })
 
-  it('cancel() releases the writers and rejects with ECANCELED; so does an AbortSignal', { timeout: 30_000 * timeScale }, async () => {
+  it('cancel() releases the writers and rejects with ECANCELED; so does an AbortSignal', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     // Writers on the first MiB only, one page per fault: their faults cannot finish the snapshot early.
     const stamper = trackStamper(startStamper({ address: m.address, length: MiB }, { threads: 2 }))
     await sleep(20)
-    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB, faultAround: 0 }))
+    const snap = track(
+      takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB, faultAround: 0 }),
+    )
     await sleep(50)
     await snap.cancel()
     await expect(snap.done).rejects.toMatchObject({ code: 'ECANCELED', syscall: 'snapshot' })
@@ -273,19 +327,25 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect((await stamper.stop()).stale).toBe(0)
 
     const ac = new AbortController()
-    const snap2 = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB, signal: ac.signal }))
+    const snap2 = track(
+      takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB, signal: ac.signal }),
+    )
     setTimeout(() => ac.abort(), 30)
     const err = await snap2.done.catch((e: UffdError) => e)
     expect(err).toBeInstanceOf(UffdError)
     expect((err as UffdError).code).toBe('ECANCELED')
   })
 
-  it('range unmapped mid-snapshot: a clear error, writers elsewhere released, no hang', { timeout: 30_000 * timeScale }, async () => {
+  it('range unmapped mid-snapshot: a clear error, writers elsewhere released, no hang', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(32 * MiB))
     const half = m.length / 2
     const stamper = trackStamper(startStamper({ address: m.address, length: half }, { threads: 2 }))
     await sleep(20)
-    const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 32 * MiB, faultAround: 0 }))
+    const snap = track(
+      takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 32 * MiB, faultAround: 0 }),
+    )
     const outcome = snap.done.catch((e: UffdError) => e)
     await sleep(50)
     // From a native thread: munmap blocks until the snapshot thread reads the UNMAP event.
@@ -301,14 +361,26 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect((await stamper.stop()).stale).toBe(0)
   })
 
-  it('range unmapped under the copy with no event to warn it: EFAULT from the copy itself, no crash', { timeout: 30_000 * timeScale }, async () => {
+  it('range unmapped under the copy with no event to warn it: EFAULT from the copy itself, no crash', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     // Every copy path must survive a source that vanishes (the pipe path is what runs in Docker).
     // process_vm_readv only where seccomp allows it (Docker's profile: with CAP_SYS_PTRACE only)
-    if (!env.processVmReadv) console.log('process_vm_readv sink not tried: a seccomp filter without CAP_SYS_PTRACE refuses it here (the pipe path is what runs)')
-    for (const sink of (['process_vm_readv', 'pipe', 'file'] as const).filter((k) => k !== 'process_vm_readv' || env.processVmReadv)) {
+    if (!env.processVmReadv)
+      console.log(
+        'process_vm_readv sink not tried: a seccomp filter without CAP_SYS_PTRACE refuses it here (the pipe path is what runs)',
+      )
+    for (const sink of (['process_vm_readv', 'pipe', 'file'] as const).filter(
+      (k) => k !== 'process_vm_readv' || env.processVmReadv,
+    )) {
       const m = Mapping.anonymous(32 * MiB)
-      const snap = track(takeSnapshot(m, sink === 'file' ? { path: tmpFile('gone.bin') } : { buffer: new ArrayBuffer(m.length) },
-        { maxBytesPerSecond: 64 * MiB, copyMethod: sink === 'file' ? undefined : sink, events: false }))
+      const snap = track(
+        takeSnapshot(m, sink === 'file' ? { path: tmpFile('gone.bin') } : { buffer: new ArrayBuffer(m.length) }, {
+          maxBytesPerSecond: 64 * MiB,
+          copyMethod: sink === 'file' ? undefined : sink,
+          events: false,
+        }),
+      )
       await sleep(40)
       m.unmap()
       const err = await snap.done.catch((e: UffdError) => e)
@@ -319,21 +391,31 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     }
   })
 
-  it('MADV_DONTNEED over pages not yet copied fails the snapshot instead of copying zeros', { timeout: 30_000 * timeScale }, async () => {
+  it('MADV_DONTNEED over pages not yet copied fails the snapshot instead of copying zeros', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(16 * MiB))
     m.write(m.length - PAGE_SIZE, Buffer.from('old data'))
     const snap = track(takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * MiB }))
-    const outcome = snap.done.then(() => 'resolved', (e: UffdError) => { throw e })
+    const outcome = snap.done.then(
+      () => 'resolved',
+      (e: UffdError) => {
+        throw e
+      },
+    )
     outcome.catch(() => {})
     await sleep(30)
     expect(await madviseOnThread({ address: m.address + BigInt(m.length - MiB), length: MiB }, 'dontneed')).toBe(0)
     await expect(outcome).rejects.toMatchObject({ code: 'EFAULT', message: expect.stringMatching(/discarded/) })
   })
 
-  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', { timeout: 30_000 * timeScale }, async () => {
+  it('a worker that exits (or is terminated) mid-snapshot: its teardown stops and joins the threads', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const dist = path.join(__dirname, '..', 'dist')
     for (const how of ['exit', 'terminate']) {
-      const worker = new Worker(`
+      const worker = new Worker(
+        `
         const { parentPort } = require('worker_threads')
         const { Mapping, takeSnapshot } = require(${JSON.stringify(dist)})
         const { startStamper } = require(${JSON.stringify(path.join(dist, 'testing'))})
@@ -342,7 +424,9 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
         const snap = takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: 16 * 1024 * 1024 })
         snap.done.catch(() => {})
         setTimeout(() => ${JSON.stringify(how)} === 'exit' ? process.exit(0) : parentPort.postMessage('running'), 50)
-      `, { eval: true })
+      `,
+        { eval: true },
+      )
       if (how === 'terminate') {
         await once(worker, 'message')
         await worker.terminate()
@@ -363,22 +447,34 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     expect(() => takeSnapshot(m, null as never)).toThrow(TypeError)
     expect(() => takeSnapshot(m, { fd: -1 })).toThrow(TypeError)
     expect(() => takeSnapshot(m, { path: '/x', offset: -1 })).toThrow(RangeError)
-    expect(() => takeSnapshot({ address: m.address + 1n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(RangeError)
+    expect(() =>
+      takeSnapshot({ address: m.address + 1n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) }),
+    ).toThrow(RangeError)
     const plain = { address: m.address, length: m.length }
     expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 3000 })).toThrow(RangeError)
-    expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 2 * MiB })).toThrow(/not aligned|multiple/)
+    expect(() => takeSnapshot(plain, { buffer: new ArrayBuffer(m.length) }, { pageSize: 2 * MiB })).toThrow(
+      /not aligned|multiple/,
+    )
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { chunkSize: 0 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { maxBytesPerSecond: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { faultAround: -1 })).toThrow(RangeError)
     expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { onProgress: 3 as never })).toThrow(TypeError)
-    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(TypeError)
-    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never })).toThrow(TypeError)
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { populate: 'yes' as never })).toThrow(
+      TypeError,
+    )
+    expect(() =>
+      takeSnapshot(m, { buffer: new ArrayBuffer(m.length) }, { backgroundPriority: 'low' as never }),
+    ).toThrow(TypeError)
     // Not memory of this process: EINVAL/ENOMEM from the kernel, as a UffdError.
-    expect(() => takeSnapshot({ address: 0x1000n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(UffdError)
+    expect(() => takeSnapshot({ address: 0x1000n, length: PAGE_SIZE }, { buffer: new ArrayBuffer(PAGE_SIZE) })).toThrow(
+      UffdError,
+    )
     // A range another userfaultfd already registered: EBUSY.
     const other = Userfaultfd.open()
     cleanup.push(() => other.close())
     other.register(m)
-    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).toThrow(expect.objectContaining({ code: 'EBUSY' }))
+    expect(() => takeSnapshot(m, { buffer: new ArrayBuffer(m.length) })).toThrow(
+      expect.objectContaining({ code: 'EBUSY' }),
+    )
   })
 })

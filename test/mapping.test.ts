@@ -11,16 +11,29 @@ const track = useCleanup()
 // The /proc/self/maps line whose range holds `address` (an anonymous mapping may have been
 // merged with a neighbour of the same kind, so it need not start there).
 function mapsLine(address: bigint): string | undefined {
-  return fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l !== '').find((l) => {
-    const [start, end] = l.split(' ')[0].split('-').map((x) => BigInt(`0x${x}`))
-    return start <= address && address < end
-  })
+  return fs
+    .readFileSync('/proc/self/maps', 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+    .find((l) => {
+      const [start, end] = l
+        .split(' ')[0]
+        .split('-')
+        .map((x) => BigInt(`0x${x}`))
+      return start <= address && address < end
+    })
 }
 
 describe('Mapping.anonymous', () => {
   it('maps private anonymous memory, page-aligned, readable and writable through buffer', () => {
     const m = track(Mapping.anonymous(3 * PAGE_SIZE))
-    expect(m).toMatchObject({ length: 3 * PAGE_SIZE, pageSize: PAGE_SIZE, kind: 'anonymous', hugetlb: false, unmapped: false })
+    expect(m).toMatchObject({
+      length: 3 * PAGE_SIZE,
+      pageSize: PAGE_SIZE,
+      kind: 'anonymous',
+      hugetlb: false,
+      unmapped: false,
+    })
     expect(m.address % BigInt(PAGE_SIZE)).toBe(0n)
     expect(m.fd).toBe(-1)
     expect(mapsLine(m.address)).toMatch(/ rw-p /)
@@ -89,10 +102,14 @@ describe('Mapping.memfd and alias()', () => {
 
   it('rejects a non-string name and options that are not objects of booleans', () => {
     expect(() => Mapping.memfd(PAGE_SIZE, { name: 5 as never })).toThrow(/name must be a string/)
-    expect(() => Mapping.memfd(PAGE_SIZE, null as never)).toThrow(/Mapping\.memfd options must be an object \(got null\)/)
+    expect(() => Mapping.memfd(PAGE_SIZE, null as never)).toThrow(
+      /Mapping\.memfd options must be an object \(got null\)/,
+    )
     expect(() => Mapping.memfd(PAGE_SIZE, { hugetlb: 1 as never })).toThrow(/option 'hugetlb' must be a boolean/)
     expect(() => Mapping.anonymous(PAGE_SIZE, 'hugetlb' as never)).toThrow(TypeError)
-    expect(() => Mapping.anonymous(PAGE_SIZE, { populate: 'yes' as never })).toThrow(/option 'populate' must be a boolean \(got string yes\)/)
+    expect(() => Mapping.anonymous(PAGE_SIZE, { populate: 'yes' as never })).toThrow(
+      /option 'populate' must be a boolean \(got string yes\)/,
+    )
     const m = track(Mapping.memfd(PAGE_SIZE))
     expect(() => m.alias({ private: 1 as never })).toThrow(/option 'private' must be a boolean/)
   })
@@ -135,7 +152,7 @@ describe('read() and write()', () => {
     }
   }
 
-  it('honours a view\'s byteOffset and byteLength', () => {
+  it("honours a view's byteOffset and byteLength", () => {
     const m = track(Mapping.anonymous(PAGE_SIZE))
     const backing = new Uint8Array(32).map((_, i) => i)
     m.write(0, backing.subarray(8, 12))
@@ -249,7 +266,11 @@ describe('unmap()', () => {
     expect(fs.readlinkSync(`/proc/self/fd/${fd}`)).toMatch(/closed-on-unmap/)
     m.unmap()
     let link = ''
-    try { link = fs.readlinkSync(`/proc/self/fd/${fd}`) } catch { /* closed */ }
+    try {
+      link = fs.readlinkSync(`/proc/self/fd/${fd}`)
+    } catch {
+      /* closed */
+    }
     expect(link).not.toMatch(/closed-on-unmap/)
   })
 
@@ -257,9 +278,13 @@ describe('unmap()', () => {
     const m = Mapping.memfd(PAGE_SIZE)
     m.unmap()
     for (const [op, f] of [
-      ['buffer', () => m.buffer], ['fd', () => m.fd], ['read', () => m.read(0, new Uint8Array(1))],
-      ['write', () => m.write(0, new Uint8Array(1))], ['madvise', () => m.madvise('dontneed')],
-      ['protect', () => m.protect('r')], ['alias', () => m.alias()],
+      ['buffer', () => m.buffer],
+      ['fd', () => m.fd],
+      ['read', () => m.read(0, new Uint8Array(1))],
+      ['write', () => m.write(0, new Uint8Array(1))],
+      ['madvise', () => m.madvise('dontneed')],
+      ['protect', () => m.protect('r')],
+      ['alias', () => m.alias()],
     ] as Array<[string, () => unknown]>) {
       const err = expectUffdError(f, 'EBADF', { syscall: `mapping.${op}` })
       expect(err).toBeInstanceOf(UffdError)

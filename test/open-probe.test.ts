@@ -4,7 +4,15 @@
 import { describe, expect, it } from 'vitest'
 import * as os from 'os'
 import {
-  Feature, IoctlBit, Mapping, PAGE_SIZE, UffdError, Userfaultfd, fdFlags, featureNames, isUserfaultfd,
+  Feature,
+  IoctlBit,
+  Mapping,
+  PAGE_SIZE,
+  UffdError,
+  Userfaultfd,
+  fdFlags,
+  featureNames,
+  isUserfaultfd,
 } from '../src/index'
 import { native } from '../src/addon/native'
 import * as path from 'path'
@@ -18,8 +26,11 @@ const BASE_IOCTLS = IoctlBit.REGISTER | IoctlBit.UNREGISTER | IoctlBit.API
 describe('open: the handshake on both paths', () => {
   // In a container one path may be closed: Docker's seccomp blocks the syscall unless
   // unconfined; the device exists only with --device /dev/userfaultfd.
-  const closed = { syscall: 'the userfaultfd(2) syscall is refused here (in Docker: --cap-add SYS_PTRACE --security-opt seccomp=unconfined)',
-    device: '/dev/userfaultfd cannot be opened here (in Docker: --device /dev/userfaultfd)' }
+  const closed = {
+    syscall:
+      'the userfaultfd(2) syscall is refused here (in Docker: --cap-add SYS_PTRACE --security-opt seccomp=unconfined)',
+    device: '/dev/userfaultfd cannot be opened here (in Docker: --device /dev/userfaultfd)',
+  }
   for (const via of ['syscall', 'device'] as const) {
     it(`via '${via}': a close-on-exec, non-blocking userfaultfd with the API done`, (ctx) => {
       needs(ctx, env[via], closed[via])
@@ -51,7 +62,9 @@ describe('open: the handshake on both paths', () => {
     const fd = env.syscall ? native.openSyscall(flags) : native.openDevice(flags)
     try {
       const m = track(Mapping.anonymous(PAGE_SIZE))
-      expectUffdError(() => native.register(fd, m.address, PAGE_SIZE, 1n), 'EINVAL', { syscall: 'ioctl(UFFDIO_REGISTER)' })
+      expectUffdError(() => native.register(fd, m.address, PAGE_SIZE, 1n), 'EINVAL', {
+        syscall: 'ioctl(UFFDIO_REGISTER)',
+      })
       const [features, ioctls] = native.api(fd, 0n)
       expect(features).toBe(Userfaultfd.probe().features)
       expect(ioctls).toBe(Userfaultfd.probe().ioctls)
@@ -61,7 +74,11 @@ describe('open: the handshake on both paths', () => {
   })
 
   it('userModeOnly opens too', (ctx) => {
-    needs(ctx, env.syscallUserModeOnly, 'a seccomp filter blocks the userfaultfd(2) syscall, even with UFFD_USER_MODE_ONLY (Docker without seccomp=unconfined)')
+    needs(
+      ctx,
+      env.syscallUserModeOnly,
+      'a seccomp filter blocks the userfaultfd(2) syscall, even with UFFD_USER_MODE_ONLY (Docker without seccomp=unconfined)',
+    )
     const uffd = track(Userfaultfd.open({ userModeOnly: true, via: 'syscall' }))
     expect(isUserfaultfd(uffd.fd)).toBe(true)
   })
@@ -93,7 +110,9 @@ describe('open: features', () => {
   it('a feature the kernel lacks is EINVAL with a hint naming it, and no fd leaks', () => {
     const before = countFds()
     const bogus = 1n << 40n
-    const err = expectUffdError(() => Userfaultfd.open({ features: Feature.THREAD_ID | bogus }), 'EINVAL', { syscall: 'ioctl(UFFDIO_API)' })
+    const err = expectUffdError(() => Userfaultfd.open({ features: Feature.THREAD_ID | bogus }), 'EINVAL', {
+      syscall: 'ioctl(UFFDIO_API)',
+    })
     expect(err.hint).toMatch(/does not offer: 0x10000000000/)
     expect(err.message).toContain(err.hint!)
     expect(countFds()).toBe(before)
@@ -115,8 +134,12 @@ describe('probe()', () => {
   it('reports what this kernel offers, and through which path', () => {
     const p = Userfaultfd.probe()
     expect(p).toMatchObject({
-      supported: true, via: env.syscall ? 'syscall' : 'device', kernel: os.release(), userModeOnly: false,
-      syscall: { ok: env.syscall }, device: { ok: env.device },
+      supported: true,
+      via: env.syscall ? 'syscall' : 'device',
+      kernel: os.release(),
+      userModeOnly: false,
+      syscall: { ok: env.syscall },
+      device: { ok: env.device },
     })
     expect(p.reason).toBeUndefined()
     for (const bit of Object.values(Feature)) expect(p.features & bit).toBe(bit) // 6.18 has them all
@@ -149,8 +172,10 @@ describe('probe()', () => {
 
 // Children run as root without CAP_SYS_PTRACE (the syscall is then EPERM, the device still
 // opens) and as nobody (both refused; only USER_MODE_ONLY is left).
-const script = (body: string): string[] => ['-e',
-  `const { Userfaultfd } = require(${JSON.stringify(path.join(dist, 'index.js'))});` + body]
+const script = (body: string): string[] => [
+  '-e',
+  `const { Userfaultfd } = require(${JSON.stringify(path.join(dist, 'index.js'))});` + body,
+]
 const report = `const out = {}
 try { const u = Userfaultfd.open(); out.via = u.via; u.close() } catch (e) { out.error = { code: e.code, syscall: e.syscall, hint: e.hint, message: e.message } }
 try { const u = Userfaultfd.open({ via: 'syscall' }); u.close(); out.syscall = 'ok' } catch (e) { out.syscall = e.code }
@@ -165,19 +190,36 @@ describe("via: 'auto' falls back", () => {
   const noDevice = 'no /dev/userfaultfd here to fall back to (in Docker: --device /dev/userfaultfd)'
 
   it('to /dev/userfaultfd when the syscall is EPERM (root without CAP_SYS_PTRACE)', async (ctx) => {
-    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
+    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0)
+      ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
     needs(ctx, env.device, noDevice)
     const r = await runCommand(dropPtrace[0], [...dropPtrace.slice(1), process.execPath, ...script(report)])
     const out = lastJson(r)
     expect(out).toMatchObject({ via: 'device', syscall: 'EPERM' })
-    expect(out.probe).toMatchObject({ supported: true, via: 'device', userModeOnly: false, syscall: { ok: false, code: 'EPERM' }, device: { ok: true } })
+    expect(out.probe).toMatchObject({
+      supported: true,
+      via: 'device',
+      userModeOnly: false,
+      syscall: { ok: false, code: 'EPERM' },
+      device: { ok: true },
+    })
   })
 
   it('and when both paths are refused, the error carries a hint naming the fixes; probe() still does not throw', async (ctx) => {
-    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
+    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0)
+      ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
     needs(ctx, env.deviceExists, `${noDevice}: this checks the device's refusal`)
-    const r = await runCommand(setpriv, ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, ...script(report)])
-    const out = lastJson<{ error: { code: string, syscall: string, hint: string, message: string }, probe: Record<string, unknown> }>(r)
+    const r = await runCommand(setpriv, [
+      '--reuid=65534',
+      '--regid=65534',
+      '--clear-groups',
+      process.execPath,
+      ...script(report),
+    ])
+    const out = lastJson<{
+      error: { code: string; syscall: string; hint: string; message: string }
+      probe: Record<string, unknown>
+    }>(r)
     expect(out.error.code).toBe('EACCES') // the last attempt: open('/dev/userfaultfd')
     expect(out.error.syscall).toBe('open')
     expect(out.error.message).toMatch(/\(and the userfaultfd\(2\) syscall: EPERM\)/) // the other path's refusal
@@ -186,31 +228,64 @@ describe("via: 'auto' falls back", () => {
     expect(out.error.hint).toMatch(/CAP_SYS_PTRACE/)
     expect(out.error.hint).toMatch(/--device \/dev\/userfaultfd/)
     if (env.syscallUserModeOnly) {
-      expect(out.probe).toMatchObject({ supported: true, via: 'syscall', userModeOnly: true, syscall: { ok: false, code: 'EPERM' }, device: { ok: false, code: 'EACCES' } })
+      expect(out.probe).toMatchObject({
+        supported: true,
+        via: 'syscall',
+        userModeOnly: true,
+        syscall: { ok: false, code: 'EPERM' },
+        device: { ok: false, code: 'EACCES' },
+      })
       expect(out.probe.reason).toMatch(/USER_MODE_ONLY/)
     } else {
       // a seccomp filter (Docker's) refuses even UFFD_USER_MODE_ONLY: nothing is left
-      expect(out.probe).toMatchObject({ supported: false, via: null, userModeOnly: false, syscall: { ok: false, code: 'EPERM' }, device: { ok: false, code: 'EACCES' } })
+      expect(out.probe).toMatchObject({
+        supported: false,
+        via: null,
+        userModeOnly: false,
+        syscall: { ok: false, code: 'EPERM' },
+        device: { ok: false, code: 'EACCES' },
+      })
       expect(out.probe.reason).toMatch(/--device \/dev\/userfaultfd/)
     }
   })
 
   it('EVENT_FORK without CAP_SYS_PTRACE is EPERM from UFFDIO_API, with a hint saying so', async (ctx) => {
-    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
+    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0)
+      ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
     needs(ctx, env.device, `${noDevice}: without CAP_SYS_PTRACE only the device opens`)
-    const r = await runCommand(dropPtrace[0], [...dropPtrace.slice(1), process.execPath, ...script(
-      `const before = require('fs').readdirSync('/proc/self/fd').length
+    const r = await runCommand(dropPtrace[0], [
+      ...dropPtrace.slice(1),
+      process.execPath,
+      ...script(
+        `const before = require('fs').readdirSync('/proc/self/fd').length
       try { Userfaultfd.open({ features: require(${JSON.stringify(path.join(dist, 'index.js'))}).Feature.EVENT_FORK }) } catch (e) {
         console.log(JSON.stringify({ code: e.code, syscall: e.syscall, hint: e.hint, leaked: require('fs').readdirSync('/proc/self/fd').length - before }))
-      }`)])
-    expect(lastJson(r)).toEqual({ code: 'EPERM', syscall: 'ioctl(UFFDIO_API)', hint: 'Feature.EVENT_FORK needs CAP_SYS_PTRACE', leaked: 0 })
+      }`,
+      ),
+    ])
+    expect(lastJson(r)).toEqual({
+      code: 'EPERM',
+      syscall: 'ioctl(UFFDIO_API)',
+      hint: 'Feature.EVENT_FORK needs CAP_SYS_PTRACE',
+      leaked: 0,
+    })
   })
 
   it("via: 'syscall' alone does not fall back: EPERM with the hint", async (ctx) => {
-    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0) ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
-    const r = await runCommand(dropPtrace[0], [...dropPtrace.slice(1), process.execPath, ...script(
-      `try { Userfaultfd.open({ via: 'syscall' }) } catch (e) { console.log(JSON.stringify({ code: e.code, hint: e.hint, isUffdError: e.name })) }`)])
-    expect(lastJson(r)).toMatchObject({ code: 'EPERM', isUffdError: 'UffdError', hint: expect.stringMatching(/setfacl/) })
+    if (Userfaultfd.probe().unprivilegedUserfaultfd !== 0)
+      ctx.skip('vm.unprivileged_userfaultfd is not 0: the syscall would not be refused')
+    const r = await runCommand(dropPtrace[0], [
+      ...dropPtrace.slice(1),
+      process.execPath,
+      ...script(
+        `try { Userfaultfd.open({ via: 'syscall' }) } catch (e) { console.log(JSON.stringify({ code: e.code, hint: e.hint, isUffdError: e.name })) }`,
+      ),
+    ])
+    expect(lastJson(r)).toMatchObject({
+      code: 'EPERM',
+      isUffdError: 'UffdError',
+      hint: expect.stringMatching(/setfacl/),
+    })
   })
 })
 

@@ -14,21 +14,27 @@ const root = path.join(__dirname, '..')
 const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'))
 const check = createRequire(__filename)(path.join(root, 'scripts', 'prebuilds-check.js')) as {
   inspect(): {
-    binaries: Record<string, { machine: number, arch: string, versions: Record<string, string> | null }>
-    fresh: { fresh: boolean, changed: string[] }
+    binaries: Record<string, { machine: number; arch: string; versions: Record<string, string> | null }>
+    fresh: { fresh: boolean; changed: string[] }
   }
-  TARGETS: Record<string, { machine: number, name: string }>
+  TARGETS: Record<string, { machine: number; name: string }>
   MAX: Record<string, string>
 }
 
 function compareVersions(a: string, b: string): number {
   const [x, y] = [a, b].map((s) => s.split('.').map(Number))
-  for (let i = 0; i < Math.max(x.length, y.length); i++) if ((x[i] ?? 0) !== (y[i] ?? 0)) return (x[i] ?? 0) - (y[i] ?? 0)
+  for (let i = 0; i < Math.max(x.length, y.length); i++)
+    if ((x[i] ?? 0) !== (y[i] ?? 0)) return (x[i] ?? 0) - (y[i] ?? 0)
   return 0
 }
 
-function node(args: string[], env: NodeJS.ProcessEnv = {}): { code: number | null, stdout: string, stderr: string } {
-  const r = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8', timeout: 15_000, env: { ...process.env, ...env } })
+function node(args: string[], env: NodeJS.ProcessEnv = {}): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, args, {
+    cwd: root,
+    encoding: 'utf8',
+    timeout: 15_000,
+    env: { ...process.env, ...env },
+  })
   return { code: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
@@ -36,22 +42,28 @@ describe('package.json', () => {
   it('installs with the prebuild-first install script and ships what it needs', () => {
     expect(pkg.scripts.install).toBe('node scripts/install.js')
     expect(pkg.gypfile).toBe(true)
-    for (const f of ['dist', 'native', 'binding.gyp', 'prebuilds', 'scripts/install.js', 'README.md']) expect(pkg.files).toContain(f)
+    for (const f of ['dist', 'native', 'binding.gyp', 'prebuilds', 'scripts/install.js', 'README.md'])
+      expect(pkg.files).toContain(f)
     expect(pkg.os).toEqual(['linux'])
     expect(pkg.cpu).toEqual(['x64', 'arm64'])
     expect(pkg.engines.node).toBe('>=20.0.0')
     expect(pkg.dependencies).toHaveProperty('bindings')
     expect(pkg.bin).toEqual({ userfaultfd: 'dist/cli/index.js' })
-    for (const s of ['test:docker', 'test:pack', 'test:node-matrix', 'test:arm64', 'prebuilds']) expect(pkg.scripts).toHaveProperty(s)
+    for (const s of ['test:docker', 'test:pack', 'test:node-matrix', 'test:arm64', 'prebuilds'])
+      expect(pkg.scripts).toHaveProperty(s)
   })
 
   it('the package name resolves from require and from import, to one instance', () => {
-    const r = node(['--input-type=module', '-e', `
+    const r = node([
+      '--input-type=module',
+      '-e',
+      `
       import { createRequire } from 'module'
       import * as esm from 'userfaultfd'
       const cjs = createRequire(import.meta.url)('userfaultfd')
       console.log(esm.Userfaultfd === cjs.Userfaultfd, typeof esm.Mapping, typeof cjs.FaultResolver, Object.keys(esm).length > 10)
-    `])
+    `,
+    ])
     expect(r.stderr).toBe('')
     expect(r.stdout).toBe('true function function true\n')
   })
@@ -60,16 +72,22 @@ describe('package.json', () => {
 describe('prebuilt binaries', () => {
   const found = check.inspect()
 
-  it.each(Object.entries(check.TARGETS))('%s is really that architecture and needs nothing newer than bookworm', (dir, want) => {
-    const b = found.binaries[dir]
-    expect(b, `prebuilds/${dir}/userfaultfd.glibc.node`).toBeDefined()
-    expect(b.machine).toBe(want.machine)
-    if (b.versions === null) return // no readelf here: prebuilds-check says so
-    expect(Object.keys(b.versions)).toContain('GLIBC')
-    for (const [lib, v] of Object.entries(b.versions)) {
-      expect(compareVersions(v, check.MAX[lib]), `${dir} needs ${lib}_${v} (bookworm: ${check.MAX[lib]})`).toBeLessThanOrEqual(0)
-    }
-  })
+  it.each(Object.entries(check.TARGETS))(
+    '%s is really that architecture and needs nothing newer than bookworm',
+    (dir, want) => {
+      const b = found.binaries[dir]
+      expect(b, `prebuilds/${dir}/userfaultfd.glibc.node`).toBeDefined()
+      expect(b.machine).toBe(want.machine)
+      if (b.versions === null) return // no readelf here: prebuilds-check says so
+      expect(Object.keys(b.versions)).toContain('GLIBC')
+      for (const [lib, v] of Object.entries(b.versions)) {
+        expect(
+          compareVersions(v, check.MAX[lib]),
+          `${dir} needs ${lib}_${v} (bookworm: ${check.MAX[lib]})`,
+        ).toBeLessThanOrEqual(0)
+      }
+    },
+  )
 
   it('records the sources they were built from (staleness is enforced by test:pack)', () => {
     const sources = JSON.parse(fs.readFileSync(path.join(root, 'prebuilds', 'sources.json'), 'utf8'))
@@ -87,7 +105,9 @@ describe('loader', () => {
 
   it('prefers a local build, then the prebuild for this platform and libc', () => {
     expect(candidates('auto').map((c) => c.join('/'))).toEqual([
-      'module_root/build/Release/bindings', 'module_root/build/Debug/bindings', `module_root/${prebuild}`,
+      'module_root/build/Release/bindings',
+      'module_root/build/Debug/bindings',
+      `module_root/${prebuild}`,
     ])
     expect(candidates('prebuild')).toHaveLength(1)
     expect(candidates('build')).toHaveLength(2)
@@ -96,7 +116,8 @@ describe('loader', () => {
   })
 
   it('USERFAULTFD_NATIVE=prebuild|build chooses, and the prebuild works', () => {
-    const script = "const n = require('./dist/addon/native'); const { Userfaultfd } = require('./dist'); console.log(n.nativePath); console.log(Userfaultfd.probe().kernel)"
+    const script =
+      "const n = require('./dist/addon/native'); const { Userfaultfd } = require('./dist'); console.log(n.nativePath); console.log(Userfaultfd.probe().kernel)"
     const pre = node(['-e', script], { USERFAULTFD_NATIVE: 'prebuild' })
     expect(pre.stderr).toBe('')
     expect(rel(pre.stdout.split('\n')[0])).toBe(prebuild)

@@ -16,9 +16,16 @@ const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});
 const internal = require(${JSON.stringify(path.join(dist, 'testing', 'index.js'))});\n`
 
 /** Starts a worker from source; it is terminated after the test if still running. */
-function startWorker(source: string, workerData: unknown = {}): { worker: Worker, messages: unknown[], exited: Promise<number> } {
+function startWorker(
+  source: string,
+  workerData: unknown = {},
+): { worker: Worker; messages: unknown[]; exited: Promise<number> } {
   const worker = new Worker(PRELUDE + source, { eval: true, workerData })
-  track({ close: () => { void worker.terminate() } })
+  track({
+    close: () => {
+      void worker.terminate()
+    },
+  })
   const messages: unknown[] = []
   worker.on('message', (m) => messages.push(m))
   const exited = new Promise<number>((resolve, reject) => {
@@ -50,11 +57,13 @@ const touched = internal.touch(internal.pages(m), { threads: 2 })
 })()`
 
 describe('a Worker with its own uffd', () => {
-  it('serves faults from native threads on its event loop, then exits by itself (code 0)', { timeout: 20_000 }, async () => {
+  it('serves faults from native threads on its event loop, then exits by itself (code 0)', {
+    timeout: 20_000,
+  }, async () => {
     const { messages, exited } = startWorker(SELF_SERVE, { pages: 16, base: 1000 })
     expect(await exited).toBe(0)
     expect(messages).toHaveLength(1)
-    const { served, values } = messages[0] as { served: number, values: string[] }
+    const { served, values } = messages[0] as { served: number; values: string[] }
     expect(served).toBe(16)
     expect(values).toEqual(Array.from({ length: 16 }, (_, i) => String(1000 + i)))
   })
@@ -69,9 +78,12 @@ describe('a Worker with its own uffd', () => {
     expect(vb).toEqual(Array.from({ length: 32 }, (_, i) => String(5000 + i)))
   })
 
-  it('serves memory of the main thread: main touches it from a native thread, the worker resolves', { timeout: 20_000 }, async () => {
+  it('serves memory of the main thread: main touches it from a native thread, the worker resolves', {
+    timeout: 20_000,
+  }, async () => {
     const m = track(Mapping.anonymous(8 * PAGE_SIZE))
-    const { worker, exited } = startWorker(`
+    const { worker, exited } = startWorker(
+      `
       const P = uffd.PAGE_SIZE
       const u = uffd.Userfaultfd.open()
       const range = { address: BigInt(workerData.address), length: workerData.length }
@@ -85,9 +97,14 @@ describe('a Worker with its own uffd', () => {
           u.copy(e.address, page)
         }
       })()
-      parentPort.on('message', () => { u.close(); parentPort.close() })`, { address: m.address.toString(), length: m.length })
+      parentPort.on('message', () => { u.close(); parentPort.close() })`,
+      { address: m.address.toString(), length: m.length },
+    )
     await new Promise((resolve) => worker.once('message', resolve))
-    const { values } = await touch(Array.from({ length: 8 }, (_, i) => m.at(i * PAGE_SIZE)), { threads: 4 })
+    const { values } = await touch(
+      Array.from({ length: 8 }, (_, i) => m.at(i * PAGE_SIZE)),
+      { threads: 4 },
+    )
     expect(Array.from(values)).toEqual(Array(8).fill(0xabcn))
     // Resolved for good: the main JS thread can read the memory itself now.
     expect(new BigUint64Array(m.buffer, 3 * PAGE_SIZE, 1)[0]).toBe(0xabcn)
@@ -95,7 +112,9 @@ describe('a Worker with its own uffd', () => {
     expect(await exited).toBe(0)
   })
 
-  it('terminate() while the worker waits on events: no crash, its uffd and memfds are closed', { timeout: 20_000 }, async () => {
+  it('terminate() while the worker waits on events: no crash, its uffd and memfds are closed', {
+    timeout: 20_000,
+  }, async () => {
     const before = countFds()
     const { worker, exited } = startWorker(`
       const u = uffd.Userfaultfd.open()
@@ -110,13 +129,18 @@ describe('a Worker with its own uffd', () => {
     expect(countFds()).toBe(before)
   })
 
-  it('terminate() of a worker that registered main-thread memory wakes the main thread\'s faulters (no hang)', { timeout: 20_000 }, async () => {
+  it("terminate() of a worker that registered main-thread memory wakes the main thread's faulters (no hang)", {
+    timeout: 20_000,
+  }, async () => {
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
-    const { worker, exited } = startWorker(`
+    const { worker, exited } = startWorker(
+      `
       const u = uffd.Userfaultfd.open()
       u.register({ address: BigInt(workerData.address), length: workerData.length })
       ;(async () => { for await (const e of u.events()) { parentPort.postMessage('fault') } })()
-      parentPort.postMessage('ready')`, { address: m.address.toString(), length: m.length })
+      parentPort.postMessage('ready')`,
+      { address: m.address.toString(), length: m.length },
+    )
     await new Promise((resolve) => worker.once('message', resolve))
     const reader = touch([m.address + 8n])
     await new Promise((resolve) => worker.once('message', resolve)) // the worker saw the fault and left it

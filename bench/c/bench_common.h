@@ -37,7 +37,7 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static inline void die(const char *what) {
+static inline void die(const char* what) {
   fprintf(stderr, "%s: %s\n", what, strerror(errno));
   exit(1);
 }
@@ -58,8 +58,8 @@ static inline int open_uffd(void) {
 }
 
 /* Anonymous memory registered for MISSING faults. */
-static inline char *registered_memory(int uffd, size_t len) {
-  char *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+static inline char* registered_memory(int uffd, size_t len) {
+  char* base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (base == MAP_FAILED) die("mmap");
   struct uffdio_register reg = {.range = {.start = (uintptr_t)base, .len = len},
                                 .mode = UFFDIO_REGISTER_MODE_MISSING};
@@ -68,20 +68,23 @@ static inline char *registered_memory(int uffd, size_t len) {
 }
 
 struct touchers {
-  char *base;
-  size_t *order;
-  double *ns;
+  char* base;
+  size_t* order;
+  double* ns;
   size_t pages;
   int threads;
   pthread_t tids[64];
-  struct job { struct touchers *all; size_t begin; } jobs[64];
+  struct job {
+    struct touchers* all;
+    size_t begin;
+  } jobs[64];
 };
 
-static inline void *toucher_main(void *arg) {
-  struct job *j = arg;
-  struct touchers *t = j->all;
+static inline void* toucher_main(void* arg) {
+  struct job* j = arg;
+  struct touchers* t = j->all;
   for (size_t i = j->begin; i < t->pages; i += (size_t)t->threads) {
-    volatile uint64_t *p = (volatile uint64_t *)(t->base + t->order[i] * PAGE);
+    volatile uint64_t* p = (volatile uint64_t*)(t->base + t->order[i] * PAGE);
     uint64_t t0 = now_ns();
     (void)*p;
     t->ns[i] = (double)(now_ns() - t0);
@@ -90,7 +93,8 @@ static inline void *toucher_main(void *arg) {
 }
 
 /* Starts `threads` threads touching every page of base once, in address or shuffled order. */
-static inline void start_touchers(struct touchers *t, char *base, size_t pages, int threads, int random_order) {
+static inline void start_touchers(struct touchers* t, char* base, size_t pages, int threads,
+                                  int random_order) {
   t->base = base;
   t->pages = pages;
   t->threads = threads;
@@ -112,19 +116,19 @@ static inline void start_touchers(struct touchers *t, char *base, size_t pages, 
   }
 }
 
-static inline void join_touchers(struct touchers *t) {
+static inline void join_touchers(struct touchers* t) {
   for (int i = 0; i < t->threads; i++) pthread_join(t->tids[i], NULL);
 }
 
-static inline int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
+static inline int cmp_double(const void* a, const void* b) {
+  double x = *(const double*)a, y = *(const double*)b;
   return x < y ? -1 : x > y;
 }
 
 /* {"faults":N,"seconds":S,"faultsPerSec":F,"p50us":X,"p99us":Y} */
-static inline void print_result(struct touchers *t, size_t faults, double seconds) {
+static inline void print_result(struct touchers* t, size_t faults, double seconds) {
   qsort(t->ns, t->pages, sizeof *t->ns, cmp_double);
-  printf("{\"faults\":%zu,\"seconds\":%.6f,\"faultsPerSec\":%.1f,\"p50us\":%.2f,\"p99us\":%.2f}\n",
-         faults, seconds, (double)faults / seconds, t->ns[t->pages / 2] / 1e3,
+  printf("{\"faults\":%zu,\"seconds\":%.6f,\"faultsPerSec\":%.1f,\"p50us\":%.2f,\"p99us\":%.2f}\n", faults,
+         seconds, (double)faults / seconds, t->ns[t->pages / 2] / 1e3,
          t->ns[(size_t)(0.99 * (double)t->pages)] / 1e3);
 }

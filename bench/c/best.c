@@ -9,7 +9,7 @@
  * FaultServer bench do); 'one' copies the same hot page every time (as naive.c does). */
 #include "bench_common.h"
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
   if (argc < 4) {
     fprintf(stderr, "usage: best <pages> <threads> <seq|random> [spinUs]\n");
     return 2;
@@ -24,9 +24,9 @@ int main(int argc, char **argv) {
     return 2;
   }
   int uffd = open_uffd();
-  char *base = registered_memory(uffd, pages * PAGE);
+  char* base = registered_memory(uffd, pages * PAGE);
   size_t src_len = each ? pages * PAGE : PAGE;
-  char *src = aligned_alloc(PAGE, src_len);
+  char* src = aligned_alloc(PAGE, src_len);
   memset(src, 1, src_len);
 
   struct touchers t;
@@ -45,8 +45,8 @@ int main(int argc, char **argv) {
       for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
         uint64_t dst = msgs[i].arg.pagefault.address & ~(PAGE - 1);
-        struct uffdio_copy copy = {.dst = dst, .src = (uintptr_t)src + (each ? dst - (uintptr_t)base : 0),
-                                   .len = PAGE};
+        struct uffdio_copy copy = {
+            .dst = dst, .src = (uintptr_t)src + (each ? dst - (uintptr_t)base : 0), .len = PAGE};
         if (ioctl(uffd, UFFDIO_COPY, &copy) && errno != EEXIST) die("UFFDIO_COPY");
         served++;
       }

@@ -35,7 +35,7 @@ static uint64_t now_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static void die(const char *what) {
+static void die(const char* what) {
   fprintf(stderr, "naive: %s: %s\n", what, strerror(errno));
   exit(1);
 }
@@ -53,17 +53,17 @@ static int open_uffd(void) {
 }
 
 struct job {
-  char *base;
-  size_t *order;
-  double *ns;
+  char* base;
+  size_t* order;
+  double* ns;
   size_t pages;
   size_t begin, step;
 };
 
-static void *toucher(void *arg) {
-  struct job *j = arg;
+static void* toucher(void* arg) {
+  struct job* j = arg;
   for (size_t i = j->begin; i < j->pages; i += j->step) {
-    volatile uint64_t *p = (volatile uint64_t *)(j->base + j->order[i] * PAGE);
+    volatile uint64_t* p = (volatile uint64_t*)(j->base + j->order[i] * PAGE);
     uint64_t t0 = now_ns();
     (void)*p;
     j->ns[i] = (double)(now_ns() - t0);
@@ -71,12 +71,12 @@ static void *toucher(void *arg) {
   return NULL;
 }
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
+static int cmp_double(const void* a, const void* b) {
+  double x = *(const double*)a, y = *(const double*)b;
   return x < y ? -1 : x > y;
 }
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: naive <pages> <threads> <seq|random>\n");
     return 2;
@@ -94,16 +94,16 @@ int main(int argc, char **argv) {
   if (ioctl(uffd, UFFDIO_API, &api)) die("UFFDIO_API");
 
   size_t len = pages * PAGE;
-  char *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  char* base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (base == MAP_FAILED) die("mmap");
   struct uffdio_register reg = {.range = {.start = (uintptr_t)base, .len = len},
                                 .mode = UFFDIO_REGISTER_MODE_MISSING};
   if (ioctl(uffd, UFFDIO_REGISTER, &reg)) die("UFFDIO_REGISTER");
 
-  char *src = aligned_alloc(PAGE, PAGE);
+  char* src = aligned_alloc(PAGE, PAGE);
   memset(src, 1, PAGE);
-  size_t *order = malloc(pages * sizeof *order);
-  double *ns = calloc(pages, sizeof *ns);
+  size_t* order = malloc(pages * sizeof *order);
+  double* ns = calloc(pages, sizeof *ns);
   for (size_t i = 0; i < pages; i++) order[i] = i;
   if (random_order) {
     srand(12345);
@@ -136,8 +136,8 @@ int main(int argc, char **argv) {
       die("read");
     }
     if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-    struct uffdio_copy copy = {.dst = msg.arg.pagefault.address & ~(PAGE - 1),
-                               .src = (uintptr_t)src, .len = PAGE};
+    struct uffdio_copy copy = {
+        .dst = msg.arg.pagefault.address & ~(PAGE - 1), .src = (uintptr_t)src, .len = PAGE};
     if (ioctl(uffd, UFFDIO_COPY, &copy) && errno != EEXIST) die("UFFDIO_COPY");
     served++;
   }
@@ -145,8 +145,7 @@ int main(int argc, char **argv) {
   double seconds = (double)(now_ns() - t0) / 1e9;
 
   qsort(ns, pages, sizeof *ns, cmp_double);
-  printf("{\"faults\":%zu,\"seconds\":%.6f,\"faultsPerSec\":%.1f,\"p50us\":%.2f,\"p99us\":%.2f}\n",
-         pages, seconds, (double)pages / seconds, ns[pages / 2] / 1e3,
-         ns[(size_t)(0.99 * (double)pages)] / 1e3);
+  printf("{\"faults\":%zu,\"seconds\":%.6f,\"faultsPerSec\":%.1f,\"p50us\":%.2f,\"p99us\":%.2f}\n", pages,
+         seconds, (double)pages / seconds, ns[pages / 2] / 1e3, ns[(size_t)(0.99 * (double)pages)] / 1e3);
   return 0;
 }

@@ -11,7 +11,7 @@
 
 #include "bench_common.h"
 
-int main(int argc, char **argv) {
+int main(int argc, char** argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: restore <file> uffd|floor [chunkBytes]\n");
     return 2;
@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
   double seconds;
   if (strcmp(argv[2], "floor") == 0) {
     uint64_t t0 = now_ns();
-    char *base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char* base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) die("mmap");
     for (size_t off = 0; off < len; off += chunk) {
       size_t n = len - off < chunk ? len - off : chunk;
@@ -38,10 +38,10 @@ int main(int argc, char **argv) {
     seconds = (double)(now_ns() - t0) / 1e9;
   } else {
     uint64_t t0 = now_ns();
-    const char *src = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    const char* src = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (src == MAP_FAILED) die("mmap file");
     int uffd = open_uffd();
-    char *base = registered_memory(uffd, len);
+    char* base = registered_memory(uffd, len);
     struct touchers t;
     start_touchers(&t, base, len / PAGE, 1, 0);
     struct uffd_msg msgs[64];
@@ -59,12 +59,13 @@ int main(int argc, char **argv) {
         uint64_t at = (msgs[i].arg.pagefault.address - (uintptr_t)base) & ~(chunk - 1);
         uint64_t end = at + chunk < len ? at + chunk : len;
         while (at < end) {
-          struct uffdio_copy copy = {.dst = (uintptr_t)base + at, .src = (uintptr_t)src + at, .len = end - at};
+          struct uffdio_copy copy = {
+              .dst = (uintptr_t)base + at, .src = (uintptr_t)src + at, .len = end - at};
           if (ioctl(uffd, UFFDIO_COPY, &copy) == 0) {
             done += end - at;
             break;
           }
-          if (errno == EEXIST) break;  /* a stale fault: copied before */
+          if (errno == EEXIST) break; /* a stale fault: copied before */
           if (errno != EAGAIN || copy.copy <= 0) die("UFFDIO_COPY");
           done += (uint64_t)copy.copy;
           at += (uint64_t)copy.copy;
@@ -74,6 +75,7 @@ int main(int argc, char **argv) {
     join_touchers(&t);
     seconds = (double)(now_ns() - t0) / 1e9;
   }
-  printf("{\"bytes\":%zu,\"seconds\":%.6f,\"gibPerSec\":%.3f}\n", len, seconds, (double)len / seconds / (1 << 30));
+  printf("{\"bytes\":%zu,\"seconds\":%.6f,\"gibPerSec\":%.3f}\n", len, seconds,
+         (double)len / seconds / (1 << 30));
   return 0;
 }

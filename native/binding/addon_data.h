@@ -8,11 +8,13 @@
 struct Watchdog;
 
 struct AddonData {
-  Watchdog* watchdog = nullptr;            // deadlock watchdog thread (watchdog.cc), lazily started
-  Napi::FunctionReference errorClass;      // UffdError from the TypeScript layer
-  Napi::FunctionReference mappingHandle;   // native MappingHandle constructor
-  std::set<int> uffds;                     // uffds opened or adopted here and not yet closed
-  int pollHandles = 0;                     // PollHandles opened here and not yet closed (leak checks)
+  Watchdog* watchdog = nullptr;           // deadlock watchdog thread (watchdog.cc), lazily started
+  Napi::FunctionReference errorClass;     // UffdError from the TypeScript layer
+  Napi::FunctionReference mappingHandle;  // native MappingHandle constructor
+  std::set<int> uffds;                    // uffds opened or adopted here and not yet closed
+  int pollHandles = 0;                    // PollHandles opened here and not yet closed (leak checks)
 };
 
-inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
+inline AddonData* GetAddonData(Napi::Env env) {
+  return env.GetInstanceData<AddonData>();
+}

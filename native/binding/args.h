@@ -40,7 +40,9 @@ inline int ArgFd(const Napi::CallbackInfo& info, size_t i) {
   return fd;
 }
 
-inline Napi::BigInt U64(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
+inline Napi::BigInt U64(Napi::Env env, uint64_t v) {
+  return Napi::BigInt::New(env, v);
+}
 
 // A view of caller memory: an ArrayBuffer or any ArrayBufferView (typed arrays of every kind,
 // DataView, Buffer), also over a SharedArrayBuffer. The data pointers come from the C API:

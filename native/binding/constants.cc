@@ -5,8 +5,8 @@
 #include <unistd.h>
 
 #include "binding/args.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
+#include "kernel/uapi.h"
 
 #define SET_U64(obj, name, value) obj.Set(name, U64(env, static_cast<uint64_t>(value)))
 #define SET_NUM(obj, name, value) obj.Set(name, Napi::Number::New(env, static_cast<double>(value)))
@@ -115,12 +115,12 @@ void InitConstants(Napi::Env env, Napi::Object exports) {
   SET_NUM(advice, "dofork", MADV_DOFORK);
   SET_NUM(advice, "hugepage", MADV_HUGEPAGE);
   SET_NUM(advice, "nohugepage", MADV_NOHUGEPAGE);
-  SET_NUM(advice, "free", 8);         // MADV_FREE (4.5)
-  SET_NUM(advice, "cold", 20);        // MADV_COLD (5.4)
-  SET_NUM(advice, "pageout", 21);     // MADV_PAGEOUT (5.4)
+  SET_NUM(advice, "free", 8);             // MADV_FREE (4.5)
+  SET_NUM(advice, "cold", 20);            // MADV_COLD (5.4)
+  SET_NUM(advice, "pageout", 21);         // MADV_PAGEOUT (5.4)
   SET_NUM(advice, "populate_read", 22);   // MADV_POPULATE_READ (5.14)
   SET_NUM(advice, "populate_write", 23);  // MADV_POPULATE_WRITE (5.14)
-  SET_NUM(advice, "collapse", 25);    // MADV_COLLAPSE (6.1)
+  SET_NUM(advice, "collapse", 25);        // MADV_COLLAPSE (6.1)
   c.Set("Advice", advice);
 
   SET_NUM(c, "UFFD_API", UFFD_API);

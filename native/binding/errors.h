@@ -6,8 +6,8 @@
 // Builds a UffdError. bytes < 0 leaves `bytes` unset.
 Napi::Error MakeUffdError(Napi::Env env, int err, const std::string& syscall, int64_t bytes = -1,
                           const std::string& detail = "");
-[[noreturn]] void ThrowUffdError(Napi::Env env, int err, const std::string& syscall,
-                                 int64_t bytes = -1, const std::string& detail = "");
+[[noreturn]] void ThrowUffdError(Napi::Env env, int err, const std::string& syscall, int64_t bytes = -1,
+                                 const std::string& detail = "");
 [[noreturn]] void ThrowTypeError(Napi::Env env, const std::string& message);
 [[noreturn]] void ThrowRangeError(Napi::Env env, const std::string& message);
 

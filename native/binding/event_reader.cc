@@ -9,9 +9,9 @@
 
 #include "binding/args.h"
 #include "binding/poll_handle.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
+#include "kernel/uapi.h"
 
 namespace {
 
@@ -130,7 +130,11 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
 void InitEventReader(Napi::Env env, Napi::Object exports) {
   exports.Set("EventReader", EventReader::Define(env));
   // Internal: how many uv poll handles (event readers, fd watchers) this environment has open.
-  exports.Set("openPollHandles", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), GetAddonData(info.Env())->pollHandles);
-  }, "openPollHandles"));
+  exports.Set("openPollHandles", Napi::Function::New(
+                                     env,
+                                     [](const Napi::CallbackInfo& info) {
+                                       return Napi::Number::New(info.Env(),
+                                                                GetAddonData(info.Env())->pollHandles);
+                                     },
+                                     "openPollHandles"));
 }

@@ -15,9 +15,9 @@
 #include <memory>
 
 #include "binding/args.h"
-#include "engine/fault_engine.h"
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
+#include "engine/fault_engine.h"
 
 namespace {
 
@@ -135,7 +135,8 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     core_ = std::make_shared<Core>();
     core_->env = env;
     core_->watchdogMs = watchdogMs;
-    core_->tsfn = Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
+    core_->tsfn =
+        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
     std::weak_ptr<Core> weak = core_;
     core_->engine.reset(new FaultEngine(o, [weak]() {
       auto core = weak.lock();
@@ -264,7 +265,9 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     Napi::Env env = info.Env();
     const EngineStats& s = core_->engine->stats();
     Napi::Object o = Napi::Object::New(env);
-    auto put = [&](const char* name, uint64_t v) { o.Set(name, Napi::Number::New(env, static_cast<double>(v))); };
+    auto put = [&](const char* name, uint64_t v) {
+      o.Set(name, Napi::Number::New(env, static_cast<double>(v)));
+    };
     put("faults", s.faults.load());
     put("demandPages", s.demandPages.load());
     put("aroundPages", s.aroundPages.load());

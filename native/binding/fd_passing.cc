@@ -50,10 +50,14 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string kind = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "stream";
   int type;
-  if (kind == "stream") type = SOCK_STREAM;
-  else if (kind == "seqpacket") type = SOCK_SEQPACKET;
-  else if (kind == "dgram") type = SOCK_DGRAM;
-  else ThrowTypeError(env, "type must be 'stream', 'seqpacket' or 'dgram'");
+  if (kind == "stream")
+    type = SOCK_STREAM;
+  else if (kind == "seqpacket")
+    type = SOCK_SEQPACKET;
+  else if (kind == "dgram")
+    type = SOCK_DGRAM;
+  else
+    ThrowTypeError(env, "type must be 'stream', 'seqpacket' or 'dgram'");
   int sv[2];
   if (socketpair(AF_UNIX, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0)
     ThrowUffdError(env, errno, "socketpair");
@@ -112,7 +116,8 @@ Napi::Value RecvFds(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int sock = ArgFd(info, 0);
   BytesArg view;
-  if (!TryBytes(info[1], &view) || view.length == 0) ThrowTypeError(env, "buffer must be a non-empty ArrayBuffer or view");
+  if (!TryBytes(info[1], &view) || view.length == 0)
+    ThrowTypeError(env, "buffer must be a non-empty ArrayBuffer or view");
   int maxFds = ArgI32(info, 2, "maxFds");
   if (maxFds < 0 || maxFds > kMaxFds) ThrowRangeError(env, "maxFds must be 0..253");
 
@@ -169,7 +174,8 @@ Napi::Value PeerCred(const Napi::CallbackInfo& info) {
   int sock = ArgFd(info, 0);
   struct ucred cred = {};
   socklen_t len = sizeof(cred);
-  if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) ThrowUffdError(env, errno, "getsockopt(SO_PEERCRED)");
+  if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+    ThrowUffdError(env, errno, "getsockopt(SO_PEERCRED)");
   Napi::Object out = Napi::Object::New(env);
   out.Set("pid", Napi::Number::New(env, cred.pid));
   out.Set("uid", Napi::Number::New(env, cred.uid));

@@ -38,7 +38,8 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
     callback_ = Napi::Persistent(info[1].As<Napi::Function>());
     try {
       // The dup is closed once libuv has let go of it.
-      poll_ = PollHandle::Open(env, dup, [this]() { poll_ = nullptr; }, [dup]() { close(dup); });
+      poll_ = PollHandle::Open(
+          env, dup, [this]() { poll_ = nullptr; }, [dup]() { close(dup); });
     } catch (...) {
       close(dup);
       throw;

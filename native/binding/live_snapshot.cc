@@ -36,15 +36,15 @@
 
 #include <algorithm>
 #include <atomic>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "binding/args.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
+#include "kernel/uapi.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
@@ -56,9 +56,12 @@ enum class Method { Pwrite, ProcessVmReadv, Pipe };
 
 const char* MethodName(Method m) {
   switch (m) {
-    case Method::Pwrite: return "pwrite";
-    case Method::ProcessVmReadv: return "process_vm_readv";
-    case Method::Pipe: return "pipe";
+    case Method::Pwrite:
+      return "pwrite";
+    case Method::ProcessVmReadv:
+      return "process_vm_readv";
+    case Method::Pipe:
+      return "pipe";
   }
   return "?";
 }
@@ -188,8 +191,9 @@ struct Engine {
       if (w < 0 && errno == EINTR) continue;
       if (w < 0) {
         int e = errno;
-        return Fail(e, "write", e == EFAULT ? "the " + Where(index) + " is no longer mapped"
-                                            : "copying the " + Where(index) + " through a pipe");
+        return Fail(e, "write",
+                    e == EFAULT ? "the " + Where(index) + " is no longer mapped"
+                                : "copying the " + Where(index) + " through a pipe");
       }
       size_t got = 0;
       while (got < static_cast<size_t>(w)) {
@@ -217,8 +221,9 @@ struct Engine {
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
           int e = errno;
-          return Fail(e, "pwrite", e == EFAULT ? "the " + Where(index) + " is no longer mapped"
-                                               : "writing the " + Where(index) + " to the sink");
+          return Fail(e, "pwrite",
+                      e == EFAULT ? "the " + Where(index) + " is no longer mapped"
+                                  : "writing the " + Where(index) + " to the sink");
         }
         if (r == 0) return Fail(EIO, "pwrite", "the sink accepted no bytes");
       } else if (c->method == Method::ProcessVmReadv) {
@@ -232,8 +237,9 @@ struct Engine {
         }
         if (r < 0) {
           int e = errno;
-          return Fail(e, "process_vm_readv", e == EFAULT ? "the " + Where(index) + " is no longer mapped"
-                                                         : "copying the " + Where(index));
+          return Fail(
+              e, "process_vm_readv",
+              e == EFAULT ? "the " + Where(index) + " is no longer mapped" : "copying the " + Where(index));
         }
         if (r == 0) return Fail(EFAULT, "process_vm_readv", "the " + Where(index) + " is no longer mapped");
       } else {
@@ -272,8 +278,9 @@ struct Engine {
         continue;
       }
       int e = errno;
-      return Fail(e, "ioctl(UFFDIO_WRITEPROTECT)",
-                  e == ENOENT ? "the " + Where(index) + " is no longer mapped" : "unprotecting the " + Where(index));
+      return Fail(
+          e, "ioctl(UFFDIO_WRITEPROTECT)",
+          e == ENOENT ? "the " + Where(index) + " is no longer mapped" : "unprotecting the " + Where(index));
     }
     return true;
   }
@@ -556,7 +563,8 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
     e->start = ArgU64(info, 1, "start");
     e->length = ArgU64(info, 2, "length");
     e->pageSize = ArgU64(info, 3, "pageSize");
-    if (e->pageSize < 4096 || (e->pageSize & (e->pageSize - 1)) != 0) ThrowRangeError(env, "pageSize must be a power of two >= 4096");
+    if (e->pageSize < 4096 || (e->pageSize & (e->pageSize - 1)) != 0)
+      ThrowRangeError(env, "pageSize must be a power of two >= 4096");
     if (e->length == 0 || e->length % e->pageSize != 0 || e->start % e->pageSize != 0)
       ThrowRangeError(env, "the range must be non-empty and aligned to the page size");
     e->pages = e->length / e->pageSize;
@@ -564,7 +572,8 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
     Napi::Object sink = info[4].As<Napi::Object>();
     Napi::Object opts = info[5].IsObject() ? info[5].As<Napi::Object>() : Napi::Object::New(env);
 
-    std::string method = opts.Get("copyMethod").IsString() ? opts.Get("copyMethod").As<Napi::String>().Utf8Value() : "auto";
+    std::string method =
+        opts.Get("copyMethod").IsString() ? opts.Get("copyMethod").As<Napi::String>().Utf8Value() : "auto";
     BytesArg bytes;
     if (sink.Has("buffer") && TryBytes(sink.Get("buffer"), &bytes)) {
       if (bytes.length < e->length) ThrowRangeError(env, "the sink buffer is smaller than the range");
@@ -604,7 +613,8 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
     if (opts.Get("populate").ToBoolean()) {
       // Without WP_UNPOPULATED, WRITEPROTECT skips empty page-table entries: fill them first.
       if (madvise(reinterpret_cast<void*>(e->start), e->length, MADV_POPULATE_WRITE) != 0)
-        ThrowUffdError(env, errno, "madvise(MADV_POPULATE_WRITE)", -1, "populating the range before protecting it");
+        ThrowUffdError(env, errno, "madvise(MADV_POPULATE_WRITE)", -1,
+                       "populating the range before protecting it");
       e->populated = true;
     }
     // The snapshot instant: every page write-protected, nothing unprotected until this returns.
@@ -617,7 +627,8 @@ class SnapshotEngine : public Napi::ObjectWrap<SnapshotEngine> {
     do {
       rc = ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp);
     } while (rc != 0 && errno == EINTR);
-    if (rc != 0) ThrowUffdError(env, errno, "ioctl(UFFDIO_WRITEPROTECT)", -1, "write-protecting the snapshot range");
+    if (rc != 0)
+      ThrowUffdError(env, errno, "ioctl(UFFDIO_WRITEPROTECT)", -1, "write-protecting the snapshot range");
     e->instantNs = NowNs();
     e->protectNs = e->instantNs - t0;
 

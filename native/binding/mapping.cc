@@ -88,9 +88,8 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     } else if (kind == "memfd" || kind == "alias") {
       int fd;
       if (kind == "memfd") {
-        std::string name = opts.Get("name").IsString()
-                               ? opts.Get("name").As<Napi::String>().Utf8Value()
-                               : std::string("userfaultfd");
+        std::string name = opts.Get("name").IsString() ? opts.Get("name").As<Napi::String>().Utf8Value()
+                                                       : std::string("userfaultfd");
         fd = static_cast<int>(memfd_create(name.c_str(), MFD_CLOEXEC | (hugetlb ? MFD_HUGETLB : 0)));
         if (fd < 0) ThrowUffdError(env, errno, "memfd_create");
         if (ftruncate(fd, static_cast<off_t>(length)) != 0) {
@@ -203,8 +202,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     uint64_t length = ArgU64(info, 1, "length");
     int advice = ArgI32(info, 2, "advice");
     CheckSpan(info.Env(), offset, length);
-    if (madvise(region_->addr + offset, length, advice) != 0)
-      ThrowUffdError(info.Env(), errno, "madvise");
+    if (madvise(region_->addr + offset, length, advice) != 0) ThrowUffdError(info.Env(), errno, "madvise");
     return info.Env().Undefined();
   }
 
@@ -213,8 +211,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     uint64_t length = ArgU64(info, 1, "length");
     int prot = ArgI32(info, 2, "prot");
     CheckSpan(info.Env(), offset, length);
-    if (mprotect(region_->addr + offset, length, prot) != 0)
-      ThrowUffdError(info.Env(), errno, "mprotect");
+    if (mprotect(region_->addr + offset, length, prot) != 0) ThrowUffdError(info.Env(), errno, "mprotect");
     return info.Env().Undefined();
   }
 

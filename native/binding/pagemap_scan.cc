@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "binding/args.h"
-#include "kernel/pagemap_uapi.h"
 #include "binding/uffd.h"
+#include "kernel/pagemap_uapi.h"
 
 namespace {
 

@@ -4,8 +4,8 @@
 #include <errno.h>
 
 #include "binding/args.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
+#include "kernel/uapi.h"
 
 namespace {
 
@@ -20,8 +20,8 @@ Range ArgRange(const Napi::CallbackInfo& info, size_t i) {
 
 // Runs a fill ioctl. Success returns the bytes done. Failure throws a UffdError: EAGAIN always
 // carries `bytes` (> 0 partial progress, 0 when an event is pending: mmap_changing).
-Napi::Value Fill(const Napi::CallbackInfo& info, int fd, unsigned long request, void* arg,
-                 __s64* out, const char* syscall) {
+Napi::Value Fill(const Napi::CallbackInfo& info, int fd, unsigned long request, void* arg, __s64* out,
+                 const char* syscall) {
   *out = 0;
   if (ioctl(fd, request, arg) == 0) return Napi::Number::New(info.Env(), static_cast<double>(*out));
   int err = errno;
@@ -36,8 +36,7 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   reg.range.start = r.start;
   reg.range.len = r.len;
   reg.mode = ArgU64(info, 3, "mode");
-  if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0)
-    ThrowUffdError(info.Env(), errno, "ioctl(UFFDIO_REGISTER)");
+  if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0) ThrowUffdError(info.Env(), errno, "ioctl(UFFDIO_REGISTER)");
   return U64(info.Env(), reg.ioctls);
 }
 

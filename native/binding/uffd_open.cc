@@ -7,8 +7,8 @@
 
 #include "binding/addon_data.h"
 #include "binding/args.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
+#include "kernel/uapi.h"
 
 static Napi::Value OpenSyscall(const Napi::CallbackInfo& info) {
   int flags = ArgI32(info, 0, "flags");
@@ -60,7 +60,8 @@ static Napi::Value Adopt(const Napi::CallbackInfo& info) {
   int fl = fcntl(fd, F_GETFL);
   if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFL)");
   int fdfl = fcntl(fd, F_GETFD);
-  if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) != 0) ThrowUffdError(info.Env(), errno, "fcntl(F_SETFD)");
+  if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) != 0)
+    ThrowUffdError(info.Env(), errno, "fcntl(F_SETFD)");
   GetAddonData(info.Env())->uffds.insert(fd);
   return info.Env().Undefined();
 }

@@ -3,8 +3,8 @@
 #include <unistd.h>
 
 #include "binding/args.h"
-#include "kernel/uapi.h"
 #include "binding/uffd.h"
+#include "kernel/uapi.h"
 
 // readMessages(fd, buffer): returns the number of messages read, 0 when none are pending
 // (EAGAIN on a non-blocking fd). The buffer must hold at least one message.

@@ -13,11 +13,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <sys/ioctl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -34,7 +34,7 @@
 struct Watchdog {
   std::mutex mu;
   std::condition_variable cv;
-  std::map<int, int> timeouts;  // fd -> timeout ms
+  std::map<int, int> timeouts;        // fd -> timeout ms
   std::map<int, std::string> advice;  // fd -> what to do instead (default: the uffd advice)
   std::thread thread;
   bool stop = false;
@@ -87,7 +87,8 @@ enum class Verdict { Deadlock, NotOurs, Unknown };
 Verdict CheckFaults(int fd, pid_t tid) {
   long unread = 0;
   uint64_t features = 0;
-  if (!ReadFdInfo(fd, &unread, &features) || (features & UFFD_FEATURE_THREAD_ID) == 0) return Verdict::Unknown;
+  if (!ReadFdInfo(fd, &unread, &features) || (features & UFFD_FEATURE_THREAD_ID) == 0)
+    return Verdict::Unknown;
   // Only events unread: the JS thread's fault (a page fault message) is not on this uffd.
   if (unread <= 0) return Verdict::NotOurs;
   bool ours = false;
@@ -113,18 +114,23 @@ Verdict CheckFaults(int fd, pid_t tid) {
 
 [[noreturn]] void Report(pid_t tid, int fd, long ms, const std::string& advice) {
   char msg[1024];
-  int n = !advice.empty() ? snprintf(msg, sizeof(msg),
-      "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
-      "for %ld ms (fd %d). %s Aborting instead of hanging forever.\n",
-      static_cast<int>(tid), ms, fd, advice.c_str()) : snprintf(msg, sizeof(msg),
-      "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
-      "for %ld ms while uffd %d, whose events this same thread reads, holds unread messages. "
-      "Only this thread could resolve the fault, so it never will.\n"
-      "Never touch unresolved registered memory (mapping.buffer, mapping.read(), a view over it, "
-      "or a syscall that reads into it) on the thread that reads uffd.events(): touch it from a "
-      "worker, a child process or a native thread, or serve it with FaultServer, which needs no "
-      "JS thread. Aborting instead of hanging forever.\n",
-      static_cast<int>(tid), ms, fd);
+  int n =
+      !advice.empty()
+          ? snprintf(
+                msg, sizeof(msg),
+                "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
+                "for %ld ms (fd %d). %s Aborting instead of hanging forever.\n",
+                static_cast<int>(tid), ms, fd, advice.c_str())
+          : snprintf(
+                msg, sizeof(msg),
+                "\nuserfaultfd: DEADLOCK: the JavaScript thread (tid %d) has been blocked in a page fault "
+                "for %ld ms while uffd %d, whose events this same thread reads, holds unread messages. "
+                "Only this thread could resolve the fault, so it never will.\n"
+                "Never touch unresolved registered memory (mapping.buffer, mapping.read(), a view over it, "
+                "or a syscall that reads into it) on the thread that reads uffd.events(): touch it from a "
+                "worker, a child process or a native thread, or serve it with FaultServer, which needs no "
+                "JS thread. Aborting instead of hanging forever.\n",
+                static_cast<int>(tid), ms, fd);
   if (n > 0) {
     ssize_t w = write(2, msg, static_cast<size_t>(n) < sizeof(msg) ? n : sizeof(msg) - 1);
     (void)w;

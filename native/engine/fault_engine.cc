@@ -180,8 +180,8 @@ void FaultEngine::SetState(ServedRange* r, size_t page, uint8_t to) {
 
 // ---- filling --------------------------------------------------------------------------------
 
-FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>& r, size_t page,
-                                             size_t count, Origin origin, const uint8_t* bytes,
+FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
+                                             Origin origin, const uint8_t* bytes,
                                              std::vector<uint8_t>* scratch, bool* firstExisted,
                                              size_t* done) {
   uint64_t dst = r->start + page * kPage;
@@ -189,16 +189,14 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
   uint64_t off = 0;
   *done = 0;
   while (off < len) {
-    FillResult f = bytes != nullptr
-                       ? CopyPages(uffd_, dst + off, bytes + off, len - off)
-                       : r->source->Fill(uffd_, dst + off, r->sourceOffset + page * kPage + off,
-                                         len - off, scratch);
+    FillResult f = bytes != nullptr ? CopyPages(uffd_, dst + off, bytes + off, len - off)
+                                    : r->source->Fill(uffd_, dst + off, r->sourceOffset + page * kPage + off,
+                                                      len - off, scratch);
     if (f.done > 0) {
       size_t n = f.done / kPage;
       // Counters first: whoever sees the pages present (drained()) sees them counted.
       stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
-      if (f.zero)
-        stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
+      if (f.zero) stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
       switch (origin) {
         case kDemand:
           stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
@@ -241,19 +239,20 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
       *done = count;
       return kFailed;
     }
-    Error(f.err, f.syscall, std::string("filling ") + Hex(dst + off) + " from source offset " +
-                                Hex(r->sourceOffset + page * kPage + off), dst + off);
+    Error(f.err, f.syscall,
+          std::string("filling ") + Hex(dst + off) + " from source offset " +
+              Hex(r->sourceOffset + page * kPage + off),
+          dst + off);
     return kFailed;
   }
   return kFilled;
 }
 
-void FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
-                              Origin origin, std::shared_ptr<std::vector<uint8_t>> bytes,
-                              bool* firstExisted) {
+void FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
+                              std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
   size_t done = 0;
-  FillStatus s = FillRun(r, page, count, origin, bytes ? bytes->data() : nullptr, &demandScratch_,
-                         firstExisted, &done);
+  FillStatus s =
+      FillRun(r, page, count, origin, bytes ? bytes->data() : nullptr, &demandScratch_, firstExisted, &done);
   if (s != kDeferredOp) return;
   std::shared_ptr<std::vector<uint8_t>> rest;
   if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * kPage, bytes->end());
@@ -357,8 +356,10 @@ void FaultEngine::DemandLoop() {
     // this project's 2-vCPU VM: p99 = spin budget + 10 us). At 0, probe again now and then.
     if (maxSpin > 0 && timeout < 0) {
       uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
-      if (b > 0) b = b / 2 < 1000 ? 0 : b / 2;
-      else if (++sleepsWithoutSpin >= 256) b = maxSpin / 4, sleepsWithoutSpin = 0;
+      if (b > 0)
+        b = b / 2 < 1000 ? 0 : b / 2;
+      else if (++sleepsWithoutSpin >= 256)
+        b = maxSpin / 4, sleepsWithoutSpin = 0;
       spinBudgetNs_.store(static_cast<uint32_t>(b), std::memory_order_relaxed);
     }
     struct pollfd fds[2] = {{uffd_, POLLIN, 0}, {wakeFd_, POLLIN, 0}};
@@ -384,8 +385,10 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
         if (m.arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
           stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
           if (!unhandledReported_.exchange(true))
-            Error(EINVAL, "read", "the fault server serves MISSING faults only; a WP or MINOR fault at " +
-                                      Hex(m.arg.pagefault.address) + " is left to its waiter", m.arg.pagefault.address);
+            Error(EINVAL, "read",
+                  "the fault server serves MISSING faults only; a WP or MINOR fault at " +
+                      Hex(m.arg.pagefault.address) + " is left to its waiter",
+                  m.arg.pagefault.address);
           break;
         }
         HandleFault(m.arg.pagefault.address & ~(kPage - 1), readNs);
@@ -420,8 +423,8 @@ void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
     // Registered with this uffd but served by no range: zeros, and say so once.
     stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
     if (!unhandledReported_.exchange(true))
-      Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)", "fault at " + Hex(page) +
-                                                  " outside every served range: served as zeros", page);
+      Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)",
+            "fault at " + Hex(page) + " outside every served range: served as zeros", page);
     ZeroFault(page);
     return;
   }
@@ -600,8 +603,9 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
       if (a >= b) continue;
       // The moved part becomes a range of its own at the new address, with its page states.
       size_t pa = (a - r->start) / kPage, n = (b - a) / kPage;
-      auto moved = std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->source,
-                                                 r->sourceOffset + (a - r->start), r->prefetch, r->faultAround);
+      auto moved =
+          std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->source,
+                                        r->sourceOffset + (a - r->start), r->prefetch, r->faultAround);
       size_t settled = 0;
       for (size_t k = 0; k < n; k++) {
         uint8_t s = r->states.Get(pa + k);
@@ -660,7 +664,8 @@ void FaultEngine::PrefetchLoop() {
       while (!handler && yieldNs > 0 && !stopping_.load() &&
              EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
         stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
-        struct timespec pause = {static_cast<time_t>(yieldNs / 1000000000ull), static_cast<long>(yieldNs % 1000000000ull)};
+        struct timespec pause = {static_cast<time_t>(yieldNs / 1000000000ull),
+                                 static_cast<long>(yieldNs % 1000000000ull)};
         nanosleep(&pause, nullptr);
       }
       size_t i = r->states.Find(std::min(r->cursor.load(), r->pages), kMissing);

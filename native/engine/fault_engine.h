@@ -28,23 +28,30 @@
 #include "engine/page_states.h"
 
 struct EngineOptions {
-  uint64_t faultAround = 64 * 1024;    // bytes, power of two >= page
-  uint64_t prefetchChunk = 256 * 1024; // bytes, multiple of the page
-  uint32_t spinUs = 0;                 // upper bound of the adaptive spin (0: never spin)
-  uint32_t batch = 64;                 // messages per read(2)
-  uint32_t progressMs = 100;           // minimum interval between progress notices
-  bool removeToZero = true;            // REMOVE: serve zeros (else re-serve the source)
-  bool forkEmit = false;               // FORK: hand the child's uffd to JS (else close it)
-  bool prefetchIdle = true;            // prefetch thread under SCHED_IDLE
-  uint32_t handlerConcurrency = 4;     // prefetch requests in flight per handler range
-  uint32_t prefetchYieldUs = 1000;     // prefetch pauses while demand faults came this recently
+  uint64_t faultAround = 64 * 1024;     // bytes, power of two >= page
+  uint64_t prefetchChunk = 256 * 1024;  // bytes, multiple of the page
+  uint32_t spinUs = 0;                  // upper bound of the adaptive spin (0: never spin)
+  uint32_t batch = 64;                  // messages per read(2)
+  uint32_t progressMs = 100;            // minimum interval between progress notices
+  bool removeToZero = true;             // REMOVE: serve zeros (else re-serve the source)
+  bool forkEmit = false;                // FORK: hand the child's uffd to JS (else close it)
+  bool prefetchIdle = true;             // prefetch thread under SCHED_IDLE
+  uint32_t handlerConcurrency = 4;      // prefetch requests in flight per handler range
+  uint32_t prefetchYieldUs = 1000;      // prefetch pauses while demand faults came this recently
 };
 
 struct ServedRange {
   ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, std::shared_ptr<Source> src,
               uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_)
-      : id(id_), start(start_), length(length_), pages(length_ / 4096), source(std::move(src)),
-        sourceOffset(sourceOffset_), prefetch(prefetch_), faultAround(faultAround_), states(pages) {}
+      : id(id_),
+        start(start_),
+        length(length_),
+        pages(length_ / 4096),
+        source(std::move(src)),
+        sourceOffset(sourceOffset_),
+        prefetch(prefetch_),
+        faultAround(faultAround_),
+        states(pages) {}
   const uint32_t id;
   const uint64_t start;
   const uint64_t length;
@@ -56,8 +63,8 @@ struct ServedRange {
   PageStates states;
   std::atomic<size_t> settled{0};
   std::atomic<bool> dropped{false};
-  std::atomic<size_t> cursor{0};        // where prefetch continues (follows demand faults)
-  std::atomic<uint32_t> inflight{0};    // handler prefetch requests outstanding
+  std::atomic<size_t> cursor{0};            // where prefetch continues (follows demand faults)
+  std::atomic<uint32_t> inflight{0};        // handler prefetch requests outstanding
   std::atomic<bool> prefetchFailed{false};  // a prefetch fill failed: stop prefetching it
   uint64_t end() const { return start + length; }
 };
@@ -83,10 +90,9 @@ struct Notice {
 };
 
 struct EngineStats {
-  std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0},
-      handlerPages{0}, zeroPages{0}, bytes{0}, eexist{0}, deferred{0}, retries{0},
-      unhandled{0}, wakes{0}, reads{0}, sleeps{0}, spinHits{0}, removes{0}, unmaps{0},
-      remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
+  std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0}, handlerPages{0},
+      zeroPages{0}, bytes{0}, eexist{0}, deferred{0}, retries{0}, unhandled{0}, wakes{0}, reads{0}, sleeps{0},
+      spinHits{0}, removes{0}, unmaps{0}, remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
 };
 
 class FaultEngine {
@@ -180,7 +186,7 @@ class FaultEngine {
   EngineOptions options_;
   std::function<void()> wakeJs_;
   int uffd_ = -1;
-  int wakeFd_ = -1;  // eventfd: stop, completions, deferred retries
+  int wakeFd_ = -1;     // eventfd: stop, completions, deferred retries
   int requestFd_ = -1;  // eventfd: requests not yet taken by JS
   bool started_ = false;
   std::atomic<bool> stopping_{false};

@@ -12,7 +12,9 @@
 namespace {
 const uint64_t kPage = 4096;
 
-uint64_t RoundUp(uint64_t v) { return (v + kPage - 1) & ~(kPage - 1); }
+uint64_t RoundUp(uint64_t v) {
+  return (v + kPage - 1) & ~(kPage - 1);
+}
 
 // The fill ioctls write bytes done (or -errno) into a SIGNED trailing field; partial progress
 // is EAGAIN with a positive count, "event pending" is EAGAIN with -EAGAIN.
@@ -100,7 +102,9 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
   return s;
 }
 
-Source* Source::Zero() { return new Source(); }
+Source* Source::Zero() {
+  return new Source();
+}
 
 Source* Source::Handler(uint32_t handlerId) {
   Source* s = new Source();

@@ -51,9 +51,9 @@ class Source {
   Kind kind_ = kZero;
   const uint8_t* data_ = nullptr;  // buffer, or the file mapping
   uint64_t length_ = 0;
-  int fd_ = -1;                    // pread mode
+  int fd_ = -1;  // pread mode
   uint64_t fileOffset_ = 0;
-  void* map_ = nullptr;            // mmap mode: the mapping to munmap
+  void* map_ = nullptr;  // mmap mode: the mapping to munmap
   uint64_t mapLength_ = 0;
   uint32_t handlerId_ = 0;
 };

@@ -38,7 +38,7 @@ class LatencyHistogram {
  private:
   static int Index(uint64_t ns) {
     if (ns < kSub) return static_cast<int>(ns);
-    int log = 63 - __builtin_clzll(ns);          // >= 3
+    int log = 63 - __builtin_clzll(ns);  // >= 3
     int sub = static_cast<int>((ns >> (log - 3)) & (kSub - 1));
     int i = (log - 2) * kSub + sub;
     return i < kBuckets ? i : kBuckets - 1;

@@ -18,7 +18,9 @@ enum PageState : uint8_t {
 };
 
 // A state counts as settled when nothing more is to be done for drained().
-inline bool Settled(uint8_t s) { return s == kPresent || s == kRemoved || s == kGone; }
+inline bool Settled(uint8_t s) {
+  return s == kPresent || s == kRemoved || s == kGone;
+}
 
 class PageStates {
  public:

@@ -3,8 +3,8 @@
 // behind #ifndef guards. Values are from the Linux v7.2 uapi header (unchanged since v6.8).
 #pragma once
 
-#include <linux/userfaultfd.h>
 #include <linux/types.h>
+#include <linux/userfaultfd.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>

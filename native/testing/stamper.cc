@@ -8,9 +8,9 @@
 // word last, so a copy taken mid-write would show as torn). `run` numbers the stampers of this
 // process (1..65535, then again from 1): a stamper started on memory another one wrote never
 // writes a value that was already there, so a slot's value tells which of them wrote it (with
-// the same order, two stampers would otherwise write the very same values to the same slots). Before each write it checks that the slot
-// still holds what it wrote there last (or what it held at the start): a mismatch is a writer
-// seeing stale data.
+// the same order, two stampers would otherwise write the very same values to the same slots). Before each
+// write it checks that the slot still holds what it wrote there last (or what it held at the start): a
+// mismatch is a writer seeing stale data.
 //
 // new Stamper(address, length, { threads, shuffle, seed })
 //   .run() -> this stamper's run number (see stamp(t, k))
@@ -60,11 +60,15 @@ inline uint64_t NowNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
 }
 
-inline uint64_t Stamp(uint64_t run, int t, uint64_t k) { return run << 48 | (static_cast<uint64_t>(t) + 1) << 40 | k; }
+inline uint64_t Stamp(uint64_t run, int t, uint64_t k) {
+  return run << 48 | (static_cast<uint64_t>(t) + 1) << 40 | k;
+}
 
 std::atomic<uint64_t> nextRun{0};
 
-uint64_t NewRun() { return nextRun.fetch_add(1) % 65535 + 1; }
+uint64_t NewRun() {
+  return nextRun.fetch_add(1) % 65535 + 1;
+}
 
 void StampLoop(StampJob* job, int t) {
   const std::vector<uint32_t>& own = job->order[t];
@@ -75,7 +79,8 @@ void StampLoop(StampJob* job, int t) {
   for (uint64_t k = 1; !job->stop.load(std::memory_order_relaxed); k++) {
     if ((k & 63) == 0) {
       uint64_t now = NowNs();
-      if (now - mark > job->maxGapNs.load(std::memory_order_relaxed)) job->maxGapNs.store(now - mark, std::memory_order_relaxed);
+      if (now - mark > job->maxGapNs.load(std::memory_order_relaxed))
+        job->maxGapNs.store(now - mark, std::memory_order_relaxed);
       mark = now;
     }
     size_t j = static_cast<size_t>((k - 1) % n);
@@ -125,12 +130,15 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
     Napi::Env env = info.Env();
     uint64_t base = ArgU64(info, 0, "address");
     uint64_t length = ArgU64(info, 1, "length");
-    if (base % kSlot != 0 || length < kSlot) ThrowRangeError(env, "the range must be 4 KiB aligned and non-empty");
+    if (base % kSlot != 0 || length < kSlot)
+      ThrowRangeError(env, "the range must be 4 KiB aligned and non-empty");
     Napi::Object opts = info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
     int threads = opts.Get("threads").IsNumber() ? opts.Get("threads").As<Napi::Number>().Int32Value() : 1;
     if (threads < 1 || threads > 64) ThrowRangeError(env, "threads must be 1..64");
     bool shuffle = opts.Get("shuffle").ToBoolean();
-    uint64_t seed = opts.Get("seed").IsNumber() ? static_cast<uint64_t>(opts.Get("seed").As<Napi::Number>().Int64Value()) : 1;
+    uint64_t seed = opts.Get("seed").IsNumber()
+                        ? static_cast<uint64_t>(opts.Get("seed").As<Napi::Number>().Int64Value())
+                        : 1;
 
     job_ = std::make_shared<StampJob>(env);
     job_->base = base;
@@ -143,7 +151,8 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
     for (int t = 0; t < threads; t++) {
       job_->counts[t].store(0);
       auto& own = job_->order[t];
-      for (uint64_t s = static_cast<uint64_t>(t); s < slots; s += threads) own.push_back(static_cast<uint32_t>(s));
+      for (uint64_t s = static_cast<uint64_t>(t); s < slots; s += threads)
+        own.push_back(static_cast<uint32_t>(s));
       if (shuffle) {
         uint64_t x = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(t) + 1;
         for (size_t i = own.size(); i > 1; i--) {
@@ -160,16 +169,16 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
     stopped_ = Napi::Persistent(job_->deferred.Promise().As<Napi::Object>());
     auto* kept = new std::shared_ptr<StampJob>(job_);
     job_->running.store(threads);
-    job_->tsfn = Napi::ThreadSafeFunction::New(
-        env, Napi::Function(), "userfaultfd.stamper", 0, threads, kept,
-        [](Napi::Env, std::shared_ptr<StampJob>* k) {
-          StampJob* job = k->get();
-          // Teardown with writers still blocked in faults: they hold their own reference.
-          job->stop.store(true);
-          for (auto& w : job->workers)
-            if (w.joinable()) w.detach();
-          delete k;
-        });
+    job_->tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function(), "userfaultfd.stamper", 0, threads, kept,
+                                               [](Napi::Env, std::shared_ptr<StampJob>* k) {
+                                                 StampJob* job = k->get();
+                                                 // Teardown with writers still blocked in faults: they hold
+                                                 // their own reference.
+                                                 job->stop.store(true);
+                                                 for (auto& w : job->workers)
+                                                   if (w.joinable()) w.detach();
+                                                 delete k;
+                                               });
     job_->hookArg = new std::shared_ptr<StampJob>(job_);
     napi_add_env_cleanup_hook(env, OnEnvTeardown, job_->hookArg);
     for (int t = 0; t < threads; t++) {
@@ -201,7 +210,9 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
 
  private:
   Napi::Value GetCounts(const Napi::CallbackInfo& info) { return Counts(info.Env(), job_.get()); }
-  Napi::Value GetRun(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), static_cast<double>(job_->run)); }
+  Napi::Value GetRun(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(job_->run));
+  }
 
   // A per-thread vector (argument 0 picks the thread) as a typed array.
   template <typename Array, typename T>
@@ -213,8 +224,12 @@ class Stamper : public Napi::ObjectWrap<Stamper> {
     return out;
   }
 
-  Napi::Value Order(const Napi::CallbackInfo& info) { return PerThread<Napi::Uint32Array>(info, job_->order); }
-  Napi::Value Initial(const Napi::CallbackInfo& info) { return PerThread<Napi::BigUint64Array>(info, job_->initial); }
+  Napi::Value Order(const Napi::CallbackInfo& info) {
+    return PerThread<Napi::Uint32Array>(info, job_->order);
+  }
+  Napi::Value Initial(const Napi::CallbackInfo& info) {
+    return PerThread<Napi::BigUint64Array>(info, job_->initial);
+  }
 
   Napi::Value MaxGapMs(const Napi::CallbackInfo& info) {
     double ms = static_cast<double>(job_->maxGapNs.load()) / 1e6;

@@ -40,9 +40,9 @@ struct TouchJob {
   bool write = false;
   bool timings = false;
   uint64_t value = 0;
-  uint64_t length = 0;   // madvise/mremap/munmap length (mremap: old length)
-  uint64_t arg = 0;      // madvise advice, mremap new length
-  uint64_t result = 0;   // mremap's new address
+  uint64_t length = 0;  // madvise/mremap/munmap length (mremap: old length)
+  uint64_t arg = 0;     // madvise advice, mremap new length
+  uint64_t result = 0;  // mremap's new address
   int err = 0;
   int pid = 0;
   int status = 0;
@@ -72,8 +72,10 @@ void RunMemoryOp(TouchJob* job) {
       break;
     case Op::Mremap: {
       void* out = mremap(addr, job->length, job->arg, MREMAP_MAYMOVE);
-      if (out == MAP_FAILED) job->err = errno;
-      else job->result = reinterpret_cast<uintptr_t>(out);
+      if (out == MAP_FAILED)
+        job->err = errno;
+      else
+        job->result = reinterpret_cast<uintptr_t>(out);
       break;
     }
     case Op::Munmap:
@@ -86,7 +88,8 @@ void RunMemoryOp(TouchJob* job) {
       pid_t pid = static_cast<pid_t>(syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0));
       if (pid == 0) {
         uint64_t at = job->addresses[0];
-        syscall(SYS_exit_group, at == 0 ? 0 : static_cast<int>(*reinterpret_cast<volatile uint64_t*>(at) & 0xff));
+        syscall(SYS_exit_group,
+                at == 0 ? 0 : static_cast<int>(*reinterpret_cast<volatile uint64_t*>(at) & 0xff));
       }
       if (pid < 0) {
         job->err = errno;
@@ -151,24 +154,24 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
   Napi::Promise promise = job->deferred.Promise();
   // The finalizer runs on the JS thread once every thread has released the TSFN.
   auto* keep = new std::shared_ptr<TouchJob>(job);
-  job->tsfn = Napi::ThreadSafeFunction::New(
-      env, Napi::Function(), "userfaultfd.touch", 0, threads, keep,
-      [](Napi::Env env, std::shared_ptr<TouchJob>* kept) {
-        TouchJob* j = kept->get();
-        {
-          std::lock_guard<std::mutex> lock(j->mu);
-          j->finalized = true;
-        }
-        if (j->running.load() == 0) {
-          Settle(env, j);
-        } else {
-          // Environment teardown while threads are still blocked in faults: they own a
-          // reference to the job, so let them finish on their own.
-          for (auto& t : j->threads)
-            if (t.joinable()) t.detach();
-        }
-        delete kept;
-      });
+  job->tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function(), "userfaultfd.touch", 0, threads, keep,
+                                            [](Napi::Env env, std::shared_ptr<TouchJob>* kept) {
+                                              TouchJob* j = kept->get();
+                                              {
+                                                std::lock_guard<std::mutex> lock(j->mu);
+                                                j->finalized = true;
+                                              }
+                                              if (j->running.load() == 0) {
+                                                Settle(env, j);
+                                              } else {
+                                                // Environment teardown while threads are still blocked in
+                                                // faults: they own a reference to the job, so let them finish
+                                                // on their own.
+                                                for (auto& t : j->threads)
+                                                  if (t.joinable()) t.detach();
+                                              }
+                                              delete kept;
+                                            });
   size_t n = job->addresses.size();
   job->running.store(threads);
   for (int t = 0; t < threads; t++) {
@@ -184,8 +187,7 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
 
 Napi::Value Touch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsTypedArray() ||
-      info[0].As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array)
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_biguint64_array)
     ThrowTypeError(env, "addresses must be a BigUint64Array");
   auto list = info[0].As<Napi::BigUint64Array>();
   Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
@@ -215,10 +217,18 @@ Napi::Value MemoryOp(const Napi::CallbackInfo& info, Op op) {
   return Start(info.Env(), job, 1);
 }
 
-Napi::Value MadviseOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Madvise); }
-Napi::Value MremapOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Mremap); }
-Napi::Value MunmapOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Munmap); }
-Napi::Value ForkOnThread(const Napi::CallbackInfo& info) { return MemoryOp(info, Op::Fork); }
+Napi::Value MadviseOnThread(const Napi::CallbackInfo& info) {
+  return MemoryOp(info, Op::Madvise);
+}
+Napi::Value MremapOnThread(const Napi::CallbackInfo& info) {
+  return MemoryOp(info, Op::Mremap);
+}
+Napi::Value MunmapOnThread(const Napi::CallbackInfo& info) {
+  return MemoryOp(info, Op::Munmap);
+}
+Napi::Value ForkOnThread(const Napi::CallbackInfo& info) {
+  return MemoryOp(info, Op::Fork);
+}
 
 Napi::Value MmapRaw(const Napi::CallbackInfo& info) {
   uint64_t length = ArgU64(info, 0, "length");

@@ -62,7 +62,7 @@ export interface Stamper {
   order(thread: number): Uint32Array
   initial(thread: number): BigUint64Array
   maxGapMs(reset?: boolean): number
-  stop(): Promise<{ counts: Float64Array, stale: number }>
+  stop(): Promise<{ counts: Float64Array; stale: number }>
 }
 
 export interface Binding {
@@ -82,25 +82,56 @@ export interface Binding {
   poison(fd: number, start: U64, len: U64, mode: bigint): number
   move(fd: number, dst: U64, src: U64, len: U64, mode: bigint): number
   writeProtect(fd: number, start: U64, len: U64, mode: bigint): void
-  MappingHandle: new (kind: 'anonymous' | 'memfd' | 'alias', length: number,
-    options: MappingHandleOptions, source?: MappingHandle) => MappingHandle
-  touch(addresses: BigUint64Array, options: { write?: boolean, value?: bigint, threads?: number,
-    timings?: boolean }): Promise<TouchResult>
+  MappingHandle: new (
+    kind: 'anonymous' | 'memfd' | 'alias',
+    length: number,
+    options: MappingHandleOptions,
+    source?: MappingHandle,
+  ) => MappingHandle
+  touch(
+    addresses: BigUint64Array,
+    options: { write?: boolean; value?: bigint; threads?: number; timings?: boolean },
+  ): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
-  forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number, status: number }>
+  forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number; status: number }>
   mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<TouchResult & { result: bigint }>
   munmapOnThread(address: bigint, length: number): Promise<TouchResult>
   mmapRaw(length: number): bigint
   openPollHandles(): number
   readMessages(fd: number, view: ArrayBufferView): number
-  pagemapScan(pid: number, start: U64, end: U64, flags: U64, categoryInverted: U64, categoryMask: U64,
-    categoryAnyofMask: U64, returnMask: U64, maxPages: U64, maxRegions: U64): { regions: BigUint64Array, walkEnd: bigint }
+  pagemapScan(
+    pid: number,
+    start: U64,
+    end: U64,
+    flags: U64,
+    categoryInverted: U64,
+    categoryMask: U64,
+    categoryAnyofMask: U64,
+    returnMask: U64,
+    maxPages: U64,
+    maxRegions: U64,
+  ): { regions: BigUint64Array; walkEnd: bigint }
   pagemapScanProbe(): number
-  SnapshotEngine: new (uffd: number, start: bigint, length: number, pageSize: number,
-    sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
-    options: { chunkSize?: number, faultAround?: number, maxBytesPerSecond?: number, backgroundPriority?: string, populate?: boolean,
-      copyMethod?: string }) => SnapshotEngine
-  Stamper: new (address: bigint, length: number, options: { threads?: number, shuffle?: boolean, seed?: number }) => Stamper
+  SnapshotEngine: new (
+    uffd: number,
+    start: bigint,
+    length: number,
+    pageSize: number,
+    sink: { fd: number; offset: number } | { buffer: ArrayBuffer | ArrayBufferView },
+    options: {
+      chunkSize?: number
+      faultAround?: number
+      maxBytesPerSecond?: number
+      backgroundPriority?: string
+      populate?: boolean
+      copyMethod?: string
+    },
+  ) => SnapshotEngine
+  Stamper: new (
+    address: bigint,
+    length: number,
+    options: { threads?: number; shuffle?: boolean; seed?: number },
+  ) => Stamper
 }
 
 // module_root is explicit: dist/addon/ and src/addon/ both sit two levels below the package root, and the
@@ -114,7 +145,9 @@ export type NativeSource = 'auto' | 'build' | 'prebuild'
 export function libc(): 'glibc' | 'musl' {
   try {
     if (fs.readdirSync('/lib').some((f) => f.startsWith('ld-musl-'))) return 'musl'
-  } catch { /* no /lib: assume glibc */ }
+  } catch {
+    /* no /lib: assume glibc */
+  }
   return 'glibc'
 }
 
@@ -145,11 +178,14 @@ export function nativeSource(): NativeSource {
 function load(): Binding & { path: string } {
   const source = nativeSource()
   try {
-    return bindings({ bindings: 'userfaultfd', module_root: moduleRoot, try: candidates(source) }) as Binding & { path: string }
+    return bindings({ bindings: 'userfaultfd', module_root: moduleRoot, try: candidates(source) }) as Binding & {
+      path: string
+    }
   } catch (err) {
     const e = err as Error
     if (/Could not locate the bindings file/.test(e.message)) {
-      e.message = `userfaultfd: no native addon for ${process.platform}-${process.arch} (${libc()})` +
+      e.message =
+        `userfaultfd: no native addon for ${process.platform}-${process.arch} (${libc()})` +
         `${source === 'auto' ? '' : ` with USERFAULTFD_NATIVE=${source}`}. ${e.message}\n` +
         'Compile it: npm rebuild userfaultfd --build-from-source (needs python3, make and a C++ compiler).'
     }

@@ -11,16 +11,16 @@ export interface DoctorReport {
   kernel: string
   arch: string
   uid: number
-  syscall: { ok: boolean, code?: string }
-  device: { present: boolean, ok: boolean, code?: string, mode?: string }
+  syscall: { ok: boolean; code?: string }
+  device: { present: boolean; ok: boolean; code?: string; mode?: string }
   unprivilegedUserfaultfd: number | null
   capSysPtrace: boolean
   seccomp: 'disabled' | 'strict' | 'filter' | 'unknown'
   via: string | null
   features: string[]
   ioctls: string[]
-  hugePages: { size: number, total: number, free: number, nrHugepages: number | null }
-  container: { detected: boolean, kind: string | null, evidence: string[] }
+  hugePages: { size: number; total: number; free: number; nrHugepages: number | null }
+  container: { detected: boolean; kind: string | null; evidence: string[] }
   reason?: string
   fixes: string[]
 }
@@ -41,13 +41,25 @@ function statusField(name: string): string | null {
 function detectContainer(): DoctorReport['container'] {
   const evidence: string[] = []
   let kind: string | null = null
-  if (fs.existsSync('/.dockerenv')) { evidence.push('/.dockerenv exists'); kind = 'docker' }
-  if (fs.existsSync('/run/.containerenv')) { evidence.push('/run/.containerenv exists'); kind ??= 'podman' }
+  if (fs.existsSync('/.dockerenv')) {
+    evidence.push('/.dockerenv exists')
+    kind = 'docker'
+  }
+  if (fs.existsSync('/run/.containerenv')) {
+    evidence.push('/run/.containerenv exists')
+    kind ??= 'podman'
+  }
   const cgroup = read('/proc/1/cgroup') ?? ''
   const m = /(docker|kubepods|containerd|libpod|lxc)/.exec(cgroup)
-  if (m) { evidence.push(`/proc/1/cgroup mentions ${m[1]}`); kind ??= m[1] === 'kubepods' ? 'kubernetes' : m[1] }
+  if (m) {
+    evidence.push(`/proc/1/cgroup mentions ${m[1]}`)
+    kind ??= m[1] === 'kubepods' ? 'kubernetes' : m[1]
+  }
   const env = process.env.container
-  if (env) { evidence.push(`$container=${env}`); kind ??= env }
+  if (env) {
+    evidence.push(`$container=${env}`)
+    kind ??= env
+  }
   return { detected: evidence.length > 0, kind, evidence }
 }
 
@@ -56,8 +68,15 @@ export function diagnose(): DoctorReport {
   const capEff = statusField('CapEff')
   const capSysPtrace = capEff !== null && (BigInt(`0x${capEff}`) & (1n << 19n)) !== 0n
   const seccompField = statusField('Seccomp')
-  const seccomp = seccompField === '0' ? 'disabled' : seccompField === '1' ? 'strict' : seccompField === '2' ? 'filter' : 'unknown'
-  const devStat = (() => { try { return fs.statSync('/dev/userfaultfd') } catch { return null } })()
+  const seccomp =
+    seccompField === '0' ? 'disabled' : seccompField === '1' ? 'strict' : seccompField === '2' ? 'filter' : 'unknown'
+  const devStat = (() => {
+    try {
+      return fs.statSync('/dev/userfaultfd')
+    } catch {
+      return null
+    }
+  })()
   const meminfo = read('/proc/meminfo') ?? ''
   const num = (re: RegExp): number => Number(re.exec(meminfo)?.[1] ?? 0)
   const nr = read('/proc/sys/vm/nr_hugepages')
@@ -65,20 +84,35 @@ export function diagnose(): DoctorReport {
   const status: DoctorReport['status'] = !p.supported ? 'unusable' : p.userModeOnly ? 'user-mode-only' : 'usable'
   const fixes: string[] = []
   if (status !== 'usable') {
-    if (devStat !== null && !p.device.ok) fixes.push(`give this user access to /dev/userfaultfd: sudo setfacl -m u:${os.userInfo().username}:rw /dev/userfaultfd (or a udev rule)`)
-    if (p.syscall.code === 'EPERM') fixes.push('sudo sysctl -w vm.unprivileged_userfaultfd=1 (or run with CAP_SYS_PTRACE)')
+    if (devStat !== null && !p.device.ok)
+      fixes.push(
+        `give this user access to /dev/userfaultfd: sudo setfacl -m u:${os.userInfo().username}:rw /dev/userfaultfd (or a udev rule)`,
+      )
+    if (p.syscall.code === 'EPERM')
+      fixes.push('sudo sysctl -w vm.unprivileged_userfaultfd=1 (or run with CAP_SYS_PTRACE)')
     if (container.detected) {
       // Docker: the default seccomp profile blocks the syscall (EPERM/ENOSYS) whatever the
       // capabilities; the device needs only to be passed in (and be accessible to this user).
-      if (devStat === null) fixes.push('docker run --device /dev/userfaultfd ... (the host needs Linux 6.1+; works with the default seccomp profile)')
-      if (seccomp === 'filter') fixes.push("docker run --cap-add SYS_PTRACE --security-opt seccomp=unconfined ... (Docker's default seccomp profile blocks the userfaultfd syscall)")
-      else if (p.syscall.code === 'EPERM' && !capSysPtrace) fixes.push('docker run --cap-add SYS_PTRACE ... (or run the container as a user allowed to open /dev/userfaultfd)')
+      if (devStat === null)
+        fixes.push(
+          'docker run --device /dev/userfaultfd ... (the host needs Linux 6.1+; works with the default seccomp profile)',
+        )
+      if (seccomp === 'filter')
+        fixes.push(
+          "docker run --cap-add SYS_PTRACE --security-opt seccomp=unconfined ... (Docker's default seccomp profile blocks the userfaultfd syscall)",
+        )
+      else if (p.syscall.code === 'EPERM' && !capSysPtrace)
+        fixes.push(
+          'docker run --cap-add SYS_PTRACE ... (or run the container as a user allowed to open /dev/userfaultfd)',
+        )
     } else if (seccomp === 'filter' && !p.syscall.ok) {
       fixes.push('a seccomp filter is active: allow the userfaultfd syscall in it, or use /dev/userfaultfd')
     }
-    if (p.syscall.code === 'ENOSYS' && devStat === null && !container.detected) fixes.push('this kernel may lack CONFIG_USERFAULTFD, or a seccomp filter blocks the syscall')
+    if (p.syscall.code === 'ENOSYS' && devStat === null && !container.detected)
+      fixes.push('this kernel may lack CONFIG_USERFAULTFD, or a seccomp filter blocks the syscall')
   }
-  if (num(/HugePages_Total:\s+(\d+)/) === 0) fixes.push('optional, for hugetlb tests/guests: echo 64 | sudo tee /proc/sys/vm/nr_hugepages')
+  if (num(/HugePages_Total:\s+(\d+)/) === 0)
+    fixes.push('optional, for hugetlb tests/guests: echo 64 | sudo tee /proc/sys/vm/nr_hugepages')
   return {
     usable: status === 'usable',
     status,
@@ -86,14 +120,24 @@ export function diagnose(): DoctorReport {
     arch: process.arch,
     uid: process.getuid?.() ?? -1,
     syscall: { ok: p.syscall.ok, code: p.syscall.code },
-    device: { present: devStat !== null, ok: p.device.ok, code: p.device.code, mode: devStat ? `0${(devStat.mode & 0o777).toString(8)} uid=${devStat.uid} gid=${devStat.gid}` : undefined },
+    device: {
+      present: devStat !== null,
+      ok: p.device.ok,
+      code: p.device.code,
+      mode: devStat ? `0${(devStat.mode & 0o777).toString(8)} uid=${devStat.uid} gid=${devStat.gid}` : undefined,
+    },
     unprivilegedUserfaultfd: p.unprivilegedUserfaultfd,
     capSysPtrace,
     seccomp,
     via: p.via,
     features: p.featureNames,
     ioctls: p.ioctlNames,
-    hugePages: { size: num(/Hugepagesize:\s+(\d+)/) * 1024, total: num(/HugePages_Total:\s+(\d+)/), free: num(/HugePages_Free:\s+(\d+)/), nrHugepages: nr === null ? null : Number(nr.trim()) },
+    hugePages: {
+      size: num(/Hugepagesize:\s+(\d+)/) * 1024,
+      total: num(/HugePages_Total:\s+(\d+)/),
+      free: num(/HugePages_Free:\s+(\d+)/),
+      nrHugepages: nr === null ? null : Number(nr.trim()),
+    },
     container,
     reason: p.reason,
     fixes,
@@ -109,12 +153,21 @@ export function formatReport(r: DoctorReport): string {
     `userfaultfd doctor: ${r.status.toUpperCase()}`,
     line(null, `kernel ${r.kernel} (${r.arch}), uid ${r.uid}`),
     line(r.syscall.ok, `userfaultfd(2) syscall: ${r.syscall.ok ? 'works' : r.syscall.code}`),
-    line(r.device.ok, `/dev/userfaultfd: ${!r.device.present ? 'absent' : r.device.ok ? 'works' : r.device.code} ${r.device.mode ? `(${r.device.mode})` : ''}`.trimEnd()),
-    line(null, `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`),
+    line(
+      r.device.ok,
+      `/dev/userfaultfd: ${!r.device.present ? 'absent' : r.device.ok ? 'works' : r.device.code} ${r.device.mode ? `(${r.device.mode})` : ''}`.trimEnd(),
+    ),
+    line(
+      null,
+      `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`,
+    ),
     line(null, `features (${r.features.length}): ${r.features.join(' ') || '-'}`),
     line(null, `ioctls: ${r.ioctls.join(' ') || '-'}`),
     line(null, `huge pages: ${r.hugePages.total} x ${r.hugePages.size / 1024} KiB reserved, ${r.hugePages.free} free`),
-    line(null, `container: ${r.container.detected ? `${r.container.kind} (${r.container.evidence.join('; ')})` : 'none detected'}`),
+    line(
+      null,
+      `container: ${r.container.detected ? `${r.container.kind} (${r.container.evidence.join('; ')})` : 'none detected'}`,
+    ),
   ]
   if (r.reason) out.push('', r.reason)
   if (r.fixes.length > 0) out.push('', 'Fixes:', ...r.fixes.map((f) => `  - ${f}`))

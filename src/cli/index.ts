@@ -50,14 +50,19 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'serve': {
       const v = parse({
-        socket: { type: 'string' }, 'mem-file': { type: 'string' }, 'on-remove': { type: 'string' },
-        source: { type: 'string' }, 'allow-uid': { type: 'string', multiple: true }, json: { type: 'boolean' },
+        socket: { type: 'string' },
+        'mem-file': { type: 'string' },
+        'on-remove': { type: 'string' },
+        source: { type: 'string' },
+        'allow-uid': { type: 'string', multiple: true },
+        json: { type: 'boolean' },
         'handshake-timeout': { type: 'string' },
       })
       if (typeof v.socket !== 'string') fail('serve needs --socket PATH')
       if (typeof v['mem-file'] !== 'string') fail('serve needs --mem-file FILE')
       const onRemove = (v['on-remove'] ?? 'zero') as string
-      if (onRemove !== 'zero' && onRemove !== 'unregister') fail(`--on-remove must be zero or unregister (got ${onRemove})`)
+      if (onRemove !== 'zero' && onRemove !== 'unregister')
+        fail(`--on-remove must be zero or unregister (got ${onRemove})`)
       const source = (v.source ?? 'mmap') as string
       if (source !== 'mmap' && source !== 'pread') fail(`--source must be mmap or pread (got ${source})`)
       const allowUid = ((v['allow-uid'] ?? []) as string[]).map((u) => {
@@ -66,12 +71,22 @@ async function main(argv: string[]): Promise<number> {
         return n
       })
       return serve({
-        socket: v.socket, memFile: v['mem-file'] as string, onRemove, source, allowUid, json: v.json === true,
+        socket: v.socket,
+        memFile: v['mem-file'] as string,
+        onRemove,
+        source,
+        allowUid,
+        json: v.json === true,
         handshakeTimeout: positive(v['handshake-timeout'] as string | undefined, '--handshake-timeout', 5000),
       })
     }
     case 'demo': {
-      const v = parse({ size: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' }, timeout: { type: 'string' } })
+      const v = parse({
+        size: { type: 'string' },
+        threads: { type: 'string' },
+        json: { type: 'boolean' },
+        timeout: { type: 'string' },
+      })
       return demo({
         sizeMiB: positive(v.size as string | undefined, '--size', 64),
         threads: positive(v.threads as string | undefined, '--threads', 1),
@@ -84,9 +99,12 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then((code) => {
-  process.exitCode = code
-}, (err: Error & { code?: string }) => {
-  process.stderr.write(`userfaultfd: ${err.message}\n`)
-  process.exitCode = 1
-})
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code
+  },
+  (err: Error & { code?: string }) => {
+    process.stderr.write(`userfaultfd: ${err.message}\n`)
+    process.exitCode = 1
+  },
+)

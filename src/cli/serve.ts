@@ -26,10 +26,18 @@ export async function serve(args: ServeArgs): Promise<number> {
     handshakeTimeout: args.handshakeTimeout,
     allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
   })
-  const log = (msg: string): void => { process.stderr.write(msg + '\n') }
-  log(`userfaultfd serve: listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`)
+  const log = (msg: string): void => {
+    process.stderr.write(msg + '\n')
+  }
+  log(
+    `userfaultfd serve: listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`,
+  )
   handler.on('ready', (c) => log(`connection ${c.id}: pid ${c.peer.pid} uid ${c.peer.uid}, ${c.regions} region(s)`))
-  handler.on('end', (c, err?: Error) => log(`connection ${c.id} ended${err ? `: ${err.message}` : ''} (${c.pagesServed} pages served, ${c.zeroPages} zero, ${c.removes} removes)`))
+  handler.on('end', (c, err?: Error) =>
+    log(
+      `connection ${c.id} ended${err ? `: ${err.message}` : ''} (${c.pagesServed} pages served, ${c.zeroPages} zero, ${c.removes} removes)`,
+    ),
+  )
 
   const started = Date.now()
   let timer: NodeJS.Timeout | undefined
@@ -40,7 +48,9 @@ export async function serve(args: ServeArgs): Promise<number> {
       const now = Date.now()
       const rate = (s.bytesServed - last.bytes) / 1048576 / ((now - last.t) / 1000)
       last = { t: now, bytes: s.bytesServed }
-      process.stderr.write(`\r${s.pagesServed} pages served (${mib(s.bytesServed)} MiB, ${rate.toFixed(1)} MiB/s), ${s.connections.active} VM(s) connected   `)
+      process.stderr.write(
+        `\r${s.pagesServed} pages served (${mib(s.bytesServed)} MiB, ${rate.toFixed(1)} MiB/s), ${s.connections.active} VM(s) connected   `,
+      )
     }, 1000)
     timer.unref()
   }

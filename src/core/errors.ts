@@ -47,7 +47,7 @@ export const PERMISSION_HINT = [
   '    or a udev rule setting its group/mode); the device needs no capability (Linux 6.1+);',
   "  - 'sysctl -w vm.unprivileged_userfaultfd=1' to allow the syscall for everyone;",
   '  - run with CAP_SYS_PTRACE;',
-  "  - open with { userModeOnly: true } if faults only come from user space (not from syscalls such as read(2));",
+  '  - open with { userModeOnly: true } if faults only come from user space (not from syscalls such as read(2));',
   "  - in Docker: '--device /dev/userfaultfd' (works under the default seccomp profile), or",
   "    '--cap-add SYS_PTRACE --security-opt seccomp=unconfined' for the syscall.",
 ].join('\n')

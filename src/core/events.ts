@@ -52,7 +52,7 @@ interface NativeReader {
   close(): void
 }
 
-type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void, reject: (e: unknown) => void }
+type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void; reject: (e: unknown) => void }
 
 function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
   if (value === undefined) return fallback
@@ -67,7 +67,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   readonly #reader: NativeReader
   readonly #view: DataView
   readonly #threadId: boolean
-  readonly #batchMax: number  // 0: single events
+  readonly #batchMax: number // 0: single events
   readonly #highWaterMark: number
   readonly #signal: AbortSignal | undefined
   readonly #onAbort: () => void
@@ -81,21 +81,34 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   #paused = false
 
   constructor(source: EventSource, options: EventsOptions = {}) {
-    if (options === null || typeof options !== 'object') throw new TypeError(`events options must be an object (got ${describe(options)})`)
+    if (options === null || typeof options !== 'object')
+      throw new TypeError(`events options must be an object (got ${describe(options)})`)
     const { batch, signal } = options
     if (batch !== undefined && typeof batch !== 'boolean') positiveInt(batch, 'batch', 1, 4096)
     if (signal !== undefined && !(signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
     const watchdog = options.watchdog ?? 1000
     if (watchdog !== false) positiveInt(watchdog, 'watchdog', 1000, 3_600_000)
     this.#batchMax = batch === true ? Infinity : typeof batch === 'number' ? batch : 0
-    const readSize = positiveInt(options.readSize, 'readSize', typeof batch === 'number' ? Math.max(batch, 128) : 128, 4096)
+    const readSize = positiveInt(
+      options.readSize,
+      'readSize',
+      typeof batch === 'number' ? Math.max(batch, 128) : 128,
+      4096,
+    )
     this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
-    this.#reader = new (native as unknown as { EventReader: new (fd: number, batch: number,
-      cb: (r: number | Error) => void, watchdogMs: number) => NativeReader }).EventReader(
-      source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
+    this.#reader = new (
+      native as unknown as {
+        EventReader: new (
+          fd: number,
+          batch: number,
+          cb: (r: number | Error) => void,
+          watchdogMs: number,
+        ) => NativeReader
+      }
+    ).EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
     this.#view = new DataView(this.#reader.buffer)
     this.#signal = signal
     this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))
@@ -195,7 +208,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     if (error !== undefined) this.#error = error
     // Events read but never handed out would strand their threads: the source wakes them to
     // fault again for the next reader, and closes fork uffds nobody will serve.
-    const leftovers = this.#queue.flatMap((batch, i) => i === 0 ? batch.slice(this.#head) : batch)
+    const leftovers = this.#queue.flatMap((batch, i) => (i === 0 ? batch.slice(this.#head) : batch))
     this.#queue = []
     this.#head = 0
     this.#queued = 0

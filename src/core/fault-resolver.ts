@@ -41,7 +41,11 @@ export class FaultResolver {
 
   constructor(uffd: Userfaultfd, options: FaultResolverOptions = {}) {
     this.#uffd = uffd
-    this.#onError = options.onError ?? ((e) => { process.emitWarning(`FaultResolver: ${e.message}`, 'UffdWarning') })
+    this.#onError =
+      options.onError ??
+      ((e) => {
+        process.emitWarning(`FaultResolver: ${e.message}`, 'UffdWarning')
+      })
     this.#detach = uffd._onRead(() => this.#scheduleRetry(true))
   }
 
@@ -60,7 +64,12 @@ export class FaultResolver {
    * copy keeps a copy of the bytes, so `src` may be reused at once; an address `src` must stay
    * valid until the op is done.
    */
-  copy(dst: bigint, src: ArrayBuffer | ArrayBufferView | bigint, length?: number, options?: CopyOptions): ResolveOutcome {
+  copy(
+    dst: bigint,
+    src: ArrayBuffer | ArrayBufferView | bigint,
+    length?: number,
+    options?: CopyOptions,
+  ): ResolveOutcome {
     const len = length ?? (typeof src === 'bigint' ? undefined : src.byteLength)
     if (len === undefined) throw new TypeError('copy: length is required when src is an address')
     const first: Op = (offset) => {
@@ -79,13 +88,19 @@ export class FaultResolver {
   /** UFFDIO_ZEROPAGE with EEXIST/EAGAIN handled. */
   zeropage(range: RangeLike, options?: WakeOption): ResolveOutcome {
     const len = Number(range.length)
-    return this.#run((offset) => this.#uffd.zeropage({ address: range.address + BigInt(offset), length: len - offset }, options), len)
+    return this.#run(
+      (offset) => this.#uffd.zeropage({ address: range.address + BigInt(offset), length: len - offset }, options),
+      len,
+    )
   }
 
   /** UFFDIO_CONTINUE with EEXIST/EAGAIN handled. */
   continue(range: RangeLike, options?: CopyOptions): ResolveOutcome {
     const len = Number(range.length)
-    return this.#run((offset) => this.#uffd.continue({ address: range.address + BigInt(offset), length: len - offset }, options), len)
+    return this.#run(
+      (offset) => this.#uffd.continue({ address: range.address + BigInt(offset), length: len - offset }, options),
+      len,
+    )
   }
 
   /** Retries deferred ops now; returns how many remain deferred. */

@@ -8,9 +8,23 @@ import { asBytes, checkAligned, checkOptions, describe, flag, toLength, type Byt
 
 const c = native.constants
 
-export type Advice = 'normal' | 'random' | 'sequential' | 'willneed' | 'dontneed' | 'remove'
-  | 'dontfork' | 'dofork' | 'hugepage' | 'nohugepage' | 'free' | 'cold' | 'pageout'
-  | 'populate_read' | 'populate_write' | 'collapse'
+export type Advice =
+  | 'normal'
+  | 'random'
+  | 'sequential'
+  | 'willneed'
+  | 'dontneed'
+  | 'remove'
+  | 'dontfork'
+  | 'dofork'
+  | 'hugepage'
+  | 'nohugepage'
+  | 'free'
+  | 'cold'
+  | 'pageout'
+  | 'populate_read'
+  | 'populate_write'
+  | 'collapse'
 
 export type Protection = 'none' | 'r' | 'rw' | 'rx' | 'rwx' | number
 
@@ -51,7 +65,8 @@ function toProt(prot: Protection): number {
     rwx: c.Prot.PROT_READ | c.Prot.PROT_WRITE | c.Prot.PROT_EXEC,
   }
   const value = table[prot]
-  if (value === undefined) throw new TypeError(`unknown protection '${String(prot)}' (use ${Object.keys(table).join(', ')} or a number)`)
+  if (value === undefined)
+    throw new TypeError(`unknown protection '${String(prot)}' (use ${Object.keys(table).join(', ')} or a number)`)
   return value
 }
 
@@ -152,7 +167,10 @@ export class Mapping implements Range {
   /** Copies memory out into target (no view kept). Returns bytes copied. */
   read(offset: number, target: Bytes): number {
     const bytes = asBytes(target)
-    if (bytes === undefined) throw new TypeError(`target must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(target)})`)
+    if (bytes === undefined)
+      throw new TypeError(
+        `target must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(target)})`,
+      )
     this.#span(offset, bytes.byteLength, 'read')
     return this.#live('read').read(offset, bytes)
   }
@@ -160,7 +178,10 @@ export class Mapping implements Range {
   /** Copies source into memory (no view kept). Returns bytes copied. */
   write(offset: number, source: Bytes): number {
     const bytes = asBytes(source)
-    if (bytes === undefined) throw new TypeError(`source must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(source)})`)
+    if (bytes === undefined)
+      throw new TypeError(
+        `source must be an ArrayBuffer, SharedArrayBuffer or ArrayBufferView (got ${describe(source)})`,
+      )
     this.#span(offset, bytes.byteLength, 'write')
     return this.#live('write').write(offset, bytes)
   }
@@ -171,7 +192,8 @@ export class Mapping implements Range {
    */
   madvise(advice: Advice, offset = 0, length = this.length - offset): void {
     const value = Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
-    if (value === undefined) throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
+    if (value === undefined)
+      throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
     this.#span(offset, length, 'madvise')
     this.#live('madvise').madvise(offset, length, value)
   }

@@ -12,11 +12,30 @@ export interface PagefaultMessage {
   /** the faulting thread's id (with Feature.THREAD_ID) */
   tid?: number
 }
-export interface ForkMessage { type: 'fork', fd: number }
-export interface RemapMessage { type: 'remap', from: bigint, to: bigint, length: number }
-export interface RemoveMessage { type: 'remove', start: bigint, end: bigint }
-export interface UnmapMessage { type: 'unmap', start: bigint, end: bigint }
-export interface UnknownMessage { type: 'unknown', event: number }
+export interface ForkMessage {
+  type: 'fork'
+  fd: number
+}
+export interface RemapMessage {
+  type: 'remap'
+  from: bigint
+  to: bigint
+  length: number
+}
+export interface RemoveMessage {
+  type: 'remove'
+  start: bigint
+  end: bigint
+}
+export interface UnmapMessage {
+  type: 'unmap'
+  start: bigint
+  end: bigint
+}
+export interface UnknownMessage {
+  type: 'unknown'
+  event: number
+}
 export type UffdMessage = PagefaultMessage | ForkMessage | RemapMessage | RemoveMessage | UnmapMessage | UnknownMessage
 
 const { WRITE, WP, MINOR } = PagefaultFlag

@@ -39,11 +39,11 @@ export interface Probe {
 
 let cached: Probe | undefined
 
-function attempt(open: () => number): { fd: number, result: AccessResult } {
+function attempt(open: () => number): { fd: number; result: AccessResult } {
   try {
     return { fd: open(), result: { ok: true } }
   } catch (err) {
-    const e = err as { code?: string, message?: string }
+    const e = err as { code?: string; message?: string }
     return { fd: -1, result: { ok: false, code: e.code, message: e.message } }
   }
 }
@@ -91,10 +91,15 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
     try {
       const [features, ioctls] = native.api(fd, 0n)
       Object.assign(result, {
-        supported: true, features, ioctls, featureNames: featureNames(features), ioctlNames: ioctlNames(ioctls),
+        supported: true,
+        features,
+        ioctls,
+        featureNames: featureNames(features),
+        ioctlNames: ioctlNames(ioctls),
       })
       if (userModeOnly) {
-        result.reason = 'only UFFD_USER_MODE_ONLY is permitted: faults raised inside syscalls are not delivered.\n' + PERMISSION_HINT
+        result.reason =
+          'only UFFD_USER_MODE_ONLY is permitted: faults raised inside syscalls are not delivered.\n' + PERMISSION_HINT
       }
     } catch (err) {
       result.via = null
@@ -112,9 +117,12 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
 function explain(sys: AccessResult, dev: AccessResult): string {
   const lines = [`syscall: ${sys.message}`, `/dev/userfaultfd: ${dev.message}`]
   if (sys.code === 'ENOSYS' && dev.code === 'ENOENT') {
-    lines.push('This kernel has no userfaultfd (CONFIG_USERFAULTFD), or a seccomp filter blocks it and the device is absent.')
+    lines.push(
+      'This kernel has no userfaultfd (CONFIG_USERFAULTFD), or a seccomp filter blocks it and the device is absent.',
+    )
   } else if (sys.code === 'ENOSYS' || isPermissionError(sys) || isPermissionError(dev)) {
-    if (sys.code === 'ENOSYS') lines.push('The syscall is blocked (ENOSYS usually means a seccomp filter, e.g. Docker\'s default profile).')
+    if (sys.code === 'ENOSYS')
+      lines.push("The syscall is blocked (ENOSYS usually means a seccomp filter, e.g. Docker's default profile).")
     lines.push(PERMISSION_HINT)
   }
   return lines.join('\n')

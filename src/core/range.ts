@@ -102,7 +102,8 @@ export function pageSizeOf(value: unknown): number {
 /** An options argument: undefined (no options) or a plain object. */
 export function checkOptions(options: unknown, what: string): Record<string, unknown> {
   if (options === undefined) return {}
-  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
+  if (options === null || typeof options !== 'object' || Array.isArray(options))
+    throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
   return options as Record<string, unknown>
 }
 

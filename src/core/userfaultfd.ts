@@ -4,7 +4,19 @@ import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from 
 import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import { asBytes, checkAligned, checkOptions, describe, flag, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
+import {
+  asBytes,
+  checkAligned,
+  checkOptions,
+  describe,
+  flag,
+  pageSizeOf,
+  toAddress,
+  toLength,
+  toRange,
+  type Bytes,
+  type RangeLike,
+} from './range'
 import { EventStream, type EventsOptions } from './events'
 import { IntervalSet } from '../util/interval-set'
 
@@ -21,19 +33,31 @@ export interface OpenOptions {
   closeOnExec?: true
 }
 
-export interface RegisterModes { missing?: boolean, wp?: boolean, minor?: boolean }
-export interface WakeOption { wake?: boolean }
-export interface CopyOptions extends WakeOption { wp?: boolean }
-export interface WriteProtectOptions extends WakeOption { protect?: boolean }
-export interface MoveOptions extends WakeOption { allowSrcHoles?: boolean }
+export interface RegisterModes {
+  missing?: boolean
+  wp?: boolean
+  minor?: boolean
+}
+export interface WakeOption {
+  wake?: boolean
+}
+export interface CopyOptions extends WakeOption {
+  wp?: boolean
+}
+export interface WriteProtectOptions extends WakeOption {
+  protect?: boolean
+}
+export interface MoveOptions extends WakeOption {
+  allowSrcHoles?: boolean
+}
 
 export type UffdEvent =
-  | { type: 'pagefault', address: bigint, flags: bigint, write: boolean, wp: boolean, minor: boolean, tid?: number }
-  | { type: 'fork', uffd: Userfaultfd }
-  | { type: 'remap', from: bigint, to: bigint, length: number }
-  | { type: 'remove', start: bigint, end: bigint }
-  | { type: 'unmap', start: bigint, end: bigint }
-  | { type: 'unknown', event: number }
+  | { type: 'pagefault'; address: bigint; flags: bigint; write: boolean; wp: boolean; minor: boolean; tid?: number }
+  | { type: 'fork'; uffd: Userfaultfd }
+  | { type: 'remap'; from: bigint; to: bigint; length: number }
+  | { type: 'remove'; start: bigint; end: bigint }
+  | { type: 'unmap'; start: bigint; end: bigint }
+  | { type: 'unknown'; event: number }
 
 type Address = bigint | RangeLike
 type Source = Address | Bytes
@@ -46,7 +70,9 @@ const MAX_BATCH = 4096
 const leaked = new FinalizationRegistry<number>((fd) => {
   try {
     native.close(fd)
-  } catch { /* already gone */ }
+  } catch {
+    /* already gone */
+  }
   process.emitWarning(`userfaultfd: closing fd ${fd} on garbage collection; call close() explicitly`, 'UffdWarning')
 })
 
@@ -61,7 +87,7 @@ export class Userfaultfd {
   #view: DataView | undefined
   #stream: EventStream | undefined
   #registered = new IntervalSet()
-  #followed = new WeakSet<object>()  // Mappings whose unmap() we listen to
+  #followed = new WeakSet<object>() // Mappings whose unmap() we listen to
   #refed = true
   #readListeners = new Set<() => void>()
   /** Features enabled on this fd: those requested (plus WP_UNPOPULATED with WP_ASYNC). */
@@ -97,8 +123,13 @@ export class Userfaultfd {
     }
     for (const name of ['nonBlocking', 'closeOnExec']) {
       if (opts[name] !== undefined && opts[name] !== true) {
-        throw new TypeError(`${name} can only be true: ${name === 'nonBlocking'
-          ? 'the event reader needs O_NONBLOCK' : 'across exec a uffd stays tied to the old address space'}`)
+        throw new TypeError(
+          `${name} can only be true: ${
+            name === 'nonBlocking'
+              ? 'the event reader needs O_NONBLOCK'
+              : 'across exec a uffd stays tied to the old address space'
+          }`,
+        )
       }
     }
     const userModeOnly = flag(opts, 'userModeOnly', false)
@@ -107,7 +138,7 @@ export class Userfaultfd {
     const order: Via[] = via === 'auto' ? ['syscall', 'device'] : [via]
     let fd = -1
     let used: Via = order[0]
-    const failures: Array<{ path: Via, err: UffdError }> = []
+    const failures: Array<{ path: Via; err: UffdError }> = []
     for (const path of order) {
       try {
         fd = path === 'syscall' ? native.openSyscall(flags) : native.openDevice(flags)
@@ -123,10 +154,11 @@ export class Userfaultfd {
       // without --device, say) over the device's mere absence (ENOENT), and name the other one.
       // The last attempt stands when it was itself refused (EACCES on the device, say).
       const last = failures[failures.length - 1]
-      const denied = isPermissionError(last.err) ? last : failures.find((f) => isPermissionError(f.err)) ?? last
+      const denied = isPermissionError(last.err) ? last : (failures.find((f) => isPermissionError(f.err)) ?? last)
       const err = denied.err
       for (const f of failures) {
-        if (f !== denied) err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
+        if (f !== denied)
+          err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
       }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
       throw err
@@ -149,7 +181,10 @@ export class Userfaultfd {
         const offered = probe().features
         const missing = featureNames(features & ~offered)
         if (missing.length > 0) {
-          withHint(e, `this kernel (${probe().kernel}) does not offer: ${missing.join(', ')}; check Userfaultfd.probe().features`)
+          withHint(
+            e,
+            `this kernel (${probe().kernel}) does not offer: ${missing.join(', ')}; check Userfaultfd.probe().features`,
+          )
         }
       } else if (e.code === 'EPERM' && (features & Feature.EVENT_FORK) !== 0n) {
         withHint(e, 'Feature.EVENT_FORK needs CAP_SYS_PTRACE')
@@ -162,8 +197,9 @@ export class Userfaultfd {
    * Wraps a uffd whose UFFDIO_API handshake was already done elsewhere: one received over a
    * socket, or one created by a FORK event. Takes ownership of the fd.
    */
-  static fromFd(fd: number, options: { features?: bigint, ioctls?: bigint } = {}): Userfaultfd {
-    if (!Number.isSafeInteger(fd) || fd < 0) throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
+  static fromFd(fd: number, options: { features?: bigint; ioctls?: bigint } = {}): Userfaultfd {
+    if (!Number.isSafeInteger(fd) || fd < 0)
+      throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
     native.adopt(fd)
     return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
   }
@@ -205,7 +241,10 @@ export class Userfaultfd {
       } else if (e.code === 'EBUSY') {
         withHint(e, 'another userfaultfd already registered (part of) this range')
       } else if (e.code === 'EINVAL') {
-        withHint(e, 'the range must be mapped (no part of it a hole), page-aligned, of a kind the mode supports (WP and MINOR on hugetlb/shmem need Feature.WP_HUGETLBFS_SHMEM / MINOR_HUGETLBFS / MINOR_SHMEM), and not VM_PFNMAP/IO memory')
+        withHint(
+          e,
+          'the range must be mapped (no part of it a hole), page-aligned, of a kind the mode supports (WP and MINOR on hugetlb/shmem need Feature.WP_HUGETLBFS_SHMEM / MINOR_HUGETLBFS / MINOR_SHMEM), and not VM_PFNMAP/IO memory',
+        )
       }
       throw e
     }
@@ -347,7 +386,8 @@ export class Userfaultfd {
    */
   read(max = 64): UffdEvent[] {
     const fd = this.#live('read')
-    if (!Number.isSafeInteger(max) || max < 1 || max > MAX_BATCH) throw new RangeError(`max must be 1..${MAX_BATCH} (got ${describe(max)})`)
+    if (!Number.isSafeInteger(max) || max < 1 || max > MAX_BATCH)
+      throw new RangeError(`max must be 1..${MAX_BATCH} (got ${describe(max)})`)
     if (this.#view === undefined || this.#view.byteLength < max * UFFD_MSG_SIZE) {
       this.#view = new DataView(new ArrayBuffer(Math.max(max, 64) * UFFD_MSG_SIZE))
     }
@@ -366,7 +406,11 @@ export class Userfaultfd {
   events(options: EventsOptions = {}): EventStream {
     this.#live('events')
     if (this.#stream !== undefined) {
-      throw uffdError('EBUSY', 'events', 'this userfaultfd already has an active event stream; end it (break, abort) first')
+      throw uffdError(
+        'EBUSY',
+        'events',
+        'this userfaultfd already has an active event stream; end it (break, abort) first',
+      )
     }
     this.#stream = new EventStream(this, options)
     return this.#stream
@@ -438,9 +482,12 @@ export class Userfaultfd {
 
   /** @internal decoded messages to public events: FORK fds become Userfaultfd objects. */
   toEvents(messages: UffdMessage[]): UffdEvent[] {
-    return messages.map((m): UffdEvent => m.type === 'fork'
-      ? { type: 'fork', uffd: Userfaultfd.fromFd(m.fd, { features: this.features, ioctls: this.ioctls }) }
-      : m)
+    return messages.map(
+      (m): UffdEvent =>
+        m.type === 'fork'
+          ? { type: 'fork', uffd: Userfaultfd.fromFd(m.fd, { features: this.features, ioctls: this.ioctls }) }
+          : m,
+    )
   }
 
   /**

@@ -46,7 +46,10 @@ export interface DirtyTrackingInputs {
 export function dirtyTrackingSupport(inputs: DirtyTrackingInputs): DirtyTrackingSupport {
   const kernel = inputs.kernel === undefined ? 'this kernel' : `this kernel (${inputs.kernel})`
   if (inputs.userfaultfd === false) {
-    return { supported: false, reason: `userfaultfd is not available to this process: ${inputs.userfaultfdReason ?? 'see Userfaultfd.probe()'}` }
+    return {
+      supported: false,
+      reason: `userfaultfd is not available to this process: ${inputs.userfaultfdReason ?? 'see Userfaultfd.probe()'}`,
+    }
   }
   const missing: string[] = []
   if ((inputs.features & Feature.WP_ASYNC) === 0n) missing.push('UFFD_FEATURE_WP_ASYNC (Linux 6.7+)')
@@ -89,8 +92,12 @@ export class DirtyTracker {
   static support(memory: MemoryKind = 'anonymous'): DirtyTrackingSupport {
     const p = Userfaultfd.probe()
     return dirtyTrackingSupport({
-      features: p.features, pagemapScan: pagemapScanSupported(), userfaultfd: p.supported,
-      userfaultfdReason: p.reason, kernel: p.kernel, memory,
+      features: p.features,
+      pagemapScan: pagemapScanSupported(),
+      userfaultfd: p.supported,
+      userfaultfdReason: p.reason,
+      kernel: p.kernel,
+      memory,
     })
   }
 
@@ -101,14 +108,16 @@ export class DirtyTracker {
    * userfaultfd already registered it).
    */
   static start(range: Mapping | RangeLike, options: DirtyTrackerOptions = {}): DirtyTracker {
-    if (options === null || typeof options !== 'object') throw new TypeError(`options must be an object (got ${describe(options)})`)
+    if (options === null || typeof options !== 'object')
+      throw new TypeError(`options must be an object (got ${describe(options)})`)
     const r = toRange(range)
     const memory = options.memory ?? memoryOf(range)
     if (memory !== 'anonymous' && memory !== 'shmem' && memory !== 'hugetlb') {
       throw new TypeError(`memory must be 'anonymous', 'shmem' or 'hugetlb' (got ${describe(memory)})`)
     }
     const batch = options.batch ?? 4096
-    if (!Number.isSafeInteger(batch) || batch < 1) throw new RangeError(`batch must be a positive integer (got ${describe(batch)})`)
+    if (!Number.isSafeInteger(batch) || batch < 1)
+      throw new RangeError(`batch must be a positive integer (got ${describe(batch)})`)
     const support = DirtyTracker.support(memory)
     if (!support.supported) throw new UnsupportedError(support.reason!)
 
@@ -166,12 +175,17 @@ export class DirtyTracker {
     const out: DirtyRange[] = []
     let cursor = start
     while (cursor < end) {
-      const { regions, walkEnd } = pagemapScan({ address: cursor, length: end - cursor }, {
-        flags: reprotect ? PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC : PagemapScanFlag.CHECK_WPASYNC,
-        categoryMask: PageCategory.WRITTEN,
-        returnMask: PageCategory.WRITTEN | PageCategory.HUGE,
-        maxRegions: this.#batch,
-      })
+      const { regions, walkEnd } = pagemapScan(
+        { address: cursor, length: end - cursor },
+        {
+          flags: reprotect
+            ? PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC
+            : PagemapScanFlag.CHECK_WPASYNC,
+          categoryMask: PageCategory.WRITTEN,
+          returnMask: PageCategory.WRITTEN | PageCategory.HUGE,
+          maxRegions: this.#batch,
+        },
+      )
       for (const region of regions) {
         const huge = (region.categories & PageCategory.HUGE) !== 0
         const last = out[out.length - 1]

@@ -67,10 +67,10 @@ type Bytes = ArrayBuffer | ArrayBufferView
 export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
 
 export type FaultSource =
-  | { buffer: Bytes | Mapping, offset?: number }
-  | { file: string | number, offset?: number, mode?: 'mmap' | 'pread' }
+  | { buffer: Bytes | Mapping; offset?: number }
+  | { file: string | number; offset?: number; mode?: 'mmap' | 'pread' }
   | { zero: true }
-  | { handler: FaultHandler, offset?: number }
+  | { handler: FaultHandler; offset?: number }
 
 export interface ServeOptions {
   /** Fill this range in the background too (default: the server's `prefetch`). */
@@ -132,7 +132,15 @@ export interface FaultServerProgress {
 }
 
 interface NativeHandle {
-  addRange(id: number, address: bigint, length: number, source: object, sourceOffset: number, prefetch: boolean, faultAround: number): void
+  addRange(
+    id: number,
+    address: bigint,
+    length: number,
+    source: object,
+    sourceOffset: number,
+    prefetch: boolean,
+    faultAround: number,
+  ): void
   removeRange(start: bigint, end: bigint): number
   complete(id: number, bytes: Bytes | null): void
   stats(): FaultServerStats
@@ -143,10 +151,21 @@ interface NativeHandle {
 }
 
 type Notice =
-  | { type: 'error', error: UffdError, address?: bigint }
+  | { type: 'error'; error: UffdError; address?: bigint }
   | { type: 'progress' }
-  | { type: 'fork', fd: number }
-  | { type: 'requests', requests: Array<{ id: number, handler: number, range: number, address: bigint, offset: number, length: number, prefetch: boolean }> }
+  | { type: 'fork'; fd: number }
+  | {
+      type: 'requests'
+      requests: Array<{
+        id: number
+        handler: number
+        range: number
+        address: bigint
+        offset: number
+        length: number
+        prefetch: boolean
+      }>
+    }
 
 interface Served {
   range: Range
@@ -180,7 +199,8 @@ function checkWindow(value: unknown, name: string): number {
 }
 
 function checkChoice<T extends string>(value: unknown, name: string, choices: readonly T[]): T {
-  if (!choices.includes(value as T)) throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(' or ')} (got ${describe(value)})`)
+  if (!choices.includes(value as T))
+    throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(' or ')} (got ${describe(value)})`)
   return value as T
 }
 
@@ -193,34 +213,64 @@ export class FaultServer extends EventEmitter {
   readonly #handlers = new Map<number, FaultHandler>()
   #nextId = 1
   #closed = false
-  #drainWaiters: Array<{ resolve: () => void, reject: (e: unknown) => void }> = []
+  #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
     super()
     if (!(uffd instanceof Userfaultfd)) throw new TypeError(`uffd must be a Userfaultfd (got ${describe(uffd)})`)
-    if (options === null || typeof options !== 'object') throw new TypeError(`options must be an object (got ${describe(options)})`)
+    if (options === null || typeof options !== 'object')
+      throw new TypeError(`options must be an object (got ${describe(options)})`)
     const o = options
     this.#faultAround = o.faultAround === undefined ? 64 * 1024 : checkWindow(o.faultAround, 'faultAround')
-    if (o.prefetch !== undefined && typeof o.prefetch !== 'boolean') throw new TypeError(`prefetch must be a boolean (got ${describe(o.prefetch)})`)
+    if (o.prefetch !== undefined && typeof o.prefetch !== 'boolean')
+      throw new TypeError(`prefetch must be a boolean (got ${describe(o.prefetch)})`)
     this.#prefetch = o.prefetch ?? false
-    const prefetchChunk = o.prefetchChunk === undefined ? 256 * 1024 : checkInt(o.prefetchChunk, 'prefetchChunk', PAGE_SIZE, MAX_WINDOW)
-    if (prefetchChunk % PAGE_SIZE !== 0) throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
+    const prefetchChunk =
+      o.prefetchChunk === undefined ? 256 * 1024 : checkInt(o.prefetchChunk, 'prefetchChunk', PAGE_SIZE, MAX_WINDOW)
+    if (prefetchChunk % PAGE_SIZE !== 0)
+      throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
     const spinUs = o.spin === undefined ? 0 : checkInt(o.spin, 'spin', 0, 100_000)
     const batch = o.batch === undefined ? 64 : checkInt(o.batch, 'batch', 1, 4096)
-    const progressMs = o.progressInterval === undefined ? 100 : checkInt(o.progressInterval, 'progressInterval', 0, 3_600_000)
-    const onRemove = o.onRemove === undefined ? 'zero' : checkChoice(o.onRemove, 'onRemove', ['zero', 'source'] as const)
+    const progressMs =
+      o.progressInterval === undefined ? 100 : checkInt(o.progressInterval, 'progressInterval', 0, 3_600_000)
+    const onRemove =
+      o.onRemove === undefined ? 'zero' : checkChoice(o.onRemove, 'onRemove', ['zero', 'source'] as const)
     const onFork = o.onFork === undefined ? 'close' : checkChoice(o.onFork, 'onFork', ['close', 'emit'] as const)
-    const priority = o.prefetchPriority === undefined ? 'idle' : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
-    const handlerConcurrency = o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
-    const prefetchYieldUs = o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
-    const watchdogMs = o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
-    if (serving.has(uffd)) throw uffdError('EBUSY', 'FaultServer', 'this userfaultfd already has a FaultServer; close it first')
+    const priority =
+      o.prefetchPriority === undefined
+        ? 'idle'
+        : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
+    const handlerConcurrency =
+      o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
+    const prefetchYieldUs =
+      o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
+    const watchdogMs =
+      o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
+    if (serving.has(uffd))
+      throw uffdError('EBUSY', 'FaultServer', 'this userfaultfd already has a FaultServer; close it first')
     this.#uffd = uffd
-    const Handle = (native as unknown as { FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle }).FaultServerHandle
-    this.#handle = new Handle(uffd.fd, {
-      faultAround: this.#faultAround, prefetchChunk, spinUs, batch, progressMs, handlerConcurrency, watchdogMs, prefetchYieldUs,
-      removeToZero: onRemove === 'zero', forkEmit: onFork === 'emit', prefetchIdle: priority === 'idle',
-    }, (notices) => this.#onNotices(notices))
+    const Handle = (
+      native as unknown as {
+        FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle
+      }
+    ).FaultServerHandle
+    this.#handle = new Handle(
+      uffd.fd,
+      {
+        faultAround: this.#faultAround,
+        prefetchChunk,
+        spinUs,
+        batch,
+        progressMs,
+        handlerConcurrency,
+        watchdogMs,
+        prefetchYieldUs,
+        removeToZero: onRemove === 'zero',
+        forkEmit: onFork === 'emit',
+        prefetchIdle: priority === 'idle',
+      },
+      (notices) => this.#onNotices(notices),
+    )
     serving.add(uffd)
     released.register(this, uffd, this)
   }
@@ -236,13 +286,17 @@ export class FaultServer extends EventEmitter {
   serve(range: RangeLike, source: FaultSource, options: ServeOptions = {}): this {
     this.#live('serve')
     if (range instanceof Mapping && range.pageSize !== PAGE_SIZE) {
-      throw new RangeError(`FaultServer serves ${PAGE_SIZE}-byte pages; this mapping has ${range.pageSize}-byte (hugetlb) pages: resolve those with uffd.events()`)
+      throw new RangeError(
+        `FaultServer serves ${PAGE_SIZE}-byte pages; this mapping has ${range.pageSize}-byte (hugetlb) pages: resolve those with uffd.events()`,
+      )
     }
     const r = toRange(range)
-    if (options === null || typeof options !== 'object') throw new TypeError(`serve options must be an object (got ${describe(options)})`)
+    if (options === null || typeof options !== 'object')
+      throw new TypeError(`serve options must be an object (got ${describe(options)})`)
     const prefetch = options.prefetch ?? this.#prefetch
     if (typeof prefetch !== 'boolean') throw new TypeError(`prefetch must be a boolean (got ${describe(prefetch)})`)
-    const faultAround = options.faultAround === undefined ? this.#faultAround : checkWindow(options.faultAround, 'faultAround')
+    const faultAround =
+      options.faultAround === undefined ? this.#faultAround : checkWindow(options.faultAround, 'faultAround')
     const register = options.register ?? true
     const id = this.#nextId++
     const { spec, offset, keep, close } = this.#source(source, r, id)
@@ -326,18 +380,30 @@ export class FaultServer extends EventEmitter {
     this.close()
   }
 
-  #source(source: FaultSource, r: Range, id: number): { spec: object, offset: number, keep: unknown, close?: () => void } {
-    if (source === null || typeof source !== 'object') throw new TypeError(`source must be { buffer }, { file }, { zero: true } or { handler } (got ${describe(source)})`)
+  #source(
+    source: FaultSource,
+    r: Range,
+    id: number,
+  ): { spec: object; offset: number; keep: unknown; close?: () => void } {
+    if (source === null || typeof source !== 'object')
+      throw new TypeError(
+        `source must be { buffer }, { file }, { zero: true } or { handler } (got ${describe(source)})`,
+      )
     const s = source as Record<string, unknown>
     const offset = s.offset === undefined ? 0 : checkInt(s.offset, 'source offset', 0, Number.MAX_SAFE_INTEGER)
     if ('buffer' in s) {
       const b = s.buffer
       if (b instanceof Mapping) {
-        if (offset + r.length > b.length) throw new RangeError(`buffer: [${offset}, ${offset + r.length}) lies outside the mapping (length ${b.length})`)
+        if (offset + r.length > b.length)
+          throw new RangeError(
+            `buffer: [${offset}, ${offset + r.length}) lies outside the mapping (length ${b.length})`,
+          )
         return { spec: { kind: 'memory', address: b.address, length: b.length }, offset, keep: b }
       }
-      if (!isBytes(b)) throw new TypeError(`buffer must be an ArrayBuffer, a typed array or a Mapping (got ${describe(b)})`)
-      if (offset + r.length > b.byteLength) throw new RangeError(`buffer: ${b.byteLength} bytes cannot cover [${offset}, ${offset + r.length})`)
+      if (!isBytes(b))
+        throw new TypeError(`buffer must be an ArrayBuffer, a typed array or a Mapping (got ${describe(b)})`)
+      if (offset + r.length > b.byteLength)
+        throw new RangeError(`buffer: ${b.byteLength} bytes cannot cover [${offset}, ${offset + r.length})`)
       return { spec: { kind: 'buffer', bytes: b }, offset, keep: b }
     }
     if ('file' in s) {
@@ -345,7 +411,12 @@ export class FaultServer extends EventEmitter {
       const f = s.file
       if (typeof f === 'string') {
         const fd = fs.openSync(f, 'r')
-        return { spec: { kind: 'file', fd, offset, mmap: mode === 'mmap' }, offset: 0, keep: null, close: () => fs.closeSync(fd) }
+        return {
+          spec: { kind: 'file', fd, offset, mmap: mode === 'mmap' },
+          offset: 0,
+          keep: null,
+          close: () => fs.closeSync(fd),
+        }
       }
       if (typeof f === 'number' && Number.isSafeInteger(f) && f >= 0) {
         return { spec: { kind: 'file', fd: f, offset, mmap: mode === 'mmap' }, offset: 0, keep: null }
@@ -357,7 +428,8 @@ export class FaultServer extends EventEmitter {
       return { spec: { kind: 'zero' }, offset: 0, keep: null }
     }
     if ('handler' in s) {
-      if (typeof s.handler !== 'function') throw new TypeError(`handler must be a function (got ${describe(s.handler)})`)
+      if (typeof s.handler !== 'function')
+        throw new TypeError(`handler must be a function (got ${describe(s.handler)})`)
       this.#handlers.set(id, s.handler as FaultHandler)
       return { spec: { kind: 'handler', id }, offset, keep: null }
     }
@@ -368,7 +440,9 @@ export class FaultServer extends EventEmitter {
     if (this.#uffd.closed) return
     try {
       this.#uffd.unregister(r)
-    } catch { /* unmapped or moved meanwhile: nothing left to unregister */ }
+    } catch {
+      /* unmapped or moved meanwhile: nothing left to unregister */
+    }
   }
 
   #onNotices(notices: Notice[]): void {
@@ -398,7 +472,11 @@ export class FaultServer extends EventEmitter {
     }
     if (progress) {
       const [present, total] = this.#handle.settled()
-      this.emit('progress', { pagesPresent: present, pagesTotal: total, fraction: total === 0 ? 1 : present / total } satisfies FaultServerProgress)
+      this.emit('progress', {
+        pagesPresent: present,
+        pagesTotal: total,
+        fraction: total === 0 ? 1 : present / total,
+      } satisfies FaultServerProgress)
       this.#checkDrained()
     }
   }
@@ -406,7 +484,10 @@ export class FaultServer extends EventEmitter {
   // A demand request that fails is retried with backoff (10 ms doubling to 1 s): a thread is
   // blocked on it and nothing else would wake it. Each failure is an 'error' event. A failed
   // prefetch request gives its pages back to demand faults and stops prefetching the range.
-  #request(q: { id: number, handler: number, address: bigint, offset: number, length: number, prefetch: boolean }, attempt = 0): void {
+  #request(
+    q: { id: number; handler: number; address: bigint; offset: number; length: number; prefetch: boolean },
+    attempt = 0,
+  ): void {
     const handler = this.#handlers.get(q.handler)
     if (handler === undefined || this.#closed) {
       if (!this.#closed) this.#handle.complete(q.id, null)
@@ -421,11 +502,14 @@ export class FaultServer extends EventEmitter {
       this.#error(e)
     }
     try {
-      Promise.resolve(handler({ address: q.address, offset: q.offset, length: q.length, prefetch: q.prefetch })).then((bytes) => {
-        if (this.#closed) return
-        if (!isBytes(bytes)) throw new TypeError(`handler must return an ArrayBuffer or a typed array (got ${describe(bytes)})`)
-        this.#handle.complete(q.id, bytes)
-      }).catch(fail)
+      Promise.resolve(handler({ address: q.address, offset: q.offset, length: q.length, prefetch: q.prefetch }))
+        .then((bytes) => {
+          if (this.#closed) return
+          if (!isBytes(bytes))
+            throw new TypeError(`handler must return an ArrayBuffer or a typed array (got ${describe(bytes)})`)
+          this.#handle.complete(q.id, bytes)
+        })
+        .catch(fail)
     } catch (err) {
       fail(err)
     }

@@ -15,8 +15,8 @@ import { checkAligned, describe, toRange, type Range, type RangeLike } from '../
  * file snapshot restores with FaultServer's `{ file, offset }` source).
  */
 export type SnapshotSink =
-  | { path: string, offset?: number }
-  | { fd: number, offset?: number }
+  | { path: string; offset?: number }
+  | { fd: number; offset?: number }
   | { buffer: ArrayBuffer | ArrayBufferView }
 
 export interface SnapshotOptions {
@@ -39,7 +39,7 @@ export interface SnapshotOptions {
    * 'normal' (default), or 'idle': the background copy runs under SCHED_IDLE, only on CPU time
    * nobody else wants (writers keep more of the machine; the snapshot takes longer).
    */
-  backgroundPriority?: 'normal' | 'idle' 
+  backgroundPriority?: 'normal' | 'idle'
   /** called with progress every progressIntervalMs while the snapshot runs, and once at the end */
   onProgress?: (progress: SnapshotProgress) => void
   progressIntervalMs?: number
@@ -152,25 +152,34 @@ function strip(p: SnapshotStats | SnapshotProgress): SnapshotProgress {
  * Needs userfaultfd write-protection (Linux 5.7+ for anonymous memory, WP_HUGETLBFS_SHMEM
  * (5.19+) for shmem/hugetlb). Throws UnsupportedError where the kernel lacks it.
  */
-export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, options: SnapshotOptions = {}): LiveSnapshot {
-  if (options === null || typeof options !== 'object') throw new TypeError(`options must be an object (got ${describe(options)})`)
+export function takeSnapshot(
+  range: Mapping | RangeLike,
+  sink: SnapshotSink,
+  options: SnapshotOptions = {},
+): LiveSnapshot {
+  if (options === null || typeof options !== 'object')
+    throw new TypeError(`options must be an object (got ${describe(options)})`)
   const r = toRange(range)
-  const pageSize = range instanceof Mapping ? range.pageSize : options.pageSize ?? PAGE_SIZE
+  const pageSize = range instanceof Mapping ? range.pageSize : (options.pageSize ?? PAGE_SIZE)
   if (!Number.isSafeInteger(pageSize) || pageSize < PAGE_SIZE || (pageSize & (pageSize - 1)) !== 0) {
     throw new RangeError(`pageSize must be a power of two >= ${PAGE_SIZE} (got ${describe(pageSize)})`)
   }
   checkAligned(r.address, r.length, 'takeSnapshot', pageSize)
   const chunkSize = options.chunkSize ?? 2 * 1024 * 1024
-  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1) throw new RangeError(`chunkSize must be a positive integer (got ${describe(chunkSize)})`)
+  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1)
+    throw new RangeError(`chunkSize must be a positive integer (got ${describe(chunkSize)})`)
   const faultAround = options.faultAround ?? 64 * 1024
-  if (!Number.isSafeInteger(faultAround) || faultAround < 0) throw new RangeError(`faultAround must be a non-negative integer (got ${describe(faultAround)})`)
+  if (!Number.isSafeInteger(faultAround) || faultAround < 0)
+    throw new RangeError(`faultAround must be a non-negative integer (got ${describe(faultAround)})`)
   const maxBytesPerSecond = options.maxBytesPerSecond ?? 0
   if (typeof maxBytesPerSecond !== 'number' || !(maxBytesPerSecond >= 0)) {
     throw new RangeError(`maxBytesPerSecond must be a non-negative number (got ${describe(maxBytesPerSecond)})`)
   }
   const interval = options.progressIntervalMs ?? 100
-  if (!Number.isSafeInteger(interval) || interval < 1) throw new RangeError(`progressIntervalMs must be a positive integer (got ${describe(interval)})`)
-  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw new TypeError('onProgress must be a function')
+  if (!Number.isSafeInteger(interval) || interval < 1)
+    throw new RangeError(`progressIntervalMs must be a positive integer (got ${describe(interval)})`)
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
+    throw new TypeError('onProgress must be a function')
   const backgroundPriority = options.backgroundPriority ?? 'normal'
   if (backgroundPriority !== 'normal' && backgroundPriority !== 'idle') {
     throw new TypeError(`backgroundPriority must be 'normal' or 'idle' (got ${describe(backgroundPriority)})`)
@@ -178,18 +187,24 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
   if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted')
 
   const probe = Userfaultfd.probe()
-  if (!probe.supported) throw new UnsupportedError(`live snapshots need userfaultfd: ${probe.reason ?? 'not available'}`)
+  if (!probe.supported)
+    throw new UnsupportedError(`live snapshots need userfaultfd: ${probe.reason ?? 'not available'}`)
   const offered = probe.features
   const memory = memoryOf(range)
   if ((offered & Feature.PAGEFAULT_FLAG_WP) === 0n) {
-    throw new UnsupportedError(`live snapshots need userfaultfd write-protection (Linux 5.7+), which this kernel (${probe.kernel}) lacks`)
+    throw new UnsupportedError(
+      `live snapshots need userfaultfd write-protection (Linux 5.7+), which this kernel (${probe.kernel}) lacks`,
+    )
   }
   if (memory !== 'anonymous' && (offered & Feature.WP_HUGETLBFS_SHMEM) === 0n) {
-    throw new UnsupportedError(`a live snapshot of ${memory} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+), which this kernel (${probe.kernel}) lacks`)
+    throw new UnsupportedError(
+      `a live snapshot of ${memory} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+), which this kernel (${probe.kernel}) lacks`,
+    )
   }
   const wpUnpopulated = (offered & Feature.WP_UNPOPULATED) !== 0n
   const populate = options.populate === undefined || options.populate === 'auto' ? !wpUnpopulated : options.populate
-  if (typeof populate !== 'boolean') throw new TypeError(`populate must be a boolean or 'auto' (got ${describe(options.populate)})`)
+  if (typeof populate !== 'boolean')
+    throw new TypeError(`populate must be a boolean or 'auto' (got ${describe(options.populate)})`)
 
   // Events that change the range while it is copied (munmap, mremap, MADV_DONTNEED) would lose
   // pages not yet copied: with them the engine sees that and fails the snapshot.
@@ -202,8 +217,14 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
   let engine: SnapshotEngine
   try {
     uffd.register(r, { wp: true })
-    engine = new native.SnapshotEngine(uffd.fd, r.address, r.length, pageSize, nativeSink.sink,
-      { chunkSize: Math.max(chunkSize, pageSize), faultAround, maxBytesPerSecond, backgroundPriority, populate, copyMethod: options.copyMethod ?? 'auto' })
+    engine = new native.SnapshotEngine(uffd.fd, r.address, r.length, pageSize, nativeSink.sink, {
+      chunkSize: Math.max(chunkSize, pageSize),
+      faultAround,
+      maxBytesPerSecond,
+      backgroundPriority,
+      populate,
+      copyMethod: options.copyMethod ?? 'auto',
+    })
   } catch (err) {
     uffd.close()
     nativeSink.close()
@@ -215,7 +236,9 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
     try {
       options.onProgress!(p)
     } catch (err) {
-      process.nextTick(() => { throw err })
+      process.nextTick(() => {
+        throw err
+      })
     }
   }
   if (options.onProgress !== undefined) {
@@ -231,29 +254,38 @@ export function takeSnapshot(range: Mapping | RangeLike, sink: SnapshotSink, opt
     uffd.close()
     nativeSink.close()
   }
-  const done = engine.done.then((stats) => {
-    finish()
-    if (options.onProgress !== undefined) report(strip(stats))
-    return stats
-  }, (err: UffdError) => {
-    finish()
-    throw err
-  })
+  const done = engine.done.then(
+    (stats) => {
+      finish()
+      if (options.onProgress !== undefined) report(strip(stats))
+      return stats
+    },
+    (err: UffdError) => {
+      finish()
+      throw err
+    },
+  )
   const snapshot = new LiveSnapshot(r, pageSize, engine, uffd, done)
   options.signal?.addEventListener('abort', onAbort, { once: true })
   return snapshot
 }
 
-function openSink(sink: SnapshotSink, length: number): { sink: { fd: number, offset: number } | { buffer: ArrayBuffer | ArrayBufferView }, close: () => void } {
-  if (sink === null || typeof sink !== 'object') throw new TypeError(`sink must be { path }, { fd } or { buffer } (got ${describe(sink)})`)
+function openSink(
+  sink: SnapshotSink,
+  length: number,
+): { sink: { fd: number; offset: number } | { buffer: ArrayBuffer | ArrayBufferView }; close: () => void } {
+  if (sink === null || typeof sink !== 'object')
+    throw new TypeError(`sink must be { path }, { fd } or { buffer } (got ${describe(sink)})`)
   if ('buffer' in sink) {
     const b = sink.buffer
-    if (!(b instanceof ArrayBuffer) && !ArrayBuffer.isView(b)) throw new TypeError(`sink.buffer must be an ArrayBuffer or a view (got ${describe(b)})`)
+    if (!(b instanceof ArrayBuffer) && !ArrayBuffer.isView(b))
+      throw new TypeError(`sink.buffer must be an ArrayBuffer or a view (got ${describe(b)})`)
     if (b.byteLength < length) throw new RangeError(`sink.buffer holds ${b.byteLength} bytes; the range has ${length}`)
     return { sink: { buffer: b }, close: () => {} }
   }
   if ('fd' in sink) {
-    if (!Number.isSafeInteger(sink.fd) || sink.fd < 0) throw new TypeError(`sink.fd must be a non-negative integer (got ${describe(sink.fd)})`)
+    if (!Number.isSafeInteger(sink.fd) || sink.fd < 0)
+      throw new TypeError(`sink.fd must be a non-negative integer (got ${describe(sink.fd)})`)
     return { sink: { fd: sink.fd, offset: checkOffset(sink.offset) }, close: () => {} }
   }
   if ('path' in sink) {

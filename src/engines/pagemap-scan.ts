@@ -77,7 +77,9 @@ function mask(value: unknown, what: string, allowed: number): number {
     throw new TypeError(`${what} must be a non-negative integer of bits (got ${describe(value)})`)
   }
   if ((value & ~allowed) !== 0) {
-    throw new RangeError(`${what} has unknown bits 0x${(value & ~allowed).toString(16)} (known: 0x${allowed.toString(16)})`)
+    throw new RangeError(
+      `${what} has unknown bits 0x${(value & ~allowed).toString(16)} (known: 0x${allowed.toString(16)})`,
+    )
   }
   return value
 }
@@ -88,8 +90,10 @@ function mask(value: unknown, what: string, allowed: number): number {
  * errors (EPERM: CHECK_WPASYNC met a page without async WP; ENOTTY: kernel before 6.7).
  */
 export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}): PagemapScanResult {
-  if (range === null || typeof range !== 'object') throw new TypeError(`range must be { address, length } (got ${describe(range)})`)
-  if (options === null || typeof options !== 'object') throw new TypeError(`options must be an object (got ${describe(options)})`)
+  if (range === null || typeof range !== 'object')
+    throw new TypeError(`range must be { address, length } (got ${describe(range)})`)
+  if (options === null || typeof options !== 'object')
+    throw new TypeError(`options must be an object (got ${describe(options)})`)
   const start = toAddress(range.address, 'range.address')
   const length = toLength(range.length, 'range.length')
   if (start % BigInt(PAGE_SIZE) !== 0n) {
@@ -99,22 +103,39 @@ export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}):
   const categoryInverted = mask(options.categoryInverted, 'categoryInverted', ALL_CATEGORIES)
   const categoryMask = mask(options.categoryMask, 'categoryMask', ALL_CATEGORIES)
   const categoryAnyofMask = mask(options.categoryAnyofMask, 'categoryAnyofMask', ALL_CATEGORIES)
-  const returnMask = options.returnMask === undefined ? DEFAULT_RETURN : mask(options.returnMask, 'returnMask', ALL_CATEGORIES)
+  const returnMask =
+    options.returnMask === undefined ? DEFAULT_RETURN : mask(options.returnMask, 'returnMask', ALL_CATEGORIES)
   if (returnMask === 0) throw new RangeError('returnMask must name at least one category (regions would carry nothing)')
   const maxPages = options.maxPages ?? 0
-  if (!Number.isSafeInteger(maxPages) || maxPages < 0) throw new RangeError(`maxPages must be a non-negative integer (got ${describe(maxPages)})`)
+  if (!Number.isSafeInteger(maxPages) || maxPages < 0)
+    throw new RangeError(`maxPages must be a non-negative integer (got ${describe(maxPages)})`)
   const maxRegions = options.maxRegions ?? 4096
   if (!Number.isSafeInteger(maxRegions) || maxRegions < 1 || maxRegions > MAX_REGIONS) {
     throw new RangeError(`maxRegions must be 1..${MAX_REGIONS} (got ${describe(maxRegions)})`)
   }
   const pid = options.pid ?? 0
-  if (!Number.isSafeInteger(pid) || pid < 0) throw new RangeError(`pid must be a non-negative integer (got ${describe(pid)})`)
+  if (!Number.isSafeInteger(pid) || pid < 0)
+    throw new RangeError(`pid must be a non-negative integer (got ${describe(pid)})`)
 
-  const out = native.pagemapScan(pid, start, start + BigInt(length), flags, categoryInverted, categoryMask,
-    categoryAnyofMask, returnMask, maxPages, maxRegions)
+  const out = native.pagemapScan(
+    pid,
+    start,
+    start + BigInt(length),
+    flags,
+    categoryInverted,
+    categoryMask,
+    categoryAnyofMask,
+    returnMask,
+    maxPages,
+    maxRegions,
+  )
   const regions: PageRegion[] = []
   for (let i = 0; i < out.regions.length; i += 3) {
-    regions.push({ address: out.regions[i], length: Number(out.regions[i + 1] - out.regions[i]), categories: Number(out.regions[i + 2]) })
+    regions.push({
+      address: out.regions[i],
+      length: Number(out.regions[i + 1] - out.regions[i]),
+      categories: Number(out.regions[i + 2]),
+    })
   }
   return { regions, walkEnd: out.walkEnd }
 }

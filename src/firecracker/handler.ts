@@ -62,7 +62,7 @@ export interface ConnectionStats extends ServingCounts {
 }
 
 export interface HandlerStats extends ServingCounts {
-  connections: { active: number, total: number, failed: number }
+  connections: { active: number; total: number; failed: number }
   /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
   serveLatencyUs: Record<string, number>
 }
@@ -76,18 +76,23 @@ interface FileSource {
 }
 
 function openSource(path: string, kind: 'mmap' | 'pread'): FileSource {
-  const fd = fs.openSync(path, "r")  // libuv opens with O_CLOEXEC
+  const fd = fs.openSync(path, 'r') // libuv opens with O_CLOEXEC
   try {
     const size = fs.fstatSync(fd).size
     if (size === 0) throw new RangeError(`memory file ${path} is empty`)
     if (kind === 'mmap') {
-      const map = new (fdNative as unknown as { FileMapping: new (fd: number, length: number) => { address(): bigint, unmap(): void } }).FileMapping(fd, size)
+      const map = new (
+        fdNative as unknown as { FileMapping: new (fd: number, length: number) => { address(): bigint; unmap(): void } }
+      ).FileMapping(fd, size)
       const base = map.address()
       return {
         size,
         fd,
         copy: (resolver, dst, offset, length) => resolver.copy(dst, base + BigInt(offset), length),
-        close: () => { map.unmap(); fs.closeSync(fd) },
+        close: () => {
+          map.unmap()
+          fs.closeSync(fd)
+        },
       }
     }
     let buffer = Buffer.alloc(0)
@@ -142,11 +147,21 @@ class Connection {
   constructor(handler: FirecrackerHandler, socket: net.Socket) {
     this.#handler = handler
     this.#socket = socket
-    socket.on('error', () => { /* reported through end() */ })
+    socket.on('error', () => {
+      /* reported through end() */
+    })
     this.#channel = new FdChannel(socket)
     this.stats = {
-      id: this.id, peer: { pid: 0, uid: -1, gid: -1 }, regions: 0, faults: 0, pagesServed: 0,
-      bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0,
+      id: this.id,
+      peer: { pid: 0, uid: -1, gid: -1 },
+      regions: 0,
+      faults: 0,
+      pagesServed: 0,
+      bytesServed: 0,
+      zeroPages: 0,
+      removes: 0,
+      exists: 0,
+      deferred: 0,
     }
   }
 
@@ -181,23 +196,41 @@ class Connection {
         // Byte 0 carries the uffd; later pieces of a split message must carry nothing.
         let msg
         try {
-          msg = await this.#channel.receive({ maxBytes: this.#handler.maxMessageBytes - received, maxFds: first ? 1 : 0, signal })
+          msg = await this.#channel.receive({
+            maxBytes: this.#handler.maxMessageBytes - received,
+            maxFds: first ? 1 : 0,
+            signal,
+          })
         } catch (err) {
           const e = err as UffdError & { name?: string }
-          if (e.name === 'TimeoutError') throw new ProtocolError(`incomplete handshake after ${this.#handler.handshakeTimeout} ms`)
-          if (e.code === 'EMSGSIZE') throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
-          if (e.code === 'EPROTO') throw new ProtocolError(first ? `expected exactly one fd with the handshake: ${e.message}` : `unexpected fd after the handshake's first bytes: ${e.message}`)
+          if (e.name === 'TimeoutError')
+            throw new ProtocolError(`incomplete handshake after ${this.#handler.handshakeTimeout} ms`)
+          if (e.code === 'EMSGSIZE')
+            throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+          if (e.code === 'EPROTO')
+            throw new ProtocolError(
+              first
+                ? `expected exactly one fd with the handshake: ${e.message}`
+                : `unexpected fd after the handshake's first bytes: ${e.message}`,
+            )
           throw err
         }
-        if (msg.end) throw new ProtocolError(received === 0 ? 'the peer closed the connection without sending the handshake' : 'the peer closed the connection mid-handshake (incomplete JSON)')
+        if (msg.end)
+          throw new ProtocolError(
+            received === 0
+              ? 'the peer closed the connection without sending the handshake'
+              : 'the peer closed the connection mid-handshake (incomplete JSON)',
+          )
         if (first) {
-          if (msg.fds.length !== 1) throw new ProtocolError('the handshake carries no fd: the uffd must be attached (SCM_RIGHTS)')
+          if (msg.fds.length !== 1)
+            throw new ProtocolError('the handshake carries no fd: the uffd must be attached (SCM_RIGHTS)')
           fd = msg.fds[0]
         }
         received += msg.data.length
         text += msg.data.toString('utf8')
         if (!isIncompleteJson(text)) break
-        if (received >= this.#handler.maxMessageBytes) throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+        if (received >= this.#handler.maxMessageBytes)
+          throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
       }
       this.#regions = parseRegions(text, { fileSize: this.#handler.source.size })
       if (!isUserfaultfd(fd)) throw new ProtocolError('the fd attached to the handshake is not a userfaultfd')
@@ -215,7 +248,9 @@ class Connection {
       try {
         this.#pidfd = pidfdOpen(pid)
         this.#cancelPidfd = whenReadable(this.#pidfd, () => this.end())
-      } catch { /* already gone: ESRCH on the first copy ends it */ }
+      } catch {
+        /* already gone: ESRCH on the first copy ends it */
+      }
     }
     this.#resolver = new FaultResolver(this.#uffd, { onError: (e) => this.#onResolveError(e) })
   }
@@ -244,13 +279,16 @@ class Connection {
       if (region === undefined) {
         throw new ProtocolError(`fault at 0x${event.address.toString(16)} outside every region the peer declared`)
       }
-      const page = event.address - (event.address - region.base) % BigInt(region.pageSize)
+      const page = event.address - ((event.address - region.base) % BigInt(region.pageSize))
       const t0 = process.hrtime.bigint()
       let outcome: 'done' | 'exists' | 'deferred'
       try {
         if (this.#removedAny && this.#isRemoved(page)) {
           outcome = this.#zeroFill(page, region.pageSize)
-          if (outcome === 'done') { this.stats.zeroPages++; stats.zeroPages++ }
+          if (outcome === 'done') {
+            this.stats.zeroPages++
+            stats.zeroPages++
+          }
         } else {
           const offset = region.offset + Number(page - region.base)
           outcome = this.#handler.source.copy(this.#resolver!, page, offset, region.pageSize)
@@ -265,8 +303,14 @@ class Connection {
         this.#onResolveError(err as UffdError)
         return
       }
-      if (outcome === 'exists') { this.stats.exists++; stats.exists++ }
-      if (outcome === 'deferred') { this.stats.deferred++; stats.deferred++ }
+      if (outcome === 'exists') {
+        this.stats.exists++
+        stats.exists++
+      }
+      if (outcome === 'deferred') {
+        this.stats.deferred++
+        stats.deferred++
+      }
       this.#handler.recordLatency(Number(process.hrtime.bigint() - t0) / 1000)
     } else if (event.type === 'remove') {
       this.stats.removes++
@@ -357,8 +401,10 @@ export class FirecrackerHandler extends EventEmitter {
   /** Opens the memory file and listens. */
   static async listen(options: FirecrackerHandlerOptions): Promise<FirecrackerHandler> {
     if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
-    if (typeof options.socketPath !== 'string' || options.socketPath === '') throw new TypeError('socketPath must be a non-empty string')
-    if (typeof options.memFile !== 'string' || options.memFile === '') throw new TypeError('memFile must be a non-empty string')
+    if (typeof options.socketPath !== 'string' || options.socketPath === '')
+      throw new TypeError('socketPath must be a non-empty string')
+    if (typeof options.memFile !== 'string' || options.memFile === '')
+      throw new TypeError('memFile must be a non-empty string')
     if (options.onRemove !== undefined && options.onRemove !== 'zero' && options.onRemove !== 'unregister') {
       throw new TypeError(`onRemove must be 'zero' or 'unregister' (got ${String(options.onRemove)})`)
     }
@@ -377,21 +423,27 @@ export class FirecrackerHandler extends EventEmitter {
   }
 
   async #listen(replaceStale: boolean): Promise<void> {
-    const attempt = (): Promise<void> => new Promise((resolve, reject) => {
-      const onError = (err: Error): void => reject(err)
-      this.#server.once('error', onError)
-      this.#server.listen(this.socketPath, () => {
-        this.#server.off('error', onError)
-        this.#server.on('error', (err) => this.emit('serverError', err))
-        resolve()
+    const attempt = (): Promise<void> =>
+      new Promise((resolve, reject) => {
+        const onError = (err: Error): void => reject(err)
+        this.#server.once('error', onError)
+        this.#server.listen(this.socketPath, () => {
+          this.#server.off('error', onError)
+          this.#server.on('error', (err) => this.emit('serverError', err))
+          resolve()
+        })
       })
-    })
     try {
       await attempt()
     } catch (err) {
       // Only a socket file nobody listens on is stale; never unlink anything else.
-      if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || !replaceStale || !isSocketFile(this.socketPath) ||
-          await isListening(this.socketPath)) throw err
+      if (
+        (err as NodeJS.ErrnoException).code !== 'EADDRINUSE' ||
+        !replaceStale ||
+        !isSocketFile(this.socketPath) ||
+        (await isListening(this.socketPath))
+      )
+        throw err
       fs.unlinkSync(this.socketPath)
       await attempt()
     }
@@ -423,7 +475,9 @@ export class FirecrackerHandler extends EventEmitter {
   }
 
   stats(): HandlerStats {
-    const keys = [...this.#latency.keys()].sort((a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')))
+    const keys = [...this.#latency.keys()].sort(
+      (a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')),
+    )
     return {
       connections: { active: this.#connections.size, total: this.#total, failed: this.#failed },
       ...this.totals,
@@ -462,7 +516,10 @@ function isSocketFile(path: string): boolean {
 function isListening(path: string): Promise<boolean> {
   return new Promise((resolve) => {
     const s = net.connect(path)
-    s.once('connect', () => { s.destroy(); resolve(true) })
+    s.once('connect', () => {
+      s.destroy()
+      resolve(true)
+    })
     s.once('error', () => resolve(false))
   })
 }

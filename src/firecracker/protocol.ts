@@ -41,7 +41,15 @@ export interface ParseOptions {
   pageSizes?: readonly number[]
 }
 
-const DEFAULT_PAGE_SIZES = [4096, 16384, 65536, 2 * 1024 * 1024, 32 * 1024 * 1024, 512 * 1024 * 1024, 1024 * 1024 * 1024]
+const DEFAULT_PAGE_SIZES = [
+  4096,
+  16384,
+  65536,
+  2 * 1024 * 1024,
+  32 * 1024 * 1024,
+  512 * 1024 * 1024,
+  1024 * 1024 * 1024,
+]
 
 /** True while `text` could still become valid JSON with more bytes (a stream split it). */
 export function isIncompleteJson(text: string): boolean {
@@ -81,27 +89,40 @@ export function parseRegions(text: string, options: ParseOptions): GuestRegion[]
   const pageSizes = options.pageSizes ?? DEFAULT_PAGE_SIZES
   const regions: GuestRegion[] = value.map((item, index) => {
     const where = `region ${index}`
-    if (item === null || typeof item !== 'object' || Array.isArray(item)) throw new ProtocolError(`${where}: must be an object`)
+    if (item === null || typeof item !== 'object' || Array.isArray(item))
+      throw new ProtocolError(`${where}: must be an object`)
     const obj = item as Record<string, unknown>
     const base = field(obj, 'base_host_virt_addr', where, true)!
     const size = field(obj, 'size', where, true)!
     const offset = field(obj, 'offset', where, true)!
     const pageSizeBytes = field(obj, 'page_size', where, false)
     const pageSizeKib = field(obj, 'page_size_kib', where, false)
-    if (pageSizeBytes === undefined && pageSizeKib === undefined) throw new ProtocolError(`${where}: missing "page_size" (or "page_size_kib")`)
-    const legacy = pageSizeKib === undefined ? undefined : pageSizes.includes(pageSizeKib) ? pageSizeKib : pageSizeKib * 1024
+    if (pageSizeBytes === undefined && pageSizeKib === undefined)
+      throw new ProtocolError(`${where}: missing "page_size" (or "page_size_kib")`)
+    const legacy =
+      pageSizeKib === undefined ? undefined : pageSizes.includes(pageSizeKib) ? pageSizeKib : pageSizeKib * 1024
     if (pageSizeBytes !== undefined && legacy !== undefined && pageSizeBytes !== legacy) {
-      throw new ProtocolError(`${where}: "page_size" (${pageSizeBytes}) disagrees with "page_size_kib" (${pageSizeKib})`)
+      throw new ProtocolError(
+        `${where}: "page_size" (${pageSizeBytes}) disagrees with "page_size_kib" (${pageSizeKib})`,
+      )
     }
     const pageSize = pageSizeBytes ?? legacy!
-    if (!pageSizes.includes(pageSize)) throw new ProtocolError(`${where}: unsupported page size ${pageSize} (accepted: ${pageSizes.join(', ')})`)
+    if (!pageSizes.includes(pageSize))
+      throw new ProtocolError(`${where}: unsupported page size ${pageSize} (accepted: ${pageSizes.join(', ')})`)
     if (size === 0) throw new ProtocolError(`${where}: zero-sized`)
     if (base === 0) throw new ProtocolError(`${where}: base_host_virt_addr is 0`)
-    if (base % pageSize !== 0) throw new ProtocolError(`${where}: base_host_virt_addr 0x${base.toString(16)} is not aligned to its page size ${pageSize}`)
-    if (size % pageSize !== 0) throw new ProtocolError(`${where}: size ${size} is not a multiple of its page size ${pageSize}`)
-    if (offset % pageSize !== 0) throw new ProtocolError(`${where}: offset ${offset} is not aligned to its page size ${pageSize}`)
+    if (base % pageSize !== 0)
+      throw new ProtocolError(
+        `${where}: base_host_virt_addr 0x${base.toString(16)} is not aligned to its page size ${pageSize}`,
+      )
+    if (size % pageSize !== 0)
+      throw new ProtocolError(`${where}: size ${size} is not a multiple of its page size ${pageSize}`)
+    if (offset % pageSize !== 0)
+      throw new ProtocolError(`${where}: offset ${offset} is not aligned to its page size ${pageSize}`)
     if (offset + size > options.fileSize) {
-      throw new ProtocolError(`${where}: [offset ${offset}, +${size}) lies beyond the memory file (${options.fileSize} bytes)`)
+      throw new ProtocolError(
+        `${where}: [offset ${offset}, +${size}) lies beyond the memory file (${options.fileSize} bytes)`,
+      )
     }
     const b = BigInt(base)
     return { index, base: b, end: b + BigInt(size), size, offset, pageSize }
@@ -109,7 +130,9 @@ export function parseRegions(text: string, options: ParseOptions): GuestRegion[]
   regions.sort((a, b) => (a.base < b.base ? -1 : a.base > b.base ? 1 : 0))
   for (let i = 1; i < regions.length; i++) {
     if (regions[i].base < regions[i - 1].end) {
-      throw new ProtocolError(`region ${regions[i].index} overlaps region ${regions[i - 1].index} in the guest address space`)
+      throw new ProtocolError(
+        `region ${regions[i].index} overlaps region ${regions[i - 1].index} in the guest address space`,
+      )
     }
   }
   return regions

@@ -70,7 +70,7 @@ interface FdNative {
   recvFds(sock: number, buffer: ArrayBufferView, maxFds: number): NativeRecv | null
   peerCred(sock: number): PeerCredentials
   pidfdOpen(pid: number): number
-  fdFlags(fd: number): { cloexec: boolean, nonblock: boolean }
+  fdFlags(fd: number): { cloexec: boolean; nonblock: boolean }
   FdWatcher: new (fd: number, callback: (r: number | Error) => void) => NativeWatcher
 }
 
@@ -94,7 +94,9 @@ function closeFds(fds: readonly number[]): void {
   for (const fd of fds) {
     try {
       native.close(fd)
-    } catch { /* already closed */ }
+    } catch {
+      /* already closed */
+    }
   }
 }
 
@@ -113,14 +115,21 @@ function intOption(value: unknown, name: string, fallback: number, min: number, 
  */
 export function socketFd(socket: SocketLike): number {
   if (typeof socket === 'number') {
-    if (!Number.isSafeInteger(socket) || socket < 0) throw new TypeError(`socket fd must be a non-negative integer (got ${socket})`)
+    if (!Number.isSafeInteger(socket) || socket < 0)
+      throw new TypeError(`socket fd must be a non-negative integer (got ${socket})`)
     return socket
   }
-  if (!(socket instanceof net.Socket)) throw new TypeError(`socket must be a net.Socket or an fd (got ${describe(socket)})`)
-  const handle = (socket as unknown as { _handle?: { fd?: number, reading?: boolean, readStop?: () => number } })._handle
+  if (!(socket instanceof net.Socket))
+    throw new TypeError(`socket must be a net.Socket or an fd (got ${describe(socket)})`)
+  const handle = (socket as unknown as { _handle?: { fd?: number; reading?: boolean; readStop?: () => number } })
+    ._handle
   const fd = handle?.fd
   if (handle === undefined || handle === null || typeof fd !== 'number' || fd < 0) {
-    throw protocolError('EBADF', 'socketFd', socket.connecting ? 'the socket is still connecting' : 'the socket has no fd (closed, or not a Unix socket)')
+    throw protocolError(
+      'EBADF',
+      'socketFd',
+      socket.connecting ? 'the socket is still connecting' : 'the socket has no fd (closed, or not a Unix socket)',
+    )
   }
   if (socket.readableFlowing !== false) socket.pause()
   if (handle.reading) {
@@ -147,7 +156,7 @@ export function peerCredentials(socket: SocketLike): PeerCredentials {
 export class FdChannel {
   readonly fd: number
   #watcher: NativeWatcher | undefined
-  #pending: { resolve: (events: number) => void, reject: (e: unknown) => void } | undefined
+  #pending: { resolve: (events: number) => void; reject: (e: unknown) => void } | undefined
   #buffer: Buffer | undefined
   #closed = false
 
@@ -164,11 +173,16 @@ export class FdChannel {
    * Sends `payload` with `fds` attached (SCM_RIGHTS). The fds are duplicated into the peer: the
    * caller still owns (and should close) its own copies. Resolves when every byte was sent.
    */
-  async send(payload: string | ArrayBufferView, fds: readonly number[] | Userfaultfd = [], options: { signal?: AbortSignal } = {}): Promise<void> {
+  async send(
+    payload: string | ArrayBufferView,
+    fds: readonly number[] | Userfaultfd = [],
+    options: { signal?: AbortSignal } = {},
+  ): Promise<void> {
     const list = Array.isArray(fds) ? [...fds] : [(fds as Userfaultfd).fd]
     if (list.length > MAX_FDS) throw new RangeError(`at most ${MAX_FDS} fds per message (got ${list.length})`)
     let bytes = typeof payload === 'string' ? Buffer.from(payload) : payload
-    if (!ArrayBuffer.isView(bytes)) throw new TypeError(`payload must be a string or an ArrayBufferView (got ${describe(payload)})`)
+    if (!ArrayBuffer.isView(bytes))
+      throw new TypeError(`payload must be a string or an ArrayBufferView (got ${describe(payload)})`)
     if (bytes.byteLength === 0) {
       if (list.length > 0) throw new RangeError('fds need a payload of at least one byte')
       return
@@ -182,7 +196,7 @@ export class FdChannel {
         await this.#wait(WRITABLE, options.signal)
         continue
       }
-      attach = undefined  // the fds went with the first byte sent
+      attach = undefined // the fds went with the first byte sent
       view = view.subarray(n)
     }
   }
@@ -192,13 +206,15 @@ export class FdChannel {
    * may come in pieces; fds always come with the first) and the fds attached to it.
    */
   async receive(options: ReceiveOptions = {}): Promise<ReceivedMessage> {
-    if (options === null || typeof options !== 'object') throw new TypeError(`receive options must be an object (got ${describe(options)})`)
+    if (options === null || typeof options !== 'object')
+      throw new TypeError(`receive options must be an object (got ${describe(options)})`)
     const maxBytes = intOption(options.maxBytes, 'maxBytes', 65536, 1, 1 << 26)
     const maxFds = intOption(options.maxFds, 'maxFds', 1, 0, MAX_FDS)
     const minFds = intOption(options.minFds, 'minFds', 0, 0, maxFds)
     options.signal?.throwIfAborted()
     // One byte more than allowed: a message that fills it is too large.
-    if (this.#buffer === undefined || this.#buffer.length < maxBytes + 1) this.#buffer = Buffer.allocUnsafe(maxBytes + 1)
+    if (this.#buffer === undefined || this.#buffer.length < maxBytes + 1)
+      this.#buffer = Buffer.allocUnsafe(maxBytes + 1)
     const buffer = this.#buffer.subarray(0, maxBytes + 1)
     for (;;) {
       this.#live()
@@ -208,10 +224,18 @@ export class FdChannel {
         continue
       }
       if (r.truncated) {
-        throw protocolError('EPROTO', 'recvmsg', `control data truncated (MSG_CTRUNC): the peer sent more fds than the ${maxFds} expected; the ${r.dropped} that arrived were closed`)
+        throw protocolError(
+          'EPROTO',
+          'recvmsg',
+          `control data truncated (MSG_CTRUNC): the peer sent more fds than the ${maxFds} expected; the ${r.dropped} that arrived were closed`,
+        )
       }
       if (r.extraFds) {
-        throw protocolError('EPROTO', 'recvmsg', `the peer sent ${r.dropped} fds, at most ${maxFds} expected; all were closed`)
+        throw protocolError(
+          'EPROTO',
+          'recvmsg',
+          `the peer sent ${r.dropped} fds, at most ${maxFds} expected; all were closed`,
+        )
       }
       if (r.bytes > maxBytes || r.payloadTruncated) {
         closeFds(r.fds)
@@ -219,9 +243,13 @@ export class FdChannel {
       }
       if (r.fds.length < minFds) {
         closeFds(r.fds)
-        throw protocolError('EPROTO', 'recvmsg', r.bytes === 0
-          ? `the peer closed the connection before sending ${minFds === 1 ? 'an fd' : `${minFds} fds`}`
-          : `expected ${minFds === 1 ? 'an fd' : `at least ${minFds} fds`} with the message, got ${r.fds.length}`)
+        throw protocolError(
+          'EPROTO',
+          'recvmsg',
+          r.bytes === 0
+            ? `the peer closed the connection before sending ${minFds === 1 ? 'an fd' : `${minFds} fds`}`
+            : `expected ${minFds === 1 ? 'an fd' : `at least ${minFds} fds`} with the message, got ${r.fds.length}`,
+        )
       }
       return { data: Buffer.from(buffer.subarray(0, r.bytes)), fds: r.fds, end: r.bytes === 0 }
     }
@@ -259,7 +287,8 @@ export class FdChannel {
 
   #wait(events: number, signal: AbortSignal | undefined): Promise<number> {
     this.#live()
-    if (this.#pending !== undefined) return Promise.reject(protocolError('EBUSY', 'FdChannel', 'one send or receive at a time per channel'))
+    if (this.#pending !== undefined)
+      return Promise.reject(protocolError('EBUSY', 'FdChannel', 'one send or receive at a time per channel'))
     signal?.throwIfAborted()
     if (this.#watcher === undefined) {
       this.#watcher = new fdNative.FdWatcher(this.fd, (r) => {
@@ -279,8 +308,14 @@ export class FdChannel {
       }
       signal?.addEventListener('abort', onAbort, { once: true })
       this.#pending = {
-        resolve: (v) => { signal?.removeEventListener('abort', onAbort); resolve(v) },
-        reject: (e) => { signal?.removeEventListener('abort', onAbort); reject(e) },
+        resolve: (v) => {
+          signal?.removeEventListener('abort', onAbort)
+          resolve(v)
+        },
+        reject: (e) => {
+          signal?.removeEventListener('abort', onAbort)
+          reject(e)
+        },
       }
       watcher.wait(events)
     })
@@ -288,7 +323,12 @@ export class FdChannel {
 }
 
 /** Sends `payload` with `fds` (or a Userfaultfd's fd) attached. See FdChannel.send. */
-export async function sendFds(socket: SocketLike, payload: string | ArrayBufferView, fds: readonly number[] | Userfaultfd, options: { signal?: AbortSignal } = {}): Promise<void> {
+export async function sendFds(
+  socket: SocketLike,
+  payload: string | ArrayBufferView,
+  fds: readonly number[] | Userfaultfd,
+  options: { signal?: AbortSignal } = {},
+): Promise<void> {
   const channel = new FdChannel(socket)
   try {
     await channel.send(payload, fds, options)
@@ -298,7 +338,10 @@ export async function sendFds(socket: SocketLike, payload: string | ArrayBufferV
 }
 
 /** Receives one message and its fds, with the peer's credentials. See FdChannel.receive. */
-export async function receiveFds(socket: SocketLike, options: ReceiveOptions = {}): Promise<ReceivedMessage & { peer: PeerCredentials }> {
+export async function receiveFds(
+  socket: SocketLike,
+  options: ReceiveOptions = {},
+): Promise<ReceivedMessage & { peer: PeerCredentials }> {
   const channel = new FdChannel(socket)
   try {
     const msg = await channel.receive(options)
@@ -319,7 +362,7 @@ export function pidfdOpen(pid: number): number {
 }
 
 /** Whether an fd has close-on-exec / O_NONBLOCK set. */
-export function fdFlags(fd: number): { cloexec: boolean, nonblock: boolean } {
+export function fdFlags(fd: number): { cloexec: boolean; nonblock: boolean } {
   return fdNative.fdFlags(fd)
 }
 

@@ -5,7 +5,12 @@ import { Userfaultfd } from '../core/userfaultfd'
 import { FdChannel, closeFds, protocolError, type PeerCredentials, type SocketLike } from './fd-passing'
 
 /** Sends `uffd` with `payload` (default: its features and ioctls as JSON, which receiveUffd reads). */
-export async function sendUffd(socket: SocketLike, uffd: Userfaultfd, payload?: string | ArrayBufferView, options: { signal?: AbortSignal } = {}): Promise<void> {
+export async function sendUffd(
+  socket: SocketLike,
+  uffd: Userfaultfd,
+  payload?: string | ArrayBufferView,
+  options: { signal?: AbortSignal } = {},
+): Promise<void> {
   const body = payload ?? JSON.stringify({ features: uffd.features.toString(), ioctls: uffd.ioctls.toString() })
   const channel = new FdChannel(socket)
   try {
@@ -27,7 +32,10 @@ export interface ReceivedUffd {
  * sendUffd writes by default, the uffd knows its features and ioctls. The fd is checked to be a
  * userfaultfd (else EPROTO, and it is closed).
  */
-export async function receiveUffd(socket: SocketLike, options: { maxBytes?: number, signal?: AbortSignal } = {}): Promise<ReceivedUffd> {
+export async function receiveUffd(
+  socket: SocketLike,
+  options: { maxBytes?: number; signal?: AbortSignal } = {},
+): Promise<ReceivedUffd> {
   const channel = new FdChannel(socket)
   try {
     const msg = await channel.receive({ ...options, maxFds: 1, minFds: 1 })
@@ -38,10 +46,12 @@ export async function receiveUffd(socket: SocketLike, options: { maxBytes?: numb
       let features = 0n
       let ioctls = 0n
       try {
-        const meta = JSON.parse(msg.data.toString('utf8')) as { features?: unknown, ioctls?: unknown }
+        const meta = JSON.parse(msg.data.toString('utf8')) as { features?: unknown; ioctls?: unknown }
         if (typeof meta?.features === 'string') features = BigInt(meta.features)
         if (typeof meta?.ioctls === 'string') ioctls = BigInt(meta.ioctls)
-      } catch { /* a payload of the caller's own */ }
+      } catch {
+        /* a payload of the caller's own */
+      }
       return { uffd: Userfaultfd.fromFd(fd, { features, ioctls }), data: msg.data, peer }
     } catch (err) {
       closeFds([fd])

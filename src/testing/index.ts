@@ -28,7 +28,10 @@ export interface TouchResult {
 }
 
 /** Touches each address from native threads; resolves once every touch returned. */
-export async function touch(addresses: readonly bigint[] | BigUint64Array, options: TouchOptions = {}): Promise<TouchResult> {
+export async function touch(
+  addresses: readonly bigint[] | BigUint64Array,
+  options: TouchOptions = {},
+): Promise<TouchResult> {
   const list = addresses instanceof BigUint64Array ? addresses : BigUint64Array.from(addresses)
   const { values, ns } = await native.touch(list, options)
   return ns === undefined ? { values } : { values, ns }
@@ -48,7 +51,11 @@ export function pages(range: RangeLike, count?: number, stride = PAGE_SIZE, offs
 export async function madviseOnThread(range: RangeLike, advice: Advice): Promise<number> {
   const value = native.constants.Advice[advice]
   if (value === undefined) throw new TypeError(`unknown advice '${advice}'`)
-  const { errno } = await native.madviseOnThread(toAddress(range.address, 'address'), toLength(range.length, 'length'), value)
+  const { errno } = await native.madviseOnThread(
+    toAddress(range.address, 'address'),
+    toLength(range.length, 'length'),
+    value,
+  )
   return errno
 }
 
@@ -57,13 +64,17 @@ export async function madviseOnThread(range: RangeLike, advice: Advice): Promise
  * first reads the u64 there (faulting, for the fork's uffd, where it is missing) and exits with
  * its low byte as status. Resolves with the child's pid and wait status.
  */
-export async function forkOnThread(readAt?: bigint): Promise<{ pid: number, status: number, errno: number }> {
+export async function forkOnThread(readAt?: bigint): Promise<{ pid: number; status: number; errno: number }> {
   const { pid, status, errno } = await native.forkOnThread(readAt)
   return { pid, status, errno }
 }
 
 /** mremap(2) with MREMAP_MAYMOVE from a native thread (a REMAP event blocks it until read). */
-export async function mremapOnThread(address: bigint, oldLength: number, newLength: number): Promise<{ address: bigint, errno: number }> {
+export async function mremapOnThread(
+  address: bigint,
+  oldLength: number,
+  newLength: number,
+): Promise<{ address: bigint; errno: number }> {
   const { result, errno } = await native.mremapOnThread(address, oldLength, newLength)
   return { address: result, errno }
 }

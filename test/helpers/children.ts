@@ -24,7 +24,12 @@ export interface ChildResult {
 }
 
 /** Spawns `node args...`; resolves when it exits (SIGKILLed after timeoutMs). */
-export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void, extraFds: number[] = []): Promise<ChildResult> {
+export function runNode(
+  args: string[],
+  timeoutMs = 15_000,
+  onSpawn?: (child: ChildProcess) => void,
+  extraFds: number[] = [],
+): Promise<ChildResult> {
   return runCommand(process.execPath, args, timeoutMs, onSpawn, extraFds)
 }
 
@@ -32,15 +37,25 @@ export function runNode(args: string[], timeoutMs = 15_000, onSpawn?: (child: Ch
  * Spawns `file args...`; resolves when it exits (SIGKILLed after timeoutMs). `extraFds` become
  * the child's fds 3, 4, ...
  */
-export function runCommand(file: string, args: string[], timeoutMs = 15_000, onSpawn?: (child: ChildProcess) => void, extraFds: number[] = []): Promise<ChildResult> {
+export function runCommand(
+  file: string,
+  args: string[],
+  timeoutMs = 15_000,
+  onSpawn?: (child: ChildProcess) => void,
+  extraFds: number[] = [],
+): Promise<ChildResult> {
   return new Promise((resolve) => {
     const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', ...extraFds] })
     live.add(child)
     onSpawn?.(child)
     let stdout = ''
     let stderr = ''
-    child.stdout!.on('data', (d) => { stdout += d })
-    child.stderr!.on('data', (d) => { stderr += d })
+    child.stdout!.on('data', (d) => {
+      stdout += d
+    })
+    child.stderr!.on('data', (d) => {
+      stderr += d
+    })
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs * timeScale)
     child.on('close', (code, signal) => {
       clearTimeout(timer)
@@ -51,11 +66,16 @@ export function runCommand(file: string, args: string[], timeoutMs = 15_000, onS
 }
 
 /** Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. */
-export async function runGuest(options: object, timeoutMs = 15_000): Promise<ChildResult & { result?: Record<string, unknown> }> {
+export async function runGuest(
+  options: object,
+  timeoutMs = 15_000,
+): Promise<ChildResult & { result?: Record<string, unknown> }> {
   const r = await runNode([path.join(dist, 'cli', 'demo', 'guest.js'), JSON.stringify(options)], timeoutMs)
   let result: Record<string, unknown> | undefined
   try {
     result = JSON.parse(r.stdout) as Record<string, unknown>
-  } catch { /* none */ }
+  } catch {
+    /* none */
+  }
   return { ...r, result }
 }

@@ -8,7 +8,12 @@ export function countFds(): number {
 }
 
 /** Reads events (one by one) until `pred` matched `n` of them; fails after `ms`. */
-export async function collect(stream: EventStream, n: number, pred: (e: UffdEvent) => boolean = () => true, ms = 5000): Promise<UffdEvent[]> {
+export async function collect(
+  stream: EventStream,
+  n: number,
+  pred: (e: UffdEvent) => boolean = () => true,
+  ms = 5000,
+): Promise<UffdEvent[]> {
   const out: UffdEvent[] = []
   const timer = setTimeout(() => stream.close(), ms)
   try {

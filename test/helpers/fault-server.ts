@@ -3,7 +3,7 @@
 import * as crypto from 'crypto'
 import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type FaultServerOptions } from '../../src/index'
 
-const cleanup: Array<{ run: () => void, unmap: boolean }> = []
+const cleanup: Array<{ run: () => void; unmap: boolean }> = []
 
 /**
  * Runs (in reverse order) everything registered by the helpers below; call from afterEach.
@@ -16,11 +16,13 @@ export function closeAll(ctx?: { task: { result?: { state?: string } } }): void 
     if (failed && unmap) continue
     try {
       run()
-    } catch { /* already closed */ }
+    } catch {
+      /* already closed */
+    }
   }
 }
 
-export function track<T extends { close?: () => void, unmap?: () => void }>(x: T): T {
+export function track<T extends { close?: () => void; unmap?: () => void }>(x: T): T {
   cleanup.push({ run: () => (x.close ?? x.unmap)!.call(x), unmap: x.close === undefined })
   return x
 }
@@ -30,8 +32,15 @@ export function onCleanup(f: () => void, unmap = false): void {
 }
 
 /** A uffd, a mapping of `pages` pages and a server over it (errors collected, not thrown). */
-export function setup(pages: number, options: FaultServerOptions = {}, features = 0n): {
-  uffd: Userfaultfd, m: Mapping, server: FaultServer, errors: Error[]
+export function setup(
+  pages: number,
+  options: FaultServerOptions = {},
+  features = 0n,
+): {
+  uffd: Userfaultfd
+  m: Mapping
+  server: FaultServer
+  errors: Error[]
 } {
   const m = track(Mapping.anonymous(pages * PAGE_SIZE))
   const uffd = track(Userfaultfd.open({ features }))
@@ -79,7 +88,9 @@ export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout
   return Promise.race([
     p.finally(() => clearTimeout(timer)),
-    new Promise<T>((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms) }),
+    new Promise<T>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms)
+    }),
   ])
 }
 

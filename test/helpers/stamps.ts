@@ -40,7 +40,7 @@ function word(bytes: Uint8Array, slot: number, w: number): bigint {
 /** The k of the write that put `value` into a slot of thread t of stamper `run` (0 for the slot's initial value). */
 function decode(value: bigint, run: number, t: number, initial: bigint): number {
   if (value === initial) return 0
-  if (value >> 40n !== (BigInt(run) << 8n | BigInt(t + 1))) return -1
+  if (value >> 40n !== ((BigInt(run) << 8n) | BigInt(t + 1))) return -1
   return Number(value & MASK)
 }
 
@@ -56,7 +56,13 @@ export function expectedK(j: number, n: number, M: number): number {
  * Checks `snapshot` (bytes of the whole stamped range) against the stamper's writes; `before` and
  * `after` are stamper.counts() just before takeSnapshot() and just after it returned.
  */
-export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: number, before: Float64Array, after: Float64Array): StampCheck {
+export function checkStamps(
+  snapshot: Uint8Array,
+  stamper: Stamper,
+  threads: number,
+  before: Float64Array,
+  after: Float64Array,
+): StampCheck {
   const mismatches: string[] = []
   let torn = 0
   const cut: number[] = []
@@ -70,7 +76,11 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
     const split: number[] = []
     for (let j = 0; j < n; j++) {
       const first = word(snapshot, order[j], 0)
-      for (let w = 1; w < WORDS; w++) if (word(snapshot, order[j], w) !== first) { split.push(j); break }
+      for (let w = 1; w < WORDS; w++)
+        if (word(snapshot, order[j], w) !== first) {
+          split.push(j)
+          break
+        }
       ks[j] = decode(first, run, t, initial[j])
       if (ks[j] > M) M = ks[j]
     }
@@ -91,18 +101,24 @@ export function checkStamps(snapshot: Uint8Array, stamper: Stamper, threads: num
       if (!ok) {
         torn++
         const words = Array.from({ length: WORDS }, (_, w) => word(snapshot, order[j], w).toString(16))
-        console.log(`torn: thread ${t} slot ${order[j]} j=${j} n=${n} M=${M} words=${words.join(',')} initial=${initial[j].toString(16)}`)
+        console.log(
+          `torn: thread ${t} slot ${order[j]} j=${j} n=${n} M=${M} words=${words.join(',')} initial=${initial[j].toString(16)}`,
+        )
       }
     }
     if (M < before[t] || M > after[t] + 1) {
-      mismatches.push(`thread ${t}: the snapshot holds writes up to ${M}, outside [${before[t]}, ${after[t] + 1}] (writes done before it began / once protected)`)
+      mismatches.push(
+        `thread ${t}: the snapshot holds writes up to ${M}, outside [${before[t]}, ${after[t] + 1}] (writes done before it began / once protected)`,
+      )
     }
     for (let j = 0; j < n; j++) {
       const want = expectedK(j, n, M)
       if (ks[j] !== want && mismatches.length < 20) {
         const got = word(snapshot, order[j], 0).toString(16)
         const wanted = (want === 0 ? initial[j] : stampOf(run, t, want)).toString(16)
-        mismatches.push(`thread ${t} slot ${order[j]}: holds write ${ks[j]} (0x${got}), memory at the snapshot's start held write ${want} (0x${wanted}) (of ${M}; initial 0x${initial[j].toString(16)})`)
+        mismatches.push(
+          `thread ${t} slot ${order[j]}: holds write ${ks[j]} (0x${got}), memory at the snapshot's start held write ${want} (0x${wanted}) (of ${M}; initial 0x${initial[j].toString(16)})`,
+        )
       }
     }
   }
@@ -120,7 +136,8 @@ export function checkFinal(memory: Uint8Array, stamper: Stamper, threads: number
       const k = expectedK(j, order.length, counts[t])
       const want = k === 0 ? initial[j] : stampOf(run, t, k)
       const got = word(memory, order[j], 0)
-      if (got !== want && bad.length < 20) bad.push(`thread ${t} slot ${order[j]}: ${got.toString(16)} != ${want.toString(16)}`)
+      if (got !== want && bad.length < 20)
+        bad.push(`thread ${t} slot ${order[j]}: ${got.toString(16)} != ${want.toString(16)}`)
     }
   }
   return bad

@@ -20,7 +20,11 @@ export function useCleanup(): <T extends Closable>(x: T) => T {
   afterEach(() => {
     killChildren()
     for (const f of cleanup.splice(0).reverse()) {
-      try { f() } catch { /* already closed */ }
+      try {
+        f()
+      } catch {
+        /* already closed */
+      }
     }
   })
   return (x) => {
@@ -58,15 +62,22 @@ export function hugePagesMissing(): string | undefined {
   return 'no huge pages are reserved (/proc/sys/vm/nr_hugepages is 0): run `echo 64 > /proc/sys/vm/nr_hugepages` as root (.ci/run does)'
 }
 
-const PRELUDE = `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});`
-  + `const internal = require(${JSON.stringify(path.join(dist, 'testing', 'index.js'))});`
+const PRELUDE =
+  `const uffd = require(${JSON.stringify(path.join(dist, 'index.js'))});` +
+  `const internal = require(${JSON.stringify(path.join(dist, 'testing', 'index.js'))});`
 
 /**
  * Runs `source` as a CommonJS script in a new node process, with `uffd` bound to the built
  * package (dist/index.js) and `internal` to dist/testing/index.js. Killed after timeoutMs.
  */
-export function runScript(source: string, options: { execArgv?: string[], args?: string[], timeoutMs?: number } = {}): Promise<ChildResult> {
-  return runNode([...(options.execArgv ?? []), '-e', PRELUDE + source, '--', ...(options.args ?? [])], options.timeoutMs ?? 15_000)
+export function runScript(
+  source: string,
+  options: { execArgv?: string[]; args?: string[]; timeoutMs?: number } = {},
+): Promise<ChildResult> {
+  return runNode(
+    [...(options.execArgv ?? []), '-e', PRELUDE + source, '--', ...(options.args ?? [])],
+    options.timeoutMs ?? 15_000,
+  )
 }
 
 /** Like runScript, but the child gets `fd` as its fd 3 (e.g. one end of a socketPair()). */
@@ -80,7 +91,9 @@ export function lastJson<T = Record<string, unknown>>(r: ChildResult): T {
   try {
     return JSON.parse(lines[lines.length - 1]) as T
   } catch {
-    throw new Error(`child printed no JSON (code ${r.code}, signal ${r.signal})\nstdout: ${r.stdout}\nstderr: ${r.stderr}`)
+    throw new Error(
+      `child printed no JSON (code ${r.code}, signal ${r.signal})\nstdout: ${r.stdout}\nstderr: ${r.stderr}`,
+    )
   }
 }
 
@@ -103,7 +116,14 @@ export async function waitEvents(uffd: Userfaultfd, n = 1, ms = 5000): Promise<U
 /** Resolves true if `promise` settled within ms (it is not awaited otherwise). */
 export async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
   let settled = false
-  void promise.then(() => { settled = true }, () => { settled = true })
+  void promise.then(
+    () => {
+      settled = true
+    },
+    () => {
+      settled = true
+    },
+  )
   await sleep(ms)
   return settled
 }

@@ -56,8 +56,8 @@ describe('FaultServer load', () => {
     server.close()
     const after = server.stats().faults
     await new Promise((r) => setTimeout(r, 20))
-    expect(server.stats().faults).toBe(after)  // the engine stopped
-    uffd.close()  // the kernel wakes the blocked threads; the rest reads as zeros
+    expect(server.stats().faults).toBe(after) // the engine stopped
+    uffd.close() // the kernel wakes the blocked threads; the rest reads as zeros
     const { values } = await within(touching, 10_000, 'touch')
     let served = 0
     for (let p = 0; p < n; p++) {
@@ -105,10 +105,14 @@ describe('FaultServer environment teardown', () => {
       touch(pages(m, 8)).then(() => process.exit(0))  // leaves the server open
     `
     const worker = new Worker(code, { eval: true })
-    const exitCode = await within(new Promise<number>((resolve, reject) => {
-      worker.on('exit', resolve)
-      worker.on('error', reject)
-    }), 10_000, 'worker exit')
+    const exitCode = await within(
+      new Promise<number>((resolve, reject) => {
+        worker.on('exit', resolve)
+        worker.on('error', reject)
+      }),
+      10_000,
+      'worker exit',
+    )
     expect(exitCode).toBe(0)
   })
 

@@ -55,15 +55,23 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
   const pageSize = options.hugetlb ? hugePageSize() : PAGE_SIZE
   const per = Math.floor(size / count / pageSize) * pageSize
   const uffd = Userfaultfd.open({ features: Feature.EVENT_REMOVE })
-  const maps: Array<{ map: Mapping, offset: number }> = []
+  const maps: Array<{ map: Mapping; offset: number }> = []
   for (let i = 0; i < count; i++) {
     const map = Mapping.anonymous(per, { hugetlb: options.hugetlb === true })
     uffd.register(map, { missing: true })
     maps.push({ map, offset: offset + i * per })
   }
-  const body = maps.map(({ map, offset }) => options.legacyPageSize
-    ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize }
-    : { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size: pageSize, page_size_kib: pageSize })
+  const body = maps.map(({ map, offset }) =>
+    options.legacyPageSize
+      ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize }
+      : {
+          base_host_virt_addr: Number(map.address),
+          size: map.length,
+          offset,
+          page_size: pageSize,
+          page_size_kib: pageSize,
+        },
+  )
   const socket = net.connect(options.socket)
   socket.pause()
   await new Promise<void>((resolve, reject) => {
@@ -75,14 +83,17 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
   const start = performance.now()
   const stride = options.stride ?? 1
   const addresses: bigint[] = []
-  for (const { map } of maps) addresses.push(...pages(map, Math.ceil(map.length / PAGE_SIZE / stride), PAGE_SIZE * stride))
+  for (const { map } of maps)
+    addresses.push(...pages(map, Math.ceil(map.length / PAGE_SIZE / stride), PAGE_SIZE * stride))
   if (options.dieMidway) {
     // Faults in flight on native threads while the process dies.
     // (keep the memory and the uffd reachable: a collected Mapping would be unmapped under the threads)
     ;(globalThis as { guestKeepAlive?: unknown }).guestKeepAlive = { maps, uffd, socket }
     void touch(addresses, { threads: options.threads ?? 1 })
     setTimeout(() => process.kill(process.pid, 'SIGKILL'), 5)
-    await new Promise(() => { /* never */ })
+    await new Promise(() => {
+      /* never */
+    })
   }
   const { ns } = await touch(addresses, { threads: options.threads ?? 1, timings: true })
   const elapsedMs = performance.now() - start
@@ -136,11 +147,14 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
 
 // As a child process: node guest.js '<GuestOptions JSON>' prints a GuestResult as JSON.
 if (require.main === module) {
-  runGuest(JSON.parse(process.argv[2]) as GuestOptions).then((r) => {
-    process.stdout.write(JSON.stringify(r) + '\n')
-    process.exit(r.mismatches === 0 && r.zeroMismatches === 0 ? 0 : 1)
-  }, (err) => {
-    process.stderr.write(`guest: ${(err as Error).stack}\n`)
-    process.exit(2)
-  })
+  runGuest(JSON.parse(process.argv[2]) as GuestOptions).then(
+    (r) => {
+      process.stdout.write(JSON.stringify(r) + '\n')
+      process.exit(r.mismatches === 0 && r.zeroMismatches === 0 ? 0 : 1)
+    },
+    (err) => {
+      process.stderr.write(`guest: ${(err as Error).stack}\n`)
+      process.exit(2)
+    },
+  )
 }
