@@ -13,10 +13,10 @@
 //
 // Ratios are medians over rounds; each round runs every contender back to back.
 'use strict'
-const fs = require('fs')
-const path = require('path')
-const crypto = require('crypto')
-const { spawnSync } = require('child_process')
+const fs = require('node:fs')
+const path = require('node:path')
+const crypto = require('node:crypto')
+const { spawnSync } = require('node:child_process')
 const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
 const { Userfaultfd, Mapping, FaultServer, PAGE_SIZE } = require('../dist')
 const { touch, pages } = require('../dist/testing')

@@ -3,11 +3,11 @@
 // straight from the page cache) vs pread into a reusable buffer then UFFDIO_COPY. A guest child
 // touches every page of SIZE MiB from THREADS native threads; we report the guest-side time and
 // fault latency percentiles. Usage: node bench/firecracker-source.js [sizeMiB=64] [runs=3]
-const fs = require('fs')
-const os = require('os')
-const path = require('path')
-const { execFile } = require('child_process')
-const { promisify } = require('util')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+const { execFile } = require('node:child_process')
+const { promisify } = require('node:util')
 const dist = path.join(__dirname, '..', 'dist')
 const { FirecrackerHandler } = require(dist)
 const { writeSnapshot } = require(path.join(dist, 'cli', 'demo', 'snapshot'))

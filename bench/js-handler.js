@@ -7,8 +7,7 @@
 // Prints a table, and JSON with --json. Ratios are medians over rounds, each round running the
 // C and the JS handler back to back on the same workload.
 'use strict'
-const path = require('path')
-const { spawnSync } = require('child_process')
+const { spawnSync } = require('node:child_process')
 const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
 const { Userfaultfd, Mapping, PAGE_SIZE } = require('../dist')
 const { touch, pages } = require('../dist/testing')
@@ -79,7 +78,7 @@ async function main() {
       })
     }
   }
-  const load = require('os').loadavg()[0].toFixed(2)
+  const load = require('node:os').loadavg()[0].toFixed(2)
   if (args.json) console.log(JSON.stringify({ load, rows }, null, 2))
   else {
     console.table(rows)

@@ -1,8 +1,8 @@
 // Shared by the benchmark scripts: building the C references, statistics, arguments.
 'use strict'
-const fs = require('fs')
-const path = require('path')
-const { execFileSync } = require('child_process')
+const fs = require('node:fs')
+const path = require('node:path')
+const { execFileSync } = require('node:child_process')
 
 const out = path.join(__dirname, 'out')
 

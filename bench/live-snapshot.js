@@ -15,9 +15,9 @@
 //                    costs the writer less than stopping it)
 //   longest stall  = the writer's longest pause (64 writes' precision) / the stop-and-copy time
 'use strict'
-const fs = require('fs')
-const os = require('os')
-const path = require('path')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
 const { median, parseArgs } = require('./lib')
 const { Mapping, takeSnapshot } = require('../dist')
 const { startStamper } = require('../dist/testing')

@@ -1,9 +1,9 @@
 // First use: register memory, fault on it from one thread, resolve the fault from another.
 // The main thread reads lazily filled memory; a worker thread serves each page on first touch.
 //   node examples/first-use.js
-const { Worker } = require('worker_threads')
-const { once } = require('events')
-const path = require('path')
+const { Worker } = require('node:worker_threads')
+const { once } = require('node:events')
+const path = require('node:path')
 const { Mapping, PAGE_SIZE } = require(path.join(__dirname, '..', 'dist'))
 
 async function main() {

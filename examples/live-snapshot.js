@@ -3,9 +3,9 @@
 //   node examples/live-snapshot.js [MiB]
 // The writer here is this very JS thread (the snapshot's fault handling runs on a native thread,
 // so a write that has to wait for its page to be copied out just pauses for a few microseconds).
-const fs = require('fs')
-const os = require('os')
-const path = require('path')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
 const { Mapping, PAGE_SIZE, takeSnapshot } = require(path.join(__dirname, '..', 'dist'))
 
 const MiB = 1024 * 1024

@@ -5,7 +5,7 @@
 // "Sending" here copies into a destination buffer and counts bytes; a real migration would
 // write each range to a socket. The link is simulated: the program runs one slice of work per
 // MiB sent, so it dirties memory at a fixed rate relative to the bandwidth.
-const path = require('path')
+const path = require('node:path')
 const { DirtyTracker, Mapping, PAGE_SIZE } = require(path.join(__dirname, '..', 'dist'))
 
 const MiB = 1024 * 1024

@@ -6,8 +6,8 @@
 //   await once(worker, 'message')            // registered: now just read m.buffer
 //
 // Page i is filled with the u64 value 1000 + i (stand-in for fetching it from a snapshot).
-const { parentPort, workerData } = require('worker_threads')
-const path = require('path')
+const { parentPort, workerData } = require('node:worker_threads')
+const path = require('node:path')
 const { Userfaultfd, PAGE_SIZE } = require(path.join(__dirname, '..', 'dist'))
 
 const { address, length } = workerData

@@ -1,8 +1,8 @@
 'use strict'
 // Writes dist/index.mjs: an ES module facade over the CommonJS build, so that `import` and
 // `require` share one instance of the addon and of every class (instanceof works across both).
-const fs = require('fs')
-const path = require('path')
+const fs = require('node:fs')
+const path = require('node:path')
 const dist = path.join(__dirname, '..', 'dist')
 const names = Object.keys(require(path.join(dist, 'index.js'))).filter((n) => n !== 'default' && n !== '__esModule')
 const lines = [

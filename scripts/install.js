@@ -6,9 +6,9 @@
 // In a development checkout (a git work tree) it always compiles: the sources are what is tested.
 // npm shows this script's output only with --foreground-scripts (or when it fails).
 'use strict'
-const fs = require('fs')
-const path = require('path')
-const { spawnSync } = require('child_process')
+const fs = require('node:fs')
+const path = require('node:path')
+const { spawnSync } = require('node:child_process')
 
 const root = path.join(__dirname, '..')
 const say = (msg) => console.error(`userfaultfd: ${msg}`)

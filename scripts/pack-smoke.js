@@ -5,8 +5,8 @@
 // UFFDIO_COPY, checking every byte that came back.
 //   node pack-smoke.js prebuild|build
 'use strict'
-const path = require('path')
-const { createRequire } = require('module')
+const path = require('node:path')
+const { createRequire } = require('node:module')
 
 const expected = process.argv[2]
 const req = createRequire(path.join(process.cwd(), 'package.json'))

@@ -9,10 +9,10 @@
 //   node scripts/prebuilds-check.js --write    record the current sources' hash (npm run prebuilds does)
 //   node scripts/prebuilds-check.js --json     print what was found
 'use strict'
-const crypto = require('crypto')
-const fs = require('fs')
-const path = require('path')
-const { execFileSync } = require('child_process')
+const crypto = require('node:crypto')
+const fs = require('node:fs')
+const path = require('node:path')
+const { execFileSync } = require('node:child_process')
 
 const root = path.join(__dirname, '..')
 const TARGETS = { 'linux-x64': { machine: 62, name: 'x86-64' }, 'linux-arm64': { machine: 183, name: 'AArch64' } }
@@ -123,11 +123,11 @@ if (require.main === module) {
     const { hash, files } = sourceHashes()
     fs.writeFileSync(
       path.join(root, 'prebuilds', 'sources.json'),
-      JSON.stringify(
+      `${JSON.stringify(
         { note: 'sha256 of the sources prebuilds/ was built from; npm run prebuilds rewrites it', hash, files },
         null,
         2,
-      ) + '\n',
+      )}\n`,
     )
   }
   const r = inspect()

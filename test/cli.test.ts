@@ -1,9 +1,9 @@
 // The `userfaultfd` command, run as the real binary (node dist/cli/index.js ...).
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import * as fs from 'fs'
-import * as os from 'os'
-import * as path from 'path'
-import type { ChildProcess } from 'child_process'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import type { ChildProcess } from 'node:child_process'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { dist, killChildren, runCommand, runGuest, runNode } from './helpers/children'
 import { env } from './helpers/env'

@@ -2,7 +2,7 @@
 // the kernel's value, including those the build machine's 6.1 headers lack (MOVE, POISON,
 // WP_ASYNC): the addon defines them.
 import { describe, expect, it } from 'vitest'
-import { execFileSync } from 'child_process'
+import { execFileSync } from 'node:child_process'
 import * as index from '../src/index'
 import {
   EventType,
@@ -44,7 +44,8 @@ describe('constants', () => {
       'MOVE',
     ]
     expect(Object.keys(Feature)).toEqual(names)
-    names.forEach((name, bit) => expect(Feature[name as keyof typeof Feature], name).toBe(1n << BigInt(bit)))
+    for (const [bit, name] of names.entries())
+      expect(Feature[name as keyof typeof Feature], name).toBe(1n << BigInt(bit))
     // This kernel (6.18) offers exactly these: 0x1FFFF.
     const all = Object.values(Feature).reduce((a, b) => a | b, 0n)
     expect(all).toBe(0x1ffffn)

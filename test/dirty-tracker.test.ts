@@ -1,7 +1,7 @@
 // Dirty tracking (WP_ASYNC + PAGEMAP_SCAN) and the validated pagemapScan() under it.
 import { afterEach, describe, expect, it, vi } from 'vitest'
 import { timeScale } from './helpers/children'
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import {
   DirtyTracker,
   Feature,

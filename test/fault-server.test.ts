@@ -1,8 +1,8 @@
 // FaultServer: contents served byte for byte from every kind of source, from several native
 // threads in sequential and random order, and read directly by the main JS thread.
-import * as fs from 'fs'
-import * as os from 'os'
-import * as path from 'path'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
 import { pages, touch } from '../src/testing'

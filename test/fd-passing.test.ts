@@ -1,10 +1,10 @@
 // Fd passing over Unix sockets: SCM_RIGHTS with payloads, close-on-exec on arrival, MSG_CTRUNC
 // and extra fds closed (nothing leaks), peer credentials, net.Socket and raw socketpairs.
 import { afterEach, describe, expect, it } from 'vitest'
-import * as fs from 'fs'
-import * as net from 'net'
-import * as os from 'os'
-import * as path from 'path'
+import * as fs from 'node:fs'
+import * as net from 'node:net'
+import * as os from 'node:os'
+import * as path from 'node:path'
 import {
   FdChannel,
   Mapping,
@@ -61,7 +61,9 @@ describe('fd passing over a socketpair', () => {
     const m = memfdWith('hello through SCM_RIGHTS')
     await sendFds(a, 'payload-1', [m.fd])
     const msg = await receiveFds(b)
-    cleanup.push(() => msg.fds.forEach((fd) => native.close(fd)))
+    cleanup.push(() => {
+      for (const fd of msg.fds) native.close(fd)
+    })
     expect(msg.data.toString()).toBe('payload-1')
     expect(msg.fds).toHaveLength(1)
     expect(msg.fds[0]).not.toBe(m.fd)
@@ -193,7 +195,9 @@ describe('fd passing over a socketpair', () => {
       got += msg.data.length
     }
     await sending
-    cleanup.push(() => fds.forEach((fd) => native.close(fd)))
+    cleanup.push(() => {
+      for (const fd of fds) native.close(fd)
+    })
     expect(got).toBe(big.length)
     expect(fds).toHaveLength(1)
   })

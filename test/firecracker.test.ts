@@ -2,10 +2,10 @@
 // does (map, register MISSING + EVENT_REMOVE, send JSON + uffd, touch, verify, MADV_DONTNEED),
 // and against every kind of malformed handshake, sent from this process.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import * as fs from 'fs'
-import * as net from 'net'
-import * as os from 'os'
-import * as path from 'path'
+import * as fs from 'node:fs'
+import * as net from 'node:net'
+import * as os from 'node:os'
+import * as path from 'node:path'
 import {
   FirecrackerHandler,
   Mapping,

@@ -1,7 +1,7 @@
 // Lifecycle: close() is idempotent and final, nothing leaks across 1000 open/close (fds, maps),
 // and garbage collection munmaps exactly once (checked in a child run with --expose-gc).
 import { describe, expect, it } from 'vitest'
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import { Mapping, PAGE_SIZE, UffdError, Userfaultfd, isUserfaultfd } from '../src/index'
 import { countFds, expectUffdError, lastJson, runScript, useCleanup } from './helpers/uffd'
 import { env } from './helpers/env'

@@ -1,8 +1,8 @@
 // The live-snapshot and pre-copy examples run as users would run them (against dist/).
 import { describe, expect, it } from 'vitest'
 import { timeScale } from './helpers/children'
-import { spawnSync } from 'child_process'
-import * as path from 'path'
+import { spawnSync } from 'node:child_process'
+import * as path from 'node:path'
 import { DirtyTracker, Feature, Userfaultfd } from '../src/index'
 
 const root = path.join(__dirname, '..')

@@ -2,12 +2,12 @@
 // the snapshot's resolver is a native thread, but the JS thread must stay free to run the test.
 import { afterEach, describe, expect, it } from 'vitest'
 import { timeScale } from './helpers/children'
-import * as fs from 'fs'
-import * as os from 'os'
-import * as path from 'path'
-import { once } from 'events'
-import { Worker } from 'worker_threads'
-import * as index from '../src/index'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import { once } from 'node:events'
+import { Worker } from 'node:worker_threads'
+import type * as index from '../src/index'
 import {
   FaultServer,
   Feature,

@@ -1,7 +1,7 @@
 // Mapping: anonymous and memfd memory, aliases, read/write with every kind of byte container,
 // madvise/protect, and unmap() detaching the buffer before munmap.
 import { describe, expect, it } from 'vitest'
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import { Mapping, PAGE_SIZE, UffdError, hugePageSize } from '../src/index'
 import { expectUffdError, useCleanup } from './helpers/uffd'
 

@@ -1,6 +1,6 @@
 // The built package loads from both require() and import, as one instance.
-import { spawnSync } from 'child_process'
-import * as path from 'path'
+import { spawnSync } from 'node:child_process'
+import * as path from 'node:path'
 import { describe, expect, it } from 'vitest'
 
 const root = path.join(__dirname, '..')
@@ -24,7 +24,7 @@ describe('module formats', () => {
     const pkg = require(path.join(root, 'package.json'))
     const entry = pkg.exports['.']
     for (const file of [entry.types, entry.import, entry.require, pkg.main, pkg.types]) {
-      expect(require('fs').existsSync(path.join(root, file)), file).toBe(true)
+      expect(require('node:fs').existsSync(path.join(root, file)), file).toBe(true)
     }
     expect(pkg.os).toEqual(['linux'])
     expect(pkg.engines.node).toMatch(/>=\s*20/)

@@ -2,7 +2,7 @@
 // `features` reports, the 'auto' fallback (as root without CAP_SYS_PTRACE, and as nobody), and
 // Userfaultfd.probe(): cached, a throwaway fd, never throws for lack of permission.
 import { describe, expect, it } from 'vitest'
-import * as os from 'os'
+import * as os from 'node:os'
 import {
   Feature,
   IoctlBit,
@@ -15,7 +15,7 @@ import {
   isUserfaultfd,
 } from '../src/index'
 import { native } from '../src/addon/native'
-import * as path from 'path'
+import * as path from 'node:path'
 import { dist, runCommand } from './helpers/children'
 import { countFds, expectUffdError, lastJson, useCleanup } from './helpers/uffd'
 import { env, needs } from './helpers/env'
@@ -174,7 +174,7 @@ describe('probe()', () => {
 // opens) and as nobody (both refused; only USER_MODE_ONLY is left).
 const script = (body: string): string[] => [
   '-e',
-  `const { Userfaultfd } = require(${JSON.stringify(path.join(dist, 'index.js'))});` + body,
+  `const { Userfaultfd } = require(${JSON.stringify(path.join(dist, 'index.js'))});${body}`,
 ]
 const report = `const out = {}
 try { const u = Userfaultfd.open(); out.via = u.via; u.close() } catch (e) { out.error = { code: e.code, syscall: e.syscall, hint: e.hint, message: e.message } }

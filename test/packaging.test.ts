@@ -3,10 +3,10 @@
 // versions no newer than Debian bookworm's) and which addon the loader takes.
 // The slow checks are scripts: test:pack (the packed tarball, without a compiler), test:docker,
 // test:node-matrix, test:arm64.
-import { spawnSync } from 'child_process'
-import * as fs from 'fs'
-import { createRequire } from 'module'
-import * as path from 'path'
+import { spawnSync } from 'node:child_process'
+import * as fs from 'node:fs'
+import { createRequire } from 'node:module'
+import * as path from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { candidates, nativePath } from '../src/addon/native'
 

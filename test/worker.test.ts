@@ -2,8 +2,8 @@
 // its own event loop, and exits by itself once it closed everything; terminating a worker in
 // the middle of serving neither crashes the process nor leaks its fds.
 import { describe, expect, it } from 'vitest'
-import * as path from 'path'
-import { Worker } from 'worker_threads'
+import * as path from 'node:path'
+import { Worker } from 'node:worker_threads'
 import { Mapping, PAGE_SIZE } from '../src/index'
 import { touch } from '../src/testing'
 import { dist } from './helpers/children'

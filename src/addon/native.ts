@@ -1,7 +1,7 @@
 // Loads the addon and types its exports. The addon is a thin syscall layer: validation and
 // policy live in TypeScript.
-import * as fs from 'fs'
-import * as path from 'path'
+import * as fs from 'node:fs'
+import * as path from 'node:path'
 import bindings from 'bindings'
 import type { SnapshotStats } from '../engines/live-snapshot'
 

@@ -1,8 +1,8 @@
 // `userfaultfd doctor [--json]`: can this machine (this user, this container) use userfaultfd,
 // and if not, what would fix it. Exit code: 0 usable, 1 not usable, 3 only UFFD_USER_MODE_ONLY
 // (faults raised inside syscalls or by KVM are not delivered: not enough for Firecracker).
-import * as fs from 'fs'
-import * as os from 'os'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
 import { Userfaultfd } from '../core/userfaultfd'
 
 export interface DoctorReport {
@@ -176,6 +176,6 @@ export function formatReport(r: DoctorReport): string {
 
 export function doctor(args: { json: boolean }): number {
   const report = diagnose()
-  process.stdout.write(args.json ? JSON.stringify(report, null, 2) + '\n' : formatReport(report) + '\n')
+  process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatReport(report)}\n`)
   return report.status === 'usable' ? 0 : report.status === 'user-mode-only' ? 3 : 1
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // The `userfaultfd` command: doctor, serve, demo.
-import { parseArgs } from 'util'
+import { parseArgs } from 'node:util'
 import { doctor } from './doctor'
 import { serve } from './serve'
 import { demo } from './demo'

@@ -27,7 +27,7 @@ export async function serve(args: ServeArgs): Promise<number> {
     allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
   })
   const log = (msg: string): void => {
-    process.stderr.write(msg + '\n')
+    process.stderr.write(`${msg}\n`)
   }
   log(
     `userfaultfd serve: listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`,
@@ -68,7 +68,7 @@ export async function serve(args: ServeArgs): Promise<number> {
   if (process.stderr.isTTY) process.stderr.write('\n')
   await handler.close()
   const stats = { ...handler.stats(), uptimeMs: Date.now() - started }
-  if (args.json) process.stdout.write(JSON.stringify(stats) + '\n')
+  if (args.json) process.stdout.write(`${JSON.stringify(stats)}\n`)
   else log(`userfaultfd serve: stopped; ${stats.pagesServed} pages served to ${stats.connections.total} connection(s)`)
   return 0
 }

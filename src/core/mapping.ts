@@ -1,6 +1,6 @@
 // Memory for userfaultfd to manage. A Mapping owns an mmap'd region (anonymous, or MAP_SHARED
 // over a memfd); `buffer` is an external ArrayBuffer over it that unmap() detaches first.
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import { native, type MappingHandle } from '../addon/native'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'

@@ -1,7 +1,7 @@
 // Userfaultfd.probe(): what this kernel offers and whether this process may use it. Uses a
 // throwaway fd (UFFDIO_API succeeds once per fd), never throws for lack of permission.
-import * as os from 'os'
-import * as fs from 'fs'
+import * as os from 'node:os'
+import * as fs from 'node:fs'
 import { native } from '../addon/native'
 import { OpenFlag, featureNames, ioctlNames } from './constants'
 import { PERMISSION_HINT, isPermissionError } from './errors'
@@ -98,8 +98,7 @@ export function probe(options: { refresh?: boolean } = {}): Probe {
         ioctlNames: ioctlNames(ioctls),
       })
       if (userModeOnly) {
-        result.reason =
-          'only UFFD_USER_MODE_ONLY is permitted: faults raised inside syscalls are not delivered.\n' + PERMISSION_HINT
+        result.reason = `only UFFD_USER_MODE_ONLY is permitted: faults raised inside syscalls are not delivered.\n${PERMISSION_HINT}`
       }
     } catch (err) {
       result.via = null

@@ -1,7 +1,7 @@
 // Turning user input (Mapping, { address, length }, bigint) into checked address ranges.
 // Every check here exists so that bad input gets a TypeError/RangeError that says what was
 // wrong, instead of a kernel EINVAL or worse.
-import { types } from 'util'
+import { types } from 'node:util'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'
 

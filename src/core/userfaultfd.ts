@@ -1,7 +1,7 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { native } from '../addon/native'
 import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
-import { PERMISSION_HINT, UffdError, isPermissionError, uffdError } from './errors'
+import { PERMISSION_HINT, type UffdError, isPermissionError, uffdError } from './errors'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
 import {

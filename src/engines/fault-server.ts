@@ -2,11 +2,11 @@
 // threads, with no JS call per fault: from buffers, files or zero pages, with fault-around and
 // background prefetch. JS is involved only for { handler } sources (called with batches of
 // requests, off the hot path), for events the policy hands to JS, and for errors and progress.
-import { EventEmitter } from 'events'
-import * as fs from 'fs'
+import { EventEmitter } from 'node:events'
+import * as fs from 'node:fs'
 import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
-import { UffdError, uffdError } from '../core/errors'
+import { type UffdError, uffdError } from '../core/errors'
 import { Mapping } from '../core/mapping'
 import { describe, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'

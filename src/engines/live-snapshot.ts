@@ -2,7 +2,7 @@
 // them. takeSnapshot() write-protects the range (that instant is the snapshot), then a native
 // thread copies each page out before the first write to it goes through, and copies the rest in
 // the background. No JS runs per fault; see native/binding/live_snapshot.cc.
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import { native, type SnapshotEngine } from '../addon/native'
 import { Userfaultfd } from '../core/userfaultfd'
 import { Feature, PAGE_SIZE } from '../core/constants'

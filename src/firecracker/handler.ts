@@ -7,9 +7,9 @@
 // ends only its own connection (its uffd, socket and pidfd are closed); the server keeps
 // serving the others. A VM's exit is seen through a pidfd of the peer (SO_PEERCRED pid), and
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
-import * as fs from 'fs'
-import * as net from 'net'
-import { EventEmitter } from 'events'
+import * as fs from 'node:fs'
+import * as net from 'node:net'
+import { EventEmitter } from 'node:events'
 import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FaultResolver } from '../core/fault-resolver'
 import { IntervalSet } from '../util/interval-set'
@@ -194,7 +194,7 @@ class Connection {
       for (;;) {
         const first = fd < 0
         // Byte 0 carries the uffd; later pieces of a split message must carry nothing.
-        let msg
+        let msg: Awaited<ReturnType<FdChannel['receive']>>
         try {
           msg = await this.#channel.receive({
             maxBytes: this.#handler.maxMessageBytes - received,

@@ -11,8 +11,8 @@
 //   so the socket is paused and its handle's read stopped before anything is received;
 // - short sends on stream sockets: the rest is sent (without the fds, which went with byte 0);
 // - SIGPIPE: MSG_NOSIGNAL, a vanished peer is EPIPE.
-import * as net from 'net'
-import { constants as osConstants } from 'os'
+import * as net from 'node:net'
+import { constants as osConstants } from 'node:os'
 import { native } from '../addon/native'
 import { UffdError } from '../core/errors'
 import { describe } from '../core/range'
@@ -180,7 +180,7 @@ export class FdChannel {
   ): Promise<void> {
     const list = Array.isArray(fds) ? [...fds] : [(fds as Userfaultfd).fd]
     if (list.length > MAX_FDS) throw new RangeError(`at most ${MAX_FDS} fds per message (got ${list.length})`)
-    let bytes = typeof payload === 'string' ? Buffer.from(payload) : payload
+    const bytes = typeof payload === 'string' ? Buffer.from(payload) : payload
     if (!ArrayBuffer.isView(bytes))
       throw new TypeError(`payload must be a string or an ArrayBufferView (got ${describe(payload)})`)
     if (bytes.byteLength === 0) {

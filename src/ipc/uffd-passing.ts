@@ -1,6 +1,6 @@
 // A Userfaultfd over a Unix socket: the fd travels with a small payload, the receiver adopts it
 // (O_NONBLOCK + close-on-exec) and learns the sender's credentials.
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import { Userfaultfd } from '../core/userfaultfd'
 import { FdChannel, closeFds, protocolError, type PeerCredentials, type SocketLike } from './fd-passing'
 

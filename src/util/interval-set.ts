@@ -37,8 +37,11 @@ export class IntervalSet {
   move(from: bigint, to: bigint, length: bigint): void {
     const moved: Array<[bigint, bigint]> = []
     for (const [s, e] of this.#items) {
+      // bigints: Math.min/max do not take them
+      const end = from + length
       const a = s > from ? s : from
-      const b = e < from + length ? e : from + length
+      // biome-ignore lint/complexity/useMathMinMax: bigint operands
+      const b = e < end ? e : end
       if (a < b) moved.push([a - from + to, b - from + to])
     }
     this.remove(from, from + length)

@@ -1,7 +1,7 @@
 // Child processes for cross-process tests: each is killed when its test ends (pass or fail),
 // and each has a hard timeout, so no test can leave a process behind or hang.
-import { spawn, type ChildProcess } from 'child_process'
-import * as path from 'path'
+import { spawn, type ChildProcess } from 'node:child_process'
+import * as path from 'node:path'
 
 export const root = path.join(__dirname, '..', '..')
 export const dist = path.join(root, 'dist')

@@ -5,8 +5,8 @@
 // Docker's default seccomp profile blocks the userfaultfd syscall whatever the capabilities, and
 // allows process_vm_readv/process_vm_writev, ptrace and kcmp only with CAP_SYS_PTRACE: tests
 // that use those must check `env.capSysPtrace` (see `needs`).
-import * as fs from 'fs'
-import * as os from 'os'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
 import { native } from '../../src/addon/native'
 import { OpenFlag } from '../../src/core/constants'
 

@@ -1,5 +1,5 @@
 // Shared helpers for the event-stream tests.
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 import type { EventStream, UffdEvent } from '../../src/index'
 
 /** Open file descriptors of this process. */

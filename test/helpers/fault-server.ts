@@ -1,6 +1,6 @@
 // Shared by the FaultServer tests: servers, uffds and mappings closed after each test, and
 // page contents that tell every page (and every offset) apart.
-import * as crypto from 'crypto'
+import * as crypto from 'node:crypto'
 import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type FaultServerOptions } from '../../src/index'
 
 const cleanup: Array<{ run: () => void; unmap: boolean }> = []

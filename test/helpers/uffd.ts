@@ -2,8 +2,8 @@
 // test opened, UffdError assertions, huge-page availability, and child processes / workers
 // that run a script against the built package (dist/).
 import { afterEach, expect } from 'vitest'
-import * as fs from 'fs'
-import * as path from 'path'
+import * as fs from 'node:fs'
+import * as path from 'node:path'
 import { UffdError, type UffdEvent, type Userfaultfd } from '../../src/index'
 import { dist, killChildren, runNode, type ChildResult } from './children'
 

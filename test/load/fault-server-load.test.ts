@@ -1,7 +1,7 @@
 // FaultServer under load: a million faults without memory growth, close() while threads fault
 // hard, and environments (a worker, a process) that end with a server still running.
-import * as path from 'path'
-import { Worker } from 'worker_threads'
+import * as path from 'node:path'
+import { Worker } from 'node:worker_threads'
 import { afterEach, describe, expect, it } from 'vitest'
 import { PAGE_SIZE } from '../../src/index'
 import { pages, touch } from '../../src/testing'

@@ -3,8 +3,8 @@
 // sends the region JSON with its uffd attached, then touches pages from native threads,
 // verifies every byte against the snapshot file, MADV_DONTNEEDs a range and checks that it
 // reads zeros afterwards. Used by `userfaultfd demo` and the tests (as a child process).
-import * as fs from 'fs'
-import * as net from 'net'
+import * as fs from 'node:fs'
+import * as net from 'node:net'
 import { Userfaultfd } from '../../core/userfaultfd'
 import { Mapping, hugePageSize } from '../../core/mapping'
 import { Feature, PAGE_SIZE } from '../../core/constants'
@@ -149,7 +149,7 @@ export async function runGuest(options: GuestOptions): Promise<GuestResult> {
 if (require.main === module) {
   runGuest(JSON.parse(process.argv[2]) as GuestOptions).then(
     (r) => {
-      process.stdout.write(JSON.stringify(r) + '\n')
+      process.stdout.write(`${JSON.stringify(r)}\n`)
       process.exit(r.mismatches === 0 && r.zeroMismatches === 0 ? 0 : 1)
     },
     (err) => {

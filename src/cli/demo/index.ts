@@ -4,10 +4,10 @@
 // EVENT_REMOVE), hands its uffd over the socket with the region JSON, then touches every page
 // (served lazily, one fault at a time), verifies every byte against the snapshot, and
 // MADV_DONTNEEDs a range that must read back as zeros.
-import * as fs from 'fs'
-import * as os from 'os'
-import * as path from 'path'
-import { spawn } from 'child_process'
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import { spawn } from 'node:child_process'
 import { FirecrackerHandler } from '../../firecracker/handler'
 import { writeSnapshot } from './snapshot'
 import type { GuestResult } from './guest'
@@ -65,7 +65,7 @@ export async function demo(args: DemoArgs): Promise<number> {
   const socket = path.join(dir, 'uffd.sock')
   const size = args.sizeMiB * 1048576
   const log = (msg: string): void => {
-    if (!args.json) process.stdout.write(msg + '\n')
+    if (!args.json) process.stdout.write(`${msg}\n`)
   }
   let handler: FirecrackerHandler | undefined
   try {
@@ -110,7 +110,7 @@ export async function demo(args: DemoArgs): Promise<number> {
       pageSize: PAGE_SIZE,
     }
     if (args.json) {
-      process.stdout.write(JSON.stringify(summary) + '\n')
+      process.stdout.write(`${JSON.stringify(summary)}\n`)
     } else {
       log('')
       log(

@@ -1,6 +1,6 @@
 // A deterministic memory snapshot for demos and tests: every 8-byte word encodes its own file
 // offset and a seed, so any page served from the wrong offset (or zero-filled) is detected.
-import * as fs from 'fs'
+import * as fs from 'node:fs'
 
 const CHUNK = 1 << 20
 
