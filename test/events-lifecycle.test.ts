@@ -203,24 +203,30 @@ describe('event stream lifecycle', () => {
 describe('examples', () => {
   it("the README's first-use modules run as written (import from 'userfaultfd')", () => {
     const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8')
-    const first = readme.slice(readme.indexOf('## First use'), readme.indexOf('**The one rule**'))
-    const blocks = [...first.matchAll(/```js\n\/\/ ([\w.]+)[^\n]*\n([\s\S]*?)```/g)]
-    expect(blocks.map((b) => b[1])).toEqual(['handler.mjs', 'main.mjs'])
+    const first = readme.slice(readme.indexOf('## First use'), readme.indexOf('## The one rule'))
+    const blocks = [...first.matchAll(/```js\n\/\/ ([\w.-]+)[^\n]*\n([\s\S]*?)```/g)]
+    expect(blocks.map((b) => b[1])).toEqual(['first-use.mjs', 'handler.mjs', 'main.mjs'])
     // A project that depends on this package: node_modules/userfaultfd is the package itself.
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-readme-'))
     try {
       fs.mkdirSync(path.join(dir, 'node_modules'))
       fs.symlinkSync(root, path.join(dir, 'node_modules', 'userfaultfd'))
       for (const [, name, code] of blocks) fs.writeFileSync(path.join(dir, name), code)
-      const r = spawnSync(process.execPath, [path.join(dir, 'main.mjs')], {
-        cwd: dir,
-        encoding: 'utf8',
-        timeout: 15_000,
-        killSignal: 'SIGKILL',
-      })
-      expect(r.stderr).toBe('')
-      expect(r.stdout).toBe('1005n\n')
-      expect(r.status).toBe(0)
+      const run = (file: string) =>
+        spawnSync(process.execPath, [path.join(dir, file)], {
+          cwd: dir,
+          encoding: 'utf8',
+          timeout: 15_000,
+          killSignal: 'SIGKILL',
+        })
+      const lazy = run('first-use.mjs')
+      expect(lazy.stderr).toBe('')
+      expect(lazy.stdout).toBe('7\n')
+      expect(lazy.status).toBe(0)
+      const js = run('main.mjs')
+      expect(js.stderr).toBe('')
+      expect(js.stdout).toBe('1005n\n')
+      expect(js.status).toBe(0)
     } finally {
       fs.rmSync(dir, { recursive: true, force: true })
     }
