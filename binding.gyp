@@ -21,6 +21,7 @@
         "native/binding/file_mapping.cc",
         "native/binding/live_snapshot.cc",
         "native/binding/mapping.cc",
+        "native/binding/migration.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/uffd_ioctls.cc",
         "native/binding/uffd_open.cc",
@@ -28,8 +29,12 @@
         "native/binding/watchdog.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
+        "native/engine/migration_channel.cc",
+        "native/engine/migration_source.cc",
+        "native/engine/migration_target.cc",
         "native/testing/stamper.cc",
-        "native/testing/toucher.cc"
+        "native/testing/toucher.cc",
+        "native/testing/workload.cc"
       ],
       "conditions": [
         ["OS!='linux'", { "sources": [] }]

@@ -81,3 +81,25 @@ export type {
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
+export {
+  MigrationSource,
+  MigrationTarget,
+  SourceLostError,
+  AuthError,
+  RejectedError,
+  pageHashes,
+  PROTOCOL_VERSION,
+} from './migration'
+export type {
+  MigrationSourceOptions,
+  MigrationRange,
+  MigrationTargetOptions,
+  MigrationTargetResult,
+  MigrationResult,
+  MigrationPhase,
+  MigrationMode,
+  SourceProgress,
+  RoundInfo,
+  TargetSetup,
+  SourceLossPolicy,
+} from './migration'

@@ -19,6 +19,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPagemapScan(env, exports);
   InitLiveSnapshot(env, exports);
   InitStamper(env, exports);
+  InitMigration(env, exports);
+  InitWorkload(env, exports);
   return exports;
 }
 

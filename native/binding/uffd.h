@@ -17,3 +17,5 @@ void InitFaultServer(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitLiveSnapshot(Napi::Env env, Napi::Object exports);
 void InitStamper(Napi::Env env, Napi::Object exports);
+void InitMigration(Napi::Env env, Napi::Object exports);
+void InitWorkload(Napi::Env env, Napi::Object exports);

@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util'
 import { doctor } from './doctor'
 import { serve } from './serve'
 import { demo } from './demo'
+import { MIGRATE_USAGE, migrate } from './migrate'
 
 const USAGE = `usage: userfaultfd <command> [options]
 
@@ -15,7 +16,7 @@ commands:
                          Firecracker-compatible page-fault handler (mem_backend "Uffd")
   demo [--size MIB] [--threads N] [--json]
                          lazy snapshot restore into a child process, verified page by page
-`
+${MIGRATE_USAGE}`
 
 function fail(message: string): never {
   process.stderr.write(`userfaultfd: ${message}\n\n${USAGE}`)
@@ -94,6 +95,8 @@ async function main(argv: string[]): Promise<number> {
         timeoutMs: positive(v.timeout as string | undefined, '--timeout', 120_000),
       })
     }
+    case 'migrate':
+      return migrate(rest, () => process.stderr.write(USAGE))
     default:
       fail(`unknown command '${command}'`)
   }

@@ -1,0 +1,90 @@
+// What both ends of a migration share: option checks, the result shape, control messages.
+import { describe } from '../core/range'
+import { decodeJson, ProtocolError } from './wire'
+
+/** A migration's outcome, as both ends report it (the CLI prints it as JSON). */
+export interface MigrationResult {
+  mode: 'precopy' | 'postcopy' | 'hybrid'
+  /** memory migrated (bytes) */
+  bytes: number
+  /** from start() to the target having every page */
+  totalMs: number
+  /** pre-copy rounds, while the source's workload ran */
+  precopyMs: number
+  /** from the stop hook's call to the target's workload running (measured at the source: an upper bound by one network delay) */
+  downtimeMs: number
+  /** from the target running to the target having every page */
+  postcopyMs: number
+  /** bytes on the wire, both directions, both channels, handshakes included */
+  wireBytes: number
+  /** demand fault latency at the target (request sent to page installed), microseconds */
+  demandP50Us: number
+  demandP99Us: number
+  /** per-page hashes matched (null: not checked) */
+  verified: boolean | null
+  reconnects: number
+  poisonedPages: number
+  rounds: number
+  pagesTotal: number
+  /** pages sent in pre-copy rounds (including re-sends of dirtied pages) */
+  precopyPages: number
+  /** pages pushed in post-copy */
+  pushedPages: number
+  /** pages sent on demand in post-copy */
+  demandPages: number
+  /** pages the target received again and dropped (0 unless a connection broke mid-page) */
+  duplicatePages: number
+  /** pages sent again after a reconnect because they were lost in flight */
+  resentPages: number
+  /** demand requests for a page the push had already sent (left to the push) */
+  requestsForPushed: number
+  /** pages dirty at the stop (sent in the downtime with 'precopy', to come in post-copy otherwise) */
+  dirtyAtStop: number
+  zeroedPages: number
+  mismatches: number
+}
+
+export type Phase =
+  | 'connecting'
+  | 'precopy'
+  | 'stopping'
+  | 'postcopy'
+  | 'disconnected'
+  | 'verifying'
+  | 'complete'
+  | 'failed'
+  | 'listening'
+
+export function intOption(value: unknown, name: string, fallback: number, min: number, max: number): number {
+  if (value === undefined) return fallback
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max)
+    throw new RangeError(`${name} must be an integer ${min}..${max} (got ${describe(value)})`)
+  return value
+}
+
+export function choice<T extends string>(value: unknown, name: string, choices: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback
+  if (!choices.includes(value as T))
+    throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(', ')} (got ${describe(value)})`)
+  return value as T
+}
+
+/** A control message (CONTROL frame): a JSON object with a string `t`. */
+export type Control = { t: string } & Record<string, unknown>
+
+export function decodeControl(payload: Buffer): Control {
+  const o = decodeJson(payload, 'CONTROL')
+  if (typeof o.t !== 'string') throw new ProtocolError('CONTROL without a type')
+  return o as Control
+}
+
+export function finite(value: unknown, fallback = 0): number {
+  return typeof value === 'number' && Number.isFinite(value) ? value : fallback
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms))
+}
+
+/** Time scale for defaults tuned on a fast machine (USERFAULTFD_TEST_TIME_SCALE, for emulation). */
+export const timeScale = Number(process.env.USERFAULTFD_TEST_TIME_SCALE ?? '1') || 1
