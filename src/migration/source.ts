@@ -508,7 +508,8 @@ export class MigrationSource extends EventEmitter {
   async #connect(channel: ChannelKind, resume: boolean): Promise<Record<string, unknown>> {
     let socket: AnySocket | undefined
     try {
-      socket = await dial(this.#to, this.#tls, this.#connectMs)
+      // A reconnect tries often: a SYN into a link that is down is lost, not refused.
+      socket = await dial(this.#to, this.#tls, resume ? Math.min(this.#connectMs, Math.max(1000, this.#timeoutMs)) : this.#connectMs)
       const conn = new FrameConn(socket)
       const accept = await sourceHandshake(conn, {
         secret: this.#secret,
@@ -566,7 +567,6 @@ export class MigrationSource extends EventEmitter {
     let delay = 50
     for (let attempt = 1; !this.#closed; attempt++) {
       try {
-        const haveDone = this.#waitControl('have-done')
         const accept = await this.#connect('main', true)
         if (accept.state === 'aborted' || accept.state === 'unknown')
           throw Object.assign(new Error('the target gave the migration up'), { fatal: true })
@@ -580,7 +580,8 @@ export class MigrationSource extends EventEmitter {
         this.#resolveControl({ t: 'resumed' })
         this.#startPostcopy(true)
         this.#handle?.setPush(true)
-        await Promise.race([haveDone, sleep(this.#connectMs).then(() => Promise.reject(new Error('no HAVE')))])
+        // The target's HAVE bitmap came before this (same channel, in order): the rest is exact.
+        await this.#waitControlFor('have-done', this.#connectMs)
         await this.#connect('demand', true)
         this.#handle?.resumePush()
         this.#reconnects++
@@ -651,6 +652,26 @@ export class MigrationSource extends EventEmitter {
   #protocol(err: Error): void {
     this.#emitError(err)
     this.#lost(err)
+  }
+
+  #waitControlFor(t: string, ms: number): Promise<Control> {
+    let timer: NodeJS.Timeout | undefined
+    let entry: { t: string; resolve: (c: Control) => void } | undefined
+    const wait = new Promise<Control>((resolve, reject) => {
+      const i = this.#inbox.findIndex((c) => c.t === t)
+      if (i >= 0) {
+        resolve(this.#inbox.splice(i, 1)[0])
+        return
+      }
+      entry = { t, resolve }
+      this.#controlWaiters.push(entry)
+      timer = setTimeout(() => {
+        const k = this.#controlWaiters.indexOf(entry!)
+        if (k >= 0) this.#controlWaiters.splice(k, 1)
+        reject(new Error(`the target did not send '${t}' within ${ms} ms`))
+      }, ms)
+    })
+    return wait.finally(() => clearTimeout(timer))
   }
 
   #waitControl(t: string): Promise<Control> {

@@ -107,9 +107,13 @@ export async function send(o: SendOptions): Promise<number> {
       verify: { maskOffset: TARGET_STAMP, maskLength: 8 },
       metadata: { dirtyRate: o.dirtyRate, seed: o.seed },
     })
+    let injected = false
     source.on('phase', ({ phase }) => {
       o.emit({ event: 'phase', side: 'source', phase })
-      if (phase === 'postcopy' && o.fault !== undefined) inject(o.fault, o.emit)
+      if (phase === 'postcopy' && o.fault !== undefined && !injected) {
+        injected = true
+        inject(o.fault, o.emit)
+      }
     })
     source.on('round', (r) => o.emit({ event: 'round', ...r }))
     source.on('progress', (p) => o.emit({ event: 'progress', side: 'source', ...p }))
