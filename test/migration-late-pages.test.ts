@@ -5,13 +5,13 @@
 import * as fs from 'node:fs'
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature } from '../src/core/constants'
-import { hugePageSize } from '../src/core/mapping'
+import { hugePageSize, type Mapping } from '../src/core/mapping'
 import { Userfaultfd } from '../src/core/userfaultfd'
 import { MigrationTarget } from '../src/migration/target'
 import { decodeHeader, FrameType } from '../src/migration/wire'
 import { touch } from '../src/testing'
 import { killChildren } from './helpers/children'
-import { control, fakeSource, pagesFrame, SECRET, until } from './helpers/migration'
+import { control, fakeSource, pagesFrame, SECRET, until, unmapAll } from './helpers/migration'
 
 afterEach(() => killChildren())
 
@@ -35,7 +35,9 @@ function page(size: number, fill: number): Buffer {
 
 describe('late and duplicate pages', () => {
   for (const k of kinds) {
-    it(`${k.kind}: a page the target wrote is never overwritten by a late copy; a page sent twice wakes its waiter once`, { timeout: 30_000 }, async (ctx) => {
+    it(`${k.kind}: a page the target wrote is never overwritten by a late copy; a page sent twice wakes its waiter once`, {
+      timeout: 30_000,
+    }, async (ctx) => {
       if (!k.ok) ctx.skip(`needs ${k.why}`)
       const ps = k.pageSize
       const target = await MigrationTarget.listen({ secret: SECRET })
@@ -52,7 +54,7 @@ describe('late and duplicate pages', () => {
       try {
         control(fake.main, { t: 'switchover', toCome: 4 })
         await until(() => resumed, 5000, 'the target to resume')
-        const m = target.mappings[0]
+        const m = target.mappings[0] as Mapping
 
         // A thread writes page 1: it faults, the request comes on the demand channel.
         const writing = touch([m.address + BigInt(ps)], { write: true, value: 0x1111n })
@@ -92,15 +94,15 @@ describe('late and duplicate pages', () => {
         expect(all[3 * ps]).toBe(0x03)
         expect(all.readBigUInt64LE(ps)).toBe(0x1111n)
         // The target told the source it is done.
-        const done = await fake.main.expect([FrameType.CONTROL, FrameType.PING], 5000).then(async (f) =>
-          f.type === FrameType.CONTROL ? f : fake.main.expect([FrameType.CONTROL], 5000),
-        )
+        const done = await fake.main
+          .expect([FrameType.CONTROL, FrameType.PING], 5000)
+          .then(async (f) => (f.type === FrameType.CONTROL ? f : fake.main.expect([FrameType.CONTROL], 5000)))
         expect(JSON.parse(done.payload.toString()).t).toMatch(/resumed|done/)
         expect(errors).toEqual([])
       } finally {
         fake.close()
         target.close()
-        for (const mm of target.mappings) mm.unmap()
+        unmapAll(target)
       }
     })
   }

@@ -9,7 +9,7 @@ import { MigrationTarget } from '../src/migration/target'
 import { Mapping, Userfaultfd } from '../src'
 import { Feature } from '../src/core/constants'
 import { killChildren } from './helpers/children'
-import { migrateHere, SECRET } from './helpers/migration'
+import { migrateHere, SECRET, unmapAll } from './helpers/migration'
 import * as fs from 'node:fs'
 
 afterEach(() => killChildren())
@@ -20,7 +20,9 @@ const features = Userfaultfd.probe().features
 
 describe('migration over loopback', () => {
   for (const mode of ['hybrid', 'postcopy', 'precopy'] as const) {
-    it(`${mode}, anonymous memory, writers on both sides: every page equals the source at its stop`, { timeout: 60_000 }, async () => {
+    it(`${mode}, anonymous memory, writers on both sides: every page equals the source at its stop`, {
+      timeout: 60_000,
+    }, async () => {
       const r = await migrateHere({ mode, kind: 'anonymous', size: 16 * MiB, dirtyRate: 8 * MiB })
       expect(r.mismatches).toBe(0)
       expect(r.lostStamps).toBe(0)
@@ -44,7 +46,9 @@ describe('migration over loopback', () => {
     })
   }
 
-  it('shmem (memfd) memory: pages go into the page cache through an alias, faults need only CONTINUE', { timeout: 60_000 }, async () => {
+  it('shmem (memfd) memory: pages go into the page cache through an alias, faults need only CONTINUE', {
+    timeout: 60_000,
+  }, async () => {
     if ((features & Feature.MINOR_SHMEM) === 0n) {
       await expect(migrateHere({ mode: 'hybrid', kind: 'shmem', size: 4 * MiB })).rejects.toThrow(/MINOR|lacks/)
       return
@@ -70,13 +74,21 @@ describe('migration over loopback', () => {
   })
 
   it('no lost wake-up: many threads fault on missing pages while the push runs', { timeout: 60_000 }, async () => {
-    const r = await migrateHere({ mode: 'postcopy', kind: 'anonymous', size: 32 * MiB, targetReaders: 6, dirtyRate: 4 * MiB })
+    const r = await migrateHere({
+      mode: 'postcopy',
+      kind: 'anonymous',
+      size: 32 * MiB,
+      targetReaders: 6,
+      dirtyRate: 4 * MiB,
+    })
     expect(r.mismatches).toBe(0)
     expect(r.target.faults).toBeGreaterThan(0)
     expect(r.target.demandPages).toBeGreaterThan(0)
   })
 
-  it('the stop hook runs once, after the pre-copy rounds; a failed stop hook fails the migration and resumes', { timeout: 30_000 }, async () => {
+  it('the stop hook runs once, after the pre-copy rounds; a failed stop hook fails the migration and resumes', {
+    timeout: 30_000,
+  }, async () => {
     const memory = Mapping.anonymous(4 * MiB)
     const target = await MigrationTarget.listen({ secret: SECRET })
     target.on('error', () => {})
@@ -96,7 +108,7 @@ describe('migration over loopback', () => {
     expect(resumed).toBe(1)
     source.close()
     target.close()
-    for (const m of target.mappings) m.unmap()
+    unmapAll(target)
     memory.unmap()
   })
 })

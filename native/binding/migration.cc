@@ -124,12 +124,14 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<SessionNotice>& notices) {
     if (!n.channel.empty()) o.Set("channel", n.channel);
     if (n.err != 0) {
       o.Set("errno", Napi::Number::New(env, n.err));
-      o.Set("error", MakeUffdError(env, n.err, n.kind == "error" ? n.channel : "recv", -1, n.message).Value());
+      o.Set("error",
+            MakeUffdError(env, n.err, n.kind == "error" ? n.channel : "recv", -1, n.message).Value());
     }
     if (n.protocol) o.Set("protocol", true);
     if (!n.message.empty()) o.Set("message", n.message);
     if (n.id != 0) o.Set("id", Napi::Number::New(env, static_cast<double>(n.id)));
-    if (!n.payload.empty()) o.Set("payload", Napi::Buffer<uint8_t>::Copy(env, n.payload.data(), n.payload.size()));
+    if (!n.payload.empty())
+      o.Set("payload", Napi::Buffer<uint8_t>::Copy(env, n.payload.data(), n.payload.size()));
     out[k++] = o;
   }
   return out;
@@ -217,7 +219,8 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     if (opts.Get("pushIdle").IsBoolean()) o.pushIdle = opts.Get("pushIdle").ToBoolean();
     core_ = std::make_shared<Core<SourceSession>>();
     core_->env = env;
-    core_->tsfn = Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationSource", 0, 1);
+    core_->tsfn =
+        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationSource", 0, 1);
     core_->session.reset(new SourceSession(std::move(ranges), o, Waker(core_)));
     napi_add_env_cleanup_hook(env, Core<SourceSession>::OnTeardown, core_.get());
     core_->hooked = true;
@@ -300,7 +303,8 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     Put(o, "wireBytes", core_->session->wireBytes());
     uint64_t last = core_->session->lastReceiveNs();
     uint64_t now = migration::NowNs();
-    o.Set("silentMs", Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
+    o.Set("silentMs",
+          Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
     return o;
   }
   Napi::Value Ref(const Napi::CallbackInfo& info) {
@@ -376,7 +380,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
     core_ = std::make_shared<Core<TargetSession>>();
     core_->env = env;
-    core_->tsfn = Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationTarget", 0, 1);
+    core_->tsfn =
+        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationTarget", 0, 1);
     core_->session.reset(new TargetSession(std::move(ranges), o, Waker(core_)));
     napi_add_env_cleanup_hook(env, Core<TargetSession>::OnTeardown, core_.get());
     core_->hooked = true;
@@ -393,7 +398,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
   }
   uint16_t ArgRange(const Napi::CallbackInfo& info, size_t i) {
     int32_t r = ArgI32(info, i, "range");
-    if (r < 0 || static_cast<size_t>(r) >= rangeCount_) ThrowRangeError(info.Env(), "range index out of range");
+    if (r < 0 || static_cast<size_t>(r) >= rangeCount_)
+      ThrowRangeError(info.Env(), "range index out of range");
     return static_cast<uint16_t>(r);
   }
   Napi::Value AttachMain(const Napi::CallbackInfo& info) {
@@ -452,7 +458,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     TargetSession* s = Live(info.Env());
     uint16_t range = ArgRange(info, 0);
     bool have = false;
-    std::vector<uint64_t> bad = s->Verify(range, ArgU64(info, 1, "maskOffset"), ArgU64(info, 2, "maskLength"), &have);
+    std::vector<uint64_t> bad =
+        s->Verify(range, ArgU64(info, 1, "maskOffset"), ArgU64(info, 2, "maskLength"), &have);
     if (!have) return info.Env().Null();
     Napi::Float64Array out = Napi::Float64Array::New(info.Env(), bad.size());
     for (size_t i = 0; i < bad.size(); i++) out[i] = static_cast<double>(bad[i]);
@@ -484,7 +491,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     o.Set("demandP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));
     uint64_t last = session->lastReceiveNs();
     uint64_t now = migration::NowNs();
-    o.Set("silentMs", Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
+    o.Set("silentMs",
+          Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
     return o;
   }
   Napi::Value Ref(const Napi::CallbackInfo& info) {
@@ -512,8 +520,8 @@ Napi::Value PageHashes(const Napi::CallbackInfo& info) {
   uint64_t pages = length / pageSize;
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, pages);
   for (uint64_t p = 0; p < pages; p++)
-    out[p] = migration::PageHash(reinterpret_cast<const uint8_t*>(address + p * pageSize), pageSize, maskOffset,
-                                 maskLength);
+    out[p] = migration::PageHash(reinterpret_cast<const uint8_t*>(address + p * pageSize), pageSize,
+                                 maskOffset, maskLength);
   return out;
 }
 

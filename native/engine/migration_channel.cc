@@ -152,9 +152,7 @@ void FrameChannel::KeeperLoop() {
 void FrameChannel::Shutdown() {
   if (shutdown_.exchange(true)) return;
   ::shutdown(fd_, SHUT_RDWR);
-  {
-    std::lock_guard<std::mutex> lock(queueMu_);
-  }
+  { std::lock_guard<std::mutex> lock(queueMu_); }
   queueCv_.notify_all();
 }
 

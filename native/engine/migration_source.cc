@@ -11,7 +11,8 @@
 
 namespace migration {
 
-SourceSession::SourceSession(std::vector<SourceRange> ranges, SourceOptions options, std::function<void()> wakeJs)
+SourceSession::SourceSession(std::vector<SourceRange> ranges, SourceOptions options,
+                             std::function<void()> wakeJs)
     : ranges_(std::move(ranges)), options_(options), wakeJs_(std::move(wakeJs)) {
   for (auto& r : ranges_) {
     shapes_.push_back(RangeShape{r.pages, r.pageSize});
@@ -298,7 +299,8 @@ void SourceSession::PushLoop() {
       uint64_t due = rateStart + rateBytes * 1000000000ull / rate;
       if (due > now) {
         uint64_t wait = std::min<uint64_t>(due - now, 100000000ull);
-        struct timespec ts = {static_cast<time_t>(wait / 1000000000ull), static_cast<long>(wait % 1000000000ull)};
+        struct timespec ts = {static_cast<time_t>(wait / 1000000000ull),
+                              static_cast<long>(wait % 1000000000ull)};
         nanosleep(&ts, nullptr);
       }
     }
@@ -424,7 +426,8 @@ void SourceSession::DemandLoop(FrameChannel* ch, uint64_t gen) {
   }
 }
 
-void SourceSession::Closed(const char* channel, uint64_t gen, int err, bool protocol, const std::string& message) {
+void SourceSession::Closed(const char* channel, uint64_t gen, int err, bool protocol,
+                           const std::string& message) {
   SessionNotice n;
   n.id = gen;
   n.kind = "closed";

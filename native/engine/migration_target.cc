@@ -93,7 +93,8 @@ FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len) {
 
 }  // namespace
 
-TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions options, std::function<void()> wakeJs)
+TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions options,
+                             std::function<void()> wakeJs)
     : ranges_(std::move(ranges)), options_(options), wakeJs_(std::move(wakeJs)) {
   uint64_t total = 0;
   uint64_t maxPage = 4096;
@@ -190,6 +191,22 @@ uint64_t TargetSession::lastReceiveNs() const {
 
 int TargetSession::StartServing(int uffd, std::string* syscall) {
   if (serving_.load()) return 0;
+  // Anonymous memory that holds pages not received (never sent, or given to us with old
+  // contents) must fault on them: drop them (the ranges are registered already: no event).
+  for (size_t i = 0; i < ranges_.size(); i++) {
+    const TargetRange& r = ranges_[i];
+    if (r.alias != 0) continue;  // page cache: a MINOR fault on a missing page fetches it
+    for (uint64_t p = 0; p < r.pages;) {
+      if (Valid(states_[i][p].load())) {
+        p++;
+        continue;
+      }
+      uint64_t n = 1;
+      while (p + n < r.pages && !Valid(states_[i][p + n].load())) n++;
+      madvise(reinterpret_cast<void*>(r.address + p * r.pageSize), n * r.pageSize, MADV_DONTNEED);
+      p += n;
+    }
+  }
   uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
   if (uffd_ < 0) {
     *syscall = "fcntl(F_DUPFD_CLOEXEC)";
@@ -203,8 +220,9 @@ int TargetSession::StartServing(int uffd, std::string* syscall) {
   for (size_t i = 0; i < ranges_.size(); i++) {
     const TargetRange& r = ranges_[i];
     auto delegate = std::make_shared<RangeDelegate>(this, static_cast<uint16_t>(i));
-    auto served = std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length,
-                                                std::shared_ptr<Source>(Source::Zero()), 0, false, 4096, delegate);
+    auto served =
+        std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length,
+                                      std::shared_ptr<Source>(Source::Zero()), 0, false, 4096, delegate);
     engine_->AddRange(served);
   }
   serving_.store(true);
@@ -248,7 +266,8 @@ void TargetSession::SetValid(uint16_t range, uint64_t page, uint8_t to) {
   if (Valid(old) && !Valid(to)) missing_.fetch_add(1);
 }
 
-void TargetSession::Installed(uint16_t range, uint64_t page, uint64_t count, const uint8_t* was, bool demand) {
+void TargetSession::Installed(uint16_t range, uint64_t page, uint64_t count, const uint8_t* was,
+                              bool demand) {
   uint64_t now = NowNs();
   for (uint64_t i = 0; i < count; i++) {
     if (was != nullptr && was[i] == kTRequested) {
@@ -281,7 +300,8 @@ int TargetSession::InstallZero(uint16_t range, uint64_t page, uint64_t count, bo
   const TargetRange& r = ranges_[range];
   uint64_t dst = r.address + page * r.pageSize, len = count * r.pageSize;
   if (r.alias == 0)
-    return FillAll(dst, len, r.pageSize, [&](uint64_t d, uint64_t, uint64_t l) { return ZeroPages(uffd_, d, l); });
+    return FillAll(dst, len, r.pageSize,
+                   [&](uint64_t d, uint64_t, uint64_t l) { return ZeroPages(uffd_, d, l); });
   // memfd/hugetlbfs: zeros into the page cache (nobody has it mapped yet), then map it.
   memset(reinterpret_cast<void*>(r.alias + page * r.pageSize), 0, len);
   return Continue(range, page, count);
@@ -318,7 +338,8 @@ void TargetSession::OnFault(uint16_t range, uint64_t address, uint64_t flags) {
         if (!s.compare_exchange_strong(cur, kTFilling)) continue;
         int err = InstallZero(range, page, 1, minor);
         s.store(kTPresent);
-        if (err != 0) Error(err, r.alias ? "ioctl(UFFDIO_CONTINUE)" : "ioctl(UFFDIO_ZEROPAGE)", "a zero page");
+        if (err != 0)
+          Error(err, r.alias ? "ioctl(UFFDIO_CONTINUE)" : "ioctl(UFFDIO_ZEROPAGE)", "a zero page");
         return;
       }
       case kTPresent: {
@@ -332,15 +353,17 @@ void TargetSession::OnFault(uint16_t range, uint64_t address, uint64_t flags) {
           err = FillAll(dst, r.pageSize, r.pageSize,
                         [&](uint64_t d, uint64_t, uint64_t l) { return ZeroPages(uffd_, d, l); });
         else
-          err = FillAll(dst, r.pageSize, r.pageSize,
-                        [&](uint64_t d, uint64_t, uint64_t l) { return CopyPages(uffd_, d, zeros_.data(), l); });
+          err = FillAll(dst, r.pageSize, r.pageSize, [&](uint64_t d, uint64_t, uint64_t l) {
+            return CopyPages(uffd_, d, zeros_.data(), l);
+          });
         WakePages(uffd_, dst, r.pageSize);
         if (err != 0 && err != ENOENT) Error(err, "fill", "re-serving an installed page");
         return;
       }
       case kTPoisoned: {
         uint64_t dst = r.address + page * r.pageSize;
-        FillAll(dst, r.pageSize, r.pageSize, [&](uint64_t d, uint64_t, uint64_t l) { return PoisonPages(uffd_, d, l); });
+        FillAll(dst, r.pageSize, r.pageSize,
+                [&](uint64_t d, uint64_t, uint64_t l) { return PoisonPages(uffd_, d, l); });
         WakePages(uffd_, dst, r.pageSize);
         return;
       }
@@ -382,7 +405,8 @@ void TargetSession::ResendRequests() {
 
 // ---- receiving --------------------------------------------------------------------------------
 
-int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vector<uint8_t>* staging, bool demand) {
+int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vector<uint8_t>* staging,
+                                bool demand) {
   const TargetRange& r = ranges_[h.range];
   const uint64_t ps = r.pageSize;
   const uint64_t n = h.length / ps;
@@ -415,8 +439,9 @@ int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vec
       err = ch->ReadFull(staging->data(), bytes);
       if (err == 0) {
         const uint8_t* src = staging->data();
-        int fill = FillAll(dst, bytes, ps,
-                           [&](uint64_t d, uint64_t off, uint64_t l) { return CopyPages(uffd_, d, src + off, l); });
+        int fill = FillAll(dst, bytes, ps, [&](uint64_t d, uint64_t off, uint64_t l) {
+          return CopyPages(uffd_, d, src + off, l);
+        });
         if (fill != 0) Error(fill, "ioctl(UFFDIO_COPY)", "installing a received page");
         Installed(h.range, page, k - i, was.data() + i, demand);
       }
@@ -444,29 +469,16 @@ int TargetSession::ApplyZero(uint16_t range, uint64_t page, uint64_t count) {
   const uint64_t ps = r.pageSize;
   stats_.zeroPages.fetch_add(count, std::memory_order_relaxed);
   if (!serving_.load()) {
-    // Drop whatever an earlier round put there: unpopulated memory reads as zeros, and a fault
-    // after the switchover gets a zero page.
-    for (uint64_t i = 0; i < count;) {
-      uint8_t s = states_[range][page + i].load();
-      uint64_t k = i + 1;
-      bool had = s == kTPresent || s == kTCached;
-      while (k < count) {
-        uint8_t t = states_[range][page + k].load();
-        if ((t == kTPresent || t == kTCached) != had) break;
-        k++;
-      }
-      if (had) {
-        uint64_t off = (page + i) * ps, len = (k - i) * ps;
-        if (r.alias == 0) {
-          madvise(reinterpret_cast<void*>(r.address + off), len, MADV_DONTNEED);
-        } else if (fallocate(r.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
-                             static_cast<off_t>(len)) != 0) {
-          memset(reinterpret_cast<void*>(r.alias + off), 0, len);
-        }
-      }
-      for (uint64_t j = i; j < k; j++) SetValid(range, page + j, kTZero);
-      i = k;
+    // Drop whatever is there (an earlier round, or what the memory held before): unpopulated
+    // memory reads as zeros, and a fault after the switchover gets a zero page.
+    uint64_t off = page * ps, len = count * ps;
+    if (r.alias == 0) {
+      madvise(reinterpret_cast<void*>(r.address + off), len, MADV_DONTNEED);
+    } else if (fallocate(r.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                         static_cast<off_t>(len)) != 0) {
+      memset(reinterpret_cast<void*>(r.alias + off), 0, len);
     }
+    for (uint64_t j = 0; j < count; j++) SetValid(range, page + j, kTZero);
     return 0;
   }
   std::vector<uint8_t> was(count);
@@ -502,7 +514,8 @@ int TargetSession::ApplyDiscard(const uint8_t* entries, size_t count, std::strin
     const TargetRange& r = ranges_[range];
     // A page the source wrote after sending it: stale here. Anonymous memory drops it (it
     // would not fault otherwise); a page-cache page stays until its fault fetches the new one.
-    if (r.alias == 0) madvise(reinterpret_cast<void*>(r.address + page * r.pageSize), n * r.pageSize, MADV_DONTNEED);
+    if (r.alias == 0)
+      madvise(reinterpret_cast<void*>(r.address + page * r.pageSize), n * r.pageSize, MADV_DONTNEED);
     for (uint64_t i = 0; i < n; i++) SetValid(range, page + i, kTMissing);
     stats_.discardedPages.fetch_add(n, std::memory_order_relaxed);
   }
@@ -611,7 +624,8 @@ uint64_t TargetSession::Settle(bool poison, int* err, std::string* syscall) {
         if (e != 0 && *err == 0) *err = e, *syscall = "ioctl(UFFDIO_POISON)";
       } else {
         e = InstallZero(range, p, n, false);
-        if (e != 0 && *err == 0) *err = e, *syscall = r.alias ? "ioctl(UFFDIO_CONTINUE)" : "ioctl(UFFDIO_ZEROPAGE)";
+        if (e != 0 && *err == 0)
+          *err = e, *syscall = r.alias ? "ioctl(UFFDIO_CONTINUE)" : "ioctl(UFFDIO_ZEROPAGE)";
       }
       for (uint64_t i = 0; i < n; i++) {
         states_[ri][p + i].store(poison ? kTPoisoned : kTPresent);
@@ -642,13 +656,15 @@ std::vector<uint64_t> TargetSession::Verify(uint16_t range, uint64_t maskOffset,
       bad.push_back(p);
       continue;
     }
-    uint64_t h = PageHash(reinterpret_cast<const uint8_t*>(base + p * r.pageSize), r.pageSize, maskOffset, maskLength);
+    uint64_t h =
+        PageHash(reinterpret_cast<const uint8_t*>(base + p * r.pageSize), r.pageSize, maskOffset, maskLength);
     if (h != hashes[p]) bad.push_back(p);
   }
   return bad;
 }
 
-void TargetSession::Closed(const char* channel, uint64_t gen, int err, bool protocol, const std::string& message) {
+void TargetSession::Closed(const char* channel, uint64_t gen, int err, bool protocol,
+                           const std::string& message) {
   SessionNotice n;
   n.id = gen;
   n.kind = "closed";

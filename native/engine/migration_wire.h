@@ -15,11 +15,11 @@
 namespace migration {
 
 constexpr uint32_t kHeaderSize = 16;
-constexpr uint32_t kMaxControl = 64 * 1024;        // JSON control payloads
-constexpr uint32_t kMaxPagesPayload = 4u << 20;    // PAGES payload (a 2 MiB huge page fits)
-constexpr uint32_t kMaxRunsPayload = 1u << 20;     // DISCARD payload (65536 runs)
-constexpr uint32_t kMaxBitmapPayload = 1u << 20;   // one HAVE chunk (8 Mi pages)
-constexpr uint32_t kMaxHashesPayload = 1u << 20;   // one HASHES chunk (128 Ki pages)
+constexpr uint32_t kMaxControl = 64 * 1024;       // JSON control payloads
+constexpr uint32_t kMaxPagesPayload = 4u << 20;   // PAGES payload (a 2 MiB huge page fits)
+constexpr uint32_t kMaxRunsPayload = 1u << 20;    // DISCARD payload (65536 runs)
+constexpr uint32_t kMaxBitmapPayload = 1u << 20;  // one HAVE chunk (8 Mi pages)
+constexpr uint32_t kMaxHashesPayload = 1u << 20;  // one HASHES chunk (128 Ki pages)
 
 enum FrameType : uint8_t {
   kHello = 0x01,
@@ -120,7 +120,8 @@ inline std::string CheckFrame(const FrameHeader& h, Role role, const std::vector
       return "";
     case kDiscard:
       if (role != Role::kTargetMain) return "DISCARD outside the target's main channel";
-      if (h.length == 0 || h.length % 16 != 0 || h.length > kMaxRunsPayload) return "bad DISCARD payload size";
+      if (h.length == 0 || h.length % 16 != 0 || h.length > kMaxRunsPayload)
+        return "bad DISCARD payload size";
       return "";
     case kHave:
       if (role != Role::kSourceMain) return "HAVE outside the source's main channel";
@@ -130,7 +131,8 @@ inline std::string CheckFrame(const FrameHeader& h, Role role, const std::vector
       return pageSpan(1);
     case kHashes:
       if (role != Role::kTargetMain) return "HASHES outside the target's main channel";
-      if (h.length == 0 || h.length % 8 != 0 || h.length > kMaxHashesPayload) return "bad HASHES payload size";
+      if (h.length == 0 || h.length % 8 != 0 || h.length > kMaxHashesPayload)
+        return "bad HASHES payload size";
       return pageSpan(h.length / 8);
     case kControl:
       if (h.length == 0 || h.length > kMaxControl) return "bad CONTROL payload size";
@@ -147,7 +149,8 @@ inline std::string CheckFrame(const FrameHeader& h, Role role, const std::vector
 
 // A page run named by a payload (ZERO, REQUEST: the header's range/page + a count; DISCARD: each
 // 16-byte entry) checked against the ranges. Returns "" if valid.
-inline std::string CheckRun(uint16_t range, uint64_t page, uint64_t count, const std::vector<RangeShape>& ranges) {
+inline std::string CheckRun(uint16_t range, uint64_t page, uint64_t count,
+                            const std::vector<RangeShape>& ranges) {
   if (range >= ranges.size()) return "range index " + std::to_string(range) + " out of range";
   const RangeShape& r = ranges[range];
   if (count == 0) return "empty page run";

@@ -81,7 +81,8 @@ struct Job {
 
 void Access(Job* job, uint64_t page, bool write, uint64_t stamp) {
   uint64_t t0 = NowNs();
-  volatile uint64_t* p = reinterpret_cast<volatile uint64_t*>(job->base + page * job->pageSize + (write ? job->writeOffset : 0));
+  volatile uint64_t* p =
+      reinterpret_cast<volatile uint64_t*>(job->base + page * job->pageSize + (write ? job->writeOffset : 0));
   if (write) {
     *p = stamp;
     job->stamps[page].store(stamp, std::memory_order_relaxed);
@@ -105,14 +106,16 @@ void Run(std::shared_ptr<Job> job, int index, bool writer) {
   }
   uint64_t rng = job->seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index) * 7919 + (writer ? 1 : 2);
   if (rng == 0) rng = 1;
-  const uint64_t perSecond = writer && job->writeRate > 0 ? std::max<uint64_t>(1, job->writeRate / job->pageSize) : 0;
+  const uint64_t perSecond =
+      writer && job->writeRate > 0 ? std::max<uint64_t>(1, job->writeRate / job->pageSize) : 0;
   const uint64_t interval = perSecond > 0 ? 1000000000ull * job->writers / perSecond : 0;
   uint64_t due = NowNs();
   uint64_t count = 0;
   while (!job->stop.load(std::memory_order_relaxed)) {
     if (writer && job->paused.load()) {
       job->parked.fetch_add(1);
-      while (job->paused.load() && !job->stop.load()) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      while (job->paused.load() && !job->stop.load())
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
       job->parked.fetch_sub(1);
       due = NowNs();
       continue;
@@ -125,8 +128,10 @@ void Run(std::shared_ptr<Job> job, int index, bool writer) {
       if (interval > 0) {
         due += interval;
         uint64_t now = NowNs();
-        if (due > now + 200000) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
-        else if (now > due + 100000000ull) due = now;  // far behind (stalled): do not burst
+        if (due > now + 200000)
+          std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+        else if (now > due + 100000000ull)
+          due = now;  // far behind (stalled): do not burst
       }
     } else {
       Access(job.get(), page, false, 0);
@@ -166,7 +171,8 @@ class Workload : public Napi::ObjectWrap<Workload> {
     };
     job_->writeRate = static_cast<uint64_t>(num("writeRate", 0));
     job_->writeOffset = static_cast<uint64_t>(num("writeOffset", 0));
-    if (job_->writeOffset + 8 > job_->pageSize) ThrowRangeError(env, "writeOffset must leave 8 bytes in the page");
+    if (job_->writeOffset + 8 > job_->pageSize)
+      ThrowRangeError(env, "writeOffset must leave 8 bytes in the page");
     job_->writers = static_cast<int>(num("writers", 0));
     job_->readers = static_cast<int>(num("readers", 0));
     job_->seed = static_cast<uint64_t>(num("seed", 1));
@@ -189,7 +195,8 @@ class Workload : public Napi::ObjectWrap<Workload> {
   int Finish(int timeoutMs) {
     job_->stop.store(true);
     uint64_t deadline = NowNs() + static_cast<uint64_t>(timeoutMs) * 1000000ull;
-    while (job_->running.load() > 0 && NowNs() < deadline) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    while (job_->running.load() > 0 && NowNs() < deadline)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     int stuck = job_->running.load();
     for (auto& t : job_->threads) {
       if (stuck == 0)

@@ -509,7 +509,11 @@ export class MigrationSource extends EventEmitter {
     let socket: AnySocket | undefined
     try {
       // A reconnect tries often: a SYN into a link that is down is lost, not refused.
-      socket = await dial(this.#to, this.#tls, resume ? Math.min(this.#connectMs, Math.max(1000, this.#timeoutMs)) : this.#connectMs)
+      socket = await dial(
+        this.#to,
+        this.#tls,
+        resume ? Math.min(this.#connectMs, Math.max(1000, this.#timeoutMs)) : this.#connectMs,
+      )
       const conn = new FrameConn(socket)
       const accept = await sourceHandshake(conn, {
         secret: this.#secret,

@@ -14,7 +14,7 @@ import { native } from '../addon/native'
 import { Feature } from '../core/constants'
 import { UnsupportedError } from '../core/errors'
 import { Mapping } from '../core/mapping'
-import { describe } from '../core/range'
+import { describe, toRange } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { AuthError, resolveSecret, type SecretOptions } from './auth'
 import { type Control, choice, decodeControl, finite, intOption, type Phase } from './common'
@@ -25,6 +25,17 @@ const ECANCELED = osConstants.errno.ECANCELED
 
 export type SourceLossPolicy = 'wait' | 'poison' | 'zero'
 
+/** Memory a migration lands in: a Mapping, or (anonymous memory only) a range of it. */
+export type TargetMemory = Mapping | { address: bigint; length: number }
+
+function isMemfd(m: TargetMemory): m is Mapping {
+  return m instanceof Mapping && m.kind === 'memfd'
+}
+
+function pageSizeOf(m: TargetMemory): number {
+  return m instanceof Mapping ? m.pageSize : 4096
+}
+
 export interface MigrationTargetOptions extends SecretOptions {
   /** where to listen: 'HOST:PORT' or { host, port } (default 127.0.0.1:0, any free port) */
   listen?: string | Endpoint
@@ -32,9 +43,10 @@ export interface MigrationTargetOptions extends SecretOptions {
   tls?: tls.TlsOptions
   /**
    * The memory to receive into, given the source's ranges (default: new Mappings of the same
-   * kinds: anonymous, memfd (shmem) or memfd with huge pages). memfd kinds must be memfd Mappings.
+   * kinds: anonymous, memfd (shmem) or memfd with huge pages). memfd kinds must be memfd
+   * Mappings; anonymous ones may also be { address, length } of this process's memory.
    */
-  memory?: (ranges: RangeInfo[]) => Mapping[]
+  memory?: (ranges: RangeInfo[]) => TargetMemory[]
   /** when the source is gone for good in post-copy (default 'wait') */
   onSourceLoss?: SourceLossPolicy
   /** how long a lost source may take to come back before onSourceLoss applies (ms, default 10000) */
@@ -52,7 +64,7 @@ export interface MigrationTargetOptions extends SecretOptions {
 export interface TargetSetup {
   mode: MigrationMode
   ranges: RangeInfo[]
-  mappings: Mapping[]
+  mappings: TargetMemory[]
   /** what the source passed as `metadata` */
   metadata: unknown
 }
@@ -162,7 +174,7 @@ function featuresFor(ranges: RangeInfo[], policy: SourceLossPolicy): bigint {
 export class MigrationTarget extends EventEmitter {
   readonly #server: net.Server
   readonly #secret: Buffer | null
-  readonly #memory: ((ranges: RangeInfo[]) => Mapping[]) | undefined
+  readonly #memory: ((ranges: RangeInfo[]) => TargetMemory[]) | undefined
   readonly #policy: SourceLossPolicy
   readonly #lossMs: number
   readonly #pingMs: number
@@ -173,8 +185,8 @@ export class MigrationTarget extends EventEmitter {
 
   #phase: Phase = 'listening'
   #setup: Setup | undefined
-  #mappings: Mapping[] = []
-  #aliases: Mapping[] = []
+  #mappings: TargetMemory[] = []
+  #aliases: Array<Mapping | undefined> = []
   #ownMappings = false
   #uffd: Userfaultfd | undefined
   #registered = false
@@ -256,7 +268,7 @@ export class MigrationTarget extends EventEmitter {
   }
 
   /** The memory being received into (empty before the source's SETUP). */
-  get mappings(): readonly Mapping[] {
+  get mappings(): readonly TargetMemory[] {
     return this.#mappings
   }
 
@@ -281,7 +293,8 @@ export class MigrationTarget extends EventEmitter {
     const h = this.#handle
     if (h === undefined || this.#registered || this.#closed)
       throw new Error('verify() needs a migration that completed')
-    if (this.#mappings.some((m) => m.unmapped)) throw new Error('verify(): a mapping was unmapped')
+    if (this.#mappings.some((m) => m instanceof Mapping && m.unmapped))
+      throw new Error('verify(): a mapping was unmapped')
     const mismatches: Array<{ range: number; page: number }> = []
     for (let i = 0; i < this.#mappings.length; i++) {
       const bad = h.verify(i, mask.maskOffset, mask.maskLength)
@@ -367,7 +380,7 @@ export class MigrationTarget extends EventEmitter {
         maskLength: finite(meta.verifyMask.maskLength),
       }
     }
-    let mappings: Mapping[]
+    let mappings: TargetMemory[]
     if (this.#memory !== undefined) {
       mappings = this.#memory(setup.ranges)
       this.#checkMemory(mappings, setup.ranges)
@@ -376,15 +389,15 @@ export class MigrationTarget extends EventEmitter {
       this.#ownMappings = true
     }
     this.#mappings = mappings
-    this.#aliases = mappings.map((m) => (m.kind === 'memfd' ? m.alias() : (undefined as unknown as Mapping)))
+    this.#aliases = mappings.map((m) => (isMemfd(m) ? m.alias() : undefined))
     this.#uffd = Userfaultfd.open({ features: needed })
     this.#handle = new Handle(
       mappings.map((m, i) => ({
         address: m.address,
         length: m.length,
-        pageSize: m.pageSize,
-        alias: m.kind === 'memfd' ? this.#aliases[i].address : undefined,
-        memfd: m.kind === 'memfd' ? m.fd : undefined,
+        pageSize: pageSizeOf(m),
+        alias: isMemfd(m) ? this.#aliases[i]?.address : undefined,
+        memfd: isMemfd(m) ? m.fd : undefined,
       })),
       { pingMs: this.#pingMs, spinUs: this.#spin },
       (notices) => this.#onNotices(notices),
@@ -408,7 +421,12 @@ export class MigrationTarget extends EventEmitter {
       throw new TypeError(`memory() must return ${ranges.length} Mapping(s)`)
     mappings.forEach((m, i) => {
       const r = ranges[i]
-      if (!(m instanceof Mapping)) throw new TypeError(`memory()[${i}] is not a Mapping`)
+      if (!(m instanceof Mapping)) {
+        if (r.kind !== 'anonymous') throw new TypeError(`memory()[${i}] must be a memfd Mapping`)
+        const checked = toRange(m, `memory()[${i}]`)
+        if (checked.length !== r.length) throw new RangeError(`memory()[${i}] must be ${r.length} bytes`)
+        return
+      }
       if (m.length !== r.length || m.pageSize !== r.pageSize)
         throw new RangeError(`memory()[${i}] must be ${r.length} bytes of ${r.pageSize}-byte pages`)
       if ((r.kind === 'anonymous') !== (m.kind === 'anonymous'))
@@ -535,8 +553,7 @@ export class MigrationTarget extends EventEmitter {
     if (h === undefined || uffd === undefined || this.#registered) return
     this.#times.switchover = performance.now()
     if (finite(h.stats().missing) > 0) {
-      for (const m of this.#mappings)
-        uffd.register(m, m.kind === 'memfd' ? { missing: true, minor: true } : { missing: true })
+      for (const m of this.#mappings) uffd.register(m, isMemfd(m) ? { missing: true, minor: true } : { missing: true })
       this.#registered = true
       h.startServing(uffd.fd)
       this.#setPhase('postcopy')

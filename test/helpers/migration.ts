@@ -59,12 +59,17 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
   const pageSize = memory.pageSize
   fillRandom(memory)
   const rate = o.dirtyRate ?? 0
-  const writer = startWorkload(memory, pageSize, { writeRate: rate, writers: rate > 0 ? 1 : 0, writeOffset: SOURCE_STAMP, tag: 1 })
+  const writer = startWorkload(memory, pageSize, {
+    writeRate: rate,
+    writers: rate > 0 ? 1 : 0,
+    writeOffset: SOURCE_STAMP,
+    tag: 1,
+  })
   const target = await MigrationTarget.listen({ secret: SECRET, ...o.target })
   target.on('error', () => {})
   let targetWork: Workload | undefined
   target.on('resume', () => {
-    const m = target.mappings[0]
+    const m = target.mappings[0] as Mapping
     targetWork = startWorkload(m, m.pageSize, {
       writeRate: rate,
       writers: rate > 0 ? 1 : 0,
@@ -93,7 +98,7 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     let lostStamps = 0
     if (targetWork !== undefined) {
       const stamps = targetWork.stamps()
-      const m = target.mappings[0]
+      const m = target.mappings[0] as Mapping
       const word = Buffer.alloc(8)
       for (let p = 0; p < stamps.length; p++) {
         if (stamps[p] === 0n) continue
@@ -115,7 +120,7 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     writer.stop(1000)
     source.close()
     target.close()
-    for (const m of target.mappings) m.unmap()
+    unmapAll(target)
     memory.unmap()
   }
 }
@@ -123,7 +128,12 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
 /** A source that speaks frame by frame: handshake done, then raw frames on `conn`. */
 export async function fakeSource(
   to: { host: string; port: number },
-  o: { mode: MigrationMode; ranges: Array<{ length: number; pageSize: number; kind: MemoryKind }>; secret?: string; session?: string },
+  o: {
+    mode: MigrationMode
+    ranges: Array<{ length: number; pageSize: number; kind: MemoryKind }>
+    secret?: string
+    session?: string
+  },
 ): Promise<{ main: FrameConn; demand: FrameConn; session: string; close(): void }> {
   const session = o.session ?? '0123456789abcdef0123456789abcdef'
   const secret = Buffer.from(o.secret ?? SECRET)
@@ -165,7 +175,9 @@ export function pagesFrame(range: number, page: number, bytes: Uint8Array): Buff
 }
 
 /** A target that speaks frame by frame (after the handshake), for the source's side. */
-export function fakeTarget(onConn: (conn: FrameConn, setup: Awaited<ReturnType<typeof targetHandshake>>) => void): Promise<{
+export function fakeTarget(
+  onConn: (conn: FrameConn, setup: Awaited<ReturnType<typeof targetHandshake>>) => void,
+): Promise<{
   port: number
   close(): void
 }> {
@@ -196,4 +208,9 @@ export function until(cond: () => boolean, timeoutMs: number, what: string): Pro
     }
     tick()
   })
+}
+
+/** Unmaps the Mappings a target allocated. */
+export function unmapAll(target: MigrationTarget): void {
+  for (const m of target.mappings) if (m instanceof Mapping) m.unmap()
 }

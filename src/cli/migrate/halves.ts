@@ -192,7 +192,7 @@ export async function receive(o: ReceiveOptions): Promise<number> {
   )
   target.on('resume', () => {
     resumedAt = performance.now()
-    const m = target.mappings[0]
+    const m = target.mappings[0] as Mapping
     // The workload runs from the moment the target resumes: a writer at the source's rate and
     // a reader, both touching random pages (most of them not here yet in post-copy).
     workload = startWorkload(m, m.pageSize, {
@@ -227,7 +227,7 @@ export async function receive(o: ReceiveOptions): Promise<number> {
     // The target's own writes must have survived every late page (checked at offset 8), and
     // every other byte must equal the source's at its stop (hashes, offset 8..16 left out).
     const stamps = workload.stamps()
-    const m = target.mappings[0]
+    const m = target.mappings[0] as Mapping
     const word = Buffer.alloc(8)
     for (let p = 0; p < stamps.length; p++) {
       if (stamps[p] === 0n) continue
@@ -253,6 +253,6 @@ export async function receive(o: ReceiveOptions): Promise<number> {
     resumedAt,
   })
   target.close()
-  for (const m of target.mappings) if (left === 0) m.unmap()
+  for (const m of target.mappings) if (left === 0 && m instanceof Mapping) m.unmap()
   return status
 }

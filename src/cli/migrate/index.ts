@@ -290,9 +290,18 @@ async function runDemo(args: string[]): Promise<number> {
     maxDowntime: ms(v['max-downtime'], '--max-downtime', 20),
     json: v.json === true,
     fault: f,
-    onSourceLoss: oneOf(v['on-source-loss'], '--on-source-loss', POLICIES, f?.kind === 'source-dies' ? 'poison' : 'wait'),
+    onSourceLoss: oneOf(
+      v['on-source-loss'],
+      '--on-source-loss',
+      POLICIES,
+      f?.kind === 'source-dies' ? 'poison' : 'wait',
+    ),
     // Longer than a link-down fault lasts: that one must end in a reconnect, not in the policy.
-    sourceLossTimeout: ms(v['source-loss-timeout'], '--source-loss-timeout', f?.kind === 'link-down' ? f.ms + 10_000 : 3000),
+    sourceLossTimeout: ms(
+      v['source-loss-timeout'],
+      '--source-loss-timeout',
+      f?.kind === 'link-down' ? f.ms + 10_000 : 3000,
+    ),
     timeoutMs: ms(v.timeout, '--timeout', 300_000),
     loopback: v.loopback === true,
   })
