@@ -56,12 +56,10 @@ const attackOnTarget: fc.Arbitrary<{ name: string; bytes: Buffer }> = fc.oneof(
   fc
     .bigInt({ min: BigInt(PAGES), max: (1n << 64n) - 1n })
     .map((p) => ({ name: `PAGES page ${p}`, bytes: encodeFrame(FrameType.PAGES, Buffer.alloc(PAGE), 0, p) })),
-  fc
-    .integer({ min: 1, max: 4 })
-    .map((n) => ({
-      name: `PAGES running past the end by ${n}`,
-      bytes: encodeFrame(FrameType.PAGES, Buffer.alloc(PAGE * (n + 1)), 0, BigInt(PAGES - 1)),
-    })),
+  fc.integer({ min: 1, max: 4 }).map((n) => ({
+    name: `PAGES running past the end by ${n}`,
+    bytes: encodeFrame(FrameType.PAGES, Buffer.alloc(PAGE * (n + 1)), 0, BigInt(PAGES - 1)),
+  })),
   fc
     .integer({ min: 1, max: PAGE * 4 })
     .filter((n) => n % PAGE !== 0)
@@ -115,12 +113,10 @@ const attackOnTarget: fc.Arbitrary<{ name: string; bytes: Buffer }> = fc.oneof(
     .integer({ min: 0, max: 64 })
     .filter((n) => n !== 8)
     .map((n) => ({ name: `PING of ${n} bytes`, bytes: encodeFrame(FrameType.PING, Buffer.alloc(n)) })),
-  fc
-    .uint8Array({ minLength: 1, maxLength: 64 })
-    .map((b) => ({
-      name: 'CONTROL garbage',
-      bytes: encodeFrame(FrameType.CONTROL, Buffer.concat([Buffer.from('{'), Buffer.from(b)])),
-    })),
+  fc.uint8Array({ minLength: 1, maxLength: 64 }).map((b) => ({
+    name: 'CONTROL garbage',
+    bytes: encodeFrame(FrameType.CONTROL, Buffer.concat([Buffer.from('{'), Buffer.from(b)])),
+  })),
 )
 
 function expectedContent(frames: Valid[], switched: boolean): Map<number, number> {
