@@ -121,6 +121,7 @@ export async function demo(o: DemoOptions): Promise<number> {
   let progress: Event | undefined
   let targetProgress: Event | undefined
   let lastDraw = 0
+  let waitHeld = false
   const draw = (force = false): void => {
     if (!tty) return
     const now = performance.now()
@@ -161,6 +162,14 @@ export async function demo(o: DemoOptions): Promise<number> {
     } else if (e.event === 'error') {
       if (tty) process.stdout.write('\n')
       say(`${side} error: ${e.message}`)
+      if (side === 'target' && e.code === 'ESOURCELOST' && o.onSourceLoss === 'wait') {
+        // The target holds its faulting threads for a source that will not come back: show
+        // it for a moment, then end the demo (a real target would wait, or be closed).
+        setTimeout(() => {
+          waitHeld = true
+          for (const h of halves) h.child.kill('SIGKILL')
+        }, 2000).unref()
+      }
     } else if (e.event === 'round' && !tty) {
       say(
         `round ${e.round}: ${e.pages} pages in ${formatMs(Number(e.ms))}, ${e.dirtyPages} dirtied meanwhile (${formatMs(Number(e.estimatedMs))} to send)`,
@@ -274,9 +283,11 @@ export async function demo(o: DemoOptions): Promise<number> {
         code = (tResult?.zeroedPages ?? 0) > 0 ? 0 : 1
         say(`the source died in post-copy: ${tResult?.zeroedPages ?? 0} pages filled with zeros`)
       } else {
-        code = 3
+        code = waitHeld ? 3 : 1
         say(
-          "the source died in post-copy: the target keeps its faulting threads waiting for a new source (policy 'wait')",
+          waitHeld
+            ? "the source died in post-copy: the target kept its faulting threads waiting for a new source (policy 'wait'); demo stopped"
+            : 'FAILED: the target did not report the lost source',
         )
       }
     } else if (o.fault?.kind === 'link-down') {
