@@ -27,14 +27,15 @@
         "native/binding/uffd_open.cc",
         "native/binding/uffd_read.cc",
         "native/binding/watchdog.cc",
+        "native/binding/workload.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
         "native/engine/migration_channel.cc",
         "native/engine/migration_source.cc",
         "native/engine/migration_target.cc",
+        "native/engine/workload.cc",
         "native/testing/stamper.cc",
-        "native/testing/toucher.cc",
-        "native/testing/workload.cc"
+        "native/testing/toucher.cc"
       ],
       "conditions": [
         ["OS!='linux'", { "sources": [] }]

@@ -11,7 +11,7 @@ import { MigrationTarget, type MigrationTargetOptions, type MigrationTargetResul
 import type { MigrationResult } from '../../src/migration/common'
 import { FrameConn, sourceHandshake, targetHandshake } from '../../src/migration/transport'
 import { encodeFrame, encodeJson, FrameType, type MemoryKind, type MigrationMode } from '../../src/migration/wire'
-import { startWorkload, type Workload } from '../../src/testing'
+import { startWorkload, type Workload } from '../../src/cli/migrate/workload'
 
 export const SECRET = 'test-secret-0123456789abcdef'
 

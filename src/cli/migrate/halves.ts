@@ -11,7 +11,7 @@ import type { MigrationResult } from '../../migration/common'
 import { MigrationSource } from '../../migration/source'
 import { MigrationTarget, type MigrationTargetResult, type SourceLossPolicy } from '../../migration/target'
 import type { MemoryKind, MigrationMode } from '../../migration/wire'
-import { startWorkload, type Workload } from '../../testing'
+import { startWorkload, type Workload } from './workload'
 
 /** Where the writers stamp each page: the source at 0, the target at 8 (left out of the hashes). */
 const SOURCE_STAMP = 0
