@@ -67,7 +67,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
   }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const r = await demo(['--size', '32M', '--dirty-rate', '16M', '--json'])
-    expect(r.code, r.stderr).toBe(0)
+    expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0)
     const j = lastJson(r.stdout)
     expect(Object.keys(j).sort()).toEqual([...KEYS].sort())
     expect(j.mode).toBe('hybrid')
@@ -145,7 +145,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
       'poison',
       '--json',
     ])
-    expect(r.code, r.stderr).toBe(0)
+    expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0)
     const j = lastJson(r.stdout)
     expect(j.verified).toBe(false)
     expect(Number(j.poisonedPages)).toBeGreaterThan(0)
@@ -159,7 +159,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
       '--on-source-loss',
       'poison',
     ])
-    expect(human.code).toBe(0)
+    expect(human.code, `${human.stdout}\n${human.stderr}`).toBe(0)
     expect(human.stdout).toMatch(/the target's workload got SIGBUS \([1-9]/)
     expect(human.stdout).toMatch(/target error: the migration source is gone/)
     expect(namespacesOf(human.pid)).toBe(false)
@@ -179,7 +179,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
       '--on-source-loss',
       'zero',
     ])
-    expect(zero.code, zero.stderr).toBe(0)
+    expect(zero.code, `${zero.stdout}\n${zero.stderr}`).toBe(0)
     expect(zero.stdout).toMatch(/they are filled with zeros/)
     expect(zero.stdout).toMatch(/[1-9]\d* pages filled with zeros/)
     const wait = await demo([
@@ -192,7 +192,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
       '--on-source-loss',
       'wait',
     ])
-    expect(wait.code).toBe(3)
+    expect(wait.code, `${wait.stdout}\n${wait.stderr}`).toBe(3)
     expect(wait.stdout).toMatch(/faulting threads stay blocked until the source reconnects/)
     expect(wait.stdout).toMatch(/kept its faulting threads waiting/)
     expect(namespacesOf(wait.pid)).toBe(false)

@@ -130,6 +130,7 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<SessionNotice>& notices) {
     if (n.protocol) o.Set("protocol", true);
     if (!n.message.empty()) o.Set("message", n.message);
     if (n.id != 0) o.Set("id", Napi::Number::New(env, static_cast<double>(n.id)));
+    if (n.at != 0) o.Set("at", Napi::BigInt::New(env, n.at));
     if (!n.payload.empty())
       o.Set("payload", Napi::Buffer<uint8_t>::Copy(env, n.payload.data(), n.payload.size()));
     out[k++] = o;

@@ -367,6 +367,7 @@ void SourceSession::MainLoop(FrameChannel* ch, uint64_t gen) {
       case kControl: {
         SessionNotice n;
         n.kind = "control";
+        n.at = NowNs();
         n.channel = "main";
         n.payload = payload;
         Notify(std::move(n));
@@ -417,6 +418,7 @@ void SourceSession::DemandLoop(FrameChannel* ch, uint64_t gen) {
     } else if (h.type == kControl) {
       SessionNotice n;
       n.kind = "control";
+      n.at = NowNs();
       n.channel = "demand";
       n.payload = payload;
       Notify(std::move(n));

@@ -55,6 +55,7 @@ struct SessionNotice {
   bool protocol = false;
   std::string message;
   uint64_t id = 0;
+  uint64_t at = 0;  // control: when the frame was read (CLOCK_MONOTONIC ns)
   std::vector<uint8_t> payload;
 };
 

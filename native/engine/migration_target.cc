@@ -572,6 +572,7 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
       case kControl: {
         SessionNotice n;
         n.kind = "control";
+        n.at = NowNs();
         n.channel = name;
         n.payload = payload;
         Notify(std::move(n));

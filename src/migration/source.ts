@@ -239,7 +239,10 @@ export class MigrationSource extends EventEmitter {
   #verified: boolean | null = null
   #mismatches = 0
   #dirtyAtStop = 0
-  #times = { start: 0, precopy: 0, stop: 0, resumed: 0, done: 0 }
+  #times = { start: 0, precopy: 0, stop: 0, switchover: 0, resumed: 0, done: 0 }
+  #rttMs = 0
+  /** the target's share of the downtime (switchover read to workload released), ms */
+  #targetMs: number | undefined
 
   constructor(options: MigrationSourceOptions) {
     super()
@@ -405,10 +408,12 @@ export class MigrationSource extends EventEmitter {
     // them from now on. The push waits for 'resumed' (before it, the target may still be
     // writing pre-copy pages straight into place).
     this.#startPostcopy(false)
+    this.#times.switchover = performance.now()
     this.#control({ t: 'switchover', toCome })
     this.#switchoverSent = true
-    await resumed
+    const r = await resumed
     this.#times.resumed = performance.now()
+    if (typeof r.targetMs === 'number' && Number.isFinite(r.targetMs)) this.#targetMs = r.targetMs
     const done = this.#waitControl('done')
     if (toCome > 0) {
       this.#setPhase('postcopy')
@@ -423,7 +428,7 @@ export class MigrationSource extends EventEmitter {
       const verified = this.#waitControl('verified')
       this.#sendHashes()
       const v = await verified
-      this.#verified = v.verified === true
+      this.#verified = v.verified === null ? null : v.verified === true
       this.#mismatches = finite(v.mismatches)
     }
     this.#control({ t: 'bye' })
@@ -515,19 +520,25 @@ export class MigrationSource extends EventEmitter {
         resume ? Math.min(this.#connectMs, Math.max(1000, this.#timeoutMs)) : this.#connectMs,
       )
       const conn = new FrameConn(socket)
-      const accept = await sourceHandshake(conn, {
-        secret: this.#secret,
-        channel,
-        timeoutMs: this.#connectMs,
-        setup: {
-          session: this.#session,
-          resume,
-          mode: this.mode,
-          ranges: this.#ranges.map((r): RangeInfo => ({ length: r.length, pageSize: r.pageSize, kind: r.kind })),
-          verify: this.#verify !== null,
-          metadata: { user: this.#metadata, verifyMask: this.#verify },
+      const timing = { rttMs: 0 }
+      const accept = await sourceHandshake(
+        conn,
+        {
+          secret: this.#secret,
+          channel,
+          timeoutMs: this.#connectMs,
+          setup: {
+            session: this.#session,
+            resume,
+            mode: this.mode,
+            ranges: this.#ranges.map((r): RangeInfo => ({ length: r.length, pageSize: r.pageSize, kind: r.kind })),
+            verify: this.#verify !== null,
+            metadata: { user: this.#metadata, verifyMask: this.#verify },
+          },
         },
-      })
+        timing,
+      )
+      if (channel === 'main' && !resume) this.#rttMs = timing.rttMs
       if (accept.state === 'aborted' || accept.state === 'unknown') return accept
       const handle = this.#handle
       if (handle === undefined) throw new Error('closed')
@@ -546,6 +557,12 @@ export class MigrationSource extends EventEmitter {
   #lost(reason: Error): void {
     if (this.#closed || this.#failure !== undefined || this.#reconnecting !== undefined) return
     if (this.#phase === 'complete') return
+    if (this.#phase === 'verifying') {
+      // The target has every page already: only the check is lost.
+      this.#emitError(new Error(`the connection was lost before the target checked the pages: ${reason.message}`))
+      this.#resolveControl({ t: 'verified', verified: null, mismatches: 0 })
+      return
+    }
     if (!this.#switchoverSent) {
       // The target has not taken over: nothing is lost, the workload stays here.
       this.#fail(
@@ -577,11 +594,11 @@ export class MigrationSource extends EventEmitter {
         if (accept.state === 'complete') {
           this.#reconnects++
           this.emit('reconnect', { attempt, reconnects: this.#reconnects })
-          this.#resolveControl({ t: 'resumed' })
+          this.#resolveControl({ t: 'resumed', targetMs: (accept.stats as { targetMs?: number })?.targetMs })
           this.#resolveControl({ t: 'done', stats: accept.stats })
           return
         }
-        this.#resolveControl({ t: 'resumed' })
+        this.#resolveControl({ t: 'resumed', targetMs: accept.targetMs })
         this.#startPostcopy(true)
         this.#handle?.setPush(true)
         // The target's HAVE bitmap came before this (same channel, in order): the rest is exact.
@@ -744,7 +761,12 @@ export class MigrationSource extends EventEmitter {
       bytes: this.#bytes,
       totalMs: times.done - times.start,
       precopyMs: this.mode === 'postcopy' ? 0 : times.stop - times.precopy,
-      downtimeMs: times.resumed - times.stop,
+      // The source's share (stop to switchover sent), half a round trip, the target's share:
+      // robust to a 'resumed' that came late (a link that failed right after the switchover).
+      downtimeMs:
+        this.#targetMs === undefined
+          ? times.resumed - times.stop
+          : times.switchover - times.stop + this.#rttMs / 2 + this.#targetMs,
       postcopyMs: Math.max(0, times.done - times.resumed),
       wireBytes: finite(s.wireBytes),
       demandP50Us: finite(t.demandP50us),

@@ -117,6 +117,7 @@ export class SourceLostError extends Error {
 
 interface Notice {
   kind: string
+  at?: bigint
   channel?: string
   errno?: number
   error?: Error
@@ -203,6 +204,9 @@ export class MigrationTarget extends EventEmitter {
   #verified: boolean | null = null
   #mismatches = 0
   #times = { setup: 0, switchover: 0, complete: 0 }
+  /** from the switchover frame read to the workload released (ms): the target's share of the downtime */
+  #resumeMs = 0
+  #switchoverAt = 0n
   #done: Promise<MigrationTargetResult>
   #resolve!: (r: MigrationTargetResult) => void
   #reject!: (e: Error) => void
@@ -459,7 +463,7 @@ export class MigrationTarget extends EventEmitter {
       conn.socket.destroy()
       return
     }
-    await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'postcopy' }))
+    await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'postcopy', targetMs: this.#resumeMs }))
     this.#relays.push(handOver(conn, (fd) => (this.#gens.main = handle.attachMain(fd))))
     this.#ended.delete('main')
     // What is here, so that the source sends exactly the rest.
@@ -560,7 +564,8 @@ export class MigrationTarget extends EventEmitter {
     }
     // The downtime ends here: the workload may run.
     this.emit('resume')
-    this.#control({ t: 'resumed' })
+    this.#resumeMs = this.#switchoverAt > 0n ? Number(process.hrtime.bigint() - this.#switchoverAt) / 1e6 : 0
+    this.#control({ t: 'resumed', targetMs: this.#resumeMs })
     if (!this.#registered) this.#complete()
   }
 
@@ -625,6 +630,7 @@ export class MigrationTarget extends EventEmitter {
             this.#lost(err as Error)
             break
           }
+          if (c.t === 'switchover') this.#switchoverAt = n.at ?? process.hrtime.bigint()
           this.#onControl(c)
           break
         }
@@ -712,6 +718,7 @@ export class MigrationTarget extends EventEmitter {
       duplicatePages: finite(s.duplicatePages),
       faults: finite(s.faults),
       requests: finite(s.requests),
+      targetMs: this.#resumeMs,
     }
   }
 

@@ -197,7 +197,11 @@ export interface SourceHello {
 }
 
 /** The connecting side's handshake; resolves with the target's ACCEPT payload. */
-export async function sourceHandshake(conn: FrameConn, o: SourceHello): Promise<Record<string, unknown>> {
+export async function sourceHandshake(
+  conn: FrameConn,
+  o: SourceHello,
+  timing?: { rttMs: number },
+): Promise<Record<string, unknown>> {
   conn.send(
     FrameType.HELLO,
     encodeHello({
@@ -219,9 +223,12 @@ export async function sourceHandshake(conn: FrameConn, o: SourceHello): Promise<
       ? Buffer.alloc(MAC_SIZE)
       : proof(o.secret, 'source', ch.version, o.channel, ch.nonce, mine, binding)
   conn.send(FrameType.AUTH, Buffer.concat([mine, mac]))
+  const sent = performance.now()
   let ok: Frame
   try {
     ok = await conn.expect([FrameType.AUTH_OK], o.timeoutMs)
+    // A round trip with next to no work at the far end: the one-way delay estimate.
+    if (timing !== undefined) timing.rttMs = performance.now() - sent
   } catch (err) {
     if (err instanceof RejectedError && err.code === 'EAUTH')
       throw new AuthError(

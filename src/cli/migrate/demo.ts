@@ -4,6 +4,7 @@
 // and the page-by-page verdict. Faults on request: the link down for a while in post-copy, or
 // the source killed in post-copy (the target's onSourceLoss policy then decides).
 import { type ChildProcess, spawn } from 'node:child_process'
+import * as fs from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import * as path from 'node:path'
 import * as readline from 'node:readline'
@@ -52,11 +53,15 @@ interface Half {
   stderr: string[]
 }
 
-function startHalf(argv: string[], env: NodeJS.ProcessEnv, onEvent: (e: Event) => void): Half {
+function startHalf(argv: string[], env: NodeJS.ProcessEnv, onEvent: (e: Event) => void, name: string): Half {
   const child = spawn(argv[0], argv.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  // USERFAULTFD_MIGRATE_LOG=DIR keeps each half's event lines (DIR/source.jsonl, DIR/target.jsonl).
+  const logDir = process.env.USERFAULTFD_MIGRATE_LOG
+  const log = logDir ? fs.createWriteStream(path.join(logDir, `${name}.jsonl`)) : undefined
   const half: Half = { child, events: [], stderr: [], exit: Promise.resolve({ code: null, signal: null }) }
   half.exit = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })))
   readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+    log?.write(`${line}\n`)
     let e: Event
     try {
       e = JSON.parse(line) as Event
@@ -67,6 +72,7 @@ function startHalf(argv: string[], env: NodeJS.ProcessEnv, onEvent: (e: Event) =
     onEvent(e)
   })
   readline.createInterface({ input: child.stderr! }).on('line', (line) => {
+    log?.write(`${JSON.stringify({ stderr: line })}\n`)
     half.stderr.push(line)
   })
   return half
@@ -200,7 +206,11 @@ export async function demo(o: DemoOptions): Promise<number> {
       '--source-loss-timeout',
       String(o.sourceLossTimeout),
     ]
-    const target = startHalf(targetArgv, env, onEvent('target'))
+    // The link goes down from the target's end the moment it resumes (before its workload touches
+    // anything: the whole post-copy is still ahead); the source dies the moment it hears that.
+    if (o.fault?.kind === 'link-down' && link !== undefined)
+      targetArgv.push('--fault', `link-down:${o.fault.ms}`, '--fault-device', link.targetDev)
+    const target = startHalf(targetArgv, env, onEvent('target'), 'target')
     halves.push(target)
     const port = await new Promise<number>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('the target did not start listening')), 20_000)
@@ -233,12 +243,9 @@ export async function demo(o: DemoOptions): Promise<number> {
       String(o.maxDowntime),
       '--events',
     ]
-    if (o.fault !== undefined) {
-      sourceArgv.push('--fault', o.fault.kind === 'link-down' ? `link-down:${o.fault.ms}` : 'source-dies')
-      if (link !== undefined) sourceArgv.push('--fault-device', link.sourceDev)
-    }
+    if (o.fault?.kind === 'source-dies') sourceArgv.push('--fault', 'source-dies')
     void sourceHost
-    const source = startHalf(sourceArgv, env, onEvent('source'))
+    const source = startHalf(sourceArgv, env, onEvent('source'), 'source')
     halves.push(source)
     const timeout = setTimeout(() => {
       for (const h of halves) h.child.kill('SIGKILL')

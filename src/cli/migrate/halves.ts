@@ -52,6 +52,8 @@ export interface ReceiveOptions {
   onSourceLoss: SourceLossPolicy
   sourceLossTimeout: number
   tls?: { key: Buffer; cert: Buffer }
+  /** link-down: taken down the moment the target resumes (post-copy starts: nothing here yet) */
+  fault?: Fault
   emit: Emit
 }
 
@@ -134,7 +136,7 @@ export async function send(o: SendOptions): Promise<number> {
   }
 }
 
-function inject(fault: Fault, emit: Emit): void {
+export function inject(fault: Fault, emit: Emit): void {
   if (fault.kind === 'source-dies') {
     emit({ event: 'fault', fault: 'source-dies' })
     process.kill(process.pid, 'SIGKILL')
@@ -192,6 +194,9 @@ export async function receive(o: ReceiveOptions): Promise<number> {
   )
   target.on('resume', () => {
     resumedAt = performance.now()
+    // Before the workload touches anything: every page still to come is missing, so the link
+    // goes down during post-copy whatever its size.
+    if (o.fault?.kind === 'link-down' && target.phase === 'postcopy') inject(o.fault, o.emit)
     const m = target.mappings[0] as Mapping
     // The workload runs from the moment the target resumes: a writer at the source's rate and
     // a reader, both touching random pages (most of them not here yet in post-copy).

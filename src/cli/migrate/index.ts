@@ -229,8 +229,12 @@ async function runReceive(args: string[]): Promise<number> {
     'source-loss-timeout': { type: 'string' },
     'tls-key': { type: 'string' },
     'tls-cert': { type: 'string' },
+    fault: { type: 'string' },
+    'fault-device': { type: 'string' },
   })
   const listen = endpoint(v.listen, '--listen')
+  const f = fault(v.fault)
+  if (f !== undefined && f.kind !== 'link-down') throw new UsageError('receive takes --fault link-down:MS only')
   checkSecret(v)
   let tls: { key: Buffer; cert: Buffer } | undefined
   if (v['tls-key'] !== undefined || v['tls-cert'] !== undefined) {
@@ -246,6 +250,7 @@ async function runReceive(args: string[]): Promise<number> {
     onSourceLoss: oneOf(v['on-source-loss'], '--on-source-loss', POLICIES, 'wait'),
     sourceLossTimeout: ms(v['source-loss-timeout'], '--source-loss-timeout', 5000),
     tls,
+    fault: f === undefined ? undefined : { ...f, device: v['fault-device'] as string | undefined },
     emit,
   })
   const r = final()
