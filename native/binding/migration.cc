@@ -336,6 +336,7 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
                            InstanceMethod<&MigrationTargetHandle::Send>("send"),
                            InstanceMethod<&MigrationTargetHandle::StartServing>("startServing"),
                            InstanceMethod<&MigrationTargetHandle::StopServing>("stopServing"),
+                           InstanceMethod<&MigrationTargetHandle::DropUnreceived>("dropUnreceived"),
                            InstanceMethod<&MigrationTargetHandle::ResendRequests>("resendRequests"),
                            InstanceMethod<&MigrationTargetHandle::Have>("have"),
                            InstanceMethod<&MigrationTargetHandle::Settle>("settle"),
@@ -432,6 +433,10 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     std::string syscall;
     int err = s->StartServing(ArgFd(info, 0), &syscall);
     if (err != 0) ThrowUffdError(info.Env(), err, syscall);
+    return info.Env().Undefined();
+  }
+  Napi::Value DropUnreceived(const Napi::CallbackInfo& info) {
+    Live(info.Env())->DropUnreceived();
     return info.Env().Undefined();
   }
   Napi::Value StopServing(const Napi::CallbackInfo& info) {

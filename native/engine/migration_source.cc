@@ -189,10 +189,17 @@ void SourceSession::StartPostcopy(const std::vector<Run>& toCome, bool push) {
     size_t words = (ranges_[r].pages + 63) / 64;
     for (size_t w = 0; w < words; w++) sent_[r][w].store(~0ull);
   }
+  // Word at a time: this runs in the downtime, and must not grow with the memory's size more
+  // than it must (a whole range to come is pages / 64 stores).
   for (const Run& run : toCome) {
-    for (uint64_t p = run.page; p < run.page + run.count; p++) {
-      uint64_t bit = 1ull << (p % 64);
-      if (sent_[run.range][p / 64].fetch_and(~bit) & bit) total++;
+    uint64_t p = run.page, end = run.page + run.count;
+    while (p < end) {
+      uint64_t w = p / 64, lo = p % 64;
+      uint64_t n = std::min<uint64_t>(64 - lo, end - p);
+      uint64_t mask = (n == 64 ? ~0ull : ((1ull << n) - 1)) << lo;
+      uint64_t old = sent_[run.range][w].fetch_and(~mask);
+      total += static_cast<uint64_t>(__builtin_popcountll(old & mask));
+      p += n;
     }
   }
   unsent_.store(total);

@@ -189,24 +189,17 @@ uint64_t TargetSession::lastReceiveNs() const {
 
 // ---- serving ----------------------------------------------------------------------------------
 
+void TargetSession::DropUnreceived() {
+  // Anonymous memory that holds pages we did not put there (memory handed to us with old
+  // contents) must fault on them after the switchover: drop them now, before anything arrives
+  // (O(size), so not in the downtime; pages discarded or zeroed later are dropped as that
+  // happens).
+  for (const TargetRange& r : ranges_)
+    if (r.alias == 0) madvise(reinterpret_cast<void*>(r.address), r.length, MADV_DONTNEED);
+}
+
 int TargetSession::StartServing(int uffd, std::string* syscall) {
   if (serving_.load()) return 0;
-  // Anonymous memory that holds pages not received (never sent, or given to us with old
-  // contents) must fault on them: drop them (the ranges are registered already: no event).
-  for (size_t i = 0; i < ranges_.size(); i++) {
-    const TargetRange& r = ranges_[i];
-    if (r.alias != 0) continue;  // page cache: a MINOR fault on a missing page fetches it
-    for (uint64_t p = 0; p < r.pages;) {
-      if (Valid(states_[i][p].load())) {
-        p++;
-        continue;
-      }
-      uint64_t n = 1;
-      while (p + n < r.pages && !Valid(states_[i][p + n].load())) n++;
-      madvise(reinterpret_cast<void*>(r.address + p * r.pageSize), n * r.pageSize, MADV_DONTNEED);
-      p += n;
-    }
-  }
   uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
   if (uffd_ < 0) {
     *syscall = "fcntl(F_DUPFD_CLOEXEC)";

@@ -78,6 +78,8 @@ class TargetSession {
   // hugetlbfs: MISSING | MINOR). Pages are installed with the fill ioctls from now on and the
   // engine serves faults. 0 or an errno (*syscall set).
   int StartServing(int uffd, std::string* syscall);
+  // Before anything arrives, for memory that may hold old contents: drops the anonymous ranges.
+  void DropUnreceived();
   void StopServing();
   // After a reconnect: asks again for every page still requested.
   void ResendRequests();

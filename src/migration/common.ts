@@ -42,6 +42,8 @@ export interface MigrationResult {
   dirtyAtStop: number
   zeroedPages: number
   mismatches: number
+  /** where the downtime went (diagnostics; fields may change): the stop hook, the last dirty scan, sending the rest or the discard list, the source's share, the round trip, the target's share */
+  downtimeParts?: Record<string, unknown>
 }
 
 export type Phase =

@@ -120,6 +120,7 @@ interface Range {
 
 interface Notice {
   kind: string
+  at?: bigint
   channel?: string
   errno?: number
   error?: Error
@@ -152,6 +153,18 @@ const Handle = (
     MigrationSourceHandle: new (ranges: object[], options: object, notify: (n: Notice[]) => void) => SourceHandle
   }
 ).MigrationSourceHandle
+
+/** When a control message was read off the socket (by the native reader), on performance.now()'s clock. */
+const RECEIVED = new WeakMap<Control, number>()
+
+/** A CLOCK_MONOTONIC time in ns (native) on performance.now()'s clock (the same clock, another origin). */
+function perfTime(ns: bigint): number {
+  return performance.now() - Number(process.hrtime.bigint() - ns) / 1e6
+}
+
+function receivedAt(c: Control): number {
+  return RECEIVED.get(c) ?? performance.now()
+}
 
 /** The union of two sorted run lists (overlaps merged). */
 function mergeRuns(a: PageRun[], b: PageRun[]): PageRun[] {
@@ -241,6 +254,16 @@ export class MigrationSource extends EventEmitter {
   #dirtyAtStop = 0
   #times = { start: 0, precopy: 0, stop: 0, switchover: 0, resumed: 0, done: 0 }
   #rttMs = 0
+  /** where the downtime went (diagnostics) */
+  #parts: {
+    hookMs?: number
+    collectMs?: number
+    sendMs?: number
+    sourceMs?: number
+    rttMs?: number
+    targetMs?: number
+    target?: Record<string, number>
+  } = {}
   /** the target's share of the downtime (switchover read to workload released), ms */
   #targetMs: number | undefined
 
@@ -392,7 +415,10 @@ export class MigrationSource extends EventEmitter {
       }
       await this.#stopWorkload()
       // Still to send: what the last round's collect found, and what was written since.
+      let t = performance.now()
       const last = mergeRuns(runs, this.#collect())
+      this.#parts.collectMs = performance.now() - t
+      t = performance.now()
       this.#dirtyAtStop = last.reduce((n, r) => n + r.count, 0)
       if (this.mode === 'precopy') {
         if (last.length > 0) await this.#sendRound(last)
@@ -400,6 +426,7 @@ export class MigrationSource extends EventEmitter {
         finalRuns = last
         for (const payload of encodeRuns(last)) this.#send(FrameType.DISCARD, payload)
       }
+      this.#parts.sendMs = performance.now() - t
     }
     this.#toCome = finalRuns
     const toCome = finalRuns.reduce((n, r) => n + r.count, 0)
@@ -412,16 +439,18 @@ export class MigrationSource extends EventEmitter {
     this.#control({ t: 'switchover', toCome })
     this.#switchoverSent = true
     const r = await resumed
-    this.#times.resumed = performance.now()
+    this.#times.resumed = receivedAt(r)
     if (typeof r.targetMs === 'number' && Number.isFinite(r.targetMs)) this.#targetMs = r.targetMs
+    if (r.parts !== null && typeof r.parts === 'object') this.#parts.target = r.parts as Record<string, number>
     const done = this.#waitControl('done')
     if (toCome > 0) {
       this.#setPhase('postcopy')
       this.#handle?.setPush(true)
     }
-    for (const t of this.#trackers.splice(0)) t.stop()
     const doneMsg = await done
-    this.#times.done = performance.now()
+    this.#times.done = receivedAt(doneMsg)
+    // Only now: unregistering walks the whole range (and would hold the JS thread in post-copy).
+    for (const t of this.#trackers.splice(0)) t.stop()
     this.#targetStats = (doneMsg.stats as Record<string, unknown>) ?? {}
     if (this.#verify !== null) {
       this.#setPhase('verifying')
@@ -444,6 +473,7 @@ export class MigrationSource extends EventEmitter {
     if (this.#times.precopy === 0) this.#times.precopy = this.#times.stop
     this.#stopCalled = true
     await this.#stop()
+    this.#parts.hookMs = performance.now() - this.#times.stop
   }
 
   #startPostcopy(push: boolean): void {
@@ -652,6 +682,7 @@ export class MigrationSource extends EventEmitter {
             this.#protocol(err as Error)
             break
           }
+          if (n.at !== undefined) RECEIVED.set(c, perfTime(n.at))
           this.#resolveControl(c)
           break
         }
@@ -785,6 +816,12 @@ export class MigrationSource extends EventEmitter {
       dirtyAtStop: this.#dirtyAtStop,
       zeroedPages: finite(t.zeroedPages),
       mismatches: this.#mismatches,
+      downtimeParts: {
+        ...this.#parts,
+        sourceMs: times.switchover - times.stop,
+        rttMs: this.#rttMs,
+        targetMs: this.#targetMs,
+      },
     }
   }
 

@@ -134,6 +134,7 @@ interface TargetHandle {
   close(): void
   send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void
   startServing(uffd: number): void
+  dropUnreceived(): void
   stopServing(): void
   resendRequests(): void
   have(range: number): Buffer
@@ -406,6 +407,8 @@ export class MigrationTarget extends EventEmitter {
       { pingMs: this.#pingMs, spinUs: this.#spin },
       (notices) => this.#onNotices(notices),
     )
+    // Memory we did not just map may hold old contents: gone before the first page arrives.
+    if (!this.#ownMappings) this.#handle.dropUnreceived()
     await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'new' }))
     const handle = this.#handle
     this.#relays.push(handOver(conn, (fd) => (this.#gens.main = handle.attachMain(fd))))
@@ -555,17 +558,24 @@ export class MigrationTarget extends EventEmitter {
     const h = this.#handle
     const uffd = this.#uffd
     if (h === undefined || uffd === undefined || this.#registered) return
-    this.#times.switchover = performance.now()
-    if (finite(h.stats().missing) > 0) {
+    if (this.#times.switchover === 0) this.#times.switchover = performance.now()
+    const at = (): number => (this.#switchoverAt > 0n ? Number(process.hrtime.bigint() - this.#switchoverAt) / 1e6 : 0)
+    const parts = { dispatchMs: at(), registerMs: 0, serveMs: 0 }
+    let t = performance.now()
+    const missing = finite(h.stats().missing) > 0
+    if (missing) {
       for (const m of this.#mappings) uffd.register(m, isMemfd(m) ? { missing: true, minor: true } : { missing: true })
       this.#registered = true
+      parts.registerMs = performance.now() - t
+      t = performance.now()
       h.startServing(uffd.fd)
-      this.#setPhase('postcopy')
+      parts.serveMs = performance.now() - t
     }
     // The downtime ends here: the workload may run.
+    this.#resumeMs = at()
     this.emit('resume')
-    this.#resumeMs = this.#switchoverAt > 0n ? Number(process.hrtime.bigint() - this.#switchoverAt) / 1e6 : 0
-    this.#control({ t: 'resumed', targetMs: this.#resumeMs })
+    this.#control({ t: 'resumed', targetMs: this.#resumeMs, parts })
+    if (missing) this.#setPhase('postcopy')
     if (!this.#registered) this.#complete()
   }
 
@@ -630,7 +640,10 @@ export class MigrationTarget extends EventEmitter {
             this.#lost(err as Error)
             break
           }
-          if (c.t === 'switchover') this.#switchoverAt = n.at ?? process.hrtime.bigint()
+          if (c.t === 'switchover') {
+            this.#switchoverAt = n.at ?? process.hrtime.bigint()
+            this.#times.switchover = performance.now() - Number(process.hrtime.bigint() - this.#switchoverAt) / 1e6
+          }
           this.#onControl(c)
           break
         }

@@ -41,6 +41,8 @@ export interface SendOptions {
   tls: boolean
   fault?: Fault
   seed: number
+  /** reader threads the target runs from its resume (default 1) */
+  targetReaders?: number
   emit: Emit
 }
 
@@ -107,7 +109,7 @@ export async function send(o: SendOptions): Promise<number> {
       },
       resume: () => w.resume(),
       verify: { maskOffset: TARGET_STAMP, maskLength: 8 },
-      metadata: { dirtyRate: o.dirtyRate, seed: o.seed },
+      metadata: { dirtyRate: o.dirtyRate, seed: o.seed, readers: o.targetReaders ?? 1 },
     })
     let injected = false
     source.on('phase', ({ phase }) => {
@@ -173,6 +175,7 @@ export async function receive(o: ReceiveOptions): Promise<number> {
   let workload: Workload | undefined
   let resumedAt = 0
   let dirtyRate = 0
+  let readers = 1
   target.on('rejected', (err: Error) =>
     o.emit({
       event: 'rejected',
@@ -181,8 +184,9 @@ export async function receive(o: ReceiveOptions): Promise<number> {
     }),
   )
   target.on('setup', (s) => {
-    const meta = (s.metadata ?? {}) as { dirtyRate?: unknown }
+    const meta = (s.metadata ?? {}) as { dirtyRate?: unknown; readers?: unknown }
     dirtyRate = typeof meta.dirtyRate === 'number' && meta.dirtyRate >= 0 ? meta.dirtyRate : 0
+    readers = typeof meta.readers === 'number' && meta.readers >= 0 && meta.readers <= 8 ? meta.readers : 1
     o.emit({ event: 'setup', mode: s.mode, bytes: s.mappings.reduce((n: number, m: Mapping) => n + m.length, 0) })
   })
   target.on('phase', ({ phase }) => o.emit({ event: 'phase', side: 'target', phase }))
@@ -204,7 +208,7 @@ export async function receive(o: ReceiveOptions): Promise<number> {
       writeRate: dirtyRate,
       writeOffset: TARGET_STAMP,
       writers: dirtyRate > 0 ? 1 : 0,
-      readers: 1,
+      readers,
       tag: 2,
     })
     o.emit({ event: 'resumed' })

@@ -180,6 +180,7 @@ async function runSend(args: string[]): Promise<number> {
     fault: { type: 'string' },
     'fault-device': { type: 'string' },
     seed: { type: 'string' },
+    'target-readers': { type: 'string' },
   })
   const to = endpoint(v.to, '--to')
   checkSecret(v)
@@ -203,6 +204,7 @@ async function runSend(args: string[]): Promise<number> {
     tls: v.tls === true,
     fault: faultSpec,
     seed: ms(v.seed, '--seed', 1),
+    targetReaders: ms(v['target-readers'], '--target-readers', 1),
     emit,
   })
   const r = final()
