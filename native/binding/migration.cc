@@ -218,6 +218,7 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     if (o.chunkBytes < 4096 || o.chunkBytes > migration::kMaxPagesPayload)
       ThrowRangeError(env, "chunkBytes must be 4 KiB..4 MiB");
     if (opts.Get("pushIdle").IsBoolean()) o.pushIdle = opts.Get("pushIdle").ToBoolean();
+    o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
     core_ = std::make_shared<Core<SourceSession>>();
     core_->env = env;
     core_->tsfn =
@@ -336,6 +337,7 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
                            InstanceMethod<&MigrationTargetHandle::Send>("send"),
                            InstanceMethod<&MigrationTargetHandle::StartServing>("startServing"),
                            InstanceMethod<&MigrationTargetHandle::StopServing>("stopServing"),
+                           InstanceMethod<&MigrationTargetHandle::Registered>("registered"),
                            InstanceMethod<&MigrationTargetHandle::DropUnreceived>("dropUnreceived"),
                            InstanceMethod<&MigrationTargetHandle::ResendRequests>("resendRequests"),
                            InstanceMethod<&MigrationTargetHandle::Have>("have"),
@@ -380,6 +382,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
     o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
     if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
+    o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
+    if (opts.Get("bulkIdle").IsBoolean()) o.bulkIdle = opts.Get("bulkIdle").ToBoolean();
     core_ = std::make_shared<Core<TargetSession>>();
     core_->env = env;
     core_->tsfn =
@@ -437,6 +441,13 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
   }
   Napi::Value DropUnreceived(const Napi::CallbackInfo& info) {
     Live(info.Env())->DropUnreceived();
+    return info.Env().Undefined();
+  }
+  Napi::Value Registered(const Napi::CallbackInfo& info) {
+    TargetSession* s = Live(info.Env());
+    std::string syscall;
+    int err = s->Registered(ArgFd(info, 0), &syscall);
+    if (err != 0) ThrowUffdError(info.Env(), err, syscall);
     return info.Env().Undefined();
   }
   Napi::Value StopServing(const Napi::CallbackInfo& info) {

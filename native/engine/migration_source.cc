@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include <algorithm>
@@ -214,6 +215,7 @@ void SourceSession::StartPostcopy(const std::vector<Run>& toCome, bool push) {
 }
 
 void SourceSession::SetPush(bool on) {
+  if (on) SetMainBuffer(options_.postcopyBuffer);
   push_.store(on);
   pushCv_.notify_all();
 }
@@ -223,11 +225,14 @@ void SourceSession::ResumePush() {
   pushCv_.notify_all();
 }
 
+void SourceSession::SetMainBuffer(uint32_t bytes) {
+  std::lock_guard<std::mutex> lock(channelMu_);
+  int v = static_cast<int>(bytes);
+  if (main_ && bytes > 0) setsockopt(main_->fd(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+}
+
 void SourceSession::PushLoop() {
-  if (options_.pushIdle) {
-    struct sched_param param = {};
-    pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
-  }
+  bool idle = false;
   uint64_t rateStart = 0, rateBytes = 0;
   bool pushedNoticed = false;
   while (true) {
@@ -272,6 +277,12 @@ void SourceSession::PushLoop() {
       continue;
     }
     if (!postcopy_.load() || !push_.load() || pushPaused_.load() || !ch) continue;
+    if (options_.pushIdle && !idle) {
+      // The push yields the CPU to everything else here, the demand channel's thread first.
+      struct sched_param param = {};
+      pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+      idle = true;
+    }
     uint16_t range;
     uint64_t page;
     if (!NextUnsent(&range, &page)) {

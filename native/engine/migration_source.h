@@ -45,7 +45,8 @@ struct Run {
 struct SourceOptions {
   uint32_t pingMs = 100;
   uint64_t chunkBytes = 256 * 1024;  // bytes per PAGES frame (at least one page)
-  bool pushIdle = false;             // pusher under SCHED_IDLE
+  bool pushIdle = false;             // pusher under SCHED_IDLE in post-copy
+  uint32_t postcopyBuffer = 0;       // post-copy: SO_SNDBUF of the main channel (0: leave it)
 };
 
 struct SessionNotice {
@@ -87,6 +88,8 @@ class SourceSession {
   void StartPostcopy(const std::vector<Run>& toCome, bool push);
   void ResumePush();
   void SetPush(bool on);
+  // The main channel's send buffer (post-copy: a short queue ahead of demand pages' packets).
+  void SetMainBuffer(uint32_t bytes);
   void SetPushRate(uint64_t bytesPerSecond) { pushRate_.store(bytesPerSecond); }
 
   std::deque<SessionNotice> TakeNotices();

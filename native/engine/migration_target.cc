@@ -2,8 +2,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -115,6 +118,20 @@ TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions opti
   }
   missing_.store(total);
   zeros_.assign(maxPage, 0);
+  // The engine and its ranges now (their page tables are O(size)); its threads start at the
+  // switchover, so that the downtime does not grow with the memory.
+  EngineOptions eo;
+  eo.spinUs = options_.spinUs;
+  eo.batch = options_.batch;
+  eo.faultAround = 4096;
+  engine_.reset(new FaultEngine(eo, wakeJs_));
+  for (size_t i = 0; i < ranges_.size(); i++) {
+    const TargetRange& r = ranges_[i];
+    auto delegate = std::make_shared<RangeDelegate>(this, static_cast<uint16_t>(i));
+    auto served = std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length,
+                                                std::shared_ptr<Source>(Source::Zero()), 0, false, 4096, delegate);
+    engine_->AddRange(served);
+  }
 }
 
 TargetSession::~TargetSession() {
@@ -198,31 +215,36 @@ void TargetSession::DropUnreceived() {
     if (r.alias == 0) madvise(reinterpret_cast<void*>(r.address), r.length, MADV_DONTNEED);
 }
 
+int TargetSession::Registered(int uffd, std::string* syscall) {
+  if (uffd_ < 0) {
+    uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
+    if (uffd_ < 0) {
+      *syscall = "fcntl(F_DUPFD_CLOEXEC)";
+      return errno;
+    }
+  }
+  registered_.store(true);
+  return 0;
+}
+
 int TargetSession::StartServing(int uffd, std::string* syscall) {
   if (serving_.load()) return 0;
-  uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
   if (uffd_ < 0) {
-    *syscall = "fcntl(F_DUPFD_CLOEXEC)";
-    return errno;
-  }
-  EngineOptions eo;
-  eo.spinUs = options_.spinUs;
-  eo.batch = options_.batch;
-  eo.faultAround = 4096;
-  engine_.reset(new FaultEngine(eo, wakeJs_));
-  for (size_t i = 0; i < ranges_.size(); i++) {
-    const TargetRange& r = ranges_[i];
-    auto delegate = std::make_shared<RangeDelegate>(this, static_cast<uint16_t>(i));
-    auto served =
-        std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length,
-                                      std::shared_ptr<Source>(Source::Zero()), 0, false, 4096, delegate);
-    engine_->AddRange(served);
+    uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
+    if (uffd_ < 0) {
+      *syscall = "fcntl(F_DUPFD_CLOEXEC)";
+      return errno;
+    }
   }
   serving_.store(true);
+  {
+    std::lock_guard<std::mutex> lock(channelMu_);
+    int v = static_cast<int>(options_.postcopyBuffer);
+    if (main_ && v > 0) setsockopt(main_->fd(), SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
+  }
   int err = engine_->Start(uffd_, syscall);
   if (err != 0) {
     serving_.store(false);
-    engine_.reset();
     close(uffd_);
     uffd_ = -1;
     return err;
@@ -404,11 +426,36 @@ int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vec
   const uint64_t ps = r.pageSize;
   const uint64_t n = h.length / ps;
   if (!serving_.load()) {
-    // Before the switchover: nobody runs on the target memory, nothing is registered. Straight
-    // from the socket into place; a page sent again in a later round simply replaces it.
-    uint64_t base = (r.alias != 0 ? r.alias : r.address) + h.page * ps;
-    int err = ch->ReadFull(reinterpret_cast<void*>(base), h.length);
-    if (err != 0) return err;
+    // Before the switchover: nobody runs on the target memory. A page sent again in a later
+    // round simply replaces it.
+    if (r.alias == 0 && registered_.load()) {
+      // Anonymous: UFFDIO_COPY from a bounce buffer allocates the page without zeroing it
+      // (cheaper than recv(2) faulting fresh pages in); a page already here is overwritten.
+      if (staging->size() < h.length) staging->resize(h.length);
+      int err = ch->ReadFull(staging->data(), h.length);
+      if (err != 0) return err;
+      const uint8_t* src = staging->data();
+      uint64_t dst = r.address + h.page * ps, off = 0;
+      while (off < h.length) {
+        FillResult f = CopyPages(uffd_, dst + off, src + off, h.length - off);
+        off += f.done;
+        if (f.err == 0) continue;
+        if (f.err == EEXIST || f.err == EAGAIN) {
+          if (f.err == EEXIST) {
+            memcpy(reinterpret_cast<void*>(dst + off), src + off, ps);
+            off += ps;
+          }
+          continue;
+        }
+        Error(f.err, f.syscall, "installing a pre-copy page");
+        break;
+      }
+    } else {
+      // memfd/hugetlbfs: straight from the socket into the page cache, through the alias.
+      uint64_t base = (r.alias != 0 ? r.alias : r.address) + h.page * ps;
+      int err = ch->ReadFull(reinterpret_cast<void*>(base), h.length);
+      if (err != 0) return err;
+    }
     for (uint64_t i = 0; i < n; i++) SetValid(h.range, h.page + i, r.alias != 0 ? kTCached : kTPresent);
     stats_.precopyPages.fetch_add(n, std::memory_order_relaxed);
     return 0;
@@ -520,10 +567,17 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
   const Role role = demand ? Role::kTargetDemand : Role::kTargetMain;
   std::vector<uint8_t> staging;
   std::vector<uint8_t> payload;
+  bool idle = false;
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);
     if (err != 0) return Closed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (!demand && !idle && options_.bulkIdle && serving_.load()) {
+      // Post-copy: the push's pages wait for any CPU time the demand path wants.
+      struct sched_param param = {};
+      pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+      idle = true;
+    }
     std::string bad = CheckFrame(h, role, shapes_);
     if (bad.empty() && demand && h.type == kPages && !serving_.load())
       bad = "PAGES on the demand channel before the switchover";

@@ -54,6 +54,8 @@ struct TargetOptions {
   uint32_t pingMs = 100;
   uint32_t spinUs = 0;  // the engine's adaptive spin bound
   uint32_t batch = 64;
+  uint32_t postcopyBuffer = 0;  // post-copy: SO_RCVBUF of the main channel (0: leave it)
+  bool bulkIdle = false;        // post-copy: the main channel's reader under SCHED_IDLE
 };
 
 struct TargetStats {
@@ -78,6 +80,9 @@ class TargetSession {
   // hugetlbfs: MISSING | MINOR). Pages are installed with the fill ioctls from now on and the
   // engine serves faults. 0 or an errno (*syscall set).
   int StartServing(int uffd, std::string* syscall);
+  // JS registered the ranges with `uffd` before anything arrived: anonymous pages are installed
+  // with UFFDIO_COPY from here on (no zeroing of fresh pages), pre-copy included. 0 or an errno.
+  int Registered(int uffd, std::string* syscall);
   // Before anything arrives, for memory that may hold old contents: drops the anonymous ranges.
   void DropUnreceived();
   void StopServing();
@@ -124,6 +129,7 @@ class TargetSession {
   TargetOptions options_;
   std::function<void()> wakeJs_;
   int uffd_ = -1;
+  std::atomic<bool> registered_{false};
   std::atomic<bool> serving_{false};
   std::unique_ptr<FaultEngine> engine_;
 

@@ -77,8 +77,10 @@ export interface MigrationSourceOptions extends SecretOptions {
   reconnectTimeout?: number
   /** handshake and connect timeout (ms, default 10000) */
   connectTimeout?: number
-  /** background push under SCHED_IDLE (default false) */
+  /** post-copy: the background push runs under SCHED_IDLE, yielding to the demand path */
   pushIdle?: boolean
+  /** post-copy: the main channel's send buffer (bytes; 0 leaves the kernel's): a shorter queue ahead of demand pages */
+  postcopyBuffer?: number
 }
 
 export interface SourceProgress {
@@ -220,6 +222,7 @@ export class MigrationSource extends EventEmitter {
   readonly #reconnectMs: number
   readonly #connectMs: number
   readonly #pushIdle: boolean
+  readonly #postcopyBuffer: number
   readonly #session = randomBytes(16).toString('hex')
   readonly #pagesTotal: number
   readonly #bytes: number
@@ -305,7 +308,14 @@ export class MigrationSource extends EventEmitter {
     this.#connectMs = intOption(options.connectTimeout, 'connectTimeout', 10_000, 100, 600_000)
     if (options.pushIdle !== undefined && typeof options.pushIdle !== 'boolean')
       throw new TypeError(`pushIdle must be a boolean (got ${describe(options.pushIdle)})`)
-    this.#pushIdle = options.pushIdle ?? false
+    this.#pushIdle = options.pushIdle ?? process.env.MIGRATE_PUSH_IDLE === '1'
+    this.#postcopyBuffer = intOption(
+      options.postcopyBuffer,
+      'postcopyBuffer',
+      Number(process.env.MIGRATE_BUF ?? 0),
+      0,
+      64 << 20,
+    )
     this.#pagesTotal = this.#ranges.reduce((n, r) => n + r.pages, 0)
     this.#bytes = this.#ranges.reduce((n, r) => n + r.length, 0)
   }
@@ -378,7 +388,7 @@ export class MigrationSource extends EventEmitter {
     this.#setPhase('connecting')
     this.#handle = new Handle(
       this.#ranges.map((r) => ({ address: r.address, length: r.length, pageSize: r.pageSize })),
-      { pingMs: this.#pingMs, chunkBytes: this.#chunk, pushIdle: this.#pushIdle },
+      { pingMs: this.#pingMs, chunkBytes: this.#chunk, pushIdle: this.#pushIdle, postcopyBuffer: this.#postcopyBuffer },
       (notices) => this.#onNotices(notices),
     )
     this.#handle.setPushRate(this.#pushRate)

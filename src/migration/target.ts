@@ -59,6 +59,10 @@ export interface MigrationTargetOptions extends SecretOptions {
   handshakeTimeout?: number
   /** the fault engine's adaptive spin bound (µs, default 0) */
   spin?: number
+  /** post-copy: the thread receiving the push runs under SCHED_IDLE, yielding to the demand path */
+  bulkIdle?: boolean
+  /** post-copy: the main channel's receive buffer (bytes; 0 leaves the kernel's) */
+  postcopyBuffer?: number
 }
 
 export interface TargetSetup {
@@ -134,6 +138,7 @@ interface TargetHandle {
   close(): void
   send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void
   startServing(uffd: number): void
+  registered(uffd: number): void
   dropUnreceived(): void
   stopServing(): void
   resendRequests(): void
@@ -183,6 +188,8 @@ export class MigrationTarget extends EventEmitter {
   readonly #timeoutMs: number
   readonly #handshakeMs: number
   readonly #spin: number
+  readonly #bulkIdle: boolean
+  readonly #postcopyBuffer: number
   #address: Endpoint = { host: '', port: 0 }
 
   #phase: Phase = 'listening'
@@ -191,7 +198,10 @@ export class MigrationTarget extends EventEmitter {
   #aliases: Array<Mapping | undefined> = []
   #ownMappings = false
   #uffd: Userfaultfd | undefined
+  /** the ranges are registered with the uffd (from the setup to the end) */
   #registered = false
+  /** the switchover happened: the workload runs on this memory */
+  #switched = false
   #handle: TargetHandle | undefined
   #gens: Record<string, number> = { main: 0, demand: 0 }
   #relays: Array<() => void> = []
@@ -224,6 +234,16 @@ export class MigrationTarget extends EventEmitter {
     this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
     this.#handshakeMs = intOption(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
     this.#spin = intOption(options.spin, 'spin', 0, 0, 100_000)
+    if (options.bulkIdle !== undefined && typeof options.bulkIdle !== 'boolean')
+      throw new TypeError(`bulkIdle must be a boolean (got ${describe(options.bulkIdle)})`)
+    this.#bulkIdle = options.bulkIdle ?? process.env.MIGRATE_BULK_IDLE === '1'
+    this.#postcopyBuffer = intOption(
+      options.postcopyBuffer,
+      'postcopyBuffer',
+      Number(process.env.MIGRATE_BUF ?? 0),
+      0,
+      64 << 20,
+    )
     this.#done = new Promise((resolve, reject) => {
       this.#resolve = resolve
       this.#reject = reject
@@ -319,7 +339,7 @@ export class MigrationTarget extends EventEmitter {
     if (this.#closed) return
     this.#closed = true
     this.#server.close()
-    if (this.#handle !== undefined && this.#registered && finite(this.#handle.stats().missing) > 0) {
+    if (this.#handle !== undefined && this.#switched && this.#registered && finite(this.#handle.stats().missing) > 0) {
       try {
         if (this.#uffd?.has(Feature.POISON)) this.#handle.settle(true)
       } catch {
@@ -404,11 +424,16 @@ export class MigrationTarget extends EventEmitter {
         alias: isMemfd(m) ? this.#aliases[i]?.address : undefined,
         memfd: isMemfd(m) ? m.fd : undefined,
       })),
-      { pingMs: this.#pingMs, spinUs: this.#spin },
+      { pingMs: this.#pingMs, spinUs: this.#spin, bulkIdle: this.#bulkIdle, postcopyBuffer: this.#postcopyBuffer },
       (notices) => this.#onNotices(notices),
     )
     // Memory we did not just map may hold old contents: gone before the first page arrives.
     if (!this.#ownMappings) this.#handle.dropUnreceived()
+    // Registered now, not in the downtime: anonymous pages are installed by UFFDIO_COPY from the
+    // first round on. Nothing may touch this memory before 'resume' (it would wait for the page).
+    for (const m of mappings) this.#uffd.register(m, isMemfd(m) ? { missing: true, minor: true } : { missing: true })
+    this.#registered = true
+    this.#handle.registered(this.#uffd.fd)
     await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'new' }))
     const handle = this.#handle
     this.#relays.push(handOver(conn, (fd) => (this.#gens.main = handle.attachMain(fd))))
@@ -452,7 +477,7 @@ export class MigrationTarget extends EventEmitter {
       conn.socket.destroy()
       return
     }
-    if (!this.#registered && this.#phase !== 'complete' && this.#phase !== 'verifying') {
+    if (!this.#switched && this.#phase !== 'complete' && this.#phase !== 'verifying') {
       // Lost before the switchover: the source still runs the workload; this migration is over.
       await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'aborted' }))
       conn.socket.destroy()
@@ -514,7 +539,7 @@ export class MigrationTarget extends EventEmitter {
       this.#complete()
       return
     }
-    if (!this.#registered) {
+    if (!this.#switched) {
       this.#abort(new Error(`the connection to the source was lost before the switchover: ${reason.message}`))
       return
     }
@@ -547,6 +572,8 @@ export class MigrationTarget extends EventEmitter {
   #abort(err: Error): void {
     if (this.#phase === 'failed') return
     this.#detach()
+    // Nothing serves this memory any more: a touch must not wait forever for a page.
+    this.#unregister()
     this.#setPhase('failed')
     this.#emitError(err)
     this.#finish(err)
@@ -557,17 +584,14 @@ export class MigrationTarget extends EventEmitter {
   #switchover(): void {
     const h = this.#handle
     const uffd = this.#uffd
-    if (h === undefined || uffd === undefined || this.#registered) return
+    if (h === undefined || uffd === undefined || this.#switched) return
+    this.#switched = true
     if (this.#times.switchover === 0) this.#times.switchover = performance.now()
     const at = (): number => (this.#switchoverAt > 0n ? Number(process.hrtime.bigint() - this.#switchoverAt) / 1e6 : 0)
-    const parts = { dispatchMs: at(), registerMs: 0, serveMs: 0 }
-    let t = performance.now()
+    const parts = { dispatchMs: at(), serveMs: 0 }
+    const t = performance.now()
     const missing = finite(h.stats().missing) > 0
     if (missing) {
-      for (const m of this.#mappings) uffd.register(m, isMemfd(m) ? { missing: true, minor: true } : { missing: true })
-      this.#registered = true
-      parts.registerMs = performance.now() - t
-      t = performance.now()
       h.startServing(uffd.fd)
       parts.serveMs = performance.now() - t
     }
@@ -576,7 +600,7 @@ export class MigrationTarget extends EventEmitter {
     this.emit('resume')
     this.#control({ t: 'resumed', targetMs: this.#resumeMs, parts })
     if (missing) this.#setPhase('postcopy')
-    if (!this.#registered) this.#complete()
+    else this.#complete()
   }
 
   #complete(): void {
