@@ -121,7 +121,7 @@ async function rtt(link, cpus) {
   return JSON.parse(client.lines[client.lines.length - 1])
 }
 
-async function migration(link, cpus, mib, mode, dirtyRate, readers) {
+async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false) {
   const p = port++
   const target = start([
     ...prefix(link, 'target', cpus.target),
@@ -132,6 +132,7 @@ async function migration(link, cpus, mib, mode, dirtyRate, readers) {
     '--listen',
     `${link.targetIp}:${p}`,
     '--events',
+    ...(prealloc ? ['--prealloc', `${mib}M`] : []),
   ])
   await waitLine(target, /"listening"/, 20_000)
   const source = start([
@@ -186,6 +187,8 @@ function variants() {
     { name: 'floor-fresh', run: (l, c) => floor(l, c, small, 'fresh') },
     { name: 'rtt', run: (l, c) => rtt(l, c) },
     { name: 'idle-hybrid', run: (l, c) => migration(l, c, small, 'hybrid', 0, 0) },
+    { name: 'idle-hybrid-touched', run: (l, c) => migration(l, c, small, 'hybrid', 0, 0, true) },
+    { name: 'idle-precopy-touched', run: (l, c) => migration(l, c, small, 'precopy', 0, 0, true) },
     { name: 'idle-postcopy', run: (l, c) => migration(l, c, small, 'postcopy', 0, 0) },
     { name: 'idle-precopy', run: (l, c) => migration(l, c, small, 'precopy', 0, 0) },
     { name: `writer-hybrid-${small}`, run: (l, c) => migration(l, c, small, 'hybrid', rate, 1) },
@@ -236,7 +239,7 @@ async function main() {
       rttP50us: m((r) => r.rtt?.p50us),
       rttP99us: m((r) => r.rtt?.p99us),
     }
-    for (const mode of ['hybrid', 'postcopy', 'precopy']) {
+    for (const mode of ['hybrid', 'postcopy', 'precopy', 'hybrid-touched', 'precopy-touched']) {
       const k = `idle-${mode}`
       summary[`${k}.totalMs`] = m((r) => r[k]?.totalMs)
       summary[`${k}.vsTouched`] = m((r) => r[k]?.totalMs / r['floor-touched']?.ms)
@@ -274,7 +277,11 @@ async function main() {
       )
       for (const mode of ['hybrid', 'postcopy', 'precopy'])
         out(
-          `idle ${mode.padEnd(9)} total ${fmt(summary[`idle-${mode}.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}.vsTouched`])}x floor (touched), ${fmt(summary[`idle-${mode}.vsFresh`])}x floor (fresh)`,
+          `idle ${mode.padEnd(9)} into fresh memory:   total ${fmt(summary[`idle-${mode}.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}.vsFresh`])}x floor (fresh), ${fmt(summary[`idle-${mode}.vsTouched`])}x floor (touched)`,
+        )
+      for (const mode of ['hybrid', 'precopy'])
+        out(
+          `idle ${mode.padEnd(9)} into touched memory: total ${fmt(summary[`idle-${mode}-touched.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}-touched.vsTouched`])}x floor (touched)`,
         )
       for (const size of [small, large].filter(Boolean))
         for (const mode of ['hybrid', 'postcopy', 'precopy']) {

@@ -201,7 +201,9 @@ describe('hostile frames against the target (native parser)', () => {
                 const want = model.get(p)
                 if (switched && want === undefined) continue // not installed: reading would fault
                 guarded.read(PAGE + p * PAGE, page)
-                const fill = want ?? 0 // memory handed to the target is dropped before anything arrives
+                // Memory handed to the target keeps its old contents until a page arrives (pre-copy
+                // overwrites every page); in post-copy it is dropped first.
+                const fill = want ?? (switched ? 0 : 0xee)
                 expect(
                   page.every((b) => b === fill),
                   `page ${p} after ${attack.name}`,

@@ -219,6 +219,7 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
       ThrowRangeError(env, "chunkBytes must be 4 KiB..4 MiB");
     if (opts.Get("pushIdle").IsBoolean()) o.pushIdle = opts.Get("pushIdle").ToBoolean();
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
+    if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
     core_ = std::make_shared<Core<SourceSession>>();
     core_->env = env;
     core_->tsfn =
@@ -339,6 +340,7 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
                            InstanceMethod<&MigrationTargetHandle::StopServing>("stopServing"),
                            InstanceMethod<&MigrationTargetHandle::Registered>("registered"),
                            InstanceMethod<&MigrationTargetHandle::DropUnreceived>("dropUnreceived"),
+                           InstanceMethod<&MigrationTargetHandle::Populate>("populate"),
                            InstanceMethod<&MigrationTargetHandle::ResendRequests>("resendRequests"),
                            InstanceMethod<&MigrationTargetHandle::Have>("have"),
                            InstanceMethod<&MigrationTargetHandle::Settle>("settle"),
@@ -384,6 +386,7 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
     if (opts.Get("bulkIdle").IsBoolean()) o.bulkIdle = opts.Get("bulkIdle").ToBoolean();
+    if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
     core_ = std::make_shared<Core<TargetSession>>();
     core_->env = env;
     core_->tsfn =
@@ -436,6 +439,13 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     TargetSession* s = Live(info.Env());
     std::string syscall;
     int err = s->StartServing(ArgFd(info, 0), &syscall);
+    if (err != 0) ThrowUffdError(info.Env(), err, syscall);
+    return info.Env().Undefined();
+  }
+  Napi::Value Populate(const Napi::CallbackInfo& info) {
+    TargetSession* s = Live(info.Env());
+    std::string syscall;
+    int err = s->Populate(&syscall);
     if (err != 0) ThrowUffdError(info.Env(), err, syscall);
     return info.Env().Undefined();
   }

@@ -1,6 +1,8 @@
 #include "engine/migration_channel.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -13,6 +15,12 @@ uint64_t NowNs() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+bool RaiseToRealtime() {
+  struct sched_param param = {};
+  param.sched_priority = 1;
+  return pthread_setschedparam(pthread_self(), SCHED_FIFO, &param) == 0;
 }
 
 FrameChannel::FrameChannel(int fd, uint32_t pingMs) : fd_(fd), pingMs_(pingMs) {

@@ -26,6 +26,10 @@ namespace migration {
 
 uint64_t NowNs();
 
+// The calling thread to SCHED_FIFO priority 1 (the demand path: it must not wait behind bulk
+// work for a CPU). Best effort: without CAP_SYS_NICE it stays as it was. Returns whether it did.
+bool RaiseToRealtime();
+
 class FrameChannel {
  public:
   FrameChannel(int fd, uint32_t pingMs);

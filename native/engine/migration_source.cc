@@ -410,6 +410,7 @@ void SourceSession::MainLoop(FrameChannel* ch, uint64_t gen) {
 }
 
 void SourceSession::DemandLoop(FrameChannel* ch, uint64_t gen) {
+  if (options_.realtimeDemand) RaiseToRealtime();
   std::vector<uint8_t> payload;
   while (true) {
     FrameHeader h;

@@ -47,6 +47,7 @@ struct SourceOptions {
   uint64_t chunkBytes = 256 * 1024;  // bytes per PAGES frame (at least one page)
   bool pushIdle = false;             // pusher under SCHED_IDLE in post-copy
   uint32_t postcopyBuffer = 0;       // post-copy: SO_SNDBUF of the main channel (0: leave it)
+  bool realtimeDemand = false;       // the demand channel's thread under SCHED_FIFO 1
 };
 
 struct SessionNotice {

@@ -215,6 +215,18 @@ void TargetSession::DropUnreceived() {
     if (r.alias == 0) madvise(reinterpret_cast<void*>(r.address), r.length, MADV_DONTNEED);
 }
 
+int TargetSession::Populate(std::string* syscall) {
+  for (const TargetRange& r : ranges_) {
+    if (r.alias != 0) continue;
+    if (madvise(reinterpret_cast<void*>(r.address), r.length, 23 /* MADV_POPULATE_WRITE (5.14) */) != 0) {
+      *syscall = "madvise(MADV_POPULATE_WRITE)";
+      return errno;
+    }
+  }
+  populated_.store(true);
+  return 0;
+}
+
 int TargetSession::Registered(int uffd, std::string* syscall) {
   if (uffd_ < 0) {
     uffd_ = fcntl(uffd, F_DUPFD_CLOEXEC, 0);
@@ -330,6 +342,12 @@ void TargetSession::OnFault(uint16_t range, uint64_t address, uint64_t flags) {
   uint64_t page = (address - r.address) / r.pageSize;
   bool minor = (flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
   stats_.faults.fetch_add(1, std::memory_order_relaxed);
+  if (options_.realtimeDemand && !engineRaised_) {
+    // The engine's reading thread is the first hop of every demand fault (the engine has no
+    // priority option of its own yet).
+    engineRaised_ = true;
+    RaiseToRealtime();
+  }
   std::atomic<uint8_t>& s = states_[range][page];
   while (true) {
     uint8_t cur = s.load();
@@ -428,7 +446,7 @@ int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vec
   if (!serving_.load()) {
     // Before the switchover: nobody runs on the target memory. A page sent again in a later
     // round simply replaces it.
-    if (r.alias == 0 && registered_.load()) {
+    if (r.alias == 0 && registered_.load() && !populated_.load()) {
       // Anonymous: UFFDIO_COPY from a bounce buffer allocates the page without zeroing it
       // (cheaper than recv(2) faulting fresh pages in); a page already here is overwritten.
       if (staging->size() < h.length) staging->resize(h.length);
@@ -451,7 +469,8 @@ int TargetSession::ReceivePages(FrameChannel* ch, const FrameHeader& h, std::vec
         break;
       }
     } else {
-      // memfd/hugetlbfs: straight from the socket into the page cache, through the alias.
+      // memfd/hugetlbfs: straight from the socket into the page cache, through the alias; or
+      // anonymous memory populated beforehand (no page missing: nothing can fault).
       uint64_t base = (r.alias != 0 ? r.alias : r.address) + h.page * ps;
       int err = ch->ReadFull(reinterpret_cast<void*>(base), h.length);
       if (err != 0) return err;
@@ -512,7 +531,9 @@ int TargetSession::ApplyZero(uint16_t range, uint64_t page, uint64_t count) {
     // Drop whatever is there (an earlier round, or what the memory held before): unpopulated
     // memory reads as zeros, and a fault after the switchover gets a zero page.
     uint64_t off = page * ps, len = count * ps;
-    if (r.alias == 0) {
+    if (r.alias == 0 && populated_.load()) {
+      memset(reinterpret_cast<void*>(r.address + off), 0, len);  // stays present: no fault can come
+    } else if (r.alias == 0) {
       madvise(reinterpret_cast<void*>(r.address + off), len, MADV_DONTNEED);
     } else if (fallocate(r.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
                          static_cast<off_t>(len)) != 0) {
@@ -568,6 +589,7 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
   std::vector<uint8_t> staging;
   std::vector<uint8_t> payload;
   bool idle = false;
+  if (demand && options_.realtimeDemand) RaiseToRealtime();
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);

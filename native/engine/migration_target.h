@@ -56,6 +56,7 @@ struct TargetOptions {
   uint32_t batch = 64;
   uint32_t postcopyBuffer = 0;  // post-copy: SO_RCVBUF of the main channel (0: leave it)
   bool bulkIdle = false;        // post-copy: the main channel's reader under SCHED_IDLE
+  bool realtimeDemand = false;  // the demand channel's reader and the engine's thread under SCHED_FIFO 1
 };
 
 struct TargetStats {
@@ -83,8 +84,11 @@ class TargetSession {
   // JS registered the ranges with `uffd` before anything arrived: anonymous pages are installed
   // with UFFDIO_COPY from here on (no zeroing of fresh pages), pre-copy included. 0 or an errno.
   int Registered(int uffd, std::string* syscall);
-  // Before anything arrives, for memory that may hold old contents: drops the anonymous ranges.
+  // Before anything arrives, for memory handed to us (old contents): drops the anonymous ranges
+  // (post-copy: every page will be fetched), or (pre-copy: every page will be overwritten)
+  // populates them, after which pre-copy pages are received straight into place.
   void DropUnreceived();
+  int Populate(std::string* syscall);
   void StopServing();
   // After a reconnect: asks again for every page still requested.
   void ResendRequests();
@@ -130,6 +134,8 @@ class TargetSession {
   std::function<void()> wakeJs_;
   int uffd_ = -1;
   std::atomic<bool> registered_{false};
+  std::atomic<bool> populated_{false};  // anonymous ranges populated: pre-copy recv(2)s in place
+  bool engineRaised_ = false;  // engine thread only
   std::atomic<bool> serving_{false};
   std::unique_ptr<FaultEngine> engine_;
 

@@ -388,7 +388,13 @@ export class MigrationSource extends EventEmitter {
     this.#setPhase('connecting')
     this.#handle = new Handle(
       this.#ranges.map((r) => ({ address: r.address, length: r.length, pageSize: r.pageSize })),
-      { pingMs: this.#pingMs, chunkBytes: this.#chunk, pushIdle: this.#pushIdle, postcopyBuffer: this.#postcopyBuffer },
+      {
+        pingMs: this.#pingMs,
+        chunkBytes: this.#chunk,
+        pushIdle: this.#pushIdle,
+        postcopyBuffer: this.#postcopyBuffer,
+        realtimeDemand: process.env.MIGRATE_RT === '1',
+      },
       (notices) => this.#onNotices(notices),
     )
     this.#handle.setPushRate(this.#pushRate)

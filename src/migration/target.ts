@@ -140,6 +140,7 @@ interface TargetHandle {
   startServing(uffd: number): void
   registered(uffd: number): void
   dropUnreceived(): void
+  populate(): void
   stopServing(): void
   resendRequests(): void
   have(range: number): Buffer
@@ -233,7 +234,7 @@ export class MigrationTarget extends EventEmitter {
     this.#pingMs = intOption(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
     this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
     this.#handshakeMs = intOption(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
-    this.#spin = intOption(options.spin, 'spin', 0, 0, 100_000)
+    this.#spin = intOption(options.spin, 'spin', Number(process.env.MIGRATE_SPIN ?? 0), 0, 100_000)
     if (options.bulkIdle !== undefined && typeof options.bulkIdle !== 'boolean')
       throw new TypeError(`bulkIdle must be a boolean (got ${describe(options.bulkIdle)})`)
     this.#bulkIdle = options.bulkIdle ?? process.env.MIGRATE_BULK_IDLE === '1'
@@ -424,11 +425,22 @@ export class MigrationTarget extends EventEmitter {
         alias: isMemfd(m) ? this.#aliases[i]?.address : undefined,
         memfd: isMemfd(m) ? m.fd : undefined,
       })),
-      { pingMs: this.#pingMs, spinUs: this.#spin, bulkIdle: this.#bulkIdle, postcopyBuffer: this.#postcopyBuffer },
+      {
+        pingMs: this.#pingMs,
+        spinUs: this.#spin,
+        bulkIdle: this.#bulkIdle,
+        postcopyBuffer: this.#postcopyBuffer,
+        realtimeDemand: process.env.MIGRATE_RT === '1',
+      },
       (notices) => this.#onNotices(notices),
     )
-    // Memory we did not just map may hold old contents: gone before the first page arrives.
-    if (!this.#ownMappings) this.#handle.dropUnreceived()
+    // Memory we did not just map may hold old contents: in post-copy every page is fetched
+    // (dropped now, so that each faults); otherwise every page is overwritten by the first round
+    // (populated now, so that pages are received straight into place).
+    if (!this.#ownMappings) {
+      if (setup.mode === 'postcopy') this.#handle.dropUnreceived()
+      else this.#handle.populate()
+    }
     // Registered now, not in the downtime: anonymous pages are installed by UFFDIO_COPY from the
     // first round on. Nothing may touch this memory before 'resume' (it would wait for the page).
     for (const m of mappings) this.#uffd.register(m, isMemfd(m) ? { missing: true, minor: true } : { missing: true })

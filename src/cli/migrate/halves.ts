@@ -56,6 +56,8 @@ export interface ReceiveOptions {
   tls?: { key: Buffer; cert: Buffer }
   /** link-down: taken down the moment the target resumes (post-copy starts: nothing here yet) */
   fault?: Fault
+  /** memory allocated and touched before listening, used if the source's one range fits (bench) */
+  prealloc?: number
   emit: Emit
 }
 
@@ -162,7 +164,19 @@ export function inject(fault: Fault, emit: Emit): void {
 
 /** The target half. Resolves with the exit status once one migration ended. */
 export async function receive(o: ReceiveOptions): Promise<number> {
+  // A machine that keeps memory ready for incoming workloads (the plain-TCP floor's "touched").
+  const ready = o.prealloc ? Mapping.anonymous(o.prealloc, { populate: true }) : undefined
   const target = await MigrationTarget.listen({
+    memory: ready
+      ? (ranges) =>
+          ranges.length === 1 && ranges[0].kind === 'anonymous' && ranges[0].length === ready.length
+            ? [ready]
+            : ranges.map((r) =>
+                r.kind === 'anonymous'
+                  ? Mapping.anonymous(r.length)
+                  : Mapping.memfd(r.length, { hugetlb: r.kind === 'hugetlb' }),
+              )
+      : undefined,
     listen: o.listen,
     secret: o.secret,
     secretFile: o.secretFile,
@@ -263,5 +277,6 @@ export async function receive(o: ReceiveOptions): Promise<number> {
   })
   target.close()
   for (const m of target.mappings) if (left === 0 && m instanceof Mapping) m.unmap()
+  if (left === 0) ready?.unmap()
   return status
 }

@@ -233,6 +233,7 @@ async function runReceive(args: string[]): Promise<number> {
     'tls-cert': { type: 'string' },
     fault: { type: 'string' },
     'fault-device': { type: 'string' },
+    prealloc: { type: 'string' },
   })
   const listen = endpoint(v.listen, '--listen')
   const f = fault(v.fault)
@@ -253,6 +254,7 @@ async function runReceive(args: string[]): Promise<number> {
     sourceLossTimeout: ms(v['source-loss-timeout'], '--source-loss-timeout', 5000),
     tls,
     fault: f === undefined ? undefined : { ...f, device: v['fault-device'] as string | undefined },
+    prealloc: v.prealloc === undefined ? undefined : size(v.prealloc, '--prealloc', 0, 4096),
     emit,
   })
   const r = final()
