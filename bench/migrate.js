@@ -121,7 +121,7 @@ async function rtt(link, cpus) {
   return JSON.parse(client.lines[client.lines.length - 1])
 }
 
-async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false) {
+async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false, priority = 'throughput') {
   const p = port++
   const target = start([
     ...prefix(link, 'target', cpus.target),
@@ -151,6 +151,8 @@ async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = f
     String(dirtyRate),
     '--target-readers',
     String(readers),
+    '--postcopy-priority',
+    priority,
     '--events',
   ])
   const timer = setTimeout(() => {
@@ -193,6 +195,10 @@ function variants() {
     { name: 'idle-precopy', run: (l, c) => migration(l, c, small, 'precopy', 0, 0) },
     { name: `writer-hybrid-${small}`, run: (l, c) => migration(l, c, small, 'hybrid', rate, 1) },
     { name: `writer-postcopy-${small}`, run: (l, c) => migration(l, c, small, 'postcopy', rate, 1) },
+    {
+      name: `writer-postcopylat-${small}`,
+      run: (l, c) => migration(l, c, small, 'postcopy', rate, 1, false, 'latency'),
+    },
     { name: `writer-precopy-${small}`, run: (l, c) => migration(l, c, small, 'precopy', rate, 1) },
   ]
   if (large) {
@@ -246,7 +252,7 @@ async function main() {
       summary[`${k}.vsFresh`] = m((r) => r[k]?.totalMs / r['floor-fresh']?.ms)
     }
     for (const size of [small, large].filter(Boolean)) {
-      for (const mode of ['hybrid', 'postcopy', 'precopy']) {
+      for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
         const k = `writer-${mode}-${size}`
         if (!rounds.some((r) => r[k])) continue
         summary[`${k}.downtimeMs`] = m((r) => r[k]?.downtimeMs)
@@ -284,7 +290,7 @@ async function main() {
           `idle ${mode.padEnd(9)} into touched memory: total ${fmt(summary[`idle-${mode}-touched.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}-touched.vsTouched`])}x floor (touched)`,
         )
       for (const size of [small, large].filter(Boolean))
-        for (const mode of ['hybrid', 'postcopy', 'precopy']) {
+        for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
           const k = `writer-${mode}-${size}`
           if (summary[`${k}.downtimeMs`] === undefined) continue
           out(

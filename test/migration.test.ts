@@ -73,6 +73,21 @@ describe('migration over loopback', () => {
     }
   })
 
+  it("postcopyPriority 'latency' (idle push, small bulk buffers, real-time demand path where permitted)", {
+    timeout: 60_000,
+  }, async () => {
+    const r = await migrateHere({
+      mode: 'postcopy',
+      kind: 'anonymous',
+      size: 16 * MiB,
+      dirtyRate: 8 * MiB,
+      source: { postcopyPriority: 'latency' },
+    })
+    expect(r.mismatches).toBe(0)
+    expect(r.lostStamps).toBe(0)
+    expect(r.source.pushedPages + r.source.demandPages).toBe(r.source.pagesTotal)
+  })
+
   it('no lost wake-up: many threads fault on missing pages while the push runs', { timeout: 60_000 }, async () => {
     const r = await migrateHere({
       mode: 'postcopy',
@@ -122,6 +137,7 @@ describe('MigrationSource / MigrationTarget input', () => {
     expect(() => new MigrationSource({ ...base, mode: 'sideways' as never })).toThrow(TypeError)
     expect(() => new MigrationSource({ ...base, stop: undefined as never })).toThrow(TypeError)
     expect(() => new MigrationSource({ ...base, maxDowntime: -1 })).toThrow(RangeError)
+    expect(() => new MigrationSource({ ...base, postcopyPriority: 'fast' as never })).toThrow(TypeError)
     expect(() => new MigrationSource({ ...base, secret: 'short' })).toThrow(RangeError)
     expect(() => new MigrationSource({ ...base, ranges: [{ address: 4097n, length: 4096 }] })).toThrow(RangeError)
     const env = process.env.USERFAULTFD_MIGRATE_SECRET

@@ -88,5 +88,16 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms))
 }
 
-/** Time scale for defaults tuned on a fast machine (USERFAULTFD_TEST_TIME_SCALE, for emulation). */
-export const timeScale = Number(process.env.USERFAULTFD_TEST_TIME_SCALE ?? '1') || 1
+/**
+ * What postcopyPriority 'latency' sets at each end (measured in bench/migrate.js: demand-fault
+ * p99 several times lower while the push runs, the push slower, much slower on a busy machine).
+ */
+export function postcopyTuning(priority: 'throughput' | 'latency'): {
+  pushIdle: boolean
+  bulkIdle: boolean
+  postcopyBuffer: number
+  realtimeDemand: boolean
+} {
+  const latency = priority === 'latency'
+  return { pushIdle: latency, bulkIdle: latency, postcopyBuffer: latency ? 256 * 1024 : 0, realtimeDemand: latency }
+}

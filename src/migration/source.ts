@@ -23,6 +23,7 @@ import {
   type Phase,
   sleep,
 } from './common'
+import { postcopyTuning } from './common'
 import { type AnySocket, dial, type Endpoint, FrameConn, handOver, parseEndpoint, sourceHandshake } from './transport'
 import {
   type ChannelKind,
@@ -77,10 +78,13 @@ export interface MigrationSourceOptions extends SecretOptions {
   reconnectTimeout?: number
   /** handshake and connect timeout (ms, default 10000) */
   connectTimeout?: number
-  /** post-copy: the background push runs under SCHED_IDLE, yielding to the demand path */
-  pushIdle?: boolean
-  /** post-copy: the main channel's send buffer (bytes; 0 leaves the kernel's): a shorter queue ahead of demand pages */
-  postcopyBuffer?: number
+  /**
+   * Post-copy: 'throughput' (default) pushes as fast as it can; 'latency' favours demand faults
+   * over the push at both ends (the push and the thread receiving it run under SCHED_IDLE, the
+   * bulk channel's buffers shrink to 256 KiB, the demand path's threads run under SCHED_FIFO
+   * where permitted): demand faults are served faster, the push takes longer.
+   */
+  postcopyPriority?: 'throughput' | 'latency'
 }
 
 export interface SourceProgress {
@@ -221,8 +225,7 @@ export class MigrationSource extends EventEmitter {
   readonly #timeoutMs: number
   readonly #reconnectMs: number
   readonly #connectMs: number
-  readonly #pushIdle: boolean
-  readonly #postcopyBuffer: number
+  readonly #priority: 'throughput' | 'latency'
   readonly #session = randomBytes(16).toString('hex')
   readonly #pagesTotal: number
   readonly #bytes: number
@@ -306,15 +309,11 @@ export class MigrationSource extends EventEmitter {
     this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
     this.#reconnectMs = intOption(options.reconnectTimeout, 'reconnectTimeout', 30_000, 0, 86_400_000)
     this.#connectMs = intOption(options.connectTimeout, 'connectTimeout', 10_000, 100, 600_000)
-    if (options.pushIdle !== undefined && typeof options.pushIdle !== 'boolean')
-      throw new TypeError(`pushIdle must be a boolean (got ${describe(options.pushIdle)})`)
-    this.#pushIdle = options.pushIdle ?? process.env.MIGRATE_PUSH_IDLE === '1'
-    this.#postcopyBuffer = intOption(
-      options.postcopyBuffer,
-      'postcopyBuffer',
-      Number(process.env.MIGRATE_BUF ?? 0),
-      0,
-      64 << 20,
+    this.#priority = choice(
+      options.postcopyPriority,
+      'postcopyPriority',
+      ['throughput', 'latency'] as const,
+      'throughput',
     )
     this.#pagesTotal = this.#ranges.reduce((n, r) => n + r.pages, 0)
     this.#bytes = this.#ranges.reduce((n, r) => n + r.length, 0)
@@ -391,9 +390,7 @@ export class MigrationSource extends EventEmitter {
       {
         pingMs: this.#pingMs,
         chunkBytes: this.#chunk,
-        pushIdle: this.#pushIdle,
-        postcopyBuffer: this.#postcopyBuffer,
-        realtimeDemand: process.env.MIGRATE_RT === '1',
+        ...postcopyTuning(this.#priority),
       },
       (notices) => this.#onNotices(notices),
     )
@@ -579,7 +576,7 @@ export class MigrationSource extends EventEmitter {
             mode: this.mode,
             ranges: this.#ranges.map((r): RangeInfo => ({ length: r.length, pageSize: r.pageSize, kind: r.kind })),
             verify: this.#verify !== null,
-            metadata: { user: this.#metadata, verifyMask: this.#verify },
+            metadata: { user: this.#metadata, verifyMask: this.#verify, postcopyPriority: this.#priority },
           },
         },
         timing,

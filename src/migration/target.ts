@@ -17,7 +17,7 @@ import { Mapping } from '../core/mapping'
 import { describe, toRange } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { AuthError, resolveSecret, type SecretOptions } from './auth'
-import { type Control, choice, decodeControl, finite, intOption, type Phase } from './common'
+import { type Control, choice, decodeControl, finite, intOption, type Phase, postcopyTuning } from './common'
 import { type Endpoint, FrameConn, handOver, parseEndpoint, reject, targetHandshake } from './transport'
 import { encodeJson, FrameType, type MigrationMode, ProtocolError, type RangeInfo, type Setup } from './wire'
 
@@ -59,10 +59,6 @@ export interface MigrationTargetOptions extends SecretOptions {
   handshakeTimeout?: number
   /** the fault engine's adaptive spin bound (µs, default 0) */
   spin?: number
-  /** post-copy: the thread receiving the push runs under SCHED_IDLE, yielding to the demand path */
-  bulkIdle?: boolean
-  /** post-copy: the main channel's receive buffer (bytes; 0 leaves the kernel's) */
-  postcopyBuffer?: number
 }
 
 export interface TargetSetup {
@@ -189,8 +185,7 @@ export class MigrationTarget extends EventEmitter {
   readonly #timeoutMs: number
   readonly #handshakeMs: number
   readonly #spin: number
-  readonly #bulkIdle: boolean
-  readonly #postcopyBuffer: number
+
   #address: Endpoint = { host: '', port: 0 }
 
   #phase: Phase = 'listening'
@@ -234,17 +229,7 @@ export class MigrationTarget extends EventEmitter {
     this.#pingMs = intOption(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
     this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
     this.#handshakeMs = intOption(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
-    this.#spin = intOption(options.spin, 'spin', Number(process.env.MIGRATE_SPIN ?? 0), 0, 100_000)
-    if (options.bulkIdle !== undefined && typeof options.bulkIdle !== 'boolean')
-      throw new TypeError(`bulkIdle must be a boolean (got ${describe(options.bulkIdle)})`)
-    this.#bulkIdle = options.bulkIdle ?? process.env.MIGRATE_BULK_IDLE === '1'
-    this.#postcopyBuffer = intOption(
-      options.postcopyBuffer,
-      'postcopyBuffer',
-      Number(process.env.MIGRATE_BUF ?? 0),
-      0,
-      64 << 20,
-    )
+    this.#spin = intOption(options.spin, 'spin', 0, 0, 100_000)
     this.#done = new Promise((resolve, reject) => {
       this.#resolve = resolve
       this.#reject = reject
@@ -399,6 +384,7 @@ export class MigrationTarget extends EventEmitter {
     const meta = (setup.metadata ?? {}) as {
       user?: unknown
       verifyMask?: { maskOffset?: unknown; maskLength?: unknown }
+      postcopyPriority?: unknown
     }
     if (meta.verifyMask) {
       this.#verifyMask = {
@@ -428,9 +414,7 @@ export class MigrationTarget extends EventEmitter {
       {
         pingMs: this.#pingMs,
         spinUs: this.#spin,
-        bulkIdle: this.#bulkIdle,
-        postcopyBuffer: this.#postcopyBuffer,
-        realtimeDemand: process.env.MIGRATE_RT === '1',
+        ...postcopyTuning(meta.postcopyPriority === 'latency' ? 'latency' : 'throughput'),
       },
       (notices) => this.#onNotices(notices),
     )

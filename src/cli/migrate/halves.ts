@@ -43,6 +43,7 @@ export interface SendOptions {
   seed: number
   /** reader threads the target runs from its resume (default 1) */
   targetReaders?: number
+  postcopyPriority?: 'throughput' | 'latency'
   emit: Emit
 }
 
@@ -112,6 +113,7 @@ export async function send(o: SendOptions): Promise<number> {
       resume: () => w.resume(),
       verify: { maskOffset: TARGET_STAMP, maskLength: 8 },
       metadata: { dirtyRate: o.dirtyRate, seed: o.seed, readers: o.targetReaders ?? 1 },
+      postcopyPriority: o.postcopyPriority,
     })
     let injected = false
     source.on('phase', ({ phase }) => {

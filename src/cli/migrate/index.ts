@@ -14,7 +14,8 @@ export const MIGRATE_USAGE = `  migrate demo [--size 1G] [--mode hybrid] [--dirt
         [--max-downtime MS] [--json]
                          live migration between two processes in two network namespaces
   migrate receive --listen HOST:PORT [--secret-file F | --insecure] [--on-source-loss P] [--json]
-  migrate send --to HOST:PORT [--size 1G] [--mode M] [--dirty-rate R] [--secret-file F | --insecure] [--json]
+  migrate send --to HOST:PORT [--size 1G] [--mode M] [--dirty-rate R] [--postcopy-priority throughput|latency]
+        [--secret-file F | --insecure] [--json]
                          the demo's two halves on two hosts; the secret comes from
                          USERFAULTFD_MIGRATE_SECRET or --secret-file
 `
@@ -181,6 +182,7 @@ async function runSend(args: string[]): Promise<number> {
     'fault-device': { type: 'string' },
     seed: { type: 'string' },
     'target-readers': { type: 'string' },
+    'postcopy-priority': { type: 'string' },
   })
   const to = endpoint(v.to, '--to')
   checkSecret(v)
@@ -205,6 +207,12 @@ async function runSend(args: string[]): Promise<number> {
     fault: faultSpec,
     seed: ms(v.seed, '--seed', 1),
     targetReaders: ms(v['target-readers'], '--target-readers', 1),
+    postcopyPriority: oneOf(
+      v['postcopy-priority'],
+      '--postcopy-priority',
+      ['throughput', 'latency'] as const,
+      'throughput',
+    ),
     emit,
   })
   const r = final()
