@@ -65,17 +65,18 @@ export function runCommand(
   })
 }
 
-/** Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. */
+/**
+ * Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. Without an IPC
+ * channel it prints its result as one line of JSON; `parseError` says why that did not parse.
+ */
 export async function runGuest(
   options: object,
   timeoutMs = 15_000,
-): Promise<ChildResult & { result?: Record<string, unknown> }> {
+): Promise<ChildResult & { result?: Record<string, unknown>; parseError?: string }> {
   const r = await runNode([path.join(dist, 'cli', 'demo', 'guest.js'), JSON.stringify(options)], timeoutMs)
-  let result: Record<string, unknown> | undefined
   try {
-    result = JSON.parse(r.stdout) as Record<string, unknown>
-  } catch {
-    /* none */
+    return { ...r, result: JSON.parse(r.stdout) as Record<string, unknown> }
+  } catch (err) {
+    return { ...r, parseError: `${(err as Error).message} in ${JSON.stringify(r.stdout.slice(0, 200))}` }
   }
-  return { ...r, result }
 }
