@@ -1,7 +1,7 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
 export { Userfaultfd } from './core/userfaultfd'
 export { EventStream } from './core/events'
-export type { EventsOptions } from './core/events'
+export type { EventsOptions, EventItem } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
 export type {
@@ -52,6 +52,7 @@ export type { ReceivedUffd } from './ipc/uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
 export type {
   FirecrackerHandlerOptions,
+  FirecrackerHandlerEvents,
   HandlerStats,
   ConnectionStats,
   ServingCounts,
@@ -81,3 +82,4 @@ export type {
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
+export type { TypedEmitter, TypedEvents, EventMap } from './util/typed-emitter'

@@ -36,7 +36,7 @@ export interface EventSource {
   /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
   _onBatch(events: UffdEvent[]): void
   /** called when the stream ends */
-  _onStreamEnd(stream: EventStream): void
+  _onStreamEnd(stream: object): void
   /** events read but never handed out (the stream ended first) */
   _release(events: UffdEvent[]): void
   /** whether the reader should keep the process alive */
@@ -52,7 +52,10 @@ interface NativeReader {
   close(): void
 }
 
-type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void; reject: (e: unknown) => void }
+/** What a stream yields: single events (default), or arrays of them with `{ batch }`. */
+export type EventItem = UffdEvent | UffdEvent[]
+
+type Waiter<T> = { resolve: (r: IteratorResult<T, undefined>) => void; reject: (e: unknown) => void }
 
 function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
   if (value === undefined) return fallback
@@ -62,7 +65,12 @@ function positiveInt(value: unknown, name: string, fallback: number, max: number
   return value
 }
 
-export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[]> {
+/**
+ * The async event stream of a uffd (`uffd.events()`). `T` is what it yields: `UffdEvent`, or
+ * `UffdEvent[]` when made with `{ batch: true }` or `{ batch: N }` (Userfaultfd.events()'s
+ * overloads pick it from the options).
+ */
+export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterableIterator<T> {
   readonly #source: EventSource
   readonly #reader: NativeReader
   readonly #view: DataView
@@ -75,7 +83,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   #queue: UffdEvent[][] = []
   #head = 0
   #queued = 0
-  #waiters: Waiter[] = []
+  #waiters: Waiter<T>[] = []
   #ended = false
   #error: unknown = undefined
   #paused = false
@@ -126,7 +134,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     return this.#queued
   }
 
-  next(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  next(): Promise<IteratorResult<T, undefined>> {
     if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
     if (this.#error !== undefined) return Promise.reject(this.#error)
     if (this.#ended) return Promise.resolve({ done: true, value: undefined })
@@ -134,7 +142,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   }
 
   /** `break` in for-await: releases the reader. */
-  return(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  return(): Promise<IteratorResult<T, undefined>> {
     this.#end(undefined)
     return Promise.resolve({ done: true, value: undefined })
   }
@@ -171,9 +179,9 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     }
   }
 
-  #take(): UffdEvent | UffdEvent[] {
+  #take(): T {
     const first = this.#queue[0]
-    let out: UffdEvent | UffdEvent[]
+    let out: EventItem
     if (this.#batchMax === 0) {
       out = first[this.#head++]
       this.#queued--
@@ -197,7 +205,8 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
       this.#paused = false
       this.#reader.start()
     }
-    return out
+    // Single events or arrays, as #batchMax (from the same options as T) says.
+    return out as T
   }
 
   #end(error: unknown): void {

@@ -17,7 +17,7 @@ import {
   type Bytes,
   type RangeLike,
 } from './range'
-import { EventStream, type EventsOptions } from './events'
+import { type EventItem, EventStream, type EventsOptions } from './events'
 import { IntervalSet } from '../util/interval-set'
 
 export interface OpenOptions {
@@ -85,7 +85,7 @@ function withHint<T extends Error>(err: T, hint: string): T {
 export class Userfaultfd {
   #fd: number
   #view: DataView | undefined
-  #stream: EventStream | undefined
+  #stream: Pick<EventStream<EventItem>, 'updateRef' | 'close'> | undefined
   #registered = new IntervalSet()
   #followed = new WeakSet<object>() // Mappings whose unmap() we listen to
   #refed = true
@@ -403,7 +403,10 @@ export class Userfaultfd {
    * One read(2) drains many messages per wake-up. It ends when the uffd is closed, with an
    * AbortError when `signal` aborts; `break` releases it. One stream at a time per uffd.
    */
-  events(options: EventsOptions = {}): EventStream {
+  events(options?: EventsOptions & { batch?: false }): EventStream<UffdEvent>
+  events(options: EventsOptions & { batch: true | number }): EventStream<UffdEvent[]>
+  events(options?: EventsOptions): EventStream<UffdEvent> | EventStream<UffdEvent[]>
+  events(options: EventsOptions = {}): EventStream<UffdEvent> | EventStream<UffdEvent[]> {
     this.#live('events')
     if (this.#stream !== undefined) {
       throw uffdError(
@@ -412,8 +415,9 @@ export class Userfaultfd {
         'this userfaultfd already has an active event stream; end it (break, abort) first',
       )
     }
-    this.#stream = new EventStream(this, options)
-    return this.#stream
+    const stream = new EventStream<EventItem>(this, options)
+    this.#stream = stream
+    return stream as EventStream<UffdEvent> | EventStream<UffdEvent[]>
   }
 
   /** Lets the process exit while the event stream waits (like socket.unref()). */
@@ -452,7 +456,7 @@ export class Userfaultfd {
   }
 
   /** @internal */
-  _onStreamEnd(stream: EventStream): void {
+  _onStreamEnd(stream: object): void {
     if (this.#stream === stream) this.#stream = undefined
   }
 

@@ -9,10 +9,10 @@
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
 import * as fs from 'node:fs'
 import * as net from 'node:net'
-import { EventEmitter } from 'node:events'
 import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FaultResolver } from '../core/fault-resolver'
 import { IntervalSet } from '../util/interval-set'
+import { TypedEmitter } from '../util/typed-emitter'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { fdNative } from '../ipc/fd-passing'
@@ -365,11 +365,24 @@ class Connection {
   }
 }
 
+/** The handler's events and their listeners' arguments. */
+export interface FirecrackerHandlerEvents {
+  /** a peer connected (its handshake is still to come) */
+  connection: [connection: ConnectionStats]
+  /** a peer's handshake was valid: its faults are served from now on */
+  ready: [connection: ConnectionStats, regions: GuestRegion[]]
+  /** a connection ended: cleanly (the VM exited, or close()) or with the error that ended it */
+  end: [connection: ConnectionStats, error: Error | undefined]
+  /** the listening socket failed (after listen() succeeded) */
+  serverError: [error: Error]
+}
+
 /**
- * The handler. Events: 'connection' (stats), 'ready' (stats, regions), 'end' (stats, error?)
- * for every connection; a connection's error never becomes an 'error' event of the handler.
+ * The handler. Events (typed: see FirecrackerHandlerEvents): 'connection', 'ready', 'end' for
+ * every connection, 'serverError'; a connection's error never becomes an 'error' event of the
+ * handler.
  */
-export class FirecrackerHandler extends EventEmitter {
+export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly socketPath: string
   readonly onRemove: RemovePolicy
   readonly maxMessageBytes: number
