@@ -19,7 +19,7 @@ interface Snippet {
 const CODE = new Set(['js', 'javascript', 'mjs', 'cjs', 'ts', 'typescript', 'mts', 'cts'])
 
 /** The fenced code blocks of `doc` in a language tsc checks. */
-export function snippetsOf(doc: string): Array<Omit<Snippet, 'file'>> {
+function snippetsOf(doc: string): Array<Omit<Snippet, 'file'>> {
   const text = fs.readFileSync(path.join(root, doc), 'utf8')
   const out: Array<Omit<Snippet, 'file'>> = []
   for (const m of text.matchAll(/^```(\w*)[^\n]*\n([\s\S]*?)^```/gm)) {

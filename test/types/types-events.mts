@@ -7,7 +7,7 @@ declare const options: { batch?: boolean | number }
 
 // events() yields single events by default and with { batch: false } ...
 for await (const event of uffd.events()) {
-  const e: UffdEvent = event
+  event satisfies UffdEvent
   if (event.type === 'pagefault') event.address satisfies bigint
 }
 for await (const event of uffd.events({ batch: false, signal: AbortSignal.timeout(1) })) event satisfies UffdEvent
