@@ -83,3 +83,5 @@ export type {
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
 export type { TypedEmitter, TypedEvents, EventMap } from './util/typed-emitter'
+export { CHANNELS as diagnosticsChannels } from './util/diagnostics'
+export type { FaultsMessage, ErrorMessage, ConnectionMessage } from './util/diagnostics'

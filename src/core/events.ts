@@ -2,6 +2,7 @@
 // the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
+import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { Feature } from './constants'
 import { decodeMessages } from './messages'
@@ -72,6 +73,8 @@ function positiveInt(value: unknown, name: string, fallback: number, max: number
  */
 export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterableIterator<T> {
   readonly #source: EventSource
+  /** the uffd's fd number (for NODE_DEBUG lines: the uffd may be closed by then) */
+  readonly #fd: number
   readonly #reader: NativeReader
   readonly #view: DataView
   readonly #threadId: boolean
@@ -106,6 +109,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
     this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
+    this.#fd = source.fd
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
     this.#reader = new (
       native as unknown as {
@@ -123,6 +127,8 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
     signal?.addEventListener('abort', this.#onAbort, { once: true })
     this.updateRef()
     this.#reader.start()
+    if (debug.enabled)
+      debug('events: stream on fd %d (batch %s, readSize %d)', source.fd, String(batch ?? false), readSize)
   }
 
   [Symbol.asyncIterator](): this {
@@ -212,6 +218,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
   #end(error: unknown): void {
     if (this.#ended) return
     this.#ended = true
+    if (debug.enabled) debug('events: stream on fd %d ended%s', this.#fd, error ? `: ${(error as Error).message}` : '')
     this.#reader.close()
     this.#signal?.removeEventListener('abort', this.#onAbort)
     if (error !== undefined) this.#error = error

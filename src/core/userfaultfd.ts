@@ -1,4 +1,5 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
+import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, type UffdError, isPermissionError, uffdError } from './errors'
@@ -161,6 +162,7 @@ export class Userfaultfd {
           err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
       }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
+      if (debug.enabled) debug('open failed: %s', err.message)
       throw err
     }
 
@@ -173,6 +175,7 @@ export class Userfaultfd {
       const internal = (probe().features & Feature.THREAD_ID) !== 0n ? Feature.THREAD_ID : 0n
       const [, ioctls] = native.api(fd, features | internal)
       const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
+      if (debug.enabled) debug('open: fd %d via %s, features %s', fd, used, featureNames(granted).join('|') || 'none')
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
       native.close(fd)
@@ -201,6 +204,7 @@ export class Userfaultfd {
     if (!Number.isSafeInteger(fd) || fd < 0)
       throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
     native.adopt(fd)
+    if (debug.enabled) debug('fromFd: adopted fd %d', fd)
     return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
   }
 
@@ -230,6 +234,8 @@ export class Userfaultfd {
     if (mode === 0n) throw new RangeError('register: choose at least one of missing, wp, minor')
     try {
       const ioctls = native.register(fd, r.address, r.length, mode)
+      if (debug.enabled)
+        debug('register: fd %d, 0x%s +%d, mode %s', fd, r.address.toString(16), r.length, mode.toString(16))
       this.#registered.add(r.address, r.address + BigInt(r.length))
       this.#stream?.updateRef()
       this.#followUnmap(range)
@@ -507,6 +513,7 @@ export class Userfaultfd {
     this.#registered.clear()
     leaked.unregister(this)
     native.close(fd)
+    if (debug.enabled) debug('close: fd %d', fd)
   }
 
   [Symbol.dispose](): void {

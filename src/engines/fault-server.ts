@@ -10,6 +10,7 @@ import { type UffdError, uffdError } from '../core/errors'
 import { Mapping } from '../core/mapping'
 import { describe, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
+import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
 
 export interface FaultServerOptions {
   /**
@@ -214,6 +215,7 @@ export class FaultServer extends EventEmitter {
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
+  readonly #ticker = new FaultsTicker({ source: 'FaultServer', server: this })
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
     super()
@@ -273,6 +275,8 @@ export class FaultServer extends EventEmitter {
     )
     serving.add(uffd)
     released.register(this, uffd, this)
+    if (debug.enabled)
+      debug('FaultServer: serving uffd %d (faultAround %d, prefetch %s)', uffd.fd, this.#faultAround, this.#prefetch)
   }
 
   get closed(): boolean {
@@ -315,6 +319,14 @@ export class FaultServer extends EventEmitter {
       close?.()
     }
     this.#served.set(id, { range: r, keep, registered })
+    if (debug.enabled)
+      debug(
+        'FaultServer: serve 0x%s +%d from %s%s',
+        r.address.toString(16),
+        r.length,
+        (spec as { kind: string }).kind,
+        prefetch ? ' with prefetch' : '',
+      )
     return this
   }
 
@@ -367,6 +379,7 @@ export class FaultServer extends EventEmitter {
   close(): void {
     if (this.#closed) return
     this.#closed = true
+    if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
     this.#handle.close()
     serving.delete(this.#uffd)
     released.unregister(this)
@@ -471,6 +484,10 @@ export class FaultServer extends EventEmitter {
       }
     }
     if (progress) {
+      if (faultsChannel.hasSubscribers) {
+        const s = this.#handle.stats()
+        this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
+      }
       const [present, total] = this.#handle.settled()
       this.emit('progress', {
         pagesPresent: present,
@@ -516,6 +533,8 @@ export class FaultServer extends EventEmitter {
   }
 
   #error(err: Error): void {
+    if (errorChannel.hasSubscribers) errorChannel.publish({ source: 'FaultServer', server: this, error: err })
+    if (debug.enabled) debug('FaultServer: error %s', err.message)
     // An 'error' event without a listener would throw from a native callback: warn instead.
     if (this.listenerCount('error') > 0) this.emit('error', err)
     else process.emitWarning(`FaultServer: ${err.message}`, 'UffdWarning')

@@ -13,6 +13,8 @@ import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FaultResolver } from '../core/fault-resolver'
 import { IntervalSet } from '../util/interval-set'
 import { TypedEmitter } from '../util/typed-emitter'
+import { debug } from '../util/diagnostics'
+import { observe } from './observe'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { fdNative } from '../ipc/fd-passing'
@@ -435,6 +437,12 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     return handler
   }
 
+  /** Every event also goes to NODE_DEBUG and the diagnostics channels (./observe.ts). */
+  override emit<K extends keyof FirecrackerHandlerEvents>(event: K, ...args: FirecrackerHandlerEvents[K]): boolean {
+    observe(this, event, args)
+    return super.emit(event, ...args)
+  }
+
   async #listen(replaceStale: boolean): Promise<void> {
     const attempt = (): Promise<void> =>
       new Promise((resolve, reject) => {
@@ -457,9 +465,11 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
         (await isListening(this.socketPath))
       )
         throw err
+      if (debug.enabled) debug('FirecrackerHandler %s: replacing a stale socket file', this.socketPath)
       fs.unlinkSync(this.socketPath)
       await attempt()
     }
+    if (debug.enabled) debug('FirecrackerHandler %s: listening', this.socketPath)
   }
 
   #accept(socket: net.Socket): void {
