@@ -9,6 +9,7 @@ import { decodeMessages } from './messages'
 import { describe } from './range'
 import type { UffdEvent } from './userfaultfd'
 
+/** Options of Userfaultfd.events(). */
 export interface EventsOptions {
   /** Ends the iteration with an AbortError. */
   signal?: AbortSignal
@@ -91,6 +92,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
   #error: unknown = undefined
   #paused = false
 
+  /** @internal made by Userfaultfd.events() */
   constructor(source: EventSource, options: EventsOptions = {}) {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`events options must be an object (got ${describe(options)})`)
@@ -131,6 +133,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
       debug('events: stream on fd %d (batch %s, readSize %d)', source.fd, String(batch ?? false), readSize)
   }
 
+  /** `for await (const event of uffd.events())` */
   [Symbol.asyncIterator](): this {
     return this
   }
@@ -140,6 +143,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
     return this.#queued
   }
 
+  /** The next event (or batch); done when the uffd is closed or the stream ended. */
   next(): Promise<IteratorResult<T, undefined>> {
     if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
     if (this.#error !== undefined) return Promise.reject(this.#error)

@@ -21,6 +21,7 @@ import {
 import { type EventItem, EventStream, type EventsOptions } from './events'
 import { IntervalSet } from '../util/interval-set'
 
+/** Options of Userfaultfd.open(). */
 export interface OpenOptions {
   /** Feature.* bits OR-ed together; the kernel must offer every one (see Userfaultfd.probe()). */
   features?: bigint
@@ -34,24 +35,45 @@ export interface OpenOptions {
   closeOnExec?: true
 }
 
+/** Which faults of a range to receive (UFFDIO_REGISTER modes); the default is `{ missing: true }`. */
 export interface RegisterModes {
+  /** MISSING faults: a page not present yet (resolve with copy, zeropage, poison, move). */
   missing?: boolean
+  /** WP faults: a write to a write-protected page (resolve with writeProtect(range, { protect: false })). */
   wp?: boolean
+  /** MINOR faults (shmem, hugetlbfs): the page is in the page cache but not mapped here (resolve with continue). */
   minor?: boolean
 }
+/** Whether an ioctl wakes the threads waiting on the range (default true). */
 export interface WakeOption {
+  /** false: leave the faulting threads asleep (wake them later with wake(), or another op). */
   wake?: boolean
 }
+/** Options of copy() and continue(). */
 export interface CopyOptions extends WakeOption {
+  /** Map the page write-protected (COPY_MODE_WP / CONTINUE_MODE_WP). */
   wp?: boolean
 }
+/** Options of writeProtect(). */
 export interface WriteProtectOptions extends WakeOption {
+  /** true (default): protect; false: unprotect (and wake, unless `wake: false`). */
   protect?: boolean
 }
+/** Options of move(). */
 export interface MoveOptions extends WakeOption {
+  /** UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: skip holes in the source instead of failing with ENOENT. */
   allowSrcHoles?: boolean
 }
 
+/**
+ * A message read from the uffd (struct uffd_msg, decoded):
+ * - `pagefault`: a thread touched `address` (`write`, `wp`: a write-protect fault, `minor`; `tid` with Feature.THREAD_ID)
+ * - `fork`: the process forked with EVENT_FORK: `uffd` serves the child (yours to close)
+ * - `remap`: mremap moved `length` bytes `from` -> `to` (EVENT_REMAP)
+ * - `remove`: MADV_DONTNEED/REMOVE dropped [start, end) (EVENT_REMOVE)
+ * - `unmap`: munmap of [start, end) (EVENT_UNMAP)
+ * - `unknown`: an event type this version does not know
+ */
 export type UffdEvent =
   | { type: 'pagefault'; address: bigint; flags: bigint; write: boolean; wp: boolean; minor: boolean; tid?: number }
   | { type: 'fork'; uffd: Userfaultfd }
@@ -60,8 +82,10 @@ export type UffdEvent =
   | { type: 'unmap'; start: bigint; end: bigint }
   | { type: 'unknown'; event: number }
 
-type Address = bigint | RangeLike
-type Source = Address | Bytes
+/** Where a copy or move goes (or comes from): an address, or a range's start (a Mapping, say). */
+export type Address = bigint | RangeLike
+/** What UFFDIO_COPY copies from: an address in this process, or bytes. */
+export type CopySource = Address | Bytes
 
 const FALLBACK_CODES = new Set(['EPERM', 'EACCES', 'ENOSYS', 'ENOENT', 'ENODEV'])
 const MAX_BATCH = 4096
@@ -83,6 +107,11 @@ function withHint<T extends Error>(err: T, hint: string): T {
   return err
 }
 
+/**
+ * A userfaultfd: register ranges of memory, read their fault events, and resolve them with the
+ * UFFDIO_* ioctls. Open one with Userfaultfd.open(), or adopt one from elsewhere with fromFd().
+ * Every failed call throws a UffdError (code, errno, syscall); see docs/api.md.
+ */
 export class Userfaultfd {
   #fd: number
   #view: DataView | undefined
@@ -213,6 +242,7 @@ export class Userfaultfd {
     return this.#live('fd')
   }
 
+  /** True after close(). */
   get closed(): boolean {
     return this.#fd < 0
   }
@@ -289,7 +319,7 @@ export class Userfaultfd {
    * faulting threads. src: bytes (length defaults to their size), or an address/Mapping.
    * Returns bytes copied; a partial copy throws UffdError EAGAIN with `bytes`.
    */
-  copy(dst: Address, src: Source, length?: number, options?: CopyOptions): number {
+  copy(dst: Address, src: CopySource, length?: number, options?: CopyOptions): number {
     const fd = this.#live('ioctl(UFFDIO_COPY)')
     const d = toAddress(dst, 'dst')
     let len: number
@@ -516,6 +546,7 @@ export class Userfaultfd {
     if (debug.enabled) debug('close: fd %d', fd)
   }
 
+  /** close(), for `using uffd = Userfaultfd.open()` (TypeScript 5.2+ or Node 24+). */
   [Symbol.dispose](): void {
     this.close()
   }

@@ -12,6 +12,7 @@ import { describe, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
 
+/** Options of new FaultServer(). */
 export interface FaultServerOptions {
   /**
    * Bytes copied around each fault (aligned window, clipped to the range, skipping pages
@@ -64,15 +65,22 @@ export interface FaultRequest {
   prefetch: boolean
 }
 
-type Bytes = ArrayBuffer | ArrayBufferView
-export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
+/** Bytes a FaultServer copies from: an ArrayBuffer or a view of one. */
+export type PageBytes = ArrayBuffer | ArrayBufferView
+/** A { handler } source: the bytes of a request, or a promise of them. */
+export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBytes>
 
+/**
+ * Where a served range's pages come from: bytes in memory, a file (path or fd), zero pages, or a
+ * JavaScript function. `offset` is where in the source the range's first byte is.
+ */
 export type FaultSource =
-  | { buffer: Bytes | Mapping; offset?: number }
+  | { buffer: PageBytes | Mapping; offset?: number }
   | { file: string | number; offset?: number; mode?: 'mmap' | 'pread' }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
 
+/** Options of FaultServer.serve(). */
 export interface ServeOptions {
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
@@ -82,6 +90,7 @@ export interface ServeOptions {
   register?: boolean
 }
 
+/** The engine's counters (FaultServer.stats()). */
 export interface FaultServerStats {
   /** fault messages read */
   faults: number
@@ -95,38 +104,53 @@ export interface FaultServerStats {
   handlerPages: number
   /** pages served as zero pages */
   zeroPages: number
+  /** Bytes filled (copies and zero pages). */
   bytes: number
   /** fills that found the page already present (benign races) */
   eexist: number
   /** ops deferred by EAGAIN (an event pending), and their retries */
   deferred: number
+  /** Deferred ops retried. */
   retries: number
   /** faults outside every served range (served as zeros), or WP/MINOR faults (left alone) */
   unhandled: number
+  /** read(2) calls on the uffd. */
   reads: number
+  /** Times the engine slept in poll(2). */
   sleeps: number
+  /** Times the adaptive spin found a message before sleeping. */
   spinHits: number
+  /** UFFD_EVENT_REMOVE events. */
   removes: number
+  /** UFFD_EVENT_UNMAP events. */
   unmaps: number
+  /** UFFD_EVENT_REMAP events. */
   remaps: number
+  /** UFFD_EVENT_FORK events. */
   forks: number
   /** { handler } requests made */
   requests: number
+  /** Errors ('error' events). */
   errors: number
   /** times the prefetch paused for demand faults */
   prefetchPauses: number
   /** engine-side demand latency (message read to page filled), µs */
   latencyP50us: number
+  /** 99th percentile of the same, µs. */
   latencyP99us: number
   /** the adaptive spin's current budget, µs */
   spinBudgetUs: number
   /** pages present (or settled: removed with the 'zero' policy, unmapped) / pages served */
   pagesPresent: number
+  /** Pages of every served range. */
   pagesTotal: number
 }
 
+/** A 'progress' event: how much of the served memory is present. */
 export interface FaultServerProgress {
+  /** Pages present (or settled). */
   pagesPresent: number
+  /** Pages of every served range. */
   pagesTotal: number
   /** 0..1 */
   fraction: number
@@ -143,7 +167,7 @@ interface NativeHandle {
     faultAround: number,
   ): void
   removeRange(start: bigint, end: bigint): number
-  complete(id: number, bytes: Bytes | null): void
+  complete(id: number, bytes: PageBytes | null): void
   stats(): FaultServerStats
   settled(): [number, number]
   close(): void
@@ -182,7 +206,7 @@ const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
 const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
 
-function isBytes(value: unknown): value is Bytes {
+function isBytes(value: unknown): value is PageBytes {
   return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
 }
 
@@ -205,6 +229,11 @@ function checkChoice<T extends string>(value: unknown, name: string, choices: re
   return value as T
 }
 
+/**
+ * Serves a uffd's MISSING faults on native threads, with no JavaScript per fault: from buffers,
+ * files or zero pages (or a JavaScript { handler }), with fault-around and background prefetch.
+ * Events: 'progress' (FaultServerProgress), 'error' (the server keeps serving), 'fork'.
+ */
 export class FaultServer extends EventEmitter {
   readonly #uffd: Userfaultfd
   readonly #handle: NativeHandle
@@ -279,6 +308,7 @@ export class FaultServer extends EventEmitter {
       debug('FaultServer: serving uffd %d (faultAround %d, prefetch %s)', uffd.fd, this.#faultAround, this.#prefetch)
   }
 
+  /** True after close(). */
   get closed(): boolean {
     return this.#closed
   }
@@ -347,6 +377,7 @@ export class FaultServer extends EventEmitter {
     return n
   }
 
+  /** The engine's counters now. */
   stats(): FaultServerStats {
     return this.#handle.stats()
   }
@@ -366,6 +397,7 @@ export class FaultServer extends EventEmitter {
     return this
   }
 
+  /** Undoes unref(). */
   ref(): this {
     if (!this.#closed) this.#handle.ref()
     return this
@@ -389,6 +421,7 @@ export class FaultServer extends EventEmitter {
     for (const w of this.#drainWaiters.splice(0)) w.reject(err)
   }
 
+  /** close(), for `using server = new FaultServer(uffd)`. */
   [Symbol.dispose](): void {
     this.close()
   }

@@ -21,8 +21,10 @@ import { fdNative } from '../ipc/fd-passing'
 import type { UffdError } from '../core/errors'
 import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
 
+/** What the handler does after UFFD_EVENT_REMOVE: serve zero pages there, or unregister the range. */
 export type RemovePolicy = 'zero' | 'unregister'
 
+/** Options of FirecrackerHandler.listen(). */
 export interface FirecrackerHandlerOptions {
   /** Unix socket path to listen on (Firecracker's mem_backend.backend_path). */
   socketPath: string
@@ -48,22 +50,35 @@ export interface FirecrackerHandlerOptions {
 
 /** What a connection, or the handler in all, has served. */
 export interface ServingCounts {
+  /** Fault messages read. */
   faults: number
+  /** Pages copied from the memory file. */
   pagesServed: number
+  /** Bytes copied from the memory file. */
   bytesServed: number
+  /** Zero pages served (after UFFD_EVENT_REMOVE). */
   zeroPages: number
+  /** UFFD_EVENT_REMOVE events (balloon inflation, MADV_DONTNEED). */
   removes: number
+  /** Copies that found the page already there (EEXIST: a benign race). */
   exists: number
+  /** Copies deferred by EAGAIN while an event was pending, then retried. */
   deferred: number
 }
 
+/** One connection (one VM): who, and what it was served. */
 export interface ConnectionStats extends ServingCounts {
+  /** Numbered from 1 in the order peers connected. */
   id: number
+  /** The peer (SO_PEERCRED). */
   peer: PeerCredentials
+  /** Regions its handshake declared. */
   regions: number
 }
 
+/** The handler's totals over every connection (FirecrackerHandler.stats()). */
 export interface HandlerStats extends ServingCounts {
+  /** Connections open now, ever, and ended by an error. */
   connections: { active: number; total: number; failed: number }
   /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
   serveLatencyUs: Record<string, number>
@@ -385,10 +400,15 @@ export interface FirecrackerHandlerEvents {
  * handler.
  */
 export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
+  /** The socket it listens on. */
   readonly socketPath: string
+  /** See FirecrackerHandlerOptions.onRemove. */
   readonly onRemove: RemovePolicy
+  /** See FirecrackerHandlerOptions.maxMessageBytes. */
   readonly maxMessageBytes: number
+  /** See FirecrackerHandlerOptions.handshakeTimeout. */
   readonly handshakeTimeout: number
+  /** Who may connect (see FirecrackerHandlerOptions.allow). */
   readonly allow: (peer: PeerCredentials) => boolean
   /** @internal */
   readonly source: FileSource
@@ -497,6 +517,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.#latency.set(b, (this.#latency.get(b) ?? 0) + 1)
   }
 
+  /** Totals over every connection so far, and the latency histogram. */
   stats(): HandlerStats {
     const keys = [...this.#latency.keys()].sort(
       (a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')),
@@ -523,6 +544,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.source.close()
   }
 
+  /** close(), for `await using handler = await FirecrackerHandler.listen(...)`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
   }

@@ -20,11 +20,13 @@ export const CHANNELS = Object.freeze({
 
 /** Who published: the server object itself, and its kind. */
 export interface Publisher {
+  /** Which kind of server. */
   source: 'FaultServer' | 'FirecrackerHandler'
   /** the FaultServer or FirecrackerHandler instance */
   server: object
 }
 
+/** What `userfaultfd:faults` publishes: what one server served since its previous message. */
 export interface FaultsMessage extends Publisher {
   /** FirecrackerHandler: the connection (one VM) these counts are of */
   connection?: number
@@ -42,15 +44,21 @@ export interface FaultsMessage extends Publisher {
   total: { faults: number; pages: number; bytes: number; zeroPages: number }
 }
 
+/** What `userfaultfd:error` publishes. */
 export interface ErrorMessage extends Publisher {
+  /** The error (a UffdError, ProtocolError, or what a { handler } threw). */
   error: Error
   /** FirecrackerHandler: the connection it ended */
   connection?: number
 }
 
+/** What `userfaultfd:connection` publishes. */
 export interface ConnectionMessage extends Publisher {
+  /** 'open': a peer connected; 'ready': its handshake was valid; 'end': it is gone. */
   event: 'open' | 'ready' | 'end'
+  /** The connection's id (ConnectionStats.id). */
   connection: number
+  /** The peer (SO_PEERCRED). */
   peer: { pid: number; uid: number; gid: number }
   /** 'ready': the regions the peer declared */
   regions?: number

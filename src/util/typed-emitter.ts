@@ -8,25 +8,41 @@ import { EventEmitter } from 'node:events'
 /** Event name -> the listener's arguments, e.g. `{ end: [stats: Stats, error: Error | undefined] }`. */
 export type EventMap<E> = { [K in keyof E]: unknown[] }
 
-type Name<E> = keyof E & (string | symbol)
-type Listener<E, K extends keyof E> = E[K] extends unknown[] ? (...args: E[K]) => void : never
+/** An event name of the map E. */
+export type TypedEventName<E> = keyof E & (string | symbol)
+/** The listener of event K of the map E. */
+export type TypedListener<E, K extends keyof E> = E[K] extends unknown[] ? (...args: E[K]) => void : never
 
 /** The typed methods; the others are EventEmitter's own. */
 export interface TypedEvents<E extends EventMap<E>> {
-  on<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  once<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  off<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  addListener<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  removeListener<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  prependListener<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  prependOnceListener<K extends Name<E>>(event: K, listener: Listener<E, K>): this
-  emit<K extends Name<E>>(event: K, ...args: E[K]): boolean
-  listeners<K extends Name<E>>(event: K): Array<Listener<E, K>>
-  rawListeners<K extends Name<E>>(event: K): Array<Listener<E, K>>
-  listenerCount<K extends Name<E>>(event: K): number
-  removeAllListeners(event?: Name<E>): this
+  /** Adds `listener` for `event` (EventEmitter.on). */
+  on<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Adds `listener` for the next `event` only. */
+  once<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Removes `listener` (EventEmitter.off). */
+  off<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Same as on(). */
+  addListener<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Same as off(). */
+  removeListener<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Adds `listener` before the others. */
+  prependListener<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Adds `listener`, for the next `event` only, before the others. */
+  prependOnceListener<K extends TypedEventName<E>>(event: K, listener: TypedListener<E, K>): this
+  /** Calls the listeners of `event` with `args`. */
+  emit<K extends TypedEventName<E>>(event: K, ...args: E[K]): boolean
+  /** The listeners of `event`. */
+  listeners<K extends TypedEventName<E>>(event: K): Array<TypedListener<E, K>>
+  /** The listeners of `event`, once() wrappers included. */
+  rawListeners<K extends TypedEventName<E>>(event: K): Array<TypedListener<E, K>>
+  /** How many listeners `event` has. */
+  listenerCount<K extends TypedEventName<E>>(event: K): number
+  /** Removes every listener (of `event`, if given). */
+  removeAllListeners(event?: TypedEventName<E>): this
+  /** EventEmitter.setMaxListeners. */
   setMaxListeners(n: number): this
-  eventNames(): Array<Name<E>>
+  /** The events that have listeners. */
+  eventNames(): Array<TypedEventName<E>>
 }
 
 export type TypedEmitter<E extends EventMap<E>> = TypedEvents<E> & Omit<EventEmitter, keyof TypedEvents<E>>
