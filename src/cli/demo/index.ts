@@ -153,8 +153,9 @@ function printSummary(s: DemoSummary, latency: LatencyHistogram, log: (msg: stri
   )
   const hist = latency.powersOfTwoUs()
   const peak = Math.max(...hist.map(([, n]) => n))
+  const width = Math.max(11, ...hist.map(([label]) => label.length))
   for (const [label, n] of hist) {
-    log(`  ${label.padStart(11)} us | ${'#'.repeat(Math.max(1, Math.round((n / peak) * 40)))} ${n}`)
+    log(`  ${label.padStart(width)} us | ${'#'.repeat(Math.max(1, Math.round((n / peak) * 40)))} ${n}`)
   }
   log('')
   log(s.ok ? 'OK: every page matched the snapshot' : 'FAILED: see mismatches above')
