@@ -1,8 +1,8 @@
 // Up-front checks of CLI inputs that the kernel would otherwise refuse late, obscurely, or not
 // at all (a socket path past sun_path is silently truncated by bind(2)'s callers).
 import * as fs from 'node:fs'
-import * as net from 'node:net'
 import * as path from 'node:path'
+import { isListening } from '../ipc/unix-socket'
 import { UsageError } from './command'
 
 /** sun_path is 108 bytes on Linux, and holds the path with its terminating NUL. */
@@ -39,22 +39,6 @@ export function checkSocketPath(value: string, flag: string): void {
   }
   if (existing !== undefined && !existing.isSocket())
     throw new UsageError(`${flag}: ${value} exists and is not a socket (refusing to replace it)`)
-}
-
-/** Whether something accepts connections on the Unix socket at `socketPath` (within `timeoutMs`). */
-export function isListening(socketPath: string, timeoutMs = 2000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(socketPath)
-    const done = (live: boolean): void => {
-      clearTimeout(timer)
-      s.destroy()
-      resolve(live)
-    }
-    // No answer in time: something holds it (a stopped process, a full backlog): not stale.
-    const timer = setTimeout(() => done(true), timeoutMs)
-    s.once('connect', () => done(true))
-    s.once('error', () => done(false))
-  })
 }
 
 /**

@@ -17,6 +17,7 @@ import { debug } from '../util/diagnostics'
 import { observe } from './observe'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
+import { isListening } from '../ipc/unix-socket'
 import { fdNative } from '../ipc/fd-passing'
 import type { UffdError } from '../core/errors'
 import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
@@ -556,15 +557,4 @@ function isSocketFile(path: string): boolean {
   } catch {
     return false
   }
-}
-
-function isListening(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(path)
-    s.once('connect', () => {
-      s.destroy()
-      resolve(true)
-    })
-    s.once('error', () => resolve(false))
-  })
 }

@@ -124,10 +124,12 @@ async function workerOwner(specs: RegionSpec[], data: Omit<WorkerData, 'specs'>)
     if (reply.ok) w?.resolve(reply.value)
     else w?.reject(new Error(`guest worker: ${reply.error}`))
   })
-  worker.on('error', (err) => {
+  const failAll = (err: Error): void => {
     for (const w of waiting.values()) w.reject(err)
     waiting.clear()
-  })
+  }
+  worker.on('error', failAll)
+  void exited.then((code) => failAll(new Error(`guest worker exited (${code}) with requests pending`)))
   const ask = <T>(request: Omit<WorkerRequest, 'id'>): Promise<T> =>
     new Promise((resolve, reject) => {
       const id = nextId++
