@@ -291,16 +291,40 @@ describe('migrate send / receive (two hosts), on loopback', () => {
     }
     const bad = start(['send', '--to', '127.0.0.1:1', '--size', '1X'], secretEnv)
     expect(await bad.exit).toBe(2)
-    expect(bad.err()).toMatch(/--size must be a size such as/)
+    expect(bad.err()).toMatch(/--size must be a size from .* such as 4096, 512K, 64M or 1G \(got '1X'\)/)
     const noTo = start(['send'], secretEnv)
     expect(await noTo.exit).toBe(2)
-    expect(noTo.err()).toMatch(/--to needs HOST:PORT/)
+    expect(noTo.err()).toMatch(/missing --to HOST:PORT/)
     const file = path.join(os.tmpdir(), `uffdmig-secret-${process.pid}`)
     fs.writeFileSync(file, 'tiny\n')
     const short = start(['receive', '--listen', '127.0.0.1:0', '--secret-file', file], env)
     expect(await short.exit).toBe(2)
     expect(short.err()).toMatch(/at least 16 bytes/)
     fs.rmSync(file)
+  })
+
+  it('help: the three commands are listed, each has its own; a bare `migrate` says what it needs', async () => {
+    const list = await runNode([cli, '--help'], 10_000)
+    for (const c of ['migrate demo', 'migrate send', 'migrate receive']) expect(list.stdout).toContain(c)
+    const demoHelp = await runNode([cli, 'migrate', 'demo', '--help'], 10_000)
+    expect(demoHelp.code).toBe(0)
+    for (const o of [
+      '--size SIZE',
+      '--mode MODE',
+      '--dirty-rate RATE',
+      '--fault FAULT',
+      '--on-source-loss POLICY',
+      '--json',
+    ])
+      expect(demoHelp.stdout).toContain(o)
+    const viaHelp = await runNode([cli, 'help', 'migrate', 'receive'], 10_000)
+    expect(viaHelp.stdout).toMatch(/usage: userfaultfd migrate receive --listen HOST:PORT/)
+    const bare = await runNode([cli, 'migrate'], 10_000)
+    expect(bare.code).toBe(2)
+    expect(bare.stderr).toMatch(/migrate needs one of: demo, send, receive/)
+    const typo = await runNode([cli, 'migrate', 'sen'], 10_000)
+    expect(typo.code).toBe(2)
+    expect(typo.stderr).toMatch(/unknown command 'migrate sen' \(did you mean migrate send\?\)/)
   })
 
   it('a wrong secret: send exits non-zero saying authentication failed, receive keeps waiting for a good peer', {

@@ -2,10 +2,17 @@
 export { MigrationSource } from './source'
 export type { MigrationSourceOptions, MigrationRange, SourceProgress, RoundInfo } from './source'
 export { MigrationTarget, SourceLostError } from './target'
-export type { MigrationTargetOptions, MigrationTargetResult, TargetSetup, SourceLossPolicy } from './target'
+export type {
+  MigrationTargetOptions,
+  MigrationTargetResult,
+  MigrationTargetMemory,
+  TargetSetup,
+  SourceLossPolicy,
+} from './target'
+export type { MigrationEndpoint } from './transport'
 export type { MigrationResult, Phase as MigrationPhase } from './common'
 export { AuthError, SECRET_ENV } from './auth'
 export { RejectedError } from './transport'
 export { pageHashes } from './hash'
 export { PROTOCOL_VERSION, FrameType, FrameParser, encodeFrame, decodeHeader, encodeHeader, checkHeader } from './wire'
-export type { Frame, FrameHeader, MigrationMode, RangeInfo, MemoryKind as MigrationMemoryKind } from './wire'
+export type { Frame, FrameHeader, MigrationMode, MigrationRangeInfo } from './wire'

@@ -24,7 +24,15 @@ import {
   sleep,
 } from './common'
 import { postcopyTuning } from './common'
-import { type AnySocket, dial, type Endpoint, FrameConn, handOver, parseEndpoint, sourceHandshake } from './transport'
+import {
+  type AnySocket,
+  dial,
+  type MigrationEndpoint,
+  FrameConn,
+  handOver,
+  parseEndpoint,
+  sourceHandshake,
+} from './transport'
 import {
   type ChannelKind,
   encodeJson,
@@ -34,7 +42,7 @@ import {
   type MigrationMode,
   type PageRun,
   ProtocolError,
-  type RangeInfo,
+  type MigrationRangeInfo,
   runsArray,
 } from './wire'
 
@@ -49,7 +57,7 @@ export interface MigrationSourceOptions extends SecretOptions {
   /** the memory to migrate: Mappings, or ranges of this process's memory */
   ranges: ReadonlyArray<Mapping | MigrationRange>
   /** the target: 'HOST:PORT' or { host, port } */
-  to: string | Endpoint
+  to: string | MigrationEndpoint
   /** TLS (node:tls connect options; true: TLS with the system's CAs) */
   tls?: tls.ConnectionOptions | boolean
   /** 'hybrid' (default: pre-copy rounds, then post-copy), 'precopy' or 'postcopy' */
@@ -210,7 +218,7 @@ function rangesOf(list: unknown): Range[] {
 export class MigrationSource extends EventEmitter {
   readonly mode: MigrationMode
   readonly #ranges: Range[]
-  readonly #to: Endpoint
+  readonly #to: MigrationEndpoint
   readonly #tls: tls.ConnectionOptions | undefined
   readonly #secret: Buffer | null
   readonly #stop: () => unknown
@@ -574,7 +582,9 @@ export class MigrationSource extends EventEmitter {
             session: this.#session,
             resume,
             mode: this.mode,
-            ranges: this.#ranges.map((r): RangeInfo => ({ length: r.length, pageSize: r.pageSize, kind: r.kind })),
+            ranges: this.#ranges.map(
+              (r): MigrationRangeInfo => ({ length: r.length, pageSize: r.pageSize, kind: r.kind }),
+            ),
             verify: this.#verify !== null,
             metadata: { user: this.#metadata, verifyMask: this.#verify, postcopyPriority: this.#priority },
           },

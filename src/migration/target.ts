@@ -18,27 +18,27 @@ import { describe, toRange } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { AuthError, resolveSecret, type SecretOptions } from './auth'
 import { type Control, choice, decodeControl, finite, intOption, type Phase, postcopyTuning } from './common'
-import { type Endpoint, FrameConn, handOver, parseEndpoint, reject, targetHandshake } from './transport'
-import { encodeJson, FrameType, type MigrationMode, ProtocolError, type RangeInfo, type Setup } from './wire'
+import { type MigrationEndpoint, FrameConn, handOver, parseEndpoint, reject, targetHandshake } from './transport'
+import { encodeJson, FrameType, type MigrationMode, ProtocolError, type MigrationRangeInfo, type Setup } from './wire'
 
 const ECANCELED = osConstants.errno.ECANCELED
 
 export type SourceLossPolicy = 'wait' | 'poison' | 'zero'
 
 /** Memory a migration lands in: a Mapping, or (anonymous memory only) a range of it. */
-export type TargetMemory = Mapping | { address: bigint; length: number }
+export type MigrationTargetMemory = Mapping | { address: bigint; length: number }
 
-function isMemfd(m: TargetMemory): m is Mapping {
+function isMemfd(m: MigrationTargetMemory): m is Mapping {
   return m instanceof Mapping && m.kind === 'memfd'
 }
 
-function pageSizeOf(m: TargetMemory): number {
+function pageSizeOf(m: MigrationTargetMemory): number {
   return m instanceof Mapping ? m.pageSize : 4096
 }
 
 export interface MigrationTargetOptions extends SecretOptions {
   /** where to listen: 'HOST:PORT' or { host, port } (default 127.0.0.1:0, any free port) */
-  listen?: string | Endpoint
+  listen?: string | MigrationEndpoint
   /** TLS: node:tls server options (key, cert, ...); the source must then use TLS too */
   tls?: tls.TlsOptions
   /**
@@ -46,7 +46,7 @@ export interface MigrationTargetOptions extends SecretOptions {
    * kinds: anonymous, memfd (shmem) or memfd with huge pages). memfd kinds must be memfd
    * Mappings; anonymous ones may also be { address, length } of this process's memory.
    */
-  memory?: (ranges: RangeInfo[]) => TargetMemory[]
+  memory?: (ranges: MigrationRangeInfo[]) => MigrationTargetMemory[]
   /** when the source is gone for good in post-copy (default 'wait') */
   onSourceLoss?: SourceLossPolicy
   /** how long a lost source may take to come back before onSourceLoss applies (ms, default 10000) */
@@ -63,8 +63,8 @@ export interface MigrationTargetOptions extends SecretOptions {
 
 export interface TargetSetup {
   mode: MigrationMode
-  ranges: RangeInfo[]
-  mappings: TargetMemory[]
+  ranges: MigrationRangeInfo[]
+  mappings: MigrationTargetMemory[]
   /** what the source passed as `metadata` */
   metadata: unknown
 }
@@ -151,7 +151,7 @@ const Handle = (
   }
 ).MigrationTargetHandle
 
-function allocate(ranges: RangeInfo[]): Mapping[] {
+function allocate(ranges: MigrationRangeInfo[]): Mapping[] {
   const out: Mapping[] = []
   try {
     for (const r of ranges) {
@@ -165,7 +165,7 @@ function allocate(ranges: RangeInfo[]): Mapping[] {
   return out
 }
 
-function featuresFor(ranges: RangeInfo[], policy: SourceLossPolicy): bigint {
+function featuresFor(ranges: MigrationRangeInfo[], policy: SourceLossPolicy): bigint {
   let f = 0n
   for (const r of ranges) {
     if (r.kind === 'shmem') f |= Feature.MISSING_SHMEM | Feature.MINOR_SHMEM
@@ -178,7 +178,7 @@ function featuresFor(ranges: RangeInfo[], policy: SourceLossPolicy): bigint {
 export class MigrationTarget extends EventEmitter {
   readonly #server: net.Server
   readonly #secret: Buffer | null
-  readonly #memory: ((ranges: RangeInfo[]) => TargetMemory[]) | undefined
+  readonly #memory: ((ranges: MigrationRangeInfo[]) => MigrationTargetMemory[]) | undefined
   readonly #policy: SourceLossPolicy
   readonly #lossMs: number
   readonly #pingMs: number
@@ -186,11 +186,11 @@ export class MigrationTarget extends EventEmitter {
   readonly #handshakeMs: number
   readonly #spin: number
 
-  #address: Endpoint = { host: '', port: 0 }
+  #address: MigrationEndpoint = { host: '', port: 0 }
 
   #phase: Phase = 'listening'
   #setup: Setup | undefined
-  #mappings: TargetMemory[] = []
+  #mappings: MigrationTargetMemory[] = []
   #aliases: Array<Mapping | undefined> = []
   #ownMappings = false
   #uffd: Userfaultfd | undefined
@@ -270,7 +270,7 @@ export class MigrationTarget extends EventEmitter {
     return target
   }
 
-  get address(): Endpoint {
+  get address(): MigrationEndpoint {
     return this.#address
   }
 
@@ -279,7 +279,7 @@ export class MigrationTarget extends EventEmitter {
   }
 
   /** The memory being received into (empty before the source's SETUP). */
-  get mappings(): readonly TargetMemory[] {
+  get mappings(): readonly MigrationTargetMemory[] {
     return this.#mappings
   }
 
@@ -392,7 +392,7 @@ export class MigrationTarget extends EventEmitter {
         maskLength: finite(meta.verifyMask.maskLength),
       }
     }
-    let mappings: TargetMemory[]
+    let mappings: MigrationTargetMemory[]
     if (this.#memory !== undefined) {
       mappings = this.#memory(setup.ranges)
       this.#checkMemory(mappings, setup.ranges)
@@ -444,7 +444,7 @@ export class MigrationTarget extends EventEmitter {
     } satisfies TargetSetup)
   }
 
-  #checkMemory(mappings: unknown, ranges: RangeInfo[]): void {
+  #checkMemory(mappings: unknown, ranges: MigrationRangeInfo[]): void {
     if (!Array.isArray(mappings) || mappings.length !== ranges.length)
       throw new TypeError(`memory() must return ${ranges.length} Mapping(s)`)
     mappings.forEach((m, i) => {
@@ -593,7 +593,7 @@ export class MigrationTarget extends EventEmitter {
     }
     // The downtime ends here: the workload may run.
     this.#resumeMs = at()
-    this.emit('resume')
+    this.emit('resume', { pagesMissing: missing ? finite(h.stats().missing) : 0 })
     this.#control({ t: 'resumed', targetMs: this.#resumeMs, parts })
     if (missing) this.#setPhase('postcopy')
     else this.#complete()

@@ -138,12 +138,12 @@ export class FrameConn {
   }
 }
 
-export interface Endpoint {
+export interface MigrationEndpoint {
   host: string
   port: number
 }
 
-export function parseEndpoint(value: unknown, what: string): Endpoint {
+export function parseEndpoint(value: unknown, what: string): MigrationEndpoint {
   if (typeof value === 'string') {
     const m = /^\[?([^\]]*?)\]?:(\d+)$/.exec(value)
     if (m === null) throw new TypeError(`${what} must be HOST:PORT (got '${value}')`)
@@ -164,7 +164,7 @@ export function tlsBinding(socket: AnySocket): Buffer {
 }
 
 export function dial(
-  to: Endpoint,
+  to: MigrationEndpoint,
   tlsOptions: tls.ConnectionOptions | undefined,
   timeoutMs: number,
 ): Promise<AnySocket> {

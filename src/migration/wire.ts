@@ -6,6 +6,7 @@
 // sockets belong to the native sessions, whose C++ parser (native/engine/migration_wire.h) checks
 // the same rules. Everything a peer sends is untrusted: a frame that breaks a rule is a
 // ProtocolError and the connection is dropped.
+import type { MemoryKind } from '../engines/dirty-tracker'
 import { ProtocolError } from '../firecracker/protocol'
 
 export { ProtocolError }
@@ -252,9 +253,9 @@ export function decodeJson(p: Buffer, what: string): Record<string, unknown> {
   return v as Record<string, unknown>
 }
 
-export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
+export type { MemoryKind }
 
-export interface RangeInfo {
+export interface MigrationRangeInfo {
   length: number
   pageSize: number
   kind: MemoryKind
@@ -268,7 +269,7 @@ export interface Setup {
   /** a reconnect of a session in post-copy */
   resume: boolean
   mode: MigrationMode
-  ranges: RangeInfo[]
+  ranges: MigrationRangeInfo[]
   verify: boolean
   metadata: unknown
 }
@@ -295,7 +296,7 @@ export function decodeSetup(p: Buffer): Setup {
   if (!Array.isArray(o.ranges) || o.ranges.length === 0 || o.ranges.length > MAX_RANGES)
     throw new ProtocolError(`SETUP: ranges must be an array of 1..${MAX_RANGES}`)
   let total = 0
-  const ranges = o.ranges.map((r: unknown, i: number): RangeInfo => {
+  const ranges = o.ranges.map((r: unknown, i: number): MigrationRangeInfo => {
     if (r === null || typeof r !== 'object') throw new ProtocolError(`SETUP: range ${i} is not an object`)
     const { length, pageSize, kind } = r as Record<string, unknown>
     if (typeof pageSize !== 'number' || !PAGE_SIZES.includes(pageSize))

@@ -212,11 +212,11 @@ export async function receive(o: ReceiveOptions): Promise<number> {
   target.on('error', (err: Error) =>
     o.emit({ event: 'error', side: 'target', code: (err as { code?: string }).code, message: err.message }),
   )
-  target.on('resume', () => {
+  target.on('resume', ({ pagesMissing }: { pagesMissing: number }) => {
     resumedAt = performance.now()
     // Before the workload touches anything: every page still to come is missing, so the link
     // goes down during post-copy whatever its size.
-    if (o.fault?.kind === 'link-down' && target.phase === 'postcopy') inject(o.fault, o.emit)
+    if (o.fault?.kind === 'link-down' && pagesMissing > 0) inject(o.fault, o.emit)
     const m = target.mappings[0] as Mapping
     // The workload runs from the moment the target resumes: a writer at the source's rate and
     // a reader, both touching random pages (most of them not here yet in post-copy).
