@@ -100,10 +100,10 @@ describe('migrate demo: two processes, two network namespaces', () => {
     const shm = await demo(['--size', '16M', '--memory', 'shmem', '--dirty-rate', '8M', '--mode', 'postcopy', '--json'])
     expect(shm.code, shm.stderr).toBe(0)
     expect(lastJson(shm.stdout).verified).toBe(true)
-    if (hugePages < 40) ctx.skip(`hugetlbfs: needs 40 reserved huge pages (nr_hugepages is ${hugePages})`)
+    if (hugePages < 16) ctx.skip(`hugetlbfs: needs 16 reserved huge pages (nr_hugepages is ${hugePages})`)
     const huge = await demo([
       '--size',
-      String(8 * hugePageSize()),
+      String(6 * hugePageSize()),
       '--memory',
       'hugetlb',
       '--dirty-rate',

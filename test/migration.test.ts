@@ -62,14 +62,14 @@ describe('migration over loopback', () => {
   })
 
   it('hugetlbfs memory (2 MiB pages)', { timeout: 60_000 }, async (ctx) => {
-    if (hugePages < 40) ctx.skip(`needs 40 reserved huge pages (nr_hugepages is ${hugePages})`)
-    const size = 16 * hugePageSize()
+    if (hugePages < 16) ctx.skip(`needs 16 reserved huge pages (nr_hugepages is ${hugePages})`)
+    const size = 8 * hugePageSize()
     for (const mode of ['hybrid', 'postcopy'] as const) {
       const r = await migrateHere({ mode, kind: 'hugetlb', size, dirtyRate: 64 * MiB })
       expect(r.mismatches).toBe(0)
       expect(r.lostStamps).toBe(0)
       expect(r.target.duplicatePages).toBe(0)
-      expect(r.source.pagesTotal).toBe(16)
+      expect(r.source.pagesTotal).toBe(8)
     }
   })
 

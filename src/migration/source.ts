@@ -180,16 +180,19 @@ function receivedAt(c: Control): number {
   return RECEIVED.get(c) ?? performance.now()
 }
 
-/** The union of two sorted run lists (overlaps merged). */
+/** The union of two run lists, each in (range, page) order: a linear merge (runs in the downtime). */
 function mergeRuns(a: PageRun[], b: PageRun[]): PageRun[] {
-  const all = [...a, ...b].sort((x, y) => x.range - y.range || x.page - y.page)
   const out: PageRun[] = []
-  for (const r of all) {
+  const before = (x: PageRun, y: PageRun): boolean => x.range < y.range || (x.range === y.range && x.page <= y.page)
+  let i = 0
+  let j = 0
+  while (i < a.length || j < b.length) {
+    const r = j >= b.length || (i < a.length && before(a[i], b[j])) ? a[i++] : b[j++]
     const last = out[out.length - 1]
     if (last !== undefined && last.range === r.range && r.page <= last.page + last.count) {
       last.count = Math.max(last.count, r.page + r.count - last.page)
     } else {
-      out.push({ ...r })
+      out.push({ range: r.range, page: r.page, count: r.count })
     }
   }
   return out
