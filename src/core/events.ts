@@ -2,11 +2,11 @@
 // the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
+import type { EventReader } from '../addon/binding'
 import { native } from '../addon/native'
+import { checkRenamed, describe, int, optionalInt } from '../util/validate'
 import { Feature } from './constants'
-import { decodeMessages } from './messages'
-import { describe } from './range'
-import type { UffdEvent } from './userfaultfd'
+import { decodeMessages, type UffdMessage } from './messages'
 
 export interface EventsOptions {
   /** Ends the iteration with an AbortError. */
@@ -22,49 +22,36 @@ export interface EventsOptions {
   highWaterMark?: number
   /**
    * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
-   * unread fault of this very thread for this long (ms), print why and abort instead of hanging
-   * forever. Default 1000; false disables it.
+   * unread fault of this very thread for this long, print why and abort instead of hanging
+   * forever. Default 1000 ms; 0 disables it.
    */
-  watchdog?: number | false
+  watchdogMs?: number
 }
 
-/** What the stream needs from its Userfaultfd (kept narrow to avoid an import cycle). */
-export interface EventSource {
+/**
+ * What the stream needs from its uffd (a Userfaultfd), generic over the events it makes of the
+ * messages so that this module needs no import of it.
+ */
+export interface EventSource<E> {
   readonly fd: number
   readonly features: bigint
-  toEvents(messages: ReturnType<typeof decodeMessages>): UffdEvent[]
+  toEvents(messages: UffdMessage[]): E[]
   /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
-  _onBatch(events: UffdEvent[]): void
+  _onBatch(events: E[]): void
   /** called when the stream ends */
-  _onStreamEnd(stream: EventStream): void
+  _onStreamEnd(stream: EventStream<E>): void
   /** events read but never handed out (the stream ended first) */
-  _release(events: UffdEvent[]): void
+  _release(events: E[]): void
   /** whether the reader should keep the process alive */
   _wantsRef(): boolean
 }
 
-interface NativeReader {
-  buffer: ArrayBuffer
-  start(): void
-  stop(): void
-  ref(): void
-  unref(): void
-  close(): void
-}
+type Waiter<E> = { resolve: (r: IteratorResult<E | E[]>) => void; reject: (e: unknown) => void }
 
-type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void; reject: (e: unknown) => void }
-
-function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
-  if (value === undefined) return fallback
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > max) {
-    throw new RangeError(`${name} must be an integer 1..${max} (got ${describe(value)})`)
-  }
-  return value
-}
-
-export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[]> {
-  readonly #source: EventSource
-  readonly #reader: NativeReader
+/** The events of a uffd (uffd.events() gives an EventStream<UffdEvent>). */
+export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> {
+  readonly #source: EventSource<E>
+  readonly #reader: EventReader
   readonly #view: DataView
   readonly #threadId: boolean
   readonly #batchMax: number // 0: single events
@@ -72,43 +59,35 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   readonly #signal: AbortSignal | undefined
   readonly #onAbort: () => void
   // Queue of read batches; #head indexes into the first one (single-event mode).
-  #queue: UffdEvent[][] = []
+  #queue: E[][] = []
   #head = 0
   #queued = 0
-  #waiters: Waiter[] = []
+  #waiters: Waiter<E>[] = []
   #ended = false
   #error: unknown = undefined
   #paused = false
 
-  constructor(source: EventSource, options: EventsOptions = {}) {
+  constructor(source: EventSource<E>, options: EventsOptions = {}) {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`events options must be an object (got ${describe(options)})`)
+    checkRenamed(options, { watchdog: 'watchdogMs' }, 'events')
     const { batch, signal } = options
-    if (batch !== undefined && typeof batch !== 'boolean') positiveInt(batch, 'batch', 1, 4096)
+    if (batch !== undefined && typeof batch !== 'boolean') int(batch, 'batch', 1, 4096)
     if (signal !== undefined && !(signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
-    const watchdog = options.watchdog ?? 1000
-    if (watchdog !== false) positiveInt(watchdog, 'watchdog', 1000, 3_600_000)
+    const watchdogMs = optionalInt(options.watchdogMs, 'watchdogMs', 1000, 0, 3_600_000)
     this.#batchMax = batch === true ? Infinity : typeof batch === 'number' ? batch : 0
-    const readSize = positiveInt(
+    const readSize = optionalInt(
       options.readSize,
       'readSize',
       typeof batch === 'number' ? Math.max(batch, 128) : 128,
+      1,
       4096,
     )
-    this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
+    this.#highWaterMark = optionalInt(options.highWaterMark, 'highWaterMark', 1024, 1, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
-    this.#reader = new (
-      native as unknown as {
-        EventReader: new (
-          fd: number,
-          batch: number,
-          cb: (r: number | Error) => void,
-          watchdogMs: number,
-        ) => NativeReader
-      }
-    ).EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
+    this.#reader = new native.EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdogMs)
     this.#view = new DataView(this.#reader.buffer)
     this.#signal = signal
     this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))
@@ -126,7 +105,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     return this.#queued
   }
 
-  next(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  next(): Promise<IteratorResult<E | E[]>> {
     if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
     if (this.#error !== undefined) return Promise.reject(this.#error)
     if (this.#ended) return Promise.resolve({ done: true, value: undefined })
@@ -134,7 +113,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   }
 
   /** `break` in for-await: releases the reader. */
-  return(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  return(): Promise<IteratorResult<E | E[]>> {
     this.#end(undefined)
     return Promise.resolve({ done: true, value: undefined })
   }
@@ -171,9 +150,9 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     }
   }
 
-  #take(): UffdEvent | UffdEvent[] {
+  #take(): E | E[] {
     const first = this.#queue[0]
-    let out: UffdEvent | UffdEvent[]
+    let out: E | E[]
     if (this.#batchMax === 0) {
       out = first[this.#head++]
       this.#queued--

@@ -1,24 +1,13 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { native } from '../addon/native'
+import { IntervalSet } from '../util/interval-set'
+import { checkOptions, describe, flag, int } from '../util/validate'
 import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, type UffdError, isPermissionError, uffdError } from './errors'
+import { EventStream, type EventSource, type EventsOptions } from './events'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import {
-  asBytes,
-  checkAligned,
-  checkOptions,
-  describe,
-  flag,
-  pageSizeOf,
-  toAddress,
-  toLength,
-  toRange,
-  type Bytes,
-  type RangeLike,
-} from './range'
-import { EventStream, type EventsOptions } from './events'
-import { IntervalSet } from '../util/interval-set'
+import { asBytes, checkAligned, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
 
 export interface OpenOptions {
   /** Feature.* bits OR-ed together; the kernel must offer every one (see Userfaultfd.probe()). */
@@ -82,10 +71,10 @@ function withHint<T extends Error>(err: T, hint: string): T {
   return err
 }
 
-export class Userfaultfd {
+export class Userfaultfd implements EventSource<UffdEvent> {
   #fd: number
   #view: DataView | undefined
-  #stream: EventStream | undefined
+  #stream: EventStream<UffdEvent> | undefined
   #registered = new IntervalSet()
   #followed = new WeakSet<object>() // Mappings whose unmap() we listen to
   #refed = true
@@ -386,8 +375,7 @@ export class Userfaultfd {
    */
   read(max = 64): UffdEvent[] {
     const fd = this.#live('read')
-    if (!Number.isSafeInteger(max) || max < 1 || max > MAX_BATCH)
-      throw new RangeError(`max must be 1..${MAX_BATCH} (got ${describe(max)})`)
+    int(max, 'max', 1, MAX_BATCH)
     if (this.#view === undefined || this.#view.byteLength < max * UFFD_MSG_SIZE) {
       this.#view = new DataView(new ArrayBuffer(Math.max(max, 64) * UFFD_MSG_SIZE))
     }
@@ -403,7 +391,7 @@ export class Userfaultfd {
    * One read(2) drains many messages per wake-up. It ends when the uffd is closed, with an
    * AbortError when `signal` aborts; `break` releases it. One stream at a time per uffd.
    */
-  events(options: EventsOptions = {}): EventStream {
+  events(options: EventsOptions = {}): EventStream<UffdEvent> {
     this.#live('events')
     if (this.#stream !== undefined) {
       throw uffdError(
@@ -412,7 +400,7 @@ export class Userfaultfd {
         'this userfaultfd already has an active event stream; end it (break, abort) first',
       )
     }
-    this.#stream = new EventStream(this, options)
+    this.#stream = new EventStream<UffdEvent>(this, options)
     return this.#stream
   }
 
@@ -452,7 +440,7 @@ export class Userfaultfd {
   }
 
   /** @internal */
-  _onStreamEnd(stream: EventStream): void {
+  _onStreamEnd(stream: EventStream<UffdEvent>): void {
     if (this.#stream === stream) this.#stream = undefined
   }
 
