@@ -1,6 +1,11 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
+import { EventStream as GenericEventStream } from './core/events'
+import type { UffdEvent } from './core/userfaultfd'
+
 export { Userfaultfd } from './core/userfaultfd'
-export { EventStream } from './core/events'
+/** The events of a uffd (uffd.events()). */
+export const EventStream = GenericEventStream
+export type EventStream<E = UffdEvent> = GenericEventStream<E>
 export type { EventsOptions } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
@@ -50,24 +55,24 @@ export type { PeerCredentials, SocketLike, ReceiveOptions, ReceivedMessage } fro
 export { sendUffd, receiveUffd, isUserfaultfd } from './ipc/uffd-passing'
 export type { ReceivedUffd } from './ipc/uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
-export type {
-  FirecrackerHandlerOptions,
-  HandlerStats,
-  ConnectionStats,
-  ServingCounts,
-  RemovePolicy,
-} from './firecracker/handler'
+export type { FirecrackerHandlerOptions, HandlerStats, ConnectionStats, ServingCounts } from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
 export type { GuestRegion } from './firecracker/protocol'
 export { FaultServer } from './engines/fault-server'
 export type {
   FaultServerOptions,
+  FaultServerEvents,
+  FaultServerError,
   FaultSource,
   FaultHandler,
   FaultRequest,
   ServeOptions,
   FaultServerStats,
   FaultServerProgress,
+  BackgroundPriority,
+  LatencySummary,
+  ReadMethod,
+  RemovePolicy,
 } from './engines/fault-server'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type { SnapshotSink, SnapshotOptions, SnapshotProgress, SnapshotStats } from './engines/live-snapshot'

@@ -1,17 +1,18 @@
 #!/usr/bin/env node
 // The `userfaultfd` command: doctor, serve, demo.
 import { parseArgs } from 'node:util'
+import { choice, intArg } from '../util/validate'
+import { demo } from './demo'
 import { doctor } from './doctor'
 import { serve } from './serve'
-import { demo } from './demo'
 
 const USAGE = `usage: userfaultfd <command> [options]
 
 commands:
   doctor [--json]        can this machine/user/container use userfaultfd? (exit 0 yes, 1 no,
                          3 only in user-mode-only form)
-  serve --socket PATH --mem-file FILE [--on-remove zero|unregister] [--source mmap|pread]
-        [--allow-uid UID]... [--handshake-timeout MS] [--json]
+  serve --socket PATH --mem-file FILE [--on-remove zero|unregister|source]
+        [--read-method mmap|pread] [--allow-uid UID]... [--handshake-timeout MS] [--json]
                          Firecracker-compatible page-fault handler (mem_backend "Uffd")
   demo [--size MIB] [--threads N] [--json]
                          lazy snapshot restore into a child process, verified page by page
@@ -22,11 +23,17 @@ function fail(message: string): never {
   process.exit(2)
 }
 
-function positive(value: string | undefined, name: string, fallback: number): number {
-  if (value === undefined) return fallback
-  const n = Number(value)
-  if (!Number.isSafeInteger(n) || n <= 0) fail(`${name} must be a positive integer (got ${value})`)
-  return n
+// Checked by the package's validators; a bad value is a usage error (exit 2).
+function checked<T>(check: () => T): T {
+  try {
+    return check()
+  } catch (err) {
+    fail((err as Error).message)
+  }
+}
+
+function positive(value: string | undefined, name: string, fallback: number, max = Number.MAX_SAFE_INTEGER): number {
+  return checked(() => intArg(value, name, fallback, 1, max))
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -53,18 +60,20 @@ async function main(argv: string[]): Promise<number> {
         socket: { type: 'string' },
         'mem-file': { type: 'string' },
         'on-remove': { type: 'string' },
-        source: { type: 'string' },
+        'read-method': { type: 'string' },
+        source: { type: 'string' }, // the old name of --read-method
         'allow-uid': { type: 'string', multiple: true },
         json: { type: 'boolean' },
         'handshake-timeout': { type: 'string' },
       })
       if (typeof v.socket !== 'string') fail('serve needs --socket PATH')
       if (typeof v['mem-file'] !== 'string') fail('serve needs --mem-file FILE')
-      const onRemove = (v['on-remove'] ?? 'zero') as string
-      if (onRemove !== 'zero' && onRemove !== 'unregister')
-        fail(`--on-remove must be zero or unregister (got ${onRemove})`)
-      const source = (v.source ?? 'mmap') as string
-      if (source !== 'mmap' && source !== 'pread') fail(`--source must be mmap or pread (got ${source})`)
+      const onRemove = checked(() =>
+        choice(v['on-remove'], '--on-remove', ['zero', 'unregister', 'source'] as const, 'zero'),
+      )
+      const readMethod = checked(() =>
+        choice(v['read-method'] ?? v.source, '--read-method', ['mmap', 'pread'] as const, 'mmap'),
+      )
       const allowUid = ((v['allow-uid'] ?? []) as string[]).map((u) => {
         const n = Number(u)
         if (!Number.isSafeInteger(n) || n < 0) fail(`--allow-uid must be a uid (got ${u})`)
@@ -74,10 +83,16 @@ async function main(argv: string[]): Promise<number> {
         socket: v.socket,
         memFile: v['mem-file'] as string,
         onRemove,
-        source,
+        readMethod,
         allowUid,
         json: v.json === true,
-        handshakeTimeout: positive(v['handshake-timeout'] as string | undefined, '--handshake-timeout', 5000),
+        // setTimeout's limit: a longer timeout would fire at once
+        handshakeTimeout: positive(
+          v['handshake-timeout'] as string | undefined,
+          '--handshake-timeout',
+          5000,
+          2 ** 31 - 1,
+        ),
       })
     }
     case 'demo': {

@@ -1,13 +1,13 @@
 // `userfaultfd serve --socket PATH --mem-file FILE`: the Firecracker-compatible page-fault
 // handler as a process. Progress on stderr when it is a TTY; SIGINT/SIGTERM close every
 // connection and the socket; --json prints the final stats on stdout.
-import { FirecrackerHandler, type RemovePolicy } from '../firecracker/handler'
+import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 
 export interface ServeArgs {
   socket: string
   memFile: string
   onRemove: RemovePolicy
-  source: 'mmap' | 'pread'
+  readMethod: ReadMethod
   allowUid: number[]
   json: boolean
   handshakeTimeout: number
@@ -22,7 +22,7 @@ export async function serve(args: ServeArgs): Promise<number> {
     socketPath: args.socket,
     memFile: args.memFile,
     onRemove: args.onRemove,
-    source: args.source,
+    readMethod: args.readMethod,
     handshakeTimeout: args.handshakeTimeout,
     allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
   })
