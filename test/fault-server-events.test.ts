@@ -70,6 +70,30 @@ describe('FaultServer events', () => {
     expect(errors).toEqual([])
   })
 
+  it("REMOVE with onRemove 'unregister': the removed pages fault no more and read zeros", async () => {
+    const n = 32
+    const { uffd, m, server, errors } = setup(
+      n,
+      { faultAround: PAGE_SIZE, onRemove: 'unregister' },
+      Feature.EVENT_REMOVE,
+    )
+    const src = randomContent(n * PAGE_SIZE)
+    server.serve(m, { buffer: src })
+    await touch(pages(m), { threads: 2 })
+    expect(await within(madviseOnThread(m.range(8 * PAGE_SIZE, 8 * PAGE_SIZE), 'dontneed'), 5000, 'madvise')).toBe(0)
+    await until(() => server.stats().removes === 1)
+    const faults = server.stats().faults
+    const { values } = await within(touch(pages(m), { threads: 2 }), 5000, 'touch')
+    for (let p = 0; p < n; p++) expect(values[p]).toBe(p >= 8 && p < 16 ? 0n : BigInt(p + 1))
+    expect(server.stats().faults).toBe(faults) // the kernel's own zero pages: no fault reached us
+    expect(server.stats().pagesPresent).toBe(n) // unregistered pages count as settled
+    // Registered no more: a second register of that part succeeds (EBUSY/EEXIST otherwise).
+    const other = track(Userfaultfd.open())
+    expect(() => other.register(m.range(8 * PAGE_SIZE, 8 * PAGE_SIZE))).not.toThrow()
+    expect(uffd.closed).toBe(false)
+    expect(errors).toEqual([])
+  })
+
   it('UNMAP: unmapped pages are dropped; a fully unmapped range stops being served', async () => {
     const n = 32
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_UNMAP }))

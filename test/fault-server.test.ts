@@ -298,6 +298,23 @@ describe('FaultServer prefetch and drained()', () => {
   })
 })
 
+describe('FaultServer events are typed', () => {
+  it('listeners get typed arguments; an event name it does not emit does not compile', async () => {
+    const { m, server } = setup(4)
+    const seen: number[] = []
+    server.on('progress', (p) => seen.push(p.fraction, p.bytesPresent))
+    server.on('error', (e) => seen.push(Number(e.address ?? 0n)))
+    server.on('fork', (child) => child.close())
+    // @ts-expect-error: 'progres' is no event of a FaultServer (npm run typecheck fails without this line's error)
+    server.on('progres', () => {})
+    // @ts-expect-error: a progress listener gets a FaultServerProgress, not a string
+    server.on('progress', (p: string) => p)
+    server.serve(m, { zero: true }, { prefetch: true })
+    await within(server.drained(), 5000, 'drained')
+    await until(() => seen.includes(1), 5000, 'a progress event at 1')
+  })
+})
+
 describe('FaultServer bad input', () => {
   it('rejects bad options, sources and ranges with clear errors', () => {
     const uffd = track(Userfaultfd.open())
