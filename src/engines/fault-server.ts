@@ -4,16 +4,12 @@
 // { handler } sources (called with batches of requests, off the hot path), for events the policy
 // hands to JS, and for errors and progress.
 import { EventEmitter } from 'node:events'
-import * as fs from 'node:fs'
-import { types } from 'node:util'
 import type {
   BackgroundPriority,
   FaultEngine,
   FaultEngineNotice,
   FaultEngineRequest,
-  FaultEngineSource,
   FaultEngineStats,
-  ReadMethod,
   RemovePolicy,
 } from '../addon/binding'
 import { native } from '../addon/native'
@@ -22,7 +18,10 @@ import { type UffdError, uffdError } from '../core/errors'
 import { Mapping, hugePageSize } from '../core/mapping'
 import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
-import { bool, checkRenamed, choice, describe, func, optionalInt, powerOfTwo } from '../util/validate'
+import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../sources/fault-source'
+import { bool, checkRenamed, choice, describe, optionalInt, powerOfTwo } from '../util/validate'
+
+export type { FaultHandler, FaultRequest, FaultSource } from '../sources/fault-source'
 
 export type { BackgroundPriority, LatencySummary, ReadMethod, RemovePolicy } from '../addon/binding'
 
@@ -91,37 +90,6 @@ const RENAMED_OPTIONS = {
   batch: 'readSize',
 } as const
 
-/** What a { handler } source is asked for: `length` bytes of the range at `address`. */
-export interface FaultRequest {
-  /** first byte to fill (aligned to the range's page size) */
-  address: bigint
-  /** the same position as an offset into the source (the range's `offset` + position) */
-  offset: number
-  /** whole pages of the range (huge pages on hugetlb memory) */
-  length: number
-  /** true for background prefetch, false for a thread waiting on a fault */
-  prefetch: boolean
-}
-
-type Bytes = ArrayBuffer | ArrayBufferView
-export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
-
-/**
- * Where a range's bytes come from. `offset`: where in the source the range's first byte is.
- * - `buffer`: an ArrayBuffer or view (copied when serve() is called: nothing done to it later,
- *   detaching included, reaches the engine), a SharedArrayBuffer or a view of one (used in place:
- *   it cannot be detached), or a Mapping (used in place; its unmap() waits until the range is no
- *   longer served);
- * - `file`: a path or an fd, read through a private read-only mmap ('mmap', default) or pread;
- * - `zero`: zeros;
- * - `handler`: a JS function, for content only JS can produce.
- */
-export type FaultSource =
-  | { buffer: Bytes | SharedArrayBuffer | Mapping; offset?: number }
-  | { file: string | number; offset?: number; readMethod?: ReadMethod }
-  | { zero: true }
-  | { handler: FaultHandler; offset?: number }
-
 export interface ServeOptions {
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
@@ -179,10 +147,6 @@ const MAX_PAGE = 1024 * 1024 * 1024
 const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
 const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
-
-function isBytes(value: unknown): value is Bytes {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
-}
 
 export class FaultServer extends EventEmitter<FaultServerEvents> {
   readonly #uffd: Userfaultfd
@@ -254,7 +218,8 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
         : powerOfTwo(options.faultAround, 'faultAround', PAGE_SIZE, MAX_WINDOW)
     const register = bool(options.register, 'register', true)
     const id = this.#nextId++
-    const { spec, offset, keep, close, release } = this.#source(source, r, id)
+    const { spec, offset, keep, close, release, handler } = engineSource(source, r.length, id)
+    if (handler !== undefined) this.#handlers.set(id, handler)
     let registered = false
     try {
       if (register) {
@@ -350,72 +315,6 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
     if (own !== undefined && own !== size)
       throw new RangeError(`pageSize ${size} given for a mapping whose pages are ${own} bytes`)
     return size
-  }
-
-  #source(
-    source: FaultSource,
-    r: Range,
-    id: number,
-  ): { spec: FaultEngineSource; offset: number; keep: unknown; close?: () => void; release?: () => void } {
-    if (source === null || typeof source !== 'object')
-      throw new TypeError(
-        `source must be { buffer }, { file }, { zero: true } or { handler } (got ${describe(source)})`,
-      )
-    checkRenamed(source, { mode: 'readMethod' }, 'FaultServer.serve: the file source')
-    const s: Record<string, unknown> = { ...source }
-    const offset = optionalInt(s.offset, 'source offset', 0, 0)
-    if ('buffer' in s) {
-      const b = s.buffer
-      if (b instanceof Mapping) {
-        if (offset + r.length > b.length)
-          throw new RangeError(
-            `buffer: [${offset}, ${offset + r.length}) lies outside the mapping (length ${b.length})`,
-          )
-        const release = b._pin()
-        return { spec: { kind: 'memory', address: b.address, length: b.length }, offset, keep: b, release }
-      }
-      const bytes = types.isSharedArrayBuffer(b) ? new Uint8Array(b) : b
-      if (!isBytes(bytes))
-        throw new TypeError(
-          `buffer must be an ArrayBuffer, a SharedArrayBuffer, a typed array or a Mapping (got ${describe(b)})`,
-        )
-      if (offset + r.length > bytes.byteLength)
-        throw new RangeError(`buffer: ${bytes.byteLength} bytes cannot cover [${offset}, ${offset + r.length})`)
-      const view = ArrayBuffer.isView(bytes)
-        ? new Uint8Array(bytes.buffer, bytes.byteOffset + offset, r.length)
-        : new Uint8Array(bytes, offset, r.length)
-      // A SharedArrayBuffer cannot be detached: used in place, kept alive here. Anything else is
-      // copied by the engine now (a detached buffer's memory is freed at once, whoever holds it).
-      if (types.isSharedArrayBuffer(view.buffer))
-        return { spec: { kind: 'buffer', bytes: view, shared: true }, offset: 0, keep: view.buffer }
-      return { spec: { kind: 'buffer', bytes: view, shared: false }, offset: 0, keep: null }
-    }
-    if ('file' in s) {
-      const readMethod = choice(s.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
-      const f = s.file
-      if (typeof f === 'string') {
-        const fd = fs.openSync(f, 'r')
-        return {
-          spec: { kind: 'file', fd, offset, readMethod },
-          offset: 0,
-          keep: null,
-          close: () => fs.closeSync(fd),
-        }
-      }
-      if (typeof f === 'number' && Number.isSafeInteger(f) && f >= 0) {
-        return { spec: { kind: 'file', fd: f, offset, readMethod }, offset: 0, keep: null }
-      }
-      throw new TypeError(`file must be a path or an fd (got ${describe(f)})`)
-    }
-    if ('zero' in s) {
-      if (s.zero !== true) throw new TypeError(`zero must be true (got ${describe(s.zero)})`)
-      return { spec: { kind: 'zero' }, offset: 0, keep: null }
-    }
-    if ('handler' in s) {
-      this.#handlers.set(id, func<FaultHandler>(s.handler, 'handler'))
-      return { spec: { kind: 'handler', id }, offset, keep: null }
-    }
-    throw new TypeError('source must have one of: buffer, file, zero, handler')
   }
 
   #unregister(r: Range): void {
