@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "kernel/uapi.h"
 
@@ -105,19 +106,26 @@ int FaultEngine::AddRange(std::shared_ptr<ServedRange> range) {
 }
 
 int FaultEngine::RemoveRange(uint64_t start, uint64_t end) {
-  int removed = 0;
-  std::lock_guard<std::mutex> lock(tableMu_);
-  for (auto it = table_.begin(); it != table_.end();) {
-    if ((*it)->start >= start && (*it)->end() <= end) {
-      (*it)->dropped.store(true);
-      it = table_.erase(it);
-      removed++;
-    } else {
-      ++it;
+  Table removed;
+  {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    for (auto it = table_.begin(); it != table_.end();) {
+      if ((*it)->start >= start && (*it)->end() <= end) {
+        (*it)->dropped.store(true, std::memory_order_seq_cst);
+        removed.push_back(*it);
+        it = table_.erase(it);
+      } else {
+        ++it;
+      }
     }
+    if (!removed.empty()) tableVersion_.fetch_add(1);
   }
-  if (removed > 0) tableVersion_.fetch_add(1);
-  return removed;
+  // Fills already under way finish (one ioctl's worth); none starts anew, since a fill checks
+  // `dropped` after counting itself (FillRun). Then the caller may free what the source reads.
+  for (auto& r : removed)
+    while (r->fills.load(std::memory_order_seq_cst) != 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  return static_cast<int>(removed.size());
 }
 
 Settlement FaultEngine::Settled() {
@@ -184,12 +192,19 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
                                              Origin origin, From from, const uint8_t* bytes,
                                              std::vector<uint8_t>* scratch, bool* firstExisted,
                                              size_t* done) {
+  // Counted while it runs, for RemoveRange; a range removed meanwhile is not filled at all.
+  struct Counted {
+    std::atomic<uint32_t>& n;
+    explicit Counted(std::atomic<uint32_t>& c) : n(c) { n.fetch_add(1, std::memory_order_seq_cst); }
+    ~Counted() { n.fetch_sub(1, std::memory_order_seq_cst); }
+  } counted(r->fills);
+  *done = 0;
+  if (r->dropped.load(std::memory_order_seq_cst)) return kFilled;  // nothing left to do for it
   const uint64_t ps = r->pageSize;
   const Filler filler = r->filler(uffd_);
   uint64_t dst = r->start + page * ps;
   uint64_t len = count * ps;
   uint64_t off = 0;
-  *done = 0;
   while (off < len) {
     FillResult f;
     switch (from) {

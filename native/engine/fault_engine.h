@@ -105,6 +105,7 @@ struct ServedRange {
   std::atomic<size_t> cursor{0};            // where prefetch continues (follows demand faults)
   std::atomic<uint32_t> inflight{0};        // handler prefetch requests outstanding
   std::atomic<bool> prefetchFailed{false};  // a prefetch fill failed: stop prefetching it
+  std::atomic<uint32_t> fills{0};           // fills under way (RemoveRange waits for them)
   uint64_t end() const { return start + length; }
   Filler filler(int uffd) const { return Filler{uffd, pageSize, zeros.get()}; }
 };
@@ -157,7 +158,8 @@ class FaultEngine {
 
   // JS thread. AddRange fails with EEXIST when the range overlaps one being served.
   int AddRange(std::shared_ptr<ServedRange> range);
-  // Stops serving every range inside [start, end); returns how many.
+  // Stops serving every range inside [start, end); returns how many. When it returns, no fill
+  // uses those ranges' sources any more (memory the caller owns may go).
   int RemoveRange(uint64_t start, uint64_t end);
   // Bytes for a handler request (ok = false: the handler failed; its pages are retried on the
   // next fault).
