@@ -1,11 +1,6 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
-import { EventStream as GenericEventStream } from './core/events'
-import type { UffdEvent } from './core/userfaultfd'
-
 export { Userfaultfd } from './core/userfaultfd'
-/** The events of a uffd (uffd.events()). */
-export const EventStream = GenericEventStream
-export type EventStream<E = UffdEvent> = GenericEventStream<E>
+export { EventStream } from './core/events'
 export type { EventsOptions } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
@@ -17,6 +12,9 @@ export type {
   WriteProtectOptions,
   MoveOptions,
   UffdEvent,
+  EventItem,
+  Address,
+  CopySource,
 } from './core/userfaultfd'
 export { Mapping, hugePageSize } from './core/mapping'
 export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
@@ -39,7 +37,7 @@ export {
 } from './core/constants'
 export type { FeatureName, IoctlName } from './core/constants'
 export type { Probe, AccessResult, Via } from './core/probe'
-export type { Range, RangeLike } from './core/range'
+export type { Range, RangeLike, Bytes } from './core/range'
 export {
   FdChannel,
   sendFds,
@@ -55,9 +53,15 @@ export type { PeerCredentials, SocketLike, ReceiveOptions, ReceivedMessage } fro
 export { sendUffd, receiveUffd, isUserfaultfd } from './ipc/uffd-passing'
 export type { ReceivedUffd } from './ipc/uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
-export type { FirecrackerHandlerOptions, HandlerStats, ConnectionStats, ServingCounts } from './firecracker/handler'
+export type {
+  FirecrackerHandlerOptions,
+  FirecrackerHandlerEvents,
+  HandlerStats,
+  ConnectionStats,
+  ServingCounts,
+} from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
-export type { GuestRegion } from './firecracker/protocol'
+export type { GuestRegion, ParseOptions } from './firecracker/protocol'
 export { FaultServer } from './engines/fault-server'
 export type {
   FaultServerOptions,
@@ -71,11 +75,18 @@ export type {
   FaultServerProgress,
   BackgroundPriority,
   LatencySummary,
+  PageBytes,
   ReadMethod,
   RemovePolicy,
 } from './engines/fault-server'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
-export type { SnapshotSink, SnapshotOptions, SnapshotProgress, SnapshotStats } from './engines/live-snapshot'
+export type {
+  SnapshotSink,
+  SnapshotOptions,
+  SnapshotProgress,
+  SnapshotStats,
+  CopyMethod,
+} from './engines/live-snapshot'
 export { DirtyTracker, dirtyTrackingSupport } from './engines/dirty-tracker'
 export type {
   DirtyRange,
@@ -86,3 +97,6 @@ export type {
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
+export type { TypedEmitter, TypedEvents, EventMap, TypedEventName, TypedListener } from './util/typed-emitter'
+export { CHANNELS as diagnosticsChannels } from './util/diagnostics'
+export type { FaultsMessage, ErrorMessage, ConnectionMessage } from './util/diagnostics'

@@ -3,6 +3,11 @@
 import { constants } from 'node:os'
 import { native } from '../addon/native'
 
+/**
+ * Every failed syscall, with Node's conventions: `code` is the errno name ('EEXIST'), `errno`
+ * the number, `syscall` the call ('ioctl(UFFDIO_COPY)'); `bytes` for partial fills, `hint` where a
+ * fix is known.
+ */
 export class UffdError extends Error {
   /** errno name, e.g. 'EEXIST' */
   declare code: string
@@ -60,6 +65,7 @@ export class UnsupportedError extends UffdError {
   }
 }
 
+/** The fixes listed when userfaultfd is not permitted (an open() error's `hint`). */
 export const PERMISSION_HINT = [
   'userfaultfd is not permitted for this process. Fixes, any one of:',
   "  - give this user access to /dev/userfaultfd (e.g. 'setfacl -m u:$USER:rw /dev/userfaultfd',",

@@ -2,12 +2,14 @@
 // the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
-import type { EventReader } from '../addon/binding'
+import type { EventReader, NativeError } from '../addon/binding'
 import { native } from '../addon/native'
+import { debug } from '../util/diagnostics'
 import { checkRenamed, describe, int, optionalInt } from '../util/validate'
 import { Feature } from './constants'
 import { decodeMessages, type UffdMessage } from './messages'
 
+/** Options of Userfaultfd.events(). */
 export interface EventsOptions {
   /** Ends the iteration with an AbortError. */
   signal?: AbortSignal
@@ -23,14 +25,14 @@ export interface EventsOptions {
   /**
    * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
    * unread fault of this very thread for this long, print why and abort instead of hanging
-   * forever. Default 1000 ms; 0 disables it.
+   * forever. Default 1000 ms; 0 disables it. (Before 0.2: `watchdog`, false to disable.)
    */
   watchdogMs?: number
 }
 
 /**
  * What the stream needs from its uffd (a Userfaultfd), generic over the events it makes of the
- * messages so that this module needs no import of it.
+ * messages, so that this module needs no import of it (no import cycle).
  */
 export interface EventSource<E> {
   readonly fd: number
@@ -39,18 +41,25 @@ export interface EventSource<E> {
   /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
   _onBatch(events: E[]): void
   /** called when the stream ends */
-  _onStreamEnd(stream: EventStream<E>): void
+  _onStreamEnd(stream: object): void
   /** events read but never handed out (the stream ended first) */
   _release(events: E[]): void
   /** whether the reader should keep the process alive */
   _wantsRef(): boolean
 }
 
-type Waiter<E> = { resolve: (r: IteratorResult<E | E[]>) => void; reject: (e: unknown) => void }
+type Waiter<T> = { resolve: (r: IteratorResult<T, undefined>) => void; reject: (e: unknown) => void }
 
-/** The events of a uffd (uffd.events() gives an EventStream<UffdEvent>). */
-export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> {
-  readonly #source: EventSource<E>
+/**
+ * The async event stream of a uffd (`uffd.events()`). `T` is what it yields: `UffdEvent`, or
+ * `UffdEvent[]` when made with `{ batch: true }` or `{ batch: N }` (Userfaultfd.events()'s
+ * overloads pick it from the options). It has no default: naming UffdEvent here would make this
+ * module and core/userfaultfd.ts import each other.
+ */
+export class EventStream<T> implements AsyncIterableIterator<T> {
+  readonly #source: EventSource<unknown>
+  /** the uffd's fd number (for NODE_DEBUG lines: the uffd may be closed by then) */
+  readonly #fd: number
   readonly #reader: EventReader
   readonly #view: DataView
   readonly #threadId: boolean
@@ -59,15 +68,16 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
   readonly #signal: AbortSignal | undefined
   readonly #onAbort: () => void
   // Queue of read batches; #head indexes into the first one (single-event mode).
-  #queue: E[][] = []
+  #queue: unknown[][] = []
   #head = 0
   #queued = 0
-  #waiters: Waiter<E>[] = []
+  #waiters: Waiter<T>[] = []
   #ended = false
   #error: unknown = undefined
   #paused = false
 
-  constructor(source: EventSource<E>, options: EventsOptions = {}) {
+  /** @internal made by Userfaultfd.events() */
+  constructor(source: EventSource<unknown>, options: EventsOptions = {}) {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`events options must be an object (got ${describe(options)})`)
     checkRenamed(options, { watchdog: 'watchdogMs' }, 'events')
@@ -86,6 +96,7 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
     this.#highWaterMark = optionalInt(options.highWaterMark, 'highWaterMark', 1024, 1, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
+    this.#fd = source.fd
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
     this.#reader = new native.EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdogMs)
     this.#view = new DataView(this.#reader.buffer)
@@ -94,8 +105,11 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
     signal?.addEventListener('abort', this.#onAbort, { once: true })
     this.updateRef()
     this.#reader.start()
+    if (debug.enabled)
+      debug('events: stream on fd %d (batch %s, readSize %d)', source.fd, String(batch ?? false), readSize)
   }
 
+  /** `for await (const event of uffd.events())` */
   [Symbol.asyncIterator](): this {
     return this
   }
@@ -105,7 +119,8 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
     return this.#queued
   }
 
-  next(): Promise<IteratorResult<E | E[]>> {
+  /** The next event (or batch); done when the uffd is closed or the stream ended. */
+  next(): Promise<IteratorResult<T, undefined>> {
     if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
     if (this.#error !== undefined) return Promise.reject(this.#error)
     if (this.#ended) return Promise.resolve({ done: true, value: undefined })
@@ -113,7 +128,7 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
   }
 
   /** `break` in for-await: releases the reader. */
-  return(): Promise<IteratorResult<E | E[]>> {
+  return(): Promise<IteratorResult<T, undefined>> {
     this.#end(undefined)
     return Promise.resolve({ done: true, value: undefined })
   }
@@ -130,7 +145,7 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
     else this.#reader.unref()
   }
 
-  #onRead(result: number | Error): void {
+  #onRead(result: number | NativeError): void {
     if (typeof result !== 'number') {
       this.#end(result)
       return
@@ -150,9 +165,9 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
     }
   }
 
-  #take(): E | E[] {
+  #take(): T {
     const first = this.#queue[0]
-    let out: E | E[]
+    let out: unknown
     if (this.#batchMax === 0) {
       out = first[this.#head++]
       this.#queued--
@@ -162,26 +177,30 @@ export class EventStream<E = unknown> implements AsyncIterableIterator<E | E[]> 
       }
     } else {
       const rest = this.#head === 0 ? first : first.slice(this.#head)
+      let batch: unknown[]
       if (rest.length <= this.#batchMax) {
-        out = rest
+        batch = rest
         this.#queue.shift()
         this.#head = 0
       } else {
-        out = rest.slice(0, this.#batchMax)
+        batch = rest.slice(0, this.#batchMax)
         this.#head += this.#batchMax
       }
-      this.#queued -= out.length
+      this.#queued -= batch.length
+      out = batch
     }
     if (this.#paused && this.#queued <= this.#highWaterMark >> 1 && !this.#ended) {
       this.#paused = false
       this.#reader.start()
     }
-    return out
+    // Single events or arrays, as #batchMax (from the same options as T) says.
+    return out as T
   }
 
   #end(error: unknown): void {
     if (this.#ended) return
     this.#ended = true
+    if (debug.enabled) debug('events: stream on fd %d ended%s', this.#fd, error ? `: ${(error as Error).message}` : '')
     this.#reader.close()
     this.#signal?.removeEventListener('abort', this.#onAbort)
     if (error !== undefined) this.#error = error

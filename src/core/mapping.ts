@@ -10,6 +10,7 @@ import { asBytes, checkAligned, toLength, type Bytes, type Range } from './range
 
 const c = native.constants
 
+/** madvise(2) advice, as Mapping.madvise() takes it ('dontneed' is MADV_DONTNEED). */
 export type Advice =
   | 'normal'
   | 'random'
@@ -28,11 +29,13 @@ export type Advice =
   | 'populate_write'
   | 'collapse'
 
+/** mprotect(2) protection: 'none', 'r', 'rw', 'rx', 'rwx', or PROT_* bits. */
 export type Protection = 'none' | 'r' | 'rw' | 'rx' | 'rwx' | number
 
 /** What backs a range, as the kernel's userfaultfd features tell them apart. */
 export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
 
+/** Options of Mapping.anonymous(). */
 export interface AnonymousOptions {
   /** MAP_HUGETLB: back with huge pages (needs /proc/sys/vm/nr_hugepages > 0). */
   hugetlb?: boolean
@@ -40,6 +43,7 @@ export interface AnonymousOptions {
   populate?: boolean
 }
 
+/** Options of Mapping.memfd(). */
 export interface MemfdOptions {
   /** memfd name, shown in /proc/PID/maps. */
   name?: string
@@ -84,6 +88,7 @@ export class Mapping implements Range {
   readonly pageSize: number
   /** 'anonymous' or 'memfd' (aliases are 'memfd'). */
   readonly kind: 'anonymous' | 'memfd'
+  /** Backed by huge pages (MAP_HUGETLB / MFD_HUGETLB). */
   readonly hugetlb: boolean
   #handle: MappingHandle | null
   #unmapListeners: Array<(address: bigint, length: number) => void> = []
@@ -260,6 +265,7 @@ export class Mapping implements Range {
     if (this.#handle !== null) this.#unmapListeners.push(listener)
   }
 
+  /** unmap(), for `using m = Mapping.anonymous(...)`. */
   [Symbol.dispose](): void {
     this.unmap()
   }

@@ -14,21 +14,27 @@ import { choice, describe, optionalInt } from '../util/validate'
 
 export type { MemoryKind } from '../core/mapping'
 
+/** A run of pages written since the previous collect(). */
 export interface DirtyRange {
+  /** Start address. */
   address: bigint
   /** bytes from the tracked range's start */
   offset: number
+  /** Length in bytes. */
   length: number
   /** reported at huge-page granularity (hugetlb or a THP): it may include unwritten 4 KiB pages */
   huge: boolean
 }
 
+/** Whether dirty tracking works here (DirtyTracker.support()). */
 export interface DirtyTrackingSupport {
+  /** It works. */
   supported: boolean
   /** why not, and what would make it work */
   reason?: string
 }
 
+/** The facts dirtyTrackingSupport() decides from. */
 export interface DirtyTrackingInputs {
   /** features the kernel offers (Userfaultfd.probe().features) */
   features: bigint
@@ -40,6 +46,7 @@ export interface DirtyTrackingInputs {
   userfaultfdReason?: string
   /** uname -r, for the messages */
   kernel?: string
+  /** The memory to track (default 'anonymous'). */
   memory?: MemoryKind
 }
 
@@ -63,6 +70,7 @@ export function dirtyTrackingSupport(inputs: DirtyTrackingInputs): DirtyTracking
   return { supported: false, reason: `dirty tracking needs ${missing.join(' and ')}, which ${kernel} lacks` }
 }
 
+/** Options of DirtyTracker.start(). */
 export interface DirtyTrackerOptions {
   /** what backs a plain { address, length } range (a Mapping says so itself); default 'anonymous' */
   memory?: MemoryKind
@@ -70,9 +78,14 @@ export interface DirtyTrackerOptions {
   batch?: number
 }
 
+/**
+ * Which pages of a range were written since the previous collect(): WP_ASYNC write protection
+ * (writes never block) read back with PAGEMAP_SCAN, Linux 6.7+.
+ */
 export class DirtyTracker {
   /** The tracked range. */
   readonly range: Range
+  /** What backs the range. */
   readonly memory: MemoryKind
   #uffd: Userfaultfd | undefined
   #batch: number
@@ -155,6 +168,7 @@ export class DirtyTracker {
     uffd.close()
   }
 
+  /** stop(), for `using tracker = DirtyTracker.start(m)`. */
   [Symbol.dispose](): void {
     this.stop()
   }

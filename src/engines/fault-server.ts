@@ -3,13 +3,12 @@
 // background prefetch, on base pages and on hugetlb huge pages alike. JS is involved only for
 // { handler } sources (called with batches of requests, off the hot path), for events the policy
 // hands to JS, and for errors and progress.
-import { EventEmitter } from 'node:events'
 import type {
   BackgroundPriority,
   FaultEngine,
   FaultEngineNotice,
   FaultEngineRequest,
-  FaultEngineStats,
+  FaultEngineStats as FaultServerStats,
   RemovePolicy,
 } from '../addon/binding'
 import { native } from '../addon/native'
@@ -19,9 +18,11 @@ import { Mapping, hugePageSize } from '../core/mapping'
 import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../sources/fault-source'
+import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
+import { TypedEmitter } from '../util/typed-emitter'
 import { bool, checkRenamed, choice, describe, optionalInt, powerOfTwo } from '../util/validate'
 
-export type { FaultHandler, FaultRequest, FaultSource } from '../sources/fault-source'
+export type { FaultHandler, FaultRequest, FaultSource, PageBytes } from '../sources/fault-source'
 
 export type { BackgroundPriority, LatencySummary, ReadMethod, RemovePolicy } from '../addon/binding'
 
@@ -104,11 +105,8 @@ export interface ServeOptions {
   pageSize?: number
 }
 
-/**
- * The engine's counters (see FaultEngineStats in src/addon/binding.ts). Page counts are each
- * range's own pages: a 2 MiB huge page counts one.
- */
-export type FaultServerStats = FaultEngineStats
+// The engine's counters (FaultServer.stats()), as the engine returns them (src/addon/binding.ts).
+export type { FaultServerStats }
 
 export interface FaultServerProgress {
   /** pages present (or settled: removed under 'zero', unmapped), each range's own pages */
@@ -148,7 +146,13 @@ const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
 const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
 
-export class FaultServer extends EventEmitter<FaultServerEvents> {
+/**
+ * Serves a uffd's MISSING faults on native threads, with no JavaScript per fault: from buffers,
+ * files or zeros (or a JavaScript { handler }), with fault-around and background prefetch, on base
+ * pages and hugetlb huge pages. Events (typed, FaultServerEvents): 'progress', 'error' (the
+ * server keeps serving), 'fork'.
+ */
+export class FaultServer extends TypedEmitter<FaultServerEvents> {
   readonly #uffd: Userfaultfd
   readonly #handle: FaultEngine
   readonly #faultAround: number
@@ -158,6 +162,7 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
+  readonly #ticker = new FaultsTicker({ source: 'FaultServer', server: this })
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
     super()
@@ -192,8 +197,11 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
     this.#handle = new native.FaultEngine(uffd.fd, engineOptions, (notices) => this.#onNotices(notices))
     serving.add(uffd)
     released.register(this, uffd, this)
+    if (debug.enabled)
+      debug('FaultServer: serving uffd %d (faultAround %d, prefetch %s)', uffd.fd, this.#faultAround, this.#prefetch)
   }
 
+  /** True after close(). */
   get closed(): boolean {
     return this.#closed
   }
@@ -240,6 +248,15 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
       close?.()
     }
     this.#served.set(id, { range: r, keep, registered, release })
+    if (debug.enabled)
+      debug(
+        'FaultServer: serve 0x%s +%d (%d-byte pages) from %s%s',
+        r.address.toString(16),
+        r.length,
+        pageSize,
+        spec.kind,
+        prefetch ? ' with prefetch' : '',
+      )
     return this
   }
 
@@ -261,6 +278,7 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
     return n
   }
 
+  /** The engine's counters now. */
   stats(): FaultServerStats {
     return this.#handle.stats()
   }
@@ -280,6 +298,7 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
     return this
   }
 
+  /** Undoes unref(). */
   ref(): this {
     if (!this.#closed) this.#handle.ref()
     return this
@@ -293,6 +312,7 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
   close(): void {
     if (this.#closed) return
     this.#closed = true
+    if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
     this.#handle.close() // joins the engine's threads: nothing reads the sources any more
     serving.delete(this.#uffd)
     released.unregister(this)
@@ -303,6 +323,7 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
     for (const w of this.#drainWaiters.splice(0)) w.reject(err)
   }
 
+  /** close(), for `using server = new FaultServer(uffd)`. */
   [Symbol.dispose](): void {
     this.close()
   }
@@ -352,6 +373,10 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
       }
     }
     if (progress) {
+      if (faultsChannel.hasSubscribers) {
+        const s = this.#handle.stats()
+        this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
+      }
       const settled = this.#handle.settled()
       this.emit('progress', {
         ...settled,
@@ -393,6 +418,8 @@ export class FaultServer extends EventEmitter<FaultServerEvents> {
   }
 
   #error(err: FaultServerError): void {
+    if (errorChannel.hasSubscribers) errorChannel.publish({ source: 'FaultServer', server: this, error: err })
+    if (debug.enabled) debug('FaultServer: error %s', err.message)
     // An 'error' event without a listener would throw from a native callback: warn instead.
     if (this.listenerCount('error') > 0) this.emit('error', err)
     else process.emitWarning(`FaultServer: ${err.message}`, 'UffdWarning')

@@ -4,7 +4,12 @@
 // the background. No JS runs per fault; see native/engine/snapshot_engine.h.
 import * as fs from 'node:fs'
 import { types } from 'node:util'
-import type { BackgroundPriority, SnapshotEngine, SnapshotEngineSink, SnapshotEngineStats } from '../addon/binding'
+import type {
+  BackgroundPriority,
+  SnapshotEngine,
+  SnapshotEngineSink,
+  SnapshotEngineStats as SnapshotStats,
+} from '../addon/binding'
 import { native } from '../addon/native'
 import { Feature, PAGE_SIZE } from '../core/constants'
 import { UnsupportedError, type UffdError } from '../core/errors'
@@ -26,6 +31,7 @@ export type SnapshotSink =
   | { fd: number; offset?: number }
   | { buffer: ArrayBuffer | SharedArrayBuffer | ArrayBufferView | Mapping }
 
+/** Options of takeSnapshot(). */
 export interface SnapshotOptions {
   /**
    * Fault every page in before protecting (MADV_POPULATE_WRITE). 'auto' (default): only where
@@ -52,6 +58,7 @@ export interface SnapshotOptions {
   backgroundPriority?: BackgroundPriority
   /** called with progress every progressIntervalMs while the snapshot runs, and once at the end */
   onProgress?: (progress: SnapshotProgress) => void
+  /** Interval of onProgress calls (default 100 ms). */
   progressIntervalMs?: number
   /** aborting cancels the snapshot (done rejects with code 'ECANCELED') */
   signal?: AbortSignal
@@ -63,19 +70,22 @@ export interface SnapshotOptions {
   events?: boolean
 }
 
-/** The snapshot's counters (see SnapshotEngineStats in src/addon/binding.ts). */
-export type SnapshotStats = SnapshotEngineStats
+// The snapshot's counters (LiveSnapshot.done), as the engine returns them (src/addon/binding.ts).
+export type { SnapshotStats }
+export type { BackgroundPriority, CopyMethod } from '../addon/binding'
 
-/** Progress so far: the stats without what is known only at the end. */
+/** How far a live snapshot is (LiveSnapshot.progress(), onProgress): the stats without what is known only at the end. */
 export type SnapshotProgress = Omit<SnapshotStats, 'populated' | 'copyMethod'>
 
 function checkOffset(value: unknown): number {
   return optionalInt(value, 'sink offset', 0, 0)
 }
 
+/** A live snapshot under way (takeSnapshot()): its progress, its end (`done`), and cancel (close()). */
 export class LiveSnapshot {
   /** The snapshotted range. */
   readonly range: Range
+  /** Page size of the range (a huge page size for hugetlb memory). */
   readonly pageSize: number
   /** Resolves with the stats once every page is in the sink; rejects with a UffdError. */
   readonly done: Promise<SnapshotStats>
@@ -113,6 +123,7 @@ export class LiveSnapshot {
     this.#uffd.close()
   }
 
+  /** close(), then waits for the engine to stop: for `await using`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.cancel()
   }

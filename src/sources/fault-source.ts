@@ -19,8 +19,10 @@ export interface FaultRequest {
   prefetch: boolean
 }
 
-type Bytes = ArrayBuffer | ArrayBufferView
-export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
+/** Bytes a FaultServer copies from, or a handler hands back: an ArrayBuffer or a view of one. */
+export type PageBytes = ArrayBuffer | ArrayBufferView
+/** A { handler } source: the bytes of a request, or a promise of them. */
+export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBytes>
 
 /**
  * Where a range's bytes come from. `offset`: where in the source the range's first byte is.
@@ -33,7 +35,7 @@ export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
  * - `handler`: a JS function, for content only JS can produce.
  */
 export type FaultSource =
-  | { buffer: Bytes | SharedArrayBuffer | Mapping; offset?: number }
+  | { buffer: PageBytes | SharedArrayBuffer | Mapping; offset?: number }
   | { file: string | number; offset?: number; readMethod?: ReadMethod }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
@@ -54,7 +56,7 @@ export interface EngineSource {
 }
 
 /** Bytes a source or a handler may hand over: an ArrayBuffer or any view. */
-export function isBytes(value: unknown): value is Bytes {
+export function isBytes(value: unknown): value is PageBytes {
   return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
 }
 

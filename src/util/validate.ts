@@ -106,7 +106,7 @@ export function func<T extends (...args: never[]) => unknown>(value: unknown, na
  */
 export function intArg(text: string | undefined, name: string, fallback: number, min: number, max: number): number {
   if (text === undefined) return fallback
-  const n = /^\s*-?\d+\s*$/.test(text) ? Number(text) : Number.NaN
+  const n = /^-?[0-9]+$/.test(text) ? Number(text) : Number.NaN
   if (!Number.isSafeInteger(n) || n < min || n > max)
     throw new RangeError(`${name} must be ${intRange(min, max)} (got '${text}')`)
   return n
