@@ -76,7 +76,7 @@ async function faultsSection(args) {
         n.push(run(naive, [args.pages, threads, order]))
         // best.c with and without spinning (up to 50 us); the better setting is chosen below
         b.push([0, 50].map((spin) => run(best, [args.pages, threads, order, spin])))
-        const spinOpt = args.spin >= 0 ? { spin: args.spin } : {}
+        const spinOpt = args.spinUs >= 0 ? { spinUs: args.spinUs } : {}
         s.push(await serverFaults(args.pages, threads, order, spinOpt))
         // The default configuration: 64 KiB fault-around (pages touched per second).
         a.push(await serverFaults(args.pages, threads, order, { ...spinOpt, faultAround: 64 * 1024 }))
@@ -139,7 +139,7 @@ async function serverRestore(file, length, options) {
   const server = new FaultServer(uffd, { prefetch: true, ...options })
   try {
     const t0 = process.hrtime.bigint()
-    server.serve(m, { file, mode: options.mode ?? 'mmap' })
+    server.serve(m, { file, readMethod: options.readMethod ?? 'mmap' })
     await touch(pages(m), { threads: 1 })
     await server.drained()
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
@@ -158,7 +158,7 @@ async function restoreSection(args) {
   const config = {
     faultAround: args.faultAround,
     prefetchChunk: args.prefetchChunk,
-    prefetchPriority: args.prefetchPriority,
+    backgroundPriority: args.backgroundPriority,
   }
   const c = []
   const floor = []
@@ -171,7 +171,7 @@ async function restoreSection(args) {
   const secs = (list) => median(list.map((x) => x.seconds))
   return [
     {
-      workload: `restore ${args.restoreMiB} MiB (faultAround ${config.faultAround / 1024} KiB, prefetch chunk ${config.prefetchChunk / 1024} KiB, ${config.prefetchPriority})`,
+      workload: `restore ${args.restoreMiB} MiB (faultAround ${config.faultAround / 1024} KiB, prefetch chunk ${config.prefetchChunk / 1024} KiB, ${config.backgroundPriority})`,
       cChunkGiBps: +(length / secs(c) / (1 << 30)).toFixed(2),
       floorGiBps: +(length / secs(floor) / (1 << 30)).toFixed(2),
       serverGiBps: +(length / secs(s) / (1 << 30)).toFixed(2),
@@ -191,9 +191,9 @@ async function demandLatency(args, withPrefetch) {
   const server = new FaultServer(uffd, {
     faultAround: PAGE_SIZE,
     prefetchChunk: args.prefetchChunk,
-    prefetchPriority: args.prefetchPriority,
-    ...(args.spin >= 0 ? { spin: args.spin } : {}),
-    ...(args.prefetchYield >= 0 ? { prefetchYield: args.prefetchYield } : {}),
+    backgroundPriority: args.backgroundPriority,
+    ...(args.spinUs >= 0 ? { spinUs: args.spinUs } : {}),
+    ...(args.prefetchYieldUs >= 0 ? { prefetchYieldUs: args.prefetchYieldUs } : {}),
   })
   try {
     server.serve(small, { buffer: new Uint8Array(small.length).fill(2) })
@@ -221,12 +221,12 @@ async function demandLatency(args, withPrefetch) {
   }
 }
 
-// Two rows: the default (the prefetch pauses while demand faults arrive) and prefetchYield 0
-// (the prefetch keeps copying alongside the demand faults), unless --prefetchYield is given.
+// Two rows: the default (the prefetch pauses while demand faults arrive) and prefetchYieldUs 0
+// (the prefetch keeps copying alongside the demand faults), unless --prefetchYieldUs is given.
 async function latencySection(args) {
   const rows = []
-  for (const y of args.prefetchYield >= 0 ? [args.prefetchYield] : [-1, 0]) {
-    rows.push(await latencyRow({ ...args, prefetchYield: y }))
+  for (const y of args.prefetchYieldUs >= 0 ? [args.prefetchYieldUs] : [-1, 0]) {
+    rows.push(await latencyRow({ ...args, prefetchYieldUs: y }))
   }
   return rows
 }
@@ -239,7 +239,7 @@ async function latencyRow(args) {
     busy.push(await demandLatency(args, true))
   }
   return {
-    workload: `demand faults during a ${args.restoreMiB} MiB prefetch (chunk ${args.prefetchChunk / 1024} KiB, ${args.prefetchYield < 0 ? 'default: prefetch yields' : `prefetchYield ${args.prefetchYield}`})`,
+    workload: `demand faults during a ${args.restoreMiB} MiB prefetch (chunk ${args.prefetchChunk / 1024} KiB, ${args.prefetchYieldUs < 0 ? 'default: prefetch yields' : `prefetchYieldUs ${args.prefetchYieldUs}`})`,
     idleP50us: +median(idle.map((x) => x.p50us)).toFixed(1),
     idleP99us: +median(idle.map((x) => x.p99us)).toFixed(1),
     duringP50us: +median(busy.map((x) => x.p50us)).toFixed(1),
@@ -258,9 +258,9 @@ async function main() {
     latencyPages: 2000,
     faultAround: 2 * MiB,
     prefetchChunk: 256 * 1024,
-    prefetchPriority: 'idle',
-    prefetchYield: -1,
-    spin: -1,
+    backgroundPriority: 'idle',
+    prefetchYieldUs: -1,
+    spinUs: -1,
     only: '',
     json: false,
   })

@@ -19,9 +19,9 @@ function pct(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
 }
 
-async function once(source, threads, dir, memFile) {
-  const socketPath = path.join(dir, `s-${source}-${threads}-${Math.random()}`)
-  const h = await FirecrackerHandler.listen({ socketPath, memFile, source })
+async function once(readMethod, threads, dir, memFile) {
+  const socketPath = path.join(dir, `s-${readMethod}-${threads}-${Math.random()}`)
+  const h = await FirecrackerHandler.listen({ socketPath, memFile, readMethod })
   try {
     const { stdout } = await promisify(execFile)(
       process.execPath,

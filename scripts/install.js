@@ -14,24 +14,30 @@ const root = path.join(__dirname, '..')
 const say = (msg) => console.error(`userfaultfd: ${msg}`)
 const yes = (v) => v !== undefined && v !== '' && v !== 'false' && v !== '0'
 
-function libc() {
+/**
+ * Where the prebuilds are, and this machine's libc: from the package's own loader
+ * (src/addon/location.ts, compiled into dist/, which the published package holds), so that install
+ * and load can never look in different places. null when dist/ is absent (a bare checkout).
+ */
+function location() {
   try {
-    if (fs.readdirSync('/lib').some((f) => f.startsWith('ld-musl-'))) return 'musl'
+    return require(path.join(root, 'dist', 'addon', 'location.js'))
   } catch {
-    /* assume glibc */
+    return null
   }
-  return 'glibc'
 }
 
 /** Loads the prebuild for this platform: { file } or { file, error }. */
 function tryPrebuild() {
-  const dir = `${process.platform}-${process.arch}`
-  const file = path.join(root, 'prebuilds', dir, `userfaultfd.${libc()}.node`)
+  const loc = location()
+  if (loc === null) return { file: '(none)', error: 'dist/addon/location.js is missing (build the package first)' }
+  const dir = loc.platformDir()
+  const file = loc.prebuildPath(root)
   if (!fs.existsSync(file)) {
     const have = fs.existsSync(path.join(root, 'prebuilds'))
       ? fs.readdirSync(path.join(root, 'prebuilds')).filter((d) => d.includes('-'))
       : []
-    return { file, error: `no prebuilt binary for ${dir} (${libc()}); prebuilt: ${have.join(', ') || 'none'}` }
+    return { file, error: `no prebuilt binary for ${dir} (${loc.libc()}); prebuilt: ${have.join(', ') || 'none'}` }
   }
   try {
     const binding = require(file)

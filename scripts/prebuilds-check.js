@@ -20,11 +20,13 @@ const FILE = 'userfaultfd.glibc.node'
 // Debian bookworm: glibc 2.36, libstdc++ from GCC 12 (GLIBCXX_3.4.30, CXXABI_1.3.13), libgcc 12.
 const MAX = { GLIBC: '2.36', GLIBCXX: '3.4.30', CXXABI: '1.3.13', GCC: '12.0.0' }
 
+// The shipped addon's sources: native/ without native/testing (the test-only addon, never shipped).
 function sourceFiles() {
   const files = fs
     .readdirSync(path.join(root, 'native'), { recursive: true })
     .sort()
     .map((f) => `native/${f}`)
+    .filter((f) => f !== 'native/testing' && !f.startsWith('native/testing/'))
   return ['binding.gyp', ...files.filter((f) => fs.statSync(path.join(root, f)).isFile())]
 }
 

@@ -26,6 +26,7 @@ fi
 stage=$(mktemp -d "${TMPDIR:-/tmp}/userfaultfd-prebuilds.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 cp -r binding.gyp package.json native "$stage/"
+rm -rf "$stage/native/testing"   # the test-only addon is never shipped (binding.gyp builds it only when present)
 ln -s "$root/node_modules" "$stage/node_modules"
 prebuildify=$root/node_modules/.bin/prebuildify
 

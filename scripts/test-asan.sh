@@ -45,7 +45,8 @@ else
     test/ioctls-poison-move.test.ts test/hugetlb.test.ts test/lifecycle.test.ts test/worker.test.ts
     test/events.test.ts test/events-lifecycle.test.ts test/fault-resolver.test.ts test/fd-passing.test.ts)
 fi
-[ "$#" -gt 0 ] || files+=(test/live-snapshot.test.ts test/dirty-tracker.test.ts)
+[ "$#" -gt 0 ] || files+=(test/live-snapshot.test.ts test/dirty-tracker.test.ts test/fault-server.test.ts
+  test/fault-server-events.test.ts test/fault-server-hugetlb.test.ts test/detached-buffers.test.ts)
 
 mkdir -p "$logs" && chmod 1777 "$logs"   # children run as nobody write here too
 # detect_leaks=0: node itself leaks at exit. handle_segv/handle_sigbus=0: the tests expect real

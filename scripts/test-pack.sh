@@ -27,6 +27,7 @@ for f in package/prebuilds/linux-x64/userfaultfd.glibc.node package/prebuilds/li
   grep -qx "$f" "$work/contents" || die "$f is not in the tarball"
 done
 if grep -qE '^package/(build|node_modules|test|\.cache)/' "$work/contents"; then die "the tarball holds build outputs or tests"; fi
+if grep -q '^package/native/testing/' "$work/contents"; then die "the tarball holds the test-only addon's sources"; fi
 say "packed $(basename "$tgz") ($(du -k "$tgz" | cut -f1) KiB, $(wc -l < "$work/contents") files)"
 
 # A PATH with node, npm and sh only.
@@ -78,6 +79,7 @@ project b
 (cd "$work/b" && timeout 300 npm install "${npm_quiet[@]}" --build-from-source "$tgz" > "$work/b.log" 2>&1) \
   || { tail -30 "$work/b.log"; die "install --build-from-source failed"; }
 grep -q 'asked to build from source (--build-from-source)' "$work/b.log" || { cat "$work/b.log"; die "--build-from-source did not compile"; }
+[ ! -e "$work/b/node_modules/userfaultfd/build/Release/userfaultfd_testing.node" ] || die "a build from the package made the test-only addon"
 (cd "$work/b" && node "$root/scripts/pack-smoke.js" build) || die "smoke test with --build-from-source"
 say "3. --build-from-source: compiled, the local build loaded, smoke test passed"
 say "passed in $((SECONDS - t0)) s"

@@ -1,7 +1,7 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
 export { Userfaultfd } from './core/userfaultfd'
 export { EventStream } from './core/events'
-export type { EventsOptions, EventItem } from './core/events'
+export type { EventsOptions } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
 export type {
@@ -12,6 +12,7 @@ export type {
   WriteProtectOptions,
   MoveOptions,
   UffdEvent,
+  EventItem,
   Address,
   CopySource,
 } from './core/userfaultfd'
@@ -58,23 +59,34 @@ export type {
   HandlerStats,
   ConnectionStats,
   ServingCounts,
-  RemovePolicy,
 } from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
 export type { GuestRegion, ParseOptions } from './firecracker/protocol'
 export { FaultServer } from './engines/fault-server'
 export type {
   FaultServerOptions,
+  FaultServerEvents,
+  FaultServerError,
   FaultSource,
   FaultHandler,
   FaultRequest,
   ServeOptions,
   FaultServerStats,
   FaultServerProgress,
+  BackgroundPriority,
+  LatencySummary,
   PageBytes,
+  ReadMethod,
+  RemovePolicy,
 } from './engines/fault-server'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
-export type { SnapshotSink, SnapshotOptions, SnapshotProgress, SnapshotStats } from './engines/live-snapshot'
+export type {
+  SnapshotSink,
+  SnapshotOptions,
+  SnapshotProgress,
+  SnapshotStats,
+  CopyMethod,
+} from './engines/live-snapshot'
 export { DirtyTracker, dirtyTrackingSupport } from './engines/dirty-tracker'
 export type {
   DirtyRange,

@@ -88,7 +88,17 @@ describe('userfaultfd CLI: usage errors exit 2 and name the flag', () => {
     [
       'a bad choice',
       ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--on-remove', 'maybe'],
-      /--on-remove must be zero or unregister \(got 'maybe'\)/,
+      /--on-remove must be zero or unregister or source \(got 'maybe'\)/,
+    ],
+    [
+      'a bad read method',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--read-method', 'mmapp'],
+      /--read-method must be mmap or pread \(got 'mmapp'\)/,
+    ],
+    [
+      'a bad read method under its old name',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--source', 'x'],
+      /--source must be mmap or pread \(got 'x'\)/,
     ],
     [
       'a bad integer',

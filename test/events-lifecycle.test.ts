@@ -131,7 +131,7 @@ describe('event stream lifecycle', () => {
       const uffd = Userfaultfd.open({ features: 0n })
       const m = Mapping.anonymous(4096)
       uffd.register(m)
-      ;(async () => { for await (const e of uffd.events({ watchdog: 300 })) uffd.zeropage(m) })()
+      ;(async () => { for await (const e of uffd.events({ watchdogMs: 300 })) uffd.zeropage(m) })()
       setTimeout(() => { new Uint8Array(m.buffer)[0] }, 50)
     `)
     expect(child.signal).toBe('SIGABRT')
@@ -152,7 +152,7 @@ describe('event stream lifecycle', () => {
       const uffd = Userfaultfd.open()
       uffd.register(own)
       ;(async () => {
-        for await (const e of uffd.events({ watchdog: 300 })) uffd.copy(e.address & ~4095n, new BigUint64Array(512).fill(77n))
+        for await (const e of uffd.events({ watchdogMs: 300 })) uffd.copy(e.address & ~4095n, new BigUint64Array(512).fill(77n))
       })()
       const w = new Worker(\`
         const { parentPort, workerData } = require('worker_threads')

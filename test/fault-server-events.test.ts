@@ -1,5 +1,8 @@
 // FaultServer under memory events (REMOVE, UNMAP, REMAP, FORK raised from native threads while
 // it serves), and errors surfacing as 'error' events.
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
 import { Feature, FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type Userfaultfd as Uffd } from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
@@ -49,7 +52,7 @@ describe('FaultServer events', () => {
         onRemove: 'source',
         prefetch: true,
         prefetchChunk: 16 * PAGE_SIZE,
-        prefetchYield: 0,
+        prefetchYieldUs: 0,
       },
       Feature.EVENT_REMOVE,
     )
@@ -64,6 +67,30 @@ describe('FaultServer events', () => {
     }
     await until(() => server.stats().removes === 5)
     expect(Buffer.compare(readAll(m), src)).toBe(0)
+    expect(errors).toEqual([])
+  })
+
+  it("REMOVE with onRemove 'unregister': the removed pages fault no more and read zeros", async () => {
+    const n = 32
+    const { uffd, m, server, errors } = setup(
+      n,
+      { faultAround: PAGE_SIZE, onRemove: 'unregister' },
+      Feature.EVENT_REMOVE,
+    )
+    const src = randomContent(n * PAGE_SIZE)
+    server.serve(m, { buffer: src })
+    await touch(pages(m), { threads: 2 })
+    expect(await within(madviseOnThread(m.range(8 * PAGE_SIZE, 8 * PAGE_SIZE), 'dontneed'), 5000, 'madvise')).toBe(0)
+    await until(() => server.stats().removes === 1)
+    const faults = server.stats().faults
+    const { values } = await within(touch(pages(m), { threads: 2 }), 5000, 'touch')
+    for (let p = 0; p < n; p++) expect(values[p]).toBe(p >= 8 && p < 16 ? 0n : BigInt(p + 1))
+    expect(server.stats().faults).toBe(faults) // the kernel's own zero pages: no fault reached us
+    expect(server.stats().pagesPresent).toBe(n) // unregistered pages count as settled
+    // Registered no more: a second register of that part succeeds (EBUSY/EEXIST otherwise).
+    const other = track(Userfaultfd.open())
+    expect(() => other.register(m.range(8 * PAGE_SIZE, 8 * PAGE_SIZE))).not.toThrow()
+    expect(uffd.closed).toBe(false)
     expect(errors).toEqual([])
   })
 
@@ -132,7 +159,7 @@ describe('FaultServer events', () => {
       await touch([m.at(0)])
       const got: Uffd[] = []
       server.on('fork', (child: Uffd) => got.push(child))
-      const forked = onFork === 'emit' ? once<Uffd>(server, 'fork') : null
+      const forked = onFork === 'emit' ? once(server, 'fork') : null
       if (onFork === 'close') server.removeAllListeners('fork')
       // Made with a raw clone on a native thread: glibc fork() would deadlock on malloc locks
       // while EVENT_FORK blocks it.
@@ -155,10 +182,13 @@ describe('FaultServer events', () => {
 describe('FaultServer errors', () => {
   it('a source that cannot be read is an error event (EFAULT), not a crash', async () => {
     const { uffd, m, server, errors } = setup(4, { faultAround: PAGE_SIZE })
-    const srcMap = Mapping.anonymous(4 * PAGE_SIZE)
-    server.serve(m, { buffer: srcMap })
-    srcMap.unmap() // misuse: the source vanishes while served
-    const err = once<Error>(server, 'error')
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fault-server-'))
+    onCleanup(() => fs.rmSync(dir, { recursive: true, force: true }))
+    const file = path.join(dir, 'snapshot.bin')
+    fs.writeFileSync(file, randomContent(4 * PAGE_SIZE))
+    server.serve(m, { file }) // copied from a private mapping of the file
+    fs.truncateSync(file, 0) // the source vanishes while served: its mapping reads as SIGBUS
+    const err = once(server, 'error')
     const touching = touch([m.at(0)])
     expect(await err).toMatchObject({ name: 'UffdError', code: 'EFAULT', syscall: 'ioctl(UFFDIO_COPY)' })
     expect(server.stats().errors).toBeGreaterThanOrEqual(1)
@@ -166,6 +196,34 @@ describe('FaultServer errors', () => {
     uffd.close() // wakes the blocked thread: it reads zeros
     expect((await within(touching, 5000, 'touch')).values[0]).toBe(0n)
     expect(errors.length).toBeGreaterThanOrEqual(1)
+  })
+
+  it('a Mapping source unmapped while served stays mapped until the range is no longer served', async () => {
+    const { m, server, errors } = setup(4, { faultAround: PAGE_SIZE })
+    const srcMap = Mapping.anonymous(4 * PAGE_SIZE)
+    const content = randomContent(4 * PAGE_SIZE)
+    srcMap.write(0, content)
+    server.serve(m, { buffer: srcMap })
+    srcMap.unmap() // the engine still copies from it: the memory stays until the range goes
+    expect(srcMap.unmapped).toBe(true)
+    expect(() => srcMap.read(0, new Uint8Array(8))).toThrow(expect.objectContaining({ code: 'EBADF' }))
+    const { values } = await within(touch(pages(m)), 5000, 'touch')
+    for (let p = 0; p < 4; p++) expect(values[p]).toBe(BigInt(p + 1))
+    // Whether the source's memory is still mapped: /proc/self/mem reads it, or fails with EIO.
+    const mapped = (): boolean => {
+      const fd = fs.openSync('/proc/self/mem', 'r')
+      try {
+        return fs.readSync(fd, Buffer.alloc(8), 0, 8, srcMap.address) === 8
+      } catch {
+        return false
+      } finally {
+        fs.closeSync(fd)
+      }
+    }
+    expect(mapped()).toBe(true)
+    server.remove(m)
+    expect(mapped()).toBe(false)
+    expect(errors).toEqual([])
   })
 
   it('a fault outside every served range is served as zeros and reported once', async () => {
@@ -207,7 +265,7 @@ describe('FaultServer errors', () => {
   it('a handler returning something other than bytes is an error event', async () => {
     const { uffd, m, server } = setup(2)
     server.serve(m, { handler: () => 42 as unknown as Uint8Array })
-    const err = once<Error>(server, 'error')
+    const err = once(server, 'error')
     const touching = touch([m.at(0)])
     expect(await err).toBeInstanceOf(TypeError)
     server.close()

@@ -149,7 +149,7 @@ describe('Firecracker handler: serving a guest', () => {
   })
 
   it('onRemove: unregister: the removed range faults no more and reads zeros', { timeout: 30_000 }, async () => {
-    const h = await listen({ onRemove: 'unregister', source: 'pread' })
+    const h = await listen({ onRemove: 'unregister', readMethod: 'pread' })
     const ended = nextEnd(h)
     const g = await runGuest({
       socket: h.socketPath,

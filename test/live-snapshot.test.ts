@@ -20,7 +20,7 @@ import {
   type LiveSnapshot,
 } from '../src/index'
 import { madviseOnThread, munmapOnThread, pages, startStamper, touch } from '../src/testing'
-import type { Stamper } from '../src/addon/native'
+import type { Stamper } from '../src/testing'
 import { checkFinal, checkStamps } from './helpers/stamps'
 import { env } from './helpers/env'
 

@@ -75,7 +75,7 @@ describe('diagnostics_channel', () => {
     const faults = collect<FaultsMessage>(diagnosticsChannels.faults)
     try {
       const n = 2048
-      const { m, server } = setup(n, { faultAround: PAGE_SIZE, progressInterval: 10 })
+      const { m, server } = setup(n, { faultAround: PAGE_SIZE, progressIntervalMs: 10 })
       server.serve(m, { buffer: new Uint8Array(n * PAGE_SIZE).fill(3) })
       await within(touch(pages(m), { threads: 2 }), 15_000, 'touch')
       await within(server.drained(), 5000, 'drained')

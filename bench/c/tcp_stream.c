@@ -1,6 +1,7 @@
 // The floor of the migration benchmark: a plain TCP stream of N bytes over the same link.
 //   tcp_stream recv ADDR PORT BYTES touched|fresh   (prints {"seconds":..} from accept to the last byte)
-//   tcp_stream send ADDR PORT BYTES                 (prints {"seconds":..} from connect to the receiver's ack)
+//   tcp_stream send ADDR PORT BYTES                 (prints {"seconds":..} from connect to the receiver's
+//   ack)
 // The receiver writes into memory it touched beforehand ("touched": the fastest case) or mapped
 // just now ("fresh": first touch by recv, as a migration target's memory is).
 #include <arpa/inet.h>
@@ -33,7 +34,8 @@ int main(int argc, char** argv) {
   int one = 1;
   if (strcmp(argv[1], "recv") == 0) {
     int touched = argc > 5 && strcmp(argv[5], "touched") == 0;
-    char* mem = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (touched ? MAP_POPULATE : 0), -1, 0);
+    char* mem = mmap(0, size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | (touched ? MAP_POPULATE : 0), -1, 0);
     if (mem == MAP_FAILED) return perror("mmap"), 1;
     if (touched) memset(mem, 1, size);
     int l = socket(AF_INET, SOCK_STREAM, 0);

@@ -9,16 +9,14 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitOpen(env, exports);
   InitIoctls(env, exports);
   InitMapping(env, exports);
-  InitToucher(env, exports);
   InitRead(env, exports);
   InitEventReader(env, exports);
   InitFdPassing(env, exports);
   InitFdWatcher(env, exports);
   InitFileMapping(env, exports);
-  InitFaultServer(env, exports);
+  InitFaultEngine(env, exports);
   InitPagemapScan(env, exports);
-  InitLiveSnapshot(env, exports);
-  InitStamper(env, exports);
+  InitSnapshotEngine(env, exports);
   InitMigration(env, exports);
   InitWorkload(env, exports);
   return exports;

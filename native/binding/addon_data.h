@@ -5,7 +5,7 @@
 
 #include <set>
 
-struct Watchdog;
+class Watchdog;
 
 struct AddonData {
   Watchdog* watchdog = nullptr;           // deadlock watchdog thread (watchdog.cc), lazily started

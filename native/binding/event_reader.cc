@@ -28,13 +28,13 @@ class EventReader : public Napi::ObjectWrap<EventReader> {
                        });
   }
 
-  // new EventReader(fd, batch, callback(count | Error), watchdogMs)
+  // new EventReader(fd, readSize, callback(count | Error), watchdogMs)
   EventReader(const Napi::CallbackInfo& info)
       : Napi::ObjectWrap<EventReader>(info), context_(info.Env(), "userfaultfd.events") {
     Napi::Env env = info.Env();
     int fd = ArgFd(info, 0);
-    int batch = ArgI32(info, 1, "batch");
-    if (batch < 1 || batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
+    int batch = ArgI32(info, 1, "readSize");
+    if (batch < 1 || batch > 4096) ThrowRangeError(env, "readSize must be 1..4096");
     if (!info[2].IsFunction()) ThrowTypeError(env, "callback must be a function");
     int watchdogMs = info[3].IsNumber() ? info[3].As<Napi::Number>().Int32Value() : 0;
     callback_ = Napi::Persistent(info[2].As<Napi::Function>());

@@ -24,6 +24,7 @@
 #include "engine/migration_source.h"
 #include "engine/migration_target.h"
 #include "engine/page_hash.h"
+#include "engine/util.h"
 
 using migration::Run;
 using migration::SessionNotice;
@@ -203,8 +204,8 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
       r.address = PropU64(o, "address");
       r.length = PropU64(o, "length");
       r.pageSize = PropU64(o, "pageSize");
-      if (r.pageSize < 4096 || (r.pageSize & (r.pageSize - 1)) || r.length == 0 || r.length % r.pageSize ||
-          r.address % r.pageSize)
+      if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
+          r.length % r.pageSize || r.address % r.pageSize)
         ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
       r.pages = r.length / r.pageSize;
       ranges.push_back(r);
@@ -305,7 +306,7 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     Put(o, "unsent", core_->session->unsent());
     Put(o, "wireBytes", core_->session->wireBytes());
     uint64_t last = core_->session->lastReceiveNs();
-    uint64_t now = migration::NowNs();
+    uint64_t now = NowNs();
     o.Set("silentMs",
           Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
     return o;
@@ -365,8 +366,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
       r.address = PropU64(o, "address");
       r.length = PropU64(o, "length");
       r.pageSize = PropU64(o, "pageSize");
-      if (r.pageSize < 4096 || (r.pageSize & (r.pageSize - 1)) || r.length == 0 || r.length % r.pageSize ||
-          r.address % r.pageSize)
+      if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
+          r.length % r.pageSize || r.address % r.pageSize)
         ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
       r.pages = r.length / r.pageSize;
       if (o.Has("alias") && !o.Get("alias").IsUndefined()) {
@@ -382,8 +383,8 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     migration::TargetOptions o;
     o.pingMs = static_cast<uint32_t>(OptU64(opts, "pingMs", o.pingMs));
     o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
-    o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
-    if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
+    o.readSize = static_cast<uint32_t>(OptU64(opts, "readSize", o.readSize));
+    if (o.readSize < 1 || o.readSize > 4096) ThrowRangeError(env, "readSize must be 1..4096");
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
     if (opts.Get("bulkIdle").IsBoolean()) o.bulkIdle = opts.Get("bulkIdle").ToBoolean();
     if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
@@ -517,7 +518,7 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     o.Set("demandP50us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.5)) / 1000.0));
     o.Set("demandP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));
     uint64_t last = session->lastReceiveNs();
-    uint64_t now = migration::NowNs();
+    uint64_t now = NowNs();
     o.Set("silentMs",
           Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
     return o;
@@ -542,7 +543,7 @@ Napi::Value PageHashes(const Napi::CallbackInfo& info) {
   uint64_t pageSize = ArgU64(info, 2, "pageSize");
   uint64_t maskOffset = ArgU64(info, 3, "maskOffset");
   uint64_t maskLength = ArgU64(info, 4, "maskLength");
-  if (pageSize < 4096 || (pageSize & (pageSize - 1)) || length % pageSize || address % pageSize)
+  if (pageSize < BasePageSize() || (pageSize & (pageSize - 1)) || length % pageSize || address % pageSize)
     ThrowRangeError(env, "pageHashes needs a range aligned to its page size");
   uint64_t pages = length / pageSize;
   Napi::BigUint64Array out = Napi::BigUint64Array::New(env, pages);

@@ -1,4 +1,5 @@
-// Init functions of each native concern; addon.cc calls them all.
+// Init functions of each native concern; addon.cc calls them all (and the test-only addon,
+// native/testing/testing_addon.cc, InitErrors).
 #pragma once
 #include <napi.h>
 
@@ -7,15 +8,13 @@ void InitConstants(Napi::Env env, Napi::Object exports);
 void InitOpen(Napi::Env env, Napi::Object exports);
 void InitIoctls(Napi::Env env, Napi::Object exports);
 void InitMapping(Napi::Env env, Napi::Object exports);
-void InitToucher(Napi::Env env, Napi::Object exports);
 void InitRead(Napi::Env env, Napi::Object exports);
 void InitEventReader(Napi::Env env, Napi::Object exports);
 void InitFdPassing(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitFileMapping(Napi::Env env, Napi::Object exports);
-void InitFaultServer(Napi::Env env, Napi::Object exports);
+void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
-void InitLiveSnapshot(Napi::Env env, Napi::Object exports);
-void InitStamper(Napi::Env env, Napi::Object exports);
+void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
 void InitMigration(Napi::Env env, Napi::Object exports);
 void InitWorkload(Napi::Env env, Napi::Object exports);

@@ -1,5 +1,5 @@
-// Deadlock watchdog: detects the JS thread blocked in a userfault on memory that only it could
-// resolve (it reads the uffd's events), and aborts with an explanation instead of hanging.
+// The deadlock watchdog (native/engine/watchdog.h) of each environment: one per env, for its JS
+// thread, started on first use and joined at environment teardown.
 #pragma once
 #include <napi.h>
 

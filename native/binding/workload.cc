@@ -9,6 +9,7 @@
 
 #include "binding/args.h"
 #include "binding/uffd.h"
+#include "engine/util.h"
 #include "engine/workload.h"
 
 namespace {
@@ -31,7 +32,8 @@ class WorkloadHandle : public Napi::ObjectWrap<WorkloadHandle> {
     uint64_t base = ArgU64(info, 0, "address");
     uint64_t length = ArgU64(info, 1, "length");
     uint64_t pageSize = ArgU64(info, 2, "pageSize");
-    if (pageSize < 4096 || (pageSize & (pageSize - 1)) || length < pageSize || length % pageSize || base % pageSize)
+    if (pageSize < BasePageSize() || (pageSize & (pageSize - 1)) || length < pageSize || length % pageSize ||
+        base % pageSize)
       ThrowRangeError(env, "the range must be a positive number of pages, aligned");
     Napi::Object o = info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
     auto num = [&](const char* name, double fallback) {

@@ -10,11 +10,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "kernel/uapi.h"
 
 namespace {
-const uint64_t kPage = 4096;
 
 inline void CpuRelax() {
 #if defined(__x86_64__)
@@ -24,22 +24,11 @@ inline void CpuRelax() {
 #endif
 }
 
-std::string Hex(uint64_t v) {
-  char buf[32];
-  snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
 }  // namespace
-
-uint64_t EngineNowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 FaultEngine::FaultEngine(const EngineOptions& options, std::function<void()> wakeJs)
     : options_(options), wakeJs_(std::move(wakeJs)) {
-  if (options_.batch < 1) options_.batch = 1;
+  if (options_.readSize < 1) options_.readSize = 1;
   spinBudgetNs_.store(options_.spinUs * 1000);
 }
 
@@ -117,28 +106,47 @@ int FaultEngine::AddRange(std::shared_ptr<ServedRange> range) {
 }
 
 int FaultEngine::RemoveRange(uint64_t start, uint64_t end) {
-  int removed = 0;
-  std::lock_guard<std::mutex> lock(tableMu_);
-  for (auto it = table_.begin(); it != table_.end();) {
-    if ((*it)->start >= start && (*it)->end() <= end) {
-      (*it)->dropped.store(true);
-      it = table_.erase(it);
-      removed++;
-    } else {
-      ++it;
+  Table removed;
+  {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    for (auto it = table_.begin(); it != table_.end();) {
+      if ((*it)->start >= start && (*it)->end() <= end) {
+        (*it)->dropped.store(true, std::memory_order_seq_cst);
+        removed.push_back(*it);
+        it = table_.erase(it);
+      } else {
+        ++it;
+      }
     }
+    if (!removed.empty()) tableVersion_.fetch_add(1);
   }
-  if (removed > 0) tableVersion_.fetch_add(1);
-  return removed;
+  // Fills already under way finish (one ioctl's worth); none starts anew, since a fill checks
+  // `dropped` after counting itself (FillRun). Then the caller may free what the source reads.
+  for (auto& r : removed)
+    while (r->fills.load(std::memory_order_seq_cst) != 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  return static_cast<int>(removed.size());
 }
 
-void FaultEngine::SettledTotal(uint64_t* settled, uint64_t* total) {
+Settlement FaultEngine::Settled() {
   std::lock_guard<std::mutex> lock(tableMu_);
-  *settled = *total = 0;
+  Settlement s;
   for (auto& r : table_) {
-    *settled += r->settled.load();
-    *total += r->pages;
+    uint64_t settled = r->settled.load();
+    s.pages += settled;
+    s.totalPages += r->pages;
+    s.bytes += settled * r->pageSize;
+    s.totalBytes += r->length;
   }
+  return s;
+}
+
+std::shared_ptr<ZeroRegion> FaultEngine::ZerosFor(uint64_t pageSize, int* err) {
+  std::lock_guard<std::mutex> lock(tableMu_);
+  auto& z = zeros_[pageSize];
+  // A few pages per copy, so that a run of zero pages is not one ioctl per page.
+  if (!z) z = ZeroRegion::Create(std::max<uint64_t>(pageSize, 8u << 20), err);
+  return z;
 }
 
 const FaultEngine::Table& FaultEngine::Snapshot(Table* local, uint64_t* version) {
@@ -174,26 +182,44 @@ size_t FaultEngine::MarkPresent(ServedRange* r, size_t first, size_t count) {
 
 void FaultEngine::SetState(ServedRange* r, size_t page, uint8_t to) {
   uint8_t prev = r->states.Set(page, to);
-  if (Settled(prev) && !Settled(to)) r->settled.fetch_sub(1);
-  if (!Settled(prev) && Settled(to)) r->settled.fetch_add(1);
+  if (IsSettled(prev) && !IsSettled(to)) r->settled.fetch_sub(1);
+  if (!IsSettled(prev) && IsSettled(to)) r->settled.fetch_add(1);
 }
 
 // ---- filling --------------------------------------------------------------------------------
 
 FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
-                                             Origin origin, const uint8_t* bytes,
+                                             Origin origin, From from, const uint8_t* bytes,
                                              std::vector<uint8_t>* scratch, bool* firstExisted,
                                              size_t* done) {
-  uint64_t dst = r->start + page * kPage;
-  uint64_t len = count * kPage;
-  uint64_t off = 0;
+  // Counted while it runs, for RemoveRange; a range removed meanwhile is not filled at all.
+  struct Counted {
+    std::atomic<uint32_t>& n;
+    explicit Counted(std::atomic<uint32_t>& c) : n(c) { n.fetch_add(1, std::memory_order_seq_cst); }
+    ~Counted() { n.fetch_sub(1, std::memory_order_seq_cst); }
+  } counted(r->fills);
   *done = 0;
+  if (r->dropped.load(std::memory_order_seq_cst)) return kFilled;  // nothing left to do for it
+  const uint64_t ps = r->pageSize;
+  const Filler filler = r->filler(uffd_);
+  uint64_t dst = r->start + page * ps;
+  uint64_t len = count * ps;
+  uint64_t off = 0;
   while (off < len) {
-    FillResult f = bytes != nullptr ? CopyPages(uffd_, dst + off, bytes + off, len - off)
-                                    : r->source->Fill(uffd_, dst + off, r->sourceOffset + page * kPage + off,
-                                                      len - off, scratch);
+    FillResult f;
+    switch (from) {
+      case From::kSource:
+        f = r->source->Fill(filler, dst + off, r->sourceOffset + page * ps + off, len - off, scratch);
+        break;
+      case From::kBytes:
+        f = filler.Copy(dst + off, bytes + off, len - off);
+        break;
+      case From::kZeros:
+        f = filler.Zero(dst + off, len - off);
+        break;
+    }
     if (f.done > 0) {
-      size_t n = f.done / kPage;
+      size_t n = f.done / ps;
       // Counters first: whoever sees the pages present (drained()) sees them counted.
       stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
       if (f.zero) stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
@@ -213,10 +239,10 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
           stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
           break;
       }
-      MarkPresent(r.get(), page + off / kPage, n);
+      MarkPresent(r.get(), page + off / ps, n);
       off += f.done;
     }
-    *done = off / kPage;
+    *done = off / ps;
     if (f.err == 0) continue;
     if (f.err == EAGAIN) {
       if (f.done > 0) continue;  // partial progress: go on with the rest
@@ -225,52 +251,75 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
     if (f.err == EEXIST) {
       // Someone (the other thread, a racing fault) filled this page first.
       if (off == 0 && firstExisted != nullptr) *firstExisted = true;
-      stats_.eexist.fetch_add(1, std::memory_order_relaxed);
-      MarkPresent(r.get(), page + off / kPage, 1);
-      off += kPage;
-      *done = off / kPage;
+      stats_.exists.fetch_add(1, std::memory_order_relaxed);
+      MarkPresent(r.get(), page + off / ps, 1);
+      off += ps;
+      *done = off / ps;
       continue;
     }
     if (f.err == ENOENT || f.err == ESRCH) {
       // Not registered any more (unregistered behind our back, or the process exited):
       // nothing will fault there through this uffd again.
-      for (size_t i = page + off / kPage; i < page + count; i++) SetState(r.get(), i, kGone);
+      for (size_t i = page + off / ps; i < page + count; i++) SetState(r.get(), i, kGone);
       if (f.err == ESRCH) Error(f.err, f.syscall, "the process owning the memory exited", dst + off);
       *done = count;
       return kFailed;
     }
-    Error(f.err, f.syscall,
-          std::string("filling ") + Hex(dst + off) + " from source offset " +
-              Hex(r->sourceOffset + page * kPage + off),
-          dst + off);
+    FillFailed(r, dst + off, f, origin);
     return kFailed;
   }
   return kFilled;
 }
 
+void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,
+                             Origin origin) {
+  Error(f.err, f.syscall,
+        std::string("filling ") + Hex(address) + " from source offset " +
+            Hex(r->sourceOffset + (address - r->start)) +
+            (f.err == EINVAL && r->pageSize == BasePageSize()
+                 ? " (is it hugetlb memory served with the base page size? pass its pageSize)"
+                 : ""),
+        address);
+}
+
 void FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
-                              std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
+                              From from, std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
   size_t done = 0;
-  FillStatus s =
-      FillRun(r, page, count, origin, bytes ? bytes->data() : nullptr, &demandScratch_, firstExisted, &done);
+  FillStatus s = FillRun(r, page, count, origin, from, bytes ? bytes->data() : nullptr, &demandScratch_,
+                         firstExisted, &done);
   if (s != kDeferredOp) return;
   std::shared_ptr<std::vector<uint8_t>> rest;
-  if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * kPage, bytes->end());
-  deferred_.push_back(Deferred{r, 0, page + done, count - done, origin, std::move(rest)});
+  if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * r->pageSize, bytes->end());
+  deferred_.push_back(Deferred{r, 0, page + done, count - done, origin, from, std::move(rest)});
   stats_.deferred.fetch_add(1, std::memory_order_relaxed);
 }
 
-void FaultEngine::ZeroFault(uint64_t page) {
-  FillResult f = ZeroPages(uffd_, page, kPage);
+void FaultEngine::ZeroUnserved(uint64_t address) {
+  uint64_t size = BasePageSize();
+  uint64_t page = AlignDown(address, size);
+  FillResult f = ZeroPages(uffd_, page, size);
+  if (f.err == EINVAL && options_.hugePageSize > size) {
+    // No ZEROPAGE here: hugetlb memory (of the default huge page size, as far as we can tell).
+    if (!unservedZeros_) {
+      int err = 0;
+      unservedZeros_ = ZeroRegion::Create(options_.hugePageSize, &err);
+    }
+    if (unservedZeros_) {
+      size = options_.hugePageSize;
+      page = AlignDown(address, size);
+      f = CopyPages(uffd_, page, unservedZeros_->data(), size);
+      f.zero = true;
+    }
+  }
   if (f.err == EAGAIN && f.done == 0) {
-    deferred_.push_back(Deferred{nullptr, page, 0, 1, kDemand, nullptr});
+    deferred_.push_back(Deferred{nullptr, address, 0, 1, kDemand, From::kZeros, nullptr});
     stats_.deferred.fetch_add(1, std::memory_order_relaxed);
   } else if (f.err == EEXIST) {
-    WakePages(uffd_, page, kPage);
+    WakePages(uffd_, page, size);
   } else if (f.err == 0) {
     stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
   } else if (f.err != ENOENT) {
-    Error(f.err, f.syscall, "zero page for " + Hex(page), page);
+    Error(f.err, f.syscall, "zeros for " + Hex(page), page);
   }
 }
 
@@ -280,9 +329,11 @@ void FaultEngine::RetryDeferred() {
   for (auto& d : ops) {
     stats_.retries.fetch_add(1, std::memory_order_relaxed);
     if (d.range == nullptr) {
-      ZeroFault(d.address);
+      ZeroUnserved(d.address);
+    } else if (d.from == From::kZeros) {
+      if (!d.range->dropped.load()) ZeroRemoved(d.range, d.page);
     } else if (!d.range->dropped.load()) {
-      FillOrDefer(d.range, d.page, d.count, d.origin, d.bytes, nullptr);
+      FillOrDefer(d.range, d.page, d.count, d.origin, d.from, d.bytes, nullptr);
     }
   }
 }
@@ -290,7 +341,7 @@ void FaultEngine::RetryDeferred() {
 // ---- demand thread --------------------------------------------------------------------------
 
 void FaultEngine::DemandLoop() {
-  std::vector<struct uffd_msg> msgs(options_.batch);
+  std::vector<struct uffd_msg> msgs(options_.readSize);
   const uint64_t maxSpin = static_cast<uint64_t>(options_.spinUs) * 1000;
   uint64_t idleSince = 0;
   int sleepsWithoutSpin = 0;
@@ -301,7 +352,7 @@ void FaultEngine::DemandLoop() {
     errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
     if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
     if (n > 0) {
-      uint64_t now = EngineNowNs();
+      uint64_t now = NowNs();
       if (idleSince != 0) {
         // A spin hit: the message came while spinning. Spin a little longer next time.
         stats_.spinHits.fetch_add(1, std::memory_order_relaxed);
@@ -343,7 +394,7 @@ void FaultEngine::DemandLoop() {
     } else {
       backoffMs = 1;
     }
-    uint64_t now = EngineNowNs();
+    uint64_t now = NowNs();
     if (idleSince == 0) idleSince = now;
     // Adaptive spin: a sleeping reader costs one more cross-CPU wake-up per fault.
     uint64_t budget = spinBudgetNs_.load(std::memory_order_relaxed);
@@ -394,7 +445,7 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
                   m.arg.pagefault.address);
           break;
         }
-        HandleFault(m.arg.pagefault.address & ~(kPage - 1), readNs);
+        HandleFault(m.arg.pagefault.address, readNs);
         break;
       case UFFD_EVENT_REMOVE:
         stats_.removes.fetch_add(1, std::memory_order_relaxed);
@@ -426,26 +477,27 @@ bool FaultEngine::Delegated(uint64_t address, uint64_t flags) {
   return true;
 }
 
-void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
+void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   const Table& table = Snapshot(&demandTable_, &demandVersion_);
-  std::shared_ptr<ServedRange> r = Lookup(table, page);
-  uint8_t state = r ? r->states.Get((page - r->start) / kPage) : static_cast<uint8_t>(kGone);
+  std::shared_ptr<ServedRange> r = Lookup(table, address);
+  size_t i = r ? (address - r->start) / r->pageSize : 0;
+  uint8_t state = r ? r->states.Get(i) : static_cast<uint8_t>(kGone);
   if (state == kGone) {
     // Registered with this uffd but served by no range: zeros, and say so once.
     stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
     if (!unhandledReported_.exchange(true))
       Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)",
-            "fault at " + Hex(page) + " outside every served range: served as zeros", page);
-    ZeroFault(page);
+            "fault at " + Hex(address) + " outside every served range: served as zeros", address);
+    ZeroUnserved(address);
     return;
   }
-  size_t i = (page - r->start) / kPage;
+  const uint64_t page = r->start + i * r->pageSize;
   if (state == kRemoved) {
-    ZeroFault(page);
-    latency_.Record(EngineNowNs() - readNs);
+    ZeroRemoved(r, i);
+    latency_.Record(NowNs() - readNs);
     return;
   }
-  size_t window = std::max<uint64_t>(r->faultAround / kPage, 1);
+  size_t window = std::max<uint64_t>(r->faultAround / r->pageSize, 1);
   size_t ws = i - i % window;
   size_t we = std::min(ws + window, r->pages);
   // Prefetch follows demand (locality), one window ahead: the next window is the likeliest
@@ -454,25 +506,38 @@ void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
   if (r->source->kind() == Source::kHandler) {
     if (state == kInFlight) return;  // the handler's bytes will wake it
     SetState(r.get(), i, kInFlight);
-    size_t last = i + 1;
-    while (last < we && r->states.Transition(last, kMissing, kInFlight)) last++;
-    size_t first = i;
-    while (first > ws && r->states.Transition(first - 1, kMissing, kInFlight)) first--;
+    size_t last = r->states.ClaimForward(i + 1, we, kMissing, kInFlight);
+    size_t first = r->states.ClaimBackward(i, ws, kMissing, kInFlight);
     RequestFromHandler(r, first, last - first, false, &batchRequests_);
     return;
   }
   bool existed = false;
   size_t forward = 1 + r->states.RunOf(i + 1, we - i - 1, kMissing);
-  FillOrDefer(r, i, forward, kDemand, nullptr, &existed);
-  latency_.Record(EngineNowNs() - readNs);
+  FillOrDefer(r, i, forward, kDemand, From::kSource, nullptr, &existed);
+  latency_.Record(NowNs() - readNs);
   if (existed) {
     // Filled by the prefetch thread, whose ioctl wakes waiters only when it ends: wake now.
-    WakePages(uffd_, page, kPage);
+    WakePages(uffd_, page, r->pageSize);
     stats_.wakes.fetch_add(1, std::memory_order_relaxed);
   }
   size_t back = i;
   while (back > ws && r->states.Get(back - 1) == kMissing) back--;
-  if (back < i) FillOrDefer(r, back, i - back, kAround, nullptr, nullptr);
+  if (back < i) FillOrDefer(r, back, i - back, kAround, From::kSource, nullptr, nullptr);
+}
+
+void FaultEngine::ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t i) {
+  uint64_t page = r->start + i * r->pageSize;
+  FillResult f = r->filler(uffd_).Zero(page, r->pageSize);
+  if (f.err == EAGAIN && f.done == 0) {
+    deferred_.push_back(Deferred{r, page, i, 1, kDemand, From::kZeros, nullptr});
+    stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+  } else if (f.err == EEXIST) {
+    WakePages(uffd_, page, r->pageSize);
+  } else if (f.err == 0) {
+    stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
+  } else if (f.err != ENOENT) {
+    Error(f.err, f.syscall, "zeros for the removed page at " + Hex(page), page);
+  }
 }
 
 void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
@@ -485,9 +550,9 @@ void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size
   }
   q.handlerId = r->source->handlerId();
   q.rangeId = r->id;
-  q.address = r->start + page * kPage;
-  q.offset = r->sourceOffset + page * kPage;
-  q.length = count * kPage;
+  q.address = r->start + page * r->pageSize;
+  q.offset = r->sourceOffset + page * r->pageSize;
+  q.length = count * r->pageSize;
   q.prefetch = prefetch;
   stats_.requests.fetch_add(1, std::memory_order_relaxed);
   out->push_back(q);
@@ -544,9 +609,9 @@ void FaultEngine::ProcessCompletions() {
       if (p.prefetch) p.range->prefetchFailed.store(true);
       continue;
     }
-    c.bytes.resize(p.count * kPage, 0);
+    c.bytes.resize(p.count * p.range->pageSize, 0);
     auto bytes = std::make_shared<std::vector<uint8_t>>(std::move(c.bytes));
-    FillOrDefer(p.range, p.page, p.count, kCompletion, bytes, nullptr);
+    FillOrDefer(p.range, p.page, p.count, kCompletion, From::kBytes, bytes, nullptr);
   }
   if (kick) KickPrefetch();
 }
@@ -555,20 +620,39 @@ void FaultEngine::ProcessCompletions() {
 
 void FaultEngine::HandleRemove(uint64_t start, uint64_t end) {
   const Table& table = Snapshot(&demandTable_, &demandVersion_);
-  bool kick = false;
+  bool kick = false, anyGone = false;
   for (auto& r : table) {
     uint64_t a = std::max(start, r->start), b = std::min(end, r->end());
     if (a >= b) continue;
-    size_t pa = (a - r->start) / kPage, pb = (b - r->start + kPage - 1) / kPage;
+    const uint64_t ps = r->pageSize;
+    size_t pa = (a - r->start) / ps, pb = (b - r->start + ps - 1) / ps;
+    if (options_.onRemove == RemovePolicy::kUnregister) {
+      // Only whole pages can be unregistered; where that fails, zeros (just as correct).
+      size_t ua = (a - r->start + ps - 1) / ps, ub = (b - r->start) / ps;
+      if (ua < ub) {
+        struct uffdio_range range = {r->start + ua * ps, (ub - ua) * ps};
+        if (ioctl(uffd_, UFFDIO_UNREGISTER, &range) == 0) {
+          for (size_t p = ua; p < ub; p++) SetState(r.get(), p, kGone);
+          anyGone = anyGone || r->states.All(kGone);
+        } else {
+          ua = ub = pa;
+        }
+      }
+      for (size_t p = pa; p < pb; p++)
+        if ((p < ua || p >= ub) && r->states.Get(p) != kGone) SetState(r.get(), p, kRemoved);
+      continue;
+    }
+    bool zero = options_.onRemove == RemovePolicy::kZero;
     for (size_t p = pa; p < pb; p++) {
       if (r->states.Get(p) == kGone) continue;
-      SetState(r.get(), p, options_.removeToZero ? kRemoved : kMissing);
+      SetState(r.get(), p, zero ? kRemoved : kMissing);
     }
-    if (!options_.removeToZero && r->prefetch) {
+    if (!zero && r->prefetch) {
       r->cursor.store(pa);  // re-serve from where the hole starts
       kick = true;
     }
   }
+  if (anyGone) DropGoneRanges();
   if (kick) KickPrefetch();
   Progress(false);
 }
@@ -579,9 +663,10 @@ void FaultEngine::HandleUnmap(uint64_t start, uint64_t end) {
   for (auto& r : table) {
     uint64_t a = std::max(start, r->start), b = std::min(end, r->end());
     if (a >= b) continue;
-    size_t pa = (a - r->start) / kPage, pb = (b - r->start + kPage - 1) / kPage;
+    const uint64_t ps = r->pageSize;
+    size_t pa = (a - r->start) / ps, pb = (b - r->start + ps - 1) / ps;
     for (size_t p = pa; p < pb; p++) SetState(r.get(), p, kGone);
-    if (r->states.RunOf(0, r->pages, kGone) == r->pages) anyGone = true;
+    if (r->states.All(kGone)) anyGone = true;
   }
   if (anyGone) DropGoneRanges();
   Progress(true);
@@ -592,7 +677,7 @@ bool FaultEngine::EraseGoneLocked() {
   size_t before = table_.size();
   table_.erase(std::remove_if(table_.begin(), table_.end(),
                               [](const std::shared_ptr<ServedRange>& r) {
-                                bool gone = r->states.RunOf(0, r->pages, kGone) == r->pages;
+                                bool gone = r->states.All(kGone);
                                 if (gone) r->dropped.store(true);
                                 return gone;
                               }),
@@ -613,16 +698,16 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
       uint64_t a = std::max(from, r->start), b = std::min(from + len, r->end());
       if (a >= b) continue;
       // The moved part becomes a range of its own at the new address, with its page states.
-      size_t pa = (a - r->start) / kPage, n = (b - a) / kPage;
-      auto moved =
-          std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->source,
-                                        r->sourceOffset + (a - r->start), r->prefetch, r->faultAround);
+      size_t pa = (a - r->start) / r->pageSize, n = (b - a) / r->pageSize;
+      auto moved = std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->pageSize, r->source,
+                                                 r->sourceOffset + (a - r->start), r->prefetch,
+                                                 r->faultAround, r->zeros);
       size_t settled = 0;
       for (size_t k = 0; k < n; k++) {
         uint8_t s = r->states.Get(pa + k);
         if (s == kInFlight) s = kMissing;  // the handler's bytes would land at the old address
         moved->states.Set(k, s);
-        if (Settled(s)) settled++;
+        if (IsSettled(s)) settled++;
       }
       moved->settled.store(settled);
       for (size_t k = 0; k < n; k++) SetState(r.get(), pa + k, kGone);
@@ -637,7 +722,7 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
 }
 
 void FaultEngine::HandleFork(int fd) {
-  if (options_.forkEmit) {
+  if (options_.onFork == ForkPolicy::kEmit) {
     Notice n;
     n.kind = Notice::kFork;
     n.fd = fd;
@@ -650,7 +735,7 @@ void FaultEngine::HandleFork(int fd) {
 // ---- prefetch thread ------------------------------------------------------------------------
 
 void FaultEngine::PrefetchLoop() {
-  if (options_.prefetchIdle) {
+  if (options_.backgroundIdle) {
     struct sched_param param = {};
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
   }
@@ -658,7 +743,6 @@ void FaultEngine::PrefetchLoop() {
   uint64_t version = 0;
   std::vector<uint8_t> scratch;
   std::vector<HandlerRequest> requests;
-  size_t chunk = std::max<uint64_t>(options_.prefetchChunk / kPage, 1);
   int backoffMs = 1;
   while (!stopping_.load()) {
     uint64_t kick = prefetchKick_.load();
@@ -673,17 +757,17 @@ void FaultEngine::PrefetchLoop() {
       // faulting thread or the demand thread is woken on). Nothing is claimed yet.
       const uint64_t yieldNs = static_cast<uint64_t>(options_.prefetchYieldUs) * 1000;
       while (!handler && yieldNs > 0 && !stopping_.load() &&
-             EngineNowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
+             NowNs() - lastDemandNs_.load(std::memory_order_relaxed) < yieldNs) {
         stats_.prefetchPauses.fetch_add(1, std::memory_order_relaxed);
         struct timespec pause = {static_cast<time_t>(yieldNs / 1000000000ull),
                                  static_cast<long>(yieldNs % 1000000000ull)};
         nanosleep(&pause, nullptr);
       }
+      size_t chunk = std::max<uint64_t>(options_.prefetchChunk / r->pageSize, 1);
       size_t i = r->states.Find(std::min(r->cursor.load(), r->pages), kMissing);
       if (i >= r->pages) i = r->states.Find(0, kMissing);
       if (i >= r->pages) continue;
-      size_t n = 0;
-      while (n < chunk && i + n < r->pages && r->states.Transition(i + n, kMissing, kInFlight)) n++;
+      size_t n = r->states.ClaimForward(i, i + chunk, kMissing, kInFlight) - i;
       if (n == 0) continue;
       worked = true;
       r->cursor.store(i + n);
@@ -694,7 +778,7 @@ void FaultEngine::PrefetchLoop() {
         continue;
       }
       size_t done = 0;
-      FillStatus s = FillRun(r, i, n, kPrefetch, nullptr, &scratch, nullptr, &done);
+      FillStatus s = FillRun(r, i, n, kPrefetch, From::kSource, nullptr, &scratch, nullptr, &done);
       if (s == kFilled) {
         backoffMs = 1;
         continue;
@@ -754,9 +838,9 @@ void FaultEngine::Error(int err, const std::string& syscall, const std::string& 
 }
 
 void FaultEngine::Progress(bool force) {
-  uint64_t now = EngineNowNs();
+  uint64_t now = NowNs();
   uint64_t last = lastProgressNs_.load(std::memory_order_relaxed);
-  if (!force && now - last < static_cast<uint64_t>(options_.progressMs) * 1000000ull) return;
+  if (!force && now - last < static_cast<uint64_t>(options_.progressIntervalMs) * 1000000ull) return;
   lastProgressNs_.store(now, std::memory_order_relaxed);
   if (progressQueued_.exchange(true)) return;  // one is already on its way
   Notice n;

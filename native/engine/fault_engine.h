@@ -7,7 +7,12 @@
 //    that the demand thread never waits for it: a fault on a page being prefetched is copied
 //    (or woken) at once by the demand thread (QEMU's "urgent channel" in one process).
 // Everything JS must hear (errors, progress, handler requests, fork fds) goes through a queue
-// of notices and one wake-up callback (a threadsafe function in fault_server.cc).
+// of notices and one wake-up callback (a threadsafe function in native/binding/fault_engine.cc).
+//
+// Each range has its own page size (the base page, or a hugetlb page: 2 MiB, 1 GiB): its claim
+// table, fault-around window, prefetch chunks and handler requests are in whole pages of that
+// size, since the kernel fills hugetlb memory only in whole huge pages. Zeros on hugetlb are
+// copied (no ZEROPAGE there).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -26,18 +31,30 @@
 #include "engine/fault_sources.h"
 #include "engine/latency_histogram.h"
 #include "engine/page_states.h"
+#include "engine/util.h"
 
+// What to do with pages of a served range after MADV_DONTNEED/MADV_REMOVE (UFFD_EVENT_REMOVE).
+enum class RemovePolicy {
+  kZero,        // serve zeros there (a balloon freed them)
+  kSource,      // serve the source again (and prefetch it again)
+  kUnregister,  // unregister them: later faults are the kernel's own (zeros), never ours
+};
+// What to do with the child's uffd of a UFFD_EVENT_FORK.
+enum class ForkPolicy { kClose, kEmit };
+
+// Named as the JS options are (FaultServerOptions), units included.
 struct EngineOptions {
-  uint64_t faultAround = 64 * 1024;     // bytes, power of two >= page
-  uint64_t prefetchChunk = 256 * 1024;  // bytes, multiple of the page
+  uint64_t faultAround = 64 * 1024;     // bytes, power of two (a range's window is at least one page)
+  uint64_t prefetchChunk = 256 * 1024;  // bytes per background copy (at least one page)
   uint32_t spinUs = 0;                  // upper bound of the adaptive spin (0: never spin)
-  uint32_t batch = 64;                  // messages per read(2)
-  uint32_t progressMs = 100;            // minimum interval between progress notices
-  bool removeToZero = true;             // REMOVE: serve zeros (else re-serve the source)
-  bool forkEmit = false;                // FORK: hand the child's uffd to JS (else close it)
-  bool prefetchIdle = true;             // prefetch thread under SCHED_IDLE
-  uint32_t handlerConcurrency = 4;      // prefetch requests in flight per handler range
-  uint32_t prefetchYieldUs = 1000;      // prefetch pauses while demand faults came this recently
+  uint32_t readSize = 64;               // messages per read(2)
+  uint32_t progressIntervalMs = 100;    // minimum interval between progress notices
+  RemovePolicy onRemove = RemovePolicy::kZero;
+  ForkPolicy onFork = ForkPolicy::kClose;
+  bool backgroundIdle = true;       // backgroundPriority 'idle': the prefetch thread under SCHED_IDLE
+  uint32_t handlerConcurrency = 4;  // prefetch requests in flight per handler range
+  uint32_t prefetchYieldUs = 1000;  // prefetch pauses while demand faults came this recently
+  uint64_t hugePageSize = 2 << 20;  // zeros for faults outside every range, where ZEROPAGE is EINVAL
 };
 
 // A range whose faults something else serves: a page source whose bytes arrive later, from
@@ -53,28 +70,49 @@ class FaultDelegate {
   virtual void OnFault(uint64_t address, uint64_t flags) = 0;
 };
 
+// A fault-engine page's state in a range's claim table.
+enum FaultPage : uint8_t {
+  kMissing = 0,   // not known to be present: prefetch and fault-around fill it
+  kPresent = 1,   // copied (by us or someone else: EEXIST)
+  kRemoved = 2,   // MADV_DONTNEED/REMOVE with the 'zero' policy: served as zeros on demand
+  kGone = 3,      // unmapped, moved away by mremap, or unregistered: never served again
+  kInFlight = 4,  // claimed: requested from a JS handler, or being copied by the prefetch thread
+};
+
+// A state counts as settled when nothing more is to be done for drained(). The table only steers
+// work (what fault-around and prefetch skip, when drained() resolves); a fault is always served
+// whatever it says, because a page can vanish behind it (MADV_DONTNEED racing a copy), and EEXIST
+// from the kernel is the final word on "already present".
+inline bool IsSettled(uint8_t s) {
+  return s == kPresent || s == kRemoved || s == kGone;
+}
+
 struct ServedRange {
-  ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, std::shared_ptr<Source> src,
-              uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_,
-              std::shared_ptr<FaultDelegate> delegate_ = nullptr)
+  ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, uint64_t pageSize_,
+              std::shared_ptr<Source> src, uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_,
+              std::shared_ptr<ZeroRegion> zeros_, std::shared_ptr<FaultDelegate> delegate_ = nullptr)
       : id(id_),
         start(start_),
         length(length_),
-        pages(length_ / 4096),
+        pageSize(pageSize_),
+        pages(length_ / pageSize_),
         source(std::move(src)),
         sourceOffset(sourceOffset_),
         prefetch(prefetch_),
         faultAround(faultAround_),
+        zeros(std::move(zeros_)),
         delegate(std::move(delegate_)),
-        states(pages) {}
+        states(pages, kMissing) {}
   const uint32_t id;
   const uint64_t start;
   const uint64_t length;
-  const size_t pages;
+  const uint64_t pageSize;  // the memory's page size: the base page, or a hugetlb page
+  const size_t pages;       // of pageSize
   const std::shared_ptr<Source> source;
   const uint64_t sourceOffset;
   const bool prefetch;
   const uint64_t faultAround;
+  const std::shared_ptr<ZeroRegion> zeros;        // hugetlb (no ZEROPAGE there): zeros to copy
   const std::shared_ptr<FaultDelegate> delegate;  // serves this range's faults (then no prefetch)
   PageStates states;
   std::atomic<size_t> settled{0};
@@ -82,7 +120,9 @@ struct ServedRange {
   std::atomic<size_t> cursor{0};            // where prefetch continues (follows demand faults)
   std::atomic<uint32_t> inflight{0};        // handler prefetch requests outstanding
   std::atomic<bool> prefetchFailed{false};  // a prefetch fill failed: stop prefetching it
+  std::atomic<uint32_t> fills{0};           // fills under way (RemoveRange waits for them)
   uint64_t end() const { return start + length; }
+  Filler filler(int uffd) const { return Filler{uffd, pageSize, zeros.get()}; }
 };
 
 struct HandlerRequest {
@@ -105,10 +145,16 @@ struct Notice {
   std::vector<HandlerRequest> requests;
 };
 
+// Named as FaultServerStats. Page counts are in each range's own pages (a 2 MiB page counts one).
 struct EngineStats {
   std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0}, handlerPages{0},
-      zeroPages{0}, bytes{0}, eexist{0}, deferred{0}, retries{0}, unhandled{0}, wakes{0}, reads{0}, sleeps{0},
+      zeroPages{0}, bytes{0}, exists{0}, deferred{0}, retries{0}, unhandled{0}, wakes{0}, reads{0}, sleeps{0},
       spinHits{0}, removes{0}, unmaps{0}, remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
+};
+
+// Pages (and bytes) settled out of every served range's.
+struct Settlement {
+  uint64_t pages = 0, totalPages = 0, bytes = 0, totalBytes = 0;
 };
 
 class FaultEngine {
@@ -127,26 +173,36 @@ class FaultEngine {
 
   // JS thread. AddRange fails with EEXIST when the range overlaps one being served.
   int AddRange(std::shared_ptr<ServedRange> range);
-  // Stops serving every range inside [start, end); returns how many.
+  // Stops serving every range inside [start, end); returns how many. When it returns, no fill
+  // uses those ranges' sources any more (memory the caller owns may go).
   int RemoveRange(uint64_t start, uint64_t end);
   // Bytes for a handler request (ok = false: the handler failed; its pages are retried on the
   // next fault).
   void Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok);
   std::deque<Notice> TakeNotices();
-  void SettledTotal(uint64_t* settled, uint64_t* total);
+  Settlement Settled();
+  // Zeros to copy into hugetlb ranges of `pageSize` (shared by every range of that size).
+  std::shared_ptr<ZeroRegion> ZerosFor(uint64_t pageSize, int* err);
   const EngineStats& stats() const { return stats_; }
   const LatencyHistogram& latency() const { return latency_; }
   uint32_t spinBudgetNs() const { return spinBudgetNs_.load(std::memory_order_relaxed); }
 
  private:
   enum Origin { kDemand, kAround, kPrefetch, kCompletion };
+  // What a fill puts in place.
+  enum class From {
+    kSource,  // the range's source
+    kBytes,   // bytes a JS handler handed back
+    kZeros,   // zeros (a removed page under the 'zero' policy)
+  };
   struct Deferred {
-    std::shared_ptr<ServedRange> range;  // null: a zero page at `address` (unhandled fault)
+    std::shared_ptr<ServedRange> range;  // null: zeros at `address` (a fault outside every range)
     uint64_t address;
     size_t page;
     size_t count;
     Origin origin;
-    std::shared_ptr<std::vector<uint8_t>> bytes;  // handler completion bytes (else: the source)
+    From from;
+    std::shared_ptr<std::vector<uint8_t>> bytes;  // From::kBytes
   };
   struct Completion {
     uint64_t id;
@@ -163,7 +219,6 @@ class FaultEngine {
 
   void DemandLoop();
   void PrefetchLoop();
-  bool WaitReadable();
   void HandleMessages(const void* msgs, size_t count, uint64_t readNs);
   void HandleFault(uint64_t address, uint64_t readNs);
   bool Delegated(uint64_t address, uint64_t flags);
@@ -177,18 +232,28 @@ class FaultEngine {
                           std::vector<HandlerRequest>* out);
   void FlushRequests(std::vector<HandlerRequest>* requests);
 
-  // Fills pages [page, page + count) of r, one ioctl per contiguous stretch, skipping pages
-  // that turn out present (EEXIST). Marks pages present as they are done. *done: pages handled
-  // before a deferral (EAGAIN: an event is pending) or a failure.
+  // Fills pages [page, page + count) of r, one ioctl per contiguous stretch, skipping pages that
+  // turn out present (EEXIST). Marks pages present as they are done. *done: pages handled before
+  // a deferral (EAGAIN: an event is pending) or a failure.
   enum FillStatus { kFilled, kDeferredOp, kFailed };
   FillStatus FillRun(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
-                     const uint8_t* bytes, std::vector<uint8_t>* scratch, bool* firstExisted, size_t* done);
+                     From from, const uint8_t* bytes, std::vector<uint8_t>* scratch, bool* firstExisted,
+                     size_t* done);
   // Demand-thread wrapper: a deferral is queued for retry after the pending events are read.
-  void FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
+  void FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin, From from,
                    std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted);
+  // A fill that failed for good (not EEXIST, EAGAIN or an address space that is gone): reported
+  // here, the one place a policy for failing sources belongs.
+  void FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,
+                  Origin origin);
   size_t MarkPresent(ServedRange* r, size_t first, size_t count);
   void SetState(ServedRange* r, size_t page, uint8_t to);
-  void ZeroFault(uint64_t page);
+  // Zeros for a fault outside every served range (its page size unknown: the base page, else a
+  // huge page where ZEROPAGE is EINVAL).
+  void ZeroUnserved(uint64_t address);
+  // Zeros for a removed page (the 'zero' policy).
+  void ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t page);
+  void Unregister(ServedRange* r, uint64_t start, uint64_t end);
   void KickPrefetch();
 
   const Table& Snapshot(Table* local, uint64_t* version);
@@ -198,7 +263,6 @@ class FaultEngine {
   void Error(int err, const std::string& syscall, const std::string& detail, uint64_t address = 0);
   void Notify(Notice notice);
   void Progress(bool force);
-  void CheckDrained();
 
   EngineOptions options_;
   std::function<void()> wakeJs_;
@@ -213,14 +277,14 @@ class FaultEngine {
   std::mutex tableMu_;
   Table table_;
   std::atomic<uint64_t> tableVersion_{1};
-  std::atomic<uint64_t> total_{0};
-  std::atomic<uint64_t> settled_{0};
+  std::map<uint64_t, std::shared_ptr<ZeroRegion>> zeros_;  // by page size (tableMu_)
 
   // Demand thread only.
   Table demandTable_;
   uint64_t demandVersion_ = 0;
   std::vector<Deferred> deferred_;
   std::vector<uint8_t> demandScratch_;
+  std::shared_ptr<ZeroRegion> unservedZeros_;
 
   // Prefetch thread coordination.
   std::mutex prefetchMu_;
@@ -228,7 +292,6 @@ class FaultEngine {
   std::atomic<uint64_t> prefetchKick_{0};
   std::atomic<uint32_t> demandBusy_{0};
   std::atomic<uint64_t> lastDemandNs_{0};  // when the demand thread last read a fault
-  std::atomic<uint64_t> eventsRead_{0};
 
   std::mutex requestMu_;
   std::map<uint64_t, Pending> requests_;
@@ -248,5 +311,3 @@ class FaultEngine {
   EngineStats stats_;
   LatencyHistogram latency_;
 };
-
-uint64_t EngineNowNs();

@@ -7,17 +7,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+
+#include "engine/util.h"
 #include "kernel/uapi.h"
 
 namespace {
-const uint64_t kPage = 4096;
 
-uint64_t RoundUp(uint64_t v) {
-  return (v + kPage - 1) & ~(kPage - 1);
-}
-
-// The fill ioctls write bytes done (or -errno) into a SIGNED trailing field; partial progress
-// is EAGAIN with a positive count, "event pending" is EAGAIN with -EAGAIN.
+// The fill ioctls write bytes done (or -errno) into a SIGNED trailing field; partial progress is
+// EAGAIN with a positive count, "event pending" is EAGAIN with -EAGAIN.
 FillResult Outcome(int rc, int64_t out, uint64_t len, const char* syscall) {
   FillResult r;
   r.syscall = syscall;
@@ -32,6 +30,7 @@ FillResult Outcome(int rc, int64_t out, uint64_t len, const char* syscall) {
   }
   return r;
 }
+
 }  // namespace
 
 FillResult CopyPages(int uffd, uint64_t dst, const void* src, uint64_t len) {
@@ -58,7 +57,54 @@ void WakePages(int uffd, uint64_t start, uint64_t len) {
   ioctl(uffd, UFFDIO_WAKE, &range);
 }
 
-Source* Source::Buffer(const uint8_t* data, uint64_t length) {
+// ---- zeros ----------------------------------------------------------------------------------
+
+std::shared_ptr<ZeroRegion> ZeroRegion::Create(uint64_t length, int* err) {
+  void* m = mmap(nullptr, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) {
+    *err = errno;
+    return nullptr;
+  }
+  std::shared_ptr<ZeroRegion> z(new ZeroRegion());
+  z->data_ = static_cast<uint8_t*>(m);
+  z->length_ = length;
+  return z;
+}
+
+ZeroRegion::~ZeroRegion() {
+  if (data_ != nullptr) munmap(data_, length_);
+}
+
+FillResult Filler::Zero(uint64_t dst, uint64_t len) const {
+  if (zeros == nullptr) return ZeroPages(uffd, dst, len);
+  FillResult r = CopyPages(uffd, dst, zeros->data(), std::min(len, zeros->length()));
+  r.zero = true;
+  return r;
+}
+
+// ---- sources --------------------------------------------------------------------------------
+
+Source* Source::OwnedCopy(const uint8_t* data, uint64_t length, int* err) {
+  Source* s = new Source();
+  s->kind_ = kBuffer;
+  s->length_ = length;
+  if (length > 0) {
+    s->mapLength_ = AlignUp(length, BasePageSize());
+    void* m = mmap(nullptr, s->mapLength_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+      *err = errno;
+      delete s;
+      return nullptr;
+    }
+    memcpy(m, data, length);
+    mprotect(m, s->mapLength_, PROT_READ);  // nothing writes it from here on
+    s->map_ = m;
+    s->data_ = static_cast<uint8_t*>(m);
+  }
+  return s;
+}
+
+Source* Source::Memory(const uint8_t* data, uint64_t length) {
   Source* s = new Source();
   s->kind_ = kBuffer;
   s->data_ = data;
@@ -78,9 +124,16 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
   s->kind_ = kFile;
   s->fileOffset_ = offset;
   s->length_ = size > offset ? size - offset : 0;
-  // mmap needs a page-aligned file offset; other offsets are served through pread.
-  if (useMmap && s->length_ > 0 && offset % kPage == 0) {
-    s->mapLength_ = RoundUp(s->length_);
+  s->fd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (s->fd_ < 0) {
+    *err = errno;
+    *syscall = "fcntl(F_DUPFD_CLOEXEC)";
+    delete s;
+    return nullptr;
+  }
+  // mmap needs a file offset aligned to the base page; other offsets are served through pread.
+  if (useMmap && s->length_ > 0 && offset % BasePageSize() == 0) {
+    s->mapLength_ = AlignUp(s->length_, BasePageSize());
     void* m = mmap(nullptr, s->mapLength_, PROT_READ, MAP_PRIVATE, fd, static_cast<off_t>(offset));
     if (m == MAP_FAILED) {
       *err = errno;
@@ -90,14 +143,6 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
     }
     s->map_ = m;
     s->data_ = static_cast<uint8_t*>(m);
-  } else {
-    s->fd_ = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (s->fd_ < 0) {
-      *err = errno;
-      *syscall = "fcntl(F_DUPFD_CLOEXEC)";
-      delete s;
-      return nullptr;
-    }
   }
   return s;
 }
@@ -118,39 +163,42 @@ Source::~Source() {
   if (fd_ >= 0) close(fd_);
 }
 
-FillResult Source::Fill(int uffd, uint64_t dst, uint64_t at, uint64_t len,
+FillResult Source::Fill(const Filler& f, uint64_t dst, uint64_t at, uint64_t len,
                         std::vector<uint8_t>* scratch) const {
-  // Pages wholly past the content are zero pages; the page holding the end is copied (its
-  // tail reads as zeros from both a mapping and a short pread).
-  uint64_t contentPages = kind_ == kZero || kind_ == kHandler ? 0 : RoundUp(length_);
-  if (at >= contentPages) return ZeroPages(uffd, dst, len);
-  uint64_t n = len < contentPages - at ? len : contentPages - at;
-  if (data_ != nullptr) {
-    if (at + n <= length_) return CopyPages(uffd, dst, data_ + at, n);
-    // A buffer's partial last page (only when its length is not page-aligned): bounce it.
-    // A file mapping's last page reads as zeros past the end of the file.
-    if (map_ == nullptr) {
-      if (scratch->size() < n) scratch->resize(n);
-      memcpy(scratch->data(), data_ + at, length_ - at);
-      memset(scratch->data() + (length_ - at), 0, n - (length_ - at));
-      return CopyPages(uffd, dst, scratch->data(), n);
-    }
-    return CopyPages(uffd, dst, data_ + at, n);
-  }
+  // Pages wholly past the content are zeros; the page holding the end is bounced (its tail reads
+  // as zeros).
+  uint64_t contentEnd = kind_ == kZero || kind_ == kHandler ? 0 : AlignUp(length_, f.pageSize);
+  if (at >= contentEnd) return f.Zero(dst, len);
+  uint64_t n = std::min(len, contentEnd - at);
+  if (data_ == nullptr) return Bounce(f, dst, at, n, scratch);  // pread mode
+  // Whole pages of content are copied in place; the page holding the end, next step.
+  uint64_t whole = std::min(n, AlignDown(length_ - at, f.pageSize));
+  if (whole > 0) return f.Copy(dst, data_ + at, whole);
+  return Bounce(f, dst, at, n, scratch);
+}
+
+FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n,
+                          std::vector<uint8_t>* scratch) const {
   if (scratch->size() < n) scratch->resize(n);
+  uint64_t want = at < length_ ? std::min(n, length_ - at) : 0;
   uint64_t got = 0;
-  while (got < n) {
-    ssize_t r = pread(fd_, scratch->data() + got, n - got, static_cast<off_t>(fileOffset_ + at + got));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      FillResult f;
-      f.err = errno;
-      f.syscall = "pread";
-      return f;
+  if (fd_ < 0) {
+    memcpy(scratch->data(), data_ + at, want);
+    got = want;
+  } else {
+    while (got < want) {
+      ssize_t r = pread(fd_, scratch->data() + got, want - got, static_cast<off_t>(fileOffset_ + at + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) {
+        FillResult e;
+        e.err = errno;
+        e.syscall = "pread";
+        return e;
+      }
+      if (r == 0) break;  // the file shrank: the rest reads as zeros
+      got += static_cast<uint64_t>(r);
     }
-    if (r == 0) break;  // the file shrank: the rest reads as zeros
-    got += static_cast<uint64_t>(r);
   }
   if (got < n) memset(scratch->data() + got, 0, n - got);
-  return CopyPages(uffd, dst, scratch->data(), n);
+  return f.Copy(dst, scratch->data(), n);
 }

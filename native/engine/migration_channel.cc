@@ -11,12 +11,6 @@
 
 namespace migration {
 
-uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
-
 bool RaiseToRealtime() {
   struct sched_param param = {};
   param.sched_priority = 1;

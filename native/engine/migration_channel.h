@@ -21,10 +21,9 @@
 #include <vector>
 
 #include "engine/migration_wire.h"
+#include "engine/util.h"
 
 namespace migration {
-
-uint64_t NowNs();
 
 // The calling thread to SCHED_FIFO priority 1 (the demand path: it must not wait behind bulk
 // work for a CPU). Best effort: without CAP_SYS_NICE it stays as it was. Returns whether it did.

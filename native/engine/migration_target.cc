@@ -122,14 +122,15 @@ TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions opti
   // switchover, so that the downtime does not grow with the memory.
   EngineOptions eo;
   eo.spinUs = options_.spinUs;
-  eo.batch = options_.batch;
-  eo.faultAround = 4096;
+  eo.readSize = options_.readSize;
   engine_.reset(new FaultEngine(eo, wakeJs_));
   for (size_t i = 0; i < ranges_.size(); i++) {
     const TargetRange& r = ranges_[i];
     auto delegate = std::make_shared<RangeDelegate>(this, static_cast<uint16_t>(i));
-    auto served = std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length,
-                                                std::shared_ptr<Source>(Source::Zero()), 0, false, 4096, delegate);
+    // No source, no prefetch, no fault-around: the delegate serves every fault of the range.
+    auto served = std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length, r.pageSize,
+                                                std::shared_ptr<Source>(Source::Zero()), 0, false, r.pageSize,
+                                                nullptr, delegate);
     engine_->AddRange(served);
   }
 }

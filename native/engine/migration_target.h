@@ -52,8 +52,8 @@ struct TargetRange {
 
 struct TargetOptions {
   uint32_t pingMs = 100;
-  uint32_t spinUs = 0;  // the engine's adaptive spin bound
-  uint32_t batch = 64;
+  uint32_t spinUs = 0;          // the engine's adaptive spin bound
+  uint32_t readSize = 64;       // the engine's messages per read(2)
   uint32_t postcopyBuffer = 0;  // post-copy: SO_RCVBUF of the main channel (0: leave it)
   bool bulkIdle = false;        // post-copy: the main channel's reader under SCHED_IDLE
   bool realtimeDemand = false;  // the demand channel's reader and the engine's thread under SCHED_FIFO 1
@@ -135,7 +135,7 @@ class TargetSession {
   int uffd_ = -1;
   std::atomic<bool> registered_{false};
   std::atomic<bool> populated_{false};  // anonymous ranges populated: pre-copy recv(2)s in place
-  bool engineRaised_ = false;  // engine thread only
+  bool engineRaised_ = false;           // engine thread only
   std::atomic<bool> serving_{false};
   std::unique_ptr<FaultEngine> engine_;
 

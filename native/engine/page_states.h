@@ -1,7 +1,8 @@
-// Per-page state of a served range, shared by the demand and prefetch threads without locks.
-// It only steers work (what fault-around and prefetch skip, when drained() resolves); a fault
-// is always served whatever the map says, because a page can vanish behind it (MADV_DONTNEED
-// racing a copy), and EEXIST from the kernel is the final word on "already present".
+// The page-claim table both engines use: one atomic state byte per page of a range, shared by the
+// engine's threads without locks. A thread claims work by moving pages from one state to another
+// with compare-and-swap, so each page is worked on by exactly one thread at a time. What the
+// states mean is each engine's own (FaultPage in fault_engine.h, SnapshotPage in
+// snapshot_engine.h); this table only stores and moves them.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -9,36 +10,30 @@
 #include <atomic>
 #include <memory>
 
-enum PageState : uint8_t {
-  kMissing = 0,   // not known to be present: prefetch and fault-around fill it
-  kPresent = 1,   // copied (by us or someone else: EEXIST)
-  kRemoved = 2,   // MADV_DONTNEED/REMOVE with the 'zero' policy: served as zeros on demand
-  kGone = 3,      // unmapped, or moved away by mremap: never served again
-  kInFlight = 4,  // requested from a JS handler, not yet copied
-};
-
-// A state counts as settled when nothing more is to be done for drained().
-inline bool Settled(uint8_t s) {
-  return s == kPresent || s == kRemoved || s == kGone;
-}
-
 class PageStates {
  public:
-  explicit PageStates(size_t pages) : pages_(pages), states_(new std::atomic<uint8_t>[pages]) {
-    for (size_t i = 0; i < pages; i++) states_[i].store(kMissing, std::memory_order_relaxed);
+  explicit PageStates(size_t pages, uint8_t initial = 0)
+      : pages_(pages), states_(new std::atomic<uint8_t>[pages]) {
+    for (size_t i = 0; i < pages; i++) states_[i].store(initial, std::memory_order_relaxed);
   }
 
   size_t pages() const { return pages_; }
-  uint8_t Get(size_t i) const { return states_[i].load(std::memory_order_relaxed); }
+  uint8_t Get(size_t i) const { return states_[i].load(std::memory_order_acquire); }
 
   // from -> to if the page is in `from`; returns whether it changed.
   bool Transition(size_t i, uint8_t from, uint8_t to) {
     uint8_t expected = from;
-    return states_[i].compare_exchange_strong(expected, to, std::memory_order_relaxed);
+    return states_[i].compare_exchange_strong(expected, to, std::memory_order_acq_rel);
+  }
+
+  // from -> to, telling what the page was in when it was not in `from` (*seen).
+  bool Transition(size_t i, uint8_t from, uint8_t to, uint8_t* seen) {
+    *seen = from;
+    return states_[i].compare_exchange_strong(*seen, to, std::memory_order_acq_rel);
   }
 
   // Unconditional; returns the previous state.
-  uint8_t Set(size_t i, uint8_t to) { return states_[i].exchange(to, std::memory_order_relaxed); }
+  uint8_t Set(size_t i, uint8_t to) { return states_[i].exchange(to, std::memory_order_acq_rel); }
 
   // Number of pages from `i` (up to `max`) in state `s`.
   size_t RunOf(size_t i, size_t max, uint8_t s) const {
@@ -52,6 +47,22 @@ class PageStates {
     while (i < pages_ && Get(i) != s) i++;
     return i;
   }
+
+  // Claims the pages from `i` up to (not including) `end` while they are in `from`, moving each
+  // to `to`; stops at the first it cannot claim. Returns the end of the claimed run.
+  size_t ClaimForward(size_t i, size_t end, uint8_t from, uint8_t to) {
+    while (i < end && i < pages_ && Transition(i, from, to)) i++;
+    return i;
+  }
+
+  // The same backwards: claims i - 1, i - 2, ... down to `begin`. Returns the claimed run's start.
+  size_t ClaimBackward(size_t i, size_t begin, uint8_t from, uint8_t to) {
+    while (i > begin && Transition(i - 1, from, to)) i--;
+    return i;
+  }
+
+  // Whether every page is in state `s`.
+  bool All(uint8_t s) const { return RunOf(0, pages_, s) == pages_; }
 
  private:
   size_t pages_;

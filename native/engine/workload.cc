@@ -33,12 +33,6 @@ void InstallHandler() {
   sigaction(SIGBUS, &sa, &gPrevious);
 }
 
-inline uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
-
 inline uint64_t Next(uint64_t* s) {
   uint64_t x = *s;
   x ^= x << 13;
@@ -90,7 +84,8 @@ void Run(std::shared_ptr<Workload::State> s, int index, bool writer) {
   }
   uint64_t rng = s->o.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index) * 7919 + (writer ? 1 : 2);
   if (rng == 0) rng = 1;
-  const uint64_t perSecond = writer && s->o.writeRate > 0 ? std::max<uint64_t>(1, s->o.writeRate / s->pageSize) : 0;
+  const uint64_t perSecond =
+      writer && s->o.writeRate > 0 ? std::max<uint64_t>(1, s->o.writeRate / s->pageSize) : 0;
   const uint64_t interval = perSecond > 0 ? 1000000000ull * s->o.writers / perSecond : 0;
   uint64_t due = NowNs();
   uint64_t count = 0;
@@ -161,7 +156,8 @@ void Workload::Resume() {
 int Workload::Stop(int timeoutMs) {
   state_->stop.store(true);
   uint64_t deadline = NowNs() + static_cast<uint64_t>(timeoutMs) * 1000000ull;
-  while (state_->running.load() > 0 && NowNs() < deadline) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  while (state_->running.load() > 0 && NowNs() < deadline)
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
   int stuck = state_->running.load();
   for (auto& t : threads_) {
     if (stuck == 0)
@@ -173,11 +169,27 @@ int Workload::Stop(int timeoutMs) {
   return stuck;
 }
 
-uint64_t Workload::writes() const { return state_->writes.load(); }
-uint64_t Workload::reads() const { return state_->reads.load(); }
-uint64_t Workload::sigbus() const { return state_->sigbus.load(); }
-uint64_t Workload::sigbusAddress() const { return state_->sigbusAddress.load(); }
-int Workload::running() const { return state_->running.load(); }
-const LatencyHistogram& Workload::faults() const { return state_->faults; }
-uint64_t Workload::pages() const { return state_->pages; }
-uint64_t Workload::stamp(uint64_t page) const { return state_->stamps[page].load(); }
+uint64_t Workload::writes() const {
+  return state_->writes.load();
+}
+uint64_t Workload::reads() const {
+  return state_->reads.load();
+}
+uint64_t Workload::sigbus() const {
+  return state_->sigbus.load();
+}
+uint64_t Workload::sigbusAddress() const {
+  return state_->sigbusAddress.load();
+}
+int Workload::running() const {
+  return state_->running.load();
+}
+const LatencyHistogram& Workload::faults() const {
+  return state_->faults;
+}
+uint64_t Workload::pages() const {
+  return state_->pages;
+}
+uint64_t Workload::stamp(uint64_t page) const {
+  return state_->stamps[page].load();
+}

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/latency_histogram.h"
+#include "engine/util.h"
 
 struct WorkloadOptions {
   uint64_t writeRate = 0;    // bytes of pages dirtied per second by all writers (0: flat out)

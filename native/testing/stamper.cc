@@ -28,7 +28,8 @@
 #include <vector>
 
 #include "binding/args.h"
-#include "binding/uffd.h"
+#include "engine/util.h"
+#include "testing/testing.h"
 
 namespace {
 
@@ -53,12 +54,6 @@ struct StampJob {
   std::shared_ptr<StampJob>* hookArg = nullptr;  // env teardown hook's reference, while registered
   explicit StampJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
-
-inline uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 inline uint64_t Stamp(uint64_t run, int t, uint64_t k) {
   return run << 48 | (static_cast<uint64_t>(t) + 1) << 40 | k;

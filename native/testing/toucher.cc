@@ -26,7 +26,8 @@
 #include <vector>
 
 #include "binding/args.h"
-#include "binding/uffd.h"
+#include "engine/util.h"
+#include "testing/testing.h"
 
 namespace {
 
@@ -57,12 +58,6 @@ struct TouchJob {
   Napi::Promise::Deferred deferred;
   explicit TouchJob(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
-
-inline uint64_t NowNs() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000ull + static_cast<uint64_t>(ts.tv_nsec);
-}
 
 void RunMemoryOp(TouchJob* job) {
   void* addr = reinterpret_cast<void*>(job->addresses[0]);

@@ -1,5 +1,6 @@
 // Option rows for command tables: each checks its value up front (empty values included) and
 // says what it wants in the error, naming the flag.
+import { intArg } from '../util/validate'
 import { type Option, type RawValue, UsageError } from './command'
 
 interface Common {
@@ -52,11 +53,13 @@ interface IntOptions extends Valued {
   max: number
 }
 
+// The package's one integer check (src/util/validate.ts), its error a usage error.
 function toInt(raw: string, flag: string, o: IntOptions): number {
-  const n = /^[0-9]+$/.test(raw) ? Number(raw) : Number.NaN
-  if (!Number.isSafeInteger(n) || n < o.min || n > o.max)
-    throw new UsageError(`${flag} must be an integer ${o.min}..${o.max} (got '${raw}')`)
-  return n
+  try {
+    return intArg(raw, flag, 0, o.min, o.max)
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
 }
 
 /** A whole number in [min, max]. */
@@ -92,14 +95,20 @@ export function ints(o: IntOptions): Option<number[]> {
   }
 }
 
-/** One of a few words. */
-export function choice<const T extends string>(o: Valued & { values: readonly T[]; default: T }): Option<T> {
+/** One of a few words (undefined when absent and without a default). */
+export function choice<const T extends string>(o: Valued & { values: readonly T[]; default: T }): Option<T>
+export function choice<const T extends string>(
+  o: Valued & { values: readonly T[]; defaultText?: string },
+): Option<T | undefined>
+export function choice<const T extends string>(
+  o: Valued & { values: readonly T[]; default?: T; defaultText?: string },
+): Option<T | undefined> {
   return {
     type: 'string',
     value: o.value,
     help: `${o.help} One of: ${o.values.join(', ')}.`,
     short: o.short,
-    defaultText: o.default,
+    defaultText: o.defaultText ?? o.default,
     convert(raw, flag) {
       const v = one(raw, flag)
       if (v === undefined) return o.default

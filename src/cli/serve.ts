@@ -4,7 +4,7 @@
 // connection and the socket; --json prints the final stats on stdout.
 import * as fs from 'node:fs'
 import type { ConnectionStats } from '../firecracker/handler'
-import { FirecrackerHandler, type RemovePolicy } from '../firecracker/handler'
+import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 import type { GuestRegion } from '../firecracker/protocol'
 import { createLogger, type LogFormat } from './log'
 import { formatDuration, mib, rateAndEta } from './progress'
@@ -13,7 +13,7 @@ export interface ServeArgs {
   socket: string
   memFile: string
   onRemove: RemovePolicy
-  source: 'mmap' | 'pread'
+  readMethod: ReadMethod
   allowUid: number[]
   json: boolean
   handshakeTimeout: number
@@ -45,7 +45,7 @@ export async function serve(args: ServeArgs): Promise<number> {
     socketPath: args.socket,
     memFile: args.memFile,
     onRemove: args.onRemove,
-    source: args.source,
+    readMethod: args.readMethod,
     handshakeTimeout: args.handshakeTimeout,
     allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
   })

@@ -1,4 +1,6 @@
-// UffdError: every failed syscall, with Node's conventions (code = errno name).
+// UffdError: every failed syscall, with Node's conventions (code = errno name), and the one
+// factory for errors the TypeScript layer raises itself (uffdError).
+import { constants } from 'node:os'
 import { native } from '../addon/native'
 
 /**
@@ -26,24 +28,40 @@ export class UffdError extends Error {
 
 native.setErrorClass(UffdError)
 
-const errnoOf: Record<string, number> = { EBADF: 9, EBUSY: 16, EINVAL: 22, ENOTSUP: 95 }
+/** An errno name Node knows (os.constants.errno), e.g. 'EBADF'. */
+export type ErrnoCode = keyof typeof constants.errno
 
-/** A UffdError raised by the TypeScript layer itself (e.g. use after close). */
-export function uffdError(code: keyof typeof errnoOf, syscall: string, detail: string): UffdError {
+/**
+ * A UffdError raised by the TypeScript layer itself: use after close, a protocol violation, a
+ * refused input that is not a type or range error. `code` is an errno name, `errno` its number
+ * on this system (os.constants.errno), `syscall` the operation that failed.
+ */
+export function uffdError(code: ErrnoCode, syscall: string, detail: string): UffdError {
   const err = new UffdError(`${code}: ${detail}, ${syscall}`)
   err.code = code
-  err.errno = errnoOf[code]
+  err.errno = constants.errno[code]
   err.syscall = syscall
   return err
 }
 
-/** Thrown where the running kernel lacks a feature an API needs. */
-export class UnsupportedError extends Error {
-  /** Always 'ENOTSUP'. */
-  code = 'ENOTSUP'
-  constructor(message: string) {
+/**
+ * Thrown where the running kernel lacks a feature an API needs: a UffdError with code 'ENOTSUP'
+ * (errno 95), `syscall` the API that needs it and `feature` the kernel feature it lacks. It
+ * extends UffdError because it is one of the ways a call into the kernel's userfaultfd fails, with
+ * the same fields: callers that catch UffdError see it, and `instanceof UnsupportedError` (or
+ * code 'ENOTSUP') tells it apart.
+ */
+export class UnsupportedError extends UffdError {
+  /** the missing kernel feature, e.g. 'UFFD_FEATURE_WP_ASYNC' */
+  declare feature?: string
+
+  constructor(message: string, options: { syscall?: string; feature?: string } = {}) {
     super(message)
     this.name = 'UnsupportedError'
+    this.code = 'ENOTSUP'
+    this.errno = constants.errno.ENOTSUP
+    this.syscall = options.syscall ?? 'userfaultfd'
+    if (options.feature !== undefined) this.feature = options.feature
   }
 }
 

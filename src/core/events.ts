@@ -2,12 +2,12 @@
 // the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
-import { debug } from '../util/diagnostics'
+import type { EventReader, NativeError } from '../addon/binding'
 import { native } from '../addon/native'
+import { debug } from '../util/diagnostics'
+import { checkRenamed, describe, int, optionalInt } from '../util/validate'
 import { Feature } from './constants'
-import { decodeMessages } from './messages'
-import { describe } from './range'
-import type { UffdEvent } from './userfaultfd'
+import { decodeMessages, type UffdMessage } from './messages'
 
 /** Options of Userfaultfd.events(). */
 export interface EventsOptions {
@@ -24,59 +24,43 @@ export interface EventsOptions {
   highWaterMark?: number
   /**
    * Deadlock watchdog: if this thread blocks in a userfault while the uffd it reads holds an
-   * unread fault of this very thread for this long (ms), print why and abort instead of hanging
-   * forever. Default 1000; false disables it.
+   * unread fault of this very thread for this long, print why and abort instead of hanging
+   * forever. Default 1000 ms; 0 disables it. (Before 0.2: `watchdog`, false to disable.)
    */
-  watchdog?: number | false
+  watchdogMs?: number
 }
 
-/** What the stream needs from its Userfaultfd (kept narrow to avoid an import cycle). */
-export interface EventSource {
+/**
+ * What the stream needs from its uffd (a Userfaultfd), generic over the events it makes of the
+ * messages, so that this module needs no import of it (no import cycle).
+ */
+export interface EventSource<E> {
   readonly fd: number
   readonly features: bigint
-  toEvents(messages: ReturnType<typeof decodeMessages>): UffdEvent[]
+  toEvents(messages: UffdMessage[]): E[]
   /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
-  _onBatch(events: UffdEvent[]): void
+  _onBatch(events: E[]): void
   /** called when the stream ends */
   _onStreamEnd(stream: object): void
   /** events read but never handed out (the stream ended first) */
-  _release(events: UffdEvent[]): void
+  _release(events: E[]): void
   /** whether the reader should keep the process alive */
   _wantsRef(): boolean
 }
 
-interface NativeReader {
-  buffer: ArrayBuffer
-  start(): void
-  stop(): void
-  ref(): void
-  unref(): void
-  close(): void
-}
-
-/** What a stream yields: single events (default), or arrays of them with `{ batch }`. */
-export type EventItem = UffdEvent | UffdEvent[]
-
 type Waiter<T> = { resolve: (r: IteratorResult<T, undefined>) => void; reject: (e: unknown) => void }
-
-function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
-  if (value === undefined) return fallback
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > max) {
-    throw new RangeError(`${name} must be an integer 1..${max} (got ${describe(value)})`)
-  }
-  return value
-}
 
 /**
  * The async event stream of a uffd (`uffd.events()`). `T` is what it yields: `UffdEvent`, or
  * `UffdEvent[]` when made with `{ batch: true }` or `{ batch: N }` (Userfaultfd.events()'s
- * overloads pick it from the options).
+ * overloads pick it from the options). It has no default: naming UffdEvent here would make this
+ * module and core/userfaultfd.ts import each other.
  */
-export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterableIterator<T> {
-  readonly #source: EventSource
+export class EventStream<T> implements AsyncIterableIterator<T> {
+  readonly #source: EventSource<unknown>
   /** the uffd's fd number (for NODE_DEBUG lines: the uffd may be closed by then) */
   readonly #fd: number
-  readonly #reader: NativeReader
+  readonly #reader: EventReader
   readonly #view: DataView
   readonly #threadId: boolean
   readonly #batchMax: number // 0: single events
@@ -84,7 +68,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
   readonly #signal: AbortSignal | undefined
   readonly #onAbort: () => void
   // Queue of read batches; #head indexes into the first one (single-event mode).
-  #queue: UffdEvent[][] = []
+  #queue: unknown[][] = []
   #head = 0
   #queued = 0
   #waiters: Waiter<T>[] = []
@@ -93,36 +77,28 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
   #paused = false
 
   /** @internal made by Userfaultfd.events() */
-  constructor(source: EventSource, options: EventsOptions = {}) {
+  constructor(source: EventSource<unknown>, options: EventsOptions = {}) {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`events options must be an object (got ${describe(options)})`)
+    checkRenamed(options, { watchdog: 'watchdogMs' }, 'events')
     const { batch, signal } = options
-    if (batch !== undefined && typeof batch !== 'boolean') positiveInt(batch, 'batch', 1, 4096)
+    if (batch !== undefined && typeof batch !== 'boolean') int(batch, 'batch', 1, 4096)
     if (signal !== undefined && !(signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
-    const watchdog = options.watchdog ?? 1000
-    if (watchdog !== false) positiveInt(watchdog, 'watchdog', 1000, 3_600_000)
+    const watchdogMs = optionalInt(options.watchdogMs, 'watchdogMs', 1000, 0, 3_600_000)
     this.#batchMax = batch === true ? Infinity : typeof batch === 'number' ? batch : 0
-    const readSize = positiveInt(
+    const readSize = optionalInt(
       options.readSize,
       'readSize',
       typeof batch === 'number' ? Math.max(batch, 128) : 128,
+      1,
       4096,
     )
-    this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
+    this.#highWaterMark = optionalInt(options.highWaterMark, 'highWaterMark', 1024, 1, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
     this.#fd = source.fd
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
-    this.#reader = new (
-      native as unknown as {
-        EventReader: new (
-          fd: number,
-          batch: number,
-          cb: (r: number | Error) => void,
-          watchdogMs: number,
-        ) => NativeReader
-      }
-    ).EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
+    this.#reader = new native.EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdogMs)
     this.#view = new DataView(this.#reader.buffer)
     this.#signal = signal
     this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))
@@ -169,7 +145,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
     else this.#reader.unref()
   }
 
-  #onRead(result: number | Error): void {
+  #onRead(result: number | NativeError): void {
     if (typeof result !== 'number') {
       this.#end(result)
       return
@@ -191,7 +167,7 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
 
   #take(): T {
     const first = this.#queue[0]
-    let out: EventItem
+    let out: unknown
     if (this.#batchMax === 0) {
       out = first[this.#head++]
       this.#queued--
@@ -201,15 +177,17 @@ export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterab
       }
     } else {
       const rest = this.#head === 0 ? first : first.slice(this.#head)
+      let batch: unknown[]
       if (rest.length <= this.#batchMax) {
-        out = rest
+        batch = rest
         this.#queue.shift()
         this.#head = 0
       } else {
-        out = rest.slice(0, this.#batchMax)
+        batch = rest.slice(0, this.#batchMax)
         this.#head += this.#batchMax
       }
-      this.#queued -= out.length
+      this.#queued -= batch.length
+      out = batch
     }
     if (this.#paused && this.#queued <= this.#highWaterMark >> 1 && !this.#ended) {
       this.#paused = false

@@ -1,10 +1,12 @@
 // Memory for userfaultfd to manage. A Mapping owns an mmap'd region (anonymous, or MAP_SHARED
 // over a memfd); `buffer` is an external ArrayBuffer over it that unmap() detaches first.
 import * as fs from 'node:fs'
-import { native, type MappingHandle } from '../addon/native'
+import type { MappingHandle } from '../addon/binding'
+import { native } from '../addon/native'
+import { checkOptions, describe, flag, int } from '../util/validate'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'
-import { asBytes, checkAligned, checkOptions, describe, flag, toLength, type Bytes, type Range } from './range'
+import { asBytes, checkAligned, toLength, type Bytes, type Range } from './range'
 
 const c = native.constants
 
@@ -29,6 +31,9 @@ export type Advice =
 
 /** mprotect(2) protection: 'none', 'r', 'rw', 'rx', 'rwx', or PROT_* bits. */
 export type Protection = 'none' | 'r' | 'rw' | 'rx' | 'rwx' | number
+
+/** What backs a range, as the kernel's userfaultfd features tell them apart. */
+export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
 
 /** Options of Mapping.anonymous(). */
 export interface AnonymousOptions {
@@ -87,6 +92,9 @@ export class Mapping implements Range {
   readonly hugetlb: boolean
   #handle: MappingHandle | null
   #unmapListeners: Array<(address: bigint, length: number) => void> = []
+  // Native engines using the memory (a FaultServer source, a snapshot sink): unmap() waits for them.
+  #pins = 0
+  #unmapWhenUnpinned: MappingHandle | null = null
 
   private constructor(handle: MappingHandle, kind: 'anonymous' | 'memfd', hugetlb: boolean) {
     this.#handle = handle
@@ -210,14 +218,46 @@ export class Mapping implements Range {
     this.#live('protect').protect(offset, length, value)
   }
 
-  /** Detaches `buffer`, then munmaps (and closes the memfd). Idempotent. */
+  /**
+   * Detaches `buffer`, then munmaps (and closes the memfd). Idempotent. While a native engine
+   * still uses the memory (a FaultServer serving from it, a snapshot writing to it), the mapping
+   * is unusable at once but the memory stays mapped until the engine lets go of it: an engine
+   * never copies from or into memory that is gone (or, worse, mapped again for something else).
+   */
   unmap(): void {
     const handle = this.#handle
     if (handle === null) return
     this.#handle = null
+    if (this.#pins > 0) {
+      this.#unmapWhenUnpinned = handle
+      return
+    }
+    this.#release(handle)
+  }
+
+  #release(handle: MappingHandle): void {
     const { address, length } = this
     handle.unmap()
     for (const listener of this.#unmapListeners.splice(0)) listener(address, length)
+  }
+
+  /**
+   * @internal a native engine uses this memory until the returned function is called (once);
+   * unmap() meanwhile is deferred until then.
+   */
+  _pin(): () => void {
+    this.#live('pin')
+    this.#pins++
+    let released = false
+    return () => {
+      if (released) return
+      released = true
+      if (--this.#pins === 0 && this.#unmapWhenUnpinned !== null) {
+        const handle = this.#unmapWhenUnpinned
+        this.#unmapWhenUnpinned = null
+        this.#release(handle)
+      }
+    }
   }
 
   /** @internal told after unmap(): uffds forget the range (it no longer keeps a process alive). */
@@ -241,14 +281,16 @@ export class Mapping implements Range {
   }
 
   #span(offset: unknown, length: unknown, op: string): void {
-    if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) {
-      throw new RangeError(`${op}: offset must be a non-negative integer (got ${describe(offset)})`)
-    }
-    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0) {
-      throw new RangeError(`${op}: length must be a non-negative integer (got ${describe(length)})`)
-    }
-    if (offset + length > this.length) {
-      throw new RangeError(`${op}: [${offset}, ${offset + length}) lies outside the mapping (length ${this.length})`)
+    const o = int(offset, `${op}: offset`, 0)
+    const n = int(length, `${op}: length`, 0)
+    if (o + n > this.length) {
+      throw new RangeError(`${op}: [${o}, ${o + n}) lies outside the mapping (length ${this.length})`)
     }
   }
+}
+
+/** What backs `range`: a Mapping says so itself; anything else is taken for anonymous memory. */
+export function memoryKindOf(range: unknown): MemoryKind {
+  if (range instanceof Mapping) return range.hugetlb ? 'hugetlb' : range.kind === 'memfd' ? 'shmem' : 'anonymous'
+  return 'anonymous'
 }

@@ -2,6 +2,7 @@
 // Every check here exists so that bad input gets a TypeError/RangeError that says what was
 // wrong, instead of a kernel EINVAL or worse.
 import { types } from 'node:util'
+import { describe } from '../util/validate'
 import { PAGE_SIZE } from './constants'
 import { uffdError } from './errors'
 
@@ -101,29 +102,6 @@ export function asBytes(value: unknown): ArrayBuffer | ArrayBufferView | undefin
 export function pageSizeOf(value: unknown): number {
   const size = (value as { pageSize?: unknown } | null)?.pageSize
   return typeof size === 'number' && Number.isSafeInteger(size) && size > PAGE_SIZE ? size : PAGE_SIZE
-}
-
-/** An options argument: undefined (no options) or a plain object. */
-export function checkOptions(options: unknown, what: string): Record<string, unknown> {
-  if (options === undefined) return {}
-  if (options === null || typeof options !== 'object' || Array.isArray(options))
-    throw new TypeError(`${what} options must be an object (got ${describe(options)})`)
-  return options as Record<string, unknown>
-}
-
-/** A boolean option, `fallback` when absent. */
-export function flag(options: Record<string, unknown>, name: string, fallback: boolean): boolean {
-  const v = options[name]
-  if (v === undefined) return fallback
-  if (typeof v !== 'boolean') throw new TypeError(`option '${name}' must be a boolean (got ${describe(v)})`)
-  return v
-}
-
-export function describe(value: unknown): string {
-  if (value === null) return 'null'
-  if (Array.isArray(value)) return 'an array'
-  if (typeof value === 'object') return `an object (${Object.prototype.toString.call(value)})`
-  return `${typeof value} ${String(value).slice(0, 40)}`
 }
 
 export { PAGE }

@@ -1,25 +1,14 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
 import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
+import { IntervalSet } from '../util/interval-set'
+import { checkOptions, describe, flag, int } from '../util/validate'
 import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, type UffdError, isPermissionError, uffdError } from './errors'
+import { EventStream, type EventsOptions } from './events'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
-import {
-  asBytes,
-  checkAligned,
-  checkOptions,
-  describe,
-  flag,
-  pageSizeOf,
-  toAddress,
-  toLength,
-  toRange,
-  type Bytes,
-  type RangeLike,
-} from './range'
-import { type EventItem, EventStream, type EventsOptions } from './events'
-import { IntervalSet } from '../util/interval-set'
+import { asBytes, checkAligned, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
 
 /** Options of Userfaultfd.open(). */
 export interface OpenOptions {
@@ -81,6 +70,9 @@ export type UffdEvent =
   | { type: 'remove'; start: bigint; end: bigint }
   | { type: 'unmap'; start: bigint; end: bigint }
   | { type: 'unknown'; event: number }
+
+/** What an event stream yields: single events (default), or arrays of them with `{ batch }`. */
+export type EventItem = UffdEvent | UffdEvent[]
 
 /** Where a copy or move goes (or comes from): an address, or a range's start (a Mapping, say). */
 export type Address = bigint | RangeLike
@@ -422,8 +414,7 @@ export class Userfaultfd {
    */
   read(max = 64): UffdEvent[] {
     const fd = this.#live('read')
-    if (!Number.isSafeInteger(max) || max < 1 || max > MAX_BATCH)
-      throw new RangeError(`max must be 1..${MAX_BATCH} (got ${describe(max)})`)
+    int(max, 'max', 1, MAX_BATCH)
     if (this.#view === undefined || this.#view.byteLength < max * UFFD_MSG_SIZE) {
       this.#view = new DataView(new ArrayBuffer(Math.max(max, 64) * UFFD_MSG_SIZE))
     }

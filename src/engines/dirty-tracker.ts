@@ -7,12 +7,12 @@
 import { Userfaultfd } from '../core/userfaultfd'
 import { Feature } from '../core/constants'
 import { UnsupportedError } from '../core/errors'
-import { Mapping } from '../core/mapping'
+import { type Mapping, type MemoryKind, memoryKindOf } from '../core/mapping'
 import { PageCategory, PagemapScanFlag, pagemapScan, pagemapScanSupported } from './pagemap-scan'
-import { describe, toRange, type Range, type RangeLike } from '../core/range'
+import { toRange, type Range, type RangeLike } from '../core/range'
+import { choice, describe, optionalInt } from '../util/validate'
 
-/** What backs a range: private anonymous memory, shmem (memfd), or hugetlb. */
-export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
+export type { MemoryKind } from '../core/mapping'
 
 /** A run of pages written since the previous collect(). */
 export interface DirtyRange {
@@ -70,11 +70,6 @@ export function dirtyTrackingSupport(inputs: DirtyTrackingInputs): DirtyTracking
   return { supported: false, reason: `dirty tracking needs ${missing.join(' and ')}, which ${kernel} lacks` }
 }
 
-function memoryOf(range: unknown): MemoryKind {
-  if (range instanceof Mapping) return range.hugetlb ? 'hugetlb' : range.kind === 'memfd' ? 'shmem' : 'anonymous'
-  return 'anonymous'
-}
-
 /** Options of DirtyTracker.start(). */
 export interface DirtyTrackerOptions {
   /** what backs a plain { address, length } range (a Mapping says so itself); default 'anonymous' */
@@ -125,15 +120,10 @@ export class DirtyTracker {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`options must be an object (got ${describe(options)})`)
     const r = toRange(range)
-    const memory = options.memory ?? memoryOf(range)
-    if (memory !== 'anonymous' && memory !== 'shmem' && memory !== 'hugetlb') {
-      throw new TypeError(`memory must be 'anonymous', 'shmem' or 'hugetlb' (got ${describe(memory)})`)
-    }
-    const batch = options.batch ?? 4096
-    if (!Number.isSafeInteger(batch) || batch < 1)
-      throw new RangeError(`batch must be a positive integer (got ${describe(batch)})`)
+    const memory = choice(options.memory, 'memory', ['anonymous', 'shmem', 'hugetlb'] as const, memoryKindOf(range))
+    const batch = optionalInt(options.batch, 'batch', 4096, 1)
     const support = DirtyTracker.support(memory)
-    if (!support.supported) throw new UnsupportedError(support.reason!)
+    if (!support.supported) throw new UnsupportedError(support.reason!, { syscall: 'DirtyTracker.start' })
 
     const offered = Userfaultfd.probe().features
     let features = Feature.WP_ASYNC | Feature.WP_UNPOPULATED

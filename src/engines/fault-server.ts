@@ -1,86 +1,96 @@
 // FaultServer: a native engine (native/engine/fault_engine.cc) that serves a uffd's faults on its own
-// threads, with no JS call per fault: from buffers, files or zero pages, with fault-around and
-// background prefetch. JS is involved only for { handler } sources (called with batches of
-// requests, off the hot path), for events the policy hands to JS, and for errors and progress.
-import { EventEmitter } from 'node:events'
-import * as fs from 'node:fs'
+// threads, with no JS call per fault: from buffers, files or zeros, with fault-around and
+// background prefetch, on base pages and on hugetlb huge pages alike. JS is involved only for
+// { handler } sources (called with batches of requests, off the hot path), for events the policy
+// hands to JS, and for errors and progress.
+import type {
+  BackgroundPriority,
+  FaultEngine,
+  FaultEngineNotice,
+  FaultEngineRequest,
+  FaultEngineStats as FaultServerStats,
+  RemovePolicy,
+} from '../addon/binding'
 import { native } from '../addon/native'
-import { PAGE_SIZE } from '../core/constants'
+import { IoctlBit, PAGE_SIZE } from '../core/constants'
 import { type UffdError, uffdError } from '../core/errors'
-import { Mapping } from '../core/mapping'
-import { describe, toRange, type Range, type RangeLike } from '../core/range'
+import { Mapping, hugePageSize } from '../core/mapping'
+import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
+import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../sources/fault-source'
 import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
+import { TypedEmitter } from '../util/typed-emitter'
+import { bool, checkRenamed, choice, describe, optionalInt, powerOfTwo } from '../util/validate'
 
-/** Options of new FaultServer(). */
+export type { FaultHandler, FaultRequest, FaultSource, PageBytes } from '../sources/fault-source'
+
+export type { BackgroundPriority, LatencySummary, ReadMethod, RemovePolicy } from '../addon/binding'
+
+/**
+ * Options of a FaultServer. Sizes are in bytes; durations carry their unit in their name. The
+ * same names (and units) are the native engine's (src/addon/binding.ts FaultEngineOptions).
+ */
 export interface FaultServerOptions {
   /**
    * Bytes copied around each fault (aligned window, clipped to the range, skipping pages
-   * already present). A power of two from PAGE_SIZE (no fault-around) to 64 MiB. Default 64 KiB.
+   * already present). A power of two from PAGE_SIZE (no fault-around) to 64 MiB; on huge pages
+   * the window is at least one huge page. Default 64 KiB.
    */
   faultAround?: number
   /** Default of serve()'s `prefetch`: fill ranges in the background. Default false. */
   prefetch?: boolean
-  /** Bytes per background copy (a multiple of PAGE_SIZE). Default 256 KiB. */
+  /** Bytes per background copy (a multiple of PAGE_SIZE; at least one page of the range). Default 256 KiB. */
   prefetchChunk?: number
-  /** Background copies run under SCHED_IDLE ('idle', default) or normal priority. */
-  prefetchPriority?: 'idle' | 'normal'
+  /**
+   * The prefetch thread's priority: 'idle' (default: SCHED_IDLE, it runs only on CPU time nobody
+   * else wants, the demand thread first) or 'normal'. The prefetch only fetches early what demand
+   * faults would fetch anyway, so by default it yields to everything.
+   */
+  backgroundPriority?: BackgroundPriority
   /**
    * Demand first: prefetch pauses while demand faults arrived within this many µs (default
    * 1000; 0: never pause). Under continuous demand, fault-around does the filling.
    */
-  prefetchYield?: number
+  prefetchYieldUs?: number
   /**
    * Longest spin (µs) on the uffd before sleeping, adapted at run time (grows on spin hits,
    * halves on misses). Default 0 (never spin): measured on a 2-vCPU VM whose scheduler packs the
    * faulting thread onto the handler's CPU, spinning only delayed the faulting threads.
    */
-  spin?: number
-  /** Messages per read(2), 1..4096. Default 64. */
-  batch?: number
-  /** Minimum interval (ms) between 'progress' events. Default 100. */
-  progressInterval?: number
-  /** After MADV_DONTNEED/REMOVE in a served range: serve zeros ('zero', default) or the source again. */
-  onRemove?: 'zero' | 'source'
+  spinUs?: number
+  /** Messages per read(2), 1..4096 (the same option as events()'s). Default 64. */
+  readSize?: number
+  /** Minimum interval between 'progress' events (ms). Default 100. */
+  progressIntervalMs?: number
+  /**
+   * After MADV_DONTNEED/MADV_REMOVE in a served range (EVENT_REMOVE): serve zeros there ('zero',
+   * default: a balloon freed them), serve the source again ('source'), or unregister the removed
+   * pages ('unregister': later faults there are the kernel's own, zeros for anonymous memory,
+   * and never reach the server).
+   */
+  onRemove?: RemovePolicy
   /** A FORK event's uffd (the child's): close it ('close', default) or emit it as 'fork'. */
   onFork?: 'close' | 'emit'
   /** Background requests in flight per { handler } range with prefetch. Default 4. */
   handlerConcurrency?: number
   /**
    * Deadlock watchdog for { handler } ranges (which need this JS thread): if this thread blocks
-   * in a fault while handler requests wait for it this long (ms), print why and abort instead
-   * of hanging forever. Default 1000; false disables it.
+   * in a fault while handler requests wait for it this long (ms), print why and abort instead of
+   * hanging forever. Default 1000; 0 disables it.
    */
-  watchdog?: number | false
+  watchdogMs?: number
 }
 
-/** What a { handler } source is asked for: `length` bytes of the range at `address`. */
-export interface FaultRequest {
-  /** first byte to fill (page-aligned) */
-  address: bigint
-  /** the same position as an offset into the source (the range's `offset` + position) */
-  offset: number
-  length: number
-  /** true for background prefetch, false for a thread waiting on a fault */
-  prefetch: boolean
-}
+/** Options renamed in 0.2 (old -> new): passing an old name is a TypeError naming the new one. */
+const RENAMED_OPTIONS = {
+  spin: 'spinUs',
+  progressInterval: 'progressIntervalMs',
+  prefetchYield: 'prefetchYieldUs',
+  prefetchPriority: 'backgroundPriority',
+  watchdog: 'watchdogMs',
+  batch: 'readSize',
+} as const
 
-/** Bytes a FaultServer copies from: an ArrayBuffer or a view of one. */
-export type PageBytes = ArrayBuffer | ArrayBufferView
-/** A { handler } source: the bytes of a request, or a promise of them. */
-export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBytes>
-
-/**
- * Where a served range's pages come from: bytes in memory, a file (path or fd), zero pages, or a
- * JavaScript function. `offset` is where in the source the range's first byte is.
- */
-export type FaultSource =
-  | { buffer: PageBytes | Mapping; offset?: number }
-  | { file: string | number; offset?: number; mode?: 'mmap' | 'pread' }
-  | { zero: true }
-  | { handler: FaultHandler; offset?: number }
-
-/** Options of FaultServer.serve(). */
 export interface ServeOptions {
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
@@ -88,155 +98,63 @@ export interface ServeOptions {
   faultAround?: number
   /** Register the range with the uffd for MISSING faults first (default true). */
   register?: boolean
+  /**
+   * The memory's page size: a Mapping knows its own; for a plain { address, length } over
+   * hugetlb memory give its huge page size (hugePageSize()). Default PAGE_SIZE.
+   */
+  pageSize?: number
 }
 
-/** The engine's counters (FaultServer.stats()). */
-export interface FaultServerStats {
-  /** fault messages read */
-  faults: number
-  /** pages copied for faults (including fault-around) */
-  demandPages: number
-  /** of which around the faulting page */
-  aroundPages: number
-  /** pages copied in the background */
-  prefetchPages: number
-  /** pages copied from { handler } bytes */
-  handlerPages: number
-  /** pages served as zero pages */
-  zeroPages: number
-  /** Bytes filled (copies and zero pages). */
-  bytes: number
-  /** fills that found the page already present (benign races) */
-  eexist: number
-  /** ops deferred by EAGAIN (an event pending), and their retries */
-  deferred: number
-  /** Deferred ops retried. */
-  retries: number
-  /** faults outside every served range (served as zeros), or WP/MINOR faults (left alone) */
-  unhandled: number
-  /** read(2) calls on the uffd. */
-  reads: number
-  /** Times the engine slept in poll(2). */
-  sleeps: number
-  /** Times the adaptive spin found a message before sleeping. */
-  spinHits: number
-  /** UFFD_EVENT_REMOVE events. */
-  removes: number
-  /** UFFD_EVENT_UNMAP events. */
-  unmaps: number
-  /** UFFD_EVENT_REMAP events. */
-  remaps: number
-  /** UFFD_EVENT_FORK events. */
-  forks: number
-  /** { handler } requests made */
-  requests: number
-  /** Errors ('error' events). */
-  errors: number
-  /** times the prefetch paused for demand faults */
-  prefetchPauses: number
-  /** engine-side demand latency (message read to page filled), µs */
-  latencyP50us: number
-  /** 99th percentile of the same, µs. */
-  latencyP99us: number
-  /** the adaptive spin's current budget, µs */
-  spinBudgetUs: number
-  /** pages present (or settled: removed with the 'zero' policy, unmapped) / pages served */
-  pagesPresent: number
-  /** Pages of every served range. */
-  pagesTotal: number
-}
+// The engine's counters (FaultServer.stats()), as the engine returns them (src/addon/binding.ts).
+export type { FaultServerStats }
 
-/** A 'progress' event: how much of the served memory is present. */
 export interface FaultServerProgress {
-  /** Pages present (or settled). */
+  /** pages present (or settled: removed under 'zero', unmapped), each range's own pages */
   pagesPresent: number
-  /** Pages of every served range. */
   pagesTotal: number
-  /** 0..1 */
+  bytesPresent: number
+  bytesTotal: number
+  /** bytesPresent / bytesTotal, 0..1 */
   fraction: number
 }
 
-interface NativeHandle {
-  addRange(
-    id: number,
-    address: bigint,
-    length: number,
-    source: object,
-    sourceOffset: number,
-    prefetch: boolean,
-    faultAround: number,
-  ): void
-  removeRange(start: bigint, end: bigint): number
-  complete(id: number, bytes: PageBytes | null): void
-  stats(): FaultServerStats
-  settled(): [number, number]
-  close(): void
-  ref(): void
-  unref(): void
-}
+/** An 'error' event: a UffdError from the engine, or what a { handler } threw, with the address. */
+export type FaultServerError = (UffdError | Error) & { address?: bigint }
 
-type Notice =
-  | { type: 'error'; error: UffdError; address?: bigint }
-  | { type: 'progress' }
-  | { type: 'fork'; fd: number }
-  | {
-      type: 'requests'
-      requests: Array<{
-        id: number
-        handler: number
-        range: number
-        address: bigint
-        offset: number
-        length: number
-        prefetch: boolean
-      }>
-    }
+/** The events of a FaultServer and their listeners' arguments. */
+export interface FaultServerEvents {
+  progress: [progress: FaultServerProgress]
+  error: [error: FaultServerError]
+  /** with onFork: 'emit': the child's uffd, ready (yours to close) */
+  fork: [uffd: Userfaultfd]
+}
 
 interface Served {
   range: Range
   /** what must stay alive while the engine copies from it */
   keep: unknown
   registered: boolean
+  /** lets go of a Mapping source (its unmap() waits for this) */
+  release?: () => void
 }
 
 const MAX_WINDOW = 64 * 1024 * 1024
+const MAX_PAGE = 1024 * 1024 * 1024
 
 // One reader per uffd: two servers would take each other's faults (and serve them as zeros).
 const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
 const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
 
-function isBytes(value: unknown): value is PageBytes {
-  return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
-}
-
-function checkInt(value: unknown, name: string, min: number, max: number): number {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer ${min}..${max} (got ${describe(value)})`)
-  }
-  return value
-}
-
-function checkWindow(value: unknown, name: string): number {
-  const v = checkInt(value, name, PAGE_SIZE, MAX_WINDOW)
-  if ((v & (v - 1)) !== 0) throw new RangeError(`${name} must be a power of two (got ${v})`)
-  return v
-}
-
-function checkChoice<T extends string>(value: unknown, name: string, choices: readonly T[]): T {
-  if (!choices.includes(value as T))
-    throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(' or ')} (got ${describe(value)})`)
-  return value as T
-}
-
 /**
  * Serves a uffd's MISSING faults on native threads, with no JavaScript per fault: from buffers,
- * files or zero pages (or a JavaScript { handler }), with fault-around and background prefetch.
- * Events: 'progress' (FaultServerProgress), 'error' (the server keeps serving), 'fork'.
+ * files or zeros (or a JavaScript { handler }), with fault-around and background prefetch, on base
+ * pages and hugetlb huge pages. Events (typed, FaultServerEvents): 'progress', 'error' (the
+ * server keeps serving), 'fork'.
  */
-export class FaultServer extends EventEmitter {
+export class FaultServer extends TypedEmitter<FaultServerEvents> {
   readonly #uffd: Userfaultfd
-  readonly #handle: NativeHandle
+  readonly #handle: FaultEngine
   readonly #faultAround: number
   readonly #prefetch: boolean
   readonly #served = new Map<number, Served>()
@@ -251,57 +169,32 @@ export class FaultServer extends EventEmitter {
     if (!(uffd instanceof Userfaultfd)) throw new TypeError(`uffd must be a Userfaultfd (got ${describe(uffd)})`)
     if (options === null || typeof options !== 'object')
       throw new TypeError(`options must be an object (got ${describe(options)})`)
+    checkRenamed(options, RENAMED_OPTIONS, 'FaultServer')
     const o = options
-    this.#faultAround = o.faultAround === undefined ? 64 * 1024 : checkWindow(o.faultAround, 'faultAround')
-    if (o.prefetch !== undefined && typeof o.prefetch !== 'boolean')
-      throw new TypeError(`prefetch must be a boolean (got ${describe(o.prefetch)})`)
-    this.#prefetch = o.prefetch ?? false
-    const prefetchChunk =
-      o.prefetchChunk === undefined ? 256 * 1024 : checkInt(o.prefetchChunk, 'prefetchChunk', PAGE_SIZE, MAX_WINDOW)
+    this.#faultAround =
+      o.faultAround === undefined ? 64 * 1024 : powerOfTwo(o.faultAround, 'faultAround', PAGE_SIZE, MAX_WINDOW)
+    this.#prefetch = bool(o.prefetch, 'prefetch', false)
+    const prefetchChunk = optionalInt(o.prefetchChunk, 'prefetchChunk', 256 * 1024, PAGE_SIZE, MAX_WINDOW)
     if (prefetchChunk % PAGE_SIZE !== 0)
       throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
-    const spinUs = o.spin === undefined ? 0 : checkInt(o.spin, 'spin', 0, 100_000)
-    const batch = o.batch === undefined ? 64 : checkInt(o.batch, 'batch', 1, 4096)
-    const progressMs =
-      o.progressInterval === undefined ? 100 : checkInt(o.progressInterval, 'progressInterval', 0, 3_600_000)
-    const onRemove =
-      o.onRemove === undefined ? 'zero' : checkChoice(o.onRemove, 'onRemove', ['zero', 'source'] as const)
-    const onFork = o.onFork === undefined ? 'close' : checkChoice(o.onFork, 'onFork', ['close', 'emit'] as const)
-    const priority =
-      o.prefetchPriority === undefined
-        ? 'idle'
-        : checkChoice(o.prefetchPriority, 'prefetchPriority', ['idle', 'normal'] as const)
-    const handlerConcurrency =
-      o.handlerConcurrency === undefined ? 4 : checkInt(o.handlerConcurrency, 'handlerConcurrency', 1, 1024)
-    const prefetchYieldUs =
-      o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
-    const watchdogMs =
-      o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
+    const engineOptions = {
+      faultAround: this.#faultAround,
+      prefetchChunk,
+      spinUs: optionalInt(o.spinUs, 'spinUs', 0, 0, 100_000),
+      readSize: optionalInt(o.readSize, 'readSize', 64, 1, 4096),
+      progressIntervalMs: optionalInt(o.progressIntervalMs, 'progressIntervalMs', 100, 0, 3_600_000),
+      onRemove: choice(o.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero'),
+      onFork: choice(o.onFork, 'onFork', ['close', 'emit'] as const, 'close'),
+      backgroundPriority: choice(o.backgroundPriority, 'backgroundPriority', ['idle', 'normal'] as const, 'idle'),
+      handlerConcurrency: optionalInt(o.handlerConcurrency, 'handlerConcurrency', 4, 1, 1024),
+      prefetchYieldUs: optionalInt(o.prefetchYieldUs, 'prefetchYieldUs', 1000, 0, 1_000_000),
+      watchdogMs: optionalInt(o.watchdogMs, 'watchdogMs', 1000, 0, 3_600_000),
+      hugePageSize: hugePageSize(),
+    }
     if (serving.has(uffd))
       throw uffdError('EBUSY', 'FaultServer', 'this userfaultfd already has a FaultServer; close it first')
     this.#uffd = uffd
-    const Handle = (
-      native as unknown as {
-        FaultServerHandle: new (fd: number, options: object, notify: (n: Notice[]) => void) => NativeHandle
-      }
-    ).FaultServerHandle
-    this.#handle = new Handle(
-      uffd.fd,
-      {
-        faultAround: this.#faultAround,
-        prefetchChunk,
-        spinUs,
-        batch,
-        progressMs,
-        handlerConcurrency,
-        watchdogMs,
-        prefetchYieldUs,
-        removeToZero: onRemove === 'zero',
-        forkEmit: onFork === 'emit',
-        prefetchIdle: priority === 'idle',
-      },
-      (notices) => this.#onNotices(notices),
-    )
+    this.#handle = new native.FaultEngine(uffd.fd, engineOptions, (notices) => this.#onNotices(notices))
     serving.add(uffd)
     released.register(this, uffd, this)
     if (debug.enabled)
@@ -315,46 +208,53 @@ export class FaultServer extends EventEmitter {
 
   /**
    * Serves faults in `range` from `source`. The range is registered with the uffd (MISSING)
-   * unless { register: false }; it must not overlap a range already served.
+   * unless { register: false }; it must not overlap a range already served. hugetlb memory is
+   * served in whole huge pages: a Mapping knows its page size, a plain range says it with
+   * { pageSize }.
    */
   serve(range: RangeLike, source: FaultSource, options: ServeOptions = {}): this {
     this.#live('serve')
-    if (range instanceof Mapping && range.pageSize !== PAGE_SIZE) {
-      throw new RangeError(
-        `FaultServer serves ${PAGE_SIZE}-byte pages; this mapping has ${range.pageSize}-byte (hugetlb) pages: resolve those with uffd.events()`,
-      )
-    }
-    const r = toRange(range)
     if (options === null || typeof options !== 'object')
       throw new TypeError(`serve options must be an object (got ${describe(options)})`)
-    const prefetch = options.prefetch ?? this.#prefetch
-    if (typeof prefetch !== 'boolean') throw new TypeError(`prefetch must be a boolean (got ${describe(prefetch)})`)
+    const r = toRange(range)
+    const pageSize = this.#pageSize(range, options.pageSize)
+    checkAligned(r.address, r.length, 'serve', pageSize)
+    const prefetch = bool(options.prefetch, 'prefetch', this.#prefetch)
     const faultAround =
-      options.faultAround === undefined ? this.#faultAround : checkWindow(options.faultAround, 'faultAround')
-    const register = options.register ?? true
+      options.faultAround === undefined
+        ? this.#faultAround
+        : powerOfTwo(options.faultAround, 'faultAround', PAGE_SIZE, MAX_WINDOW)
+    const register = bool(options.register, 'register', true)
     const id = this.#nextId++
-    const { spec, offset, keep, close } = this.#source(source, r, id)
+    const { spec, offset, keep, close, release, handler } = engineSource(source, r.length, id)
+    if (handler !== undefined) this.#handlers.set(id, handler)
     let registered = false
     try {
       if (register) {
-        this.#uffd.register(r, { missing: true })
+        const ioctls = this.#uffd.register(r, { missing: true })
         registered = true
+        checkPageSize(ioctls, pageSize)
       }
-      this.#handle.addRange(id, r.address, r.length, spec, offset, prefetch, faultAround)
+      this.#handle.addRange(
+        { id, address: r.address, length: r.length, pageSize, sourceOffset: offset, prefetch, faultAround },
+        spec,
+      )
     } catch (err) {
       if (registered) this.#unregister(r)
       this.#handlers.delete(id)
+      release?.()
       throw err
     } finally {
       close?.()
     }
-    this.#served.set(id, { range: r, keep, registered })
+    this.#served.set(id, { range: r, keep, registered, release })
     if (debug.enabled)
       debug(
-        'FaultServer: serve 0x%s +%d from %s%s',
+        'FaultServer: serve 0x%s +%d (%d-byte pages) from %s%s',
         r.address.toString(16),
         r.length,
-        (spec as { kind: string }).kind,
+        pageSize,
+        spec.kind,
         prefetch ? ' with prefetch' : '',
       )
     return this
@@ -369,6 +269,7 @@ export class FaultServer extends EventEmitter {
     for (const [id, s] of this.#served) {
       if (s.range.address >= r.address && s.range.address + BigInt(s.range.length) <= end) {
         if (s.registered) this.#unregister(s.range)
+        s.release?.()
         this.#served.delete(id)
         this.#handlers.delete(id)
       }
@@ -412,9 +313,10 @@ export class FaultServer extends EventEmitter {
     if (this.#closed) return
     this.#closed = true
     if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
-    this.#handle.close()
+    this.#handle.close() // joins the engine's threads: nothing reads the sources any more
     serving.delete(this.#uffd)
     released.unregister(this)
+    for (const s of this.#served.values()) s.release?.()
     this.#served.clear()
     this.#handlers.clear()
     const err = uffdError('EBADF', 'FaultServer.drained', 'the server was closed before every page was present')
@@ -426,60 +328,14 @@ export class FaultServer extends EventEmitter {
     this.close()
   }
 
-  #source(
-    source: FaultSource,
-    r: Range,
-    id: number,
-  ): { spec: object; offset: number; keep: unknown; close?: () => void } {
-    if (source === null || typeof source !== 'object')
-      throw new TypeError(
-        `source must be { buffer }, { file }, { zero: true } or { handler } (got ${describe(source)})`,
-      )
-    const s = source as Record<string, unknown>
-    const offset = s.offset === undefined ? 0 : checkInt(s.offset, 'source offset', 0, Number.MAX_SAFE_INTEGER)
-    if ('buffer' in s) {
-      const b = s.buffer
-      if (b instanceof Mapping) {
-        if (offset + r.length > b.length)
-          throw new RangeError(
-            `buffer: [${offset}, ${offset + r.length}) lies outside the mapping (length ${b.length})`,
-          )
-        return { spec: { kind: 'memory', address: b.address, length: b.length }, offset, keep: b }
-      }
-      if (!isBytes(b))
-        throw new TypeError(`buffer must be an ArrayBuffer, a typed array or a Mapping (got ${describe(b)})`)
-      if (offset + r.length > b.byteLength)
-        throw new RangeError(`buffer: ${b.byteLength} bytes cannot cover [${offset}, ${offset + r.length})`)
-      return { spec: { kind: 'buffer', bytes: b }, offset, keep: b }
-    }
-    if ('file' in s) {
-      const mode = s.mode === undefined ? 'mmap' : checkChoice(s.mode, 'mode', ['mmap', 'pread'] as const)
-      const f = s.file
-      if (typeof f === 'string') {
-        const fd = fs.openSync(f, 'r')
-        return {
-          spec: { kind: 'file', fd, offset, mmap: mode === 'mmap' },
-          offset: 0,
-          keep: null,
-          close: () => fs.closeSync(fd),
-        }
-      }
-      if (typeof f === 'number' && Number.isSafeInteger(f) && f >= 0) {
-        return { spec: { kind: 'file', fd: f, offset, mmap: mode === 'mmap' }, offset: 0, keep: null }
-      }
-      throw new TypeError(`file must be a path or an fd (got ${describe(f)})`)
-    }
-    if ('zero' in s) {
-      if (s.zero !== true) throw new TypeError(`zero must be true (got ${describe(s.zero)})`)
-      return { spec: { kind: 'zero' }, offset: 0, keep: null }
-    }
-    if ('handler' in s) {
-      if (typeof s.handler !== 'function')
-        throw new TypeError(`handler must be a function (got ${describe(s.handler)})`)
-      this.#handlers.set(id, s.handler as FaultHandler)
-      return { spec: { kind: 'handler', id }, offset, keep: null }
-    }
-    throw new TypeError('source must have one of: buffer, file, zero, handler')
+  // A Mapping's page size is its own; a plain range's is { pageSize } (default: the base page).
+  #pageSize(range: RangeLike, given: unknown): number {
+    const own = range instanceof Mapping ? range.pageSize : undefined
+    if (given === undefined) return own ?? PAGE_SIZE
+    const size = powerOfTwo(given, 'pageSize', PAGE_SIZE, MAX_PAGE)
+    if (own !== undefined && own !== size)
+      throw new RangeError(`pageSize ${size} given for a mapping whose pages are ${own} bytes`)
+    return size
   }
 
   #unregister(r: Range): void {
@@ -491,7 +347,7 @@ export class FaultServer extends EventEmitter {
     }
   }
 
-  #onNotices(notices: Notice[]): void {
+  #onNotices(notices: FaultEngineNotice[]): void {
     if (this.#closed) {
       for (const n of notices) if (n.type === 'fork') native.close(n.fd)
       return
@@ -521,12 +377,11 @@ export class FaultServer extends EventEmitter {
         const s = this.#handle.stats()
         this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
       }
-      const [present, total] = this.#handle.settled()
+      const settled = this.#handle.settled()
       this.emit('progress', {
-        pagesPresent: present,
-        pagesTotal: total,
-        fraction: total === 0 ? 1 : present / total,
-      } satisfies FaultServerProgress)
+        ...settled,
+        fraction: settled.bytesTotal === 0 ? 1 : settled.bytesPresent / settled.bytesTotal,
+      })
       this.#checkDrained()
     }
   }
@@ -534,10 +389,7 @@ export class FaultServer extends EventEmitter {
   // A demand request that fails is retried with backoff (10 ms doubling to 1 s): a thread is
   // blocked on it and nothing else would wake it. Each failure is an 'error' event. A failed
   // prefetch request gives its pages back to demand faults and stops prefetching the range.
-  #request(
-    q: { id: number; handler: number; address: bigint; offset: number; length: number; prefetch: boolean },
-    attempt = 0,
-  ): void {
+  #request(q: FaultEngineRequest, attempt = 0): void {
     const handler = this.#handlers.get(q.handler)
     if (handler === undefined || this.#closed) {
       if (!this.#closed) this.#handle.complete(q.id, null)
@@ -545,8 +397,8 @@ export class FaultServer extends EventEmitter {
     }
     const fail = (err: unknown): void => {
       if (this.#closed) return
-      const e = err instanceof Error ? err : new Error(String(err))
-      ;(e as { address?: bigint }).address = q.address
+      const e: FaultServerError = err instanceof Error ? err : new Error(String(err))
+      e.address = q.address
       if (q.prefetch) this.#handle.complete(q.id, null)
       else setTimeout(() => this.#request(q, attempt + 1), Math.min(10 * 2 ** attempt, 1000)).unref()
       this.#error(e)
@@ -565,7 +417,7 @@ export class FaultServer extends EventEmitter {
     }
   }
 
-  #error(err: Error): void {
+  #error(err: FaultServerError): void {
     if (errorChannel.hasSubscribers) errorChannel.publish({ source: 'FaultServer', server: this, error: err })
     if (debug.enabled) debug('FaultServer: error %s', err.message)
     // An 'error' event without a listener would throw from a native callback: warn instead.
@@ -575,12 +427,24 @@ export class FaultServer extends EventEmitter {
 
   #checkDrained(): void {
     if (this.#drainWaiters.length === 0 || this.#closed) return
-    const [present, total] = this.#handle.settled()
-    if (present < total) return
+    const { pagesPresent, pagesTotal } = this.#handle.settled()
+    if (pagesPresent < pagesTotal) return
     for (const w of this.#drainWaiters.splice(0)) w.resolve()
   }
 
   #live(op: string): void {
     if (this.#closed) throw uffdError('EBADF', `FaultServer.${op}`, 'the server is closed')
   }
+}
+
+// UFFDIO_REGISTER offers no ZEROPAGE on hugetlb memory, and only there: so it tells whether the
+// page size the range was served with is the memory's.
+function checkPageSize(ioctls: bigint, pageSize: number): void {
+  const hugetlb = (ioctls & IoctlBit.ZEROPAGE) === 0n
+  if (hugetlb && pageSize === PAGE_SIZE)
+    throw new RangeError(
+      `serve: this range is hugetlb memory; give its huge page size ({ pageSize: ${hugePageSize()} }), or serve the Mapping itself`,
+    )
+  if (!hugetlb && pageSize !== PAGE_SIZE)
+    throw new RangeError(`serve: pageSize ${pageSize} given, but this range is not hugetlb memory`)
 }

@@ -1,23 +1,35 @@
 // Live snapshots: a consistent copy of memory that other threads keep writing, without stopping
 // them. takeSnapshot() write-protects the range (that instant is the snapshot), then a native
 // thread copies each page out before the first write to it goes through, and copies the rest in
-// the background. No JS runs per fault; see native/binding/live_snapshot.cc.
+// the background. No JS runs per fault; see native/engine/snapshot_engine.h.
 import * as fs from 'node:fs'
-import { native, type SnapshotEngine } from '../addon/native'
-import { Userfaultfd } from '../core/userfaultfd'
+import { types } from 'node:util'
+import type {
+  BackgroundPriority,
+  SnapshotEngine,
+  SnapshotEngineSink,
+  SnapshotEngineStats as SnapshotStats,
+} from '../addon/binding'
+import { native } from '../addon/native'
 import { Feature, PAGE_SIZE } from '../core/constants'
 import { UnsupportedError, type UffdError } from '../core/errors'
-import { Mapping } from '../core/mapping'
-import { checkAligned, describe, toRange, type Range, type RangeLike } from '../core/range'
+import { Mapping, memoryKindOf } from '../core/mapping'
+import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
+import { Userfaultfd } from '../core/userfaultfd'
+import { choice, describe, func, nonNegative, optionalInt, powerOfTwo } from '../util/validate'
 
 /**
  * Where the pages go. File sinks get each page at `offset` + its offset in the range (so a
- * file snapshot restores with FaultServer's `{ file, offset }` source).
+ * file snapshot restores with FaultServer's `{ file, offset }` source). A `buffer` sink is an
+ * ArrayBuffer or view (the pages are gathered in engine memory and copied into it when the
+ * snapshot is done: a buffer detached meanwhile makes `done` reject with EFAULT, and nothing is
+ * written into freed memory), a SharedArrayBuffer or a view of one (written in place: it cannot
+ * be detached), or a Mapping (written in place; its unmap() waits until `done` settles).
  */
 export type SnapshotSink =
   | { path: string; offset?: number }
   | { fd: number; offset?: number }
-  | { buffer: ArrayBuffer | ArrayBufferView }
+  | { buffer: ArrayBuffer | SharedArrayBuffer | ArrayBufferView | Mapping }
 
 /** Options of takeSnapshot(). */
 export interface SnapshotOptions {
@@ -37,10 +49,13 @@ export interface SnapshotOptions {
   /** limit the background copy rate (faults are always served at once) */
   maxBytesPerSecond?: number
   /**
-   * 'normal' (default), or 'idle': the background copy runs under SCHED_IDLE, only on CPU time
-   * nobody else wants (writers keep more of the machine; the snapshot takes longer).
+   * The background copy's priority: 'normal' (default) or 'idle' (SCHED_IDLE: only on CPU time
+   * nobody else wants; writers keep more of the machine, the snapshot takes longer). The default
+   * differs from the FaultServer's prefetch ('idle') on purpose: the background copy IS the
+   * snapshot (under busy writers an idle one might never finish), while a prefetch only fetches
+   * early what demand faults fetch anyway.
    */
-  backgroundPriority?: 'normal' | 'idle'
+  backgroundPriority?: BackgroundPriority
   /** called with progress every progressIntervalMs while the snapshot runs, and once at the end */
   onProgress?: (progress: SnapshotProgress) => void
   /** Interval of onProgress calls (default 100 ms). */
@@ -55,51 +70,15 @@ export interface SnapshotOptions {
   events?: boolean
 }
 
-/** How far a live snapshot is (LiveSnapshot.progress(), onProgress). */
-export interface SnapshotProgress {
-  /** Bytes in the range. */
-  totalBytes: number
-  /** Bytes in the sink so far. */
-  bytesCopied: number
-  /** Pages in the range. */
-  totalPages: number
-  /** Pages in the sink so far. */
-  pagesCopied: number
-  /** pages copied because a writer hit them first */
-  faultCopies: number
-  /** pages copied by the background pass */
-  backgroundCopies: number
-  /** write faults received */
-  faults: number
-  /** faults on pages already copied (only woken) */
-  wakes: number
-  /** time to write-protect the range (writers stall on the range meanwhile) */
-  protectMs: number
-  /** since the snapshot instant */
-  elapsedMs: number
-  /** Every page is in the sink. */
-  done: boolean
-}
+// The snapshot's counters (LiveSnapshot.done), as the engine returns them (src/addon/binding.ts).
+export type { SnapshotStats }
+export type { BackgroundPriority, CopyMethod } from '../addon/binding'
 
-/** A finished live snapshot (LiveSnapshot.done). */
-export interface SnapshotStats extends SnapshotProgress {
-  /** the range was populated before protection (see SnapshotOptions.populate) */
-  populated: boolean
-  /** how pages were copied: 'pwrite' (file), 'process_vm_readv' or 'pipe' (buffer) */
-  copyMethod: 'pwrite' | 'process_vm_readv' | 'pipe'
-}
-
-function memoryOf(range: unknown): 'anonymous' | 'shmem' | 'hugetlb' {
-  if (range instanceof Mapping) return range.hugetlb ? 'hugetlb' : range.kind === 'memfd' ? 'shmem' : 'anonymous'
-  return 'anonymous'
-}
+/** How far a live snapshot is (LiveSnapshot.progress(), onProgress): the stats without what is known only at the end. */
+export type SnapshotProgress = Omit<SnapshotStats, 'populated' | 'copyMethod'>
 
 function checkOffset(value: unknown): number {
-  const offset = value ?? 0
-  if (typeof offset !== 'number' || !Number.isSafeInteger(offset) || offset < 0) {
-    throw new RangeError(`sink offset must be a non-negative integer (got ${describe(offset)})`)
-  }
-  return offset
+  return optionalInt(value, 'sink offset', 0, 0)
 }
 
 /** A live snapshot under way (takeSnapshot()): its progress, its end (`done`), and cancel (close()). */
@@ -172,45 +151,43 @@ export function takeSnapshot(
   if (options === null || typeof options !== 'object')
     throw new TypeError(`options must be an object (got ${describe(options)})`)
   const r = toRange(range)
-  const pageSize = range instanceof Mapping ? range.pageSize : (options.pageSize ?? PAGE_SIZE)
-  if (!Number.isSafeInteger(pageSize) || pageSize < PAGE_SIZE || (pageSize & (pageSize - 1)) !== 0) {
-    throw new RangeError(`pageSize must be a power of two >= ${PAGE_SIZE} (got ${describe(pageSize)})`)
-  }
+  const pageSize =
+    range instanceof Mapping
+      ? range.pageSize
+      : options.pageSize === undefined
+        ? PAGE_SIZE
+        : powerOfTwo(options.pageSize, 'pageSize', PAGE_SIZE, 1 << 30)
   checkAligned(r.address, r.length, 'takeSnapshot', pageSize)
-  const chunkSize = options.chunkSize ?? 2 * 1024 * 1024
-  if (!Number.isSafeInteger(chunkSize) || chunkSize < 1)
-    throw new RangeError(`chunkSize must be a positive integer (got ${describe(chunkSize)})`)
-  const faultAround = options.faultAround ?? 64 * 1024
-  if (!Number.isSafeInteger(faultAround) || faultAround < 0)
-    throw new RangeError(`faultAround must be a non-negative integer (got ${describe(faultAround)})`)
-  const maxBytesPerSecond = options.maxBytesPerSecond ?? 0
-  if (typeof maxBytesPerSecond !== 'number' || !(maxBytesPerSecond >= 0)) {
-    throw new RangeError(`maxBytesPerSecond must be a non-negative number (got ${describe(maxBytesPerSecond)})`)
-  }
-  const interval = options.progressIntervalMs ?? 100
-  if (!Number.isSafeInteger(interval) || interval < 1)
-    throw new RangeError(`progressIntervalMs must be a positive integer (got ${describe(interval)})`)
-  if (options.onProgress !== undefined && typeof options.onProgress !== 'function')
-    throw new TypeError('onProgress must be a function')
-  const backgroundPriority = options.backgroundPriority ?? 'normal'
-  if (backgroundPriority !== 'normal' && backgroundPriority !== 'idle') {
-    throw new TypeError(`backgroundPriority must be 'normal' or 'idle' (got ${describe(backgroundPriority)})`)
-  }
+  const chunkSize = optionalInt(options.chunkSize, 'chunkSize', 2 * 1024 * 1024, 1)
+  const faultAround = optionalInt(options.faultAround, 'faultAround', 64 * 1024, 0)
+  const maxBytesPerSecond = nonNegative(options.maxBytesPerSecond, 'maxBytesPerSecond', 0)
+  const interval = optionalInt(options.progressIntervalMs, 'progressIntervalMs', 100, 1)
+  if (options.onProgress !== undefined) func(options.onProgress, 'onProgress')
+  const backgroundPriority = choice(
+    options.backgroundPriority,
+    'backgroundPriority',
+    ['normal', 'idle'] as const,
+    'normal',
+  )
   if (options.signal?.aborted) throw options.signal.reason ?? new Error('aborted')
 
   const probe = Userfaultfd.probe()
   if (!probe.supported)
-    throw new UnsupportedError(`live snapshots need userfaultfd: ${probe.reason ?? 'not available'}`)
+    throw new UnsupportedError(`live snapshots need userfaultfd: ${probe.reason ?? 'not available'}`, {
+      syscall: 'takeSnapshot',
+    })
   const offered = probe.features
-  const memory = memoryOf(range)
+  const memory = memoryKindOf(range)
   if ((offered & Feature.PAGEFAULT_FLAG_WP) === 0n) {
     throw new UnsupportedError(
       `live snapshots need userfaultfd write-protection (Linux 5.7+), which this kernel (${probe.kernel}) lacks`,
+      { syscall: 'takeSnapshot', feature: 'UFFD_FEATURE_PAGEFAULT_FLAG_WP' },
     )
   }
   if (memory !== 'anonymous' && (offered & Feature.WP_HUGETLBFS_SHMEM) === 0n) {
     throw new UnsupportedError(
       `a live snapshot of ${memory} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+), which this kernel (${probe.kernel}) lacks`,
+      { syscall: 'takeSnapshot', feature: 'UFFD_FEATURE_WP_HUGETLBFS_SHMEM' },
     )
   }
   const wpUnpopulated = (offered & Feature.WP_UNPOPULATED) !== 0n
@@ -282,18 +259,24 @@ export function takeSnapshot(
   return snapshot
 }
 
-function openSink(
-  sink: SnapshotSink,
-  length: number,
-): { sink: { fd: number; offset: number } | { buffer: ArrayBuffer | ArrayBufferView }; close: () => void } {
+function openSink(sink: SnapshotSink, length: number): { sink: SnapshotEngineSink; close: () => void } {
   if (sink === null || typeof sink !== 'object')
     throw new TypeError(`sink must be { path }, { fd } or { buffer } (got ${describe(sink)})`)
   if ('buffer' in sink) {
     const b = sink.buffer
-    if (!(b instanceof ArrayBuffer) && !ArrayBuffer.isView(b))
-      throw new TypeError(`sink.buffer must be an ArrayBuffer or a view (got ${describe(b)})`)
-    if (b.byteLength < length) throw new RangeError(`sink.buffer holds ${b.byteLength} bytes; the range has ${length}`)
-    return { sink: { buffer: b }, close: () => {} }
+    if (b instanceof Mapping) {
+      if (b.length < length) throw new RangeError(`sink.buffer holds ${b.length} bytes; the range has ${length}`)
+      return { sink: { address: b.address, length: b.length }, close: b._pin() }
+    }
+    const bytes = types.isSharedArrayBuffer(b) ? new Uint8Array(b) : b
+    if (!(bytes instanceof ArrayBuffer) && !ArrayBuffer.isView(bytes))
+      throw new TypeError(
+        `sink.buffer must be an ArrayBuffer, a SharedArrayBuffer, a view or a Mapping (got ${describe(b)})`,
+      )
+    if (bytes.byteLength < length)
+      throw new RangeError(`sink.buffer holds ${bytes.byteLength} bytes; the range has ${length}`)
+    const shared = ArrayBuffer.isView(bytes) && types.isSharedArrayBuffer(bytes.buffer)
+    return { sink: { buffer: bytes, shared }, close: () => {} }
   }
   if ('fd' in sink) {
     if (!Number.isSafeInteger(sink.fd) || sink.fd < 0)

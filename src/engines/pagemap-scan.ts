@@ -4,7 +4,8 @@
 // RangeError/TypeError naming it rather than a bare EINVAL from the kernel.
 import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
-import { describe, toAddress, toLength, type RangeLike } from '../core/range'
+import { toAddress, toLength, type RangeLike } from '../core/range'
+import { describe } from '../util/validate'
 
 /** PAGE_IS_* categories (bits of the masks and of each region's `categories`). */
 export const PageCategory = Object.freeze({

@@ -1,7 +1,7 @@
 // A Firecracker-compatible page-fault handler: listens on a Unix socket; each connection (one
 // VM) sends the region JSON with its uffd attached; MISSING faults are served from the memory
 // snapshot file with UFFDIO_COPY, straight from a read-only mmap of the file (one ioctl per
-// fault, no bounce buffer) or, with { source: 'pread' }, through a reusable buffer.
+// fault, no bounce buffer) or, with { readMethod: 'pread' }, through a reusable buffer.
 //
 // Each connection is independent: a peer that sends garbage, dies mid-stream or misbehaves
 // ends only its own connection (its uffd, socket and pidfd are closed); the server keeps
@@ -9,21 +9,23 @@
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
 import * as fs from 'node:fs'
 import * as net from 'node:net'
-import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
+import type { ReadMethod, RemovePolicy } from '../addon/binding'
+import { native } from '../addon/native'
+import type { UffdError } from '../core/errors'
 import { FaultResolver } from '../core/fault-resolver'
-import { IntervalSet } from '../util/interval-set'
-import { TypedEmitter } from '../util/typed-emitter'
-import { debug } from '../util/diagnostics'
-import { observe } from './observe'
+import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { isListening } from '../ipc/unix-socket'
-import { fdNative } from '../ipc/fd-passing'
-import type { UffdError } from '../core/errors'
+import { debug } from '../util/diagnostics'
+import { IntervalSet } from '../util/interval-set'
+import { LatencyHistogram, type LatencySummary } from '../util/histogram'
+import { TypedEmitter } from '../util/typed-emitter'
+import { checkRenamed, choice } from '../util/validate'
+import { observe } from './observe'
 import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
 
-/** What the handler does after UFFD_EVENT_REMOVE: serve zero pages there, or unregister the range. */
-export type RemovePolicy = 'zero' | 'unregister'
+export type { ReadMethod, RemovePolicy } from '../addon/binding'
 
 /** Options of FirecrackerHandler.listen(). */
 export interface FirecrackerHandlerOptions {
@@ -34,7 +36,8 @@ export interface FirecrackerHandlerOptions {
   /**
    * UFFD_EVENT_REMOVE (balloon inflation, MADV_DONTNEED): 'zero' (default) remembers the range
    * and serves zero pages for later faults there; 'unregister' unregisters the range so later
-   * faults are the kernel's own (zero pages for anonymous memory) and never reach the handler.
+   * faults are the kernel's own (zero pages for anonymous memory) and never reach the handler;
+   * 'source' serves the memory file again there (FaultServer's vocabulary, the same values).
    */
   onRemove?: RemovePolicy
   /** Who may connect. Default: the same uid as this process, or root. */
@@ -44,7 +47,7 @@ export interface FirecrackerHandlerOptions {
   /** Time for a peer to send its complete handshake (default 5000 ms). */
   handshakeTimeout?: number
   /** 'mmap' (default): copy from a read-only mapping of the file; 'pread': through a buffer. */
-  source?: 'mmap' | 'pread'
+  readMethod?: ReadMethod
   /** Remove a stale socket file left by a dead handler (default true). */
   replaceStaleSocket?: boolean
 }
@@ -81,8 +84,8 @@ export interface ConnectionStats extends ServingCounts {
 export interface HandlerStats extends ServingCounts {
   /** Connections open now, ever, and ended by an error. */
   connections: { active: number; total: number; failed: number }
-  /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
-  serveLatencyUs: Record<string, number>
+  /** latency from reading a fault to its UFFDIO_COPY returning (as FaultServer's latencyUs) */
+  latencyUs: LatencySummary
 }
 
 interface FileSource {
@@ -93,15 +96,13 @@ interface FileSource {
   close(): void
 }
 
-function openSource(path: string, kind: 'mmap' | 'pread'): FileSource {
+function openSource(path: string, kind: ReadMethod): FileSource {
   const fd = fs.openSync(path, 'r') // libuv opens with O_CLOEXEC
   try {
     const size = fs.fstatSync(fd).size
     if (size === 0) throw new RangeError(`memory file ${path} is empty`)
     if (kind === 'mmap') {
-      const map = new (
-        fdNative as unknown as { FileMapping: new (fd: number, length: number) => { address(): bigint; unmap(): void } }
-      ).FileMapping(fd, size)
+      const map = new native.FileMapping(fd, size)
       const base = map.address()
       return {
         size,
@@ -135,12 +136,6 @@ function openSource(path: string, kind: 'mmap' | 'pread'): FileSource {
 function defaultAllow(peer: PeerCredentials): boolean {
   const uid = process.getuid?.() ?? 0
   return peer.uid === uid || peer.uid === 0
-}
-
-function bucket(us: number): string {
-  if (us < 1) return '<1'
-  const p = 2 ** Math.floor(Math.log2(us))
-  return `${p}-${p * 2}`
 }
 
 let nextId = 1
@@ -329,11 +324,13 @@ class Connection {
         this.stats.deferred++
         stats.deferred++
       }
-      this.#handler.recordLatency(Number(process.hrtime.bigint() - t0) / 1000)
+      this.#handler.recordLatency(Number(process.hrtime.bigint() - t0))
     } else if (event.type === 'remove') {
       this.stats.removes++
       stats.removes++
-      if (this.#handler.onRemove === 'unregister') {
+      if (this.#handler.onRemove === 'source') {
+        // Nothing to remember: later faults there are served from the memory file again.
+      } else if (this.#handler.onRemove === 'unregister') {
         try {
           this.#uffd!.unregister({ address: event.start, length: event.end - event.start })
         } catch {
@@ -417,7 +414,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
   readonly #connections = new Set<Connection>()
-  readonly #latency = new Map<string, number>()
+  readonly #latency = new LatencyHistogram()
   #total = 0
   #failed = 0
   #closed = false
@@ -441,13 +438,10 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       throw new TypeError('socketPath must be a non-empty string')
     if (typeof options.memFile !== 'string' || options.memFile === '')
       throw new TypeError('memFile must be a non-empty string')
-    if (options.onRemove !== undefined && options.onRemove !== 'zero' && options.onRemove !== 'unregister') {
-      throw new TypeError(`onRemove must be 'zero' or 'unregister' (got ${String(options.onRemove)})`)
-    }
-    if (options.source !== undefined && options.source !== 'mmap' && options.source !== 'pread') {
-      throw new TypeError(`source must be 'mmap' or 'pread' (got ${String(options.source)})`)
-    }
-    const source = openSource(options.memFile, options.source ?? 'mmap')
+    checkRenamed(options, { source: 'readMethod' }, 'FirecrackerHandler.listen')
+    choice(options.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero')
+    const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
+    const source = openSource(options.memFile, readMethod)
     const handler = new FirecrackerHandler(options, source)
     try {
       await handler.#listen(options.replaceStaleSocket ?? true)
@@ -513,20 +507,16 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   }
 
   /** @internal */
-  recordLatency(us: number): void {
-    const b = bucket(us)
-    this.#latency.set(b, (this.#latency.get(b) ?? 0) + 1)
+  recordLatency(ns: number): void {
+    this.#latency.record(ns)
   }
 
   /** Totals over every connection so far, and the latency histogram. */
   stats(): HandlerStats {
-    const keys = [...this.#latency.keys()].sort(
-      (a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')),
-    )
     return {
       connections: { active: this.#connections.size, total: this.#total, failed: this.#failed },
       ...this.totals,
-      serveLatencyUs: Object.fromEntries(keys.map((k) => [k, this.#latency.get(k)!])),
+      latencyUs: this.#latency.summary(),
     }
   }
 

@@ -12,21 +12,14 @@
 // - short sends on stream sockets: the rest is sent (without the fds, which went with byte 0);
 // - SIGPIPE: MSG_NOSIGNAL, a vanished peer is EPIPE.
 import * as net from 'node:net'
-import { constants as osConstants } from 'node:os'
+import type { FdWatcher, PeerCredentials } from '../addon/binding'
 import { native } from '../addon/native'
-import { UffdError } from '../core/errors'
-import { describe } from '../core/range'
+import { uffdError } from '../core/errors'
 import type { Userfaultfd } from '../core/userfaultfd'
+import { describe, optionalInt } from '../util/validate'
 
 /** The peer's identity as the kernel recorded it at connect() time (SO_PEERCRED). */
-export interface PeerCredentials {
-  /** The peer's process id. */
-  pid: number
-  /** The peer's user id. */
-  uid: number
-  /** The peer's group id. */
-  gid: number
-}
+export type { PeerCredentials } from '../addon/binding'
 
 /** A socket: a connected net.Socket (Unix domain), or a raw socket fd (e.g. from socketPair()). */
 export type SocketLike = net.Socket | number
@@ -53,48 +46,9 @@ export interface ReceivedMessage {
   end: boolean
 }
 
-interface NativeWatcher {
-  wait(events: number): void
-  stop(): void
-  ref(): void
-  unref(): void
-  close(): void
-}
-
-interface NativeRecv {
-  bytes: number
-  fds: number[]
-  truncated: boolean
-  extraFds: boolean
-  dropped: number
-  payloadTruncated: boolean
-}
-
-interface FdNative {
-  socketpair(type: string): [number, number]
-  sendFds(sock: number, payload: ArrayBufferView, fds?: number[]): number
-  recvFds(sock: number, buffer: ArrayBufferView, maxFds: number): NativeRecv | null
-  peerCred(sock: number): PeerCredentials
-  pidfdOpen(pid: number): number
-  fdFlags(fd: number): { cloexec: boolean; nonblock: boolean }
-  FdWatcher: new (fd: number, callback: (r: number | Error) => void) => NativeWatcher
-}
-
-/** @internal the fd-passing half of the addon */
-export const fdNative = native as unknown as FdNative
-
 const READABLE = 1
 const WRITABLE = 2
 const MAX_FDS = 253
-
-/** A UffdError for protocol-level failures (no syscall failed, but the message is unusable). */
-export function protocolError(code: string, syscall: string, detail: string): UffdError {
-  const err = new UffdError(`${code}: ${detail}, ${syscall}`)
-  err.code = code
-  err.errno = (osConstants.errno as Record<string, number>)[code] ?? 0
-  err.syscall = syscall
-  return err
-}
 
 function closeFds(fds: readonly number[]): void {
   for (const fd of fds) {
@@ -106,12 +60,16 @@ function closeFds(fds: readonly number[]): void {
   }
 }
 
-function intOption(value: unknown, name: string, fallback: number, min: number, max: number): number {
-  if (value === undefined) return fallback
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer ${min}..${max} (got ${describe(value)})`)
-  }
-  return value
+// The parts of Node's own socket handle (net.Socket's `_handle`, a libuv stream) used here.
+interface SocketHandle {
+  fd?: number
+  reading?: boolean
+  readStop?: () => number
+}
+
+function handleOf(socket: net.Socket): SocketHandle | undefined {
+  const handle: unknown = Reflect.get(socket, '_handle')
+  return handle !== null && typeof handle === 'object' ? handle : undefined
 }
 
 /**
@@ -127,11 +85,10 @@ export function socketFd(socket: SocketLike): number {
   }
   if (!(socket instanceof net.Socket))
     throw new TypeError(`socket must be a net.Socket or an fd (got ${describe(socket)})`)
-  const handle = (socket as unknown as { _handle?: { fd?: number; reading?: boolean; readStop?: () => number } })
-    ._handle
+  const handle = handleOf(socket)
   const fd = handle?.fd
-  if (handle === undefined || handle === null || typeof fd !== 'number' || fd < 0) {
-    throw protocolError(
+  if (handle === undefined || typeof fd !== 'number' || fd < 0) {
+    throw uffdError(
       'EBADF',
       'socketFd',
       socket.connecting ? 'the socket is still connecting' : 'the socket has no fd (closed, or not a Unix socket)',
@@ -147,12 +104,12 @@ export function socketFd(socket: SocketLike): number {
 
 /** A connected pair of Unix sockets (non-blocking, close-on-exec), as raw fds: close them yourself. */
 export function socketPair(type: 'stream' | 'seqpacket' | 'dgram' = 'stream'): [number, number] {
-  return fdNative.socketpair(type)
+  return native.socketpair(type)
 }
 
 /** SO_PEERCRED of a connected Unix socket: for allow-lists (uid/gid), and to watch the peer (pid). */
 export function peerCredentials(socket: SocketLike): PeerCredentials {
-  return fdNative.peerCred(socketFd(socket))
+  return native.peerCred(socketFd(socket))
 }
 
 /**
@@ -162,7 +119,7 @@ export function peerCredentials(socket: SocketLike): PeerCredentials {
 export class FdChannel {
   /** The socket's fd. */
   readonly fd: number
-  #watcher: NativeWatcher | undefined
+  #watcher: FdWatcher | undefined
   #pending: { resolve: (events: number) => void; reject: (e: unknown) => void } | undefined
   #buffer: Buffer | undefined
   #closed = false
@@ -173,7 +130,7 @@ export class FdChannel {
 
   /** The peer's credentials (SO_PEERCRED). */
   peer(): PeerCredentials {
-    return fdNative.peerCred(this.fd)
+    return native.peerCred(this.fd)
   }
 
   /**
@@ -198,7 +155,7 @@ export class FdChannel {
     let attach: number[] | undefined = list
     while (view.byteLength > 0) {
       this.#live()
-      const n = fdNative.sendFds(this.fd, view, attach)
+      const n = native.sendFds(this.fd, view, attach)
       if (n < 0) {
         await this.#wait(WRITABLE, options.signal)
         continue
@@ -215,9 +172,9 @@ export class FdChannel {
   async receive(options: ReceiveOptions = {}): Promise<ReceivedMessage> {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`receive options must be an object (got ${describe(options)})`)
-    const maxBytes = intOption(options.maxBytes, 'maxBytes', 65536, 1, 1 << 26)
-    const maxFds = intOption(options.maxFds, 'maxFds', 1, 0, MAX_FDS)
-    const minFds = intOption(options.minFds, 'minFds', 0, 0, maxFds)
+    const maxBytes = optionalInt(options.maxBytes, 'maxBytes', 65536, 1, 1 << 26)
+    const maxFds = optionalInt(options.maxFds, 'maxFds', 1, 0, MAX_FDS)
+    const minFds = optionalInt(options.minFds, 'minFds', 0, 0, maxFds)
     options.signal?.throwIfAborted()
     // One byte more than allowed: a message that fills it is too large.
     if (this.#buffer === undefined || this.#buffer.length < maxBytes + 1)
@@ -225,20 +182,20 @@ export class FdChannel {
     const buffer = this.#buffer.subarray(0, maxBytes + 1)
     for (;;) {
       this.#live()
-      const r = fdNative.recvFds(this.fd, buffer, maxFds)
+      const r = native.recvFds(this.fd, buffer, maxFds)
       if (r === null) {
         await this.#wait(READABLE, options.signal)
         continue
       }
       if (r.truncated) {
-        throw protocolError(
+        throw uffdError(
           'EPROTO',
           'recvmsg',
           `control data truncated (MSG_CTRUNC): the peer sent more fds than the ${maxFds} expected; the ${r.dropped} that arrived were closed`,
         )
       }
       if (r.extraFds) {
-        throw protocolError(
+        throw uffdError(
           'EPROTO',
           'recvmsg',
           `the peer sent ${r.dropped} fds, at most ${maxFds} expected; all were closed`,
@@ -246,11 +203,11 @@ export class FdChannel {
       }
       if (r.bytes > maxBytes || r.payloadTruncated) {
         closeFds(r.fds)
-        throw protocolError('EMSGSIZE', 'recvmsg', `message larger than ${maxBytes} bytes`)
+        throw uffdError('EMSGSIZE', 'recvmsg', `message larger than ${maxBytes} bytes`)
       }
       if (r.fds.length < minFds) {
         closeFds(r.fds)
-        throw protocolError(
+        throw uffdError(
           'EPROTO',
           'recvmsg',
           r.bytes === 0
@@ -282,7 +239,7 @@ export class FdChannel {
     this.#watcher = undefined
     const p = this.#pending
     this.#pending = undefined
-    p?.reject(protocolError('EBADF', 'FdChannel', 'the channel was closed'))
+    p?.reject(uffdError('EBADF', 'FdChannel', 'the channel was closed'))
   }
 
   /** close(). */
@@ -291,16 +248,16 @@ export class FdChannel {
   }
 
   #live(): void {
-    if (this.#closed) throw protocolError('EBADF', 'FdChannel', 'the channel was closed')
+    if (this.#closed) throw uffdError('EBADF', 'FdChannel', 'the channel was closed')
   }
 
   #wait(events: number, signal: AbortSignal | undefined): Promise<number> {
     this.#live()
     if (this.#pending !== undefined)
-      return Promise.reject(protocolError('EBUSY', 'FdChannel', 'one send or receive at a time per channel'))
+      return Promise.reject(uffdError('EBUSY', 'FdChannel', 'one send or receive at a time per channel'))
     signal?.throwIfAborted()
     if (this.#watcher === undefined) {
-      this.#watcher = new fdNative.FdWatcher(this.fd, (r) => {
+      this.#watcher = new native.FdWatcher(this.fd, (r) => {
         const p = this.#pending
         this.#pending = undefined
         if (p === undefined) return
@@ -367,12 +324,12 @@ export async function receiveFds(
 
 /** Opens a pidfd for `pid` (readable once the process exits). */
 export function pidfdOpen(pid: number): number {
-  return fdNative.pidfdOpen(pid)
+  return native.pidfdOpen(pid)
 }
 
 /** Whether an fd has close-on-exec / O_NONBLOCK set. */
 export function fdFlags(fd: number): { cloexec: boolean; nonblock: boolean } {
-  return fdNative.fdFlags(fd)
+  return native.fdFlags(fd)
 }
 
 /** @internal closes fds, ignoring ones already closed */
@@ -383,7 +340,7 @@ export { closeFds }
  * event loop. Returns a canceller. The watcher does not keep the process alive.
  */
 export function whenReadable(fd: number, onReady: (error?: Error) => void): () => void {
-  let watcher: NativeWatcher | undefined = new fdNative.FdWatcher(fd, (r) => {
+  let watcher: FdWatcher | undefined = new native.FdWatcher(fd, (r) => {
     cancel()
     onReady(typeof r === 'number' ? undefined : r)
   })

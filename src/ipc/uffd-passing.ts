@@ -2,7 +2,8 @@
 // (O_NONBLOCK + close-on-exec) and learns the sender's credentials.
 import * as fs from 'node:fs'
 import { Userfaultfd } from '../core/userfaultfd'
-import { FdChannel, closeFds, protocolError, type PeerCredentials, type SocketLike } from './fd-passing'
+import { uffdError } from '../core/errors'
+import { FdChannel, closeFds, type PeerCredentials, type SocketLike } from './fd-passing'
 
 /** Sends `uffd` with `payload` (default: its features and ioctls as JSON, which receiveUffd reads). */
 export async function sendUffd(
@@ -45,7 +46,7 @@ export async function receiveUffd(
     const fd = msg.fds[0]
     try {
       const peer = channel.peer()
-      if (!isUserfaultfd(fd)) throw protocolError('EPROTO', 'recvmsg', 'the fd received is not a userfaultfd')
+      if (!isUserfaultfd(fd)) throw uffdError('EPROTO', 'recvmsg', 'the fd received is not a userfaultfd')
       let features = 0n
       let ioctls = 0n
       try {

@@ -3,7 +3,7 @@
 // is said (docs/migration.md, "Trust model").
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto'
 import * as fs from 'node:fs'
-import { describe } from '../core/range'
+import { describe } from '../util/validate'
 import type { ChannelKind } from './wire'
 import { MAC_SIZE, NONCE_SIZE } from './wire'
 

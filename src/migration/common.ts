@@ -1,5 +1,4 @@
 // What both ends of a migration share: option checks, the result shape, control messages.
-import { describe } from '../core/range'
 import { decodeJson, ProtocolError } from './wire'
 
 /** A migration's outcome, as both ends report it (the CLI prints it as JSON). */
@@ -56,20 +55,6 @@ export type Phase =
   | 'complete'
   | 'failed'
   | 'listening'
-
-export function intOption(value: unknown, name: string, fallback: number, min: number, max: number): number {
-  if (value === undefined) return fallback
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max)
-    throw new RangeError(`${name} must be an integer ${min}..${max} (got ${describe(value)})`)
-  return value
-}
-
-export function choice<T extends string>(value: unknown, name: string, choices: readonly T[], fallback: T): T {
-  if (value === undefined) return fallback
-  if (!choices.includes(value as T))
-    throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(', ')} (got ${describe(value)})`)
-  return value as T
-}
 
 /** A control message (CONTROL frame): a JSON object with a string `t`. */
 export type Control = { t: string } & Record<string, unknown>

@@ -1,20 +1,10 @@
 // Per-page hashes of memory, the way a migration checks itself (native/engine/page_hash.h).
 import { native } from '../addon/native'
 import { Mapping } from '../core/mapping'
-import { describe, toRange, type RangeLike } from '../core/range'
-import { intOption } from './common'
+import { toRange, type RangeLike } from '../core/range'
+import { describe, optionalInt } from '../util/validate'
 
-const hashes = (
-  native as unknown as {
-    pageHashes(
-      address: bigint,
-      length: number,
-      pageSize: number,
-      maskOffset: number,
-      maskLength: number,
-    ): BigUint64Array
-  }
-).pageHashes
+const hashes = native.pageHashes
 
 /**
  * One 64-bit hash per page of `range` (not cryptographic: it tells pages apart, it does not
@@ -29,8 +19,8 @@ export function pageHashes(
     throw new TypeError(`options must be an object (got ${describe(options)})`)
   const r = toRange(range)
   const pageSize =
-    range instanceof Mapping ? range.pageSize : intOption(options.pageSize, 'pageSize', 4096, 4096, 2 ** 30)
-  const maskOffset = intOption(options.maskOffset, 'maskOffset', 0, 0, pageSize)
-  const maskLength = intOption(options.maskLength, 'maskLength', 0, 0, pageSize)
+    range instanceof Mapping ? range.pageSize : optionalInt(options.pageSize, 'pageSize', 4096, 4096, 2 ** 30)
+  const maskOffset = optionalInt(options.maskOffset, 'maskOffset', 0, 0, pageSize)
+  const maskLength = optionalInt(options.maskLength, 'maskLength', 0, 0, pageSize)
   return hashes(r.address, r.length, pageSize, maskOffset, maskLength)
 }

@@ -7,22 +7,15 @@
 import { randomBytes } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import type * as tls from 'node:tls'
+import type { MigrationNotice, MigrationSourceHandle } from '../addon/binding'
 import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
 import { Mapping } from '../core/mapping'
-import { describe, toRange } from '../core/range'
+import { toRange } from '../core/range'
 import { DirtyTracker } from '../engines/dirty-tracker'
+import { choice, describe, optionalInt } from '../util/validate'
 import { resolveSecret, type SecretOptions } from './auth'
-import {
-  type Control,
-  choice,
-  decodeControl,
-  finite,
-  intOption,
-  type MigrationResult,
-  type Phase,
-  sleep,
-} from './common'
+import { type Control, decodeControl, finite, type MigrationResult, type Phase, sleep } from './common'
 import { postcopyTuning } from './common'
 import {
   type AnySocket,
@@ -132,41 +125,9 @@ interface Range {
   target: Mapping | MigrationRange
 }
 
-interface Notice {
-  kind: string
-  at?: bigint
-  channel?: string
-  errno?: number
-  error?: Error
-  protocol?: boolean
-  message?: string
-  id?: number
-  payload?: Buffer
-}
-
-interface SourceHandle {
-  attachMain(fd: number): number
-  attachDemand(fd: number): number
-  detach(): void
-  close(): void
-  send(channel: ChannelKind, type: number, range: number, page: bigint, payload?: Uint8Array): void
-  sendRuns(id: number, runs: Float64Array): void
-  startPostcopy(runs: Float64Array, push: boolean): void
-  resumePush(): void
-  setPush(on: boolean): void
-  setPushRate(bytesPerSecond: number): void
-  stats(): Record<string, number>
-  ref(): void
-  unref(): void
-}
-
 const ECANCELED = 125
 
-const Handle = (
-  native as unknown as {
-    MigrationSourceHandle: new (ranges: object[], options: object, notify: (n: Notice[]) => void) => SourceHandle
-  }
-).MigrationSourceHandle
+const Handle = native.MigrationSourceHandle
 
 /** When a control message was read off the socket (by the native reader), on performance.now()'s clock. */
 const RECEIVED = new WeakMap<Control, number>()
@@ -241,7 +202,7 @@ export class MigrationSource extends EventEmitter {
   readonly #pagesTotal: number
   readonly #bytes: number
 
-  #handle: SourceHandle | undefined
+  #handle: MigrationSourceHandle | undefined
   #phase: Phase = 'connecting'
   #started: Promise<MigrationResult> | undefined
   #closed = false
@@ -300,26 +261,26 @@ export class MigrationSource extends EventEmitter {
     if (options.resume !== undefined && typeof options.resume !== 'function')
       throw new TypeError(`resume must be a function (got ${describe(options.resume)})`)
     this.#resume = options.resume
-    this.#maxDowntime = intOption(options.maxDowntime, 'maxDowntime', 20, 0, 3_600_000)
-    this.#maxRounds = intOption(options.maxRounds, 'maxRounds', 30, 1, 10_000)
+    this.#maxDowntime = optionalInt(options.maxDowntime, 'maxDowntime', 20, 0, 3_600_000)
+    this.#maxRounds = optionalInt(options.maxRounds, 'maxRounds', 30, 1, 10_000)
     const v = options.verify
     if (v === undefined || v === false) this.#verify = null
     else if (v === true) this.#verify = { maskOffset: 0, maskLength: 0 }
     else if (typeof v === 'object' && v !== null) {
       this.#verify = {
-        maskOffset: intOption(v.maskOffset, 'verify.maskOffset', 0, 0, 2 ** 21),
-        maskLength: intOption(v.maskLength, 'verify.maskLength', 0, 0, 2 ** 21),
+        maskOffset: optionalInt(v.maskOffset, 'verify.maskOffset', 0, 0, 2 ** 21),
+        maskLength: optionalInt(v.maskLength, 'verify.maskLength', 0, 0, 2 ** 21),
       }
     } else throw new TypeError(`verify must be a boolean or { maskOffset, maskLength } (got ${describe(v)})`)
     this.#metadata = options.metadata
     if (options.metadata !== undefined && encodeJson(options.metadata).length > 16384)
       throw new RangeError('metadata must be JSON of at most 16 KiB')
-    this.#pushRate = intOption(options.postcopyBandwidth, 'postcopyBandwidth', 0, 0, Number.MAX_SAFE_INTEGER)
-    this.#chunk = intOption(options.chunkSize, 'chunkSize', 256 * 1024, PAGE_SIZE, 4 << 20)
-    this.#pingMs = intOption(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
-    this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
-    this.#reconnectMs = intOption(options.reconnectTimeout, 'reconnectTimeout', 30_000, 0, 86_400_000)
-    this.#connectMs = intOption(options.connectTimeout, 'connectTimeout', 10_000, 100, 600_000)
+    this.#pushRate = optionalInt(options.postcopyBandwidth, 'postcopyBandwidth', 0, 0, Number.MAX_SAFE_INTEGER)
+    this.#chunk = optionalInt(options.chunkSize, 'chunkSize', 256 * 1024, PAGE_SIZE, 4 << 20)
+    this.#pingMs = optionalInt(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
+    this.#timeoutMs = optionalInt(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
+    this.#reconnectMs = optionalInt(options.reconnectTimeout, 'reconnectTimeout', 30_000, 0, 86_400_000)
+    this.#connectMs = optionalInt(options.connectTimeout, 'connectTimeout', 10_000, 100, 600_000)
     this.#priority = choice(
       options.postcopyPriority,
       'postcopyPriority',
@@ -546,13 +507,8 @@ export class MigrationSource extends EventEmitter {
   #sendHashes(): void {
     const v = this.#verify
     if (v === null) return
-    const pageHashes = (
-      native as unknown as {
-        pageHashes(a: bigint, l: number, ps: number, mo: number, ml: number): BigUint64Array
-      }
-    ).pageHashes
     this.#ranges.forEach((r, i) => {
-      const hashes = pageHashes(r.address, r.length, r.pageSize, v.maskOffset, v.maskLength)
+      const hashes = native.pageHashes(r.address, r.length, r.pageSize, v.maskOffset, v.maskLength)
       const per = (1 << 20) / 8
       for (let p = 0; p < hashes.length; p += per) {
         const slice = hashes.subarray(p, Math.min(p + per, hashes.length))
@@ -686,7 +642,7 @@ export class MigrationSource extends EventEmitter {
 
   // ---- notices from the native session ------------------------------------------------------
 
-  #onNotices(notices: Notice[]): void {
+  #onNotices(notices: MigrationNotice[]): void {
     for (const n of notices) {
       switch (n.kind) {
         case 'round': {

@@ -10,14 +10,16 @@ import { EventEmitter } from 'node:events'
 import * as net from 'node:net'
 import { constants as osConstants } from 'node:os'
 import * as tls from 'node:tls'
+import type { MigrationNotice, MigrationTargetHandle } from '../addon/binding'
 import { native } from '../addon/native'
 import { Feature } from '../core/constants'
 import { UnsupportedError } from '../core/errors'
 import { Mapping } from '../core/mapping'
-import { describe, toRange } from '../core/range'
+import { toRange } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
+import { choice, describe, optionalInt } from '../util/validate'
 import { AuthError, resolveSecret, type SecretOptions } from './auth'
-import { type Control, choice, decodeControl, finite, intOption, type Phase, postcopyTuning } from './common'
+import { type Control, decodeControl, finite, type Phase, postcopyTuning } from './common'
 import { type MigrationEndpoint, FrameConn, handOver, parseEndpoint, reject, targetHandshake } from './transport'
 import { encodeJson, FrameType, type MigrationMode, ProtocolError, type MigrationRangeInfo, type Setup } from './wire'
 
@@ -115,41 +117,7 @@ export class SourceLostError extends Error {
   }
 }
 
-interface Notice {
-  kind: string
-  at?: bigint
-  channel?: string
-  errno?: number
-  error?: Error
-  protocol?: boolean
-  message?: string
-  id?: number
-  payload?: Buffer
-}
-
-interface TargetHandle {
-  attachMain(fd: number): number
-  attachDemand(fd: number): number
-  detach(): void
-  close(): void
-  send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void
-  startServing(uffd: number): void
-  registered(uffd: number): void
-  dropUnreceived(): void
-  populate(): void
-  stopServing(): void
-  resendRequests(): void
-  have(range: number): Buffer
-  settle(poison: boolean): number
-  verify(range: number, maskOffset: number, maskLength: number): Float64Array | null
-  stats(): Record<string, number>
-}
-
-const Handle = (
-  native as unknown as {
-    MigrationTargetHandle: new (ranges: object[], options: object, notify: (n: Notice[]) => void) => TargetHandle
-  }
-).MigrationTargetHandle
+const Handle = native.MigrationTargetHandle
 
 function allocate(ranges: MigrationRangeInfo[]): Mapping[] {
   const out: Mapping[] = []
@@ -198,7 +166,7 @@ export class MigrationTarget extends EventEmitter {
   #registered = false
   /** the switchover happened: the workload runs on this memory */
   #switched = false
-  #handle: TargetHandle | undefined
+  #handle: MigrationTargetHandle | undefined
   #gens: Record<string, number> = { main: 0, demand: 0 }
   #relays: Array<() => void> = []
   #ended = new Set<string>()
@@ -225,11 +193,11 @@ export class MigrationTarget extends EventEmitter {
     this.#secret = secret
     this.#memory = options.memory
     this.#policy = choice(options.onSourceLoss, 'onSourceLoss', ['wait', 'poison', 'zero'] as const, 'wait')
-    this.#lossMs = intOption(options.sourceLossTimeout, 'sourceLossTimeout', 10_000, 0, 86_400_000)
-    this.#pingMs = intOption(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
-    this.#timeoutMs = intOption(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
-    this.#handshakeMs = intOption(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
-    this.#spin = intOption(options.spin, 'spin', 0, 0, 100_000)
+    this.#lossMs = optionalInt(options.sourceLossTimeout, 'sourceLossTimeout', 10_000, 0, 86_400_000)
+    this.#pingMs = optionalInt(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
+    this.#timeoutMs = optionalInt(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
+    this.#handshakeMs = optionalInt(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
+    this.#spin = optionalInt(options.spin, 'spin', 0, 0, 100_000)
     this.#done = new Promise((resolve, reject) => {
       this.#resolve = resolve
       this.#reject = reject
@@ -648,7 +616,7 @@ export class MigrationTarget extends EventEmitter {
 
   // ---- notices ------------------------------------------------------------------------------
 
-  #onNotices(notices: Notice[]): void {
+  #onNotices(notices: MigrationNotice[]): void {
     for (const n of notices) {
       switch (n.kind) {
         case 'control': {

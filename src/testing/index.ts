@@ -2,13 +2,16 @@
  * @internal Test and benchmark helpers: not part of the public API, may change at any time.
  *
  * They raise faults and memory events from native threads, so that the JS thread (which reads
- * and resolves them) never blocks on its own fault.
+ * and resolves them) never blocks on its own fault. They need the test-only addon (./addon.ts),
+ * which only a checkout builds.
  */
 import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
-import { toAddress, toLength } from '../core/range'
 import type { Advice } from '../core/mapping'
-import type { RangeLike } from '../core/range'
+import { type RangeLike, toAddress, toLength } from '../core/range'
+import { type Stamper, testingNative } from './addon'
+
+export type { Stamper } from './addon'
 
 export interface TouchOptions {
   /** write instead of read: stores value + index (u64) at each address */
@@ -33,7 +36,7 @@ export async function touch(
   options: TouchOptions = {},
 ): Promise<TouchResult> {
   const list = addresses instanceof BigUint64Array ? addresses : BigUint64Array.from(addresses)
-  const { values, ns } = await native.touch(list, options)
+  const { values, ns } = await testingNative().touch(list, options)
   return ns === undefined ? { values } : { values, ns }
 }
 
@@ -51,7 +54,7 @@ export function pages(range: RangeLike, count?: number, stride = PAGE_SIZE, offs
 export async function madviseOnThread(range: RangeLike, advice: Advice): Promise<number> {
   const value = native.constants.Advice[advice]
   if (value === undefined) throw new TypeError(`unknown advice '${advice}'`)
-  const { errno } = await native.madviseOnThread(
+  const { errno } = await testingNative().madviseOnThread(
     toAddress(range.address, 'address'),
     toLength(range.length, 'length'),
     value,
@@ -65,7 +68,7 @@ export async function madviseOnThread(range: RangeLike, advice: Advice): Promise
  * its low byte as status. Resolves with the child's pid and wait status.
  */
 export async function forkOnThread(readAt?: bigint): Promise<{ pid: number; status: number; errno: number }> {
-  const { pid, status, errno } = await native.forkOnThread(readAt)
+  const { pid, status, errno } = await testingNative().forkOnThread(readAt)
   return { pid, status, errno }
 }
 
@@ -75,19 +78,19 @@ export async function mremapOnThread(
   oldLength: number,
   newLength: number,
 ): Promise<{ address: bigint; errno: number }> {
-  const { result, errno } = await native.mremapOnThread(address, oldLength, newLength)
+  const { result, errno } = await testingNative().mremapOnThread(address, oldLength, newLength)
   return { address: result, errno }
 }
 
 /** munmap(2) from a native thread (an UNMAP event blocks it until read). */
 export async function munmapOnThread(address: bigint, length: number): Promise<number> {
-  const { errno } = await native.munmapOnThread(address, length)
+  const { errno } = await testingNative().munmapOnThread(address, length)
   return errno
 }
 
 /** Anonymous memory owned by no Mapping: for tests that mremap/munmap it behind our back. */
 export function mmapRaw(length: number): bigint {
-  return native.mmapRaw(length)
+  return testingNative().mmapRaw(length)
 }
 
 export interface StamperOptions {
@@ -102,8 +105,8 @@ export interface StamperOptions {
  * Native writer threads stamping 4 KiB slots of [address, address + length) with counters until
  * stop() (see native/testing/stamper.cc for the stamp layout and the stale-data check).
  */
-export function startStamper(range: RangeLike, options: StamperOptions = {}): import('../addon/native').Stamper {
-  return new native.Stamper(toAddress(range.address, 'address'), toLength(range.length, 'length'), options)
+export function startStamper(range: RangeLike, options: StamperOptions = {}): Stamper {
+  return new (testingNative().Stamper)(toAddress(range.address, 'address'), toLength(range.length, 'length'), options)
 }
 
 /** The stamp thread `thread` of the stamper numbered `run` (stamper.run()) writes on its `k`-th write. */

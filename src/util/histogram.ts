@@ -1,6 +1,11 @@
-// A latency histogram with the native engine's buckets (native/engine/latency_histogram.h):
-// log-linear, 8 buckets per power of two (~9% resolution), of nanoseconds. Small and mergeable,
-// so a process or thread sends its histogram instead of its raw samples.
+// The latency histogram of JS-side code (the Firecracker handler's serving, the demo's guest),
+// with the native engine's buckets (native/engine/latency_histogram.h): log-linear, 8 buckets per
+// power of two (~9% resolution), of nanoseconds, and the same summary (LatencySummary), so every
+// latency the package reports reads alike. Small and mergeable, so a process or thread sends its
+// histogram instead of its raw samples.
+import type { LatencySummary } from '../addon/binding'
+
+export type { LatencySummary } from '../addon/binding'
 
 const SUB = 8
 const BUCKETS = 64 * SUB
@@ -49,6 +54,12 @@ export class LatencyHistogram {
       if (seen >= want) return upperBound(i)
     }
     return upperBound(BUCKETS - 1)
+  }
+
+  /** count, p50, p90, p99 and max, in µs (as FaultServer's stats().latencyUs). */
+  summary(): LatencySummary {
+    const us = (q: number): number => this.quantile(q) / 1000
+    return { count: this.#count, p50: us(0.5), p90: us(0.9), p99: us(0.99), max: us(1) }
   }
 
   /** Adds another histogram's samples to this one. */

@@ -9,7 +9,7 @@ export function countFds(): number {
 
 /** Reads events (one by one) until `pred` matched `n` of them; fails after `ms`. */
 export async function collect(
-  stream: EventStream,
+  stream: EventStream<UffdEvent>,
   n: number,
   pred: (e: UffdEvent) => boolean = () => true,
   ms = 5000,

@@ -1,7 +1,15 @@
 // Shared by the FaultServer tests: servers, uffds and mappings closed after each test, and
 // page contents that tell every page (and every offset) apart.
 import * as crypto from 'node:crypto'
-import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type FaultServerOptions } from '../../src/index'
+import type { EventEmitter } from 'node:events'
+import {
+  FaultServer,
+  type FaultServerEvents,
+  type FaultServerOptions,
+  Mapping,
+  PAGE_SIZE,
+  Userfaultfd,
+} from '../../src/index'
 
 const cleanup: Array<{ run: () => void; unmap: boolean }> = []
 
@@ -72,13 +80,18 @@ export function readAll(m: Mapping, offset = 0, length = m.length - offset): Uin
   return out
 }
 
-/** Resolves when `server` emitted `event` (or rejects after ms). */
-export function once<T = unknown>(server: FaultServer, event: string, ms = 5000): Promise<T> {
+/** Resolves with the first argument of `event` when `server` emits it (or rejects after ms). */
+export function once<K extends keyof FaultServerEvents>(
+  server: FaultServer,
+  event: K,
+  ms = 5000,
+): Promise<FaultServerEvents[K][0]> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no '${event}' within ${ms} ms`)), ms)
-    server.once(event, (v: T) => {
+    const emitter: EventEmitter = server // untyped, for a listener of any of its events
+    emitter.once(event, (value: FaultServerEvents[K][0]) => {
       clearTimeout(timer)
-      resolve(v)
+      resolve(value)
     })
   })
 }

@@ -13,7 +13,7 @@
 // never mistaken for one of this stamper's writes: two stampers with the same order and seed
 // used to write identical values to the same slots, and a slot holding write k of the second
 // one read as "still its initial value" (k = 0).
-import type { Stamper } from '../../src/addon/native'
+import type { Stamper } from '../../src/testing'
 import { stampOf } from '../../src/testing'
 
 const SLOT = 4096

@@ -137,7 +137,7 @@ describe('FaultServer environment teardown', () => {
       const { Userfaultfd, Mapping, FaultServer } = require(${JSON.stringify(dist)})
       const uffd = Userfaultfd.open()
       const m = Mapping.anonymous(4 * 4096)
-      const server = new FaultServer(uffd, { watchdog: 300 })
+      const server = new FaultServer(uffd, { watchdogMs: 300 })
       server.serve(m, { handler: ({ length }) => new Uint8Array(length) })
       new Uint8Array(m.buffer)[0]  // this thread runs the handler: it can never answer
       console.log('unreachable')

@@ -1,14 +1,22 @@
-// FaultServerHandle: the JS face of a FaultEngine (fault_engine.h). One engine per handle, all
-// state per environment; the engine's notices reach JS through one threadsafe function, and
-// the engine's threads are joined on close(), on garbage collection and on environment teardown
-// (cleanup hook), whichever comes first.
+// FaultEngine: the JS face of the native fault engine (native/engine/fault_engine.h). One engine
+// per object, all state per environment; the engine's notices reach JS through one threadsafe
+// function, and the engine's threads are joined on close(), on garbage collection and on
+// environment teardown (cleanup hook), whichever comes first. Option names are the JS ones
+// (FaultServerOptions), units included; src/addon/binding.ts declares this surface.
 //
-// new FaultServerHandle(fd, options, notify(notices[]))
-//   addRange(id, address, length, source, sourceOffset, prefetch, faultAround)
-//     source: { kind: 'buffer', bytes } | { kind: 'memory', address, length }
-//           | { kind: 'file', fd, mmap } | { kind: 'zero' } | { kind: 'handler', id }
+// new FaultEngine(fd, options, notify(notices[]))
+//   addRange({ id, address, length, pageSize, sourceOffset, prefetch, faultAround }, source)
+//     source: { kind: 'buffer', bytes, shared }  shared: a SharedArrayBuffer's view, used in place;
+//                                                 else copied now: nothing done to it later reaches us
+//           | { kind: 'memory', address, length } memory the caller keeps mapped (a Mapping)
+//           | { kind: 'file', fd, offset, readMethod: 'mmap'|'pread' }
+//           | { kind: 'zero' } | { kind: 'handler', id }
 //   removeRange(start, end) -> count; complete(requestId, bytes | null); stats(); settled();
 //   close(); ref(); unref()
+//
+// Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
+// being collected, not from being detached (structuredClone(buf, { transfer }), postMessage),
+// which frees it at once while the engine's threads would still copy from it.
 #include <errno.h>
 #include <unistd.h>
 
@@ -18,6 +26,7 @@
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
 #include "engine/fault_engine.h"
+#include "engine/util.h"
 
 namespace {
 
@@ -52,6 +61,55 @@ uint64_t OptU64(Napi::Object opts, const char* name, uint64_t fallback) {
   double d = v.As<Napi::Number>().DoubleValue();
   if (!(d >= 0) || d > 9007199254740991.0) ThrowRangeError(opts.Env(), std::string(name) + " must be >= 0");
   return static_cast<uint64_t>(d);
+}
+
+uint64_t U64Field(Napi::Object o, const char* name) {
+  Napi::Value v = o.Get(name);
+  if (v.IsBigInt()) {
+    bool lossless = false;
+    uint64_t out = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (lossless) return out;
+  } else if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (d >= 0 && d <= 9007199254740991.0 && d == static_cast<double>(static_cast<uint64_t>(d)))
+      return static_cast<uint64_t>(d);
+  }
+  ThrowTypeError(o.Env(), std::string(name) + " must be a non-negative integer or bigint");
+}
+
+std::string StringField(Napi::Object o, const char* name, const char* fallback) {
+  Napi::Value v = o.Get(name);
+  return v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string(fallback);
+}
+
+EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
+  EngineOptions o;
+  o.faultAround = OptU64(opts, "faultAround", o.faultAround);
+  o.prefetchChunk = OptU64(opts, "prefetchChunk", o.prefetchChunk);
+  o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
+  o.readSize = static_cast<uint32_t>(OptU64(opts, "readSize", o.readSize));
+  o.progressIntervalMs = static_cast<uint32_t>(OptU64(opts, "progressIntervalMs", o.progressIntervalMs));
+  o.handlerConcurrency = static_cast<uint32_t>(OptU64(opts, "handlerConcurrency", o.handlerConcurrency));
+  o.prefetchYieldUs = static_cast<uint32_t>(OptU64(opts, "prefetchYieldUs", o.prefetchYieldUs));
+  o.hugePageSize = OptU64(opts, "hugePageSize", o.hugePageSize);
+  std::string onRemove = StringField(opts, "onRemove", "zero");
+  if (onRemove == "zero")
+    o.onRemove = RemovePolicy::kZero;
+  else if (onRemove == "source")
+    o.onRemove = RemovePolicy::kSource;
+  else if (onRemove == "unregister")
+    o.onRemove = RemovePolicy::kUnregister;
+  else
+    ThrowTypeError(env, "onRemove must be 'zero', 'source' or 'unregister'");
+  std::string onFork = StringField(opts, "onFork", "close");
+  if (onFork != "close" && onFork != "emit") ThrowTypeError(env, "onFork must be 'close' or 'emit'");
+  o.onFork = onFork == "emit" ? ForkPolicy::kEmit : ForkPolicy::kClose;
+  std::string priority = StringField(opts, "backgroundPriority", "idle");
+  if (priority != "idle" && priority != "normal")
+    ThrowTypeError(env, "backgroundPriority must be 'idle' or 'normal'");
+  o.backgroundIdle = priority == "idle";
+  if (o.readSize < 1 || o.readSize > 4096) ThrowRangeError(env, "readSize must be 1..4096");
+  return o;
 }
 
 Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
@@ -97,39 +155,28 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
   return out;
 }
 
-class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
+class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "FaultServerHandle",
+    return DefineClass(env, "FaultEngine",
                        {
-                           InstanceMethod<&FaultServerHandle::AddRange>("addRange"),
-                           InstanceMethod<&FaultServerHandle::RemoveRange>("removeRange"),
-                           InstanceMethod<&FaultServerHandle::Complete>("complete"),
-                           InstanceMethod<&FaultServerHandle::Stats>("stats"),
-                           InstanceMethod<&FaultServerHandle::Settled>("settled"),
-                           InstanceMethod<&FaultServerHandle::Close>("close"),
-                           InstanceMethod<&FaultServerHandle::Ref>("ref"),
-                           InstanceMethod<&FaultServerHandle::Unref>("unref"),
+                           InstanceMethod<&JsFaultEngine::AddRange>("addRange"),
+                           InstanceMethod<&JsFaultEngine::RemoveRange>("removeRange"),
+                           InstanceMethod<&JsFaultEngine::Complete>("complete"),
+                           InstanceMethod<&JsFaultEngine::Stats>("stats"),
+                           InstanceMethod<&JsFaultEngine::Settled>("settled"),
+                           InstanceMethod<&JsFaultEngine::Close>("close"),
+                           InstanceMethod<&JsFaultEngine::Ref>("ref"),
+                           InstanceMethod<&JsFaultEngine::Unref>("unref"),
                        });
   }
 
-  FaultServerHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FaultServerHandle>(info) {
+  JsFaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsFaultEngine>(info) {
     Napi::Env env = info.Env();
     int fd = ArgFd(info, 0);
     Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
     if (!info[2].IsFunction()) ThrowTypeError(env, "notify must be a function");
-    EngineOptions o;
-    o.faultAround = OptU64(opts, "faultAround", o.faultAround);
-    o.prefetchChunk = OptU64(opts, "prefetchChunk", o.prefetchChunk);
-    o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
-    o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
-    o.progressMs = static_cast<uint32_t>(OptU64(opts, "progressMs", o.progressMs));
-    o.handlerConcurrency = static_cast<uint32_t>(OptU64(opts, "handlerConcurrency", o.handlerConcurrency));
-    o.prefetchYieldUs = static_cast<uint32_t>(OptU64(opts, "prefetchYieldUs", o.prefetchYieldUs));
-    if (opts.Get("removeToZero").IsBoolean()) o.removeToZero = opts.Get("removeToZero").ToBoolean();
-    if (opts.Get("forkEmit").IsBoolean()) o.forkEmit = opts.Get("forkEmit").ToBoolean();
-    if (opts.Get("prefetchIdle").IsBoolean()) o.prefetchIdle = opts.Get("prefetchIdle").ToBoolean();
-    if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
+    EngineOptions o = ReadOptions(env, opts);
     int watchdogMs = static_cast<int>(OptU64(opts, "watchdogMs", 0));
 
     core_ = std::make_shared<Core>();
@@ -174,7 +221,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     core_->hooked = true;
   }
 
-  ~FaultServerHandle() override {
+  ~JsFaultEngine() override {
     if (core_) core_->Close();
   }
 
@@ -187,38 +234,49 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
   Napi::Value AddRange(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     FaultEngine* engine = Live(env);
-    uint32_t id = static_cast<uint32_t>(ArgI32(info, 0, "id"));
-    uint64_t address = ArgU64(info, 1, "address");
-    uint64_t length = ArgU64(info, 2, "length");
-    if (address % 4096 != 0 || length % 4096 != 0 || length == 0)
-      ThrowRangeError(env, "range must be page-aligned and non-empty");
-    if (!info[3].IsObject()) ThrowTypeError(env, "source must be an object");
-    Napi::Object src = info[3].As<Napi::Object>();
-    uint64_t sourceOffset = ArgU64(info, 4, "sourceOffset");
-    bool prefetch = info[5].ToBoolean();
-    uint64_t faultAround = ArgU64(info, 6, "faultAround");
-    std::string kind = src.Get("kind").ToString().Utf8Value();
+    if (!info[0].IsObject()) ThrowTypeError(env, "range must be an object");
+    if (!info[1].IsObject()) ThrowTypeError(env, "source must be an object");
+    Napi::Object spec = info[0].As<Napi::Object>();
+    Napi::Object src = info[1].As<Napi::Object>();
+    uint32_t id = static_cast<uint32_t>(U64Field(spec, "id"));
+    uint64_t address = U64Field(spec, "address");
+    uint64_t length = U64Field(spec, "length");
+    uint64_t pageSize = U64Field(spec, "pageSize");
+    uint64_t sourceOffset = U64Field(spec, "sourceOffset");
+    uint64_t faultAround = U64Field(spec, "faultAround");
+    bool prefetch = spec.Get("prefetch").ToBoolean();
+    if (pageSize < BasePageSize() || !IsPowerOfTwo(pageSize))
+      ThrowRangeError(env, "pageSize must be a power of two >= the base page size");
+    if (address % pageSize != 0 || length % pageSize != 0 || length == 0)
+      ThrowRangeError(env, "range must be aligned to its page size and non-empty");
+    std::string kind = StringField(src, "kind", "");
     Source* source = nullptr;
     if (kind == "buffer") {
       BytesArg bytes;
-      if (!TryBytes(src.Get("bytes"), &bytes)) ThrowTypeError(env, "buffer source needs bytes");
-      source = Source::Buffer(bytes.data, bytes.length);
+      if (!TryBytes(src.Get("bytes"), &bytes)) ThrowTypeError(env, "a buffer source needs bytes");
+      if (bytes.length > 0 && bytes.data == nullptr) ThrowTypeError(env, "the source buffer is detached");
+      if (src.Get("shared").ToBoolean()) {
+        source = Source::Memory(bytes.data, bytes.length);
+      } else {
+        int err = 0;
+        source = Source::OwnedCopy(bytes.data, bytes.length, &err);
+        if (source == nullptr) ThrowUffdError(env, err, "mmap", -1, "memory for a copy of the source buffer");
+      }
     } else if (kind == "memory") {
-      Napi::Value a = src.Get("address");
-      if (!a.IsBigInt()) ThrowTypeError(env, "memory source needs a bigint address");
-      bool lossless = false;
-      uint64_t at = a.As<Napi::BigInt>().Uint64Value(&lossless);
-      source = Source::Buffer(reinterpret_cast<const uint8_t*>(at), OptU64(src, "length", 0));
+      uint64_t at = U64Field(src, "address");
+      source = Source::Memory(reinterpret_cast<const uint8_t*>(at), U64Field(src, "length"));
     } else if (kind == "file") {
       int err = 0;
       std::string syscall;
-      source = Source::File(src.Get("fd").As<Napi::Number>().Int32Value(), OptU64(src, "offset", 0),
-                            src.Get("mmap").ToBoolean(), &err, &syscall);
+      std::string method = StringField(src, "readMethod", "mmap");
+      if (method != "mmap" && method != "pread") ThrowTypeError(env, "readMethod must be 'mmap' or 'pread'");
+      source = Source::File(static_cast<int>(U64Field(src, "fd")), U64Field(src, "offset"), method == "mmap",
+                            &err, &syscall);
       if (source == nullptr) ThrowUffdError(env, err, syscall);
     } else if (kind == "zero") {
       source = Source::Zero();
     } else if (kind == "handler") {
-      source = Source::Handler(static_cast<uint32_t>(OptU64(src, "id", 0)));
+      source = Source::Handler(static_cast<uint32_t>(U64Field(src, "id")));
       if (core_->watchdogMs > 0 && !core_->watched) {
         // { handler } ranges need this thread: if it blocks in a fault while their requests
         // wait for it, nothing will ever resolve the fault.
@@ -234,8 +292,16 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     } else {
       ThrowTypeError(env, "unknown source kind '" + kind + "'");
     }
-    auto range = std::make_shared<ServedRange>(id, address, length, std::shared_ptr<Source>(source),
-                                               sourceOffset, prefetch, faultAround);
+    std::shared_ptr<Source> owned(source);
+    std::shared_ptr<ZeroRegion> zeros;
+    if (pageSize > BasePageSize()) {
+      // hugetlb: no ZEROPAGE there, zeros are copied.
+      int err = 0;
+      zeros = engine->ZerosFor(pageSize, &err);
+      if (!zeros) ThrowUffdError(env, err, "mmap", -1, "a zero region for huge pages");
+    }
+    auto range = std::make_shared<ServedRange>(id, address, length, pageSize, owned, sourceOffset, prefetch,
+                                               faultAround, std::move(zeros));
     int err = engine->AddRange(range);
     if (err != 0) ThrowUffdError(env, err, "FaultServer.serve", -1, "the range overlaps one already served");
     return env.Undefined();
@@ -275,7 +341,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     put("handlerPages", s.handlerPages.load());
     put("zeroPages", s.zeroPages.load());
     put("bytes", s.bytes.load());
-    put("eexist", s.eexist.load());
+    put("exists", s.exists.load());
     put("deferred", s.deferred.load());
     put("retries", s.retries.load());
     put("unhandled", s.unhandled.load());
@@ -291,23 +357,34 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     put("errors", s.errors.load());
     put("prefetchPauses", s.prefetchPauses.load());
     const LatencyHistogram& h = core_->engine->latency();
-    o.Set("latencyP50us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.5)) / 1000.0));
-    o.Set("latencyP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));
+    Napi::Object latency = Napi::Object::New(env);
+    auto us = [&](const char* name, uint64_t ns) {
+      latency.Set(name, Napi::Number::New(env, static_cast<double>(ns) / 1000.0));
+    };
+    latency.Set("count", Napi::Number::New(env, static_cast<double>(h.Count())));
+    us("p50", h.Quantile(0.5));
+    us("p90", h.Quantile(0.9));
+    us("p99", h.Quantile(0.99));
+    us("max", h.Quantile(1.0));
+    o.Set("latencyUs", latency);
     o.Set("spinBudgetUs", Napi::Number::New(env, core_->engine->spinBudgetNs() / 1000.0));
-    uint64_t settled = 0, total = 0;
-    core_->engine->SettledTotal(&settled, &total);
-    put("pagesPresent", settled);
-    put("pagesTotal", total);
+    Settlement settled = core_->engine->Settled();
+    put("pagesPresent", settled.pages);
+    put("pagesTotal", settled.totalPages);
+    put("bytesPresent", settled.bytes);
+    put("bytesTotal", settled.totalBytes);
     return o;
   }
 
   Napi::Value Settled(const Napi::CallbackInfo& info) {
-    uint64_t settled = 0, total = 0;
-    core_->engine->SettledTotal(&settled, &total);
-    Napi::Array out = Napi::Array::New(info.Env(), 2);
-    out[0u] = Napi::Number::New(info.Env(), static_cast<double>(settled));
-    out[1u] = Napi::Number::New(info.Env(), static_cast<double>(total));
-    return out;
+    Napi::Env env = info.Env();
+    Settlement s = core_->engine->Settled();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("pagesPresent", Napi::Number::New(env, static_cast<double>(s.pages)));
+    o.Set("pagesTotal", Napi::Number::New(env, static_cast<double>(s.totalPages)));
+    o.Set("bytesPresent", Napi::Number::New(env, static_cast<double>(s.bytes)));
+    o.Set("bytesTotal", Napi::Number::New(env, static_cast<double>(s.totalBytes)));
+    return o;
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
@@ -330,6 +407,6 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
 
 }  // namespace
 
-void InitFaultServer(Napi::Env env, Napi::Object exports) {
-  exports.Set("FaultServerHandle", FaultServerHandle::Define(env));
+void InitFaultEngine(Napi::Env env, Napi::Object exports) {
+  exports.Set("FaultEngine", JsFaultEngine::Define(env));
 }

@@ -1,0 +1,548 @@
+// The native surface, declared in one place: every class and function the addon
+// (build/Release/userfaultfd.node, from native/binding/) exports, with the names, argument order
+// and units the C++ side uses. Nothing else in src/ declares native types or casts the addon.
+// This module imports nothing: every other module may import it without making a cycle.
+//
+// Naming: options and fields have one name on both sides of the boundary, with the unit in the
+// name for durations (spinUs, progressIntervalMs, watchdogMs) and none for sizes (bytes:
+// faultAround, prefetchChunk, chunkSize, length) or counts (readSize: messages per read).
+
+/** Caller memory the addon reads or writes synchronously: any ArrayBuffer or view. */
+export type Bytes = ArrayBuffer | ArrayBufferView
+/** An address, offset or length: a bigint, or a safe non-negative integer. */
+export type U64 = bigint | number
+
+/** What a failed native call throws (a UffdError once src/core/errors has registered its class). */
+export interface NativeError extends Error {
+  code: string
+  errno: number
+  syscall: string
+  bytes?: number
+}
+
+// ---- constants (constants.cc) ----------------------------------------------------------------
+
+export interface NativeConstants {
+  Feature: Record<string, bigint>
+  IoctlBit: Record<string, bigint>
+  Ioctl: Record<string, number>
+  Mode: Record<string, bigint>
+  PagefaultFlag: Record<string, bigint>
+  Event: Record<string, number>
+  OpenFlag: Record<string, number>
+  Prot: Record<string, number>
+  Advice: Record<string, number>
+  UFFD_API: number
+  MSG_SIZE: number
+  PAGE_SIZE: number
+}
+
+// ---- mappings (mapping.cc, file_mapping.cc) ----------------------------------------------------
+
+export interface MappingHandleOptions {
+  hugetlb?: boolean
+  populate?: boolean
+  name?: string
+  private?: boolean
+}
+
+/** new MappingHandle(kind, length, options, source?): anonymous, memfd, or an alias of a memfd. */
+export interface MappingHandle {
+  address(): bigint
+  length(): number
+  fd(): number
+  buffer(): ArrayBuffer
+  unmap(): void
+  madvise(offset: number, length: number, advice: number): void
+  protect(offset: number, length: number, prot: number): void
+  read(offset: number, target: Bytes): number
+  write(offset: number, source: Bytes): number
+}
+
+export type MappingHandleConstructor = new (
+  kind: 'anonymous' | 'memfd' | 'alias',
+  length: number,
+  options: MappingHandleOptions,
+  source?: MappingHandle,
+) => MappingHandle
+
+/** A read-only MAP_SHARED view of a file: its address is a UFFDIO_COPY source. */
+export interface FileMapping {
+  address(): bigint
+  length(): number
+  unmap(): void
+}
+
+// ---- event streams and fd readiness (event_reader.cc, fd_watcher.cc) ---------------------------
+
+/**
+ * new EventReader(fd, readSize, callback, watchdogMs): on each readable, one read(2) of up to
+ * `readSize` messages into `buffer`; callback(count) or callback(error).
+ */
+export interface EventReader {
+  readonly buffer: ArrayBuffer
+  start(): void
+  stop(): void
+  ref(): void
+  unref(): void
+  close(): void
+}
+
+export type EventReaderConstructor = new (
+  fd: number,
+  readSize: number,
+  callback: (result: number | NativeError) => void,
+  watchdogMs: number,
+) => EventReader
+
+/** new FdWatcher(fd, callback): wait(events) calls back once (1 readable, 2 writable, 4 hang-up). */
+export interface FdWatcher {
+  wait(events: number): void
+  stop(): void
+  ref(): void
+  unref(): void
+  close(): void
+}
+
+export type FdWatcherConstructor = new (fd: number, callback: (result: number | NativeError) => void) => FdWatcher
+
+// ---- fd passing (fd_passing.cc) ---------------------------------------------------------------
+
+export interface RecvFdsResult {
+  bytes: number
+  fds: number[]
+  truncated: boolean
+  extraFds: boolean
+  dropped: number
+  payloadTruncated: boolean
+}
+
+export interface PeerCredentials {
+  pid: number
+  uid: number
+  gid: number
+}
+
+// ---- the fault engine (fault_engine.cc) ---------------------------------------------------------
+
+/** FaultEngine options: the FaultServerOptions, checked and with their defaults applied. */
+export interface FaultEngineOptions {
+  faultAround: number
+  prefetchChunk: number
+  spinUs: number
+  readSize: number
+  progressIntervalMs: number
+  onRemove: RemovePolicy
+  onFork: 'close' | 'emit'
+  backgroundPriority: BackgroundPriority
+  handlerConcurrency: number
+  prefetchYieldUs: number
+  watchdogMs: number
+  /** the default huge page size: zeros for faults outside every range on hugetlb memory */
+  hugePageSize: number
+}
+
+/** After MADV_DONTNEED/MADV_REMOVE in a served range: zeros, the source again, or unregister. */
+export type RemovePolicy = 'zero' | 'source' | 'unregister'
+/** A background thread under SCHED_IDLE (runs only on CPU time nobody else wants), or not. */
+export type BackgroundPriority = 'idle' | 'normal'
+/** How a file's bytes are read: from a private read-only mapping of it, or with pread(2). */
+export type ReadMethod = 'mmap' | 'pread'
+
+export interface FaultEngineRange {
+  id: number
+  address: bigint
+  length: number
+  /** the memory's page size: the base page, or its huge page size (hugetlb) */
+  pageSize: number
+  /** where in the source the range's first byte is */
+  sourceOffset: number
+  prefetch: boolean
+  faultAround: number
+}
+
+export type FaultEngineSource =
+  /**
+   * shared: a view of a SharedArrayBuffer (which cannot be detached), used in place; else copied
+   * into engine memory at once, so that nothing done to the buffer afterwards reaches the engine
+   */
+  | { kind: 'buffer'; bytes: Bytes; shared: boolean }
+  /** memory the caller keeps mapped while the range is served (a Mapping) */
+  | { kind: 'memory'; address: bigint; length: number }
+  | { kind: 'file'; fd: number; offset: number; readMethod: ReadMethod }
+  | { kind: 'zero' }
+  | { kind: 'handler'; id: number }
+
+/** Latency in µs (log-linear histogram buckets, ~9% resolution: each value is its bucket's bound). */
+export interface LatencySummary {
+  count: number
+  p50: number
+  p90: number
+  p99: number
+  max: number
+}
+
+/** Pages and bytes present (or settled: removed under 'zero', unmapped) out of all served. */
+export interface Settlement {
+  pagesPresent: number
+  pagesTotal: number
+  bytesPresent: number
+  bytesTotal: number
+}
+
+/** The engine's counters. Pages are each range's own pages (a 2 MiB huge page counts one). */
+export interface FaultEngineStats extends Settlement {
+  /** fault messages read */
+  faults: number
+  /** pages copied for faults (including fault-around) */
+  demandPages: number
+  /** of which around the faulting page */
+  aroundPages: number
+  /** pages copied in the background */
+  prefetchPages: number
+  /** pages copied from { handler } bytes */
+  handlerPages: number
+  /** pages served as zeros */
+  zeroPages: number
+  bytes: number
+  /** fills that found the page already present (EEXIST: benign races) */
+  exists: number
+  /** ops deferred by EAGAIN (an event pending), and their retries */
+  deferred: number
+  retries: number
+  /** faults outside every served range (served as zeros), or WP/MINOR faults (left alone) */
+  unhandled: number
+  /** wake-ups of threads whose page someone else filled */
+  wakes: number
+  reads: number
+  sleeps: number
+  spinHits: number
+  removes: number
+  unmaps: number
+  remaps: number
+  forks: number
+  /** { handler } requests made */
+  requests: number
+  errors: number
+  /** times the prefetch paused for demand faults */
+  prefetchPauses: number
+  /** engine-side demand latency: message read to page filled */
+  latencyUs: LatencySummary
+  /** the adaptive spin's current budget */
+  spinBudgetUs: number
+}
+
+/** A { handler } source is asked for `length` bytes at `address` (`offset` in the source). */
+export interface FaultEngineRequest {
+  id: number
+  handler: number
+  range: number
+  address: bigint
+  offset: number
+  length: number
+  prefetch: boolean
+}
+
+export type FaultEngineNotice =
+  | { type: 'error'; error: NativeError; address?: bigint }
+  | { type: 'progress' }
+  | { type: 'fork'; fd: number }
+  | { type: 'requests'; requests: FaultEngineRequest[] }
+
+export interface FaultEngine {
+  addRange(range: FaultEngineRange, source: FaultEngineSource): void
+  /** stops serving every range inside [start, end); returns how many */
+  removeRange(start: bigint, end: bigint): number
+  /** a handler's bytes for a request (null: it failed) */
+  complete(requestId: number, bytes: Bytes | null): void
+  stats(): FaultEngineStats
+  settled(): Settlement
+  close(): void
+  ref(): void
+  unref(): void
+}
+
+export type FaultEngineConstructor = new (
+  uffd: number,
+  options: FaultEngineOptions,
+  notify: (notices: FaultEngineNotice[]) => void,
+) => FaultEngine
+
+// ---- the live snapshot engine (snapshot_engine.cc) --------------------------------------------------
+
+export type CopyMethod = 'pwrite' | 'process_vm_readv' | 'pipe'
+
+export interface SnapshotEngineOptions {
+  chunkSize: number
+  faultAround: number
+  maxBytesPerSecond: number
+  backgroundPriority: BackgroundPriority
+  populate: boolean
+  copyMethod: 'auto' | 'process_vm_readv' | 'pipe'
+}
+
+export type SnapshotEngineSink =
+  | { fd: number; offset: number }
+  /** memory the caller keeps mapped until `done` settles (a Mapping) */
+  | { address: bigint; length: number }
+  /** shared: a SharedArrayBuffer's view, written in place; else staged and copied in at the end */
+  | { buffer: ArrayBufferView | ArrayBuffer; shared: boolean }
+
+export interface SnapshotEngineStats {
+  totalBytes: number
+  bytesCopied: number
+  totalPages: number
+  pagesCopied: number
+  /** pages copied because a writer hit them first */
+  faultCopies: number
+  /** pages copied by the background pass */
+  backgroundCopies: number
+  /** write faults received */
+  faults: number
+  /** faults on pages already copied (only woken) */
+  wakes: number
+  /** time to write-protect the range (writers stall on the range meanwhile) */
+  protectMs: number
+  /** since the snapshot instant */
+  elapsedMs: number
+  done: boolean
+  /** the range was populated before protection */
+  populated: boolean
+  /** how pages were copied: 'pwrite' (file), 'process_vm_readv' or 'pipe' (memory) */
+  copyMethod: CopyMethod
+}
+
+export interface SnapshotEngine {
+  readonly done: Promise<SnapshotEngineStats>
+  progress(): SnapshotEngineStats
+  cancel(): void
+  /** cancels (unless finished), joins the thread and settles `done` now */
+  join(): void
+}
+
+export type SnapshotEngineConstructor = new (
+  uffd: number,
+  start: bigint,
+  length: number,
+  pageSize: number,
+  sink: SnapshotEngineSink,
+  options: SnapshotEngineOptions,
+) => SnapshotEngine
+
+// ---- migration (migration.cc, workload.cc) -------------------------------------------------------
+
+/** What a migration session reports to JS, in batches, from its native threads. */
+export interface MigrationNotice {
+  kind: string
+  /** CLOCK_MONOTONIC ns: when a frame was read */
+  at?: bigint
+  channel?: string
+  errno?: number
+  error?: Error
+  /** the peer broke the protocol (a ProtocolError, not a lost connection) */
+  protocol?: boolean
+  message?: string
+  id?: number
+  payload?: Buffer
+}
+
+/** A range of a migration session: memory of this process (the source's, or the target's mapping). */
+export interface MigrationSessionRange {
+  address: bigint
+  length: number
+  pageSize: number
+  /** target, memfd/hugetlbfs: an unregistered mapping of the same file (pages land there) */
+  alias?: bigint
+  /** target, memfd/hugetlbfs: the file (for FALLOC_FL_PUNCH_HOLE) */
+  memfd?: number
+}
+
+/** The postcopyPriority knobs (src/migration/common.ts postcopyTuning). */
+export interface MigrationTuning {
+  /** bytes per socket read in post-copy (0: the default) */
+  postcopyBuffer?: number
+  /** the demand path's threads SCHED_FIFO where permitted */
+  realtimeDemand?: boolean
+}
+
+export interface MigrationSourceOptions extends MigrationTuning {
+  pingMs: number
+  /** bytes per PAGES frame in the rounds and the push */
+  chunkBytes: number
+  /** the push thread under SCHED_IDLE */
+  pushIdle?: boolean
+}
+
+export interface MigrationTargetOptions extends MigrationTuning {
+  pingMs: number
+  spinUs: number
+  readSize?: number
+  /** the main channel's receiving thread under SCHED_IDLE in post-copy */
+  bulkIdle?: boolean
+}
+
+/** The source's session: sends rounds, serves demand requests, pushes the rest in post-copy. */
+export interface MigrationSourceHandle {
+  /** hands a connected socket to the session (dup'ed): the main or the demand channel */
+  attachMain(fd: number): number
+  attachDemand(fd: number): number
+  detach(): void
+  close(): void
+  send(channel: 'main' | 'demand', type: number, range: number, page: bigint, payload?: Uint8Array): void
+  /** sends the pages of [range, page, count] triples (a round); a 'sent' notice with `id` when done */
+  sendRuns(id: number, runs: Float64Array): void
+  startPostcopy(runs: Float64Array, push: boolean): void
+  resumePush(): void
+  setPush(on: boolean): void
+  setPushRate(bytesPerSecond: number): void
+  stats(): Record<string, number>
+  ref(): void
+  unref(): void
+}
+
+export type MigrationSourceHandleConstructor = new (
+  ranges: MigrationSessionRange[],
+  options: MigrationSourceOptions,
+  notify: (notices: MigrationNotice[]) => void,
+) => MigrationSourceHandle
+
+/** The target's session: receives pages into place, serves the workload's faults (a FaultEngine whose ranges delegate to it). */
+export interface MigrationTargetHandle {
+  attachMain(fd: number): number
+  attachDemand(fd: number): number
+  detach(): void
+  close(): void
+  send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void
+  startServing(uffd: number): void
+  registered(uffd: number): void
+  dropUnreceived(): void
+  populate(): void
+  stopServing(): void
+  resendRequests(): void
+  /** a bitmap of the pages of `range` received */
+  have(range: number): Buffer
+  /** pages never received: poisoned (true) or zero-filled; returns how many */
+  settle(poison: boolean): number
+  verify(range: number, maskOffset: number, maskLength: number): Float64Array | null
+  stats(): Record<string, number>
+}
+
+export type MigrationTargetHandleConstructor = new (
+  ranges: MigrationSessionRange[],
+  options: MigrationTargetOptions,
+  notify: (notices: MigrationNotice[]) => void,
+) => MigrationTargetHandle
+
+export interface WorkloadHandleOptions {
+  /** bytes of pages dirtied per second by the writers together (0: as fast as they can) */
+  writeRate?: number
+  /** where in each page the writers put their u64 stamp (a multiple of 8) */
+  writeOffset?: number
+  writers?: number
+  /** threads reading random pages as fast as they can */
+  readers?: number
+  seed?: number
+  /** the high bits of every stamp (tag << 40 | thread << 32 | count) */
+  tag?: number
+}
+
+export interface WorkloadHandleStats {
+  writes: number
+  reads: number
+  /** accesses that raised SIGBUS (a poisoned page): the thread stopped there */
+  sigbus: number
+  sigbusAddress: bigint
+  /** accesses slower than 2 us (faults), and their latency */
+  faults: number
+  faultP50us: number
+  faultP99us: number
+  faultMaxUs: number
+  running: number
+}
+
+/** new Workload(address, length, pageSize, options): writer and reader threads on a range (workload.cc). */
+export interface WorkloadHandle {
+  /** parks the writers (true once all are parked); readers go on */
+  pause(timeoutMs?: number): boolean
+  resume(): void
+  /** ends the threads; returns how many could not end (blocked in a fault) and were left behind */
+  stop(timeoutMs?: number): number
+  stats(): WorkloadHandleStats
+  /** the last stamp written to each page (0n: none) */
+  stamps(): BigUint64Array
+}
+
+export type WorkloadHandleConstructor = new (
+  address: bigint,
+  length: number,
+  pageSize: number,
+  options: WorkloadHandleOptions,
+) => WorkloadHandle
+
+// ---- the whole addon ----------------------------------------------------------------------------
+
+export interface Binding {
+  constants: NativeConstants
+  /** errors.cc: the class native errors are made with */
+  setErrorClass(ctor: new (message: string) => Error): void
+  // uffd_open.cc
+  openSyscall(flags: number): number
+  openDevice(flags: number, path?: string): number
+  /** UFFDIO_API: [granted features, ioctls] */
+  api(fd: number, features: bigint): [bigint, bigint]
+  close(fd: number): void
+  adopt(fd: number): void
+  // uffd_ioctls.cc: one ioctl each; the fill ioctls return bytes done
+  register(fd: number, start: U64, length: U64, mode: bigint): bigint
+  unregister(fd: number, start: U64, length: U64): void
+  wake(fd: number, start: U64, length: U64): void
+  copy(fd: number, dst: U64, src: U64 | Bytes, length: U64, mode: bigint): number
+  zeropage(fd: number, start: U64, length: U64, mode: bigint): number
+  continue(fd: number, start: U64, length: U64, mode: bigint): number
+  poison(fd: number, start: U64, length: U64, mode: bigint): number
+  move(fd: number, dst: U64, src: U64, length: U64, mode: bigint): number
+  writeProtect(fd: number, start: U64, length: U64, mode: bigint): void
+  // uffd_read.cc
+  readMessages(fd: number, view: ArrayBufferView): number
+  // event_reader.cc, fd_watcher.cc
+  EventReader: EventReaderConstructor
+  FdWatcher: FdWatcherConstructor
+  /** uv poll handles (event readers, fd watchers) this environment has open: leak checks */
+  openPollHandles(): number
+  // mapping.cc, file_mapping.cc
+  MappingHandle: MappingHandleConstructor
+  FileMapping: new (fd: number, length: number) => FileMapping
+  // fd_passing.cc
+  socketpair(type: 'stream' | 'seqpacket' | 'dgram'): [number, number]
+  /** bytes sent, or -1 when the socket would block */
+  sendFds(sock: number, payload: ArrayBufferView, fds?: number[]): number
+  /** null when nothing is pending */
+  recvFds(sock: number, buffer: ArrayBufferView, maxFds: number): RecvFdsResult | null
+  peerCred(sock: number): PeerCredentials
+  pidfdOpen(pid: number): number
+  fdFlags(fd: number): { cloexec: boolean; nonblock: boolean }
+  // pagemap_scan.cc
+  pagemapScan(
+    pid: number,
+    start: U64,
+    end: U64,
+    flags: U64,
+    categoryInverted: U64,
+    categoryMask: U64,
+    categoryAnyofMask: U64,
+    returnMask: U64,
+    maxPages: U64,
+    maxRegions: U64,
+  ): { regions: BigUint64Array; walkEnd: bigint }
+  /** errno of a deliberately invalid call: EINVAL = the ioctl exists, ENOTTY = it does not */
+  pagemapScanProbe(): number
+  // fault_engine.cc, snapshot_engine.cc
+  FaultEngine: FaultEngineConstructor
+  SnapshotEngine: SnapshotEngineConstructor
+  // migration.cc, workload.cc
+  MigrationSourceHandle: MigrationSourceHandleConstructor
+  MigrationTargetHandle: MigrationTargetHandleConstructor
+  /** one 64-bit hash per page; bytes [maskOffset, maskOffset + maskLength) of each page left out */
+  pageHashes(address: bigint, length: number, pageSize: number, maskOffset: number, maskLength: number): BigUint64Array
+  Workload: WorkloadHandleConstructor
+}
