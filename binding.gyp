@@ -23,6 +23,7 @@
         "native/binding/migration.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/snapshot_engine.cc",
+        "native/binding/sync_dirty_tracker.cc",
         "native/binding/uffd_ioctls.cc",
         "native/binding/uffd_open.cc",
         "native/binding/uffd_read.cc",
@@ -34,6 +35,7 @@
         "native/engine/migration_source.cc",
         "native/engine/migration_target.cc",
         "native/engine/snapshot_engine.cc",
+        "native/engine/sync_dirty_tracker.cc",
         "native/engine/watchdog.cc",
         "native/engine/workload.cc"
       ],

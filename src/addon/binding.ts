@@ -479,6 +479,26 @@ export type WorkloadHandleConstructor = new (
   options: WorkloadHandleOptions,
 ) => WorkloadHandle
 
+/**
+ * new SyncDirtyTracker(uffd, address, length, pageSize, populate): dirty pages by synchronous write
+ * protection (sync_dirty_tracker.cc); `uffd` has the range registered WP and outlives stop().
+ */
+export interface SyncDirtyTracker {
+  /** [first page, count] pairs written since the last collect(), protected again */
+  collect(): Float64Array
+  stats(): { faults: number; errno: number }
+  /** joins the thread and unprotects the range (idempotent) */
+  stop(): void
+}
+
+export type SyncDirtyTrackerConstructor = new (
+  uffd: number,
+  address: bigint,
+  length: number,
+  pageSize: number,
+  populate: boolean,
+) => SyncDirtyTracker
+
 // ---- the whole addon ----------------------------------------------------------------------------
 
 export interface Binding {
@@ -545,4 +565,5 @@ export interface Binding {
   /** one 64-bit hash per page; bytes [maskOffset, maskOffset + maskLength) of each page left out */
   pageHashes(address: bigint, length: number, pageSize: number, maskOffset: number, maskLength: number): BigUint64Array
   Workload: WorkloadHandleConstructor
+  SyncDirtyTracker: SyncDirtyTrackerConstructor
 }

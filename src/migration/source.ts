@@ -12,9 +12,9 @@ import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
 import { Mapping } from '../core/mapping'
 import { toRange } from '../core/range'
-import { DirtyTracker } from '../engines/dirty-tracker'
 import { choice, describe, optionalInt } from '../util/validate'
 import { resolveSecret, type SecretOptions } from './auth'
+import { checkTracking, type DirtyTracking, type PageWrites, trackWrites } from './dirty'
 import { type Control, decodeControl, finite, type MigrationResult, type Phase, sleep } from './common'
 import { postcopyTuning } from './common'
 import {
@@ -86,6 +86,12 @@ export interface MigrationSourceOptions extends SecretOptions {
    * where permitted): demand faults are served faster, the push takes longer.
    */
   postcopyPriority?: 'throughput' | 'latency'
+  /**
+   * How pre-copy finds the pages written since the last round: 'auto' (default) is 'async' where
+   * the kernel has WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+: writes never block), 'sync' otherwise
+   * (write protection: the first write to a page in each round waits for one WP fault).
+   */
+  dirtyTracking?: DirtyTracking
 }
 
 export interface SourceProgress {
@@ -206,7 +212,8 @@ export class MigrationSource extends EventEmitter {
   #phase: Phase = 'connecting'
   #started: Promise<MigrationResult> | undefined
   #closed = false
-  #trackers: DirtyTracker[] = []
+  #trackers: PageWrites[] = []
+  readonly #dirtyTracking: DirtyTracking
   #round = 0
   #roundWaiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
   #controlWaiters: Array<{ t: string; resolve: (c: Control) => void }> = []
@@ -263,6 +270,9 @@ export class MigrationSource extends EventEmitter {
     this.#resume = options.resume
     this.#maxDowntime = optionalInt(options.maxDowntime, 'maxDowntime', 20, 0, 3_600_000)
     this.#maxRounds = optionalInt(options.maxRounds, 'maxRounds', 30, 1, 10_000)
+    this.#dirtyTracking = choice(options.dirtyTracking, 'dirtyTracking', ['auto', 'async', 'sync'] as const, 'auto')
+    // A kernel that cannot track writes is refused here, before anything connects.
+    if (this.mode !== 'postcopy') for (const r of this.#ranges) checkTracking(r.kind, this.#dirtyTracking)
     const v = options.verify
     if (v === undefined || v === false) this.#verify = null
     else if (v === true) this.#verify = { maskOffset: 0, maskLength: 0 }
@@ -377,7 +387,10 @@ export class MigrationSource extends EventEmitter {
       await this.#stopWorkload()
       finalRuns = this.#ranges.map((r, i) => ({ range: i, page: 0, count: r.pages }))
     } else {
-      this.#trackers = this.#ranges.map((r) => DirtyTracker.start(r.target as Mapping, { memory: r.kind }))
+      for (const r of this.#ranges) {
+        const range = r.target instanceof Mapping ? r.target : { address: r.address, length: r.length }
+        this.#trackers.push(trackWrites(range, r.kind, r.pageSize, this.#dirtyTracking))
+      }
       this.#setPhase('precopy')
       this.#times.precopy = performance.now()
       let runs: PageRun[] = this.#ranges.map((r, i) => ({ range: i, page: 0, count: r.pages }))
