@@ -204,10 +204,10 @@ describe('TLS', () => {
       unmapAll(target)
     }
     // A TLS target and a plain source do not get along: a clear failure, not a hang.
-    const t2 = await MigrationTarget.listen({ secret: SECRET, tls, handshakeTimeout: 1000 })
+    const t2 = await MigrationTarget.listen({ secret: SECRET, tls, handshakeTimeoutMs: 1000 })
     t2.on('rejected', () => {})
     try {
-      await expect(migrate(t2, SECRET, { connectTimeout: 2000 })).rejects.toThrow()
+      await expect(migrate(t2, SECRET, { connectTimeoutMs: 2000 })).rejects.toThrow()
     } finally {
       t2.close()
     }

@@ -162,7 +162,7 @@ describe('hostile frames against the target (native parser)', () => {
             const target = await MigrationTarget.listen({
               secret: SECRET,
               memory: () => [range],
-              heartbeatTimeout: 5000,
+              heartbeatTimeoutMs: 5000,
             })
             const errors: Error[] = []
             target.on('error', (e) => errors.push(e))
@@ -225,7 +225,7 @@ describe('hostile frames against the target (native parser)', () => {
   it('garbage instead of a handshake is rejected, and the target still takes a good source after it', {
     timeout: 60_000,
   }, async () => {
-    const target = await MigrationTarget.listen({ secret: SECRET, handshakeTimeout: 300 })
+    const target = await MigrationTarget.listen({ secret: SECRET, handshakeTimeoutMs: 300 })
     const rejected: Error[] = []
     target.on('rejected', (e) => rejected.push(e))
     try {
@@ -305,7 +305,7 @@ describe('hostile frames against the source (native parser)', () => {
             resume: () => {
               resumed++
             },
-            heartbeatTimeout: 5000,
+            heartbeatTimeoutMs: 5000,
           })
           source.on('error', (e) => errors.push(e))
           try {

@@ -72,13 +72,13 @@ export interface MigrationSourceOptions extends SecretOptions {
   /** bytes per page frame (default 256 KiB) */
   chunkSize?: number
   /** a PING when a channel was idle this long (ms, default 100) */
-  heartbeatInterval?: number
+  heartbeatIntervalMs?: number
   /** a channel silent this long is lost (ms, default 1000) */
-  heartbeatTimeout?: number
+  heartbeatTimeoutMs?: number
   /** give up reconnecting after this long (ms, default 30000) */
-  reconnectTimeout?: number
+  reconnectTimeoutMs?: number
   /** handshake and connect timeout (ms, default 10000) */
-  connectTimeout?: number
+  connectTimeoutMs?: number
   /**
    * Post-copy: 'throughput' (default) pushes as fast as it can; 'latency' favours demand faults
    * over the push at both ends (the push and the thread receiving it run under SCHED_IDLE, the
@@ -287,10 +287,10 @@ export class MigrationSource extends EventEmitter {
       throw new RangeError('metadata must be JSON of at most 16 KiB')
     this.#pushRate = optionalInt(options.postcopyBandwidth, 'postcopyBandwidth', 0, 0, Number.MAX_SAFE_INTEGER)
     this.#chunk = optionalInt(options.chunkSize, 'chunkSize', 256 * 1024, PAGE_SIZE, 4 << 20)
-    this.#pingMs = optionalInt(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
-    this.#timeoutMs = optionalInt(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
-    this.#reconnectMs = optionalInt(options.reconnectTimeout, 'reconnectTimeout', 30_000, 0, 86_400_000)
-    this.#connectMs = optionalInt(options.connectTimeout, 'connectTimeout', 10_000, 100, 600_000)
+    this.#pingMs = optionalInt(options.heartbeatIntervalMs, 'heartbeatIntervalMs', 100, 10, 60_000)
+    this.#timeoutMs = optionalInt(options.heartbeatTimeoutMs, 'heartbeatTimeoutMs', 1000, 50, 600_000)
+    this.#reconnectMs = optionalInt(options.reconnectTimeoutMs, 'reconnectTimeoutMs', 30_000, 0, 86_400_000)
+    this.#connectMs = optionalInt(options.connectTimeoutMs, 'connectTimeoutMs', 10_000, 100, 600_000)
     this.#priority = choice(
       options.postcopyPriority,
       'postcopyPriority',

@@ -52,15 +52,15 @@ export interface MigrationTargetOptions extends SecretOptions {
   /** when the source is gone for good in post-copy (default 'wait') */
   onSourceLoss?: SourceLossPolicy
   /** how long a lost source may take to come back before onSourceLoss applies (ms, default 10000) */
-  sourceLossTimeout?: number
+  sourceLossTimeoutMs?: number
   /** a PING when a channel was idle this long (ms, default 100) */
-  heartbeatInterval?: number
+  heartbeatIntervalMs?: number
   /** a channel silent this long is lost (ms, default 1000) */
-  heartbeatTimeout?: number
+  heartbeatTimeoutMs?: number
   /** a peer must finish its handshake within this long (ms, default 10000) */
-  handshakeTimeout?: number
+  handshakeTimeoutMs?: number
   /** the fault engine's adaptive spin bound (µs, default 0) */
-  spin?: number
+  spinUs?: number
 }
 
 export interface TargetSetup {
@@ -193,11 +193,11 @@ export class MigrationTarget extends EventEmitter {
     this.#secret = secret
     this.#memory = options.memory
     this.#policy = choice(options.onSourceLoss, 'onSourceLoss', ['wait', 'poison', 'zero'] as const, 'wait')
-    this.#lossMs = optionalInt(options.sourceLossTimeout, 'sourceLossTimeout', 10_000, 0, 86_400_000)
-    this.#pingMs = optionalInt(options.heartbeatInterval, 'heartbeatInterval', 100, 10, 60_000)
-    this.#timeoutMs = optionalInt(options.heartbeatTimeout, 'heartbeatTimeout', 1000, 50, 600_000)
-    this.#handshakeMs = optionalInt(options.handshakeTimeout, 'handshakeTimeout', 10_000, 100, 600_000)
-    this.#spin = optionalInt(options.spin, 'spin', 0, 0, 100_000)
+    this.#lossMs = optionalInt(options.sourceLossTimeoutMs, 'sourceLossTimeoutMs', 10_000, 0, 86_400_000)
+    this.#pingMs = optionalInt(options.heartbeatIntervalMs, 'heartbeatIntervalMs', 100, 10, 60_000)
+    this.#timeoutMs = optionalInt(options.heartbeatTimeoutMs, 'heartbeatTimeoutMs', 1000, 50, 600_000)
+    this.#handshakeMs = optionalInt(options.handshakeTimeoutMs, 'handshakeTimeoutMs', 10_000, 100, 600_000)
+    this.#spin = optionalInt(options.spinUs, 'spinUs', 0, 0, 100_000)
     this.#done = new Promise((resolve, reject) => {
       this.#resolve = resolve
       this.#reject = reject

@@ -23,7 +23,7 @@ export interface DemoOptions {
   json: boolean
   fault?: { kind: 'link-down' | 'source-dies'; ms: number }
   onSourceLoss: SourceLossPolicy
-  sourceLossTimeout: number
+  sourceLossTimeoutMs: number
   timeoutMs: number
   loopback: boolean
 }
@@ -204,7 +204,7 @@ export async function demo(o: DemoOptions): Promise<number> {
       '--on-source-loss',
       o.onSourceLoss,
       '--source-loss-timeout',
-      String(o.sourceLossTimeout),
+      String(o.sourceLossTimeoutMs),
     ]
     // The link goes down from the target's end the moment it resumes (before its workload touches
     // anything: the whole post-copy is still ahead); the source dies the moment it hears that.

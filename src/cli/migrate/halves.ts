@@ -53,7 +53,7 @@ export interface ReceiveOptions {
   secretFile?: string
   insecure: boolean
   onSourceLoss: SourceLossPolicy
-  sourceLossTimeout: number
+  sourceLossTimeoutMs: number
   tls?: { key: Buffer; cert: Buffer }
   /** link-down: taken down the moment the target resumes (post-copy starts: nothing here yet) */
   fault?: Fault
@@ -184,7 +184,7 @@ export async function receive(o: ReceiveOptions): Promise<number> {
     secretFile: o.secretFile,
     insecure: o.insecure,
     onSourceLoss: o.onSourceLoss,
-    sourceLossTimeout: o.sourceLossTimeout,
+    sourceLossTimeoutMs: o.sourceLossTimeoutMs,
     tls: o.tls,
   })
   o.emit({ event: 'listening', host: target.address.host, port: target.address.port })

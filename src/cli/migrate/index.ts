@@ -160,7 +160,7 @@ export interface ReceiveValues {
   secretFile?: string
   insecure: boolean
   onSourceLoss: SourceLossPolicy
-  sourceLossTimeout: number
+  sourceLossTimeoutMs: number
   tlsKey?: string
   tlsCert?: string
   fault?: string
@@ -207,7 +207,7 @@ export interface DemoValues {
   maxDowntime: number
   fault?: string
   onSourceLoss?: SourceLossPolicy
-  sourceLossTimeout?: number
+  sourceLossTimeoutMs?: number
   timeout: number
   loopback: boolean
   json: boolean
@@ -227,7 +227,7 @@ export function runDemo(v: DemoValues): Promise<number> {
     fault: f,
     onSourceLoss: v.onSourceLoss ?? (f?.kind === 'source-dies' ? 'poison' : 'wait'),
     // Longer than a link-down fault lasts: that one must end in a reconnect, not in the policy.
-    sourceLossTimeout: v.sourceLossTimeout ?? (f?.kind === 'link-down' ? f.ms + 10_000 : 3000),
+    sourceLossTimeoutMs: v.sourceLossTimeoutMs ?? (f?.kind === 'link-down' ? f.ms + 10_000 : 3000),
     timeoutMs: v.timeout,
     loopback: v.loopback,
   })
