@@ -39,8 +39,9 @@ class SyncDirtyTrackerHandle : public Napi::ObjectWrap<SyncDirtyTrackerHandle> {
     tracker_.reset(new SyncDirtyTracker(uffd, start, length, pageSize));
     if (int err = tracker_->Start(populate)) {
       tracker_.reset();
-      ThrowUffdError(env, err, populate ? "madvise(MADV_POPULATE_WRITE) or ioctl(UFFDIO_WRITEPROTECT)"
-                                        : "ioctl(UFFDIO_WRITEPROTECT)");
+      ThrowUffdError(env, err,
+                     populate ? "madvise(MADV_POPULATE_WRITE) or ioctl(UFFDIO_WRITEPROTECT)"
+                              : "ioctl(UFFDIO_WRITEPROTECT)");
     }
   }
 
