@@ -92,6 +92,14 @@ int AdoptSocket(Napi::Env env, const Napi::CallbackInfo& info) {
   return own;
 }
 
+// attachMain(fd, initial?): the bytes of the stream read before the handover, if any.
+std::vector<uint8_t> ArgInitial(const Napi::CallbackInfo& info) {
+  if (info.Length() < 2 || info[1].IsUndefined()) return {};
+  BytesArg b;
+  if (!TryBytes(info[1], &b)) ThrowTypeError(info.Env(), "initial must be a Uint8Array");
+  return b.data == nullptr ? std::vector<uint8_t>() : std::vector<uint8_t>(b.data, b.data + b.length);
+}
+
 std::vector<Run> ArgRuns(const Napi::CallbackInfo& info, size_t i, size_t ranges) {
   if (!info[i].IsTypedArray() || info[i].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
     ThrowTypeError(info.Env(), "runs must be a Float64Array");
@@ -241,11 +249,13 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
   }
   Napi::Value AttachMain(const Napi::CallbackInfo& info) {
     SourceSession* s = Live(info.Env());
-    return Napi::Number::New(info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info))));
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info), ArgInitial(info))));
   }
   Napi::Value AttachDemand(const Napi::CallbackInfo& info) {
     SourceSession* s = Live(info.Env());
-    return Napi::Number::New(info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info))));
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info), ArgInitial(info))));
   }
   Napi::Value Detach(const Napi::CallbackInfo& info) {
     if (!core_->closed) core_->session->Detach();
@@ -414,11 +424,13 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
   }
   Napi::Value AttachMain(const Napi::CallbackInfo& info) {
     TargetSession* s = Live(info.Env());
-    return Napi::Number::New(info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info))));
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info), ArgInitial(info))));
   }
   Napi::Value AttachDemand(const Napi::CallbackInfo& info) {
     TargetSession* s = Live(info.Env());
-    return Napi::Number::New(info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info))));
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info), ArgInitial(info))));
   }
   Napi::Value Detach(const Napi::CallbackInfo& info) {
     if (!core_->closed) core_->session->Detach();

@@ -7,6 +7,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <string.h>
+
+#include <algorithm>
 #include <chrono>
 
 namespace migration {
@@ -35,6 +38,14 @@ void FrameChannel::Start(std::function<void()> loop) {
 
 int FrameChannel::ReadFull(void* buf, size_t n) {
   uint8_t* p = static_cast<uint8_t*>(buf);
+  if (pendingAt_ < pending_.size()) {
+    size_t k = std::min(n, pending_.size() - pendingAt_);
+    memcpy(p, pending_.data() + pendingAt_, k);
+    pendingAt_ += k;
+    p += k;
+    n -= k;
+    bytesIn.fetch_add(k, std::memory_order_relaxed);
+  }
   while (n > 0) {
     ssize_t got = recv(fd_, p, n, MSG_WAITALL);
     if (got > 0) {

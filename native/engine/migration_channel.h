@@ -36,6 +36,9 @@ class FrameChannel {
   FrameChannel(const FrameChannel&) = delete;
   FrameChannel& operator=(const FrameChannel&) = delete;
 
+  // Bytes read off the socket before the channel was handed over (frames that followed the
+  // handshake in the same segment): the reader takes them first. Before Start() only.
+  void Prefill(std::vector<uint8_t> bytes) { pending_ = std::move(bytes); }
   // Starts the reader (running `loop`) and the keeper. `loop` returns when the channel ends.
   void Start(std::function<void()> loop);
 
@@ -66,6 +69,8 @@ class FrameChannel {
 
   int fd_;
   uint32_t pingMs_;
+  std::vector<uint8_t> pending_;  // Prefill()'s bytes not read yet (reader thread)
+  size_t pendingAt_ = 0;
   std::atomic<bool> shutdown_{false};
   std::mutex writeMu_;
   std::atomic<uint64_t> lastSendNs_{0};

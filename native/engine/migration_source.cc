@@ -40,8 +40,9 @@ void SourceSession::Close() {
   if (pusher_.joinable()) pusher_.join();
 }
 
-uint64_t SourceSession::AttachMain(int fd) {
+uint64_t SourceSession::AttachMain(int fd, std::vector<uint8_t> initial) {
   auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
+  ch->Prefill(std::move(initial));
   {
     std::lock_guard<std::mutex> lock(channelMu_);
     main_ = ch;
@@ -49,12 +50,13 @@ uint64_t SourceSession::AttachMain(int fd) {
   FrameChannel* raw = ch.get();
   uint64_t gen = nextGen_.fetch_add(1) + 1;
   ch->Start([this, raw, gen] { MainLoop(raw, gen); });
-  return gen;
   pushCv_.notify_all();
+  return gen;
 }
 
-uint64_t SourceSession::AttachDemand(int fd) {
+uint64_t SourceSession::AttachDemand(int fd, std::vector<uint8_t> initial) {
   auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
+  ch->Prefill(std::move(initial));
   {
     std::lock_guard<std::mutex> lock(channelMu_);
     demand_ = ch;

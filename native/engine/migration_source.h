@@ -73,8 +73,9 @@ class SourceSession {
 
   // Channels handed over by JS after the handshake (the fd is owned from here on).
   // Each returns the channel's generation, which its 'closed' notice carries (notice.id).
-  uint64_t AttachMain(int fd);
-  uint64_t AttachDemand(int fd);
+  // `initial`: bytes of the stream already read (frames that followed the handshake).
+  uint64_t AttachMain(int fd, std::vector<uint8_t> initial = {});
+  uint64_t AttachDemand(int fd, std::vector<uint8_t> initial = {});
   // Connection lost (or closing): shuts both channels, joins their threads, pauses the push.
   void Detach();
   void Close();

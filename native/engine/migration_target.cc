@@ -144,8 +144,9 @@ void TargetSession::Close() {
   StopServing();
 }
 
-uint64_t TargetSession::AttachMain(int fd) {
+uint64_t TargetSession::AttachMain(int fd, std::vector<uint8_t> initial) {
   auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
+  ch->Prefill(std::move(initial));
   {
     std::lock_guard<std::mutex> lock(channelMu_);
     main_ = ch;
@@ -156,8 +157,9 @@ uint64_t TargetSession::AttachMain(int fd) {
   return gen;
 }
 
-uint64_t TargetSession::AttachDemand(int fd) {
+uint64_t TargetSession::AttachDemand(int fd, std::vector<uint8_t> initial) {
   auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
+  ch->Prefill(std::move(initial));
   {
     std::lock_guard<std::mutex> lock(channelMu_);
     demand_ = ch;

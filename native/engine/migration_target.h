@@ -71,8 +71,9 @@ class TargetSession {
   ~TargetSession();
 
   // Each returns the channel's generation, which its 'closed' notice carries (notice.id).
-  uint64_t AttachMain(int fd);
-  uint64_t AttachDemand(int fd);
+  // `initial`: bytes of the stream already read (frames that followed the handshake).
+  uint64_t AttachMain(int fd, std::vector<uint8_t> initial = {});
+  uint64_t AttachDemand(int fd, std::vector<uint8_t> initial = {});
   void Detach();
   void Close();
   void EnqueueMain(uint8_t type, uint16_t range, uint64_t page, std::vector<uint8_t> payload);

@@ -383,9 +383,9 @@ export interface MigrationTargetOptions extends MigrationTuning {
 
 /** The source's session: sends rounds, serves demand requests, pushes the rest in post-copy. */
 export interface MigrationSourceHandle {
-  /** hands a connected socket to the session (dup'ed): the main or the demand channel */
-  attachMain(fd: number): number
-  attachDemand(fd: number): number
+  /** hands a connected socket to the session (dup'ed): the main or the demand channel; `initial`: stream bytes already read */
+  attachMain(fd: number, initial?: Uint8Array): number
+  attachDemand(fd: number, initial?: Uint8Array): number
   detach(): void
   close(): void
   send(channel: 'main' | 'demand', type: number, range: number, page: bigint, payload?: Uint8Array): void
@@ -408,8 +408,8 @@ export type MigrationSourceHandleConstructor = new (
 
 /** The target's session: receives pages into place, serves the workload's faults (a FaultEngine whose ranges delegate to it). */
 export interface MigrationTargetHandle {
-  attachMain(fd: number): number
-  attachDemand(fd: number): number
+  attachMain(fd: number, initial?: Uint8Array): number
+  attachDemand(fd: number, initial?: Uint8Array): number
   detach(): void
   close(): void
   send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void

@@ -568,8 +568,8 @@ export class MigrationSource extends EventEmitter {
       const handle = this.#handle
       if (handle === undefined) throw new Error('closed')
       this.#relays.push(
-        handOver(conn, (fd) => {
-          this.#gens[channel] = channel === 'main' ? handle.attachMain(fd) : handle.attachDemand(fd)
+        handOver(conn, (fd, initial) => {
+          this.#gens[channel] = channel === 'main' ? handle.attachMain(fd, initial) : handle.attachDemand(fd, initial)
         }),
       )
       return accept

@@ -400,7 +400,7 @@ export class MigrationTarget extends EventEmitter {
     this.#handle.registered(this.#uffd.fd)
     await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'new' }))
     const handle = this.#handle
-    this.#relays.push(handOver(conn, (fd) => (this.#gens.main = handle.attachMain(fd))))
+    this.#relays.push(handOver(conn, (fd, initial) => (this.#gens.main = handle.attachMain(fd, initial))))
     this.#setPhase('precopy')
     this.#ticker = setInterval(() => this.#tick(), this.#pingMs)
     this.#ticker.unref?.()
@@ -456,7 +456,7 @@ export class MigrationTarget extends EventEmitter {
       return
     }
     await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: 'postcopy', targetMs: this.#resumeMs }))
-    this.#relays.push(handOver(conn, (fd) => (this.#gens.main = handle.attachMain(fd))))
+    this.#relays.push(handOver(conn, (fd, initial) => (this.#gens.main = handle.attachMain(fd, initial))))
     this.#ended.delete('main')
     // What is here, so that the source sends exactly the rest.
     for (let i = 0; i < this.#mappings.length; i++) {
@@ -476,7 +476,7 @@ export class MigrationTarget extends EventEmitter {
     }
     const handle = this.#handle
     await conn.sendFlushed(FrameType.ACCEPT, encodeJson({ state: this.#phase }))
-    this.#relays.push(handOver(conn, (fd) => (this.#gens.demand = handle.attachDemand(fd))))
+    this.#relays.push(handOver(conn, (fd, initial) => (this.#gens.demand = handle.attachDemand(fd, initial))))
     this.#ended.delete('demand')
     if (setup.resume) {
       handle.resendRequests()

@@ -95,6 +95,9 @@ export class FrameConn {
     this.socket.pause()
     this.socket.removeAllListeners('data')
     const rest = [...this.#frames.map((f) => encodeFrame(f.type, f.payload, f.range, f.page)), this.#parser.rest()]
+    // What the socket read but did not emit yet (paused streams keep reading up to their
+    // high-water mark) follows, in order.
+    for (let chunk = this.socket.read(); chunk !== null; chunk = this.socket.read()) rest.push(chunk as Buffer)
     this.#frames = []
     return Buffer.concat(rest)
   }
@@ -303,22 +306,19 @@ export async function reject(conn: FrameConn, code: string, message: string): Pr
 }
 
 /**
- * Gives the connection to a native session: `attach(fd)` must dup the fd (the native handles do).
- * Bytes that arrived beyond the handshake are a ProtocolError for plain TCP (the protocol is
- * lock-step: the peer waits for our last handshake frame). Returns a function that tears down the
- * JS side of a TLS relay (a no-op for TCP).
+ * Gives the connection to a native session: `attach(fd, initial)` must dup the fd (the native
+ * handles do). Bytes that arrived beyond the handshake (the peer's first frames, in the same
+ * segment as its last handshake frame: a resumed target sends its HAVE bitmaps right after
+ * ACCEPT) go to the session as `initial`, ahead of the socket. Returns a function that tears
+ * down the JS side of a TLS relay (a no-op for TCP).
  */
-export function handOver(conn: FrameConn, attach: (fd: number) => void): () => void {
+export function handOver(conn: FrameConn, attach: (fd: number, initial?: Uint8Array) => void): () => void {
   const socket = conn.socket
   const rest = conn.detach()
   socket.removeAllListeners('error')
   socket.removeAllListeners('close')
   if (!(socket instanceof tls.TLSSocket)) {
-    if (rest.length > 0) {
-      socket.destroy()
-      throw new ProtocolError('the peer sent frames before the handshake ended')
-    }
-    attach(socketFd(socket))
+    attach(socketFd(socket), rest.length > 0 ? rest : undefined)
     socket.destroy()
     return () => {}
   }

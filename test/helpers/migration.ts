@@ -37,6 +37,8 @@ export interface RunOptions {
   targetReaders?: number
   source?: Partial<MigrationSourceOptions>
   target?: Partial<MigrationTargetOptions>
+  /** connect through a TCP relay that cuts every connection once, this long after post-copy starts */
+  cutInPostcopyMs?: number
 }
 
 export interface RunResult {
@@ -44,6 +46,8 @@ export interface RunResult {
   target: MigrationTargetResult
   /** pages whose bytes (but the target's stamp word) differ from the source at its stop */
   mismatches: number
+  /** connections the relay cut (cutInPostcopyMs) */
+  cut?: number
   /** pages whose target stamp was lost (overwritten by a late page) */
   lostStamps: number
   targetWrites: number
@@ -78,9 +82,10 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
       tag: 2,
     })
   })
+  const relay = o.cutInPostcopyMs === undefined ? undefined : await startRelay(target.address)
   const source = new MigrationSource({
     ranges: [memory],
-    to: target.address,
+    to: relay?.address ?? target.address,
     secret: SECRET,
     mode: o.mode,
     stop: () => {
@@ -90,6 +95,13 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     ...o.source,
   })
   source.on('error', () => {})
+  let cut = 0
+  let armed = relay !== undefined
+  source.on('phase', ({ phase }) => {
+    if (phase !== 'postcopy' || !armed || relay === undefined) return
+    armed = false // once: post-copy starts again after each reconnect
+    setTimeout(() => (cut = relay.cut()), o.cutInPostcopyMs)
+  })
   try {
     const [s, t] = await Promise.all([source.start(), target.done])
     const stuck = targetWork?.stop(2000) ?? 0
@@ -111,17 +123,65 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
       source: s,
       target: t,
       mismatches: v.mismatches.length,
+      cut,
       lostStamps,
       targetWrites: ws?.writes ?? 0,
       targetFaults: ws?.faults ?? 0,
     }
   } finally {
+    relay?.close()
     targetWork?.stop(1000)
     writer.stop(1000)
     source.close()
     target.close()
     unmapAll(target)
     memory.unmap()
+  }
+}
+
+/**
+ * A TCP relay in front of `to`: cut() destroys every connection through it at once (both ends
+ * see the connection break, as when a middlebox drops it) and returns how many; new connections
+ * still pass.
+ */
+export async function startRelay(to: { host: string; port: number }): Promise<{
+  address: { host: string; port: number }
+  cut(): number
+  close(): void
+}> {
+  const pairs = new Set<[net.Socket, net.Socket]>()
+  const server = net.createServer((c) => {
+    const u = net.connect(to.port, to.host)
+    const pair: [net.Socket, net.Socket] = [c, u]
+    pairs.add(pair)
+    const end = () => {
+      c.destroy()
+      u.destroy()
+      pairs.delete(pair)
+    }
+    c.on('error', end).on('close', end)
+    u.on('error', end).on('close', end)
+    c.pipe(u)
+    u.pipe(c)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = (server.address() as net.AddressInfo).port
+  const cut = (): number => {
+    const n = pairs.size
+    for (const [c, u] of [...pairs]) {
+      c.resetAndDestroy()
+      u.resetAndDestroy()
+    }
+    pairs.clear()
+    return n
+  }
+  return {
+    address: { host: '127.0.0.1', port },
+    cut,
+    close() {
+      cut()
+      server.close()
+    },
   }
 }
 
