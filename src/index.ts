@@ -121,6 +121,7 @@ export type {
   MigrationTargetMemory,
   MigrationEndpoint,
   MigrationRangeInfo,
+  DirtyTracking,
 } from './migration'
 export type { TypedEmitter, TypedEvents, EventMap, TypedEventName, TypedListener } from './util/typed-emitter'
 export { CHANNELS as diagnosticsChannels } from './util/diagnostics'

@@ -10,6 +10,7 @@ export type {
   SourceLossPolicy,
 } from './target'
 export type { MigrationEndpoint } from './transport'
+export type { DirtyTracking } from './dirty'
 export type { MigrationResult, Phase as MigrationPhase } from './common'
 export { AuthError, SECRET_ENV } from './auth'
 export { RejectedError } from './transport'
