@@ -106,9 +106,18 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
           batch: number,
           cb: (r: number | Error) => void,
           watchdogMs: number,
+          forkGuard: boolean,
         ) => NativeReader
       }
-    ).EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdog === false ? 0 : watchdog)
+    ).EventReader(
+      source.fd,
+      readSize,
+      (r) => this.#onRead(r),
+      watchdog === false ? 0 : watchdog,
+      // A fork by this thread waits for its own FORK event: the native reader then reads the
+      // uffd on a helper thread for the fork's duration (see event_reader.cc).
+      (source.features & Feature.EVENT_FORK) !== 0n,
+    )
     this.#view = new DataView(this.#reader.buffer)
     this.#signal = signal
     this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))
