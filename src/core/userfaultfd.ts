@@ -88,7 +88,7 @@ const S_IFMT = 0o170000
 function fdKind(fd: number): string | undefined {
   try {
     return fs.readlinkSync(`/proc/self/fd/${fd}`)
-  } catch (err) {
+  } catch {
     if (fs.existsSync('/proc/self/fd')) return undefined
     let mode: number
     try {
