@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
-import type { ChildProcess } from 'node:child_process'
+import { type ChildProcess, execFileSync } from 'node:child_process'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { dist, killChildren, runCommand, runGuest, runNode } from './helpers/children'
 import { env } from './helpers/env'
@@ -101,8 +101,31 @@ describe('userfaultfd CLI', () => {
       '--mem-file',
       path.join(dir, 'absent'),
     ])
-    expect(noFile.code).toBe(1)
-    expect(noFile.stderr).toMatch(/ENOENT/)
+    expect(noFile.code).toBe(2)
+    expect(noFile.stderr).toMatch(/--mem-file .*ENOENT/)
+  })
+
+  it('serve refuses a FIFO as --mem-file at once (it used to block forever) and a timeout no timer can wait', {
+    timeout: 20_000,
+  }, async () => {
+    const fifo = path.join(dir, 'fifo')
+    execFileSync('mkfifo', [fifo])
+    const r = await runNode([cli, 'serve', '--socket', path.join(dir, 'f.sock'), '--mem-file', fifo], 10_000)
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: 2, signal: null })
+    expect(r.stderr).toBe(
+      `userfaultfd: --mem-file: memory file ${fifo} is a FIFO (named pipe): it must be a regular file or a block device\n`,
+    )
+    const memFile = path.join(dir, 'limits.mem')
+    writeSnapshot(memFile, 1 << 20)
+    const t = await runNode(
+      [cli, 'serve', '--socket', path.join(dir, 't.sock'), '--mem-file', memFile, '--handshake-timeout', '5000000000'],
+      10_000,
+    )
+    expect(t.code).toBe(2)
+    expect(t.stderr).toMatch(
+      /--handshake-timeout: handshakeTimeout must be an integer number of milliseconds from 1 to 2147483647 \(got number 5000000000\)/,
+    )
+    expect(fs.existsSync(path.join(dir, 't.sock'))).toBe(false)
   })
 
   it('serve: serves a Firecracker-like guest; SIGTERM shuts down cleanly with --json stats', {

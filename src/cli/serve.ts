@@ -1,7 +1,9 @@
 // `userfaultfd serve --socket PATH --mem-file FILE`: the Firecracker-compatible page-fault
 // handler as a process. Progress on stderr when it is a TTY; SIGINT/SIGTERM close every
 // connection and the socket; --json prints the final stats on stdout.
-import { FirecrackerHandler, type RemovePolicy } from '../firecracker/handler'
+import * as fs from 'node:fs'
+import { FirecrackerHandler, checkHandshakeLimits, type RemovePolicy } from '../firecracker/handler'
+import { memFileProblem } from '../firecracker/mem-file'
 
 export interface ServeArgs {
   socket: string
@@ -17,7 +19,34 @@ function mib(bytes: number): string {
   return (bytes / 1048576).toFixed(1)
 }
 
+/**
+ * Checks what the flags name before anything starts: the memory file must exist and be a regular
+ * file or a block device (a FIFO would block open(2) forever), the handshake timeout must be one
+ * a timer can wait. Returns the message to print, or undefined.
+ */
+export function checkServeArgs(args: Pick<ServeArgs, 'memFile' | 'handshakeTimeout'>): string | undefined {
+  let stat: fs.Stats
+  try {
+    stat = fs.statSync(args.memFile)
+  } catch (err) {
+    return `--mem-file ${args.memFile}: ${(err as Error).message}`
+  }
+  const problem = memFileProblem(args.memFile, stat)
+  if (problem !== undefined) return `--mem-file: ${problem}`
+  try {
+    checkHandshakeLimits({ handshakeTimeout: args.handshakeTimeout })
+  } catch (err) {
+    return `--handshake-timeout: ${(err as Error).message}`
+  }
+  return undefined
+}
+
 export async function serve(args: ServeArgs): Promise<number> {
+  const problem = checkServeArgs(args)
+  if (problem !== undefined) {
+    process.stderr.write(`userfaultfd: ${problem}\n`)
+    return 2
+  }
   const handler = await FirecrackerHandler.listen({
     socketPath: args.socket,
     memFile: args.memFile,
