@@ -169,8 +169,14 @@ export class JsonFramer implements Framer {
           this.#mode = Mode.Done // a top-level scalar: parse() refuses it
           return
         }
-        if (b === 0x5b || b === 0x7b) return this.#open(b)
-        if (b === 0x5d && this.#emptyOk) return this.#close()
+        if (b === 0x5b || b === 0x7b) {
+          this.#open(b)
+          return
+        }
+        if (b === 0x5d && this.#emptyOk) {
+          this.#close()
+          return
+        }
         this.#emptyOk = false
         if (b === 0x22) {
           this.#mode = Mode.String
@@ -187,7 +193,10 @@ export class JsonFramer implements Framer {
         return
       case Mode.Key:
         if (isWhitespace(b)) return
-        if (b === 0x7d && this.#emptyOk) return this.#close()
+        if (b === 0x7d && this.#emptyOk) {
+          this.#close()
+          return
+        }
         if (b !== 0x22) this.#fail(b, ' (a quoted key was expected)')
         this.#mode = Mode.String
         this.#isKey = true
@@ -236,7 +245,8 @@ export class JsonFramer implements Framer {
         if (--this.#hex === 0) this.#mode = Mode.String
         return
       case Mode.Number:
-        return this.#number(b)
+        this.#number(b)
+        return
       case Mode.Literal:
         if (b !== this.#pending.charCodeAt(0)) this.#fail(b, ' (true, false or null was expected)')
         this.#pending = this.#pending.slice(1)
