@@ -11,6 +11,8 @@
 // Everything here is untrusted input from another process: each check has a message that says
 // which region and which field was wrong.
 
+import { describe } from '../core/range'
+
 export interface GuestRegion {
   /** index in the message */
   index: number
@@ -326,8 +328,29 @@ function field(obj: Record<string, unknown>, name: string, where: string, requir
   return v
 }
 
+/** The caller's options (not the peer's bytes): a TypeError/RangeError when wrong. */
+function checkParseOptions(options: ParseOptions): void {
+  if (options === null || typeof options !== 'object')
+    throw new TypeError(`parse options must be an object (got ${describe(options)})`)
+  const { fileSize, maxRegions, pageSizes } = options
+  if (typeof fileSize !== 'number' || !Number.isSafeInteger(fileSize) || fileSize < 0)
+    throw new RangeError(`fileSize must be a non-negative integer (got ${describe(fileSize)})`)
+  if (
+    maxRegions !== undefined &&
+    (typeof maxRegions !== 'number' || !Number.isSafeInteger(maxRegions) || maxRegions < 1)
+  )
+    throw new RangeError(`maxRegions must be a positive integer (got ${describe(maxRegions)})`)
+  if (
+    pageSizes !== undefined &&
+    (!Array.isArray(pageSizes) || !pageSizes.every((p) => typeof p === 'number' && Number.isSafeInteger(p) && p > 0))
+  )
+    throw new TypeError(`pageSizes must be an array of positive integers (got ${describe(pageSizes)})`)
+}
+
 /** Parses and validates the handshake; regions come back sorted by address. */
 export function parseRegions(text: string, options: ParseOptions): GuestRegion[] {
+  if (typeof text !== 'string') throw new TypeError(`the handshake text must be a string (got ${describe(text)})`)
+  checkParseOptions(options)
   let value: unknown
   try {
     value = JSON.parse(text)
