@@ -13,6 +13,7 @@
 
 import { describe } from '../core/range'
 
+/** One region of guest memory a peer declared, checked. */
 export interface GuestRegion {
   /** index in the message */
   index: number
@@ -20,13 +21,17 @@ export interface GuestRegion {
   base: bigint
   /** one past the last byte */
   end: bigint
+  /** Length in bytes. */
   size: number
   /** offset of the region in the snapshot file */
   offset: number
+  /** The region's page size (4 KiB, or a huge page size). */
   pageSize: number
 }
 
+/** A peer broke Firecracker's handshake protocol (it ends that connection only). */
 export class ProtocolError extends Error {
+  /** Always 'EPROTO'. */
   readonly code = 'EPROTO'
   constructor(message: string) {
     super(message)
@@ -34,6 +39,7 @@ export class ProtocolError extends Error {
   }
 }
 
+/** Options of parseRegions(). */
 export interface ParseOptions {
   /** snapshot file size: every region must lie inside it */
   fileSize: number
