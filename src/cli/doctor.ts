@@ -4,6 +4,8 @@
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import { Userfaultfd } from '../core/userfaultfd'
+import { type MissingFeature, missingFeatures } from '../core/kernel-features'
+import { DirtyTracker } from '../engines/dirty-tracker'
 
 export interface DoctorReport {
   usable: boolean
@@ -18,6 +20,12 @@ export interface DoctorReport {
   seccomp: 'disabled' | 'strict' | 'filter' | 'unknown'
   via: string | null
   features: string[]
+  /** features newer than this kernel, each with the release that brought it (see the README's table) */
+  missing: MissingFeature[]
+  /** how DirtyTracker tracks here: 'async' (WP_ASYNC + PAGEMAP_SCAN), 'sync', or null (neither) */
+  dirtyTracking: 'async' | 'sync' | null
+  /** takeSnapshot() populates ranges before protecting them (no WP_UNPOPULATED) */
+  snapshotPopulates: boolean
   ioctls: string[]
   hugePages: { size: number; total: number; free: number; nrHugepages: number | null }
   container: { detected: boolean; kind: string | null; evidence: string[] }
@@ -131,6 +139,9 @@ export function diagnose(): DoctorReport {
     seccomp,
     via: p.via,
     features: p.featureNames,
+    missing: missingFeatures(),
+    dirtyTracking: DirtyTracker.support().mode ?? null,
+    snapshotPopulates: p.supported && !p.featureNames.includes('WP_UNPOPULATED'),
     ioctls: p.ioctlNames,
     hugePages: {
       size: num(/Hugepagesize:\s+(\d+)/) * 1024,
@@ -162,6 +173,14 @@ export function formatReport(r: DoctorReport): string {
       `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`,
     ),
     line(null, `features (${r.features.length}): ${r.features.join(' ') || '-'}`),
+    line(
+      r.missing.length === 0 ? null : false,
+      `newer features this kernel lacks: ${r.missing.map((m) => `${m.feature} (${m.since})`).join(' ') || 'none'}`,
+    ),
+    line(
+      null,
+      `dirty tracking: ${r.dirtyTracking ?? 'unavailable'}; live snapshots ${r.snapshotPopulates ? 'populate ranges first (no WP_UNPOPULATED)' : 'protect unpopulated pages (WP_UNPOPULATED)'}`,
+    ),
     line(null, `ioctls: ${r.ioctls.join(' ') || '-'}`),
     line(null, `huge pages: ${r.hugePages.total} x ${r.hugePages.size / 1024} KiB reserved, ${r.hugePages.free} free`),
     line(

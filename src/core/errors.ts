@@ -32,12 +32,28 @@ export function uffdError(code: keyof typeof errnoOf, syscall: string, detail: s
   return err
 }
 
+/** What an UnsupportedError is about, where it is one kernel feature (see kernel-features.ts). */
+export interface UnsupportedDetail {
+  /** the feature the kernel lacks, e.g. 'MOVE' or 'PAGEMAP_SCAN' (several: comma-separated) */
+  feature?: string
+  /** the release that brought it, e.g. '6.8' (several: the newest) */
+  since?: string
+  /** the running kernel (uname -r) */
+  kernel?: string
+}
+
 /** Thrown where the running kernel lacks a feature an API needs. */
 export class UnsupportedError extends Error {
   code = 'ENOTSUP'
-  constructor(message: string) {
+  declare feature?: string
+  declare since?: string
+  declare kernel?: string
+  constructor(message: string, detail: UnsupportedDetail = {}) {
     super(message)
     this.name = 'UnsupportedError'
+    if (detail.feature !== undefined) this.feature = detail.feature
+    if (detail.since !== undefined) this.since = detail.since
+    if (detail.kernel !== undefined) this.kernel = detail.kernel
   }
 }
 
