@@ -26,8 +26,10 @@
         "native/binding/uffd_open.cc",
         "native/binding/uffd_read.cc",
         "native/binding/watchdog.cc",
+        "native/binding/wp_dirty_tracker.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
+        "native/engine/wp_dirty_tracker.cc",
         "native/testing/stamper.cc",
         "native/testing/toucher.cc"
       ],

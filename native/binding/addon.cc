@@ -18,6 +18,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFaultServer(env, exports);
   InitPagemapScan(env, exports);
   InitLiveSnapshot(env, exports);
+  InitWpDirtyTracker(env, exports);
   InitStamper(env, exports);
   return exports;
 }

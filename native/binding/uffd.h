@@ -16,4 +16,5 @@ void InitFileMapping(Napi::Env env, Napi::Object exports);
 void InitFaultServer(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitLiveSnapshot(Napi::Env env, Napi::Object exports);
+void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);
 void InitStamper(Napi::Env env, Napi::Object exports);

@@ -65,6 +65,12 @@ export interface Stamper {
   stop(): Promise<{ counts: Float64Array; stale: number }>
 }
 
+export interface WpDirtyTracker {
+  collect(reprotect: boolean): BigUint64Array
+  stats(): { wpFaults: number; missingFaults: number }
+  stop(): void
+}
+
 export interface Binding {
   constants: NativeConstants
   setErrorClass(ctor: new (message: string) => Error): void
@@ -127,6 +133,13 @@ export interface Binding {
       copyMethod?: string
     },
   ) => SnapshotEngine
+  WpDirtyTracker: new (
+    uffd: number,
+    start: bigint,
+    length: number,
+    pageSize: number,
+    missing: boolean,
+  ) => WpDirtyTracker
   Stamper: new (
     address: bigint,
     length: number,
