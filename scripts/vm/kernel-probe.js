@@ -134,7 +134,24 @@ async function main() {
     )
     // WP_ASYNC + PAGEMAP_SCAN: a write to a protected page is recorded without any message, and
     // PAGEMAP_SCAN reports it as written.
-    t.PAGEMAP_SCAN = attempt(() => u.pagemapScanSupported())
+    t.PAGEMAP_SCAN = attempt(() =>
+      withMapping('anonymous', (m) => u.pagemapScan(m).walkEnd === m.address + BigInt(m.length)),
+    )
+    // CONTINUE_MODE_WP: a page of the page cache mapped write-protected by UFFDIO_CONTINUE.
+    t.CONTINUE_MODE_WP = attempt(() =>
+      withUffd(Feature.MINOR_SHMEM | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM, (uffd) =>
+        withMapping('shmem', (m) => {
+          const alias = m.alias()
+          try {
+            alias.write(0, Buffer.from([7]))
+            uffd.register(m, { minor: true, wp: true })
+            return uffd.continue({ address: m.address, length: PAGE_SIZE }, { wp: true }) === PAGE_SIZE
+          } finally {
+            alias.unmap()
+          }
+        }),
+      ),
+    )
     t.WP_ASYNC = attempt(() =>
       withUffd(Feature.WP_ASYNC | Feature.PAGEFAULT_FLAG_WP, (uffd) =>
         withMapping('anonymous', (m) => {

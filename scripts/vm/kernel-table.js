@@ -38,6 +38,11 @@ const rows = [
     (p) => cell(yes(p.register.shmem.wp) && yes(p.register.hugetlb.wp)),
   ],
   ['WP_UNPOPULATED', since('WP_UNPOPULATED'), (p) => cell(yes(p.tries.WP_UNPOPULATED))],
+  [
+    'CONTINUE with `{ wp: true }` (UFFDIO_CONTINUE_MODE_WP)',
+    since('CONTINUE_MODE_WP'),
+    (p) => cell(yes(p.tries.CONTINUE_MODE_WP)),
+  ],
   ['POISON', since('POISON'), (p) => cell(yes(p.tries.POISON))],
   ['WP_ASYNC + PAGEMAP_SCAN', since('WP_ASYNC'), (p) => cell(yes(p.tries.WP_ASYNC) && yes(p.tries.PAGEMAP_SCAN))],
   ['MOVE', since('MOVE'), (p) => cell(yes(p.tries.MOVE))],
