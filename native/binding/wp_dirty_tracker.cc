@@ -69,7 +69,8 @@ class WpDirtyTrackerWrap : public Napi::ObjectWrap<WpDirtyTrackerWrap> {
     WpDirtyTracker* t = Live(env);
     std::vector<uint64_t> runs;
     WpDirtyError error;
-    if (!t->Collect(info[0].ToBoolean(), &runs, &error)) ThrowUffdError(env, error.err, error.syscall, -1, error.detail);
+    if (!t->Collect(info[0].ToBoolean(), &runs, &error))
+      ThrowUffdError(env, error.err, error.syscall, -1, error.detail);
     auto out = Napi::BigUint64Array::New(env, runs.size());
     for (size_t i = 0; i < runs.size(); i++) out[i] = runs[i];
     return out;

@@ -158,7 +158,8 @@ bool WpDirtyTracker::OnFault(uint64_t address, uint64_t flags) {
   if (Ioctl(uffd_, UFFDIO_COPY, &copy) != 0) {
     if (errno == EAGAIN) return false;
     // EEXIST: another fault mapped it first; ENOENT: unmapped meanwhile. Either way only wake.
-    if (errno != EEXIST && errno != ENOENT) Fail(errno, "ioctl(UFFDIO_COPY)", "mapping a zero page for a missing page");
+    if (errno != EEXIST && errno != ENOENT)
+      Fail(errno, "ioctl(UFFDIO_COPY)", "mapping a zero page for a missing page");
     struct uffdio_range r = {page, pageSize_};
     Ioctl(uffd_, UFFDIO_WAKE, &r);
   }

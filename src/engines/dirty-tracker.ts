@@ -19,20 +19,26 @@ import { Mapping, hugePageSize } from '../core/mapping'
 import { PageCategory, PagemapScanFlag, pagemapScan, pagemapScanSupported } from './pagemap-scan'
 import { checkAligned, describe, toRange, type Range, type RangeLike } from '../core/range'
 
+/** What backs a range: private anonymous memory, shmem (memfd), or hugetlb. */
 export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
 /** 'async': WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+); 'sync': WP faults on a native thread. */
 export type DirtyTrackingMode = 'async' | 'sync'
 
+/** A run of pages written since the previous collect(). */
 export interface DirtyRange {
+  /** Start address. */
   address: bigint
   /** bytes from the tracked range's start */
   offset: number
+  /** Length in bytes. */
   length: number
   /** reported at huge-page granularity (hugetlb or a THP): it may include unwritten 4 KiB pages */
   huge: boolean
 }
 
+/** Whether dirty tracking works here (DirtyTracker.support()). */
 export interface DirtyTrackingSupport {
+  /** It works. */
   supported: boolean
   /** the mode 'auto' picks (when supported) */
   mode?: DirtyTrackingMode
@@ -40,6 +46,7 @@ export interface DirtyTrackingSupport {
   reason?: string
 }
 
+/** The facts dirtyTrackingSupport() decides from. */
 export interface DirtyTrackingInputs {
   /** features the kernel offers (Userfaultfd.probe().features) */
   features: bigint
@@ -51,6 +58,7 @@ export interface DirtyTrackingInputs {
   userfaultfdReason?: string
   /** uname -r, for the messages */
   kernel?: string
+  /** The memory to track (default 'anonymous'). */
   memory?: MemoryKind
 }
 
@@ -89,6 +97,7 @@ function memoryOf(range: unknown): MemoryKind {
   return 'anonymous'
 }
 
+/** Options of DirtyTracker.start(). */
 export interface DirtyTrackerOptions {
   /** what backs a plain { address, length } range (a Mapping says so itself); default 'anonymous' */
   memory?: MemoryKind
@@ -100,9 +109,14 @@ export interface DirtyTrackerOptions {
   batch?: number
 }
 
+/**
+ * Which pages of a range were written since the previous collect(): WP_ASYNC write protection
+ * (writes never block) read back with PAGEMAP_SCAN, Linux 6.7+.
+ */
 export class DirtyTracker {
   /** The tracked range. */
   readonly range: Range
+  /** What backs the range. */
   readonly memory: MemoryKind
   /** Which way writes are tracked: see DirtyTrackingMode. */
   readonly mode: DirtyTrackingMode
@@ -256,6 +270,7 @@ export class DirtyTracker {
     uffd.close()
   }
 
+  /** stop(), for `using tracker = DirtyTracker.start(m)`. */
   [Symbol.dispose](): void {
     this.stop()
   }
