@@ -158,7 +158,11 @@ describe.skipIf(!probe.supported)('live snapshot', () => {
     const first = startStamper(m, { threads: 2, shuffle: true, seed: 7 })
     await first.stop()
     const second = startStamper(m, { threads: 2, shuffle: true, seed: 7 })
-    await sleep(5)
+    // Until it has written (under emulation its threads may take a while to start).
+    for (const deadline = Date.now() + 5000 * timeScale; Date.now() < deadline; ) {
+      if (second.counts().every((c) => c > 0)) break
+      await sleep(5)
+    }
     await second.stop()
     expect(second.run()).not.toBe(first.run())
     const words = new BigUint64Array(bytesOf(m).buffer)

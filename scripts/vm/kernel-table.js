@@ -26,7 +26,7 @@ const rows = [
     (p) => cell(yes(p.register.shmem.missing) && yes(p.register.hugetlb.missing)),
   ],
   [
-    'MINOR faults + CONTINUE: shmem, hugetlbfs',
+    'MINOR faults + CONTINUE: hugetlbfs, shmem',
     `${since('MINOR_HUGETLBFS')} / ${since('MINOR_SHMEM')}`,
     (p) => cell(yes(p.register.shmem.minor) && yes(p.register.hugetlb.minor)),
   ],
