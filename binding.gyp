@@ -1,7 +1,7 @@
 {
   "target_defaults": {
     "include_dirs": ["native", "<!(node -p \"require('node-addon-api').include_dir\")"],
-    "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+    "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_DEPRECATED", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
     "cflags!": ["-fno-exceptions"],
     "cflags_cc!": ["-fno-exceptions"],
     "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
@@ -23,21 +23,21 @@
         "native/binding/migration.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/snapshot_engine.cc",
-        "native/binding/sync_dirty_tracker.cc",
         "native/binding/uffd_ioctls.cc",
         "native/binding/uffd_open.cc",
         "native/binding/uffd_read.cc",
         "native/binding/watchdog.cc",
         "native/binding/workload.cc",
+        "native/binding/wp_dirty_tracker.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
         "native/engine/migration_channel.cc",
         "native/engine/migration_source.cc",
         "native/engine/migration_target.cc",
         "native/engine/snapshot_engine.cc",
-        "native/engine/sync_dirty_tracker.cc",
         "native/engine/watchdog.cc",
-        "native/engine/workload.cc"
+        "native/engine/workload.cc",
+        "native/engine/wp_dirty_tracker.cc"
       ],
       "conditions": [
         ["OS!='linux'", { "sources": [] }]

@@ -4,6 +4,7 @@
 import * as fs from 'node:fs'
 import * as net from 'node:net'
 import * as path from 'node:path'
+import { hasFeature } from './helpers/kernel'
 import { afterEach, describe, expect, it } from 'vitest'
 import { Mapping } from '../src/core/mapping'
 import { AuthError } from '../src/migration/auth'
@@ -28,6 +29,8 @@ async function migrate(target: MigrationTarget, secret: string | undefined, extr
     insecure: secret === undefined,
     stop: () => {},
     verify: true,
+    // Pre-copy rounds need write protection (arm64 before 6.10 has none): post-copy there.
+    mode: hasFeature('PAGEFAULT_FLAG_WP') ? 'hybrid' : 'postcopy',
     ...extra,
   })
   try {

@@ -12,7 +12,7 @@ import { MigrationSource } from '../src/migration/source'
 import { MigrationTarget } from '../src/migration/target'
 import { encodeFrame, encodeHeader, encodeJson, FrameType, ProtocolError } from '../src/migration/wire'
 import { killChildren } from './helpers/children'
-import { control, fakeSource, fakeTarget, SECRET, until, unmapAll } from './helpers/migration'
+import { control, fakeSource, fakeTarget, SECRET, until, unmapAll, canPrecopy } from './helpers/migration'
 
 afterEach(() => killChildren())
 
@@ -286,6 +286,7 @@ describe('hostile frames against the source (native parser)', () => {
   it('every attack: ProtocolError, the migration fails before the switchover, the workload resumes', {
     timeout: 120_000,
   }, async () => {
+    if (!canPrecopy('anonymous')) return
     const memory = Mapping.anonymous(PAGES * PAGE)
     try {
       await fc.assert(

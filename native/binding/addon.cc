@@ -19,7 +19,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitSnapshotEngine(env, exports);
   InitMigration(env, exports);
   InitWorkload(env, exports);
-  InitSyncDirtyTracker(env, exports);
+  InitWpDirtyTracker(env, exports);
   return exports;
 }
 

@@ -18,4 +18,4 @@ void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
 void InitMigration(Napi::Env env, Napi::Object exports);
 void InitWorkload(Napi::Env env, Napi::Object exports);
-void InitSyncDirtyTracker(Napi::Env env, Napi::Object exports);
+void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);

@@ -76,8 +76,10 @@ export interface FileMapping {
 // ---- event streams and fd readiness (event_reader.cc, fd_watcher.cc) ---------------------------
 
 /**
- * new EventReader(fd, readSize, callback, watchdogMs): on each readable, one read(2) of up to
- * `readSize` messages into `buffer`; callback(count) or callback(error).
+ * new EventReader(fd, readSize, callback, watchdogMs, forkGuard): on each readable, one read(2) of
+ * up to `readSize` messages into `buffer`; callback(count) or callback(error). With `forkGuard`, a
+ * fork by the loop thread has its FORK event read on a helper thread (else the fork would wait for
+ * a read that only this thread could do).
  */
 export interface EventReader {
   readonly buffer: ArrayBuffer
@@ -93,6 +95,7 @@ export type EventReaderConstructor = new (
   readSize: number,
   callback: (result: number | NativeError) => void,
   watchdogMs: number,
+  forkGuard: boolean,
 ) => EventReader
 
 /** new FdWatcher(fd, callback): wait(events) calls back once (1 readable, 2 writable, 4 hang-up). */
@@ -479,25 +482,26 @@ export type WorkloadHandleConstructor = new (
   options: WorkloadHandleOptions,
 ) => WorkloadHandle
 
+// ---- synchronous dirty tracking (wp_dirty_tracker.cc) -----------------------------------------
+
 /**
- * new SyncDirtyTracker(uffd, address, length, pageSize, populate): dirty pages by synchronous write
- * protection (sync_dirty_tracker.cc); `uffd` has the range registered WP and outlives stop().
+ * new WpDirtyTracker(uffd, start, length, pageSize, missing): a native thread serves the range's
+ * write-protect faults (marks the page written, unprotects it) where WP_ASYNC is missing.
  */
-export interface SyncDirtyTracker {
-  /** [first page, count] pairs written since the last collect(), protected again */
-  collect(): Float64Array
-  stats(): { faults: number; errno: number }
-  /** joins the thread and unprotects the range (idempotent) */
+export interface WpDirtyTracker {
+  /** page addresses written since the last collect; with `reprotect`, protects them again */
+  collect(reprotect: boolean): BigUint64Array
+  stats(): { wpFaults: number; missingFaults: number }
   stop(): void
 }
 
-export type SyncDirtyTrackerConstructor = new (
+export type WpDirtyTrackerConstructor = new (
   uffd: number,
-  address: bigint,
+  start: bigint,
   length: number,
   pageSize: number,
-  populate: boolean,
-) => SyncDirtyTracker
+  missing: boolean,
+) => WpDirtyTracker
 
 // ---- the whole addon ----------------------------------------------------------------------------
 
@@ -565,5 +569,6 @@ export interface Binding {
   /** one 64-bit hash per page; bytes [maskOffset, maskOffset + maskLength) of each page left out */
   pageHashes(address: bigint, length: number, pageSize: number, maskOffset: number, maskLength: number): BigUint64Array
   Workload: WorkloadHandleConstructor
-  SyncDirtyTracker: SyncDirtyTrackerConstructor
+  // wp_dirty_tracker.cc
+  WpDirtyTracker: WpDirtyTrackerConstructor
 }

@@ -2,6 +2,7 @@
 // at all (a socket path past sun_path is silently truncated by bind(2)'s callers).
 import * as fs from 'node:fs'
 import * as path from 'node:path'
+import { memFileProblem } from '../firecracker/mem-file'
 import { isListening } from '../ipc/unix-socket'
 import { UsageError } from './command'
 
@@ -24,13 +25,8 @@ export function checkSocketPath(value: string, flag: string): void {
     throw new UsageError(`${flag}: the directory ${dir} does not exist (create it first)`)
   }
   if (!stat.isDirectory()) throw new UsageError(`${flag}: ${dir} is not a directory`)
-  try {
-    fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK)
-  } catch (err) {
-    throw new UsageError(
-      `${flag}: cannot create a socket in ${dir} (${(err as NodeJS.ErrnoException).code}: this user may not write there)`,
-    )
-  }
+  // Before the directory's permissions: whoever may write there, an existing file is not ours
+  // to replace (and a read-only /etc says EROFS, which would hide that).
   let existing: fs.Stats | undefined
   try {
     existing = fs.lstatSync(value)
@@ -39,6 +35,13 @@ export function checkSocketPath(value: string, flag: string): void {
   }
   if (existing !== undefined && !existing.isSocket())
     throw new UsageError(`${flag}: ${value} exists and is not a socket (refusing to replace it)`)
+  try {
+    fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK)
+  } catch (err) {
+    throw new UsageError(
+      `${flag}: cannot create a socket in ${dir} (${(err as NodeJS.ErrnoException).code}: this user may not write there)`,
+    )
+  }
 }
 
 /**
@@ -84,4 +87,14 @@ export function checkReadableFile(value: string, flag: string): void {
       `${flag} ${value}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'this user may not read it' : code}`,
     )
   }
+}
+
+/**
+ * A memory file `serve` can use: readable, and a regular file or a block device. Anything else
+ * is refused here: a FIFO would block open(2) until some writer appeared (forever, usually).
+ */
+export function checkMemFile(value: string, flag: string): void {
+  checkReadableFile(value, flag)
+  const problem = memFileProblem(value, fs.statSync(value))
+  if (problem !== undefined) throw new UsageError(`${flag}: ${problem}`)
 }

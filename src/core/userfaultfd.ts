@@ -1,4 +1,5 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
+import * as fs from 'node:fs'
 import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { IntervalSet } from '../util/interval-set'
@@ -9,6 +10,7 @@ import { EventStream, type EventsOptions } from './events'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
 import { asBytes, checkAligned, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
+import { hasFeature, unofferedFeatures, unsupported } from './kernel-features'
 
 /** Options of Userfaultfd.open(). */
 export interface OpenOptions {
@@ -93,6 +95,34 @@ const leaked = new FinalizationRegistry<number>((fd) => {
   process.emitWarning(`userfaultfd: closing fd ${fd} on garbage collection; call close() explicitly`, 'UffdWarning')
 })
 
+const USERFAULTFD_LINK = 'anon_inode:[userfaultfd]'
+const S_IFMT = 0o170000
+
+/**
+ * What `fd` is: its /proc/self/fd link ('anon_inode:[userfaultfd]', '/dev/pts/0', 'pipe:[123]'),
+ * or undefined if it is not open. Without /proc (a bare chroot), only "some anonymous inode" can
+ * be told apart from files, pipes and sockets: that much passes as a userfaultfd.
+ */
+function fdKind(fd: number): string | undefined {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${fd}`)
+  } catch {
+    if (fs.existsSync('/proc/self/fd')) return undefined
+    let mode: number
+    try {
+      mode = fs.fstatSync(fd).mode
+    } catch {
+      return undefined
+    }
+    return (mode & S_IFMT) === 0 ? USERFAULTFD_LINK : `not an anonymous inode (mode 0${mode.toString(8)})`
+  }
+}
+
+/** True if `fd` is an open userfaultfd (its /proc/self/fd link is anon_inode:[userfaultfd]). */
+export function isUserfaultfd(fd: number): boolean {
+  return Number.isSafeInteger(fd) && fd >= 0 && fdKind(fd) === USERFAULTFD_LINK
+}
+
 function withHint<T extends Error>(err: T, hint: string): T {
   ;(err as { hint?: string }).hint = hint
   err.message += `\n${hint}`
@@ -155,6 +185,9 @@ export class Userfaultfd {
       }
     }
     const userModeOnly = flag(opts, 'userModeOnly', false)
+    // A feature this kernel does not offer: say which, and the release that brought it.
+    const lacking = unofferedFeatures(features, 'Userfaultfd.open({ features })')
+    if (lacking !== undefined) throw lacking
     const flags = OpenFlag.O_CLOEXEC | OpenFlag.O_NONBLOCK | (userModeOnly ? OpenFlag.UFFD_USER_MODE_ONLY : 0)
 
     const order: Via[] = via === 'auto' ? ['syscall', 'device'] : [via]
@@ -224,9 +257,26 @@ export class Userfaultfd {
   static fromFd(fd: number, options: { features?: bigint; ioctls?: bigint } = {}): Userfaultfd {
     if (!Number.isSafeInteger(fd) || fd < 0)
       throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
+    const opts = checkOptions(options, 'fromFd')
+    for (const name of ['features', 'ioctls']) {
+      const v = opts[name]
+      if (v !== undefined && (typeof v !== 'bigint' || v < 0n))
+        throw new TypeError(`fromFd: ${name} must be a non-negative bigint (got ${describe(v)})`)
+    }
+    // Before anything touches the fd's flags (adopt sets O_NONBLOCK on the open file, which a
+    // stdin or a shared file would then have for every process using it), and before this
+    // object takes ownership (close): it must really be a userfaultfd.
+    const kind = fdKind(fd)
+    if (kind !== USERFAULTFD_LINK) {
+      throw uffdError(
+        kind === undefined ? 'EBADF' : 'EINVAL',
+        'fromFd',
+        kind === undefined ? `fd ${fd} is not open` : `fd ${fd} is ${kind}, not a userfaultfd; it was left untouched`,
+      )
+    }
     native.adopt(fd)
     if (debug.enabled) debug('fromFd: adopted fd %d', fd)
-    return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
+    return new Userfaultfd(fd, (opts.features as bigint) ?? 0n, (opts.ioctls as bigint) ?? 0n, 'inherited')
   }
 
   /** The file descriptor (owned by this object: close() closes it). */
@@ -264,6 +314,15 @@ export class Userfaultfd {
       return ioctls
     } catch (err) {
       const e = err as UffdError
+      if (e.code === 'EINVAL' && (mode & Mode.REGISTER_MODE_WP) !== 0n && !hasFeature('PAGEFAULT_FLAG_WP'))
+        throw unsupported('PAGEFAULT_FLAG_WP', 'register() with { wp: true }')
+      if (
+        e.code === 'EINVAL' &&
+        (mode & Mode.REGISTER_MODE_MINOR) !== 0n &&
+        !hasFeature('MINOR_SHMEM') &&
+        !hasFeature('MINOR_HUGETLBFS')
+      )
+        throw unsupported('MINOR_HUGETLBFS', 'register() with { minor: true }')
       if (e.code === 'EINVAL' && (mode & Mode.REGISTER_MODE_MINOR) !== 0n) {
         withHint(e, 'MINOR faults need shared memory (shmem or hugetlbfs: Mapping.memfd), not anonymous memory')
       } else if (e.code === 'EBUSY') {
@@ -336,7 +395,13 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.COPY_MODE_DONTWAKE
     if (flag(o, 'wp', false)) mode |= Mode.COPY_MODE_WP
-    return native.copy(fd, d, s, len, mode)
+    try {
+      return native.copy(fd, d, s, len, mode)
+    } catch (err) {
+      throw (mode & Mode.COPY_MODE_WP) !== 0n
+        ? this.#lacking(err as UffdError, 'PAGEFAULT_FLAG_WP', 'copy() with { wp: true }')
+        : err
+    }
   }
 
   /** UFFDIO_ZEROPAGE: maps zero pages. Returns bytes done. */
@@ -355,7 +420,16 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.CONTINUE_MODE_DONTWAKE
     if (flag(o, 'wp', false)) mode |= Mode.CONTINUE_MODE_WP
-    return native.continue(fd, r.address, r.length, mode)
+    try {
+      return native.continue(fd, r.address, r.length, mode)
+    } catch (err) {
+      // { wp: true } needs write protection, and a kernel that knows the mode (6.4+).
+      if ((mode & Mode.CONTINUE_MODE_WP) === 0n) throw err
+      const lacking = this.#lacking(err as UffdError, 'PAGEFAULT_FLAG_WP', 'continue() with { wp: true }')
+      throw lacking !== err
+        ? lacking
+        : this.#lacking(err as UffdError, 'CONTINUE_MODE_WP', 'continue() with { wp: true }')
+    }
   }
 
   /**
@@ -375,6 +449,7 @@ export class Userfaultfd {
       native.writeProtect(fd, r.address, r.length, mode)
     } catch (err) {
       const e = err as UffdError
+      if (!hasFeature('PAGEFAULT_FLAG_WP')) throw unsupported('PAGEFAULT_FLAG_WP', 'writeProtect()')
       if (e.code === 'EINVAL' && protect && !wake) withHint(e, 'wake: false (DONTWAKE) is only valid when unprotecting')
       else if (e.code === 'ENOENT') withHint(e, 'the range must be registered with { wp: true }')
       throw e
@@ -386,7 +461,18 @@ export class Userfaultfd {
     const fd = this.#live('ioctl(UFFDIO_POISON)')
     const r = toRange(range)
     const mode = flag(checkOptions(options, 'poison'), 'wake', true) ? 0n : Mode.POISON_MODE_DONTWAKE
-    return native.poison(fd, r.address, r.length, mode)
+    try {
+      return native.poison(fd, r.address, r.length, mode)
+    } catch (err) {
+      throw this.#lacking(err as UffdError, 'POISON', 'uffd.poison()')
+    }
+  }
+
+  // An ioctl (or mode) newer than the kernel is EINVAL (unknown to userfaultfd_ioctl): an
+  // UnsupportedError naming the feature and its release instead.
+  #lacking(err: UffdError, feature: 'POISON' | 'MOVE' | 'PAGEFAULT_FLAG_WP' | 'CONTINUE_MODE_WP', what: string): Error {
+    if (err.code === 'EINVAL' && !hasFeature(feature)) return unsupported(feature, what)
+    return err
   }
 
   /**
@@ -404,7 +490,11 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.MOVE_MODE_DONTWAKE
     if (flag(o, 'allowSrcHoles', false)) mode |= Mode.MOVE_MODE_ALLOW_SRC_HOLES
-    return native.move(fd, d, s, len, mode)
+    try {
+      return native.move(fd, d, s, len, mode)
+    } catch (err) {
+      throw this.#lacking(err as UffdError, 'MOVE', 'uffd.move()')
+    }
   }
 
   /**

@@ -1,100 +1,46 @@
-// What the migration source's pre-copy rounds use to find the pages written since the last
-// round: the DirtyTracker (WP_ASYNC + PAGEMAP_SCAN: writes never block) where the kernel has it,
-// and synchronous write protection otherwise (Linux before 6.7): the first write to a page in
-// each round blocks its writer for one WP fault, which a native thread resolves
-// (native/engine/sync_dirty_tracker.h).
-import type { SyncDirtyTracker } from '../addon/binding'
-import { native } from '../addon/native'
+// How the migration source's pre-copy rounds find the pages written since the last round: the
+// DirtyTracker, 'async' (WP_ASYNC + PAGEMAP_SCAN: writes never block) where the kernel has it,
+// 'sync' (write-protect faults served by a native thread) otherwise. Checked before the source
+// connects, so that a kernel that can do neither is refused up front, naming the feature.
 import { Feature } from '../core/constants'
-import { UnsupportedError } from '../core/errors'
-import type { Mapping, MemoryKind } from '../core/mapping'
-import type { Range } from '../core/range'
+import { unsupported } from '../core/kernel-features'
+import type { MemoryKind } from '../core/mapping'
+import { type DirtyTrackingInputs, type DirtyTrackingMode, dirtyTrackingSupport } from '../engines/dirty-tracker'
+import { pagemapScanSupported } from '../engines/pagemap-scan'
 import { Userfaultfd } from '../core/userfaultfd'
-import { DirtyTracker } from '../engines/dirty-tracker'
 
-/** How dirty pages are found: 'async' (WP_ASYNC + PAGEMAP_SCAN, Linux 6.7+), 'sync' (WP faults), or the best here. */
-export type DirtyTracking = 'auto' | 'async' | 'sync'
+/** MigrationSourceOptions.dirtyTracking: the DirtyTracker's mode, or the best here ('auto'). */
+export type DirtyTracking = 'auto' | DirtyTrackingMode
 
-/** Pages written since the previous collect(), as byte ranges from the tracked range's start. */
-export interface PageWrites {
-  readonly method: 'async' | 'sync'
-  collect(): Array<{ offset: number; length: number }>
-  stop(): void
-}
-
-/** Why synchronous write protection cannot track `kind` here, or undefined if it can. */
-export function syncTrackingMissing(kind: MemoryKind, features: bigint): string | undefined {
-  const missing: string[] = []
-  if ((features & Feature.PAGEFAULT_FLAG_WP) === 0n) missing.push('UFFD_FEATURE_PAGEFAULT_FLAG_WP (Linux 5.7+)')
-  if (kind !== 'anonymous' && (features & Feature.WP_HUGETLBFS_SHMEM) === 0n)
-    missing.push(`UFFD_FEATURE_WP_HUGETLBFS_SHMEM for ${kind} memory (Linux 5.19+)`)
-  return missing.length === 0 ? undefined : missing.join(' and ')
+/** The facts of this kernel and process (overridable, to decide for other kernels in tests). */
+export function trackingInputs(): Omit<DirtyTrackingInputs, 'memory'> {
+  const p = Userfaultfd.probe()
+  return {
+    features: p.features,
+    pagemapScan: pagemapScanSupported(),
+    userfaultfd: p.supported,
+    userfaultfdReason: p.reason,
+    kernel: p.kernel,
+  }
 }
 
 /**
- * Throws UnsupportedError, naming what is missing, where `method` cannot track `kind` memory on
- * this kernel: a MigrationSource checks this before it connects.
+ * The DirtyTracker mode that `method` gives for `kind` memory, or an UnsupportedError naming the
+ * missing feature (mode 'postcopy' tracks nothing, and works without any of them).
  */
 export function checkTracking(
   kind: MemoryKind,
   method: DirtyTracking,
-  features: bigint = Userfaultfd.probe().features,
-): 'async' | 'sync' {
-  const async = DirtyTracker.support(kind)
-  if (method === 'async' || (method === 'auto' && async.supported)) {
-    if (!async.supported)
-      throw new UnsupportedError(`dirtyTracking 'async': ${async.reason}`, {
-        syscall: 'MigrationSource',
-        feature: 'UFFD_FEATURE_WP_ASYNC',
-      })
-    return 'async'
-  }
-  const missing = syncTrackingMissing(kind, features)
-  if (missing !== undefined)
-    throw new UnsupportedError(
-      `pre-copy needs dirty-page tracking: WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+), or write protection, which needs ${missing}, which this kernel (${Userfaultfd.probe().kernel}) lacks; use mode 'postcopy'`,
-      { syscall: 'MigrationSource', feature: 'UFFD_FEATURE_PAGEFAULT_FLAG_WP' },
+  inputs: Omit<DirtyTrackingInputs, 'memory'> = trackingInputs(),
+): DirtyTrackingMode {
+  const what = `MigrationSource pre-copy (dirtyTracking '${method}') of ${kind} memory`
+  const support = dirtyTrackingSupport({ ...inputs, memory: kind })
+  if (!support.supported)
+    throw unsupported(
+      (inputs.features & Feature.PAGEFAULT_FLAG_WP) === 0n ? 'PAGEFAULT_FLAG_WP' : 'WP_HUGETLBFS_SHMEM',
+      what,
     )
-  return 'sync'
-}
-
-/** Starts tracking writes to `range` (memory of `kind` in pages of `pageSize`) with `method`. */
-export function trackWrites(
-  range: Mapping | Range,
-  kind: MemoryKind,
-  pageSize: number,
-  method: DirtyTracking,
-): PageWrites {
-  const offered = Userfaultfd.probe().features
-  if (checkTracking(kind, method, offered) === 'async') {
-    const t = DirtyTracker.start(range, { memory: kind })
-    return { method: 'async', collect: () => t.collect(), stop: () => t.stop() }
-  }
-  // Without WP_UNPOPULATED (Linux 6.4) a write to a page never touched does not fault: the
-  // range is populated first.
-  const unpopulated = (offered & Feature.WP_UNPOPULATED) !== 0n
-  let features = Feature.PAGEFAULT_FLAG_WP | (unpopulated ? Feature.WP_UNPOPULATED : 0n)
-  if (kind !== 'anonymous') features |= Feature.WP_HUGETLBFS_SHMEM
-  const uffd = Userfaultfd.open({ features })
-  let tracker: SyncDirtyTracker
-  try {
-    uffd.register(range, { wp: true })
-    tracker = new native.SyncDirtyTracker(uffd.fd, range.address, range.length, pageSize, !unpopulated)
-  } catch (err) {
-    uffd.close()
-    throw err
-  }
-  return {
-    method: 'sync',
-    collect() {
-      const runs = tracker.collect()
-      const out: Array<{ offset: number; length: number }> = []
-      for (let i = 0; i < runs.length; i += 2) out.push({ offset: runs[i] * pageSize, length: runs[i + 1] * pageSize })
-      return out
-    },
-    stop() {
-      tracker.stop()
-      uffd.close()
-    },
-  }
+  if (method === 'async' && support.mode !== 'async')
+    throw unsupported((inputs.features & Feature.WP_ASYNC) === 0n ? 'WP_ASYNC' : 'PAGEMAP_SCAN', what)
+  return method === 'auto' ? (support.mode ?? 'sync') : method
 }

@@ -14,7 +14,8 @@ import { Mapping } from '../core/mapping'
 import { toRange } from '../core/range'
 import { choice, describe, optionalInt } from '../util/validate'
 import { resolveSecret, type SecretOptions } from './auth'
-import { checkTracking, type DirtyTracking, type PageWrites, trackWrites } from './dirty'
+import { DirtyTracker } from '../engines/dirty-tracker'
+import { checkTracking, type DirtyTracking } from './dirty'
 import { type Control, decodeControl, finite, type MigrationResult, type Phase, sleep } from './common'
 import { postcopyTuning } from './common'
 import {
@@ -212,7 +213,7 @@ export class MigrationSource extends EventEmitter {
   #phase: Phase = 'connecting'
   #started: Promise<MigrationResult> | undefined
   #closed = false
-  #trackers: PageWrites[] = []
+  #trackers: DirtyTracker[] = []
   readonly #dirtyTracking: DirtyTracking
   #round = 0
   #roundWaiters = new Map<number, { resolve: () => void; reject: (e: Error) => void }>()
@@ -389,7 +390,8 @@ export class MigrationSource extends EventEmitter {
     } else {
       for (const r of this.#ranges) {
         const range = r.target instanceof Mapping ? r.target : { address: r.address, length: r.length }
-        this.#trackers.push(trackWrites(range, r.kind, r.pageSize, this.#dirtyTracking))
+        const mode = checkTracking(r.kind, this.#dirtyTracking)
+        this.#trackers.push(DirtyTracker.start(range, { memory: r.kind, mode, pageSize: r.pageSize }))
       }
       this.#setPhase('precopy')
       this.#times.precopy = performance.now()

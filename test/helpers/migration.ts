@@ -12,6 +12,8 @@ import type { MigrationResult } from '../../src/migration/common'
 import { FrameConn, sourceHandshake, targetHandshake } from '../../src/migration/transport'
 import { encodeFrame, encodeJson, FrameType, type MemoryKind, type MigrationMode } from '../../src/migration/wire'
 import { startWorkload, type Workload } from '../../src/cli/migrate/workload'
+import type { KernelFeature } from '../../src/index'
+import { withFeature } from './kernel'
 
 export const SECRET = 'test-secret-0123456789abcdef'
 
@@ -183,6 +185,32 @@ export async function startRelay(to: { host: string; port: number }): Promise<{
       server.close()
     },
   }
+}
+
+/**
+ * For a test of pre-copy rounds ('hybrid', 'precopy') on `kind` memory: true where the kernel can
+ * track dirty pages (write protection; arm64 has none before 6.10). Where it cannot, asserts the
+ * MigrationSource constructor's refusal (UnsupportedError naming the feature), says so, and
+ * returns false: the test then returns, having checked the refusal instead.
+ */
+export function canPrecopy(kind: MemoryKind, mode: MigrationMode = 'hybrid'): boolean {
+  if (mode === 'postcopy') return true
+  const needs: KernelFeature[] = ['PAGEFAULT_FLAG_WP']
+  if (kind !== 'anonymous') needs.push('WP_HUGETLBFS_SHMEM')
+  return withFeature(needs, () => {
+    const m = Mapping.anonymous(1 << 20)
+    try {
+      new MigrationSource({
+        ranges: [{ address: m.address, length: m.length, kind }],
+        to: '127.0.0.1:1',
+        secret: SECRET,
+        mode,
+        stop: () => {},
+      }).close()
+    } finally {
+      m.unmap()
+    }
+  })
 }
 
 /** A source that speaks frame by frame: handshake done, then raw frames on `conn`. */
