@@ -634,7 +634,8 @@ void FaultEngine::ProcessCompletions() {
     if (trace_) {
       // A demand request's record spans the fault's whole wait: read, handler, copy.
       if (p.prefetch)
-        trace_->Record(kTracePrefetch, p.range->start + p.page * p.range->pageSize, t0, NowNs(), traceFilled_, 0);
+        trace_->Record(kTracePrefetch, p.range->start + p.page * p.range->pageSize, t0, NowNs(), traceFilled_,
+                       0);
       else
         trace_->Record(kTraceDemand, p.faultAddress, p.faultNs, NowNs(), traceFilled_, p.faultTid);
     }

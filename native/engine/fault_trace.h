@@ -34,8 +34,10 @@ class FaultTrace {
  public:
   explicit FaultTrace(size_t capacity) : capacity_(capacity) {}
 
-  void Record(uint8_t kind, uint64_t address, uint64_t startNs, uint64_t endNs, uint64_t bytes, uint32_t tid) {
-    FaultTraceRecord r = {address, startNs, endNs > startNs ? endNs - startNs : 0, bytes, tid, kind, {0, 0, 0}};
+  void Record(uint8_t kind, uint64_t address, uint64_t startNs, uint64_t endNs, uint64_t bytes,
+              uint32_t tid) {
+    FaultTraceRecord r = {address, startNs,  endNs > startNs ? endNs - startNs : 0, bytes, tid,
+                          kind,    {0, 0, 0}};
     std::lock_guard<std::mutex> lock(mu_);
     if (records_.size() >= capacity_) {
       dropped_++;
