@@ -22,7 +22,8 @@ export function escapeXml(s: string): string {
   return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`)
 }
 
-const fmt = (v: number): string => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2))
+const fmt = (v: number): string =>
+  Number.isInteger(v) || Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(2)
 
 /** "Nice" tick values over [0, max]. */
 function ticks(max: number, count = 5): number[] {
@@ -128,7 +129,7 @@ export function latencyChart(waitsUs: number[]): string {
     while (b < counts.length - 1 && v >= edges[b + 1]) b++
     counts[b]++
   }
-  const maxCount = Math.max(...counts, 1)
+  const maxCount = Math.max(...counts, 1) * 1.1 // headroom for the quantile labels
   const bw = PW / counts.length
   const y = (c: number): number => M.top + PH - (c / maxCount) * PH
   const bars = counts
@@ -156,7 +157,7 @@ export function latencyChart(waitsUs: number[]): string {
   )
     .map(([name, q], k) => {
       const v = quantile(sorted, q)
-      const i = edges.findIndex((e, j) => j + 1 < edges.length && v < edges[j + 1])
+      const i = edges.findIndex((_e, j) => j + 1 < edges.length && v < edges[j + 1])
       const xx = M.left + (Math.max(i, 0) + 0.5) * bw
       return `<line x1="${xx}" x2="${xx}" y1="${M.top}" y2="${M.top + PH}" stroke="#333" stroke-dasharray="4 3"/><text x="${xx + 3}" y="${M.top + 12 + k * 14}" class="tick">${name} ${fmt(v)} µs</text>`
     })
@@ -232,7 +233,7 @@ export function heatmapChart(faults: TracedFault[], t0: number, spanS: number): 
     .slice(0, 8)
     .map((s) => {
       const yy = M.top + PH - (s.offset / Math.max(total, 1)) * PH
-      return `<line x1="${M.left - 4}" x2="${M.left + PW}" y1="${yy}" y2="${yy}" stroke="#bbb" stroke-dasharray="2 2"/><text x="${M.left - 6}" y="${yy - 2}" text-anchor="end" class="tick small">0x${s.start.toString(16)}</text>`
+      return `<line x1="${M.left}" x2="${M.left + PW}" y1="${yy}" y2="${yy}" stroke="#bbb" stroke-dasharray="2 2"/><text x="${M.left + PW - 4}" y="${yy - 3}" text-anchor="end" class="tick small">0x${s.start.toString(16)}</text>`
     })
     .join('')
   const x = (s: number): number => M.left + (s / span) * PW
