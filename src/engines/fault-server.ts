@@ -221,7 +221,13 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       throw err
     }
     if (file !== undefined) {
-      const timer = setInterval(() => this.#drainTrace(), TRACE_DRAIN_MS)
+      // A weak reference: the timer must not keep a server that was dropped without close() alive.
+      const self = new WeakRef(this)
+      const timer: NodeJS.Timeout = setInterval(() => {
+        const server = self.deref()
+        if (server === undefined) clearInterval(timer)
+        else server.#drainTrace()
+      }, TRACE_DRAIN_MS)
       timer.unref()
       const threadIds = (uffd.features & Feature.THREAD_ID) !== 0n
       this.#trace = { file, owned: typeof o.trace === 'string', threadIds, timer }
