@@ -16,3 +16,4 @@ void InitFileMapping(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
+void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);
