@@ -82,6 +82,8 @@ export type {
   ReadMethod,
   RemovePolicy,
 } from './engines/fault-server'
+export { FaultTrace } from './engines/fault-trace'
+export type { FaultKind, FaultRecord } from './engines/fault-trace'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type {
   SnapshotSink,

@@ -143,6 +143,8 @@ export interface FaultEngineOptions {
   watchdogMs: number
   /** the default huge page size: zeros for faults outside every range on hugetlb memory */
   hugePageSize: number
+  /** FaultServer { trace }: records buffered between takeTrace() calls (0 or absent: no trace) */
+  traceCapacity?: number
 }
 
 /** After MADV_DONTNEED/MADV_REMOVE in a served range: zeros, the source again, or unregister. */
@@ -260,9 +262,19 @@ export interface FaultEngine {
   complete(requestId: number, bytes: Bytes | null): void
   stats(): FaultEngineStats
   settled(): Settlement
+  /**
+   * The fault records since the last call (null without traceCapacity): 40-byte
+   * FaultTraceRecords (native/engine/fault_trace.h), and how many did not fit meanwhile.
+   */
+  takeTrace(): FaultEngineTrace | null
   close(): void
   ref(): void
   unref(): void
+}
+
+export interface FaultEngineTrace {
+  records: ArrayBuffer
+  dropped: number
 }
 
 export type FaultEngineConstructor = new (

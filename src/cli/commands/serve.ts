@@ -1,5 +1,5 @@
 // `userfaultfd serve`: the option table, help and up-front checks; the handler is ../serve.ts.
-import { checkMemFile, checkSocketFree, checkSocketPath } from '../checks'
+import { checkMemFile, checkSocketFree, checkSocketPath, checkWritableFile } from '../checks'
 import { defineCommand } from '../command'
 import { choice, flag, int, ints, text } from '../options'
 import { serve } from '../serve'
@@ -67,6 +67,11 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       default: 5000,
       help: "how often each VM's progress is logged while it is being served (0: never).",
     }),
+    trace: text({
+      value: 'FILE',
+      help: 'record every fault (address, kind, wait, thread) in this Chrome trace-event file, which Perfetto (ui.perfetto.dev) opens and `userfaultfd report FILE` draws; written when stopped.',
+      check: checkWritableFile,
+    }),
     json: flag({ help: 'print the final stats as JSON on stdout when stopped.' }),
   },
   exitStatus: [
@@ -77,6 +82,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
   examples: [
     'userfaultfd serve --socket /run/fc/uffd.sock --mem-file /snapshots/vm1/mem',
     'userfaultfd serve --socket uffd.sock --mem-file mem --log-format json --json > stats.json',
+    'userfaultfd serve --socket uffd.sock --mem-file mem --trace restore.json  # then: userfaultfd report restore.json',
   ],
   async check(v) {
     await checkSocketFree(v.socket, '--socket')
@@ -92,5 +98,6 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       handshakeTimeout: v['handshake-timeout'],
       logFormat: v['log-format'],
       progressIntervalMs: v['progress-interval'],
+      trace: v.trace,
     }),
 })
