@@ -17,7 +17,7 @@ export type {
   CopySource,
 } from './core/userfaultfd'
 export { Mapping, hugePageSize } from './core/mapping'
-export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
+export type { Advice, Protection, AnonymousOptions, MemfdOptions, FromFdOptions } from './core/mapping'
 export { UffdError, UnsupportedError, PERMISSION_HINT } from './core/errors'
 export {
   Feature,
@@ -78,6 +78,13 @@ export type {
   PageBytes,
   ReadMethod,
   RemovePolicy,
+  FaultMode,
+  FaultStage,
+  PageClass,
+  SourceErrorPolicy,
+  Backing,
+  FaultServerRangeStats,
+  MetricsOptions,
 } from './engines/fault-server'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type {
