@@ -319,9 +319,11 @@ FillResult FaultEngine::FillMinor(ServedRange* r, uint64_t dst, uint64_t at, uin
     FillResult failure;
     size_t limit = n;
     size_t k = 0;
+    bool worked = false;  // asked the kernel anything (else the page cache had every page: no source stage)
     while (k < n) {
       k += cache.CachedRun(first + k, n - k);
       if (k >= n) break;
+      worked = true;
       size_t run = cache.UnknownRun(first + k, n - k);
       if (run > 1 && cache.Probe(first + k, run) > 0) continue;  // some were cached after all
       uint64_t wdst = cache.At(first + k), off = k * ps;
@@ -359,7 +361,7 @@ FillResult FaultEngine::FillMinor(ServedRange* r, uint64_t dst, uint64_t at, uin
       break;
     }
     // 2. Map them: no copy.
-    const uint64_t cacheNs = NowNs() - t0;  // the page cache's part (the CONTINUE is the fill)
+    const uint64_t cacheNs = worked ? NowNs() - t0 : 0;  // the page cache's part (the CONTINUE is the fill)
     FillResult out;
     if (limit > 0) out = ContinuePages(uffd_, dst, limit * ps);
     out.sourceNs = cacheNs;
