@@ -15,6 +15,7 @@ import {
   Mapping,
   PAGE_SIZE,
   UnsupportedError,
+  type UffdError,
   Userfaultfd,
 } from '../src/index'
 import { killChildren } from './helpers/children'
@@ -94,7 +95,7 @@ describe('onSourceError', () => {
     const r = await guest.result
     expect(r.code, r.stderr).toBe(0)
     expect(guestValues(r)).toEqual([0n, 0n])
-    expect(errors.map((e) => [e.code, e.syscall, e.action])).toEqual([
+    expect(errors.map((e) => [(e as UffdError).code, (e as UffdError).syscall, e.action])).toEqual([
       ['ENODATA', 'pread', 'zero'],
       ['ENODATA', 'pread', 'zero'],
     ])
@@ -106,9 +107,7 @@ describe('onSourceError', () => {
     fs.truncateSync(file, 0)
     await guest.go([5])
     await until(() => errors.length >= 3, 10_000, 'three failed attempts')
-    expect(errors.every((e) => e.action === 'retry' && e.address === guest.address + BigInt(5 * PAGE_SIZE))).toBe(
-      true,
-    )
+    expect(errors.every((e) => e.action === 'retry' && e.address === guest.address + BigInt(5 * PAGE_SIZE))).toBe(true)
     expect(errors.slice(0, 3).map((e) => e.retryInMs)).toEqual([10, 20, 40]) // backing off
     restore()
     const r = await guest.result

@@ -4,6 +4,7 @@
 // faulting threads went through. Faults come from native threads.
 import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
+import { handlerMetrics } from '../src/firecracker/metrics'
 import { pages, touch } from '../src/testing'
 import { closeAll, track, until, within } from './helpers/fault-server'
 
@@ -142,5 +143,29 @@ describe('FaultServer metrics', () => {
     }
     server.close()
     expect(server.metrics()).toBe('')
+  })
+
+  it("serve's metrics page: handler totals, per connection, and its FaultServers' ranges labelled", async () => {
+    const { server, m } = setup({ faultAround: PAGE_SIZE }, 8 * PAGE_SIZE)
+    server.serve(m, { buffer: new Uint8Array(m.length).fill(5) })
+    await within(touch(pages(m), { threads: 1 }), 10_000, 'touch')
+    await until(() => server.stats().ranges[0].stages.total.count === 8, 5000, 'faults counted')
+    const counts = { faults: 8, pagesServed: 8, bytesServed: 8 * PAGE_SIZE, zeroPages: 0, removes: 0 }
+    const text = handlerMetrics({
+      stats: () => ({ ...counts, connections: { active: 1, total: 3, failed: 1 } }),
+      connections: () => [{ ...counts, id: 3, peer: { pid: 42 } }],
+      metricsSources: () => [{ ...server._metricsSource()!, labels: { connection: '3' } }],
+    })
+    const s = samples(text)
+    expect(s.get('userfaultfd_serve_connections')).toBe(1)
+    expect(s.get('userfaultfd_serve_connections_total')).toBe(3)
+    expect(s.get('userfaultfd_serve_connections_failed_total')).toBe(1)
+    expect(s.get('userfaultfd_serve_pages_served_total{connection="all"}')).toBe(8)
+    expect(s.get('userfaultfd_serve_pages_served_total{connection="3",pid="42"}')).toBe(8)
+    const range = `connection="3",range="0x${m.address.toString(16)}",mode="missing"`
+    expect(s.get(`userfaultfd_range_faults_total{${range}}`)).toBe(8)
+    expect(s.get(`userfaultfd_fault_seconds_count{${range}}`)).toBe(8)
+    // one HELP/TYPE per family, even with several sources
+    expect(text.match(/^# TYPE userfaultfd_range_faults_total /gm)).toHaveLength(1)
   })
 })

@@ -7,15 +7,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
-import {
-  FaultServer,
-  type FaultSource,
-  Feature,
-  Mapping,
-  PAGE_SIZE,
-  Userfaultfd,
-  hugePageSize,
-} from '../src/index'
+import { FaultServer, type FaultSource, Feature, Mapping, PAGE_SIZE, Userfaultfd, hugePageSize } from '../src/index'
 import { madviseOnThread, pages, touch } from '../src/testing'
 import { closeAll, onCleanup, randomContent, track, u64At, until, within } from './helpers/fault-server'
 import { hugePagesMissing, settlesWithin } from './helpers/uffd'
@@ -206,7 +198,10 @@ describe("FaultServer { mode: 'minor' } on 4 KiB shmem", () => {
     const writer = touch([m.at(16)], { write: true, value: 7n })
     await until(() => s.stats().unhandled === 1, 5000, 'the WP fault read')
     expect(await settlesWithin(writer, 100)).toBe(false) // left to its waiter
-    expect(errors[0]).toMatchObject({ code: 'EINVAL', message: expect.stringMatching(/WP fault .* left to its waiter/) })
+    expect(errors[0]).toMatchObject({
+      code: 'EINVAL',
+      message: expect.stringMatching(/WP fault .* left to its waiter/),
+    })
     uffd.writeProtect(m.range(0, PAGE_SIZE), { protect: false }) // the waiter's own resolution
     await within(writer, 5000, 'writer')
     const out = new BigUint64Array(2)
