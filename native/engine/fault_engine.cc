@@ -62,8 +62,15 @@ int FaultEngine::Start(int uffd, std::string* syscall) {
     return err;
   }
   started_ = true;
-  demand_ = std::thread([this] { DemandLoop(); });
-  prefetch_ = std::thread([this] { PrefetchLoop(); });
+  // Named for top -H, perf and benchmarks that pin them (bench/fault-server.js).
+  demand_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "uffd-demand");
+    DemandLoop();
+  });
+  prefetch_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "uffd-prefetch");
+    PrefetchLoop();
+  });
   return 0;
 }
 
