@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "engine/spin_policy.h"
 #include "kernel/uapi.h"
 
 namespace {
@@ -621,9 +622,9 @@ void FaultEngine::RetryDeferred() {
 
 void FaultEngine::DemandLoop() {
   std::vector<struct uffd_msg> msgs(options_.readSize);
-  const uint64_t maxSpin = static_cast<uint64_t>(options_.spinUs) * 1000;
+  SpinPolicy spin(static_cast<uint64_t>(options_.spinUs) * 1000);
   uint64_t idleSince = 0;
-  int sleepsWithoutSpin = 0;
+  uint64_t budget = 0;  // the spin budget of the idle period under way
   int backoffMs = 1;
   bool dead = false;
   while (!stopping_.load(std::memory_order_relaxed)) {
@@ -632,12 +633,10 @@ void FaultEngine::DemandLoop() {
     const uint64_t readNs = NowNs();
     if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
     if (n > 0) {
-      if (idleSince != 0) {
-        // A spin hit: the message came while spinning. Spin a little longer next time.
+      if (idleSince != 0 && budget > 0) {
+        // A spin hit: the message came while spinning.
         stats_.spinHits.fetch_add(1, std::memory_order_relaxed);
-        uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
-        spinBudgetNs_.store(static_cast<uint32_t>(std::min<uint64_t>(maxSpin, b + b / 4 + 1000)),
-                            std::memory_order_relaxed);
+        spin.Hit();
       }
       idleSince = 0;
       stats_.reads.fetch_add(1, std::memory_order_relaxed);
@@ -681,24 +680,17 @@ void FaultEngine::DemandLoop() {
       if (due >= 0) timeout = timeout < 0 ? due : std::min(timeout, due);
     }
     uint64_t now = NowNs();
-    if (idleSince == 0) idleSince = now;
-    // Adaptive spin: a sleeping reader costs one more cross-CPU wake-up per fault.
-    uint64_t budget = spinBudgetNs_.load(std::memory_order_relaxed);
-    if (!dead && timeout < 0 && now - idleSince < budget) {
+    if (idleSince == 0) {
+      // Adaptive spin (spin_policy.h): a sleeping reader costs one more wake-up per fault.
+      idleSince = now;
+      budget = dead || timeout >= 0 ? 0 : spin.Begin();
+      spinBudgetNs_.store(static_cast<uint32_t>(budget), std::memory_order_relaxed);
+    }
+    if (timeout < 0 && now - idleSince < budget) {
       for (int i = 0; i < 16; i++) CpuRelax();
       continue;
     }
-    // A spin miss halves the budget: spinning only pays when faulting threads run on another
-    // CPU; when the scheduler packs them onto this one, spinning only delays them (measured on
-    // this project's 2-vCPU VM: p99 = spin budget + 10 us). At 0, probe again now and then.
-    if (maxSpin > 0 && timeout < 0) {
-      uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
-      if (b > 0)
-        b = b / 2 < 1000 ? 0 : b / 2;
-      else if (++sleepsWithoutSpin >= 256)
-        b = maxSpin / 4, sleepsWithoutSpin = 0;
-      spinBudgetNs_.store(static_cast<uint32_t>(b), std::memory_order_relaxed);
-    }
+    if (budget > 0) spin.Miss();
     struct pollfd fds[2] = {{uffd_, POLLIN, 0}, {wakeFd_, POLLIN, 0}};
     stats_.sleeps.fetch_add(1, std::memory_order_relaxed);
     int rc = poll(dead ? fds + 1 : fds, dead ? 1 : 2, timeout);
