@@ -1,5 +1,5 @@
 // `userfaultfd serve`: the option table, help and up-front checks; the handler is ../serve.ts.
-import { checkReadableFile, checkSocketFree, checkSocketPath } from '../checks'
+import { checkMemFile, checkSocketFree, checkSocketPath } from '../checks'
 import { defineCommand } from '../command'
 import { choice, flag, int, ints, text } from '../options'
 import { serve } from '../serve'
@@ -21,8 +21,8 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
     'mem-file': text({
       value: 'FILE',
       required: true,
-      help: "the memory snapshot file (Firecracker's mem_file_path).",
-      check: checkReadableFile,
+      help: "the memory snapshot file (Firecracker's mem_file_path): a regular file or a block device.",
+      check: checkMemFile,
     }),
     'on-remove': choice({
       value: 'POLICY',
