@@ -30,9 +30,9 @@ class SpinPolicy {
   void Miss() { score_ -= score_ >> 4; }
 
  private:
-  static constexpr uint32_t kOne = 1024;        // score of a 100% hit rate
-  static constexpr uint32_t kOn = kOne / 10;    // spin while >= 10% of spins hit
-  static constexpr int kProbeEvery = 1024;      // sleeps between probes while not spinning
+  static constexpr uint32_t kOne = 1024;      // score of a 100% hit rate
+  static constexpr uint32_t kOn = kOne / 10;  // spin while >= 10% of spins hit
+  static constexpr int kProbeEvery = 1024;    // sleeps between probes while not spinning
   const uint64_t maxNs_;
   uint32_t score_ = kOne / 2;
   int sleepsSinceProbe_ = 0;
