@@ -36,7 +36,15 @@ describe('FaultServer metrics', () => {
     server.serve(m, { buffer: new Uint8Array(m.length).fill(7) })
     // One fault per 4-page window: 16 demand pages, 48 brought around them.
     await within(touch(pages(m, 16, 4 * PAGE_SIZE), { threads: 1 }), 10_000, 'touch')
-    await until(() => server.stats().ranges[0].faults === 16, 5000, 'faults counted')
+    // counters trail the wake-up of the faulting thread: wait for every one asserted below
+    await until(
+      () => {
+        const r = server.stats().ranges[0]
+        return r.faults === 16 && r.pages.demand === 16 && r.pages.around === 48 && r.stages.total.count === 16
+      },
+      5000,
+      'faults counted',
+    )
     const st = server.stats()
     expect(st.ranges).toHaveLength(1)
     const r = st.ranges[0]
@@ -64,7 +72,11 @@ describe('FaultServer metrics', () => {
       },
     })
     await within(touch(pages(m), { threads: 1 }), 10_000, 'touch')
-    await until(() => server.stats().ranges[0].stages.total.count === 4, 5000, 'faults counted')
+    await until(
+      () => server.stats().ranges[0].stages.total.count === 4 && server.stats().ranges[0].pages.demand === 4,
+      5000,
+      'faults counted',
+    )
     const r = server.stats().ranges[0]
     expect(r.faults).toBe(4)
     expect(r.pages.demand).toBe(4)
@@ -88,7 +100,14 @@ describe('FaultServer metrics', () => {
     const { server, m } = setup({ faultAround: 2 * PAGE_SIZE })
     server.serve(m, { buffer: new Uint8Array(m.length).fill(9) })
     await within(touch(pages(m, 32, 2 * PAGE_SIZE), { threads: 2 }), 10_000, 'touch')
-    await until(() => server.stats().ranges[0].stages.total.count === 32, 5000, 'faults counted')
+    await until(
+      () => {
+        const r = server.stats().ranges[0]
+        return r.stages.total.count === 32 && r.pages.demand === 32 && r.pages.around === 32 && r.faults === 32
+      },
+      5000,
+      'faults counted',
+    )
     const text = server.metrics()
     const st = server.stats()
     const range = `range="0x${m.address.toString(16)}",mode="missing"`
@@ -149,7 +168,11 @@ describe('FaultServer metrics', () => {
     const { server, m } = setup({ faultAround: PAGE_SIZE }, 8 * PAGE_SIZE)
     server.serve(m, { buffer: new Uint8Array(m.length).fill(5) })
     await within(touch(pages(m), { threads: 1 }), 10_000, 'touch')
-    await until(() => server.stats().ranges[0].stages.total.count === 8, 5000, 'faults counted')
+    await until(
+      () => server.stats().ranges[0].stages.total.count === 8 && server.stats().ranges[0].faults === 8,
+      5000,
+      'faults counted',
+    )
     const counts = { faults: 8, pagesServed: 8, bytesServed: 8 * PAGE_SIZE, zeroPages: 0, removes: 0 }
     const text = handlerMetrics({
       stats: () => ({ ...counts, connections: { active: 1, total: 3, failed: 1 } }),

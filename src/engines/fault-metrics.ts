@@ -15,7 +15,7 @@ import {
 
 export interface MetricsOptions {
   /** added to every sample, e.g. { vm: 'a' } */
-  labels?: Labels
+  labels?: Record<string, string>
   /** metric name prefix (default 'userfaultfd') */
   prefix?: string
 }
