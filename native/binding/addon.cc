@@ -18,6 +18,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPageCache(env, exports);
   InitPagemapScan(env, exports);
   InitSnapshotEngine(env, exports);
+  InitWpDirtyTracker(env, exports);
   return exports;
 }
 

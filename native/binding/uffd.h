@@ -17,3 +17,4 @@ void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitPageCache(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
+void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);
