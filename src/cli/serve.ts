@@ -7,7 +7,9 @@ import { FaultTrace } from '../engines/fault-trace'
 import type { ConnectionStats } from '../firecracker/handler'
 import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 import type { GuestRegion } from '../firecracker/protocol'
+import { handlerMetrics } from '../firecracker/metrics'
 import { createLogger, type LogFormat } from './log'
+import { listenMetrics, portOf } from './metrics-http'
 import { formatDuration, mib, rateAndEta } from './progress'
 
 export interface ServeArgs {
@@ -23,6 +25,9 @@ export interface ServeArgs {
   progressIntervalMs: number
   /** write every fault to this Chrome trace-event file (completed on exit) */
   trace?: string
+  /** serve the Prometheus text on http://metricsHost:metricsPort/metrics (0: any free port) */
+  metricsPort?: number
+  metricsHost?: string
 }
 
 /** How far one VM's restore is: bytes of its memory served so far, out of all its regions'. */
@@ -65,6 +70,18 @@ export async function serve(args: ServeArgs): Promise<number> {
     `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`,
     { event: 'listening', socket: args.socket, memFile: args.memFile, memFileBytes: handler.source.size },
   )
+  let metrics: Awaited<ReturnType<typeof listenMetrics>> | undefined
+  if (args.metricsPort !== undefined) {
+    const host = args.metricsHost ?? '127.0.0.1'
+    try {
+      metrics = await listenMetrics(args.metricsPort, host, () => handlerMetrics(handler))
+    } catch (err) {
+      await handler.close()
+      throw new Error(`--metrics-port ${args.metricsPort}: ${(err as Error).message}`)
+    }
+    const url = `http://${host.includes(':') ? `[${host}]` : host}:${portOf(metrics)}/metrics`
+    logger.log('info', `metrics on ${url}`, { event: 'metrics', url })
+  }
   const vms = new Map<number, VmProgress>()
   handler.on('ready', (c, regions: GuestRegion[]) => {
     const totalBytes = regions.reduce((n, r) => n + r.size, 0)
@@ -134,6 +151,11 @@ export async function serve(args: ServeArgs): Promise<number> {
     process.on('SIGTERM', stop)
   })
   if (timer) clearInterval(timer)
+  if (metrics) {
+    const closed = new Promise((resolve) => metrics.close(resolve))
+    metrics.closeAllConnections()
+    await closed
+  }
   await handler.close()
   if (trace !== undefined) {
     trace.close()

@@ -72,6 +72,17 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       help: 'record every fault (address, kind, wait, thread) in this Chrome trace-event file, which Perfetto (ui.perfetto.dev) opens and `userfaultfd report FILE` draws; written when stopped.',
       check: checkWritableFile,
     }),
+    'metrics-port': int({
+      value: 'PORT',
+      min: 0,
+      max: 65535,
+      help: 'serve metrics in the Prometheus text format on http://HOST:PORT/metrics (0: any free port, logged).',
+    }),
+    'metrics-host': text({
+      value: 'HOST',
+      default: '127.0.0.1',
+      help: 'the address --metrics-port listens on (e.g. 0.0.0.0 for every interface).',
+    }),
     json: flag({ help: 'print the final stats as JSON on stdout when stopped.' }),
   },
   exitStatus: [
@@ -83,6 +94,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
     'userfaultfd serve --socket /run/fc/uffd.sock --mem-file /snapshots/vm1/mem',
     'userfaultfd serve --socket uffd.sock --mem-file mem --log-format json --json > stats.json',
     'userfaultfd serve --socket uffd.sock --mem-file mem --trace restore.json  # then: userfaultfd report restore.json',
+    'userfaultfd serve --socket uffd.sock --mem-file mem --metrics-port 9464   # then scrape http://127.0.0.1:9464/metrics',
   ],
   async check(v) {
     await checkSocketFree(v.socket, '--socket')
@@ -99,5 +111,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       logFormat: v['log-format'],
       progressIntervalMs: v['progress-interval'],
       trace: v.trace,
+      metricsPort: v['metrics-port'],
+      metricsHost: v['metrics-host'],
     }),
 })
