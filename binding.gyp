@@ -21,6 +21,7 @@
         "native/binding/file_mapping.cc",
         "native/binding/mapping.cc",
         "native/binding/migration.cc",
+        "native/binding/page_cache.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/snapshot_engine.cc",
         "native/binding/uffd_ioctls.cc",

@@ -15,6 +15,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdWatcher(env, exports);
   InitFileMapping(env, exports);
   InitFaultEngine(env, exports);
+  InitPageCache(env, exports);
   InitPagemapScan(env, exports);
   InitSnapshotEngine(env, exports);
   InitMigration(env, exports);

@@ -52,6 +52,22 @@ FillResult ZeroPages(int uffd, uint64_t dst, uint64_t len) {
   return r;
 }
 
+FillResult ContinuePages(int uffd, uint64_t dst, uint64_t len) {
+  struct uffdio_continue_abi cont = {};
+  cont.range.start = dst;
+  cont.range.len = len;
+  int rc = ioctl(uffd, UFFDIO_CONTINUE_ABI, &cont);
+  return Outcome(rc, cont.mapped, len, "ioctl(UFFDIO_CONTINUE)");
+}
+
+FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len) {
+  struct uffdio_poison_abi poison = {};
+  poison.range.start = dst;
+  poison.range.len = len;
+  int rc = ioctl(uffd, UFFDIO_POISON_ABI, &poison);
+  return Outcome(rc, poison.updated, len, "ioctl(UFFDIO_POISON)");
+}
+
 void WakePages(int uffd, uint64_t start, uint64_t len) {
   struct uffdio_range range = {start, len};
   ioctl(uffd, UFFDIO_WAKE, &range);
@@ -179,6 +195,7 @@ FillResult Source::Fill(const Filler& f, uint64_t dst, uint64_t at, uint64_t len
 
 FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n,
                           std::vector<uint8_t>* scratch) const {
+  uint64_t t0 = NowNs();
   if (scratch->size() < n) scratch->resize(n);
   uint64_t want = at < length_ ? std::min(n, length_ - at) : 0;
   uint64_t got = 0;
@@ -189,16 +206,25 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
     while (got < want) {
       ssize_t r = pread(fd_, scratch->data() + got, want - got, static_cast<off_t>(fileOffset_ + at + got));
       if (r < 0 && errno == EINTR) continue;
+      FillResult e;
+      e.syscall = "pread";
+      e.sourceNs = NowNs() - t0;
       if (r < 0) {
-        FillResult e;
         e.err = errno;
-        e.syscall = "pread";
         return e;
       }
-      if (r == 0) break;  // the file shrank: the rest reads as zeros
+      if (r == 0) {
+        // The file is shorter than when it was served: these bytes are gone, which is a failing
+        // source (as a mapping of the file then reads as SIGBUS), not zeros.
+        e.err = ENODATA;
+        return e;
+      }
       got += static_cast<uint64_t>(r);
     }
   }
   if (got < n) memset(scratch->data() + got, 0, n - got);
-  return f.Copy(dst, scratch->data(), n);
+  uint64_t sourceNs = NowNs() - t0;
+  FillResult r = f.Copy(dst, scratch->data(), n);
+  r.sourceNs = sourceNs;
+  return r;
 }

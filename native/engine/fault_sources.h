@@ -22,11 +22,16 @@ struct FillResult {
   uint64_t done = 0;
   int err = 0;
   const char* syscall = "";
-  bool zero = false;  // zeros rather than source bytes
+  bool zero = false;      // zeros rather than source bytes
+  uint64_t sourceNs = 0;  // time spent getting the bytes (pread, the page cache), not in the fill ioctl
 };
 
 FillResult CopyPages(int uffd, uint64_t dst, const void* src, uint64_t len);
 FillResult ZeroPages(int uffd, uint64_t dst, uint64_t len);
+// Maps pages already in the page cache (MINOR mode): no copy.
+FillResult ContinuePages(int uffd, uint64_t dst, uint64_t len);
+// Marks pages poisoned: a touch raises SIGBUS (Linux 6.6+; EINVAL before).
+FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len);
 // Wakes threads waiting on faults in the range (a fault on a page someone else filled).
 void WakePages(int uffd, uint64_t start, uint64_t len);
 

@@ -44,9 +44,13 @@ export interface MappingHandleOptions {
   populate?: boolean
   name?: string
   private?: boolean
+  /** anonymous: MAP_SHARED */
+  shared?: boolean
+  /** kind 'fd': the fd to map (dup'ed) */
+  fd?: number
 }
 
-/** new MappingHandle(kind, length, options, source?): anonymous, memfd, or an alias of a memfd. */
+/** new MappingHandle(kind, length, options, source?): anonymous, memfd, an fd's file, or an alias. */
 export interface MappingHandle {
   address(): bigint
   length(): number
@@ -60,7 +64,7 @@ export interface MappingHandle {
 }
 
 export type MappingHandleConstructor = new (
-  kind: 'anonymous' | 'memfd' | 'alias',
+  kind: 'anonymous' | 'memfd' | 'alias' | 'fd',
   length: number,
   options: MappingHandleOptions,
   source?: MappingHandle,
@@ -143,6 +147,8 @@ export interface FaultEngineOptions {
   watchdogMs: number
   /** the default huge page size: zeros for faults outside every range on hugetlb memory */
   hugePageSize: number
+  /** FaultServer { trace }: records buffered between takeTrace() calls (0 or absent: no trace) */
+  traceCapacity?: number
 }
 
 /** After MADV_DONTNEED/MADV_REMOVE in a served range: zeros, the source again, or unregister. */
@@ -151,6 +157,11 @@ export type RemovePolicy = 'zero' | 'source' | 'unregister'
 export type BackgroundPriority = 'idle' | 'normal'
 /** How a file's bytes are read: from a private read-only mapping of it, or with pread(2). */
 export type ReadMethod = 'mmap' | 'pread'
+
+/** Which faults a range is served for: MISSING (UFFDIO_COPY) or MINOR (page cache + UFFDIO_CONTINUE). */
+export type FaultMode = 'missing' | 'minor'
+/** What to do where a source cannot give a page a thread waits on. */
+export type SourceErrorPolicy = 'retry' | 'poison' | 'zero'
 
 export interface FaultEngineRange {
   id: number
@@ -162,7 +173,31 @@ export interface FaultEngineRange {
   sourceOffset: number
   prefetch: boolean
   faultAround: number
+  mode: FaultMode
+  /** mode 'minor': the file's page cache, and where the range starts in its writer (bytes) */
+  cache?: PageCacheHandle
+  cacheOffset?: number
+  onSourceError: SourceErrorPolicy
+  /** 'retry' until this many ms after the first failure (0: for ever), then afterDeadline */
+  retryDeadlineMs: number
+  afterDeadline: 'poison' | 'zero'
 }
+
+/**
+ * A shared file's page cache as MINOR ranges fill it (page_cache.cc): `uffd` (dup'ed) has the
+ * writer [address, address + length) registered for MISSING faults; nothing else touches it.
+ */
+export interface PageCacheHandle {
+  /** pages known to be in the page cache */
+  cachedPages(): number
+}
+
+export type PageCacheConstructor = new (
+  uffd: number,
+  address: bigint,
+  length: number,
+  pageSize: number,
+) => PageCacheHandle
 
 export type FaultEngineSource =
   /**
@@ -233,6 +268,49 @@ export interface FaultEngineStats extends Settlement {
   latencyUs: LatencySummary
   /** the adaptive spin's current budget */
   spinBudgetUs: number
+  /** pages poisoned (onSourceError 'poison') */
+  poisonedPages: number
+  /** MINOR ranges: pages this server put into the page cache */
+  cachedPages: number
+  /** fills that failed (a source that could not give the bytes, a fill ioctl that failed) */
+  sourceErrors: number
+  /** time faulting threads spent blocked, read to resolved, summed over faults (µs) */
+  blockedUs: number
+  /** every range's stage histograms, ranges no longer served included */
+  stageHistograms: EngineStageHistograms
+}
+
+/** A native latency histogram: count, sum (ns) and non-empty buckets as [index, count] (src/util/histogram.ts). */
+export interface EngineHistogram {
+  count: number
+  sum: number
+  buckets: Array<[number, number]>
+}
+
+/** The stages of serving a fault (native/engine/fault_metrics.h), and read to resolved ('total'). */
+export type FaultStage = 'read' | 'source' | 'fill' | 'wake' | 'total'
+export type EngineStageHistograms = Record<FaultStage, EngineHistogram>
+
+/** Pages by class: why a page was put in place, and with what; each page counts in one class. */
+export type PageClass = 'demand' | 'around' | 'prefetch' | 'zero' | 'removed' | 'poisoned'
+
+/** One served range's metrics, as the engine keeps them (FaultEngine.metrics()). */
+export interface EngineRangeMetrics {
+  id: number
+  address: bigint
+  length: number
+  pageSize: number
+  mode: FaultMode
+  pagesPresent: number
+  pagesTotal: number
+  /** fault messages in the range (one per blocked thread) */
+  faults: number
+  /** their blocked time, read to resolved (ns) */
+  blockedNs: number
+  cachedPages: number
+  sourceErrors: number
+  pages: Record<PageClass, number>
+  stages: EngineStageHistograms
 }
 
 /** A { handler } source is asked for `length` bytes at `address` (`offset` in the source). */
@@ -244,10 +322,13 @@ export interface FaultEngineRequest {
   offset: number
   length: number
   prefetch: boolean
+  /** demand requests: the faulting page's address */
+  fault?: bigint
 }
 
 export type FaultEngineNotice =
-  | { type: 'error'; error: NativeError; address?: bigint }
+  /** action: what onSourceError did about a failing fill ('retry' in retryInMs, 'poison', 'zero') */
+  | { type: 'error'; error: NativeError; address?: bigint; action?: SourceErrorPolicy; retryInMs?: number }
   | { type: 'progress' }
   | { type: 'fork'; fd: number }
   | { type: 'requests'; requests: FaultEngineRequest[] }
@@ -258,11 +339,24 @@ export interface FaultEngine {
   removeRange(start: bigint, end: bigint): number
   /** a handler's bytes for a request (null: it failed) */
   complete(requestId: number, bytes: Bytes | null): void
+  /** a demand request its handler could not answer: the faulting page poisoned or zeroed */
+  resolve(requestId: number, action: 'poison' | 'zero'): void
   stats(): FaultEngineStats
+  metrics(): EngineRangeMetrics[]
   settled(): Settlement
+  /**
+   * The fault records since the last call (null without traceCapacity): 40-byte
+   * FaultTraceRecords (native/engine/fault_trace.h), and how many did not fit meanwhile.
+   */
+  takeTrace(): FaultEngineTrace | null
   close(): void
   ref(): void
   unref(): void
+}
+
+export interface FaultEngineTrace {
+  records: ArrayBuffer
+  dropped: number
 }
 
 export type FaultEngineConstructor = new (
@@ -562,6 +656,8 @@ export interface Binding {
   pagemapScanProbe(): number
   // fault_engine.cc, snapshot_engine.cc
   FaultEngine: FaultEngineConstructor
+  // page_cache.cc
+  PageCache: PageCacheConstructor
   SnapshotEngine: SnapshotEngineConstructor
   // migration.cc, workload.cc
   MigrationSourceHandle: MigrationSourceHandleConstructor

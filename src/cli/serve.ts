@@ -3,10 +3,13 @@
 // connections, each VM's progress with percentage and ETA; SIGINT/SIGTERM close every
 // connection and the socket; --json prints the final stats on stdout.
 import * as fs from 'node:fs'
+import { FaultTrace } from '../engines/fault-trace'
 import type { ConnectionStats } from '../firecracker/handler'
 import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 import type { GuestRegion } from '../firecracker/protocol'
+import { handlerMetrics } from '../firecracker/metrics'
 import { createLogger, type LogFormat } from './log'
+import { listenMetrics, portOf } from './metrics-http'
 import { formatDuration, mib, rateAndEta } from './progress'
 
 export interface ServeArgs {
@@ -20,6 +23,11 @@ export interface ServeArgs {
   logFormat: LogFormat
   /** per-VM progress lines every this many ms (0: none) */
   progressIntervalMs: number
+  /** write every fault to this Chrome trace-event file (completed on exit) */
+  trace?: string
+  /** serve the Prometheus text on http://metricsHost:metricsPort/metrics (0: any free port) */
+  metricsPort?: number
+  metricsHost?: string
 }
 
 /** How far one VM's restore is: bytes of its memory served so far, out of all its regions'. */
@@ -41,19 +49,39 @@ export async function serve(args: ServeArgs): Promise<number> {
       event: 'stale-socket',
       socket: args.socket,
     })
-  const handler = await FirecrackerHandler.listen({
-    socketPath: args.socket,
-    memFile: args.memFile,
-    onRemove: args.onRemove,
-    readMethod: args.readMethod,
-    handshakeTimeout: args.handshakeTimeout,
-    allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
-  })
+  const trace = args.trace === undefined ? undefined : new FaultTrace(args.trace)
+  let handler: FirecrackerHandler
+  try {
+    handler = await FirecrackerHandler.listen({
+      socketPath: args.socket,
+      memFile: args.memFile,
+      onRemove: args.onRemove,
+      readMethod: args.readMethod,
+      handshakeTimeout: args.handshakeTimeout,
+      allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
+      trace,
+    })
+  } catch (err) {
+    trace?.close()
+    throw err
+  }
   logger.log(
     'info',
     `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`,
     { event: 'listening', socket: args.socket, memFile: args.memFile, memFileBytes: handler.source.size },
   )
+  let metrics: Awaited<ReturnType<typeof listenMetrics>> | undefined
+  if (args.metricsPort !== undefined) {
+    const host = args.metricsHost ?? '127.0.0.1'
+    try {
+      metrics = await listenMetrics(args.metricsPort, host, () => handlerMetrics(handler))
+    } catch (err) {
+      await handler.close()
+      throw new Error(`--metrics-port ${args.metricsPort}: ${(err as Error).message}`)
+    }
+    const url = `http://${host.includes(':') ? `[${host}]` : host}:${portOf(metrics)}/metrics`
+    logger.log('info', `metrics on ${url}`, { event: 'metrics', url })
+  }
   const vms = new Map<number, VmProgress>()
   handler.on('ready', (c, regions: GuestRegion[]) => {
     const totalBytes = regions.reduce((n, r) => n + r.size, 0)
@@ -123,7 +151,20 @@ export async function serve(args: ServeArgs): Promise<number> {
     process.on('SIGTERM', stop)
   })
   if (timer) clearInterval(timer)
+  if (metrics) {
+    const closed = new Promise((resolve) => metrics.close(resolve))
+    metrics.closeAllConnections()
+    await closed
+  }
   await handler.close()
+  if (trace !== undefined) {
+    trace.close()
+    logger.log('info', `trace of ${trace.records} fault(s) written to ${trace.path}`, {
+      event: 'trace',
+      file: trace.path,
+      records: trace.records,
+    })
+  }
   const stats = { ...handler.stats(), uptimeMs: Date.now() - started }
   if (args.json) process.stdout.write(`${JSON.stringify(stats)}\n`)
   logger.log(

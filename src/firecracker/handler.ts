@@ -12,6 +12,7 @@ import * as net from 'node:net'
 import type { ReadMethod, RemovePolicy } from '../addon/binding'
 import { native } from '../addon/native'
 import type { UffdError } from '../core/errors'
+import { FaultTrace } from '../engines/fault-trace'
 import { FaultResolver } from '../core/fault-resolver'
 import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
@@ -52,6 +53,11 @@ export interface FirecrackerHandlerOptions {
   readMethod?: ReadMethod
   /** Remove a stale socket file left by a dead handler (default true). */
   replaceStaleSocket?: boolean
+  /**
+   * Record every fault of every connection in this trace (`serve --trace FILE`): kind 'demand'
+   * or 'zero', address, wait (from the fault's turn to its page copied), thread. You close it.
+   */
+  trace?: FaultTrace
 }
 
 /** What a connection, or the handler in all, has served. */
@@ -361,7 +367,21 @@ class Connection {
         this.stats.deferred++
         stats.deferred++
       }
-      this.#handler.recordLatency(Number(process.hrtime.bigint() - t0))
+      const t1 = process.hrtime.bigint()
+      this.#handler.recordLatency(Number(t1 - t0))
+      const trace = this.#handler.trace
+      if (trace !== undefined && outcome !== 'deferred') {
+        const zero = this.#removedAny && this.#isRemoved(page)
+        const bytes = outcome === 'done' ? region.pageSize : 0
+        trace.add({
+          kind: zero ? 'zero' : 'demand',
+          address: page,
+          startNs: t0,
+          durNs: t1 - t0,
+          bytes,
+          tid: event.tid ?? 0,
+        })
+      }
     } else if (event.type === 'remove') {
       this.stats.removes++
       stats.removes++
@@ -447,6 +467,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly allow: (peer: PeerCredentials) => boolean
   /** @internal */
   readonly source: FileSource
+  /** See FirecrackerHandlerOptions.trace. */
+  readonly trace: FaultTrace | undefined
   /** @internal */
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
@@ -465,6 +487,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.handshakeTimeout = limits.handshakeTimeout
     this.allow = options.allow ?? defaultAllow
     this.source = source
+    this.trace = options.trace
     // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
     this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
   }
@@ -479,6 +502,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     checkRenamed(options, { source: 'readMethod' }, 'FirecrackerHandler.listen')
     choice(options.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero')
     const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
+    if (options.trace !== undefined && !(options.trace instanceof FaultTrace))
+      throw new TypeError('trace must be a FaultTrace')
     checkHandshakeLimits(options)
     const source = openSource(options.memFile, readMethod)
     const handler = new FirecrackerHandler(options, source)

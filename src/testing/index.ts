@@ -21,6 +21,8 @@ export interface TouchOptions {
   threads?: number
   /** record each touch's latency in ns */
   timings?: boolean
+  /** pin the touching threads to this CPU (benchmarks that choose the placement) */
+  cpu?: number
 }
 
 export interface TouchResult {

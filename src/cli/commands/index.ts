@@ -4,6 +4,7 @@ import type { Command } from '../command'
 import { demoCommand } from './demo'
 import { doctorCommand } from './doctor'
 import { migrateDemoCommand, migrateReceiveCommand, migrateSendCommand } from './migrate'
+import { reportCommand } from './report'
 import { serveCommand } from './serve'
 
 // Two-word names (`migrate demo`) group commands under their first word.
@@ -11,6 +12,7 @@ export const commands: Command[] = [
   doctorCommand,
   serveCommand,
   demoCommand,
+  reportCommand,
   migrateDemoCommand,
   migrateSendCommand,
   migrateReceiveCommand,

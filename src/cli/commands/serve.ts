@@ -1,5 +1,5 @@
 // `userfaultfd serve`: the option table, help and up-front checks; the handler is ../serve.ts.
-import { checkMemFile, checkSocketFree, checkSocketPath } from '../checks'
+import { checkMemFile, checkSocketFree, checkSocketPath, checkWritableFile } from '../checks'
 import { defineCommand } from '../command'
 import { choice, flag, int, ints, text } from '../options'
 import { serve } from '../serve'
@@ -67,6 +67,22 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       default: 5000,
       help: "how often each VM's progress is logged while it is being served (0: never).",
     }),
+    trace: text({
+      value: 'FILE',
+      help: 'record every fault (address, kind, wait, thread) in this Chrome trace-event file, which Perfetto (ui.perfetto.dev) opens and `userfaultfd report FILE` draws; written when stopped.',
+      check: checkWritableFile,
+    }),
+    'metrics-port': int({
+      value: 'PORT',
+      min: 0,
+      max: 65535,
+      help: 'serve metrics in the Prometheus text format on http://HOST:PORT/metrics (0: any free port, logged).',
+    }),
+    'metrics-host': text({
+      value: 'HOST',
+      default: '127.0.0.1',
+      help: 'the address --metrics-port listens on (e.g. 0.0.0.0 for every interface).',
+    }),
     json: flag({ help: 'print the final stats as JSON on stdout when stopped.' }),
   },
   exitStatus: [
@@ -77,6 +93,8 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
   examples: [
     'userfaultfd serve --socket /run/fc/uffd.sock --mem-file /snapshots/vm1/mem',
     'userfaultfd serve --socket uffd.sock --mem-file mem --log-format json --json > stats.json',
+    'userfaultfd serve --socket uffd.sock --mem-file mem --trace restore.json  # then: userfaultfd report restore.json',
+    'userfaultfd serve --socket uffd.sock --mem-file mem --metrics-port 9464   # then scrape http://127.0.0.1:9464/metrics',
   ],
   async check(v) {
     await checkSocketFree(v.socket, '--socket')
@@ -92,5 +110,8 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       handshakeTimeout: v['handshake-timeout'],
       logFormat: v['log-format'],
       progressIntervalMs: v['progress-interval'],
+      trace: v.trace,
+      metricsPort: v['metrics-port'],
+      metricsHost: v['metrics-host'],
     }),
 })
