@@ -110,6 +110,32 @@ export type {
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
+export {
+  MigrationSource,
+  MigrationTarget,
+  SourceLostError,
+  AuthError,
+  RejectedError,
+  pageHashes,
+  PROTOCOL_VERSION,
+} from './migration'
+export type {
+  MigrationSourceOptions,
+  MigrationRange,
+  MigrationTargetOptions,
+  MigrationTargetResult,
+  MigrationResult,
+  MigrationPhase,
+  MigrationMode,
+  SourceProgress,
+  RoundInfo,
+  TargetSetup,
+  SourceLossPolicy,
+  MigrationTargetMemory,
+  MigrationEndpoint,
+  MigrationRangeInfo,
+  DirtyTracking,
+} from './migration'
 export type { TypedEmitter, TypedEvents, EventMap, TypedEventName, TypedListener } from './util/typed-emitter'
 export { CHANNELS as diagnosticsChannels } from './util/diagnostics'
 export type { FaultsMessage, ErrorMessage, ConnectionMessage } from './util/diagnostics'

@@ -18,6 +18,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPageCache(env, exports);
   InitPagemapScan(env, exports);
   InitSnapshotEngine(env, exports);
+  InitMigration(env, exports);
+  InitWorkload(env, exports);
   InitWpDirtyTracker(env, exports);
   return exports;
 }

@@ -17,4 +17,6 @@ void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitPageCache(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
+void InitMigration(Napi::Env env, Napi::Object exports);
+void InitWorkload(Napi::Env env, Napi::Object exports);
 void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);

@@ -722,6 +722,9 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
       case UFFD_EVENT_PAGEFAULT:
         stats_.faults.fetch_add(1, std::memory_order_relaxed);
         lastDemandNs_.store(readNs, std::memory_order_relaxed);
+        if (!(m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) &&
+            Delegated(m.arg.pagefault.address, m.arg.pagefault.flags))
+          break;
         if (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
           // Write protection is its waiter's business (a range registered MINOR + WP keeps its
           // WP faults): whoever protected the page resolves them with UFFDIO_WRITEPROTECT.
@@ -756,6 +759,14 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
         break;
     }
   }
+}
+
+bool FaultEngine::Delegated(uint64_t address, uint64_t flags) {
+  const Table& table = Snapshot(&demandTable_, &demandVersion_);
+  std::shared_ptr<ServedRange> r = Lookup(table, address);
+  if (r == nullptr || r->delegate == nullptr) return false;
+  r->delegate->OnFault(address, flags);
+  return true;
 }
 
 void FaultEngine::HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid) {
@@ -1130,7 +1141,7 @@ void FaultEngine::PrefetchLoop() {
     bool worked = false;
     for (auto& r : table) {
       if (stopping_.load()) break;
-      if (!r->prefetch || r->dropped.load() || r->prefetchFailed.load()) continue;
+      if (!r->prefetch || r->delegate || r->dropped.load() || r->prefetchFailed.load()) continue;
       bool handler = r->source->kind() == Source::kHandler;
       if (handler && r->inflight.load() >= options_.handlerConcurrency) continue;
       // Demand first: while faults keep coming, pause (a copy here would slow the CPU that the

@@ -81,6 +81,19 @@ struct EngineOptions {
   uint32_t traceCapacity = 0;       // FaultServer { trace }: records buffered between drains (0: off)
 };
 
+// A range whose faults something else serves: a page source whose bytes arrive later, from
+// another thread (the migration target: pages fetched from the peer over the network, installed
+// by the receiving thread as they arrive, so that a demand fault never queues behind the
+// background push). The engine still reads the uffd, batches, spins and handles events; it hands
+// each MISSING or MINOR fault of the range to OnFault and does nothing else for it.
+class FaultDelegate {
+ public:
+  virtual ~FaultDelegate() = default;
+  // Demand thread; must not block. `address` is the faulting address (not aligned), `flags` the
+  // message's UFFD_PAGEFAULT_FLAG_* bits.
+  virtual void OnFault(uint64_t address, uint64_t flags) = 0;
+};
+
 // A fault-engine page's state in a range's claim table.
 enum FaultPage : uint8_t {
   kMissing = 0,   // not known to be present: prefetch and fault-around fill it
@@ -103,7 +116,7 @@ inline bool IsSettled(uint8_t s) {
 struct ServedRange {
   ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, uint64_t pageSize_,
               std::shared_ptr<Source> src, uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_,
-              std::shared_ptr<ZeroRegion> zeros_)
+              std::shared_ptr<ZeroRegion> zeros_, std::shared_ptr<FaultDelegate> delegate_ = nullptr)
       : id(id_),
         start(start_),
         length(length_),
@@ -114,6 +127,7 @@ struct ServedRange {
         prefetch(prefetch_),
         faultAround(faultAround_),
         zeros(std::move(zeros_)),
+        delegate(std::move(delegate_)),
         states(pages, kMissing) {}
   const uint32_t id;
   const uint64_t start;
@@ -124,7 +138,8 @@ struct ServedRange {
   const uint64_t sourceOffset;
   const bool prefetch;
   const uint64_t faultAround;
-  const std::shared_ptr<ZeroRegion> zeros;  // hugetlb (no ZEROPAGE there): zeros to copy
+  const std::shared_ptr<ZeroRegion> zeros;        // hugetlb (no ZEROPAGE there): zeros to copy
+  const std::shared_ptr<FaultDelegate> delegate;  // serves this range's faults (then no prefetch)
   PageStates states;
   std::atomic<size_t> settled{0};
   std::atomic<bool> dropped{false};
@@ -276,6 +291,7 @@ class FaultEngine {
   void PrefetchLoop();
   void HandleMessages(const void* msgs, size_t count, uint64_t readNs);
   void HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid);
+  bool Delegated(uint64_t address, uint64_t flags);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end);
   void HandleRemap(uint64_t from, uint64_t to, uint64_t len);

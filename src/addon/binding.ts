@@ -426,6 +426,156 @@ export type SnapshotEngineConstructor = new (
   options: SnapshotEngineOptions,
 ) => SnapshotEngine
 
+// ---- migration (migration.cc, workload.cc) -------------------------------------------------------
+
+/** What a migration session reports to JS, in batches, from its native threads. */
+export interface MigrationNotice {
+  kind: string
+  /** CLOCK_MONOTONIC ns: when a frame was read */
+  at?: bigint
+  channel?: string
+  errno?: number
+  error?: Error
+  /** the peer broke the protocol (a ProtocolError, not a lost connection) */
+  protocol?: boolean
+  message?: string
+  id?: number
+  payload?: Buffer
+}
+
+/** A range of a migration session: memory of this process (the source's, or the target's mapping). */
+export interface MigrationSessionRange {
+  address: bigint
+  length: number
+  pageSize: number
+  /** target, memfd/hugetlbfs: an unregistered mapping of the same file (pages land there) */
+  alias?: bigint
+  /** target, memfd/hugetlbfs: the file (for FALLOC_FL_PUNCH_HOLE) */
+  memfd?: number
+}
+
+/** The postcopyPriority knobs (src/migration/common.ts postcopyTuning). */
+export interface MigrationTuning {
+  /** bytes per socket read in post-copy (0: the default) */
+  postcopyBuffer?: number
+  /** the demand path's threads SCHED_FIFO where permitted */
+  realtimeDemand?: boolean
+}
+
+export interface MigrationSourceOptions extends MigrationTuning {
+  pingMs: number
+  /** bytes per PAGES frame in the rounds and the push */
+  chunkBytes: number
+  /** the push thread under SCHED_IDLE */
+  pushIdle?: boolean
+}
+
+export interface MigrationTargetOptions extends MigrationTuning {
+  pingMs: number
+  spinUs: number
+  readSize?: number
+  /** the main channel's receiving thread under SCHED_IDLE in post-copy */
+  bulkIdle?: boolean
+}
+
+/** The source's session: sends rounds, serves demand requests, pushes the rest in post-copy. */
+export interface MigrationSourceHandle {
+  /** hands a connected socket to the session (dup'ed): the main or the demand channel; `initial`: stream bytes already read */
+  attachMain(fd: number, initial?: Uint8Array): number
+  attachDemand(fd: number, initial?: Uint8Array): number
+  detach(): void
+  close(): void
+  send(channel: 'main' | 'demand', type: number, range: number, page: bigint, payload?: Uint8Array): void
+  /** sends the pages of [range, page, count] triples (a round); a 'sent' notice with `id` when done */
+  sendRuns(id: number, runs: Float64Array): void
+  startPostcopy(runs: Float64Array, push: boolean): void
+  resumePush(): void
+  setPush(on: boolean): void
+  setPushRate(bytesPerSecond: number): void
+  stats(): Record<string, number>
+  ref(): void
+  unref(): void
+}
+
+export type MigrationSourceHandleConstructor = new (
+  ranges: MigrationSessionRange[],
+  options: MigrationSourceOptions,
+  notify: (notices: MigrationNotice[]) => void,
+) => MigrationSourceHandle
+
+/** The target's session: receives pages into place, serves the workload's faults (a FaultEngine whose ranges delegate to it). */
+export interface MigrationTargetHandle {
+  attachMain(fd: number, initial?: Uint8Array): number
+  attachDemand(fd: number, initial?: Uint8Array): number
+  detach(): void
+  close(): void
+  send(channel: 'main', type: number, range: number, page: bigint, payload?: Uint8Array): void
+  startServing(uffd: number): void
+  registered(uffd: number): void
+  dropUnreceived(): void
+  populate(): void
+  stopServing(): void
+  resendRequests(): void
+  /** a bitmap of the pages of `range` received */
+  have(range: number): Buffer
+  /** pages never received: poisoned (true) or zero-filled; returns how many */
+  settle(poison: boolean): number
+  verify(range: number, maskOffset: number, maskLength: number): Float64Array | null
+  stats(): Record<string, number>
+}
+
+export type MigrationTargetHandleConstructor = new (
+  ranges: MigrationSessionRange[],
+  options: MigrationTargetOptions,
+  notify: (notices: MigrationNotice[]) => void,
+) => MigrationTargetHandle
+
+export interface WorkloadHandleOptions {
+  /** bytes of pages dirtied per second by the writers together (0: as fast as they can) */
+  writeRate?: number
+  /** where in each page the writers put their u64 stamp (a multiple of 8) */
+  writeOffset?: number
+  writers?: number
+  /** threads reading random pages as fast as they can */
+  readers?: number
+  seed?: number
+  /** the high bits of every stamp (tag << 40 | thread << 32 | count) */
+  tag?: number
+}
+
+export interface WorkloadHandleStats {
+  writes: number
+  reads: number
+  /** accesses that raised SIGBUS (a poisoned page): the thread stopped there */
+  sigbus: number
+  sigbusAddress: bigint
+  /** accesses slower than 2 us (faults), and their latency */
+  faults: number
+  faultP50us: number
+  faultP99us: number
+  faultMaxUs: number
+  running: number
+}
+
+/** new Workload(address, length, pageSize, options): writer and reader threads on a range (workload.cc). */
+export interface WorkloadHandle {
+  /** parks the writers (true once all are parked); readers go on */
+  pause(timeoutMs?: number): boolean
+  resume(): void
+  /** ends the threads; returns how many could not end (blocked in a fault) and were left behind */
+  stop(timeoutMs?: number): number
+  stats(): WorkloadHandleStats
+  /** the last stamp written to each page (0n: none) */
+  stamps(): BigUint64Array
+}
+
+export type WorkloadHandleConstructor = new (
+  address: bigint,
+  length: number,
+  pageSize: number,
+  options: WorkloadHandleOptions,
+) => WorkloadHandle
+
 // ---- synchronous dirty tracking (wp_dirty_tracker.cc) -----------------------------------------
 
 /**
@@ -509,6 +659,12 @@ export interface Binding {
   // page_cache.cc
   PageCache: PageCacheConstructor
   SnapshotEngine: SnapshotEngineConstructor
+  // migration.cc, workload.cc
+  MigrationSourceHandle: MigrationSourceHandleConstructor
+  MigrationTargetHandle: MigrationTargetHandleConstructor
+  /** one 64-bit hash per page; bytes [maskOffset, maskOffset + maskLength) of each page left out */
+  pageHashes(address: bigint, length: number, pageSize: number, maskOffset: number, maskLength: number): BigUint64Array
+  Workload: WorkloadHandleConstructor
   // wp_dirty_tracker.cc
   WpDirtyTracker: WpDirtyTrackerConstructor
 }

@@ -23,8 +23,16 @@ function usageError(message: string, command?: string): number {
   return 2
 }
 
+/** `migrate demo ...`: a two-word command takes its second word from the arguments. */
+function twoWord(argv: string[]): string[] {
+  const [first, second, ...rest] = argv
+  if (first !== undefined && second !== undefined && commands.some((c) => c.name === `${first} ${second}`))
+    return [`${first} ${second}`, ...rest]
+  return argv
+}
+
 async function main(argv: string[]): Promise<number> {
-  const [name, ...rest] = argv
+  const [name, ...rest] = twoWord(argv)
   if (name === undefined) {
     process.stderr.write(programHelp(PROGRAM, commands, BLURB))
     return 2
@@ -39,7 +47,8 @@ async function main(argv: string[]): Promise<number> {
   }
   // `userfaultfd help [command]` reads like `userfaultfd [command] --help`.
   if (name === 'help') {
-    const target = rest[0] === undefined ? undefined : commands.find((c) => c.name === rest[0])
+    const [wanted] = twoWord(rest)
+    const target = wanted === undefined ? undefined : commands.find((c) => c.name === wanted)
     if (rest[0] !== undefined && target === undefined)
       return usageError(
         `unknown command '${rest[0]}'${suggest(
@@ -52,6 +61,15 @@ async function main(argv: string[]): Promise<number> {
     return 0
   }
   const command = commands.find((c) => c.name === name)
+  const group = commands.filter((c) => c.name.startsWith(`${name} `)).map((c) => c.name.slice(name.length + 1))
+  if (command === undefined && group.length > 0) {
+    const sub = rest[0]
+    return usageError(
+      sub === undefined || sub.startsWith('-')
+        ? `${name} needs one of: ${group.join(', ')}`
+        : `unknown command '${name} ${sub}'${suggest(sub, group, `${name} `)}`,
+    )
+  }
   if (command === undefined) {
     const what = name.startsWith('-')
       ? `unknown option ${name} (options go after the command)`

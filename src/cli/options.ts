@@ -143,3 +143,43 @@ export function mebibytes(o: IntOptions & { default: number }): Option<number> {
     },
   }
 }
+
+/** A size in bytes: 4096, 512K, 64M, 1G (K/M/G: powers of 1024). */
+export function bytes(o: Valued & { min: number; max: number; default?: number; multipleOf?: number }): Option<number> {
+  return {
+    type: 'string',
+    value: o.value,
+    help: `${o.help} Bytes, or with K, M or G (powers of 1024): 512K, 64M, 1G.`,
+    short: o.short,
+    defaultText: o.default === undefined ? undefined : formatSize(o.default),
+    convert(raw, flag) {
+      const v = one(raw, flag)
+      if (v === undefined) {
+        if (o.default === undefined) throw new UsageError(`missing ${flag} ${o.value}`)
+        return o.default
+      }
+      const m = /^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?$/i.exec(v)
+      const unit = m
+        ? ({ '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 } as Record<string, number>)[m[2].toLowerCase()]
+        : undefined
+      const n = m && unit !== undefined ? Math.round(Number(m[1]) * unit) : Number.NaN
+      if (!Number.isSafeInteger(n) || n < o.min || n > o.max)
+        throw new UsageError(
+          `${flag} must be a size from ${formatSize(o.min)} to ${formatSize(o.max)}, such as 4096, 512K, 64M or 1G (got '${v}')`,
+        )
+      if (o.multipleOf !== undefined && n % o.multipleOf !== 0)
+        throw new UsageError(`${flag} must be a multiple of ${formatSize(o.multipleOf)} (got '${v}')`)
+      return n
+    },
+  }
+}
+
+function formatSize(n: number): string {
+  for (const [unit, size] of [
+    ['G', 2 ** 30],
+    ['M', 2 ** 20],
+    ['K', 2 ** 10],
+  ] as const)
+    if (n >= size && n % size === 0) return `${n / size}${unit}`
+  return String(n)
+}

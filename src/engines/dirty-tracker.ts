@@ -271,6 +271,7 @@ export class DirtyTracker {
     const end = start + BigInt(this.range.length)
     const out: DirtyRange[] = []
     let cursor = start
+    let ordered = true
     while (cursor < end) {
       const { regions, walkEnd } = pagemapScan(
         { address: cursor, length: end - cursor },
@@ -286,6 +287,9 @@ export class DirtyTracker {
       for (const region of regions) {
         const huge = (region.categories & PageCategory.HUGE) !== 0
         const last = out[out.length - 1]
+        // The kernel may say the walk ended (walkEnd) short of regions it already reported; the
+        // next call walks those pages again and reports the ones written meanwhile, behind them.
+        if (last !== undefined && region.address < last.address + BigInt(last.length)) ordered = false
         if (last !== undefined && last.address + BigInt(last.length) === region.address && last.huge === huge) {
           last.length += region.length
         } else {
@@ -295,7 +299,7 @@ export class DirtyTracker {
       if (walkEnd <= cursor) throw new Error(`PAGEMAP_SCAN made no progress at 0x${cursor.toString(16)}`)
       cursor = walkEnd
     }
-    return out
+    return ordered ? out : inOrder(out)
   }
 
   #scanSync(reprotect: boolean): DirtyRange[] {
@@ -308,4 +312,22 @@ export class DirtyTracker {
     }
     return out
   }
+}
+
+/** Ranges sorted by address, overlapping and adjacent ones (of the same granularity) merged. */
+function inOrder(ranges: DirtyRange[]): DirtyRange[] {
+  const sorted = [...ranges].sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0))
+  const out: DirtyRange[] = []
+  for (const r of sorted) {
+    const last = out[out.length - 1]
+    const lastEnd = last === undefined ? 0n : last.address + BigInt(last.length)
+    const end = r.address + BigInt(r.length)
+    if (last !== undefined && (r.address < lastEnd || (r.address === lastEnd && r.huge === last.huge))) {
+      if (end > lastEnd) last.length = Number(end - last.address)
+      last.huge ||= r.huge
+    } else {
+      out.push({ ...r })
+    }
+  }
+  return out
 }

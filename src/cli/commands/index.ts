@@ -3,7 +3,17 @@
 import type { Command } from '../command'
 import { demoCommand } from './demo'
 import { doctorCommand } from './doctor'
+import { migrateDemoCommand, migrateReceiveCommand, migrateSendCommand } from './migrate'
 import { reportCommand } from './report'
 import { serveCommand } from './serve'
 
-export const commands: Command[] = [doctorCommand, serveCommand, demoCommand, reportCommand]
+// Two-word names (`migrate demo`) group commands under their first word.
+export const commands: Command[] = [
+  doctorCommand,
+  serveCommand,
+  demoCommand,
+  reportCommand,
+  migrateDemoCommand,
+  migrateSendCommand,
+  migrateReceiveCommand,
+]
