@@ -187,6 +187,8 @@ export interface NginxOptions {
   https?: boolean
   /** extra directives inside `server { }` */
   extra?: string
+  /** listen on this port (a server restarted where clients expect it) */
+  port?: number
 }
 
 /** A self-signed certificate for 127.0.0.1/localhost, made with openssl: { cert, key } paths. */
@@ -223,7 +225,7 @@ export async function startNginx(root: string, options: NginxOptions = {}): Prom
   const pidFile = path.join(dir, 'nginx.pid')
   const tls = options.https ? makeCertificate(dir) : undefined
   for (let attempt = 0; ; attempt++) {
-    const port = await freePort()
+    const port = options.port ?? (await freePort())
     const conf = `
 daemon off;
 master_process off;
