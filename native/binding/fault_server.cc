@@ -8,6 +8,8 @@
 //     source: { kind: 'buffer', bytes } | { kind: 'memory', address, length }
 //           | { kind: 'file', fd, mmap } | { kind: 'zero' } | { kind: 'handler', id }
 //   removeRange(start, end) -> count; complete(requestId, bytes | null); stats(); settled();
+//   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
+//   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
 //   close(); ref(); unref()
 #include <errno.h>
 #include <unistd.h>
@@ -105,6 +107,10 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
                            InstanceMethod<&FaultServerHandle::AddRange>("addRange"),
                            InstanceMethod<&FaultServerHandle::RemoveRange>("removeRange"),
                            InstanceMethod<&FaultServerHandle::Complete>("complete"),
+                           InstanceMethod<&FaultServerHandle::Provide>("provide"),
+                           InstanceMethod<&FaultServerHandle::ProvidedQueued>("providedQueued"),
+                           InstanceMethod<&FaultServerHandle::RecordTouches>("recordTouches"),
+                           InstanceMethod<&FaultServerHandle::TakeTouches>("takeTouches"),
                            InstanceMethod<&FaultServerHandle::Stats>("stats"),
                            InstanceMethod<&FaultServerHandle::Settled>("settled"),
                            InstanceMethod<&FaultServerHandle::Close>("close"),
@@ -259,6 +265,42 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
       core_->engine->Complete(id, {}, false);
     }
     return env.Undefined();
+  }
+
+  Napi::Value Provide(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (core_->closed) return Napi::Number::New(env, 0);
+    uint32_t rangeId = static_cast<uint32_t>(ArgI32(info, 0, "rangeId"));
+    uint64_t sourceOffset = ArgU64(info, 1, "sourceOffset");
+    BytesArg bytes;
+    if (!TryBytes(info[2], &bytes)) ThrowTypeError(env, "bytes must be an ArrayBuffer or a typed array");
+    uint64_t queued = core_->engine->Provide(rangeId, sourceOffset,
+                                             std::vector<uint8_t>(bytes.data, bytes.data + bytes.length));
+    return Napi::Number::New(env, static_cast<double>(queued));
+  }
+
+  Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(core_->engine->providedQueued()));
+  }
+
+  Napi::Value RecordTouches(const Napi::CallbackInfo& info) {
+    core_->engine->RecordTouches(info[0].ToBoolean());
+    return info.Env().Undefined();
+  }
+
+  Napi::Value TakeTouches(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto touches = core_->engine->TakeTouches();
+    Napi::Uint32Array ranges = Napi::Uint32Array::New(env, touches.size());
+    Napi::Float64Array offsets = Napi::Float64Array::New(env, touches.size());
+    for (size_t i = 0; i < touches.size(); i++) {
+      ranges[i] = touches[i].first;
+      offsets[i] = static_cast<double>(touches[i].second);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ranges", ranges);
+    o.Set("offsets", offsets);
+    return o;
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -429,6 +429,10 @@ void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
     return;
   }
   size_t i = (page - r->start) / kPage;
+  if (recording_.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> lock(touchMu_);
+    touches_.emplace_back(r->id, r->sourceOffset + i * kPage);
+  }
   if (state == kRemoved) {
     ZeroFault(page);
     latency_.Record(EngineNowNs() - readNs);
@@ -506,6 +510,83 @@ void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool 
   }
 }
 
+std::vector<std::pair<uint32_t, uint64_t>> FaultEngine::TakeTouches() {
+  std::lock_guard<std::mutex> lock(touchMu_);
+  std::vector<std::pair<uint32_t, uint64_t>> out;
+  out.swap(touches_);
+  return out;
+}
+
+uint64_t FaultEngine::Provide(uint32_t rangeId, uint64_t sourceOffset, std::vector<uint8_t> bytes) {
+  uint64_t n = bytes.size();
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    provided_.push_back(Provided{rangeId, sourceOffset, std::move(bytes)});
+  }
+  uint64_t queued = providedBytes_.fetch_add(n) + n;
+  completionsPending_.store(true);
+  uint64_t one = 1;
+  if (wakeFd_ >= 0) {
+    ssize_t ignored = write(wakeFd_, &one, sizeof one);
+    (void)ignored;
+  }
+  return queued;
+}
+
+// Demand first: a bounded amount per call, then back to the uffd (DemandLoop reads it before
+// calling again while anything is queued).
+bool FaultEngine::ProcessProvided(uint64_t budget) {
+  uint64_t done = 0;
+  while (done < budget) {
+    Provided p;
+    {
+      std::lock_guard<std::mutex> lock(requestMu_);
+      if (provided_.empty()) return false;
+      p = std::move(provided_.front());
+      provided_.pop_front();
+    }
+    const Table& table = Snapshot(&demandTable_, &demandVersion_);
+    for (auto& r : table)
+      if (r->id == p.rangeId && !r->dropped.load()) InstallProvided(r, p);
+    done += p.bytes.size();
+    providedBytes_.fetch_sub(p.bytes.size());
+  }
+  std::lock_guard<std::mutex> lock(requestMu_);
+  return !provided_.empty();
+}
+
+void FaultEngine::InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p) {
+  // Whole pages of the range inside the provided bytes.
+  uint64_t lo = std::max(p.sourceOffset, r->sourceOffset);
+  uint64_t hi = std::min(p.sourceOffset + p.bytes.size(), r->sourceOffset + r->length);
+  if (lo >= hi) return;
+  size_t first = (lo - r->sourceOffset + kPage - 1) / kPage;
+  size_t end = (hi - r->sourceOffset) / kPage;
+  size_t i = first;
+  while (i < end) {
+    uint8_t s = r->states.Get(i);
+    if (s != kMissing && s != kInFlight) {
+      i++;
+      continue;
+    }
+    size_t run = 1;
+    while (i + run < end) {
+      uint8_t t = r->states.Get(i + run);
+      if (t != kMissing && t != kInFlight) break;
+      run++;
+    }
+    const uint8_t* bytes = p.bytes.data() + (r->sourceOffset + i * kPage - p.sourceOffset);
+    size_t filled = 0;
+    if (FillRun(r, i, run, kPrefetch, bytes, &demandScratch_, nullptr, &filled) == kDeferredOp) {
+      // an event is pending: retry the rest after reading it
+      auto rest = std::make_shared<std::vector<uint8_t>>(bytes + filled * kPage, bytes + run * kPage);
+      deferred_.push_back(Deferred{r, 0, i + filled, run - filled, kPrefetch, std::move(rest)});
+      stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+    }
+    i += run;
+  }
+}
+
 void FaultEngine::ProcessCompletions() {
   std::deque<Completion> done;
   {
@@ -538,6 +619,7 @@ void FaultEngine::ProcessCompletions() {
     FillOrDefer(p.range, p.page, p.count, kCompletion, bytes, nullptr);
   }
   if (kick) KickPrefetch();
+  if (ProcessProvided(1 << 20)) completionsPending_.store(true);
 }
 
 // ---- events ---------------------------------------------------------------------------------

@@ -116,6 +116,16 @@ class FaultEngine {
   // Bytes for a handler request (ok = false: the handler failed; its pages are retried on the
   // next fault).
   void Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok);
+  // Bytes that JS fetched in the background (remote sources, working-set replay): the source's
+  // bytes at [sourceOffset, sourceOffset + bytes.size()) for range `rangeId` (every part of it,
+  // after mremap), installed by the demand thread between demand work where pages are still
+  // missing. Returns the bytes now queued (JS paces itself on it).
+  uint64_t Provide(uint32_t rangeId, uint64_t sourceOffset, std::vector<uint8_t> bytes);
+  uint64_t providedQueued() const { return providedBytes_.load(std::memory_order_relaxed); }
+  // Working-set record: while on, every demand fault's (range id, source offset) is kept in
+  // arrival order (with 4 KiB fault-around and no prefetch, that is the first-touch order).
+  void RecordTouches(bool on) { recording_.store(on); }
+  std::vector<std::pair<uint32_t, uint64_t>> TakeTouches();
   std::deque<Notice> TakeNotices();
   void SettledTotal(uint64_t* settled, uint64_t* total);
   const EngineStats& stats() const { return stats_; }
@@ -137,6 +147,11 @@ class FaultEngine {
     std::vector<uint8_t> bytes;
     bool ok;
   };
+  struct Provided {
+    uint32_t rangeId;
+    uint64_t sourceOffset;
+    std::vector<uint8_t> bytes;
+  };
   struct Pending {
     std::shared_ptr<ServedRange> range;
     size_t page;
@@ -156,6 +171,9 @@ class FaultEngine {
   void HandleFork(int fd);
   void RetryDeferred();
   void ProcessCompletions();
+  // Installs queued Provide() bytes, at most `budget` bytes per call; returns whether any remain.
+  bool ProcessProvided(uint64_t budget);
+  void InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p);
   void RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, bool prefetch,
                           std::vector<HandlerRequest>* out);
   void FlushRequests(std::vector<HandlerRequest>* requests);
@@ -218,6 +236,11 @@ class FaultEngine {
   uint64_t nextRequest_ = 1;
   std::deque<Completion> completions_;
   std::atomic<bool> completionsPending_{false};
+  std::deque<Provided> provided_;  // under requestMu_
+  std::atomic<uint64_t> providedBytes_{0};
+  std::atomic<bool> recording_{false};
+  std::mutex touchMu_;
+  std::vector<std::pair<uint32_t, uint64_t>> touches_;
 
   std::mutex noticeMu_;
   std::deque<Notice> notices_;

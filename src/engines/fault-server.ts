@@ -10,6 +10,9 @@ import { type UffdError, uffdError } from '../core/errors'
 import { Mapping } from '../core/mapping'
 import { describe, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
+import type { FeedStats } from '../sources/feed'
+import type { WorkingSet } from '../sources/working-set'
+import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
 
 export interface FaultServerOptions {
   /**
@@ -71,8 +74,21 @@ export type FaultSource =
   | { file: string | number; offset?: number; mode?: 'mmap' | 'pread' }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
+  | RemoteSpec
 
 export interface ServeOptions {
+  /**
+   * Fetch these snapshot pages first, in their recorded order, in large batched reads, while
+   * demand faults still go first: a WorkingSet, or the path of a working-set file. A file
+   * recorded on another snapshot version is refused (WorkingSetError 'ESTALE': thrown here for
+   * local sources; an 'error' event for remote ones, whose identity takes reads).
+   */
+  workingSet?: WorkingSet | string
+  /**
+   * Record this range's working set: every first touch faults (4 KiB fault-around, no
+   * prefetch), in order; server.workingSet() returns it.
+   */
+  recordWorkingSet?: boolean
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
   /** Fault-around window for this range (default: the server's). */
@@ -122,6 +138,10 @@ export interface FaultServerStats {
   /** pages present (or settled: removed with the 'zero' policy, unmapped) / pages served */
   pagesPresent: number
   pagesTotal: number
+  /** faults waiting for bytes from JavaScript (remote sources, handlers) now */
+  sourceWaiting: number
+  /** remote and working-set ranges: demand requests, background reads, working-set progress */
+  fed: FeedStats
 }
 
 export interface FaultServerProgress {
@@ -143,6 +163,10 @@ interface NativeHandle {
   ): void
   removeRange(start: bigint, end: bigint): number
   complete(id: number, bytes: Bytes | null): void
+  provide(rangeId: number, sourceOffset: number, bytes: Bytes): number
+  providedQueued(): number
+  recordTouches(on: boolean): void
+  takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
   stats(): FaultServerStats
   settled(): [number, number]
   close(): void
@@ -211,6 +235,9 @@ export class FaultServer extends EventEmitter {
   readonly #prefetch: boolean
   readonly #served = new Map<number, Served>()
   readonly #handlers = new Map<number, FaultHandler>()
+  readonly #fed: FedRanges
+  /** { handler } demand requests not yet answered */
+  #handlerWaiting = 0
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
@@ -271,6 +298,24 @@ export class FaultServer extends EventEmitter {
       },
       (notices) => this.#onNotices(notices),
     )
+    const h = this.#handle
+    this.#fed = new FedRanges(
+      {
+        provide: (id, offset, bytes) => (this.#closed ? 0 : h.provide(id, offset, bytes)),
+        providedQueued: () => (this.#closed ? 0 : h.providedQueued()),
+        complete: (id, bytes) => {
+          if (!this.#closed) h.complete(id, bytes)
+        },
+        recordTouches: (on) => h.recordTouches(on),
+        takeTouches: () =>
+          this.#closed ? { ranges: new Uint32Array(0), offsets: new Float64Array(0) } : h.takeTouches(),
+      },
+      (err, address) => {
+        if (address !== undefined && (err as { address?: bigint }).address === undefined)
+          (err as { address?: bigint }).address = address
+        this.#error(err)
+      },
+    )
     serving.add(uffd)
     released.register(this, uffd, this)
   }
@@ -299,23 +344,57 @@ export class FaultServer extends EventEmitter {
       options.faultAround === undefined ? this.#faultAround : checkWindow(options.faultAround, 'faultAround')
     const register = options.register ?? true
     const id = this.#nextId++
-    const { spec, offset, keep, close } = this.#source(source, r, id)
+    const remote = source !== null && typeof source === 'object' && isRemoteSpec(source)
+    const local = remote ? null : this.#source(source, r, id)
+    // remote sources, and local ones replaying or recording a working set, are fed from JS
+    const fed = this.#fed.prepare(id, r, source as unknown as Record<string, unknown>, local, {
+      prefetch,
+      workingSet: options.workingSet,
+      recordWorkingSet: options.recordWorkingSet,
+    })
+    const spec = fed?.spec ?? local!.spec
+    const offset = fed?.offset ?? local!.offset
     let registered = false
     try {
       if (register) {
         this.#uffd.register(r, { missing: true })
         registered = true
       }
-      this.#handle.addRange(id, r.address, r.length, spec, offset, prefetch, faultAround)
+      this.#handle.addRange(
+        id,
+        r.address,
+        r.length,
+        spec,
+        offset,
+        fed ? fed.prefetch : prefetch,
+        fed?.faultAround ?? faultAround,
+      )
     } catch (err) {
       if (registered) this.#unregister(r)
       this.#handlers.delete(id)
+      fed?.abort()
       throw err
     } finally {
-      close?.()
+      local?.close?.()
     }
-    this.#served.set(id, { range: r, keep, registered })
+    this.#served.set(id, { range: r, keep: local?.keep ?? null, registered })
+    fed?.attach()
     return this
+  }
+
+  /**
+   * The working set recorded so far (ranges served with { recordWorkingSet: true }), tied to
+   * their snapshot: save it with `.save(path)`. With `range`, only the recorded ranges inside it.
+   */
+  workingSet(range?: RangeLike): Promise<WorkingSet> {
+    this.#live('workingSet')
+    if (range === undefined) return this.#fed.workingSet()
+    const r = toRange(range)
+    const end = r.address + BigInt(r.length)
+    const ids = [...this.#served]
+      .filter(([, s]) => s.range.address >= r.address && s.range.address + BigInt(s.range.length) <= end)
+      .map(([id]) => id)
+    return this.#fed.workingSet(ids)
   }
 
   /** Stops serving every served range inside `range` (and unregisters what serve() registered). */
@@ -329,6 +408,7 @@ export class FaultServer extends EventEmitter {
         if (s.registered) this.#unregister(s.range)
         this.#served.delete(id)
         this.#handlers.delete(id)
+        this.#fed.detach([id])
       }
     }
     this.#checkDrained()
@@ -336,7 +416,10 @@ export class FaultServer extends EventEmitter {
   }
 
   stats(): FaultServerStats {
-    return this.#handle.stats()
+    const s = this.#handle.stats()
+    s.fed = this.#fed.stats()
+    s.sourceWaiting = this.#handlerWaiting + s.fed.demandWaiting
+    return s
   }
 
   /** Resolves when every page of every served range is present (rejects if closed first). */
@@ -366,6 +449,7 @@ export class FaultServer extends EventEmitter {
    */
   close(): void {
     if (this.#closed) return
+    this.#fed.close()
     this.#closed = true
     this.#handle.close()
     serving.delete(this.#uffd)
@@ -466,11 +550,15 @@ export class FaultServer extends EventEmitter {
           break
         }
         case 'requests':
-          for (const q of n.requests) this.#request(q)
+          for (const q of n.requests) {
+            if (this.#fed.handles(q.handler)) this.#fed.request(q.handler, q)
+            else this.#request(q)
+          }
           break
       }
     }
     if (progress) {
+      this.#fed.tick()
       const [present, total] = this.#handle.settled()
       this.emit('progress', {
         pagesPresent: present,
@@ -493,6 +581,7 @@ export class FaultServer extends EventEmitter {
       if (!this.#closed) this.#handle.complete(q.id, null)
       return
     }
+    if (attempt === 0 && !q.prefetch) this.#handlerWaiting++
     const fail = (err: unknown): void => {
       if (this.#closed) return
       const e = err instanceof Error ? err : new Error(String(err))
@@ -507,6 +596,7 @@ export class FaultServer extends EventEmitter {
           if (this.#closed) return
           if (!isBytes(bytes))
             throw new TypeError(`handler must return an ArrayBuffer or a typed array (got ${describe(bytes)})`)
+          if (!q.prefetch) this.#handlerWaiting--
           this.#handle.complete(q.id, bytes)
         })
         .catch(fail)
