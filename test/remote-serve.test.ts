@@ -1,6 +1,5 @@
 // FaultServer over remote sources: { nbd } from nbdkit and qemu-nbd, { url } from nginx, a
 // shared RemoteSource, the local cache across restores. Faults come from native threads.
-import * as crypto from 'node:crypto'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { afterAll, afterEach, describe, expect, it } from 'vitest'
@@ -8,21 +7,12 @@ import { FaultServer, FileCache, Mapping, PAGE_SIZE, RemoteSource, Userfaultfd }
 import { pages, touch } from '../src/testing'
 import { closeAll, readAll, setup, track, u64At, within } from './helpers/fault-server'
 import { makeQcow2, missing, startNbdkit, startNginx, startQemuNbd, stopServers, tempDir } from './helpers/servers'
+import { snapshot } from './helpers/snapshots'
 
 afterEach((ctx) => closeAll(ctx))
 afterAll(stopServers)
 
 const MiB = 1024 * 1024
-
-/** A snapshot file of random pages, each page's first u64 its index + 1. */
-export function snapshot(size: number): { file: string; bytes: Buffer; dir: string } {
-  const dir = tempDir()
-  const bytes = crypto.randomBytes(size)
-  for (let p = 0; p * PAGE_SIZE < size; p++) bytes.writeBigUInt64LE(BigInt(p + 1), p * PAGE_SIZE)
-  const file = path.join(dir, 'snap.mem')
-  fs.writeFileSync(file, bytes)
-  return { file, bytes, dir }
-}
 
 function shuffled(list: BigUint64Array): BigUint64Array {
   const out = BigUint64Array.from(list)

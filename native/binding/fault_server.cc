@@ -88,6 +88,7 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
           r.Set("offset", Napi::Number::New(env, static_cast<double>(q.offset)));
           r.Set("length", Napi::Number::New(env, static_cast<double>(q.length)));
           r.Set("prefetch", Napi::Boolean::New(env, q.prefetch));
+          if (q.fault != 0) r.Set("fault", U64(env, q.fault));
           list[i] = r;
         }
         o.Set("requests", list);

@@ -452,6 +452,7 @@ void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
     size_t first = i;
     while (first > ws && r->states.Transition(first - 1, kMissing, kInFlight)) first--;
     RequestFromHandler(r, first, last - first, false, &batchRequests_);
+    batchRequests_.back().fault = page;
     return;
   }
   bool existed = false;

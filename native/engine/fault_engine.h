@@ -77,6 +77,7 @@ struct HandlerRequest {
   uint64_t offset;  // in the source (the range's offset + position)
   uint64_t length;
   bool prefetch;
+  uint64_t fault = 0;  // the faulting page's address (demand requests)
 };
 
 struct Notice {

@@ -140,6 +140,8 @@ export interface FaultServerStats {
   pagesTotal: number
   /** faults waiting for bytes from JavaScript (remote sources, handlers) now */
   sourceWaiting: number
+  /** bytes fetched in the background and handed to the engine, not yet installed */
+  providedQueued: number
   /** remote and working-set ranges: demand requests, background reads, working-set progress */
   fed: FeedStats
 }
@@ -188,6 +190,8 @@ type Notice =
         offset: number
         length: number
         prefetch: boolean
+        /** the faulting page (demand requests) */
+        fault?: bigint
       }>
     }
 
@@ -419,6 +423,7 @@ export class FaultServer extends EventEmitter {
     const s = this.#handle.stats()
     s.fed = this.#fed.stats()
     s.sourceWaiting = this.#handlerWaiting + s.fed.demandWaiting
+    s.providedQueued = this.#handle.providedQueued()
     return s
   }
 

@@ -50,6 +50,10 @@ class LazyRemote implements PageReader {
   get maxRead(): number | undefined {
     return this.#source?.store.maxRead
   }
+  get gapPages(): number | undefined {
+    // a request costs more over HTTP than over NBD: read through wider gaps there
+    return this.#source === null ? undefined : this.#source.store.kind === 'http' ? 32 : 8
+  }
 
   source(): Promise<RemoteSource> {
     if (this.#source) return Promise.resolve(this.#source)
@@ -207,17 +211,13 @@ export class FedRanges {
         }
         // a remote snapshot's identity needs reads: replay once it is known to match
         const workingSet = ws
-        identity().then(
-          (current) => {
+        identity()
+          .then((current) => {
             workingSet.check(current)
             feed.useWorkingSet(workingSet.pages)
-            feed.start()
-          },
-          (err: Error) => {
-            this.#onError(err)
-            feed.start()
-          },
-        )
+          })
+          .catch((err: Error) => this.#onError(err))
+          .finally(() => feed.start())
       },
       abort: () => reader.close?.(),
     }

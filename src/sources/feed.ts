@@ -14,6 +14,8 @@ export interface PageReader {
   readonly parallel?: number
   /** largest useful read */
   readonly maxRead?: number
+  /** unneeded pages worth reading through rather than sending another request */
+  readonly gapPages?: number
   read(offset: number, length: number, options?: { urgent?: boolean }): Promise<Buffer>
 }
 
@@ -34,6 +36,8 @@ export interface EngineRequest {
   offset: number
   length: number
   prefetch: boolean
+  /** the faulting page's address (demand requests) */
+  fault?: bigint
 }
 
 export interface FeedOptions {
@@ -56,8 +60,6 @@ export interface FeedOptions {
   inflight?: number
   /** pause while the engine holds this many provided bytes not yet installed (default 64 MiB) */
   maxQueued?: number
-  /** gap of unneeded pages worth reading through rather than splitting a working-set read (default 8) */
-  gapPages?: number
   onError: (err: Error, address?: bigint) => void
   /** the background has nothing left to fetch */
   onDone?: () => void
@@ -122,7 +124,7 @@ export class Feed {
     this.#batchPages = Math.max(1, Math.floor(Math.min(options.batchBytes ?? 2 * 1024 * 1024, maxRead) / PAGE))
     this.#maxInflight = options.inflight ?? reader.parallel ?? 8
     this.#maxQueued = options.maxQueued ?? 64 * 1024 * 1024
-    this.#gap = options.gapPages ?? 8
+    this.#gap = reader.gapPages ?? 8
   }
 
   /** Fetch these snapshot pages first, in this order (before start()). */
@@ -180,7 +182,7 @@ export class Feed {
         if (this.#stopped) return
         // Reported, then tried again (the source retried a few times already): the thread
         // stays blocked on a page that only the source can give.
-        this.#o.onError(err, q.address)
+        this.#o.onError(err, q.fault ?? q.address)
         this.stats.demandRetries++
         const delay = Math.min(5000, 100 * 2 ** Math.min(attempt, 6))
         setTimeout(() => this.#demand(q, attempt + 1), delay).unref()
