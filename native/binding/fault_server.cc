@@ -26,6 +26,7 @@ namespace {
 struct Core {
   std::unique_ptr<FaultEngine> engine;
   int watchdogMs = 0;
+  uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
   Napi::ThreadSafeFunction tsfn;
   napi_env env = nullptr;
@@ -127,6 +128,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     if (!info[2].IsFunction()) ThrowTypeError(env, "notify must be a function");
     EngineOptions o;
     o.faultAround = OptU64(opts, "faultAround", o.faultAround);
+    o.faultAroundMax = OptU64(opts, "faultAroundMax", o.faultAroundMax);
     o.prefetchChunk = OptU64(opts, "prefetchChunk", o.prefetchChunk);
     o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
     o.batch = static_cast<uint32_t>(OptU64(opts, "batch", o.batch));
@@ -142,6 +144,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     core_ = std::make_shared<Core>();
     core_->env = env;
     core_->watchdogMs = watchdogMs;
+    core_->faultAroundMax = o.faultAroundMax;
     core_->tsfn =
         Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
     std::weak_ptr<Core> weak = core_;
@@ -242,7 +245,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
       ThrowTypeError(env, "unknown source kind '" + kind + "'");
     }
     auto range = std::make_shared<ServedRange>(id, address, length, std::shared_ptr<Source>(source),
-                                               sourceOffset, prefetch, faultAround);
+                                               sourceOffset, prefetch, faultAround, core_->faultAroundMax);
     int err = engine->AddRange(range);
     if (err != 0) ThrowUffdError(env, err, "FaultServer.serve", -1, "the range overlaps one already served");
     return env.Undefined();

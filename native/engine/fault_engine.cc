@@ -438,9 +438,18 @@ void FaultEngine::HandleFault(uint64_t page, uint64_t readNs) {
     latency_.Record(EngineNowNs() - readNs);
     return;
   }
-  size_t window = std::max<uint64_t>(r->faultAround / kPage, 1);
-  size_t ws = i - i % window;
-  size_t we = std::min(ws + window, r->pages);
+  size_t window, ws, we;
+  if (r->faultAround == 0) {
+    // adaptive: forward from the fault, as wide as the access pattern has earned (a fault on a
+    // page filled meanwhile says nothing about the pattern)
+    window = state == kPresent ? 1 : r->around.Window(i);
+    ws = i;
+    we = std::min(i + window, r->pages);
+  } else {
+    window = std::max<uint64_t>(r->faultAround / kPage, 1);
+    ws = i - i % window;
+    we = std::min(ws + window, r->pages);
+  }
   // Prefetch follows demand (locality), one window ahead: the next window is the likeliest
   // next fault, and the demand thread copies it faster than the two could share it.
   if (r->prefetch) r->cursor.store(std::min(we + window, r->pages), std::memory_order_relaxed);

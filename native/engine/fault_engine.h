@@ -23,26 +23,29 @@
 #include <thread>
 #include <vector>
 
+#include "engine/fault_around.h"
 #include "engine/fault_sources.h"
 #include "engine/latency_histogram.h"
 #include "engine/page_states.h"
 
 struct EngineOptions {
-  uint64_t faultAround = 64 * 1024;     // bytes, power of two >= page
-  uint64_t prefetchChunk = 256 * 1024;  // bytes, multiple of the page
-  uint32_t spinUs = 0;                  // upper bound of the adaptive spin (0: never spin)
-  uint32_t batch = 64;                  // messages per read(2)
-  uint32_t progressMs = 100;            // minimum interval between progress notices
-  bool removeToZero = true;             // REMOVE: serve zeros (else re-serve the source)
-  bool forkEmit = false;                // FORK: hand the child's uffd to JS (else close it)
-  bool prefetchIdle = true;             // prefetch thread under SCHED_IDLE
-  uint32_t handlerConcurrency = 4;      // prefetch requests in flight per handler range
-  uint32_t prefetchYieldUs = 1000;      // prefetch pauses while demand faults came this recently
+  uint64_t faultAround = 0;                   // bytes, power of two >= page; 0: adaptive
+  uint64_t faultAroundMax = 2 * 1024 * 1024;  // the adaptive window's largest size, bytes
+  uint64_t prefetchChunk = 256 * 1024;        // bytes, multiple of the page
+  uint32_t spinUs = 0;                        // upper bound of the adaptive spin (0: never spin)
+  uint32_t batch = 64;                        // messages per read(2)
+  uint32_t progressMs = 100;                  // minimum interval between progress notices
+  bool removeToZero = true;                   // REMOVE: serve zeros (else re-serve the source)
+  bool forkEmit = false;                      // FORK: hand the child's uffd to JS (else close it)
+  bool prefetchIdle = true;                   // prefetch thread under SCHED_IDLE
+  uint32_t handlerConcurrency = 4;            // prefetch requests in flight per handler range
+  uint32_t prefetchYieldUs = 1000;            // prefetch pauses while demand faults came this recently
 };
 
 struct ServedRange {
   ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, std::shared_ptr<Source> src,
-              uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_)
+              uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_,
+              uint64_t faultAroundMax_ = 2 << 20)
       : id(id_),
         start(start_),
         length(length_),
@@ -51,6 +54,7 @@ struct ServedRange {
         sourceOffset(sourceOffset_),
         prefetch(prefetch_),
         faultAround(faultAround_),
+        around(faultAroundMax_ / 4096),
         states(pages) {}
   const uint32_t id;
   const uint64_t start;
@@ -59,7 +63,8 @@ struct ServedRange {
   const std::shared_ptr<Source> source;
   const uint64_t sourceOffset;
   const bool prefetch;
-  const uint64_t faultAround;
+  const uint64_t faultAround;  // bytes (aligned window), or 0: adaptive (`around`)
+  FaultAroundPolicy around;    // demand thread only
   PageStates states;
   std::atomic<size_t> settled{0};
   std::atomic<bool> dropped{false};

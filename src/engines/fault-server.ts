@@ -16,10 +16,14 @@ import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
 
 export interface FaultServerOptions {
   /**
-   * Bytes copied around each fault (aligned window, clipped to the range, skipping pages
-   * already present). A power of two from PAGE_SIZE (no fault-around) to 64 MiB. Default 64 KiB.
+   * Fault-around. By default it adapts per range, like readahead: a fault just past the window
+   * filled for an earlier one doubles that stream's window (up to `faultAroundMax`); any other
+   * fault fills one page, so random access installs only what it touches. A number of bytes (a
+   * power of two from PAGE_SIZE, no fault-around, to 64 MiB) fixes an aligned window instead.
    */
-  faultAround?: number
+  faultAround?: number | 'adaptive'
+  /** The adaptive window's largest size, bytes (a power of two, PAGE_SIZE..64 MiB). Default 2 MiB. */
+  faultAroundMax?: number
   /** Default of serve()'s `prefetch`: fill ranges in the background. Default false. */
   prefetch?: boolean
   /** Bytes per background copy (a multiple of PAGE_SIZE). Default 256 KiB. */
@@ -91,8 +95,8 @@ export interface ServeOptions {
   recordWorkingSet?: boolean
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
-  /** Fault-around window for this range (default: the server's). */
-  faultAround?: number
+  /** Fault-around for this range: bytes (fixed window) or 'adaptive' (default: the server's). */
+  faultAround?: number | 'adaptive'
   /** Register the range with the uffd for MISSING faults first (default true). */
   register?: boolean
 }
@@ -226,6 +230,15 @@ function checkWindow(value: unknown, name: string): number {
   return v
 }
 
+/** The engine's fault-around: bytes of a fixed window, or 0 (adaptive). */
+function aroundOption(value: unknown, fallback: number): number {
+  if (value === undefined) return fallback
+  if (value === 'adaptive') return 0
+  if (typeof value !== 'number')
+    throw new TypeError(`faultAround must be a byte count or 'adaptive' (got ${describe(value)})`)
+  return checkWindow(value, 'faultAround')
+}
+
 function checkChoice<T extends string>(value: unknown, name: string, choices: readonly T[]): T {
   if (!choices.includes(value as T))
     throw new TypeError(`${name} must be ${choices.map((c) => `'${c}'`).join(' or ')} (got ${describe(value)})`)
@@ -252,7 +265,9 @@ export class FaultServer extends EventEmitter {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`options must be an object (got ${describe(options)})`)
     const o = options
-    this.#faultAround = o.faultAround === undefined ? 64 * 1024 : checkWindow(o.faultAround, 'faultAround')
+    this.#faultAround = aroundOption(o.faultAround, 0)
+    const faultAroundMax =
+      o.faultAroundMax === undefined ? 2 * 1024 * 1024 : checkWindow(o.faultAroundMax, 'faultAroundMax')
     if (o.prefetch !== undefined && typeof o.prefetch !== 'boolean')
       throw new TypeError(`prefetch must be a boolean (got ${describe(o.prefetch)})`)
     this.#prefetch = o.prefetch ?? false
@@ -289,6 +304,7 @@ export class FaultServer extends EventEmitter {
       uffd.fd,
       {
         faultAround: this.#faultAround,
+        faultAroundMax,
         prefetchChunk,
         spinUs,
         batch,
@@ -344,8 +360,7 @@ export class FaultServer extends EventEmitter {
       throw new TypeError(`serve options must be an object (got ${describe(options)})`)
     const prefetch = options.prefetch ?? this.#prefetch
     if (typeof prefetch !== 'boolean') throw new TypeError(`prefetch must be a boolean (got ${describe(prefetch)})`)
-    const faultAround =
-      options.faultAround === undefined ? this.#faultAround : checkWindow(options.faultAround, 'faultAround')
+    const faultAround = aroundOption(options.faultAround, this.#faultAround)
     const register = options.register ?? true
     const id = this.#nextId++
     const remote = source !== null && typeof source === 'object' && isRemoteSpec(source)
