@@ -512,7 +512,8 @@ void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool 
     std::lock_guard<std::mutex> lock(requestMu_);
     completions_.push_back(Completion{requestId, std::move(bytes), ok});
   }
-  completionsPending_.store(true);
+  // One wake-up per batch: the demand thread takes the whole queue once woken.
+  if (completionsPending_.exchange(true)) return;
   uint64_t one = 1;
   if (wakeFd_ >= 0) {
     ssize_t ignored = write(wakeFd_, &one, sizeof one);
@@ -534,7 +535,7 @@ uint64_t FaultEngine::Provide(uint32_t rangeId, uint64_t sourceOffset, std::vect
     provided_.push_back(Provided{rangeId, sourceOffset, std::move(bytes)});
   }
   uint64_t queued = providedBytes_.fetch_add(n) + n;
-  completionsPending_.store(true);
+  if (completionsPending_.exchange(true)) return queued;  // the demand thread is on it already
   uint64_t one = 1;
   if (wakeFd_ >= 0) {
     ssize_t ignored = write(wakeFd_, &one, sizeof one);

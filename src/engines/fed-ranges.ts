@@ -204,20 +204,18 @@ export class FedRanges {
       attach: () => {
         this.#ranges.set(id, fed)
         if (record && this.#recording++ === 0) this.#engine.recordTouches(true)
-        if (ws === undefined || !remote) {
-          if (ws !== undefined) feed.useWorkingSet(ws.pages)
-          feed.start()
-          return
-        }
-        // a remote snapshot's identity needs reads: replay once it is known to match
+        if (ws !== undefined) feed.useWorkingSet(ws.pages)
+        feed.start()
+        if (ws === undefined || !remote) return
+        // A remote snapshot's identity takes a round of reads: replay meanwhile (the bytes come
+        // from the snapshot itself, so a stale set costs only useless reads) and stop if stale.
         const workingSet = ws
         identity()
-          .then((current) => {
-            workingSet.check(current)
-            feed.useWorkingSet(workingSet.pages)
+          .then((current) => workingSet.check(current))
+          .catch((err: Error) => {
+            feed.abandonWorkingSet()
+            this.#onError(err)
           })
-          .catch((err: Error) => this.#onError(err))
-          .finally(() => feed.start())
       },
       abort: () => reader.close?.(),
     }

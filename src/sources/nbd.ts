@@ -177,6 +177,7 @@ export class NbdConnection {
   readonly #timeout: number
   readonly #pending = new Map<bigint, Pending>()
   #nextHandle = 1n
+  #corked = false
   #dead: SourceError | null = null
   // reply parsing state
   #head = Buffer.allocUnsafe(32)
@@ -267,6 +268,15 @@ export class NbdConnection {
         this.#timeout,
       )
       this.#pending.set(handle, p)
+      // requests issued in one turn of the event loop leave in one write
+      if (!this.#corked) {
+        this.#corked = true
+        this.#socket.cork()
+        process.nextTick(() => {
+          this.#corked = false
+          this.#socket.uncork()
+        })
+      }
       this.#socket.write(req)
     })
   }
@@ -625,6 +635,7 @@ export class NbdStore implements BlockStore {
   /** false once the server refused a second connection (qemu-nbd without --shared): all reads share one */
   #multi = true
   #closed = false
+  #spread = 0
 
   private constructor(url: string, target: NbdTarget, options: NbdOptions, first: NbdConnection) {
     this.location = printable(url)
@@ -645,7 +656,10 @@ export class NbdStore implements BlockStore {
     if (options.connections !== undefined && (!Number.isSafeInteger(options.connections) || options.connections < 1))
       throw new RangeError(`connections must be an integer >= 1 (got ${options.connections})`)
     const first = await NbdConnection.connect(target, printable(url), options)
-    return new NbdStore(url, target, options, first)
+    const store = new NbdStore(url, target, options, first)
+    // the bulk connections now, so that the first burst of reads spreads over them
+    for (let i = 0; i < store.#bulk.length; i++) Promise.resolve(store.#connection(false)).catch(() => undefined)
+    return store
   }
 
   async read(offset: number, length: number, options: ReadOptions = {}): Promise<Buffer> {
@@ -672,13 +686,18 @@ export class NbdStore implements BlockStore {
     }
   }
 
-  // A dead connection is replaced on the next read (the fetcher's retry brings it here).
+  // A dead connection is replaced on the next read (the fetcher's retry brings it here). Bulk
+  // reads go to the least busy live connection; while none is up, spread over the connecting.
   #connection(urgent: boolean): Promise<NbdConnection> | NbdConnection {
     let slot = this.#urgent
     if (!urgent) {
-      for (const s of this.#bulk) if (s.load < slot.load || slot === this.#urgent) slot = s
-      // a connected bulk connection with reads in flight beats opening another one only when
-      // the free slot would be the last choice anyway; otherwise spread the reads
+      let best: Slot | null = null
+      for (const s of this.#bulk)
+        if (s.conn?.alive && !s.connecting && (best === null || s.conn.inflight < best.conn!.inflight)) best = s
+      if (best === null) {
+        best = this.#bulk.find((s) => !s.connecting && !s.conn?.alive) ?? this.#bulk[this.#spread++ % this.#bulk.length]
+      }
+      slot = best
     }
     if (slot.conn?.alive) return slot.conn
     if (slot.connecting) return slot.connecting

@@ -161,12 +161,14 @@ export class RemoteSource {
     if (offset % PAGE !== 0 || length % PAGE !== 0 || length <= 0)
       throw new RangeError(`remote reads are whole pages (got [${offset}, +${length}))`)
     this.counters.reads++
-    const out = Buffer.allocUnsafe(length)
     const page = offset / PAGE
     const count = length / PAGE
-    const have = this.cacheKey !== null ? this.cache!.read(this.cacheKey, page, count, out) : null
     // pages past the content: zeros, nothing to fetch
     const contentPages = Math.max(0, Math.min(count, Math.ceil((this.size - offset) / PAGE)))
+    if (this.cacheKey === null && this.manifest === undefined && contentPages === count && offset + length <= this.size)
+      return this.#fetch(offset, length, options.urgent === true) // the common case: one read, no copy
+    const out = Buffer.allocUnsafe(length)
+    const have = this.cacheKey !== null ? this.cache!.read(this.cacheKey, page, count, out) : null
     if (contentPages < count) out.fill(0, contentPages * PAGE)
     let first = -1
     let last = -1
