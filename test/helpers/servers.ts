@@ -31,7 +31,10 @@ export function which(name: string): string | null {
 /** Why a test needing these binaries cannot run here, or null when it can. */
 export function missing(...names: string[]): string | null {
   const absent = names.filter((n) => which(n) === null)
-  return absent.length === 0 ? null : `${absent.join(', ')} not installed (.ci/run installs them: see CONTRIBUTING.md)`
+  if (absent.length === 0) return null
+  const why = `${absent.join(', ')} not installed (.ci/run installs them: see CONTRIBUTING.md)`
+  process.stderr.write(`skipping tests that need ${absent.join(', ')}: ${why}\n`)
+  return why
 }
 
 export function tempDir(prefix = 'uffd-remote-'): string {
