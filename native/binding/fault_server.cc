@@ -23,8 +23,16 @@
 
 namespace {
 
+// JS buffers handed to the engine by provide(): referenced until the engine is done with them,
+// then released on the JS thread (references may only be deleted there).
+struct Releases {
+  std::mutex mu;
+  std::vector<napi_ref> refs;
+};
+
 struct Core {
   std::unique_ptr<FaultEngine> engine;
+  std::shared_ptr<Releases> releases = std::make_shared<Releases>();
   int watchdogMs = 0;
   uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
@@ -38,9 +46,20 @@ struct Core {
     closed = true;
     if (watched) WatchdogForget(env, engine->requestFd());
     engine->Stop();  // joins the threads: nothing calls the TSFN after this
+    engine->DropProvided();
+    Release(env);
     tsfn.Release();
     if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
     hooked = false;
+  }
+  // Deletes the references of provided buffers the engine is done with (JS thread).
+  void Release(napi_env e) {
+    std::vector<napi_ref> refs;
+    {
+      std::lock_guard<std::mutex> lock(releases->mu);
+      refs.swap(releases->refs);
+    }
+    for (napi_ref r : refs) napi_delete_reference(e, r);
   }
   static void OnTeardown(void* arg) {
     Core* core = static_cast<Core*>(arg);
@@ -274,16 +293,29 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
   Napi::Value Provide(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (core_->closed) return Napi::Number::New(env, 0);
+    core_->Release(env);
     uint32_t rangeId = static_cast<uint32_t>(ArgI32(info, 0, "rangeId"));
     uint64_t sourceOffset = ArgU64(info, 1, "sourceOffset");
     BytesArg bytes;
     if (!TryBytes(info[2], &bytes)) ThrowTypeError(env, "bytes must be an ArrayBuffer or a typed array");
-    uint64_t queued = core_->engine->Provide(rangeId, sourceOffset,
-                                             std::vector<uint8_t>(bytes.data, bytes.data + bytes.length));
+    // The engine reads the bytes in place: keep the buffer alive until it is done with them.
+    napi_ref ref = nullptr;
+    if (napi_create_reference(env, info[2], 1, &ref) != napi_ok)
+      ThrowTypeError(env, "cannot reference the bytes");
+    std::weak_ptr<Releases> releases = core_->releases;
+    std::shared_ptr<void> hold(ref, [releases](void* r) {
+      if (auto q = releases.lock()) {
+        std::lock_guard<std::mutex> lock(q->mu);
+        q->refs.push_back(static_cast<napi_ref>(r));
+      }
+    });
+    uint64_t queued =
+        core_->engine->Provide(rangeId, sourceOffset, bytes.data, bytes.length, std::move(hold));
     return Napi::Number::New(env, static_cast<double>(queued));
   }
 
   Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->Release(info.Env());
     return Napi::Number::New(info.Env(), static_cast<double>(core_->engine->providedQueued()));
   }
 

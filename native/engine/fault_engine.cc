@@ -521,6 +521,15 @@ void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool 
   }
 }
 
+void FaultEngine::DropProvided() {
+  std::deque<Provided> dropped;
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    dropped.swap(provided_);
+  }
+  providedBytes_.store(0);
+}
+
 std::vector<std::pair<uint32_t, uint64_t>> FaultEngine::TakeTouches() {
   std::lock_guard<std::mutex> lock(touchMu_);
   std::vector<std::pair<uint32_t, uint64_t>> out;
@@ -528,11 +537,12 @@ std::vector<std::pair<uint32_t, uint64_t>> FaultEngine::TakeTouches() {
   return out;
 }
 
-uint64_t FaultEngine::Provide(uint32_t rangeId, uint64_t sourceOffset, std::vector<uint8_t> bytes) {
-  uint64_t n = bytes.size();
+uint64_t FaultEngine::Provide(uint32_t rangeId, uint64_t sourceOffset, const uint8_t* data, uint64_t size,
+                              std::shared_ptr<void> hold) {
+  uint64_t n = size;
   {
     std::lock_guard<std::mutex> lock(requestMu_);
-    provided_.push_back(Provided{rangeId, sourceOffset, std::move(bytes)});
+    provided_.push_back(Provided{rangeId, sourceOffset, data, size, std::move(hold)});
   }
   uint64_t queued = providedBytes_.fetch_add(n) + n;
   if (completionsPending_.exchange(true)) return queued;  // the demand thread is on it already
@@ -559,8 +569,8 @@ bool FaultEngine::ProcessProvided(uint64_t budget) {
     const Table& table = Snapshot(&demandTable_, &demandVersion_);
     for (auto& r : table)
       if (r->id == p.rangeId && !r->dropped.load()) InstallProvided(r, p);
-    done += p.bytes.size();
-    providedBytes_.fetch_sub(p.bytes.size());
+    done += p.size;
+    providedBytes_.fetch_sub(p.size);
   }
   std::lock_guard<std::mutex> lock(requestMu_);
   return !provided_.empty();
@@ -569,7 +579,7 @@ bool FaultEngine::ProcessProvided(uint64_t budget) {
 void FaultEngine::InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p) {
   // Whole pages of the range inside the provided bytes.
   uint64_t lo = std::max(p.sourceOffset, r->sourceOffset);
-  uint64_t hi = std::min(p.sourceOffset + p.bytes.size(), r->sourceOffset + r->length);
+  uint64_t hi = std::min(p.sourceOffset + p.size, r->sourceOffset + r->length);
   if (lo >= hi) return;
   size_t first = (lo - r->sourceOffset + kPage - 1) / kPage;
   size_t end = (hi - r->sourceOffset) / kPage;
@@ -586,7 +596,7 @@ void FaultEngine::InstallProvided(const std::shared_ptr<ServedRange>& r, const P
       if (t != kMissing && t != kInFlight) break;
       run++;
     }
-    const uint8_t* bytes = p.bytes.data() + (r->sourceOffset + i * kPage - p.sourceOffset);
+    const uint8_t* bytes = p.data + (r->sourceOffset + i * kPage - p.sourceOffset);
     size_t filled = 0;
     if (FillRun(r, i, run, kPrefetch, bytes, &demandScratch_, nullptr, &filled) == kDeferredOp) {
       // an event is pending: retry the rest after reading it

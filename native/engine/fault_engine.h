@@ -123,10 +123,14 @@ class FaultEngine {
   // next fault).
   void Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok);
   // Bytes that JS fetched in the background (remote sources, working-set replay): the source's
-  // bytes at [sourceOffset, sourceOffset + bytes.size()) for range `rangeId` (every part of it,
-  // after mremap), installed by the demand thread between demand work where pages are still
-  // missing. Returns the bytes now queued (JS paces itself on it).
-  uint64_t Provide(uint32_t rangeId, uint64_t sourceOffset, std::vector<uint8_t> bytes);
+  // bytes at [sourceOffset, sourceOffset + size) for range `rangeId` (every part of it, after
+  // mremap), installed by the demand thread between demand work where pages are still missing.
+  // `data` stays valid while `hold` lives: the engine drops `hold` once it is done with them
+  // (no copy of megabytes on the JS thread). Returns the bytes now queued (JS paces itself).
+  uint64_t Provide(uint32_t rangeId, uint64_t sourceOffset, const uint8_t* data, uint64_t size,
+                   std::shared_ptr<void> hold);
+  // Drops what Provide() queued and nothing installed (after Stop()).
+  void DropProvided();
   uint64_t providedQueued() const { return providedBytes_.load(std::memory_order_relaxed); }
   // Working-set record: while on, every demand fault's (range id, source offset) is kept in
   // arrival order (with 4 KiB fault-around and no prefetch, that is the first-touch order).
@@ -154,9 +158,11 @@ class FaultEngine {
     bool ok;
   };
   struct Provided {
-    uint32_t rangeId;
-    uint64_t sourceOffset;
-    std::vector<uint8_t> bytes;
+    uint32_t rangeId = 0;
+    uint64_t sourceOffset = 0;
+    const uint8_t* data = nullptr;
+    uint64_t size = 0;
+    std::shared_ptr<void> hold;
   };
   struct Pending {
     std::shared_ptr<ServedRange> range;

@@ -100,7 +100,8 @@ interface Pending {
   /** structured replies: bytes covered so far, and an error chunk's error */
   covered: number
   error?: SourceError
-  timer?: NodeJS.Timeout
+  /** performance.now() when sent */
+  sentAt: number
 }
 
 export interface ExportInfo {
@@ -175,9 +176,14 @@ export class NbdConnection {
   readonly #socket: net.Socket
   readonly #location: string
   readonly #timeout: number
-  readonly #pending = new Map<bigint, Pending>()
-  #nextHandle = 1n
-  #corked = false
+  readonly #pending = new Map<number, Pending>() // in send order
+  #nextHandle = 1
+  #out: Buffer | null = null
+  #outLength = 0
+  #flushQueued = false
+  #timer: NodeJS.Timeout | null = null
+  #slab: Buffer | null = null
+  #slabUsed = 0
   #dead: SourceError | null = null
   // reply parsing state
   #head = Buffer.allocUnsafe(32)
@@ -185,7 +191,7 @@ export class NbdConnection {
   #headNeed = 4
   #stage: Stage = 'magic'
   #current: Pending | null = null
-  #currentHandle = 0n
+  #currentHandle = 0
   #structuredReply = false
   #chunk = { flags: 0, type: 0, length: 0 }
   #sink: { buffer: Buffer | null; at: number; left: number } = { buffer: null, at: 0, left: 0 }
@@ -254,31 +260,79 @@ export class NbdConnection {
     if (length <= 0 || offset + length > this.info.size || length > MAX_READ)
       return Promise.reject(new RangeError(`NBD read [${offset}, +${length}) outside 0..${this.info.size}`))
     const handle = this.#nextHandle++
-    const req = Buffer.allocUnsafe(28)
-    req.writeUInt32BE(REQUEST_MAGIC, 0)
-    req.writeUInt16BE(0, 4)
-    req.writeUInt16BE(CMD_READ, 6)
-    req.writeBigUInt64BE(handle, 8)
-    req.writeBigUInt64BE(BigInt(offset), 16)
-    req.writeUInt32BE(length, 24)
-    return new Promise<Buffer>((resolve, reject) => {
-      const p: Pending = { offset, length, buffer: Buffer.allocUnsafe(length), resolve, reject, covered: 0 }
-      p.timer = setTimeout(
-        () => this.#die(`no reply to a read within ${this.#timeout} ms`, 'ETIMEDOUT', true),
-        this.#timeout,
-      )
-      this.#pending.set(handle, p)
-      // requests issued in one turn of the event loop leave in one write
-      if (!this.#corked) {
-        this.#corked = true
-        this.#socket.cork()
+    // Requests issued in one turn of the event loop are written together, in one buffer.
+    if (this.#out === null || this.#outLength + 28 > this.#out.length) {
+      this.#flush()
+      this.#out = Buffer.allocUnsafe(28 * 64)
+      this.#outLength = 0
+      if (!this.#flushQueued) {
+        this.#flushQueued = true
         process.nextTick(() => {
-          this.#corked = false
-          this.#socket.uncork()
+          this.#flushQueued = false
+          this.#flush()
         })
       }
-      this.#socket.write(req)
+    }
+    const req = this.#out
+    const at = this.#outLength
+    this.#outLength += 28
+    req.writeUInt32BE(REQUEST_MAGIC, at)
+    req.writeUInt32BE(CMD_READ, at + 4) // flags 0, type READ
+    req.writeUInt32BE(Math.floor(handle / 0x100000000), at + 8)
+    req.writeUInt32BE(handle >>> 0, at + 12)
+    req.writeUInt32BE(Math.floor(offset / 0x100000000), at + 16)
+    req.writeUInt32BE(offset >>> 0, at + 20)
+    req.writeUInt32BE(length, at + 24)
+    return new Promise<Buffer>((resolve, reject) => {
+      this.#pending.set(handle, {
+        offset,
+        length,
+        buffer: this.#alloc(length),
+        resolve,
+        reject,
+        covered: 0,
+        sentAt: performance.now(),
+      })
+      this.#watch()
     })
+  }
+
+  // Small reads share 1 MiB slabs: one backing store per slab instead of one per read spares
+  // the garbage collector (a slab lives as long as any of its reads' buffers).
+  #alloc(length: number): Buffer {
+    if (length > 64 * 1024) return Buffer.allocUnsafe(length)
+    if (this.#slab === null || this.#slabUsed + length > this.#slab.length) {
+      this.#slab = Buffer.allocUnsafe(1024 * 1024)
+      this.#slabUsed = 0
+    }
+    const b = this.#slab.subarray(this.#slabUsed, this.#slabUsed + length)
+    this.#slabUsed += (length + 7) & ~7
+    return b
+  }
+
+  #flush(): void {
+    if (this.#out !== null && this.#outLength > 0 && this.#dead === null)
+      this.#socket.write(this.#out.subarray(0, this.#outLength))
+    this.#out = null
+    this.#outLength = 0
+  }
+
+  // One timer per connection (not one per read): the oldest read in flight must be answered
+  // within the timeout, or the connection is dropped and its reads fail (retryably).
+  #watch(): void {
+    if (this.#timer !== null) return
+    const tick = Math.max(10, Math.min(1000, this.#timeout / 4))
+    this.#timer = setInterval(() => {
+      const oldest = this.#pending.values().next()
+      if (oldest.done) {
+        clearInterval(this.#timer!)
+        this.#timer = null
+        return
+      }
+      if (performance.now() - oldest.value.sentAt > this.#timeout)
+        this.#die(`no reply to a read within ${this.#timeout} ms`, 'ETIMEDOUT', true)
+    }, tick)
+    this.#timer.unref()
   }
 
   /** NBD_CMD_DISC, then the socket closes; pending reads fail. */
@@ -307,8 +361,9 @@ export class NbdConnection {
     if (this.#dead) return
     this.#dead = this.#error(message, code, retryable)
     this.#socket.destroy()
+    if (this.#timer !== null) clearInterval(this.#timer)
+    this.#timer = null
     for (const p of this.#pending.values()) {
-      clearTimeout(p.timer)
       const e = this.#error(message, code, retryable)
       e.offset = p.offset
       e.length = p.length
@@ -371,7 +426,7 @@ export class NbdConnection {
       }
       case 'simple': {
         const error = h.readUInt32BE(4)
-        const handle = h.readBigUInt64BE(8)
+        const handle = h.readUInt32BE(8) * 0x100000000 + h.readUInt32BE(12)
         const p = this.#pending.get(handle)
         if (p === undefined) {
           this.#protocol(`reply for unknown handle ${handle}`)
@@ -390,7 +445,7 @@ export class NbdConnection {
       case 'structured': {
         const flags = h.readUInt16BE(4)
         const type = h.readUInt16BE(6)
-        const handle = h.readBigUInt64BE(8)
+        const handle = h.readUInt32BE(8) * 0x100000000 + h.readUInt32BE(12)
         const length = h.readUInt32BE(16)
         const p = this.#pending.get(handle)
         if (p === undefined) {
@@ -422,7 +477,7 @@ export class NbdConnection {
         const p = this.#current!
         const c = this.#chunk
         if (c.type === REPLY_OFFSET_DATA) {
-          const offset = Number(h.readBigUInt64BE(0))
+          const offset = h.readUInt32BE(0) * 0x100000000 + h.readUInt32BE(4)
           const n = c.length - 8
           const rel = offset - p.offset
           if (rel < 0 || rel + n > p.length) {
@@ -434,7 +489,7 @@ export class NbdConnection {
           return
         }
         if (c.type === REPLY_OFFSET_HOLE) {
-          const offset = Number(h.readBigUInt64BE(0))
+          const offset = h.readUInt32BE(0) * 0x100000000 + h.readUInt32BE(4)
           const size = h.readUInt32BE(8)
           const rel = offset - p.offset
           if (rel < 0 || rel + size > p.length) {
@@ -488,7 +543,6 @@ export class NbdConnection {
     const p = this.#current!
     this.#current = null
     this.#pending.delete(this.#currentHandle)
-    clearTimeout(p.timer)
     if (err) {
       err.offset = p.offset
       err.length = p.length
