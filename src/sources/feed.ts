@@ -106,6 +106,7 @@ export class Feed {
   #wsMember: Uint8Array = new Uint8Array(0)
   #started = false
   #wsCursor = 0
+  #wsBatch = 32
   #seqCursor = 0
   #inflight = 0
   #inflightBytes = 0
@@ -249,27 +250,37 @@ export class Feed {
   // read through), else the next stretch in address order; null when nothing is left.
   #nextRuns(): Array<[number, number]> | null {
     if (this.#wsCursor < this.#ws.length) {
+      // The first batches are small (the workload waits for its first pages), then they grow.
+      const want = Math.min(this.#batchPages, this.#wsBatch)
+      this.#wsBatch *= 2
       const picked: number[] = []
-      while (this.#wsCursor < this.#ws.length && picked.length < this.#batchPages) {
+      while (this.#wsCursor < this.#ws.length && picked.length < want) {
         const i = this.#ws[this.#wsCursor++]
         if (this.#state[i] === TODO) picked.push(i)
       }
       if (picked.length > 0) {
+        const rank = new Map(picked.map((p, k) => [p, k]))
         picked.sort((a, b) => a - b)
-        const runs: Array<[number, number]> = []
+        const runs: Array<[number, number, number]> = [] // first, count, earliest rank
         let start = picked[0]
         let end = start + 1
+        let first = rank.get(start)!
         for (let k = 1; k < picked.length; k++) {
           const p = picked[k]
-          if (p - end <= this.#gap && p + 1 - start <= this.#batchPages) end = p + 1
-          else {
-            runs.push([start, end - start])
+          if (p - end <= this.#gap && p + 1 - start <= this.#batchPages) {
+            end = p + 1
+            first = Math.min(first, rank.get(p)!)
+          } else {
+            runs.push([start, end - start, first])
             start = p
             end = p + 1
+            first = rank.get(p)!
           }
         }
-        runs.push([start, end - start])
-        return runs
+        runs.push([start, end - start, first])
+        // issued in the order the pages were first touched: the workload's next page comes first
+        runs.sort((a, b) => a[2] - b[2])
+        return runs.map(([f, n]) => [f, n])
       }
     }
     if (!this.#o.prefetch) return null
