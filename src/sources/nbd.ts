@@ -113,6 +113,12 @@ export interface ExportInfo {
   structured: boolean
 }
 
+/** Where a socket's reads go (net's onread), switched from the handshake to the connection. */
+interface Receiver {
+  buffer: () => Buffer
+  data: (n: number, buf: Buffer) => void
+}
+
 /** Bytes arriving on a socket, consumed as fixed-size fields (handshake) or streamed (payloads). */
 class Incoming {
   chunks: Buffer[] = []
@@ -184,6 +190,8 @@ export class NbdConnection {
   #timer: NodeJS.Timeout | null = null
   #slab: Buffer | null = null
   #slabUsed = 0
+  readonly #scratch = Buffer.allocUnsafe(64 * 1024)
+  #direct: Buffer | null = null
   #dead: SourceError | null = null
   // reply parsing state
   #head = Buffer.allocUnsafe(32)
@@ -196,12 +204,20 @@ export class NbdConnection {
   #chunk = { flags: 0, type: 0, length: 0 }
   #sink: { buffer: Buffer | null; at: number; left: number } = { buffer: null, at: 0, left: 0 }
 
-  private constructor(socket: net.Socket, info: ExportInfo, location: string, timeout: number, rest: Buffer[]) {
+  private constructor(
+    socket: net.Socket,
+    receiver: Receiver,
+    info: ExportInfo,
+    location: string,
+    timeout: number,
+    rest: Buffer[],
+  ) {
     this.#socket = socket
     this.info = info
     this.#location = location
     this.#timeout = timeout
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk))
+    receiver.buffer = () => this.#readBuffer()
+    receiver.data = (n, buf) => this.#onRead(n, buf)
     socket.on('error', (err: Error & { code?: string }) =>
       this.#die(`connection failed: ${err.message}`, err.code ?? 'ECONNRESET', true),
     )
@@ -220,20 +236,32 @@ export class NbdConnection {
   /** Connects and negotiates; rejects with a SourceError (retryable where a retry may help). */
   static async connect(target: NbdTarget, location: string, options: NbdOptions = {}): Promise<NbdConnection> {
     const connectTimeout = options.connectTimeout ?? 10_000
+    const incoming = new Incoming()
+    // Reads land where the parser says: payloads straight into the reply's buffer (see
+    // #readBuffer), everything else in a scratch buffer. During the handshake: the scratch.
+    const scratch = Buffer.allocUnsafe(64 * 1024)
+    const receiver: Receiver = {
+      buffer: () => scratch,
+      data: (n, buf) => incoming.push(Buffer.from(buf.subarray(0, n))),
+    }
+    const onread = {
+      buffer: () => receiver.buffer(),
+      callback: (n: number, buf: Buffer): boolean => {
+        receiver.data(n, buf)
+        return true
+      },
+    }
     const socket =
       target.socket !== undefined
-        ? net.createConnection({ path: target.socket })
-        : net.createConnection({ host: target.host, port: target.port ?? 10809 })
+        ? net.createConnection({ path: target.socket, onread })
+        : net.createConnection({ host: target.host, port: target.port ?? 10809, onread })
     socket.setNoDelay(true)
-    const incoming = new Incoming()
-    const onData = (b: Buffer): void => incoming.push(b)
     const fail = (code: string, message: string, retryable = true): SourceError =>
       new SourceError(`NBD ${location}: ${message}`, { code, syscall: 'connect', retryable, location })
     const onError = (err: Error & { code?: string }): void =>
       incoming.fail(fail(err.code ?? 'ECONNRESET', `cannot connect: ${err.message}`))
     const onClose = (): void =>
       incoming.fail(fail('ECONNRESET', 'the server closed the connection during the handshake'))
-    socket.on('data', onData)
     socket.on('error', onError)
     socket.on('close', onClose)
     const timer = setTimeout(
@@ -242,10 +270,9 @@ export class NbdConnection {
     )
     try {
       const info = await handshake(socket, incoming, target.export, (code, message) => fail(code, message, false))
-      socket.off('data', onData)
       socket.off('error', onError)
       socket.off('close', onClose)
-      return new NbdConnection(socket, info, location, options.timeout ?? 30_000, incoming.chunks.splice(0))
+      return new NbdConnection(socket, receiver, info, location, options.timeout ?? 30_000, incoming.chunks.splice(0))
     } catch (err) {
       socket.destroy()
       throw err
@@ -374,6 +401,30 @@ export class NbdConnection {
 
   #protocol(message: string): void {
     this.#die(`protocol error: ${message}`, 'EPROTO', true)
+  }
+
+  /** Where the next socket read goes: the rest of a payload in place when it is large. */
+  #readBuffer(): Buffer {
+    const s = this.#sink
+    if (this.#stage === 'payload' && s.buffer !== null && s.left >= 16 * 1024) {
+      this.#direct = s.buffer.subarray(s.at, s.at + s.left)
+      return this.#direct
+    }
+    this.#direct = null
+    return this.#scratch
+  }
+
+  #onRead(n: number, buf: Buffer): void {
+    if (buf === this.#direct && this.#direct !== null) {
+      // the bytes are in place already
+      this.#direct = null
+      const s = this.#sink
+      s.at += n
+      s.left -= n
+      if (s.left === 0) this.#payloadDone()
+      return
+    }
+    this.#onData(buf.subarray(0, n))
   }
 
   #onData(chunk: Buffer): void {
