@@ -11,6 +11,18 @@ import * as path from 'node:path'
 import { timeScale } from './children'
 
 const live = new Set<ChildProcess>()
+
+/**
+ * The servers' environment: ours without LD_PRELOAD (the ASan run preloads libasan into node;
+ * qemu-img and friends must not inherit it: under it qemu-img hangs).
+ */
+function serverEnv(): NodeJS.ProcessEnv {
+  const env = { ...process.env }
+  delete env.LD_PRELOAD
+  delete env.ASAN_OPTIONS
+  delete env.UBSAN_OPTIONS
+  return env
+}
 const dirs: string[] = []
 
 /** The absolute path of `name` on PATH (and /usr/sbin), or null. */
@@ -143,7 +155,7 @@ export async function startNbdkit(file: string, options: NbdkitOptions = {}): Pr
     if (options.threads) args.push('-t', String(options.threads))
     for (const f of options.filters ?? []) args.push(`--filter=${f}`)
     args.push('file', `file=${file}`, ...(options.params ?? []))
-    const child = spawn(which('nbdkit') ?? 'nbdkit', args, { stdio: ['ignore', 'ignore', 'pipe'] })
+    const child = spawn(which('nbdkit') ?? 'nbdkit', args, { stdio: ['ignore', 'ignore', 'pipe'], env: serverEnv() })
     const stderr = track(child)
     try {
       await waitFor(() => fs.existsSync(pidFile), child, 'nbdkit', stderr)
@@ -163,7 +175,7 @@ export async function startQemuNbd(image: string, format: 'qcow2' | 'raw', expor
   const child = spawn(
     which('qemu-nbd') ?? 'qemu-nbd',
     ['-r', '-f', format, '-x', exportName, '-k', sock, '--shared=8', '--persistent', image],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
+    { stdio: ['ignore', 'ignore', 'pipe'], env: serverEnv() },
   )
   const stderr = track(child)
   await waitFor(() => fs.existsSync(sock), child, 'qemu-nbd', stderr)
@@ -173,16 +185,11 @@ export async function startQemuNbd(image: string, format: 'qcow2' | 'raw', expor
 /** qemu-img convert `raw` into a qcow2 image (compressed with -c); returns its path. */
 export function makeQcow2(raw: string, compressed: boolean): string {
   const out = `${raw}.${compressed ? 'compressed' : 'sparse'}.qcow2`
-  execFileSync(which('qemu-img') ?? 'qemu-img', [
-    'convert',
-    ...(compressed ? ['-c'] : []),
-    '-f',
-    'raw',
-    '-O',
-    'qcow2',
-    raw,
-    out,
-  ])
+  execFileSync(
+    which('qemu-img') ?? 'qemu-img',
+    ['convert', ...(compressed ? ['-c'] : []), '-f', 'raw', '-O', 'qcow2', raw, out],
+    { env: serverEnv() },
+  )
   return out
 }
 
@@ -217,7 +224,7 @@ export function makeCertificate(dir: string): { cert: string; key: string } {
       '-out',
       cert,
     ],
-    { stdio: 'ignore' },
+    { stdio: 'ignore', env: serverEnv() },
   )
   return { cert, key }
 }
@@ -256,6 +263,7 @@ http {
     fs.writeFileSync(confFile, conf)
     const child = spawn(which('nginx') ?? 'nginx', ['-c', confFile, '-p', dir, '-e', path.join(dir, 'error.log')], {
       stdio: ['ignore', 'ignore', 'pipe'],
+      env: serverEnv(),
     })
     const stderr = (): string => {
       try {
