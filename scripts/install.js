@@ -45,25 +45,43 @@ function tryPrebuild() {
   }
 }
 
+/** npm's node-gyp, else one on PATH, else a local one: { script } (run with node) or { script: undefined } (on PATH). */
+function findNodeGyp() {
+  const npmGyp = process.env.npm_config_node_gyp
+  if (npmGyp && fs.existsSync(npmGyp)) return { script: npmGyp, what: `npm's node-gyp (${npmGyp})` }
+  const onPath = (process.env.PATH || '')
+    .split(path.delimiter)
+    .find((d) => d && fs.existsSync(path.join(d, 'node-gyp')))
+  if (onPath) return { script: undefined, what: `node-gyp from PATH (${path.join(onPath, 'node-gyp')})` }
+  try {
+    const local = require.resolve('node-gyp/bin/node-gyp.js', { paths: [root] })
+    return { script: local, what: `node-gyp from ${path.dirname(path.dirname(local))}` }
+  } catch {
+    return undefined
+  }
+}
+
 function compile(why) {
   say(`compiling the addon with node-gyp: ${why}`)
-  // npm's own node-gyp when npm runs us (npm_config_node_gyp), else the package's dependency.
-  let gyp = process.env.npm_config_node_gyp
-  if (!gyp || !fs.existsSync(gyp)) {
-    try {
-      gyp = require.resolve('node-gyp/bin/node-gyp.js')
-    } catch {
-      gyp = undefined
-    }
+  // node-gyp is not a dependency (it is 12 MB for every consumer whose prebuild loads): npm
+  // ships one and names it to lifecycle scripts (npm_config_node_gyp, and node-gyp on PATH).
+  // Other package managers: node-gyp on PATH; a development checkout: its devDependency.
+  const gyp = findNodeGyp()
+  if (gyp === undefined) {
+    say(
+      'cannot compile: node-gyp was not found (npm provides it to install scripts; elsewhere: npm install -g node-gyp)',
+    )
+    process.exit(1)
   }
+  say(`using ${gyp.what}`)
   // Build against this Node's own headers when it has them (official builds and Debian's do),
   // rather than downloading them.
   const env = { ...process.env }
   const prefix = path.dirname(path.dirname(fs.realpathSync(process.execPath)))
   if (!env.npm_config_nodedir && fs.existsSync(path.join(prefix, 'include', 'node', 'node_api.h')))
     env.npm_config_nodedir = prefix
-  const r = gyp
-    ? spawnSync(process.execPath, [gyp, 'rebuild'], { cwd: root, stdio: 'inherit', env })
+  const r = gyp.script
+    ? spawnSync(process.execPath, [gyp.script, 'rebuild'], { cwd: root, stdio: 'inherit', env })
     : spawnSync('node-gyp', ['rebuild'], { cwd: root, stdio: 'inherit', env })
   if (r.status !== 0) {
     say(

@@ -21,7 +21,7 @@ async function main() {
   const { Userfaultfd, Mapping, PAGE_SIZE } = req('userfaultfd')
   const esm = await import(req.resolve('userfaultfd').replace(/index\.js$/, 'index.mjs'))
   if (esm.Userfaultfd !== Userfaultfd) fail('import and require give different Userfaultfd classes')
-  const { nativePath } = req(path.join(pkgDir, 'dist', 'native.js'))
+  const { nativePath } = req(path.join(pkgDir, 'dist', 'addon', 'native.js'))
   const { touch, pages } = req(path.join(pkgDir, 'dist', 'testing', 'index.js'))
   const loaded = path.relative(pkgDir, nativePath)
   const want =

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # npm run test:pack: the package as users get it. `npm pack`, then into empty projects:
 #   1. install the tarball with NO compiler on PATH: the prebuild loads (install says so, no
-#      build/ made) and the smoke test passes (scripts/pack-smoke.js: open, register, fault from
-#      native threads, UFFDIO_COPY, check);
-#   2. the same project with its prebuild removed: `npm rebuild` falls back to node-gyp and says
-#      why; without a compiler that fails with the packages to install;
+#      build/ made), node-gyp is not installed with it, the source maps resolve, and the smoke
+#      test passes (scripts/pack-smoke.js: open, register, fault from native threads,
+#      UFFDIO_COPY, check);
+#   2. the same project with its prebuild removed: `npm rebuild` falls back to npm's own
+#      node-gyp and says why; without a compiler that fails with the packages to install;
 #   3. `npm install --build-from-source`: compiles, and the local build is what loads.
 # First checks that the committed prebuilds match the sources (else: run `npm run prebuilds`).
 set -euo pipefail
@@ -48,8 +49,14 @@ project a
 grep -q 'userfaultfd: using the prebuilt binary prebuilds/linux-x64/userfaultfd.glibc.node' "$work/a.log" \
   || { cat "$work/a.log"; die "install did not say it used the prebuild"; }
 [ ! -e "$work/a/node_modules/userfaultfd/build" ] || die "install made build/ although the prebuild loads"
+[ ! -e "$work/a/node_modules/node-gyp" ] || die "node-gyp was installed with the package (it must not be a dependency)"
+deps=$(cd "$work/a" && npm ls --all --parseable 2>/dev/null | tail -n +2 | wc -l)
+(cd "$work/a" && node --enable-source-maps -e \
+  "try { require('userfaultfd').Userfaultfd.open({ via: 'pigeon' }) } catch (e) { console.log(e.stack) }") > "$work/a-stack.log"
+grep -q 'node_modules/userfaultfd/src/core/userfaultfd.ts:[0-9]' "$work/a-stack.log" \
+  || { cat "$work/a-stack.log"; die "the source maps do not resolve to the TypeScript sources"; }
 (cd "$work/a" && PATH=$nocc node "$root/scripts/pack-smoke.js" prebuild) || die "smoke test with the prebuild"
-say "1. no compiler: installed with the prebuild, smoke test passed"
+say "1. no compiler: installed with the prebuild ($deps packages in node_modules, no node-gyp), source maps resolve, smoke test passed"
 
 # 2. no usable prebuild: the fallback to node-gyp, which says why
 rm -rf "$work/a/node_modules/userfaultfd/prebuilds/linux-x64"
@@ -62,8 +69,9 @@ grep -q 'compiling the addon with node-gyp: no prebuilt binary for linux-x64' "$
 (cd "$work/a" && timeout 300 npm rebuild "${npm_quiet[@]}" userfaultfd > "$work/a3.log" 2>&1) \
   || { tail -30 "$work/a3.log"; die "fallback compile failed"; }
 grep -q 'compiling the addon with node-gyp: no prebuilt binary for linux-x64' "$work/a3.log" || die "fallback did not say so"
+grep -q "userfaultfd: using npm's node-gyp" "$work/a3.log" || { cat "$work/a3.log"; die "the fallback did not use npm's own node-gyp"; }
 (cd "$work/a" && node "$root/scripts/pack-smoke.js" build) || die "smoke test after the fallback compile"
-say "2. no prebuild: install said so and compiled with node-gyp (without a compiler: failed, naming what to install); smoke test passed"
+say "2. no prebuild: install said so and compiled with npm's node-gyp (without a compiler: failed, naming what to install); smoke test passed"
 
 # 3. --build-from-source
 project b

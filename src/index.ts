@@ -1,7 +1,7 @@
 // userfaultfd: Linux userfaultfd(2) for Node.js.
 export { Userfaultfd } from './core/userfaultfd'
 export { EventStream } from './core/events'
-export type { EventsOptions } from './core/events'
+export type { EventsOptions, EventItem } from './core/events'
 export { FaultResolver } from './core/fault-resolver'
 export type { FaultResolverOptions, ResolveOutcome } from './core/fault-resolver'
 export type {
@@ -12,6 +12,8 @@ export type {
   WriteProtectOptions,
   MoveOptions,
   UffdEvent,
+  Address,
+  CopySource,
 } from './core/userfaultfd'
 export { Mapping, hugePageSize } from './core/mapping'
 export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
@@ -34,7 +36,7 @@ export {
 } from './core/constants'
 export type { FeatureName, IoctlName } from './core/constants'
 export type { Probe, AccessResult, Via } from './core/probe'
-export type { Range, RangeLike } from './core/range'
+export type { Range, RangeLike, Bytes } from './core/range'
 export {
   FdChannel,
   sendFds,
@@ -52,13 +54,14 @@ export type { ReceivedUffd } from './ipc/uffd-passing'
 export { FirecrackerHandler } from './firecracker/handler'
 export type {
   FirecrackerHandlerOptions,
+  FirecrackerHandlerEvents,
   HandlerStats,
   ConnectionStats,
   ServingCounts,
   RemovePolicy,
 } from './firecracker/handler'
 export { parseRegions, ProtocolError } from './firecracker/protocol'
-export type { GuestRegion } from './firecracker/protocol'
+export type { GuestRegion, ParseOptions } from './firecracker/protocol'
 export { FaultServer } from './engines/fault-server'
 export type {
   FaultServerOptions,
@@ -68,6 +71,7 @@ export type {
   ServeOptions,
   FaultServerStats,
   FaultServerProgress,
+  PageBytes,
 } from './engines/fault-server'
 export { RemoteSource } from './sources/remote'
 export type { RemoteOptions, RemoteCounters } from './sources/remote'
@@ -97,3 +101,6 @@ export type {
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'
 export type { PagemapScanOptions, PagemapScanResult, PageRegion, PageCategoryName } from './engines/pagemap-scan'
+export type { TypedEmitter, TypedEvents, EventMap, TypedEventName, TypedListener } from './util/typed-emitter'
+export { CHANNELS as diagnosticsChannels } from './util/diagnostics'
+export type { FaultsMessage, ErrorMessage, ConnectionMessage } from './util/diagnostics'

@@ -1,12 +1,11 @@
-// The `userfaultfd` command, run as the real binary (node dist/cli/index.js ...).
+// The `userfaultfd` command, run as the real binary (node dist/cli/index.js ...): help for every
+// command, --version, and usage errors that name the flag and exit 2.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
-import type { ChildProcess } from 'node:child_process'
-import { writeSnapshot } from '../src/cli/demo/snapshot'
-import { dist, killChildren, runCommand, runGuest, runNode } from './helpers/children'
-import { env } from './helpers/env'
+import { commands } from '../src/cli/commands'
+import { dist, killChildren, root, runNode } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 let dir: string
@@ -17,155 +16,145 @@ beforeAll(() => {
 afterEach(() => killChildren())
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
 
-describe('userfaultfd CLI', () => {
+describe('userfaultfd CLI: help and version', () => {
   it('has a shebang and is the package bin', () => {
     expect(fs.readFileSync(cli, 'utf8').startsWith('#!/usr/bin/env node\n')).toBe(true)
-    const pkg = JSON.parse(fs.readFileSync(path.join(dist, '..', 'package.json'), 'utf8'))
+    const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'))
     expect(pkg.bin).toEqual({ userfaultfd: 'dist/cli/index.js' })
   })
 
-  it('doctor --json: usable here, with kernel, features, ioctls, huge pages, container; exit 0', {
-    timeout: 15_000,
-  }, async () => {
-    const r = await runNode([cli, 'doctor', '--json'])
-    expect(r.code).toBe(0)
-    const report = JSON.parse(r.stdout)
-    // In a container given only --device /dev/userfaultfd the syscall is blocked (seccomp).
-    expect(report).toMatchObject({
-      usable: true,
-      status: 'usable',
-      kernel: os.release(),
-      syscall: { ok: env.syscall },
-      device: { ok: env.device },
-    })
-    expect(report.features).toContain('EVENT_REMOVE')
-    expect(report.ioctls).toContain('REGISTER')
-    expect(report.hugePages).toHaveProperty('total')
-    expect(report.container).toHaveProperty('detected')
-    expect(typeof report.unprivilegedUserfaultfd).toBe('number')
-  })
-
-  it('doctor: a human summary', { timeout: 15_000 }, async () => {
-    const r = await runNode([cli, 'doctor'])
-    expect(r.code).toBe(0)
-    expect(r.stdout).toMatch(/userfaultfd doctor: USABLE/)
-    expect(r.stdout).toMatch(env.syscall ? /userfaultfd\(2\) syscall: works/ : /\/dev\/userfaultfd: works/)
-  })
-
-  it('doctor as an unprivileged user: user-mode-only, exit 3, names the fixes', { timeout: 15_000 }, async (ctx) => {
-    if (process.getuid!() !== 0 || !fs.existsSync('/usr/bin/setpriv')) {
-      ctx.skip('needs root and setpriv to run as nobody')
+  it('--version prints the package version; -V too', async () => {
+    const { version } = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'))
+    for (const flag of ['--version', '-V']) {
+      const r = await runNode([cli, flag])
+      expect(r).toMatchObject({ code: 0, stdout: `${version}\n`, stderr: '' })
     }
-    if (fs.readFileSync('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').trim() !== '0') {
-      ctx.skip('vm.unprivileged_userfaultfd is 1: nobody may use the syscall')
-    }
-    const r = await runCommand('/usr/bin/setpriv', [
-      '--reuid=65534',
-      '--regid=65534',
-      '--clear-groups',
-      process.execPath,
-      cli,
-      'doctor',
-      '--json',
-    ])
-    // Under Docker's seccomp profile even UFFD_USER_MODE_ONLY is blocked: unusable (exit 1).
-    expect(r.code).toBe(env.syscallUserModeOnly ? 3 : 1)
-    const report = JSON.parse(r.stdout)
-    expect(report).toMatchObject({
-      usable: false,
-      status: env.syscallUserModeOnly ? 'user-mode-only' : 'unusable',
-      uid: 65534,
-      syscall: { ok: false, code: 'EPERM' },
-      capSysPtrace: false,
-    })
-    // The device can be opened to nobody: setfacl. Absent (a container without --device): the flag.
-    expect(report.fixes.join('\n')).toMatch(
-      env.deviceExists ? /setfacl -m u:nobody:rw \/dev\/userfaultfd/ : /--device \/dev\/userfaultfd/,
-    )
   })
 
-  it('usage errors exit 2 with a message', { timeout: 15_000 }, async () => {
-    const unknown = await runNode([cli, 'frobnicate'])
-    expect(unknown.code).toBe(2)
-    expect(unknown.stderr).toMatch(/unknown command 'frobnicate'/)
-    const missing = await runNode([cli, 'serve', '--socket', path.join(dir, 'x')])
-    expect(missing.code).toBe(2)
-    expect(missing.stderr).toMatch(/--mem-file/)
-    const bad = await runNode([cli, 'serve', '--socket', 'x', '--mem-file', 'y', '--on-remove', 'maybe'])
-    expect(bad.code).toBe(2)
-    const noFile = await runNode([
-      cli,
-      'serve',
-      '--socket',
-      path.join(dir, 'nf'),
-      '--mem-file',
-      path.join(dir, 'absent'),
-    ])
-    expect(noFile.code).toBe(1)
-    expect(noFile.stderr).toMatch(/ENOENT/)
+  it('--help lists every command; no command at all prints it on stderr and exits 2', async () => {
+    const help = await runNode([cli, '--help'])
+    expect(help.code).toBe(0)
+    expect(help.stdout).toMatch(/^usage: userfaultfd <command> \[options\]/)
+    for (const c of commands) expect(help.stdout).toMatch(new RegExp(`^  ${c.name} +\\S`, 'm'))
+    const none = await runNode([cli])
+    expect(none.code).toBe(2)
+    expect(none.stdout).toBe('')
+    expect(none.stderr).toBe(help.stdout)
   })
 
-  it('serve: serves a Firecracker-like guest; SIGTERM shuts down cleanly with --json stats', {
-    timeout: 30_000,
-  }, async () => {
-    const memFile = path.join(dir, 'serve.mem')
-    const socket = path.join(dir, 'serve.sock')
-    writeSnapshot(memFile, 4 << 20)
-    let server: ChildProcess | undefined
-    let stderr = ''
-    let onListening: () => void = () => {}
-    const listening = new Promise<void>((resolve) => {
-      onListening = resolve
-    })
-    const serverDone = runNode([cli, 'serve', '--socket', socket, '--mem-file', memFile, '--json'], 25_000, (child) => {
-      server = child
-      child.stderr!.on('data', (d) => {
-        stderr += d
-        if (stderr.includes('listening on')) onListening()
-      })
-    })
-    await listening
-    const g = await runGuest({ socket, memFile, dontneed: 65536 })
-    expect(g.code).toBe(0)
-    expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0 })
-    await new Promise((r) => setTimeout(r, 100))
-    server!.kill('SIGTERM')
-    const r = await serverDone
-    expect(r.code).toBe(0)
-    const stats = JSON.parse(r.stdout)
-    expect(stats).toMatchObject({
-      pagesServed: 1024,
-      zeroPages: 16,
-      removes: 1,
-      connections: { total: 1, active: 0, failed: 0 },
-    })
-    expect(r.stderr).toMatch(/connection 1: pid \d+/)
-    expect(fs.existsSync(socket)).toBe(false) // the socket file is removed on shutdown
+  it.each(commands.map((c) => c.name))('%s --help (and -h, and `help %s`) describes every option', async (name) => {
+    const command = commands.find((c) => c.name === name)!
+    const long = await runNode([cli, name, '--help'])
+    expect(long.code).toBe(0)
+    expect(long.stderr).toBe('')
+    expect(long.stdout).toMatch(new RegExp(`^usage: userfaultfd ${name} `))
+    for (const option of Object.keys(command.options)) expect(long.stdout).toMatch(new RegExp(`--${option}\\b`))
+    expect(long.stdout).toMatch(/^exit status:/m)
+    expect(long.stdout).toMatch(/^examples:/m)
+    expect((await runNode([cli, name, '-h'])).stdout).toBe(long.stdout)
+    expect((await runNode([cli, 'help', name])).stdout).toBe(long.stdout)
+    // --help wins over anything else on the line, even bad options
+    expect((await runNode([cli, name, '--bogus', 'x', '--help'])).code).toBe(2)
+    expect((await runNode([cli, name, '--help', '--bogus'])).stdout).toBe(long.stdout)
+  })
+})
+
+describe('userfaultfd CLI: usage errors exit 2 and name the flag', () => {
+  const long = `/tmp/${'s'.repeat(110)}.sock`
+  const cases: Array<[string, string[], RegExp]> = [
+    ['an unknown command, with a suggestion', ['serv'], /unknown command 'serv' \(did you mean serve\?\)/],
+    ['an option before the command', ['--json'], /unknown option --json \(options go after the command\)/],
+    [
+      'an unknown option, with a suggestion',
+      ['serve', '--soket', 'x'],
+      /unknown option --soket \(did you mean --socket\?\)/,
+    ],
+    ['a missing required option', ['serve', '--mem-file', 'x'], /missing --socket PATH/],
+    ['a value missing at the end', ['serve', '--socket'], /--socket needs a value \(PATH\)/],
+    [
+      'an option where a value belongs',
+      ['serve', '--socket', '--mem-file', 'x'],
+      /--socket needs a value, got the option '--mem-file'/,
+    ],
+    ['an empty value', ['serve', '--socket=', '--mem-file', 'x'], /--socket needs a value, not an empty string/],
+    [
+      'an empty file name',
+      ['serve', '--socket', 'a.sock', '--mem-file='],
+      /--mem-file needs a value, not an empty string/,
+    ],
+    ['a value for a switch', ['doctor', '--json=yes'], /--json takes no value/],
+    ['an option given twice', ['serve', '--socket', 'a', '--socket', 'b', '--mem-file', 'x'], /--socket given twice/],
+    ['a positional argument', ['doctor', 'now'], /unexpected argument 'now'/],
+    [
+      'a bad choice',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--on-remove', 'maybe'],
+      /--on-remove must be zero or unregister \(got 'maybe'\)/,
+    ],
+    [
+      'a bad integer',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--handshake-timeout', '5s'],
+      /--handshake-timeout must be an integer 1\.\.3600000 \(got '5s'\)/,
+    ],
+    [
+      'an out-of-range integer',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--handshake-timeout', '5000000000'],
+      /--handshake-timeout must be an integer/,
+    ],
+    [
+      'a bad uid',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--allow-uid', '-1'],
+      /--allow-uid needs a value, got the option '-1'/,
+    ],
+    [
+      'a bad uid (inline)',
+      ['serve', '--socket', 'a', '--mem-file', '/etc/hostname', '--allow-uid=root'],
+      /--allow-uid must be an integer 0\.\.4294967294 \(got 'root'\)/,
+    ],
+    ['a bad size', ['demo', '--size', '12x'], /--size must be a size from 1 to 16777216 MiB/],
+    ['a zero size', ['demo', '--size', '0'], /--size must be a size/],
+    ['a size beyond the memory available', ['demo', '--size', '16T'], /--size must be a size/],
+    [
+      'a size beyond MemAvailable',
+      ['demo', '--size', `${Math.ceil(os.totalmem() / 1048576) + 1024}`],
+      /--size \d+ MiB: this machine has \d+ MiB available/,
+    ],
+    ['zero threads', ['demo', '--threads', '0'], /--threads must be an integer 1\.\.64/],
+    [
+      'a socket path longer than sun_path',
+      ['serve', '--socket', long, '--mem-file', 'x'],
+      /--socket is 120 bytes long; a Unix socket path holds at most 107/,
+    ],
+    [
+      'a socket in a missing directory',
+      ['serve', '--socket', '/nonexistent-dir/x.sock', '--mem-file', 'x'],
+      /--socket: the directory \/nonexistent-dir does not exist/,
+    ],
+    [
+      'a socket path that is a regular file',
+      ['serve', '--socket', '/etc/hostname', '--mem-file', 'x'],
+      /--socket: \/etc\/hostname exists and is not a socket/,
+    ],
+    [
+      'a memory file that does not exist',
+      ['serve', '--socket', 'a.sock', '--mem-file', '/nonexistent-file'],
+      /--mem-file \/nonexistent-file: no such file/,
+    ],
+  ]
+  it.each(cases)('%s', async (_what, args, message) => {
+    const r = await runNode([cli, ...args])
+    expect(r.stdout).toBe('')
+    expect(r.stderr).toMatch(message)
+    expect(r.stderr).toMatch(/\nTry 'userfaultfd( \w+)? --help'\.\n$/)
+    expect(r.code).toBe(2)
   })
 
-  it('demo --json: lazily restores a snapshot into a child and verifies every page', { timeout: 60_000 }, async () => {
-    const r = await runNode([cli, 'demo', '--size', '8', '--json'], 55_000)
-    expect(r.stderr).toBe('')
-    expect(r.code).toBe(0)
-    const s = JSON.parse(r.stdout)
-    expect(s).toMatchObject({
-      ok: true,
-      pages: 2048,
-      pagesServed: 2048,
-      mismatches: 0,
-      verifiedBytes: 8 << 20,
-      zeroMismatches: 0,
-      zeroPages: 256,
-    })
-    expect(s.pagesFaulted).toBe(2048 + 256)
-    expect(Object.values(s.faultLatencyHistogramUs).reduce((a: number, b) => a + (b as number), 0)).toBe(2048)
-  })
-
-  it('demo: the human report', { timeout: 60_000 }, async () => {
-    const r = await runNode([cli, 'demo', '--size', '4', '--threads', '2'], 55_000)
-    expect(r.code).toBe(0)
-    expect(r.stdout).toMatch(/pages faulted: 1280/)
-    expect(r.stdout).toMatch(/fault latency: p50/)
-    expect(r.stdout).toMatch(/OK: every page matched the snapshot/)
+  it('a socket path past sun_path leaves no truncated socket behind', async () => {
+    const deep = path.join(dir, 'd'.repeat(40), 'e'.repeat(40))
+    fs.mkdirSync(deep, { recursive: true })
+    const socket = path.join(deep, `${'f'.repeat(120 - deep.length)}.sock`)
+    expect(Buffer.byteLength(socket)).toBeGreaterThan(107)
+    const r = await runNode([cli, 'serve', '--socket', socket, '--mem-file', '/etc/hostname'])
+    expect(r.code).toBe(2)
+    expect(fs.readdirSync(deep)).toEqual([])
   })
 })

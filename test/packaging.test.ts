@@ -69,6 +69,66 @@ describe('package.json', () => {
   })
 })
 
+describe('package.json metadata and dependencies', () => {
+  it('says where the project lives and what it is', () => {
+    expect(pkg.repository).toMatchObject({
+      type: 'git',
+      url: expect.stringMatching(/^git\+https:\/\/github\.com\/.+\.git$/),
+    })
+    expect(pkg.homepage).toMatch(/^https:\/\/github\.com\/.+#readme$/)
+    expect(pkg.bugs.url).toMatch(/^https:\/\/github\.com\/.+\/issues$/)
+    expect(pkg.keywords).toEqual(expect.arrayContaining(['userfaultfd', 'firecracker', 'page-fault']))
+    expect(typeof pkg.author).toBe('string')
+    expect(pkg.license).toBe('MIT')
+    for (const f of ['LICENSE', 'CHANGELOG.md']) {
+      expect(pkg.files).toContain(f)
+      expect(fs.existsSync(path.join(root, f))).toBe(true)
+    }
+  })
+
+  it('node-gyp is not a runtime dependency (npm brings its own for the fallback build)', () => {
+    expect(pkg.dependencies).not.toHaveProperty('node-gyp')
+    expect(pkg.devDependencies).toHaveProperty('node-gyp')
+    // What the fallback compile needs at install time: node-addon-api's headers.
+    expect(Object.keys(pkg.dependencies).sort()).toEqual(['bindings', 'node-addon-api'])
+  })
+})
+
+describe('source maps', () => {
+  const maps: string[] = []
+  const walk = (dir: string): void => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name)
+      if (e.isDirectory()) walk(p)
+      else if (e.name.endsWith('.js.map')) maps.push(p)
+    }
+  }
+  walk(path.join(root, 'dist'))
+
+  it('carry their sources (src/ is not published), equal to src/', () => {
+    expect(maps.length).toBeGreaterThan(20)
+    for (const map of maps) {
+      const m = JSON.parse(fs.readFileSync(map, 'utf8'))
+      expect(m.sources.length, map).toBeGreaterThan(0)
+      expect(m.sourcesContent?.length, `${map} has no sourcesContent`).toBe(m.sources.length)
+      for (const [i, source] of m.sources.entries()) {
+        const file = path.resolve(path.dirname(map), m.sourceRoot ?? '', source)
+        expect(m.sourcesContent[i], `${map}: ${source}`).toBe(fs.readFileSync(file, 'utf8'))
+      }
+    }
+  })
+
+  it('resolve: with --enable-source-maps a stack names the TypeScript line', () => {
+    const r = node([
+      '--enable-source-maps',
+      '-e',
+      "try { require('./dist').Userfaultfd.open({ via: 'pigeon' }) } catch (e) { console.log(e.stack) }",
+    ])
+    expect(r.stdout).toMatch(/via must be 'auto', 'device' or 'syscall'/)
+    expect(r.stdout).toMatch(/src\/core\/userfaultfd\.ts:\d+:\d+/)
+  })
+})
+
 describe('prebuilt binaries', () => {
   const found = check.inspect()
 

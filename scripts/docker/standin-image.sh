@@ -8,28 +8,35 @@
 #
 # The debootstrapped root is cached in .cache/docker/ (git-ignored), so a rebuild after the
 # image was removed takes seconds; the image itself stays in Docker's store between runs.
+# The Debian mirror is the one this machine's apt uses (DEBIAN_MIRROR overrides it): see
+# debian-mirror.js. Nothing is archived or deleted through a mount debootstrap left behind
+# (mounts.sh).
 set -euo pipefail
 tag=${1:?usage: standin-image.sh TAG}
-root_dir=$(cd "$(dirname "$0")/../.." && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
+root_dir=$(cd "$here/../.." && pwd)
 cache=${USERFAULTFD_CACHE:-$root_dir/.cache}/docker
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# shellcheck source=mounts.sh
+. "$here/mounts.sh"
 docker=${DOCKER:-docker}
 mkdir -p "$cache"
 
 base_tar=$cache/bookworm-minbase-build.tar
 if [ ! -s "$base_tar" ]; then
   command -v debootstrap >/dev/null || { echo "standin: installing debootstrap"; apt-get install -y -q debootstrap >/dev/null; }
+  mirror=$(node "$here/debian-mirror.js")
   work=$(mktemp -d "$cache/rootfs.XXXXXX")
-  trap 'rm -rf "$work"' EXIT
+  trap 'safe_remove "$work"' EXIT
   echo "standin: debootstrap bookworm (minbase + g++ make python3) from $mirror"
   start=$SECONDS
   timeout 900 debootstrap --variant=minbase --include=ca-certificates,g++,make,python3 \
     bookworm "$work/root" "$mirror" > "$cache/debootstrap.log" 2>&1 \
     || { tail -30 "$cache/debootstrap.log"; exit 1; }
-  rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
-  tar -C "$work/root" -cf "$base_tar.tmp" .
+  release_mounts "$work/root"
+  rm -rf --one-file-system "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"*
+  tar --one-file-system -C "$work/root" -cf "$base_tar.tmp" .
   mv "$base_tar.tmp" "$base_tar"
-  rm -rf "$work"; trap - EXIT
+  safe_remove "$work"; trap - EXIT
   echo "standin: debootstrap took $((SECONDS - start)) s"
 fi
 
@@ -41,7 +48,7 @@ headers=$node_prefix/include/node
 
 # The image = the cached base + node, npm and the headers.
 layer=$(mktemp -d "$cache/image.XXXXXX")
-trap 'rm -rf "$layer"' EXIT
+trap 'safe_remove "$layer"' EXIT
 tar -C "$layer" -xf "$base_tar"
 mkdir -p "$layer/usr/local/bin" "$layer/usr/local/include" "$layer/usr/local/lib/node_modules"
 cp "$node_bin" "$layer/usr/local/bin/node"

@@ -3,7 +3,10 @@
 // (faults raised inside syscalls or by KVM are not delivered: not enough for Firecracker).
 import * as fs from 'node:fs'
 import * as os from 'node:os'
+import * as path from 'node:path'
+import { fork } from 'node:child_process'
 import { Userfaultfd } from '../core/userfaultfd'
+import type { FeatureCheck, FeatureCheckOptions, FeatureReport } from './doctor-features'
 
 export interface DoctorReport {
   usable: boolean
@@ -17,8 +20,14 @@ export interface DoctorReport {
   capSysPtrace: boolean
   seccomp: 'disabled' | 'strict' | 'filter' | 'unknown'
   via: string | null
+  /** features the kernel offers (UFFDIO_API) */
   features: string[]
+  /** ioctls of the uffd itself, from the UFFDIO_API handshake (API, REGISTER, UNREGISTER) */
   ioctls: string[]
+  /** ioctls UFFDIO_REGISTER reports for a registered range of each memory kind (null: not registered) */
+  rangeIoctls: FeatureReport['rangeIoctls']
+  /** each of the package's features, tried on a small mapping */
+  checks: FeatureCheck[]
   hugePages: { size: number; total: number; free: number; nrHugepages: number | null }
   container: { detected: boolean; kind: string | null; evidence: string[] }
   reason?: string
@@ -63,7 +72,41 @@ function detectContainer(): DoctorReport['container'] {
   return { detected: evidence.length > 0, kind, evidence }
 }
 
-export function diagnose(): DoctorReport {
+const CHECK_TIMEOUT_MS = 20_000
+
+/** Runs the feature checks in a child process (a check stuck in a fault cannot hang doctor). */
+function runFeatureChecks(options: FeatureCheckOptions): Promise<FeatureReport> {
+  return new Promise((resolve) => {
+    const child = fork(path.join(__dirname, 'doctor-features.js'), [JSON.stringify(options)], {
+      stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+      execArgv: [],
+    })
+    let stderr = ''
+    let answer: { report?: FeatureReport; error?: string } | undefined
+    child.stderr!.on('data', (d) => {
+      stderr += d
+    })
+    child.on('message', (m: { report?: FeatureReport; error?: string }) => {
+      answer = m
+    })
+    const timer = setTimeout(() => child.kill('SIGKILL'), CHECK_TIMEOUT_MS)
+    child.on('close', (code, signal) => {
+      clearTimeout(timer)
+      if (answer?.report) return resolve(answer.report)
+      const why =
+        answer?.error ??
+        (signal === 'SIGKILL'
+          ? `the checks did not finish within ${CHECK_TIMEOUT_MS / 1000} s`
+          : `the checks exited (${signal ?? `code ${code}`}) ${stderr.trim()}`)
+      resolve({
+        checks: [{ id: 'checks', name: 'feature checks', ok: false, detail: why }],
+        rangeIoctls: { anonymous: null, shmem: null, hugetlb: null },
+      })
+    })
+  })
+}
+
+export async function diagnose(): Promise<DoctorReport> {
   const p = Userfaultfd.probe({ refresh: true })
   const capEff = statusField('CapEff')
   const capSysPtrace = capEff !== null && (BigInt(`0x${capEff}`) & (1n << 19n)) !== 0n
@@ -111,8 +154,21 @@ export function diagnose(): DoctorReport {
     if (p.syscall.code === 'ENOSYS' && devStat === null && !container.detected)
       fixes.push('this kernel may lack CONFIG_USERFAULTFD, or a seccomp filter blocks the syscall')
   }
-  if (num(/HugePages_Total:\s+(\d+)/) === 0)
-    fixes.push('optional, for hugetlb tests/guests: echo 64 | sudo tee /proc/sys/vm/nr_hugepages')
+  const features: FeatureReport =
+    status === 'unusable'
+      ? { checks: [], rangeIoctls: { anonymous: null, shmem: null, hugetlb: null } }
+      : await runFeatureChecks({
+          userModeOnly: status === 'user-mode-only',
+          hugePagesFree: num(/HugePages_Free:\s+(\d+)/),
+        })
+  // One fix list: each distinct fix once; what only a newer kernel brings, on one line.
+  const kernel: string[] = []
+  for (const c of features.checks) {
+    if (c.ok === true || c.fix === undefined) continue
+    if (c.fix.startsWith('Linux ')) kernel.includes(c.fix) || kernel.push(c.fix)
+    else if (!fixes.includes(c.fix)) fixes.push(c.fix)
+  }
+  if (kernel.length > 0) fixes.push(`a newer kernel: ${kernel.join('; ')}`)
   return {
     usable: status === 'usable',
     status,
@@ -132,6 +188,8 @@ export function diagnose(): DoctorReport {
     via: p.via,
     features: p.featureNames,
     ioctls: p.ioctlNames,
+    rangeIoctls: features.rangeIoctls,
+    checks: features.checks,
     hugePages: {
       size: num(/Hugepagesize:\s+(\d+)/) * 1024,
       total: num(/HugePages_Total:\s+(\d+)/),
@@ -161,21 +219,38 @@ export function formatReport(r: DoctorReport): string {
       null,
       `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`,
     ),
-    line(null, `features (${r.features.length}): ${r.features.join(' ') || '-'}`),
-    line(null, `ioctls: ${r.ioctls.join(' ') || '-'}`),
+    line(null, `features offered (UFFDIO_API, ${r.features.length}): ${r.features.join(' ') || '-'}`),
+    line(null, `ioctls of the uffd itself (UFFDIO_API handshake): ${r.ioctls.join(' ') || '-'}`),
+    ...(['anonymous', 'shmem', 'hugetlb'] as const).map((kind) =>
+      line(
+        null,
+        `ioctls of a registered ${kind} range (UFFDIO_REGISTER ${r.rangeIoctls[kind]?.modes.join(' + ') ?? ''}): ${r.rangeIoctls[kind]?.ioctls.join(' ') ?? 'not registered (see below)'}`.replace(
+          ' ):',
+          '):',
+        ),
+      ),
+    ),
     line(null, `huge pages: ${r.hugePages.total} x ${r.hugePages.size / 1024} KiB reserved, ${r.hugePages.free} free`),
     line(
       null,
       `container: ${r.container.detected ? `${r.container.kind} (${r.container.evidence.join('; ')})` : 'none detected'}`,
     ),
   ]
+  if (r.checks.length > 0)
+    out.push(
+      '',
+      'What works here (each tried on a small mapping):',
+      ...r.checks.map((c) =>
+        line(c.ok, `${c.name}: ${c.ok === true ? 'yes' : c.ok === false ? 'NO' : 'not tried'} (${c.detail})`),
+      ),
+    )
   if (r.reason) out.push('', r.reason)
   if (r.fixes.length > 0) out.push('', 'Fixes:', ...r.fixes.map((f) => `  - ${f}`))
   return out.join('\n')
 }
 
-export function doctor(args: { json: boolean }): number {
-  const report = diagnose()
+export async function doctor(args: { json: boolean }): Promise<number> {
+  const report = await diagnose()
   process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatReport(report)}\n`)
   return report.status === 'usable' ? 0 : report.status === 'user-mode-only' ? 3 : 1
 }

@@ -1,101 +1,87 @@
 #!/usr/bin/env node
-// The `userfaultfd` command: doctor, serve, demo.
-import { parseArgs } from 'node:util'
-import { doctor } from './doctor'
-import { serve } from './serve'
-import { demo } from './demo'
+// The `userfaultfd` command. Each command is a row of ./commands (its option table and help);
+// this file only dispatches: --help, --version, usage errors (exit 2), failures (exit 1).
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+import { UsageError, commandHelp, parseCommand, programHelp, suggest } from './command'
+import { commands } from './commands'
 
-const USAGE = `usage: userfaultfd <command> [options]
+const PROGRAM = 'userfaultfd'
+const BLURB =
+  'Linux userfaultfd(2) for Node.js: check a machine, serve Firecracker snapshots, or watch a lazy restore. Documentation: https://github.com/userfaultfd/userfaultfd-node#readme'
 
-commands:
-  doctor [--json]        can this machine/user/container use userfaultfd? (exit 0 yes, 1 no,
-                         3 only in user-mode-only form)
-  serve --socket PATH --mem-file FILE [--on-remove zero|unregister] [--source mmap|pread]
-        [--allow-uid UID]... [--handshake-timeout MS] [--json]
-                         Firecracker-compatible page-fault handler (mem_backend "Uffd")
-  demo [--size MIB] [--threads N] [--json]
-                         lazy snapshot restore into a child process, verified page by page
-`
-
-function fail(message: string): never {
-  process.stderr.write(`userfaultfd: ${message}\n\n${USAGE}`)
-  process.exit(2)
+function version(): string {
+  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as {
+    version: string
+  }
+  return pkg.version
 }
 
-function positive(value: string | undefined, name: string, fallback: number): number {
-  if (value === undefined) return fallback
-  const n = Number(value)
-  if (!Number.isSafeInteger(n) || n <= 0) fail(`${name} must be a positive integer (got ${value})`)
-  return n
+function usageError(message: string, command?: string): number {
+  const help = command ? `${PROGRAM} ${command} --help` : `${PROGRAM} --help`
+  process.stderr.write(`${PROGRAM}${command ? ` ${command}` : ''}: ${message}\nTry '${help}'.\n`)
+  return 2
 }
 
 async function main(argv: string[]): Promise<number> {
-  const [command, ...rest] = argv
-  if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
-    process.stdout.write(USAGE)
-    return command === undefined ? 2 : 0
+  const [name, ...rest] = argv
+  if (name === undefined) {
+    process.stderr.write(programHelp(PROGRAM, commands, BLURB))
+    return 2
   }
-  type Values = Record<string, string | boolean | string[] | undefined>
-  const parse = (options: NonNullable<Parameters<typeof parseArgs>[0]>['options']): Values => {
-    try {
-      return parseArgs({ args: rest, options, allowPositionals: false, strict: true }).values as Values
-    } catch (err) {
-      fail((err as Error).message)
-    }
+  if (name === '--help' || name === '-h') {
+    process.stdout.write(programHelp(PROGRAM, commands, BLURB))
+    return 0
   }
-  switch (command) {
-    case 'doctor': {
-      const v = parse({ json: { type: 'boolean' } })
-      return doctor({ json: v.json === true })
+  if (name === '--version' || name === '-V') {
+    process.stdout.write(`${version()}\n`)
+    return 0
+  }
+  // `userfaultfd help [command]` reads like `userfaultfd [command] --help`.
+  if (name === 'help') {
+    const target = rest[0] === undefined ? undefined : commands.find((c) => c.name === rest[0])
+    if (rest[0] !== undefined && target === undefined)
+      return usageError(
+        `unknown command '${rest[0]}'${suggest(
+          rest[0],
+          commands.map((c) => c.name),
+          '',
+        )}`,
+      )
+    process.stdout.write(target ? commandHelp(PROGRAM, target) : programHelp(PROGRAM, commands, BLURB))
+    return 0
+  }
+  const command = commands.find((c) => c.name === name)
+  if (command === undefined) {
+    const what = name.startsWith('-')
+      ? `unknown option ${name} (options go after the command)`
+      : `unknown command '${name}'`
+    return usageError(
+      `${what}${
+        name.startsWith('-')
+          ? ''
+          : suggest(
+              name,
+              commands.map((c) => c.name),
+              '',
+            )
+      }`,
+    )
+  }
+  let values: Record<string, unknown>
+  try {
+    const parsed = parseCommand(command, rest)
+    if (parsed.help) {
+      process.stdout.write(commandHelp(PROGRAM, command))
+      return 0
     }
-    case 'serve': {
-      const v = parse({
-        socket: { type: 'string' },
-        'mem-file': { type: 'string' },
-        'on-remove': { type: 'string' },
-        source: { type: 'string' },
-        'allow-uid': { type: 'string', multiple: true },
-        json: { type: 'boolean' },
-        'handshake-timeout': { type: 'string' },
-      })
-      if (typeof v.socket !== 'string') fail('serve needs --socket PATH')
-      if (typeof v['mem-file'] !== 'string') fail('serve needs --mem-file FILE')
-      const onRemove = (v['on-remove'] ?? 'zero') as string
-      if (onRemove !== 'zero' && onRemove !== 'unregister')
-        fail(`--on-remove must be zero or unregister (got ${onRemove})`)
-      const source = (v.source ?? 'mmap') as string
-      if (source !== 'mmap' && source !== 'pread') fail(`--source must be mmap or pread (got ${source})`)
-      const allowUid = ((v['allow-uid'] ?? []) as string[]).map((u) => {
-        const n = Number(u)
-        if (!Number.isSafeInteger(n) || n < 0) fail(`--allow-uid must be a uid (got ${u})`)
-        return n
-      })
-      return serve({
-        socket: v.socket,
-        memFile: v['mem-file'] as string,
-        onRemove,
-        source,
-        allowUid,
-        json: v.json === true,
-        handshakeTimeout: positive(v['handshake-timeout'] as string | undefined, '--handshake-timeout', 5000),
-      })
-    }
-    case 'demo': {
-      const v = parse({
-        size: { type: 'string' },
-        threads: { type: 'string' },
-        json: { type: 'boolean' },
-        timeout: { type: 'string' },
-      })
-      return demo({
-        sizeMiB: positive(v.size as string | undefined, '--size', 64),
-        threads: positive(v.threads as string | undefined, '--threads', 1),
-        json: v.json === true,
-        timeoutMs: positive(v.timeout as string | undefined, '--timeout', 120_000),
-      })
-    }
-    default:
-      fail(`unknown command '${command}'`)
+    values = parsed.values
+    await command.check?.(values)
+    return await command.run(values)
+  } catch (err) {
+    if (err instanceof UsageError) return usageError(err.message, command.name)
+    process.stderr.write(`${PROGRAM} ${command.name}: ${(err as Error).message}\n`)
+    return 1
   }
 }
 
@@ -103,8 +89,8 @@ main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code
   },
-  (err: Error & { code?: string }) => {
-    process.stderr.write(`userfaultfd: ${err.message}\n`)
+  (err: Error) => {
+    process.stderr.write(`${PROGRAM}: ${err.message}\n`)
     process.exitCode = 1
   },
 )

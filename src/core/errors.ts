@@ -1,6 +1,11 @@
 // UffdError: every failed syscall, with Node's conventions (code = errno name).
 import { native } from '../addon/native'
 
+/**
+ * Every failed syscall, with Node's conventions: `code` is the errno name ('EEXIST'), `errno`
+ * the number, `syscall` the call ('ioctl(UFFDIO_COPY)'); `bytes` for partial fills, `hint` where a
+ * fix is known.
+ */
 export class UffdError extends Error {
   /** errno name, e.g. 'EEXIST' */
   declare code: string
@@ -34,6 +39,7 @@ export function uffdError(code: keyof typeof errnoOf, syscall: string, detail: s
 
 /** Thrown where the running kernel lacks a feature an API needs. */
 export class UnsupportedError extends Error {
+  /** Always 'ENOTSUP'. */
   code = 'ENOTSUP'
   constructor(message: string) {
     super(message)
@@ -41,6 +47,7 @@ export class UnsupportedError extends Error {
   }
 }
 
+/** The fixes listed when userfaultfd is not permitted (an open() error's `hint`). */
 export const PERMISSION_HINT = [
   'userfaultfd is not permitted for this process. Fixes, any one of:',
   "  - give this user access to /dev/userfaultfd (e.g. 'setfacl -m u:$USER:rw /dev/userfaultfd',",

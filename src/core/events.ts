@@ -2,12 +2,14 @@
 // the fd with one read(2) of many messages per wake-up; this module decodes them, queues them
 // with backpressure (stop reading the fd when the consumer lags: faulting threads just wait),
 // and hands them out one by one or as batches.
+import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { Feature } from './constants'
 import { decodeMessages } from './messages'
 import { describe } from './range'
 import type { UffdEvent } from './userfaultfd'
 
+/** Options of Userfaultfd.events(). */
 export interface EventsOptions {
   /** Ends the iteration with an AbortError. */
   signal?: AbortSignal
@@ -36,7 +38,7 @@ export interface EventSource {
   /** called with each batch before it is queued (registration bookkeeping, deferred retries) */
   _onBatch(events: UffdEvent[]): void
   /** called when the stream ends */
-  _onStreamEnd(stream: EventStream): void
+  _onStreamEnd(stream: object): void
   /** events read but never handed out (the stream ended first) */
   _release(events: UffdEvent[]): void
   /** whether the reader should keep the process alive */
@@ -52,7 +54,10 @@ interface NativeReader {
   close(): void
 }
 
-type Waiter = { resolve: (r: IteratorResult<UffdEvent | UffdEvent[]>) => void; reject: (e: unknown) => void }
+/** What a stream yields: single events (default), or arrays of them with `{ batch }`. */
+export type EventItem = UffdEvent | UffdEvent[]
+
+type Waiter<T> = { resolve: (r: IteratorResult<T, undefined>) => void; reject: (e: unknown) => void }
 
 function positiveInt(value: unknown, name: string, fallback: number, max: number): number {
   if (value === undefined) return fallback
@@ -62,8 +67,15 @@ function positiveInt(value: unknown, name: string, fallback: number, max: number
   return value
 }
 
-export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[]> {
+/**
+ * The async event stream of a uffd (`uffd.events()`). `T` is what it yields: `UffdEvent`, or
+ * `UffdEvent[]` when made with `{ batch: true }` or `{ batch: N }` (Userfaultfd.events()'s
+ * overloads pick it from the options).
+ */
+export class EventStream<T extends EventItem = UffdEvent> implements AsyncIterableIterator<T> {
   readonly #source: EventSource
+  /** the uffd's fd number (for NODE_DEBUG lines: the uffd may be closed by then) */
+  readonly #fd: number
   readonly #reader: NativeReader
   readonly #view: DataView
   readonly #threadId: boolean
@@ -75,11 +87,12 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   #queue: UffdEvent[][] = []
   #head = 0
   #queued = 0
-  #waiters: Waiter[] = []
+  #waiters: Waiter<T>[] = []
   #ended = false
   #error: unknown = undefined
   #paused = false
 
+  /** @internal made by Userfaultfd.events() */
   constructor(source: EventSource, options: EventsOptions = {}) {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`events options must be an object (got ${describe(options)})`)
@@ -98,6 +111,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     this.#highWaterMark = positiveInt(options.highWaterMark, 'highWaterMark', 1024, 1 << 20)
     signal?.throwIfAborted()
     this.#source = source
+    this.#fd = source.fd
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
     this.#reader = new (
       native as unknown as {
@@ -115,8 +129,11 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     signal?.addEventListener('abort', this.#onAbort, { once: true })
     this.updateRef()
     this.#reader.start()
+    if (debug.enabled)
+      debug('events: stream on fd %d (batch %s, readSize %d)', source.fd, String(batch ?? false), readSize)
   }
 
+  /** `for await (const event of uffd.events())` */
   [Symbol.asyncIterator](): this {
     return this
   }
@@ -126,7 +143,8 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     return this.#queued
   }
 
-  next(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  /** The next event (or batch); done when the uffd is closed or the stream ended. */
+  next(): Promise<IteratorResult<T, undefined>> {
     if (this.#queued > 0) return Promise.resolve({ done: false, value: this.#take() })
     if (this.#error !== undefined) return Promise.reject(this.#error)
     if (this.#ended) return Promise.resolve({ done: true, value: undefined })
@@ -134,7 +152,7 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
   }
 
   /** `break` in for-await: releases the reader. */
-  return(): Promise<IteratorResult<UffdEvent | UffdEvent[]>> {
+  return(): Promise<IteratorResult<T, undefined>> {
     this.#end(undefined)
     return Promise.resolve({ done: true, value: undefined })
   }
@@ -171,9 +189,9 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
     }
   }
 
-  #take(): UffdEvent | UffdEvent[] {
+  #take(): T {
     const first = this.#queue[0]
-    let out: UffdEvent | UffdEvent[]
+    let out: EventItem
     if (this.#batchMax === 0) {
       out = first[this.#head++]
       this.#queued--
@@ -197,12 +215,14 @@ export class EventStream implements AsyncIterableIterator<UffdEvent | UffdEvent[
       this.#paused = false
       this.#reader.start()
     }
-    return out
+    // Single events or arrays, as #batchMax (from the same options as T) says.
+    return out as T
   }
 
   #end(error: unknown): void {
     if (this.#ended) return
     this.#ended = true
+    if (debug.enabled) debug('events: stream on fd %d ended%s', this.#fd, error ? `: ${(error as Error).message}` : '')
     this.#reader.close()
     this.#signal?.removeEventListener('abort', this.#onAbort)
     if (error !== undefined) this.#error = error

@@ -7,8 +7,10 @@ import type { UffdError } from './errors'
 import type { CopyOptions, Userfaultfd, WakeOption } from './userfaultfd'
 import type { RangeLike } from './range'
 
+/** What a resolver call did: 'done', 'exists' (EEXIST: someone filled it first) or 'deferred' (EAGAIN: queued until the pending event is read). */
 export type ResolveOutcome = 'done' | 'exists' | 'deferred'
 
+/** Options of new FaultResolver(). */
 export interface FaultResolverOptions {
   /** Called when a deferred op finally fails with something other than EAGAIN/EEXIST. */
   onError?: (error: UffdError) => void
@@ -30,6 +32,11 @@ interface Deferred {
 
 const MAX_BACKOFF_MS = 50
 
+/**
+ * Resolves faults the way every handler must: EEXIST counts as done, partial progress (EAGAIN
+ * with bytes > 0) continues with the rest, and EAGAIN with bytes 0 (an event is pending) defers
+ * the op until the uffd's next read, never retrying in a tight loop.
+ */
 export class FaultResolver {
   readonly #uffd: Userfaultfd
   readonly #onError: (error: UffdError) => void

@@ -8,6 +8,7 @@ import { asBytes, checkAligned, checkOptions, describe, flag, toLength, type Byt
 
 const c = native.constants
 
+/** madvise(2) advice, as Mapping.madvise() takes it ('dontneed' is MADV_DONTNEED). */
 export type Advice =
   | 'normal'
   | 'random'
@@ -26,8 +27,10 @@ export type Advice =
   | 'populate_write'
   | 'collapse'
 
+/** mprotect(2) protection: 'none', 'r', 'rw', 'rx', 'rwx', or PROT_* bits. */
 export type Protection = 'none' | 'r' | 'rw' | 'rx' | 'rwx' | number
 
+/** Options of Mapping.anonymous(). */
 export interface AnonymousOptions {
   /** MAP_HUGETLB: back with huge pages (needs /proc/sys/vm/nr_hugepages > 0). */
   hugetlb?: boolean
@@ -35,6 +38,7 @@ export interface AnonymousOptions {
   populate?: boolean
 }
 
+/** Options of Mapping.memfd(). */
 export interface MemfdOptions {
   /** memfd name, shown in /proc/PID/maps. */
   name?: string
@@ -79,6 +83,7 @@ export class Mapping implements Range {
   readonly pageSize: number
   /** 'anonymous' or 'memfd' (aliases are 'memfd'). */
   readonly kind: 'anonymous' | 'memfd'
+  /** Backed by huge pages (MAP_HUGETLB / MFD_HUGETLB). */
   readonly hugetlb: boolean
   #handle: MappingHandle | null
   #unmapListeners: Array<(address: bigint, length: number) => void> = []
@@ -220,6 +225,7 @@ export class Mapping implements Range {
     if (this.#handle !== null) this.#unmapListeners.push(listener)
   }
 
+  /** unmap(), for `using m = Mapping.anonymous(...)`. */
   [Symbol.dispose](): void {
     this.unmap()
   }

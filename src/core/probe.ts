@@ -6,30 +6,40 @@ import { native } from '../addon/native'
 import { OpenFlag, featureNames, ioctlNames } from './constants'
 import { PERMISSION_HINT, isPermissionError } from './errors'
 
+/** How a uffd was opened: /dev/userfaultfd or the userfaultfd(2) syscall. */
 export type Via = 'device' | 'syscall'
 
+/** Whether one way of opening works for this process. */
 export interface AccessResult {
+  /** It opened. */
   ok: boolean
   /** errno name of the failure, e.g. 'EPERM' */
   code?: string
+  /** The error's message. */
   message?: string
 }
 
+/** What the kernel offers and what this process may do (Userfaultfd.probe()). */
 export interface Probe {
+  /** A uffd can be opened here, one way or the other. */
   supported: boolean
   /** the path that works: the syscall is preferred (no device permissions needed) */
   via: Via | null
   /** features the kernel offers (UFFDIO_API with features = 0) */
   features: bigint
+  /** `features` as names. */
   featureNames: string[]
   /** ioctls the kernel offers on a uffd */
   ioctls: bigint
+  /** `ioctls` as names. */
   ioctlNames: string[]
   /** uname -r */
   kernel: string
   /** true when only UFFD_USER_MODE_ONLY was permitted (faults from syscalls are not delivered) */
   userModeOnly: boolean
+  /** The userfaultfd(2) syscall. */
   syscall: AccessResult
+  /** /dev/userfaultfd. */
   device: AccessResult
   /** /proc/sys/vm/unprivileged_userfaultfd, or null when unreadable */
   unprivilegedUserfaultfd: number | null

@@ -10,13 +10,17 @@ const PAGE = BigInt(PAGE_SIZE)
 
 /** Anything with a start address and a length: a Mapping, or a plain object. */
 export interface RangeLike {
+  /** Start address. */
   address: bigint
+  /** Length in bytes. */
   length: number | bigint
 }
 
 /** A checked range: page-aligned, non-empty, inside the 64-bit address space. */
 export interface Range {
+  /** Start address (page-aligned). */
   address: bigint
+  /** Length in bytes (a multiple of the page size). */
   length: number
 }
 

@@ -1,4 +1,5 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
+import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { Feature, Mode, OpenFlag, PAGE_SIZE, UFFD_MSG_SIZE, featureNames } from './constants'
 import { PERMISSION_HINT, type UffdError, isPermissionError, uffdError } from './errors'
@@ -17,9 +18,10 @@ import {
   type Bytes,
   type RangeLike,
 } from './range'
-import { EventStream, type EventsOptions } from './events'
+import { type EventItem, EventStream, type EventsOptions } from './events'
 import { IntervalSet } from '../util/interval-set'
 
+/** Options of Userfaultfd.open(). */
 export interface OpenOptions {
   /** Feature.* bits OR-ed together; the kernel must offer every one (see Userfaultfd.probe()). */
   features?: bigint
@@ -33,24 +35,45 @@ export interface OpenOptions {
   closeOnExec?: true
 }
 
+/** Which faults of a range to receive (UFFDIO_REGISTER modes); the default is `{ missing: true }`. */
 export interface RegisterModes {
+  /** MISSING faults: a page not present yet (resolve with copy, zeropage, poison, move). */
   missing?: boolean
+  /** WP faults: a write to a write-protected page (resolve with writeProtect(range, { protect: false })). */
   wp?: boolean
+  /** MINOR faults (shmem, hugetlbfs): the page is in the page cache but not mapped here (resolve with continue). */
   minor?: boolean
 }
+/** Whether an ioctl wakes the threads waiting on the range (default true). */
 export interface WakeOption {
+  /** false: leave the faulting threads asleep (wake them later with wake(), or another op). */
   wake?: boolean
 }
+/** Options of copy() and continue(). */
 export interface CopyOptions extends WakeOption {
+  /** Map the page write-protected (COPY_MODE_WP / CONTINUE_MODE_WP). */
   wp?: boolean
 }
+/** Options of writeProtect(). */
 export interface WriteProtectOptions extends WakeOption {
+  /** true (default): protect; false: unprotect (and wake, unless `wake: false`). */
   protect?: boolean
 }
+/** Options of move(). */
 export interface MoveOptions extends WakeOption {
+  /** UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: skip holes in the source instead of failing with ENOENT. */
   allowSrcHoles?: boolean
 }
 
+/**
+ * A message read from the uffd (struct uffd_msg, decoded):
+ * - `pagefault`: a thread touched `address` (`write`, `wp`: a write-protect fault, `minor`; `tid` with Feature.THREAD_ID)
+ * - `fork`: the process forked with EVENT_FORK: `uffd` serves the child (yours to close)
+ * - `remap`: mremap moved `length` bytes `from` -> `to` (EVENT_REMAP)
+ * - `remove`: MADV_DONTNEED/REMOVE dropped [start, end) (EVENT_REMOVE)
+ * - `unmap`: munmap of [start, end) (EVENT_UNMAP)
+ * - `unknown`: an event type this version does not know
+ */
 export type UffdEvent =
   | { type: 'pagefault'; address: bigint; flags: bigint; write: boolean; wp: boolean; minor: boolean; tid?: number }
   | { type: 'fork'; uffd: Userfaultfd }
@@ -59,8 +82,10 @@ export type UffdEvent =
   | { type: 'unmap'; start: bigint; end: bigint }
   | { type: 'unknown'; event: number }
 
-type Address = bigint | RangeLike
-type Source = Address | Bytes
+/** Where a copy or move goes (or comes from): an address, or a range's start (a Mapping, say). */
+export type Address = bigint | RangeLike
+/** What UFFDIO_COPY copies from: an address in this process, or bytes. */
+export type CopySource = Address | Bytes
 
 const FALLBACK_CODES = new Set(['EPERM', 'EACCES', 'ENOSYS', 'ENOENT', 'ENODEV'])
 const MAX_BATCH = 4096
@@ -82,10 +107,15 @@ function withHint<T extends Error>(err: T, hint: string): T {
   return err
 }
 
+/**
+ * A userfaultfd: register ranges of memory, read their fault events, and resolve them with the
+ * UFFDIO_* ioctls. Open one with Userfaultfd.open(), or adopt one from elsewhere with fromFd().
+ * Every failed call throws a UffdError (code, errno, syscall); see docs/api.md.
+ */
 export class Userfaultfd {
   #fd: number
   #view: DataView | undefined
-  #stream: EventStream | undefined
+  #stream: Pick<EventStream<EventItem>, 'updateRef' | 'close'> | undefined
   #registered = new IntervalSet()
   #followed = new WeakSet<object>() // Mappings whose unmap() we listen to
   #refed = true
@@ -161,6 +191,7 @@ export class Userfaultfd {
           err.message += ` (and ${f.path === 'device' ? '/dev/userfaultfd' : 'the userfaultfd(2) syscall'}: ${f.err.code})`
       }
       if (isPermissionError(err) || err.code === 'ENOSYS' || err.code === 'ENOENT') withHint(err, PERMISSION_HINT)
+      if (debug.enabled) debug('open failed: %s', err.message)
       throw err
     }
 
@@ -173,6 +204,7 @@ export class Userfaultfd {
       const internal = (probe().features & Feature.THREAD_ID) !== 0n ? Feature.THREAD_ID : 0n
       const [, ioctls] = native.api(fd, features | internal)
       const granted = (features & Feature.WP_ASYNC) !== 0n ? features | Feature.WP_UNPOPULATED : features
+      if (debug.enabled) debug('open: fd %d via %s, features %s', fd, used, featureNames(granted).join('|') || 'none')
       return new Userfaultfd(fd, granted, ioctls, used)
     } catch (err) {
       native.close(fd)
@@ -201,6 +233,7 @@ export class Userfaultfd {
     if (!Number.isSafeInteger(fd) || fd < 0)
       throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
     native.adopt(fd)
+    if (debug.enabled) debug('fromFd: adopted fd %d', fd)
     return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
   }
 
@@ -209,6 +242,7 @@ export class Userfaultfd {
     return this.#live('fd')
   }
 
+  /** True after close(). */
   get closed(): boolean {
     return this.#fd < 0
   }
@@ -230,6 +264,8 @@ export class Userfaultfd {
     if (mode === 0n) throw new RangeError('register: choose at least one of missing, wp, minor')
     try {
       const ioctls = native.register(fd, r.address, r.length, mode)
+      if (debug.enabled)
+        debug('register: fd %d, 0x%s +%d, mode %s', fd, r.address.toString(16), r.length, mode.toString(16))
       this.#registered.add(r.address, r.address + BigInt(r.length))
       this.#stream?.updateRef()
       this.#followUnmap(range)
@@ -283,7 +319,7 @@ export class Userfaultfd {
    * faulting threads. src: bytes (length defaults to their size), or an address/Mapping.
    * Returns bytes copied; a partial copy throws UffdError EAGAIN with `bytes`.
    */
-  copy(dst: Address, src: Source, length?: number, options?: CopyOptions): number {
+  copy(dst: Address, src: CopySource, length?: number, options?: CopyOptions): number {
     const fd = this.#live('ioctl(UFFDIO_COPY)')
     const d = toAddress(dst, 'dst')
     let len: number
@@ -403,7 +439,10 @@ export class Userfaultfd {
    * One read(2) drains many messages per wake-up. It ends when the uffd is closed, with an
    * AbortError when `signal` aborts; `break` releases it. One stream at a time per uffd.
    */
-  events(options: EventsOptions = {}): EventStream {
+  events(options?: EventsOptions & { batch?: false }): EventStream<UffdEvent>
+  events(options: EventsOptions & { batch: true | number }): EventStream<UffdEvent[]>
+  events(options?: EventsOptions): EventStream<UffdEvent> | EventStream<UffdEvent[]>
+  events(options: EventsOptions = {}): EventStream<UffdEvent> | EventStream<UffdEvent[]> {
     this.#live('events')
     if (this.#stream !== undefined) {
       throw uffdError(
@@ -412,8 +451,9 @@ export class Userfaultfd {
         'this userfaultfd already has an active event stream; end it (break, abort) first',
       )
     }
-    this.#stream = new EventStream(this, options)
-    return this.#stream
+    const stream = new EventStream<EventItem>(this, options)
+    this.#stream = stream
+    return stream as EventStream<UffdEvent> | EventStream<UffdEvent[]>
   }
 
   /** Lets the process exit while the event stream waits (like socket.unref()). */
@@ -452,7 +492,7 @@ export class Userfaultfd {
   }
 
   /** @internal */
-  _onStreamEnd(stream: EventStream): void {
+  _onStreamEnd(stream: object): void {
     if (this.#stream === stream) this.#stream = undefined
   }
 
@@ -503,8 +543,10 @@ export class Userfaultfd {
     this.#registered.clear()
     leaked.unregister(this)
     native.close(fd)
+    if (debug.enabled) debug('close: fd %d', fd)
   }
 
+  /** close(), for `using uffd = Userfaultfd.open()` (TypeScript 5.2+ or Node 24+). */
   [Symbol.dispose](): void {
     this.close()
   }

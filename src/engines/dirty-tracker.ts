@@ -11,23 +11,30 @@ import { Mapping } from '../core/mapping'
 import { PageCategory, PagemapScanFlag, pagemapScan, pagemapScanSupported } from './pagemap-scan'
 import { describe, toRange, type Range, type RangeLike } from '../core/range'
 
+/** What backs a range: private anonymous memory, shmem (memfd), or hugetlb. */
 export type MemoryKind = 'anonymous' | 'shmem' | 'hugetlb'
 
+/** A run of pages written since the previous collect(). */
 export interface DirtyRange {
+  /** Start address. */
   address: bigint
   /** bytes from the tracked range's start */
   offset: number
+  /** Length in bytes. */
   length: number
   /** reported at huge-page granularity (hugetlb or a THP): it may include unwritten 4 KiB pages */
   huge: boolean
 }
 
+/** Whether dirty tracking works here (DirtyTracker.support()). */
 export interface DirtyTrackingSupport {
+  /** It works. */
   supported: boolean
   /** why not, and what would make it work */
   reason?: string
 }
 
+/** The facts dirtyTrackingSupport() decides from. */
 export interface DirtyTrackingInputs {
   /** features the kernel offers (Userfaultfd.probe().features) */
   features: bigint
@@ -39,6 +46,7 @@ export interface DirtyTrackingInputs {
   userfaultfdReason?: string
   /** uname -r, for the messages */
   kernel?: string
+  /** The memory to track (default 'anonymous'). */
   memory?: MemoryKind
 }
 
@@ -67,6 +75,7 @@ function memoryOf(range: unknown): MemoryKind {
   return 'anonymous'
 }
 
+/** Options of DirtyTracker.start(). */
 export interface DirtyTrackerOptions {
   /** what backs a plain { address, length } range (a Mapping says so itself); default 'anonymous' */
   memory?: MemoryKind
@@ -74,9 +83,14 @@ export interface DirtyTrackerOptions {
   batch?: number
 }
 
+/**
+ * Which pages of a range were written since the previous collect(): WP_ASYNC write protection
+ * (writes never block) read back with PAGEMAP_SCAN, Linux 6.7+.
+ */
 export class DirtyTracker {
   /** The tracked range. */
   readonly range: Range
+  /** What backs the range. */
   readonly memory: MemoryKind
   #uffd: Userfaultfd | undefined
   #batch: number
@@ -164,6 +178,7 @@ export class DirtyTracker {
     uffd.close()
   }
 
+  /** stop(), for `using tracker = DirtyTracker.start(m)`. */
   [Symbol.dispose](): void {
     this.stop()
   }

@@ -12,8 +12,10 @@ import { describe, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import type { FeedStats } from '../sources/feed'
 import type { WorkingSet } from '../sources/working-set'
+import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
 import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
 
+/** Options of new FaultServer(). */
 export interface FaultServerOptions {
   /**
    * Fault-around. By default it adapts per range, like readahead: a fault just past the window
@@ -70,16 +72,23 @@ export interface FaultRequest {
   prefetch: boolean
 }
 
-type Bytes = ArrayBuffer | ArrayBufferView
-export type FaultHandler = (request: FaultRequest) => Bytes | Promise<Bytes>
+/** Bytes a FaultServer copies from: an ArrayBuffer or a view of one. */
+export type PageBytes = ArrayBuffer | ArrayBufferView
+/** A { handler } source: the bytes of a request, or a promise of them. */
+export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBytes>
 
+/**
+ * Where a served range's pages come from: bytes in memory, a file (path or fd), zero pages, or a
+ * JavaScript function. `offset` is where in the source the range's first byte is.
+ */
 export type FaultSource =
-  | { buffer: Bytes | Mapping; offset?: number }
+  | { buffer: PageBytes | Mapping; offset?: number }
   | { file: string | number; offset?: number; mode?: 'mmap' | 'pread' }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
   | RemoteSpec
 
+/** Options of FaultServer.serve(). */
 export interface ServeOptions {
   /**
    * Fetch these snapshot pages first, in their recorded order, in large batched reads, while
@@ -101,6 +110,7 @@ export interface ServeOptions {
   register?: boolean
 }
 
+/** The engine's counters (FaultServer.stats()). */
 export interface FaultServerStats {
   /** fault messages read */
   faults: number
@@ -114,33 +124,45 @@ export interface FaultServerStats {
   handlerPages: number
   /** pages served as zero pages */
   zeroPages: number
+  /** Bytes filled (copies and zero pages). */
   bytes: number
   /** fills that found the page already present (benign races) */
   eexist: number
   /** ops deferred by EAGAIN (an event pending), and their retries */
   deferred: number
+  /** Deferred ops retried. */
   retries: number
   /** faults outside every served range (served as zeros), or WP/MINOR faults (left alone) */
   unhandled: number
+  /** read(2) calls on the uffd. */
   reads: number
+  /** Times the engine slept in poll(2). */
   sleeps: number
+  /** Times the adaptive spin found a message before sleeping. */
   spinHits: number
+  /** UFFD_EVENT_REMOVE events. */
   removes: number
+  /** UFFD_EVENT_UNMAP events. */
   unmaps: number
+  /** UFFD_EVENT_REMAP events. */
   remaps: number
+  /** UFFD_EVENT_FORK events. */
   forks: number
   /** { handler } requests made */
   requests: number
+  /** Errors ('error' events). */
   errors: number
   /** times the prefetch paused for demand faults */
   prefetchPauses: number
   /** engine-side demand latency (message read to page filled), µs */
   latencyP50us: number
+  /** 99th percentile of the same, µs. */
   latencyP99us: number
   /** the adaptive spin's current budget, µs */
   spinBudgetUs: number
   /** pages present (or settled: removed with the 'zero' policy, unmapped) / pages served */
   pagesPresent: number
+  /** Pages of every served range. */
   pagesTotal: number
   /** faults waiting for bytes from JavaScript (remote sources, handlers) now */
   sourceWaiting: number
@@ -150,8 +172,11 @@ export interface FaultServerStats {
   fed: FeedStats
 }
 
+/** A 'progress' event: how much of the served memory is present. */
 export interface FaultServerProgress {
+  /** Pages present (or settled). */
   pagesPresent: number
+  /** Pages of every served range. */
   pagesTotal: number
   /** 0..1 */
   fraction: number
@@ -168,8 +193,8 @@ interface NativeHandle {
     faultAround: number,
   ): void
   removeRange(start: bigint, end: bigint): number
-  complete(id: number, bytes: Bytes | null): void
-  provide(rangeId: number, sourceOffset: number, bytes: Bytes): number
+  complete(id: number, bytes: PageBytes | null): void
+  provide(rangeId: number, sourceOffset: number, bytes: PageBytes): number
   providedQueued(): number
   recordTouches(on: boolean): void
   takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
@@ -213,7 +238,7 @@ const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
 const released = new FinalizationRegistry<Userfaultfd>((uffd) => serving.delete(uffd))
 
-function isBytes(value: unknown): value is Bytes {
+function isBytes(value: unknown): value is PageBytes {
   return value instanceof ArrayBuffer || ArrayBuffer.isView(value)
 }
 
@@ -245,6 +270,11 @@ function checkChoice<T extends string>(value: unknown, name: string, choices: re
   return value as T
 }
 
+/**
+ * Serves a uffd's MISSING faults on native threads, with no JavaScript per fault: from buffers,
+ * files or zero pages (or a JavaScript { handler }), with fault-around and background prefetch.
+ * Events: 'progress' (FaultServerProgress), 'error' (the server keeps serving), 'fork'.
+ */
 export class FaultServer extends EventEmitter {
   readonly #uffd: Userfaultfd
   readonly #handle: NativeHandle
@@ -258,6 +288,7 @@ export class FaultServer extends EventEmitter {
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
+  readonly #ticker = new FaultsTicker({ source: 'FaultServer', server: this })
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
     super()
@@ -338,8 +369,11 @@ export class FaultServer extends EventEmitter {
     )
     serving.add(uffd)
     released.register(this, uffd, this)
+    if (debug.enabled)
+      debug('FaultServer: serving uffd %d (faultAround %d, prefetch %s)', uffd.fd, this.#faultAround, this.#prefetch)
   }
 
+  /** True after close(). */
   get closed(): boolean {
     return this.#closed
   }
@@ -398,6 +432,14 @@ export class FaultServer extends EventEmitter {
     }
     this.#served.set(id, { range: r, keep: local?.keep ?? null, registered })
     fed?.attach()
+    if (debug.enabled)
+      debug(
+        'FaultServer: serve 0x%s +%d from %s%s',
+        r.address.toString(16),
+        r.length,
+        remote ? 'remote' : (spec as { kind: string }).kind,
+        prefetch ? ' with prefetch' : '',
+      )
     return this
   }
 
@@ -434,6 +476,7 @@ export class FaultServer extends EventEmitter {
     return n
   }
 
+  /** The engine's counters now. */
   stats(): FaultServerStats {
     const s = this.#handle.stats()
     s.fed = this.#fed.stats()
@@ -457,6 +500,7 @@ export class FaultServer extends EventEmitter {
     return this
   }
 
+  /** Undoes unref(). */
   ref(): this {
     if (!this.#closed) this.#handle.ref()
     return this
@@ -471,6 +515,7 @@ export class FaultServer extends EventEmitter {
     if (this.#closed) return
     this.#fed.close()
     this.#closed = true
+    if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
     this.#handle.close()
     serving.delete(this.#uffd)
     released.unregister(this)
@@ -480,6 +525,7 @@ export class FaultServer extends EventEmitter {
     for (const w of this.#drainWaiters.splice(0)) w.reject(err)
   }
 
+  /** close(), for `using server = new FaultServer(uffd)`. */
   [Symbol.dispose](): void {
     this.close()
   }
@@ -579,6 +625,10 @@ export class FaultServer extends EventEmitter {
     }
     if (progress) {
       this.#fed.tick()
+      if (faultsChannel.hasSubscribers) {
+        const s = this.#handle.stats()
+        this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
+      }
       const [present, total] = this.#handle.settled()
       this.emit('progress', {
         pagesPresent: present,
@@ -626,6 +676,8 @@ export class FaultServer extends EventEmitter {
   }
 
   #error(err: Error): void {
+    if (errorChannel.hasSubscribers) errorChannel.publish({ source: 'FaultServer', server: this, error: err })
+    if (debug.enabled) debug('FaultServer: error %s', err.message)
     // An 'error' event without a listener would throw from a native callback: warn instead.
     if (this.listenerCount('error') > 0) this.emit('error', err)
     else process.emitWarning(`FaultServer: ${err.message}`, 'UffdWarning')

@@ -19,6 +19,7 @@ export type SnapshotSink =
   | { fd: number; offset?: number }
   | { buffer: ArrayBuffer | ArrayBufferView }
 
+/** Options of takeSnapshot(). */
 export interface SnapshotOptions {
   /**
    * Fault every page in before protecting (MADV_POPULATE_WRITE). 'auto' (default): only where
@@ -42,6 +43,7 @@ export interface SnapshotOptions {
   backgroundPriority?: 'normal' | 'idle'
   /** called with progress every progressIntervalMs while the snapshot runs, and once at the end */
   onProgress?: (progress: SnapshotProgress) => void
+  /** Interval of onProgress calls (default 100 ms). */
   progressIntervalMs?: number
   /** aborting cancels the snapshot (done rejects with code 'ECANCELED') */
   signal?: AbortSignal
@@ -53,10 +55,15 @@ export interface SnapshotOptions {
   events?: boolean
 }
 
+/** How far a live snapshot is (LiveSnapshot.progress(), onProgress). */
 export interface SnapshotProgress {
+  /** Bytes in the range. */
   totalBytes: number
+  /** Bytes in the sink so far. */
   bytesCopied: number
+  /** Pages in the range. */
   totalPages: number
+  /** Pages in the sink so far. */
   pagesCopied: number
   /** pages copied because a writer hit them first */
   faultCopies: number
@@ -70,9 +77,11 @@ export interface SnapshotProgress {
   protectMs: number
   /** since the snapshot instant */
   elapsedMs: number
+  /** Every page is in the sink. */
   done: boolean
 }
 
+/** A finished live snapshot (LiveSnapshot.done). */
 export interface SnapshotStats extends SnapshotProgress {
   /** the range was populated before protection (see SnapshotOptions.populate) */
   populated: boolean
@@ -93,9 +102,11 @@ function checkOffset(value: unknown): number {
   return offset
 }
 
+/** A live snapshot under way (takeSnapshot()): its progress, its end (`done`), and cancel (close()). */
 export class LiveSnapshot {
   /** The snapshotted range. */
   readonly range: Range
+  /** Page size of the range (a huge page size for hugetlb memory). */
   readonly pageSize: number
   /** Resolves with the stats once every page is in the sink; rejects with a UffdError. */
   readonly done: Promise<SnapshotStats>
@@ -133,6 +144,7 @@ export class LiveSnapshot {
     this.#uffd.close()
   }
 
+  /** close(), then waits for the engine to stop: for `await using`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.cancel()
   }

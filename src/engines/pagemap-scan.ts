@@ -12,16 +12,22 @@ export const PageCategory = Object.freeze({
   WPALLOWED: 1 << 0,
   /** written since it was last write-protected */
   WRITTEN: 1 << 1,
+  /** file-backed (or shmem) page */
   FILE: 1 << 2,
+  /** present in memory */
   PRESENT: 1 << 3,
+  /** swapped out */
   SWAPPED: 1 << 4,
+  /** the shared zero page */
   PFNZERO: 1 << 5,
   /** backed by a THP or hugetlb page */
   HUGE: 1 << 6,
+  /** soft-dirty (see /proc/PID/clear_refs) */
   SOFT_DIRTY: 1 << 7,
   /** a guard region (MADV_GUARD_INSTALL; Linux 6.14+) */
   GUARD: 1 << 8,
 } as const)
+/** A name of PageCategory. */
 export type PageCategoryName = keyof typeof PageCategory
 
 /** PM_SCAN_* flags. */
@@ -39,6 +45,7 @@ const DEFAULT_RETURN = ALL_CATEGORIES & ~PageCategory.GUARD
 const ALL_FLAGS = PagemapScanFlag.WP_MATCHING | PagemapScanFlag.CHECK_WPASYNC
 const MAX_REGIONS = 1 << 20
 
+/** Options of pagemapScan() (struct pm_scan_arg). */
 export interface PagemapScanOptions {
   /** PagemapScanFlag bits */
   flags?: number
@@ -58,14 +65,19 @@ export interface PagemapScanOptions {
   pid?: number
 }
 
+/** A run of pages with the same categories. */
 export interface PageRegion {
+  /** Start address. */
   address: bigint
+  /** Length in bytes. */
   length: number
   /** PageCategory bits, limited to returnMask */
   categories: number
 }
 
+/** What one PAGEMAP_SCAN call found. */
 export interface PagemapScanResult {
+  /** The matching runs, in address order. */
   regions: PageRegion[]
   /** where the walk stopped: the range's end unless maxPages or maxRegions cut it short */
   walkEnd: bigint

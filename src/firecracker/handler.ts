@@ -9,18 +9,23 @@
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
 import * as fs from 'node:fs'
 import * as net from 'node:net'
-import { EventEmitter } from 'node:events'
 import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FaultResolver } from '../core/fault-resolver'
 import { IntervalSet } from '../util/interval-set'
+import { TypedEmitter } from '../util/typed-emitter'
+import { debug } from '../util/diagnostics'
+import { observe } from './observe'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
+import { isListening } from '../ipc/unix-socket'
 import { fdNative } from '../ipc/fd-passing'
 import type { UffdError } from '../core/errors'
 import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
 
+/** What the handler does after UFFD_EVENT_REMOVE: serve zero pages there, or unregister the range. */
 export type RemovePolicy = 'zero' | 'unregister'
 
+/** Options of FirecrackerHandler.listen(). */
 export interface FirecrackerHandlerOptions {
   /** Unix socket path to listen on (Firecracker's mem_backend.backend_path). */
   socketPath: string
@@ -46,22 +51,35 @@ export interface FirecrackerHandlerOptions {
 
 /** What a connection, or the handler in all, has served. */
 export interface ServingCounts {
+  /** Fault messages read. */
   faults: number
+  /** Pages copied from the memory file. */
   pagesServed: number
+  /** Bytes copied from the memory file. */
   bytesServed: number
+  /** Zero pages served (after UFFD_EVENT_REMOVE). */
   zeroPages: number
+  /** UFFD_EVENT_REMOVE events (balloon inflation, MADV_DONTNEED). */
   removes: number
+  /** Copies that found the page already there (EEXIST: a benign race). */
   exists: number
+  /** Copies deferred by EAGAIN while an event was pending, then retried. */
   deferred: number
 }
 
+/** One connection (one VM): who, and what it was served. */
 export interface ConnectionStats extends ServingCounts {
+  /** Numbered from 1 in the order peers connected. */
   id: number
+  /** The peer (SO_PEERCRED). */
   peer: PeerCredentials
+  /** Regions its handshake declared. */
   regions: number
 }
 
+/** The handler's totals over every connection (FirecrackerHandler.stats()). */
 export interface HandlerStats extends ServingCounts {
+  /** Connections open now, ever, and ended by an error. */
   connections: { active: number; total: number; failed: number }
   /** latency from reading a fault to its UFFDIO_COPY returning, log2 buckets of microseconds */
   serveLatencyUs: Record<string, number>
@@ -365,15 +383,33 @@ class Connection {
   }
 }
 
+/** The handler's events and their listeners' arguments. */
+export interface FirecrackerHandlerEvents {
+  /** a peer connected (its handshake is still to come) */
+  connection: [connection: ConnectionStats]
+  /** a peer's handshake was valid: its faults are served from now on */
+  ready: [connection: ConnectionStats, regions: GuestRegion[]]
+  /** a connection ended: cleanly (the VM exited, or close()) or with the error that ended it */
+  end: [connection: ConnectionStats, error: Error | undefined]
+  /** the listening socket failed (after listen() succeeded) */
+  serverError: [error: Error]
+}
+
 /**
- * The handler. Events: 'connection' (stats), 'ready' (stats, regions), 'end' (stats, error?)
- * for every connection; a connection's error never becomes an 'error' event of the handler.
+ * The handler. Events (typed: see FirecrackerHandlerEvents): 'connection', 'ready', 'end' for
+ * every connection, 'serverError'; a connection's error never becomes an 'error' event of the
+ * handler.
  */
-export class FirecrackerHandler extends EventEmitter {
+export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
+  /** The socket it listens on. */
   readonly socketPath: string
+  /** See FirecrackerHandlerOptions.onRemove. */
   readonly onRemove: RemovePolicy
+  /** See FirecrackerHandlerOptions.maxMessageBytes. */
   readonly maxMessageBytes: number
+  /** See FirecrackerHandlerOptions.handshakeTimeout. */
   readonly handshakeTimeout: number
+  /** Who may connect (see FirecrackerHandlerOptions.allow). */
   readonly allow: (peer: PeerCredentials) => boolean
   /** @internal */
   readonly source: FileSource
@@ -422,6 +458,12 @@ export class FirecrackerHandler extends EventEmitter {
     return handler
   }
 
+  /** Every event also goes to NODE_DEBUG and the diagnostics channels (./observe.ts). */
+  override emit<K extends keyof FirecrackerHandlerEvents>(event: K, ...args: FirecrackerHandlerEvents[K]): boolean {
+    observe(this, event, args)
+    return super.emit(event, ...args)
+  }
+
   async #listen(replaceStale: boolean): Promise<void> {
     const attempt = (): Promise<void> =>
       new Promise((resolve, reject) => {
@@ -444,9 +486,11 @@ export class FirecrackerHandler extends EventEmitter {
         (await isListening(this.socketPath))
       )
         throw err
+      if (debug.enabled) debug('FirecrackerHandler %s: replacing a stale socket file', this.socketPath)
       fs.unlinkSync(this.socketPath)
       await attempt()
     }
+    if (debug.enabled) debug('FirecrackerHandler %s: listening', this.socketPath)
   }
 
   #accept(socket: net.Socket): void {
@@ -474,6 +518,7 @@ export class FirecrackerHandler extends EventEmitter {
     this.#latency.set(b, (this.#latency.get(b) ?? 0) + 1)
   }
 
+  /** Totals over every connection so far, and the latency histogram. */
   stats(): HandlerStats {
     const keys = [...this.#latency.keys()].sort(
       (a, b) => parseFloat(a.replace('<', '')) - parseFloat(b.replace('<', '')),
@@ -500,6 +545,7 @@ export class FirecrackerHandler extends EventEmitter {
     this.source.close()
   }
 
+  /** close(), for `await using handler = await FirecrackerHandler.listen(...)`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
   }
@@ -511,15 +557,4 @@ function isSocketFile(path: string): boolean {
   } catch {
     return false
   }
-}
-
-function isListening(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(path)
-    s.once('connect', () => {
-      s.destroy()
-      resolve(true)
-    })
-    s.once('error', () => resolve(false))
-  })
 }

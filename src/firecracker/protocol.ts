@@ -11,6 +11,7 @@
 // Everything here is untrusted input from another process: each check has a message that says
 // which region and which field was wrong.
 
+/** One region of guest memory a peer declared, checked. */
 export interface GuestRegion {
   /** index in the message */
   index: number
@@ -18,13 +19,17 @@ export interface GuestRegion {
   base: bigint
   /** one past the last byte */
   end: bigint
+  /** Length in bytes. */
   size: number
   /** offset of the region in the snapshot file */
   offset: number
+  /** The region's page size (4 KiB, or a huge page size). */
   pageSize: number
 }
 
+/** A peer broke Firecracker's handshake protocol (it ends that connection only). */
 export class ProtocolError extends Error {
+  /** Always 'EPROTO'. */
   readonly code = 'EPROTO'
   constructor(message: string) {
     super(message)
@@ -32,6 +37,7 @@ export class ProtocolError extends Error {
   }
 }
 
+/** Options of parseRegions(). */
 export interface ParseOptions {
   /** snapshot file size: every region must lie inside it */
   fileSize: number

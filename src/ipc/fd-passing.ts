@@ -20,14 +20,18 @@ import type { Userfaultfd } from '../core/userfaultfd'
 
 /** The peer's identity as the kernel recorded it at connect() time (SO_PEERCRED). */
 export interface PeerCredentials {
+  /** The peer's process id. */
   pid: number
+  /** The peer's user id. */
   uid: number
+  /** The peer's group id. */
   gid: number
 }
 
 /** A socket: a connected net.Socket (Unix domain), or a raw socket fd (e.g. from socketPair()). */
 export type SocketLike = net.Socket | number
 
+/** Options of receiveFds() and FdChannel.receive(). */
 export interface ReceiveOptions {
   /** Largest payload accepted in one receive (default 65536). */
   maxBytes?: number
@@ -35,9 +39,11 @@ export interface ReceiveOptions {
   maxFds?: number
   /** Fewest fds required (default 0); fewer is an error (the fds that arrived are closed). */
   minFds?: number
+  /** Stops waiting (AbortError). */
   signal?: AbortSignal
 }
 
+/** One message received, with the fds that came with it (close-on-exec, yours to close). */
 export interface ReceivedMessage {
   /** The payload (empty at end of stream: `end` is then true). */
   data: Buffer
@@ -154,6 +160,7 @@ export function peerCredentials(socket: SocketLike): PeerCredentials {
  * receive. close() releases the watcher; the socket itself stays the caller's.
  */
 export class FdChannel {
+  /** The socket's fd. */
   readonly fd: number
   #watcher: NativeWatcher | undefined
   #pending: { resolve: (events: number) => void; reject: (e: unknown) => void } | undefined
@@ -261,6 +268,7 @@ export class FdChannel {
     return this
   }
 
+  /** Lets the process exit while a receive waits. */
   unref(): this {
     this.#watcher?.unref()
     return this
@@ -277,6 +285,7 @@ export class FdChannel {
     p?.reject(protocolError('EBADF', 'FdChannel', 'the channel was closed'))
   }
 
+  /** close(). */
   [Symbol.dispose](): void {
     this.close()
   }

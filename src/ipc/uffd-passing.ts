@@ -20,10 +20,13 @@ export async function sendUffd(
   }
 }
 
+/** What receiveUffd() resolves with. */
 export interface ReceivedUffd {
+  /** The uffd received, adopted (yours to close). */
   uffd: Userfaultfd
   /** the payload that came with it */
   data: Buffer
+  /** Who sent it (SO_PEERCRED: what the kernel recorded, not what the peer says). */
   peer: PeerCredentials
 }
 

@@ -29,8 +29,9 @@ export function runNode(
   timeoutMs = 15_000,
   onSpawn?: (child: ChildProcess) => void,
   extraFds: number[] = [],
+  env?: NodeJS.ProcessEnv,
 ): Promise<ChildResult> {
-  return runCommand(process.execPath, args, timeoutMs, onSpawn, extraFds)
+  return runCommand(process.execPath, args, timeoutMs, onSpawn, extraFds, env)
 }
 
 /**
@@ -43,9 +44,10 @@ export function runCommand(
   timeoutMs = 15_000,
   onSpawn?: (child: ChildProcess) => void,
   extraFds: number[] = [],
+  env?: NodeJS.ProcessEnv,
 ): Promise<ChildResult> {
   return new Promise((resolve) => {
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', ...extraFds] })
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe', ...extraFds], env: env ?? process.env })
     live.add(child)
     onSpawn?.(child)
     let stdout = ''
@@ -65,17 +67,61 @@ export function runCommand(
   })
 }
 
-/** Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. */
+/**
+ * Records what `stream` prints from now on; `waitFor(pattern)` resolves with all of it once it
+ * matches (at once if it already does), and rejects after `timeoutMs` (scaled) or at its end.
+ */
+export function watchOutput(stream: NodeJS.ReadableStream): {
+  text(): string
+  waitFor(pattern: RegExp, timeoutMs?: number): Promise<string>
+} {
+  let text = ''
+  let ended = false
+  const waiters = new Set<() => void>()
+  stream.on('data', (d: Buffer | string) => {
+    text += d
+    for (const w of [...waiters]) w()
+  })
+  stream.on('end', () => {
+    ended = true
+    for (const w of [...waiters]) w()
+  })
+  return {
+    text: () => text,
+    waitFor: (pattern, timeoutMs = 15_000) =>
+      new Promise((resolve, reject) => {
+        const check = (): void => {
+          if (pattern.test(text)) finish()
+          else if (ended) finish(new Error(`output ended without ${pattern}: ${text}`))
+        }
+        const finish = (err?: Error): void => {
+          clearTimeout(timer)
+          waiters.delete(check)
+          if (err) reject(err)
+          else resolve(text)
+        }
+        const timer = setTimeout(
+          () => finish(new Error(`no ${pattern} within ${timeoutMs} ms: ${text}`)),
+          timeoutMs * timeScale,
+        )
+        waiters.add(check)
+        check()
+      }),
+  }
+}
+
+/**
+ * Runs the Firecracker-like guest (dist/cli/demo/guest.js) with `options`. Without an IPC
+ * channel it prints its result as one line of JSON; `parseError` says why that did not parse.
+ */
 export async function runGuest(
   options: object,
   timeoutMs = 15_000,
-): Promise<ChildResult & { result?: Record<string, unknown> }> {
+): Promise<ChildResult & { result?: Record<string, unknown>; parseError?: string }> {
   const r = await runNode([path.join(dist, 'cli', 'demo', 'guest.js'), JSON.stringify(options)], timeoutMs)
-  let result: Record<string, unknown> | undefined
   try {
-    result = JSON.parse(r.stdout) as Record<string, unknown>
-  } catch {
-    /* none */
+    return { ...r, result: JSON.parse(r.stdout) as Record<string, unknown> }
+  } catch (err) {
+    return { ...r, parseError: `${(err as Error).message} in ${JSON.stringify(r.stdout.slice(0, 200))}` }
   }
-  return { ...r, result }
 }

@@ -1,28 +1,52 @@
 // A guest that behaves like Firecracker restoring a snapshot with a Uffd memory backend: maps
 // guest memory, registers it (MISSING, with UFFD_EVENT_REMOVE), connects to the handler and
-// sends the region JSON with its uffd attached, then touches pages from native threads,
-// verifies every byte against the snapshot file, MADV_DONTNEEDs a range and checks that it
-// reads zeros afterwards. Used by `userfaultfd demo` and the tests (as a child process).
+// sends the region JSON with its uffd attached, then touches every page in plain JavaScript
+// (from its main thread, or from worker threads with `threads` > 1), verifies every byte
+// against the snapshot file, MADV_DONTNEEDs a range and checks that it reads zeros afterwards.
+//
+// It is a separate process from the handler, so its threads may fault: the handler, elsewhere,
+// resolves them. It hands its uffd over and closes its own copy, so if the handler goes away
+// the kernel releases the registration and the guest reads zeros (reported as mismatches)
+// instead of waiting forever.
+//
+// Run as a child process: `node guest.js '<GuestOptions JSON>'`. With an IPC channel
+// (child_process.fork) it sends progress and then its result as messages; without one it
+// prints the result as one line of JSON. Either way it ends by itself (no process.exit).
 import * as fs from 'node:fs'
 import * as net from 'node:net'
+import * as path from 'node:path'
+import { Worker } from 'node:worker_threads'
 import { Userfaultfd } from '../../core/userfaultfd'
-import { Mapping, hugePageSize } from '../../core/mapping'
+import { hugePageSize } from '../../core/mapping'
 import { Feature, PAGE_SIZE } from '../../core/constants'
-import { touch, pages } from '../../testing'
 import { sendFds } from '../../ipc/fd-passing'
+import { LatencyHistogram, type HistogramJSON } from '../../util/histogram'
+import {
+  Counter,
+  RegionOwner,
+  type MappedRegion,
+  type RegionSpec,
+  type TouchResult,
+  type VerifyResult,
+  type ZeroResult,
+} from './guest-memory'
+import type { WorkerData, WorkerHello, WorkerReply, WorkerRequest } from './guest-worker'
 
 export interface GuestOptions {
   socket: string
   memFile: string
   /** guest memory size in bytes (default: the whole file) */
   size?: number
-  /** split guest memory into this many regions (default 1), each its own mapping */
+  /**
+   * split guest memory into at least this many regions (default 1), each its own mapping; there
+   * are also at least `threads` regions, and none is larger than 1 GiB
+   */
   regions?: number
   /** file offset of the first region (default 0) */
   offset?: number
   /** send page_size_kib only, as older Firecracker versions do (in bytes, despite the name) */
   legacyPageSize?: boolean
-  /** native threads touching pages (default 1) */
+  /** threads touching pages (default 1: the main thread; N > 1: N worker threads) */
   threads?: number
   /** touch every `stride`-th page only (default 1: all) */
   stride?: number
@@ -30,131 +54,232 @@ export interface GuestOptions {
   dontneed?: number
   /** back guest memory with huge pages (MAP_HUGETLB): regions get page_size = the huge page size */
   hugetlb?: boolean
-  /** SIGKILL itself after touching this many pages in flight (the "dies mid-stream" test) */
+  /** SIGKILL itself a few ms after the touching started (the "dies mid-stream" test) */
   dieMidway?: boolean
 }
 
 export interface GuestResult {
   pid: number
   pages: number
+  regions: number
+  threads: number
   touched: number
   verifiedBytes: number
   mismatches: number
   zeroChecked: number
   zeroMismatches: number
   elapsedMs: number
-  /** per-fault latency seen by the touching threads, in microseconds */
-  latencyUs: number[]
+  /** latency of each touch seen by the touching threads (a LatencyHistogram, ns) */
+  latency: HistogramJSON
 }
 
-export async function runGuest(options: GuestOptions): Promise<GuestResult> {
+export type GuestPhase = 'touch' | 'verify'
+
+/** Messages a guest sends over its IPC channel. */
+export type GuestMessage =
+  | { type: 'progress'; phase: GuestPhase; done: number; total: number }
+  | { type: 'result'; result: GuestResult }
+  | { type: 'error'; message: string }
+
+/** No region is larger than this: a Mapping's ArrayBuffer is limited to 4 GiB. */
+const MAX_REGION = 1 << 30
+const PROGRESS_MS = 250
+
+/** The thread(s) owning guest memory: the main thread, or a worker. */
+interface Owner {
+  regions: MappedRegion[]
+  touch(): Promise<TouchResult>
+  verify(memFile: string): Promise<VerifyResult>
+  zeros(index: number, length: number): Promise<ZeroResult>
+  close(): Promise<void>
+}
+
+function localOwner(specs: RegionSpec[], data: Omit<WorkerData, 'specs'>): Owner {
+  const owner = new RegionOwner(specs, data)
+  return {
+    regions: owner.regions,
+    touch: () => owner.touch(),
+    verify: (memFile) => owner.verify(memFile),
+    zeros: async (index, length) => owner.zeros(index, length),
+    close: async () => owner.close(),
+  }
+}
+
+async function workerOwner(specs: RegionSpec[], data: Omit<WorkerData, 'specs'>): Promise<Owner> {
+  const worker = new Worker(path.join(__dirname, 'guest-worker.js'), {
+    workerData: { ...data, specs } satisfies WorkerData,
+  })
+  const exited = new Promise<number>((resolve) => worker.once('exit', resolve))
+  const hello = await new Promise<WorkerHello>((resolve, reject) => {
+    worker.once('message', resolve)
+    worker.once('error', reject)
+    void exited.then((code) => reject(new Error(`guest worker exited (${code}) before mapping its memory`)))
+  })
+  if (hello.op === 'failed') throw new Error(`guest worker: ${hello.error}`)
+  let nextId = 1
+  const waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
+  worker.on('message', (reply: WorkerReply) => {
+    const w = waiting.get(reply.id)
+    waiting.delete(reply.id)
+    if (reply.ok) w?.resolve(reply.value)
+    else w?.reject(new Error(`guest worker: ${reply.error}`))
+  })
+  const failAll = (err: Error): void => {
+    for (const w of waiting.values()) w.reject(err)
+    waiting.clear()
+  }
+  worker.on('error', failAll)
+  void exited.then((code) => failAll(new Error(`guest worker exited (${code}) with requests pending`)))
+  const ask = <T>(request: Omit<WorkerRequest, 'id'>): Promise<T> =>
+    new Promise((resolve, reject) => {
+      const id = nextId++
+      waiting.set(id, { resolve: resolve as (v: unknown) => void, reject })
+      worker.postMessage({ ...request, id })
+    })
+  return {
+    regions: hello.regions,
+    touch: () => ask<TouchResult>({ op: 'touch' }),
+    verify: (memFile) => ask<VerifyResult>({ op: 'verify', memFile } as Omit<WorkerRequest, 'id'>),
+    zeros: (index, length) => ask<ZeroResult>({ op: 'zeros', index, length } as Omit<WorkerRequest, 'id'>),
+    close: async () => {
+      worker.postMessage({ op: 'close', id: 0 } satisfies WorkerRequest)
+      await exited
+    },
+  }
+}
+
+/** Splits `size` bytes into regions of whole pages: at least `minimum`, none above MAX_REGION. */
+export function planRegions(size: number, minimum: number, pageSize: number, offset: number): RegionSpec[] {
+  const count = Math.max(minimum, Math.ceil(size / MAX_REGION))
+  const per = Math.floor(size / count / pageSize) * pageSize
+  if (per === 0) throw new RangeError(`${size} bytes cannot make ${count} regions of whole ${pageSize}-byte pages`)
+  return Array.from({ length: count }, (_, index) => ({ index, length: per, offset: offset + index * per }))
+}
+
+/** Runs the guest; `progress` is called a few times a second while pages are touched and verified. */
+export async function runGuest(
+  options: GuestOptions,
+  progress: (phase: GuestPhase, done: number, total: number) => void = () => {},
+): Promise<GuestResult> {
   const fileSize = fs.statSync(options.memFile).size
   const offset = options.offset ?? 0
   const size = options.size ?? fileSize - offset
-  const count = options.regions ?? 1
-  const pageSize = options.hugetlb ? hugePageSize() : PAGE_SIZE
-  const per = Math.floor(size / count / pageSize) * pageSize
-  const uffd = Userfaultfd.open({ features: Feature.EVENT_REMOVE })
-  const maps: Array<{ map: Mapping; offset: number }> = []
-  for (let i = 0; i < count; i++) {
-    const map = Mapping.anonymous(per, { hugetlb: options.hugetlb === true })
-    uffd.register(map, { missing: true })
-    maps.push({ map, offset: offset + i * per })
-  }
-  const body = maps.map(({ map, offset }) =>
-    options.legacyPageSize
-      ? { base_host_virt_addr: Number(map.address), size: map.length, offset, page_size_kib: pageSize }
-      : {
-          base_host_virt_addr: Number(map.address),
-          size: map.length,
-          offset,
-          page_size: pageSize,
-          page_size_kib: pageSize,
-        },
-  )
-  const socket = net.connect(options.socket)
-  socket.pause()
-  await new Promise<void>((resolve, reject) => {
-    socket.once('connect', resolve)
-    socket.once('error', reject)
-  })
-  await sendFds(socket, JSON.stringify(body), uffd)
-
-  const start = performance.now()
+  const threads = options.threads ?? 1
   const stride = options.stride ?? 1
-  const addresses: bigint[] = []
-  for (const { map } of maps)
-    addresses.push(...pages(map, Math.ceil(map.length / PAGE_SIZE / stride), PAGE_SIZE * stride))
-  if (options.dieMidway) {
-    // Faults in flight on native threads while the process dies.
-    // (keep the memory and the uffd reachable: a collected Mapping would be unmapped under the threads)
-    ;(globalThis as { guestKeepAlive?: unknown }).guestKeepAlive = { maps, uffd, socket }
-    void touch(addresses, { threads: options.threads ?? 1 })
-    setTimeout(() => process.kill(process.pid, 'SIGKILL'), 5)
-    await new Promise(() => {
-      /* never */
-    })
-  }
-  const { ns } = await touch(addresses, { threads: options.threads ?? 1, timings: true })
-  const elapsedMs = performance.now() - start
+  const pageSize = options.hugetlb ? hugePageSize() : PAGE_SIZE
+  const specs = planRegions(size, Math.max(options.regions ?? 1, threads), pageSize, offset)
+  const counters = new SharedArrayBuffer(Counter.size * 4)
+  const count = new Int32Array(counters)
+  const data = { hugetlb: options.hugetlb === true, stride, counters }
 
-  // Every byte of every touched page equals the snapshot (pages are resolved now: no faults).
-  const fd = fs.openSync(options.memFile, 'r')
-  let verifiedBytes = 0
-  let mismatches = 0
-  const page = Buffer.alloc(PAGE_SIZE)
-  const want = Buffer.alloc(PAGE_SIZE)
-  for (const { map, offset } of maps) {
-    for (let p = 0; p < map.length; p += PAGE_SIZE * stride) {
-      map.read(p, page)
-      fs.readSync(fd, want, 0, PAGE_SIZE, offset + p)
-      if (!page.equals(want)) mismatches++
-      verifiedBytes += PAGE_SIZE
+  const owners: Owner[] = []
+  try {
+    if (threads === 1) owners.push(localOwner(specs, data))
+    else {
+      const shares = Array.from({ length: threads }, (_, t) => specs.filter((s) => s.index % threads === t))
+      owners.push(...(await Promise.all(shares.map((share) => workerOwner(share, data)))))
     }
-  }
-  fs.closeSync(fd)
+    const regions = owners.flatMap((o) => o.regions).sort((a, b) => a.index - b.index)
 
-  // Balloon-like MADV_DONTNEED: the handler reads UFFD_EVENT_REMOVE (this call blocks until
-  // it has), and afterwards the range reads as zeros.
-  let zeroChecked = 0
-  let zeroMismatches = 0
-  if (options.dontneed !== undefined && options.dontneed > 0) {
-    const first = maps[0].map
-    const len = Math.ceil(Math.min(options.dontneed, first.length) / pageSize) * pageSize
-    first.madvise('dontneed', 0, len)
-    await touch(pages(first, len / PAGE_SIZE), { threads: 1 })
-    const zeros = Buffer.alloc(PAGE_SIZE)
-    for (let p = 0; p < len; p += PAGE_SIZE) {
-      first.read(p, page)
-      if (!page.equals(zeros)) zeroMismatches++
-      zeroChecked++
+    // Register, hand the uffd over with the region JSON, and close this process's copy.
+    const uffd = Userfaultfd.open({ features: Feature.EVENT_REMOVE })
+    try {
+      for (const r of regions) uffd.register({ address: r.address, length: r.length }, { missing: true })
+      const body = regions.map((r) => ({
+        base_host_virt_addr: Number(r.address),
+        size: r.length,
+        offset: specs[r.index].offset,
+        page_size_kib: pageSize,
+        ...(options.legacyPageSize ? {} : { page_size: pageSize }),
+      }))
+      const socket = net.connect(options.socket)
+      socket.pause()
+      await new Promise<void>((resolve, reject) => {
+        socket.once('connect', resolve)
+        socket.once('error', reject)
+      })
+      await sendFds(socket, JSON.stringify(body), uffd)
+      socket.destroy()
+    } finally {
+      uffd.close()
     }
-  }
-  socket.destroy()
-  uffd.close()
-  return {
-    pid: process.pid,
-    pages: Math.ceil(size / PAGE_SIZE),
-    touched: addresses.length,
-    verifiedBytes,
-    mismatches,
-    zeroChecked,
-    zeroMismatches,
-    elapsedMs,
-    latencyUs: Array.from(ns ?? [], (v) => v / 1000),
+
+    const pagesPerRegion = Math.ceil(specs[0].length / (PAGE_SIZE * stride))
+    const total = pagesPerRegion * specs.length
+    const report = (phase: GuestPhase, slot: number): NodeJS.Timeout => {
+      const timer = setInterval(() => progress(phase, Atomics.load(count, slot), total), PROGRESS_MS)
+      timer.unref()
+      return timer
+    }
+
+    progress('touch', 0, total)
+    let timer = report('touch', Counter.touched)
+    const start = performance.now()
+    const touching = Promise.all(owners.map((o) => o.touch()))
+    if (options.dieMidway) {
+      // Faults in flight on the touching threads while the process dies.
+      setTimeout(() => process.kill(process.pid, 'SIGKILL'), 5)
+      await new Promise(() => {})
+    }
+    const touched = await touching
+    const elapsedMs = performance.now() - start
+    clearInterval(timer)
+    progress('touch', total, total)
+
+    progress('verify', 0, total)
+    timer = report('verify', Counter.verified)
+    const verified = await Promise.all(owners.map((o) => o.verify(options.memFile)))
+    clearInterval(timer)
+    progress('verify', total, total)
+
+    let zeros: ZeroResult = { zeroChecked: 0, zeroMismatches: 0 }
+    if (options.dontneed !== undefined && options.dontneed > 0) zeros = await owners[0].zeros(0, options.dontneed)
+
+    const latency = new LatencyHistogram()
+    for (const t of touched) latency.merge(t.latency)
+    return {
+      pid: process.pid,
+      pages: Math.ceil((specs[0].length * specs.length) / PAGE_SIZE),
+      regions: specs.length,
+      threads,
+      touched: touched.reduce((n, t) => n + t.touched, 0),
+      verifiedBytes: verified.reduce((n, v) => n + v.verifiedBytes, 0),
+      mismatches: verified.reduce((n, v) => n + v.mismatches, 0),
+      ...zeros,
+      elapsedMs,
+      latency: latency.toJSON(),
+    }
+  } finally {
+    await Promise.all(owners.map((o) => o.close()))
   }
 }
 
-// As a child process: node guest.js '<GuestOptions JSON>' prints a GuestResult as JSON.
-if (require.main === module) {
-  runGuest(JSON.parse(process.argv[2]) as GuestOptions).then(
-    (r) => {
-      process.stdout.write(`${JSON.stringify(r)}\n`)
-      process.exit(r.mismatches === 0 && r.zeroMismatches === 0 ? 0 : 1)
-    },
-    (err) => {
-      process.stderr.write(`guest: ${(err as Error).stack}\n`)
-      process.exit(2)
-    },
+function main(): void {
+  const send = process.send?.bind(process)
+  const finish = (message: GuestMessage, code: number): void => {
+    process.exitCode = code
+    if (send) send(message, () => process.disconnect())
+    else if (message.type === 'result') process.stdout.write(`${JSON.stringify(message.result)}\n`)
+    else if (message.type === 'error') process.stderr.write(`guest: ${message.message}\n`)
+  }
+  let options: GuestOptions
+  try {
+    options = JSON.parse(process.argv[2] ?? '') as GuestOptions
+  } catch (err) {
+    finish({ type: 'error', message: `bad options JSON (${(err as Error).message}): ${process.argv[2]}` }, 2)
+    return
+  }
+  // The parent went away: nobody is left to report to.
+  process.once('disconnect', () => {
+    if (process.exitCode === undefined) process.kill(process.pid, 'SIGKILL')
+  })
+  const onProgress = send
+    ? (phase: GuestPhase, done: number, total: number) => send({ type: 'progress', phase, done, total })
+    : undefined
+  runGuest(options, onProgress).then(
+    (result) => finish({ type: 'result', result }, result.mismatches === 0 && result.zeroMismatches === 0 ? 0 : 1),
+    (err: Error) => finish({ type: 'error', message: err.stack ?? String(err) }, 2),
   )
 }
+
+if (require.main === module) main()

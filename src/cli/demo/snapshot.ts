@@ -29,3 +29,25 @@ export function writeSnapshot(path: string, size: number, seed = 0x5eed): void {
     fs.closeSync(fd)
   }
 }
+
+/**
+ * Writes a snapshot file of `size` bytes (a multiple of 8) without blocking the event loop for
+ * long: `onProgress` sees the bytes written; `signal` stops it between chunks (AbortError).
+ */
+export async function writeSnapshotAsync(
+  path: string,
+  size: number,
+  options: { seed?: number; signal?: AbortSignal; onProgress?: (bytes: number) => void } = {},
+): Promise<void> {
+  const file = await fs.promises.open(path, 'w', 0o600)
+  try {
+    for (let off = 0; off < size; off += CHUNK * 4) {
+      options.signal?.throwIfAborted()
+      const len = Math.min(CHUNK * 4, size - off)
+      await file.write(snapshotBytes(off, len, options.seed), 0, len, off)
+      options.onProgress?.(off + len)
+    }
+  } finally {
+    await file.close()
+  }
+}

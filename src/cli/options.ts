@@ -1,0 +1,136 @@
+// Option rows for command tables: each checks its value up front (empty values included) and
+// says what it wants in the error, naming the flag.
+import { type Option, type RawValue, UsageError } from './command'
+
+interface Common {
+  help: string
+  short?: string
+}
+
+interface Valued extends Common {
+  /** placeholder in help (PATH, MS, ...) */
+  value: string
+}
+
+function one(raw: RawValue, flag: string): string | undefined {
+  if (raw === undefined) return undefined
+  if (typeof raw !== 'string') throw new UsageError(`${flag} needs a value`)
+  if (raw === '') throw new UsageError(`${flag} needs a value, not an empty string`)
+  return raw
+}
+
+/** A boolean switch: --json. */
+export function flag(o: Common): Option<boolean> {
+  return { type: 'boolean', help: o.help, short: o.short, convert: (raw) => raw === true }
+}
+
+/** A string; `check` may refuse it (throw UsageError). */
+export function text(o: Valued & { required: true; check?: (v: string, flag: string) => void }): Option<string>
+export function text(o: Valued & { default: string; check?: (v: string, flag: string) => void }): Option<string>
+export function text(o: Valued & { check?: (v: string, flag: string) => void }): Option<string | undefined>
+export function text(
+  o: Valued & { required?: boolean; default?: string; check?: (v: string, flag: string) => void },
+): Option<string | undefined> {
+  return {
+    type: 'string',
+    value: o.value,
+    help: o.help,
+    short: o.short,
+    required: o.required,
+    defaultText: o.default,
+    convert(raw, flag) {
+      const v = one(raw, flag)
+      if (v === undefined) return o.default
+      o.check?.(v, flag)
+      return v
+    },
+  }
+}
+
+interface IntOptions extends Valued {
+  min: number
+  max: number
+}
+
+function toInt(raw: string, flag: string, o: IntOptions): number {
+  const n = /^[0-9]+$/.test(raw) ? Number(raw) : Number.NaN
+  if (!Number.isSafeInteger(n) || n < o.min || n > o.max)
+    throw new UsageError(`${flag} must be an integer ${o.min}..${o.max} (got '${raw}')`)
+  return n
+}
+
+/** A whole number in [min, max]. */
+export function int(o: IntOptions & { default: number; defaultText?: string }): Option<number>
+export function int(o: IntOptions & { required: true }): Option<number>
+export function int(o: IntOptions & { defaultText?: string }): Option<number | undefined>
+export function int(
+  o: IntOptions & { default?: number; required?: boolean; defaultText?: string },
+): Option<number | undefined> {
+  return {
+    type: 'string',
+    value: o.value,
+    help: o.help,
+    short: o.short,
+    required: o.required,
+    defaultText: o.defaultText ?? (o.default === undefined ? undefined : String(o.default)),
+    convert(raw, flag) {
+      const v = one(raw, flag)
+      return v === undefined ? o.default : toInt(v, flag, o)
+    },
+  }
+}
+
+/** Repeatable whole numbers: --allow-uid 1000 --allow-uid 1001. */
+export function ints(o: IntOptions): Option<number[]> {
+  return {
+    type: 'string',
+    multiple: true,
+    value: o.value,
+    help: o.help,
+    short: o.short,
+    convert: (raw, flag) => ((raw ?? []) as string[]).map((v) => toInt(one(v, flag)!, flag, o)),
+  }
+}
+
+/** One of a few words. */
+export function choice<const T extends string>(o: Valued & { values: readonly T[]; default: T }): Option<T> {
+  return {
+    type: 'string',
+    value: o.value,
+    help: `${o.help} One of: ${o.values.join(', ')}.`,
+    short: o.short,
+    defaultText: o.default,
+    convert(raw, flag) {
+      const v = one(raw, flag)
+      if (v === undefined) return o.default
+      if (!(o.values as readonly string[]).includes(v))
+        throw new UsageError(`${flag} must be ${o.values.join(' or ')} (got '${v}')`)
+      return v as T
+    },
+  }
+}
+
+const UNITS: Record<string, number> = { '': 1, m: 1, mib: 1, g: 1024, gib: 1024 }
+
+/** A size in MiB: 512, 512M, 512MiB, 2G, 2GiB (binary units). */
+export function mebibytes(o: IntOptions & { default: number }): Option<number> {
+  return {
+    type: 'string',
+    value: o.value,
+    help: `${o.help} A number of MiB, or with a unit: 512M, 2G.`,
+    short: o.short,
+    defaultText: `${o.default} MiB`,
+    convert(raw, flag) {
+      const v = one(raw, flag)
+      if (v === undefined) return o.default
+      const m = /^([0-9]+)\s*([a-z]*)$/i.exec(v)
+      const unit = m ? UNITS[m[2].toLowerCase()] : undefined
+      const n = m && unit !== undefined ? Number(m[1]) * unit : Number.NaN
+      if (!Number.isSafeInteger(n) || n < o.min || n > o.max)
+        throw new UsageError(
+          `${flag} must be a size from ${o.min} to ${o.max} MiB: a number of MiB, or with M or G (got '${v}')`,
+        )
+      return n
+    },
+  }
+}
