@@ -147,3 +147,22 @@ describe.skipIf(missing('nginx'))('FaultServer { url } (nginx)', () => {
     }
   })
 })
+
+describe('FaultServer { paused }', () => {
+  it('reads no fault before resume(): ranges registered beforehand are served only once added', async () => {
+    const n = 64
+    const m = track(Mapping.anonymous(n * PAGE_SIZE))
+    const uffd = track(Userfaultfd.open())
+    uffd.register(m, { missing: true }) // as Firecracker does, before handing the uffd over
+    const server = track(new FaultServer(uffd, { paused: true }))
+    const src = Buffer.alloc(n * PAGE_SIZE)
+    for (let p = 0; p < n; p++) src.writeBigUInt64LE(BigInt(p + 1), p * PAGE_SIZE)
+    const touched = touch([m.address + BigInt(5 * PAGE_SIZE)])
+    await new Promise((r) => setTimeout(r, 100))
+    expect(server.stats().faults).toBe(0) // not read: it would have been served as zeros
+    server.serve(m, { buffer: src }, { register: false })
+    server.resume()
+    expect((await within(touched, 5000, 'touch')).values[0]).toBe(6n)
+    expect(() => new FaultServer(track(Userfaultfd.open()), { paused: 1 as never })).toThrow(TypeError)
+  })
+})

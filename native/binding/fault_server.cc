@@ -10,6 +10,7 @@
 //   removeRange(start, end) -> count; complete(requestId, bytes | null); stats(); settled();
 //   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
 //   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
+//   resume() (options.startPaused: read nothing from the uffd until then);
 //   close(); ref(); unref()
 #include <errno.h>
 #include <unistd.h>
@@ -129,6 +130,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
                            InstanceMethod<&FaultServerHandle::RemoveRange>("removeRange"),
                            InstanceMethod<&FaultServerHandle::Complete>("complete"),
                            InstanceMethod<&FaultServerHandle::Provide>("provide"),
+                           InstanceMethod<&FaultServerHandle::Resume>("resume"),
                            InstanceMethod<&FaultServerHandle::ProvidedQueued>("providedQueued"),
                            InstanceMethod<&FaultServerHandle::RecordTouches>("recordTouches"),
                            InstanceMethod<&FaultServerHandle::TakeTouches>("takeTouches"),
@@ -157,6 +159,7 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     if (opts.Get("removeToZero").IsBoolean()) o.removeToZero = opts.Get("removeToZero").ToBoolean();
     if (opts.Get("forkEmit").IsBoolean()) o.forkEmit = opts.Get("forkEmit").ToBoolean();
     if (opts.Get("prefetchIdle").IsBoolean()) o.prefetchIdle = opts.Get("prefetchIdle").ToBoolean();
+    if (opts.Get("startPaused").IsBoolean()) o.startPaused = opts.Get("startPaused").ToBoolean();
     if (o.batch < 1 || o.batch > 4096) ThrowRangeError(env, "batch must be 1..4096");
     int watchdogMs = static_cast<int>(OptU64(opts, "watchdogMs", 0));
 
@@ -312,6 +315,11 @@ class FaultServerHandle : public Napi::ObjectWrap<FaultServerHandle> {
     uint64_t queued =
         core_->engine->Provide(rangeId, sourceOffset, bytes.data, bytes.length, std::move(hold));
     return Napi::Number::New(env, static_cast<double>(queued));
+  }
+
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->engine->Resume();
+    return info.Env().Undefined();
   }
 
   Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {

@@ -39,6 +39,7 @@ uint64_t EngineNowNs() {
 
 FaultEngine::FaultEngine(const EngineOptions& options, std::function<void()> wakeJs)
     : options_(options), wakeJs_(std::move(wakeJs)) {
+  paused_.store(options_.startPaused);
   if (options_.batch < 1) options_.batch = 1;
   spinBudgetNs_.store(options_.spinUs * 1000);
 }
@@ -90,6 +91,13 @@ void FaultEngine::Stop() {
   close(wakeFd_);
   close(requestFd_);
   uffd_ = wakeFd_ = requestFd_ = -1;
+}
+
+void FaultEngine::Resume() {
+  if (!paused_.exchange(false) || wakeFd_ < 0) return;
+  uint64_t one = 1;
+  ssize_t ignored = write(wakeFd_, &one, sizeof one);
+  (void)ignored;
 }
 
 void FaultEngine::KickPrefetch() {
@@ -297,6 +305,16 @@ void FaultEngine::DemandLoop() {
   int backoffMs = 1;
   bool dead = false;
   while (!stopping_.load(std::memory_order_relaxed)) {
+    if (paused_.load()) {
+      // Not reading the uffd yet: wait for Resume() or Stop() (both write the wake eventfd).
+      struct pollfd w = {wakeFd_, POLLIN, 0};
+      if (poll(&w, 1, -1) > 0 && (w.revents & POLLIN)) {
+        uint64_t v;
+        ssize_t ignored = read(wakeFd_, &v, sizeof v);
+        (void)ignored;
+      }
+      continue;
+    }
     ssize_t n = -1;
     errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
     if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));

@@ -40,6 +40,7 @@ struct EngineOptions {
   bool prefetchIdle = true;                   // prefetch thread under SCHED_IDLE
   uint32_t handlerConcurrency = 4;            // prefetch requests in flight per handler range
   uint32_t prefetchYieldUs = 1000;            // prefetch pauses while demand faults came this recently
+  bool startPaused = false;                   // read nothing from the uffd until Resume()
 };
 
 struct ServedRange {
@@ -112,6 +113,9 @@ class FaultEngine {
   // are woken when the last reference to the uffd goes).
   void Stop();
   bool running() const { return started_ && !stopping_.load(); }
+  // Starts reading the uffd (an engine created with startPaused): for a uffd whose ranges are
+  // registered already, so that no fault is read before the ranges serving it are added.
+  void Resume();
   // Readable while { handler } requests wait for the JS thread (for the deadlock watchdog).
   int requestFd() const { return requestFd_; }
 
@@ -220,6 +224,7 @@ class FaultEngine {
   int requestFd_ = -1;  // eventfd: requests not yet taken by JS
   bool started_ = false;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> paused_{false};
   std::thread demand_;
   std::thread prefetch_;
 

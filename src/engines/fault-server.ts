@@ -43,6 +43,12 @@ export interface FaultServerOptions {
    * faulting thread onto the handler's CPU, spinning only delayed the faulting threads.
    */
   spin?: number
+  /**
+   * Read nothing from the uffd until resume(): for a uffd whose ranges are registered already
+   * (Firecracker's, say), so that no fault is read before serve() added the range serving it
+   * (a fault outside every served range is served as zeros). Default false.
+   */
+  paused?: boolean
   /** Messages per read(2), 1..4096. Default 64. */
   batch?: number
   /** Minimum interval (ms) between 'progress' events. Default 100. */
@@ -195,6 +201,7 @@ interface NativeHandle {
   removeRange(start: bigint, end: bigint): number
   complete(id: number, bytes: PageBytes | null): void
   provide(rangeId: number, sourceOffset: number, bytes: PageBytes): number
+  resume(): void
   providedQueued(): number
   recordTouches(on: boolean): void
   takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
@@ -323,6 +330,8 @@ export class FaultServer extends EventEmitter {
       o.prefetchYield === undefined ? 1000 : checkInt(o.prefetchYield, 'prefetchYield', 0, 1_000_000)
     const watchdogMs =
       o.watchdog === false ? 0 : o.watchdog === undefined ? 1000 : checkInt(o.watchdog, 'watchdog', 1, 3_600_000)
+    if (o.paused !== undefined && typeof o.paused !== 'boolean')
+      throw new TypeError(`paused must be a boolean (got ${describe(o.paused)})`)
     if (serving.has(uffd))
       throw uffdError('EBUSY', 'FaultServer', 'this userfaultfd already has a FaultServer; close it first')
     this.#uffd = uffd
@@ -346,6 +355,7 @@ export class FaultServer extends EventEmitter {
         removeToZero: onRemove === 'zero',
         forkEmit: onFork === 'emit',
         prefetchIdle: priority === 'idle',
+        startPaused: o.paused === true,
       },
       (notices) => this.#onNotices(notices),
     )
@@ -492,6 +502,12 @@ export class FaultServer extends EventEmitter {
       this.#drainWaiters.push({ resolve, reject })
       this.#checkDrained()
     })
+  }
+
+  /** Starts reading the uffd (a server created with { paused: true }). Idempotent. */
+  resume(): this {
+    if (!this.#closed) this.#handle.resume()
+    return this
   }
 
   /** Lets the process exit while the server runs (like server.unref()). */
