@@ -767,19 +767,22 @@ export class NbdStore implements BlockStore {
     return store
   }
 
-  async read(offset: number, length: number, options: ReadOptions = {}): Promise<Buffer> {
+  read(offset: number, length: number, options: ReadOptions = {}): Promise<Buffer> {
     if (this.#closed)
-      throw new SourceError(`NBD ${this.location}: closed`, {
-        code: 'ESHUTDOWN',
-        syscall: 'NBD_CMD_READ',
-        retryable: false,
-        location: this.location,
-      })
-    const conn = await this.#connection(options.urgent === true || !this.#multi)
+      return Promise.reject(
+        new SourceError(`NBD ${this.location}: closed`, {
+          code: 'ESHUTDOWN',
+          syscall: 'NBD_CMD_READ',
+          retryable: false,
+          location: this.location,
+        }),
+      )
     this.counters.requests++
-    const b = await conn.read(offset, length)
     this.counters.bytes += length
-    return b
+    const conn = this.#connection(options.urgent === true || !this.#multi)
+    // the common case without an extra promise hop: a live connection
+    if (conn instanceof NbdConnection) return conn.read(offset, length)
+    return conn.then((c) => c.read(offset, length))
   }
 
   async close(): Promise<void> {

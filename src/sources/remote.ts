@@ -156,17 +156,22 @@ export class RemoteSource {
    * them, else from the store (urgent: on the demand connection). Rejects with the last
    * SourceError once its tries are spent.
    */
-  async read(offset: number, length: number, options: { urgent?: boolean } = {}): Promise<Buffer> {
-    if (this.#closed) throw this.#error('closed', 'ESHUTDOWN', false)
+  read(offset: number, length: number, options: { urgent?: boolean } = {}): Promise<Buffer> {
+    if (this.#closed) return Promise.reject(this.#error('closed', 'ESHUTDOWN', false))
     if (offset % PAGE !== 0 || length % PAGE !== 0 || length <= 0)
-      throw new RangeError(`remote reads are whole pages (got [${offset}, +${length}))`)
+      return Promise.reject(new RangeError(`remote reads are whole pages (got [${offset}, +${length}))`))
     this.counters.reads++
+    if (this.cacheKey === null && this.manifest === undefined && offset + length <= this.size)
+      return this.#fetch(offset, length, options.urgent === true) // the common case: one read, no copy
+    return this.#readPages(offset, length, options.urgent === true)
+  }
+
+  // Through the cache, past the content's end, or in whole manifest chunks.
+  async #readPages(offset: number, length: number, urgent: boolean): Promise<Buffer> {
     const page = offset / PAGE
     const count = length / PAGE
     // pages past the content: zeros, nothing to fetch
     const contentPages = Math.max(0, Math.min(count, Math.ceil((this.size - offset) / PAGE)))
-    if (this.cacheKey === null && this.manifest === undefined && contentPages === count && offset + length <= this.size)
-      return this.#fetch(offset, length, options.urgent === true) // the common case: one read, no copy
     const out = Buffer.allocUnsafe(length)
     const have = this.cacheKey !== null ? this.cache!.read(this.cacheKey, page, count, out) : null
     if (contentPages < count) out.fill(0, contentPages * PAGE)
@@ -190,7 +195,7 @@ export class RemoteSource {
       from = Math.floor(from / cs) * cs
       to = Math.min(Math.ceil(to / cs) * cs, this.size)
     }
-    const bytes = await this.#fetch(from, to - from, options.urgent === true)
+    const bytes = await this.#fetch(from, to - from, urgent)
     // into out: the part inside [offset, offset + length)
     const lo = Math.max(from, offset)
     const hi = Math.min(to, offset + length)
@@ -216,39 +221,57 @@ export class RemoteSource {
   }
 
   // [from, from + length) from the store, split into reads the store takes, checked and cached.
-  async #fetch(from: number, length: number, urgent: boolean): Promise<Buffer> {
+  #fetch(from: number, length: number, urgent: boolean): Promise<Buffer> {
     const max = this.manifest !== undefined ? Math.max(this.manifest.chunkSize, this.store.maxRead) : this.store.maxRead
+    const done = (bytes: Buffer): Buffer => {
+      this.counters.fetchedPages += Math.ceil(length / PAGE)
+      if (this.cacheKey !== null) {
+        // whole pages only: a short last page (the content's end) is padded with zeros
+        const whole = Math.ceil(length / PAGE) * PAGE
+        const padded = whole === length ? bytes : Buffer.concat([bytes, Buffer.alloc(whole - length)])
+        this.cache!.write(this.cacheKey, from / PAGE, padded)
+      }
+      return bytes
+    }
+    if (length <= max) return this.#tryRead(from, length, urgent).then(done)
     const parts: Array<Promise<Buffer>> = []
     for (let at = 0; at < length; at += max) parts.push(this.#tryRead(from + at, Math.min(max, length - at), urgent))
-    const pieces = await Promise.all(parts)
-    const bytes = pieces.length === 1 ? pieces[0] : Buffer.concat(pieces)
-    this.counters.fetchedPages += Math.ceil(length / PAGE)
-    if (this.cacheKey !== null) {
-      // whole pages only: a short last page (the content's end) is padded with zeros
-      const whole = Math.ceil(length / PAGE) * PAGE
-      const padded = whole === length ? bytes : Buffer.concat([bytes, Buffer.alloc(whole - length)])
-      this.cache!.write(this.cacheKey, from / PAGE, padded)
-    }
-    return bytes
+    return Promise.all(parts).then((pieces) => done(Buffer.concat(pieces)))
   }
 
-  async #tryRead(offset: number, length: number, urgent: boolean): Promise<Buffer> {
+  // The first try without async machinery (the common case), then tries with backoff.
+  #tryRead(offset: number, length: number, urgent: boolean): Promise<Buffer> {
+    const verify = (bytes: Buffer): Buffer => {
+      this.#verify(offset, bytes)
+      return bytes
+    }
+    const first = this.store.read(offset, length, { urgent })
+    const checked = this.manifest === undefined ? first : first.then(verify)
+    return checked.catch((err: unknown) => this.#retry(offset, length, urgent, err, verify))
+  }
+
+  async #retry(
+    offset: number,
+    length: number,
+    urgent: boolean,
+    err: unknown,
+    verify: (b: Buffer) => Buffer,
+  ): Promise<Buffer> {
     for (let attempt = 1; ; attempt++) {
+      if (!(err instanceof SourceError)) throw err
+      const retry = err.retryable && attempt < this.#attempts && !this.#closed
+      this.onError?.(err, retry)
+      if (!retry) {
+        this.counters.failures++
+        throw err
+      }
+      this.counters.retries++
+      const backoff = Math.min(2000, 50 * 2 ** (attempt - 1))
+      await sleep(backoff / 2 + Math.random() * (backoff / 2))
       try {
-        const bytes = await this.store.read(offset, length, { urgent })
-        this.#verify(offset, bytes)
-        return bytes
-      } catch (err) {
-        if (!(err instanceof SourceError)) throw err
-        const retry = err.retryable && attempt < this.#attempts && !this.#closed
-        this.onError?.(err, retry)
-        if (!retry) {
-          this.counters.failures++
-          throw err
-        }
-        this.counters.retries++
-        const backoff = Math.min(2000, 50 * 2 ** (attempt - 1))
-        await sleep(backoff / 2 + Math.random() * (backoff / 2))
+        return verify(await this.store.read(offset, length, { urgent }))
+      } catch (e) {
+        err = e
       }
     }
   }
