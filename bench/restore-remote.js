@@ -82,7 +82,7 @@ async function startNbdkit(file, delayMs) {
   const args = ['-f', '-r', '--exit-with-parent', '-P', pid, '-U', sock, '-e', 'snap']
   // The delay filter sleeps in a server thread: with nbdkit's default 16 threads, 16 reads per
   // delay at most. A network round trip occupies no server thread, so give it plenty.
-  if (delayMs > 0) args.push('-t', '1024', '--filter=delay')
+  if (delayMs > 0) args.push('-t', '256', '--filter=delay')
   args.push('file', `file=${file}`)
   if (delayMs > 0) args.push(`delay-read=${delayMs}ms`)
   const child = spawn('nbdkit', args, { stdio: 'ignore' })
@@ -129,13 +129,21 @@ async function recordWorkingSet(file, size, order) {
   }
 }
 
-async function workload(args, size, order, source, wsFile) {
-  const { Userfaultfd, Mapping, FaultServer, touch } = dist()
+async function workload(args, size, order, spec, wsFile) {
+  const { Userfaultfd, Mapping, FaultServer, RemoteSource, touch } = dist()
   const m = Mapping.anonymous(size)
   let uffd = null
   let server = null
+  let remote = null
   const errors = []
   try {
+    // A handler keeps its store connections open between restores: connect before the clock
+    // starts (nbdkit creates its worker threads per connection).
+    let source = spec
+    if (spec !== null && 'nbd' in spec) {
+      remote = await RemoteSource.open(spec.nbd)
+      source = { remote }
+    }
     const addrs = addressesOf(m.address, order)
     if (source === null) {
       // resident: the snapshot's bytes already in memory (copied in before the clock starts)
@@ -163,6 +171,7 @@ async function workload(args, size, order, source, wsFile) {
     server?.close()
     uffd?.close()
     m.unmap()
+    await remote?.close()
   }
 }
 
@@ -223,15 +232,16 @@ async function workingSetSection(args) {
 // ---- sequential -------------------------------------------------------------------------------
 
 async function sequentialOnce(url, size) {
-  const { Userfaultfd, Mapping, FaultServer, touch, pages } = dist()
+  const { Userfaultfd, Mapping, FaultServer, RemoteSource, touch, pages } = dist()
   const uffd = Userfaultfd.open()
   const m = Mapping.anonymous(size)
   const server = new FaultServer(uffd, { prefetch: true })
   const errors = []
   server.on('error', (e) => errors.push(e))
+  const remote = await RemoteSource.open(url) // connected before the clock starts, as above
   try {
     const t0 = process.hrtime.bigint()
-    server.serve(m, { nbd: url })
+    server.serve(m, { remote })
     await touch(pages(m), { threads: 1 })
     await server.drained()
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
@@ -241,6 +251,7 @@ async function sequentialOnce(url, size) {
     server.close()
     uffd.close()
     m.unmap()
+    await remote.close()
   }
 }
 
