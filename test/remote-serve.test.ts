@@ -86,6 +86,9 @@ describe.skipIf(missing('nbdkit'))('FaultServer { nbd } (nbdkit)', () => {
     expect(() => server.serve(m, { nbd: 42 as unknown as string })).toThrow(TypeError)
     expect(() => server.serve(m, { nbd: 'nbd://h/e', offset: 100 })).toThrow(RangeError)
     expect(() => server.serve(m, { remote: {} as RemoteSource })).toThrow(TypeError)
+    expect(() => server.serve(m, { zero: true }, { recordWorkingSet: 'yes' as never })).toThrow(TypeError)
+    expect(() => server.serve(m, { zero: true }, { workingSet: 42 as never })).toThrow(TypeError)
+    expect(() => new FaultServer(track(Userfaultfd.open()), { faultAroundMax: 3000 })).toThrow(RangeError)
   })
 })
 
