@@ -166,7 +166,7 @@ async function workload(args, size, order, spec, wsFile) {
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
     const s = server?.stats()
     if (errors.length > 0) throw errors[0]
-    return { seconds, faults: s ? s.faults : 0, pages: s ? s.demandPages + s.prefetchPages : 0 }
+    return { seconds, faults: s ? s.faults : 0, pages: s ? s.demandPages + s.prefetchPages + s.handlerPages : 0 }
   } finally {
     server?.close()
     uffd?.close()
