@@ -89,8 +89,9 @@ describe('package.json metadata and dependencies', () => {
   it('node-gyp is not a runtime dependency (npm brings its own for the fallback build)', () => {
     expect(pkg.dependencies).not.toHaveProperty('node-gyp')
     expect(pkg.devDependencies).toHaveProperty('node-gyp')
-    // What the fallback compile needs at install time: node-addon-api's headers.
-    expect(Object.keys(pkg.dependencies).sort()).toEqual(['bindings', 'node-addon-api'])
+    // What the fallback compile needs at install time: node-addon-api's headers. And undici: the
+    // HTTP(S) snapshot source (pure JS, no dependencies of its own; loaded only when one is used).
+    expect(Object.keys(pkg.dependencies).sort()).toEqual(['bindings', 'node-addon-api', 'undici'])
   })
 })
 
