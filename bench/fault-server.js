@@ -15,9 +15,8 @@
 'use strict'
 const fs = require('node:fs')
 const path = require('node:path')
-const crypto = require('node:crypto')
 const { spawnSync } = require('node:child_process')
-const { buildC, median, parseArgs, percentile, shuffle } = require('./lib')
+const { buildC, median, parseArgs, percentile, shuffle, snapshotFile } = require('./lib')
 const { Userfaultfd, Mapping, FaultServer, PAGE_SIZE } = require('../dist')
 const { touch, pages } = require('../dist/testing')
 
@@ -116,21 +115,6 @@ async function faultsSection(args) {
     }
   }
   return rows
-}
-
-function snapshotFile(mib) {
-  const file = path.join(__dirname, 'out', `snapshot-${mib}m.bin`)
-  if (!fs.existsSync(file) || fs.statSync(file).size !== mib * MiB) {
-    fs.mkdirSync(path.dirname(file), { recursive: true })
-    const fd = fs.openSync(file, 'w')
-    const block = Buffer.alloc(8 * MiB)
-    for (let i = 0; i < mib / 8; i++) {
-      crypto.randomFillSync(block)
-      fs.writeSync(fd, block)
-    }
-    fs.closeSync(fd)
-  }
-  return file
 }
 
 async function serverRestore(file, length, options) {

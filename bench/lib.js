@@ -51,4 +51,21 @@ function parseArgs(argv, defaults) {
   return args
 }
 
-module.exports = { buildC, median, percentile, shuffle, parseArgs }
+/** A snapshot file of `mib` MiB of random bytes in bench/out (made once, then reused). */
+function snapshotFile(mib) {
+  const crypto = require('node:crypto')
+  const file = path.join(out, `snapshot-${mib}m.bin`)
+  if (!fs.existsSync(file) || fs.statSync(file).size !== mib * 1048576) {
+    fs.mkdirSync(out, { recursive: true })
+    const fd = fs.openSync(file, 'w')
+    const block = Buffer.alloc(8 * 1048576)
+    for (let i = 0; i < Math.ceil(mib / 8); i++) {
+      crypto.randomFillSync(block)
+      fs.writeSync(fd, block, 0, Math.min(block.length, (mib - i * 8) * 1048576))
+    }
+    fs.closeSync(fd)
+  }
+  return file
+}
+
+module.exports = { buildC, median, percentile, shuffle, parseArgs, snapshotFile, out }

@@ -79,6 +79,22 @@ export type {
   ReadMethod,
   RemovePolicy,
 } from './engines/fault-server'
+export { RemoteSource } from './sources/remote'
+export type { RemoteOptions, RemoteCounters } from './sources/remote'
+export { SourceError } from './sources/store'
+export type { BlockStore, ReadOptions } from './sources/store'
+export { NbdStore, parseNbdUrl } from './sources/nbd'
+export type { NbdOptions, NbdTarget, ExportInfo } from './sources/nbd'
+export { HttpStore } from './sources/http'
+export type { HttpOptions } from './sources/http'
+export { MemoryCache, FileCache } from './sources/cache'
+export type { PageCache, CacheOptions, CacheStats } from './sources/cache'
+export { Manifest } from './sources/manifest'
+export type { ManifestData } from './sources/manifest'
+export { WorkingSet, WorkingSetError } from './sources/working-set'
+export type { SnapshotIdentity } from './sources/snapshot-identity'
+export type { FeedStats } from './sources/feed'
+export type { RemoteSpec } from './engines/fed-ranges'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type {
   SnapshotSink,

@@ -2,6 +2,7 @@
 // the snapshot's resolver is a native thread, but the JS thread must stay free to run the test.
 import { afterEach, describe, expect, it } from 'vitest'
 import { timeScale } from './helpers/children'
+import { until } from './helpers/fault-server'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
@@ -150,7 +151,8 @@ describe.skipIf(skipReason() !== undefined)('live snapshot', () => {
     const first = startStamper(m, { threads: 2, shuffle: true, seed: 7 })
     await first.stop()
     const second = startStamper(m, { threads: 2, shuffle: true, seed: 7 })
-    await sleep(5)
+    // until it wrote something (a fixed sleep let a loaded machine stop it before its first stamp)
+    await until(() => second.counts().some((n) => n > 0), 10_000 * timeScale, 'the second stamper to stamp')
     await second.stop()
     expect(second.run()).not.toBe(first.run())
     const words = new BigUint64Array(bytesOf(m).buffer)

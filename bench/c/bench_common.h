@@ -8,6 +8,7 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -83,6 +84,14 @@ struct touchers {
 static inline void* toucher_main(void* arg) {
   struct job* j = arg;
   struct touchers* t = j->all;
+  /* TOUCHER_CPU=N pins the touching threads (benchmarks that choose the CPU placement) */
+  const char* cpu = getenv("TOUCHER_CPU");
+  if (cpu != NULL && *cpu != '\0') {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(atoi(cpu), &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  }
   for (size_t i = j->begin; i < t->pages; i += (size_t)t->threads) {
     volatile uint64_t* p = (volatile uint64_t*)(t->base + t->order[i] * PAGE);
     uint64_t t0 = now_ns();

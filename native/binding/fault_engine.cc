@@ -12,15 +12,23 @@
 //           | { kind: 'file', fd, offset, readMethod: 'mmap'|'pread' }
 //           | { kind: 'zero' } | { kind: 'handler', id }
 //   removeRange(start, end) -> count; complete(requestId, bytes | null); stats(); settled();
+//   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
+//   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
+//   resume() (options.startPaused: read nothing from the uffd until then);
 //   close(); ref(); unref()
 //
 // Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
 // being collected, not from being detached (structuredClone(buf, { transfer }), postMessage),
-// which frees it at once while the engine's threads would still copy from it.
+// which frees it at once while the engine's threads would still copy from it. provide() is the
+// exception, lending its bytes (referenced until installed): it is internal (src/engines/
+// fed-ranges.ts), and its buffers are the package's own reads of a store, never handed to anyone
+// who could detach them.
 #include <errno.h>
 #include <unistd.h>
 
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "binding/args.h"
 #include "binding/uffd.h"
@@ -30,9 +38,18 @@
 
 namespace {
 
+// JS buffers lent to the engine by provide(): referenced until the engine is done with them, then
+// released on the JS thread (references may only be deleted there).
+struct Releases {
+  std::mutex mu;
+  std::vector<napi_ref> refs;
+};
+
 struct Core {
   std::unique_ptr<FaultEngine> engine;
+  std::shared_ptr<Releases> releases = std::make_shared<Releases>();
   int watchdogMs = 0;
+  uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
   Napi::ThreadSafeFunction tsfn;
   napi_env env = nullptr;
@@ -44,9 +61,20 @@ struct Core {
     closed = true;
     if (watched) WatchdogForget(env, engine->requestFd());
     engine->Stop();  // joins the threads: nothing calls the TSFN after this
+    engine->DropProvided();
+    Release(env);
     tsfn.Release();
     if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
     hooked = false;
+  }
+  // Deletes the references of provided buffers the engine is done with (JS thread).
+  void Release(napi_env e) {
+    std::vector<napi_ref> refs;
+    {
+      std::lock_guard<std::mutex> lock(releases->mu);
+      refs.swap(releases->refs);
+    }
+    for (napi_ref r : refs) napi_delete_reference(e, r);
   }
   static void OnTeardown(void* arg) {
     Core* core = static_cast<Core*>(arg);
@@ -85,6 +113,7 @@ std::string StringField(Napi::Object o, const char* name, const char* fallback) 
 EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   EngineOptions o;
   o.faultAround = OptU64(opts, "faultAround", o.faultAround);
+  o.faultAroundMax = OptU64(opts, "faultAroundMax", o.faultAroundMax);
   o.prefetchChunk = OptU64(opts, "prefetchChunk", o.prefetchChunk);
   o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
   o.readSize = static_cast<uint32_t>(OptU64(opts, "readSize", o.readSize));
@@ -108,6 +137,7 @@ EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   if (priority != "idle" && priority != "normal")
     ThrowTypeError(env, "backgroundPriority must be 'idle' or 'normal'");
   o.backgroundIdle = priority == "idle";
+  o.startPaused = opts.Get("startPaused").ToBoolean();
   if (o.readSize < 1 || o.readSize > 4096) ThrowRangeError(env, "readSize must be 1..4096");
   return o;
 }
@@ -144,6 +174,7 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
           r.Set("offset", Napi::Number::New(env, static_cast<double>(q.offset)));
           r.Set("length", Napi::Number::New(env, static_cast<double>(q.length)));
           r.Set("prefetch", Napi::Boolean::New(env, q.prefetch));
+          if (q.fault != 0) r.Set("fault", U64(env, q.fault));
           list[i] = r;
         }
         o.Set("requests", list);
@@ -163,6 +194,11 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::AddRange>("addRange"),
                            InstanceMethod<&JsFaultEngine::RemoveRange>("removeRange"),
                            InstanceMethod<&JsFaultEngine::Complete>("complete"),
+                           InstanceMethod<&JsFaultEngine::Provide>("provide"),
+                           InstanceMethod<&JsFaultEngine::ProvidedQueued>("providedQueued"),
+                           InstanceMethod<&JsFaultEngine::Resume>("resume"),
+                           InstanceMethod<&JsFaultEngine::RecordTouches>("recordTouches"),
+                           InstanceMethod<&JsFaultEngine::TakeTouches>("takeTouches"),
                            InstanceMethod<&JsFaultEngine::Stats>("stats"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
                            InstanceMethod<&JsFaultEngine::Close>("close"),
@@ -182,6 +218,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     core_ = std::make_shared<Core>();
     core_->env = env;
     core_->watchdogMs = watchdogMs;
+    core_->faultAroundMax = o.faultAroundMax;
     core_->tsfn =
         Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
     std::weak_ptr<Core> weak = core_;
@@ -301,7 +338,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       if (!zeros) ThrowUffdError(env, err, "mmap", -1, "a zero region for huge pages");
     }
     auto range = std::make_shared<ServedRange>(id, address, length, pageSize, owned, sourceOffset, prefetch,
-                                               faultAround, std::move(zeros));
+                                               faultAround, std::move(zeros), core_->faultAroundMax);
     int err = engine->AddRange(range);
     if (err != 0) ThrowUffdError(env, err, "FaultServer.serve", -1, "the range overlaps one already served");
     return env.Undefined();
@@ -325,6 +362,61 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       core_->engine->Complete(id, {}, false);
     }
     return env.Undefined();
+  }
+
+  Napi::Value Provide(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (core_->closed) return Napi::Number::New(env, 0);
+    core_->Release(env);
+    uint32_t rangeId = static_cast<uint32_t>(ArgU64(info, 0, "rangeId"));
+    uint64_t sourceOffset = ArgU64(info, 1, "sourceOffset");
+    BytesArg bytes;
+    if (!TryBytes(info[2], &bytes)) ThrowTypeError(env, "bytes must be an ArrayBuffer or a typed array");
+    if (bytes.length > 0 && bytes.data == nullptr) ThrowTypeError(env, "the bytes are detached");
+    // The engine reads the bytes in place: keep the buffer alive until it is done with them.
+    napi_ref ref = nullptr;
+    if (napi_create_reference(env, info[2], 1, &ref) != napi_ok)
+      ThrowTypeError(env, "cannot reference the bytes");
+    std::weak_ptr<Releases> releases = core_->releases;
+    std::shared_ptr<void> hold(ref, [releases](void* r) {
+      if (auto q = releases.lock()) {
+        std::lock_guard<std::mutex> lock(q->mu);
+        q->refs.push_back(static_cast<napi_ref>(r));
+      }
+    });
+    uint64_t queued =
+        core_->engine->Provide(rangeId, sourceOffset, bytes.data, bytes.length, std::move(hold));
+    return Napi::Number::New(env, static_cast<double>(queued));
+  }
+
+  Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->Release(info.Env());
+    return Napi::Number::New(info.Env(), static_cast<double>(core_->engine->providedQueued()));
+  }
+
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->engine->Resume();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value RecordTouches(const Napi::CallbackInfo& info) {
+    core_->engine->RecordTouches(info[0].ToBoolean());
+    return info.Env().Undefined();
+  }
+
+  Napi::Value TakeTouches(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto touches = core_->engine->TakeTouches();
+    Napi::Uint32Array ranges = Napi::Uint32Array::New(env, touches.size());
+    Napi::Float64Array offsets = Napi::Float64Array::New(env, touches.size());
+    for (size_t i = 0; i < touches.size(); i++) {
+      ranges[i] = touches[i].first;
+      offsets[i] = static_cast<double>(touches[i].second);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ranges", ranges);
+    o.Set("offsets", offsets);
+    return o;
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -3,8 +3,10 @@
 // REMAP, REMOVE or UNMAP event blocks its causer until read, a fault until resolved).
 // Not part of the public API.
 //
-// touch(addresses: BigUint64Array, { write, value, threads, timings }) -> Promise<{
+// touch(addresses: BigUint64Array, { write, value, threads, timings, workNs, cpu }) -> Promise<{
 //   values: BigUint64Array (the u64 read at each address, or written), ns?: Float64Array }>
+//   workNs: busy work after each touch (a workload that computes on what it touched);
+//   cpu: pin the touching threads to this CPU (benchmarks that choose the placement).
 // madviseOnThread(address, length, advice) -> Promise<{ errno }>
 // mremapOnThread(address, oldLength, newLength) -> Promise<{ errno, result: new address }>
 // munmapOnThread(address, length) -> Promise<{ errno }>
@@ -12,6 +14,8 @@
 //   readAt, the low byte of the u64 it reads there (a fault for the fork's uffd); the thread reaps it.
 // mmapRaw(length) -> bigint: anonymous memory that no Mapping owns (for mremap/munmap tests).
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -40,6 +44,8 @@ struct TouchJob {
   std::vector<double> ns;
   bool write = false;
   bool timings = false;
+  uint64_t workNs = 0;
+  int cpu = -1;
   uint64_t value = 0;
   uint64_t length = 0;  // madvise/mremap/munmap length (mremap: old length)
   uint64_t arg = 0;     // madvise advice, mremap new length
@@ -115,6 +121,11 @@ void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
       job->values[i] = *p;
     }
     if (job->timings) job->ns[i] = static_cast<double>(NowNs() - t0);
+    if (job->workNs > 0) {
+      uint64_t until = NowNs() + job->workNs;
+      while (NowNs() < until) {
+      }
+    }
   }
 }
 
@@ -171,6 +182,12 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
   job->running.store(threads);
   for (int t = 0; t < threads; t++) {
     job->threads.emplace_back([job, t, threads, n]() {
+      if (job->cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(job->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+      }
       TouchSlice(job.get(), static_cast<size_t>(t), n, static_cast<size_t>(threads));
       job->running.fetch_sub(1);
       std::lock_guard<std::mutex> lock(job->mu);
@@ -199,6 +216,9 @@ Napi::Value Touch(const Napi::CallbackInfo& info) {
     job->value = opts.Get("value").As<Napi::BigInt>().Uint64Value(&lossless);
   }
   if (job->timings) job->ns.resize(job->addresses.size());
+  if (opts.Get("workNs").IsNumber())
+    job->workNs = static_cast<uint64_t>(opts.Get("workNs").As<Napi::Number>().DoubleValue());
+  if (opts.Get("cpu").IsNumber()) job->cpu = opts.Get("cpu").As<Napi::Number>().Int32Value();
   return Start(env, job, threads);
 }
 

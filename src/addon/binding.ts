@@ -127,7 +127,10 @@ export interface PeerCredentials {
 
 /** FaultEngine options: the FaultServerOptions, checked and with their defaults applied. */
 export interface FaultEngineOptions {
+  /** bytes of a fixed aligned window, or 0: adaptive (readahead-like, per range) */
   faultAround: number
+  /** the adaptive window's largest size */
+  faultAroundMax: number
   prefetchChunk: number
   spinUs: number
   readSize: number
@@ -140,6 +143,8 @@ export interface FaultEngineOptions {
   watchdogMs: number
   /** the default huge page size: zeros for faults outside every range on hugetlb memory */
   hugePageSize: number
+  /** read nothing from the uffd until resume() */
+  startPaused: boolean
 }
 
 /** After MADV_DONTNEED/MADV_REMOVE in a served range: zeros, the source again, or unregister. */
@@ -241,6 +246,8 @@ export interface FaultEngineRequest {
   offset: number
   length: number
   prefetch: boolean
+  /** the faulting address (demand requests) */
+  fault?: bigint
 }
 
 export type FaultEngineNotice =
@@ -255,6 +262,20 @@ export interface FaultEngine {
   removeRange(start: bigint, end: bigint): number
   /** a handler's bytes for a request (null: it failed) */
   complete(requestId: number, bytes: Bytes | null): void
+  /**
+   * Lends bytes fetched in the background (the source's bytes at `sourceOffset`) to the engine,
+   * which installs them where range `rangeId`'s pages are still missing, between demand faults.
+   * Referenced until installed: internal use only, with buffers nobody else can detach. Returns
+   * the bytes queued.
+   */
+  provide(rangeId: number, sourceOffset: number, bytes: Bytes): number
+  /** bytes provided and not yet installed */
+  providedQueued(): number
+  /** starts reading the uffd (an engine created with startPaused) */
+  resume(): void
+  /** working-set record: log demand faults (range id, base-page source offset) in order */
+  recordTouches(on: boolean): void
+  takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
   stats(): FaultEngineStats
   settled(): Settlement
   close(): void

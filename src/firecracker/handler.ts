@@ -24,6 +24,11 @@ import { TypedEmitter } from '../util/typed-emitter'
 import { checkRenamed, choice } from '../util/validate'
 import { observe } from './observe'
 import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
+import { parseLocation } from '../sources/location'
+import { RemoteSource, type RemoteOptions } from '../sources/remote'
+import { fileIdentity } from '../sources/snapshot-identity'
+import { WorkingSet } from '../sources/working-set'
+import { EngineConnection, type EngineSnapshot } from './engine-connection'
 
 export type { ReadMethod, RemovePolicy } from '../addon/binding'
 
@@ -50,6 +55,21 @@ export interface FirecrackerHandlerOptions {
   readMethod?: ReadMethod
   /** Remove a stale socket file left by a dead handler (default true). */
   replaceStaleSocket?: boolean
+  /**
+   * memFile may be a URL: nbd://host:port/export, nbd+unix:///export?socket=PATH, http(s)://...
+   * (or file:). Remote snapshots are read through one RemoteSource shared by every VM, with
+   * these options (cache, manifest, headers, timeouts...), and served by a FaultServer per VM.
+   */
+  remote?: RemoteOptions
+  /** Replay this working set (a WorkingSet or a file) for every VM: its pages first, in order. */
+  workingSet?: WorkingSet | string
+  /**
+   * Record each VM's working set into this file, written when its connection ends (and on
+   * close()): every first touch faults (4 KiB fault-around, no prefetch).
+   */
+  recordWorkingSet?: string
+  /** Fill the rest of a remote snapshot in the background (after the working set). Default true. */
+  prefetch?: boolean
 }
 
 /** What a connection, or the handler in all, has served. */
@@ -78,6 +98,11 @@ export interface ConnectionStats extends ServingCounts {
   peer: PeerCredentials
   /** Regions its handshake declared. */
   regions: number
+  /** engine mode (remote snapshots, working sets): faults waiting for their bytes now */
+  waiting?: number
+  /** engine mode: pages of the guest present now, and in all */
+  pagesPresent?: number
+  pagesTotal?: number
 }
 
 /** The handler's totals over every connection (FirecrackerHandler.stats()). */
@@ -156,6 +181,13 @@ class Connection {
   #pidfd = -1
   #ended = false
   #zero: Buffer | undefined
+  #engine: EngineConnection | undefined
+  #engineSeen = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
+  #endedSignal: (() => void) | undefined
+  /** faults waiting for bytes now (engine mode) */
+  waiting = 0
+  /** pages of the guest present, and in all (engine mode; 0/0 otherwise) */
+  present = { pages: 0, total: 0 }
 
   constructor(handler: FirecrackerHandler, socket: net.Socket) {
     this.#handler = handler
@@ -191,7 +223,8 @@ class Connection {
       await this.#handshake()
       if (this.#ended) return
       this.#handler.emit('ready', this.stats, this.#regions)
-      await this.#serve()
+      if (this.#handler.engine !== undefined) await this.#serveEngine(this.#handler.engine)
+      else await this.#serve()
       this.end()
     } catch (err) {
       this.end(err as Error)
@@ -283,6 +316,45 @@ class Connection {
 
   #streamClose: (() => void) | undefined
 
+  // Engine mode: a FaultServer serves the regions; this waits for the end (the VM's exit seen
+  // through its pidfd, ESRCH, or close()).
+  async #serveEngine(snapshot: EngineSnapshot): Promise<void> {
+    const h = this.#handler
+    const ended = new Promise<void>((resolve) => {
+      this.#endedSignal = resolve
+    })
+    this.#engine = new EngineConnection(
+      this.#uffd!,
+      this.#regions,
+      snapshot,
+      { workingSet: h.workingSet, record: h.recordWorkingSet !== undefined, prefetch: h.prefetch },
+      (err) => {
+        if ((err as { code?: string }).code === 'ESRCH')
+          this.end() // the VM exited
+        else h.emit('warning', this.stats, err)
+      },
+    )
+    if (this.#ended) return
+    await ended
+  }
+
+  /** Engine mode: brings this.stats and the handler's totals up to date. */
+  refresh(): void {
+    if (this.#engine === undefined || this.#engine.server.closed) return
+    const c = this.#engine.counts()
+    const totals = this.#handler.totals
+    for (const k of Object.keys(this.#engineSeen) as Array<keyof ServingCounts>) {
+      totals[k] += c[k] - this.#engineSeen[k]
+      this.#engineSeen[k] = c[k]
+      this.stats[k] = c[k]
+    }
+    this.waiting = c.waiting
+    this.present = { pages: c.pagesPresent, total: c.pagesTotal }
+    this.stats.waiting = c.waiting
+    this.stats.pagesPresent = c.pagesPresent
+    this.stats.pagesTotal = c.pagesTotal
+  }
+
   #handle(event: UffdEvent): void {
     const stats = this.#handler.totals
     if (event.type === 'pagefault') {
@@ -368,6 +440,13 @@ class Connection {
   end(error?: Error): void {
     if (this.#ended) return
     this.#ended = true
+    if (this.#engine !== undefined) {
+      this.refresh()
+      const file = this.#handler.recordWorkingSet
+      if (file !== undefined) this.#handler.saveWorkingSet(this.stats, this.#engine.workingSet(), file)
+      this.#engine.close()
+    }
+    this.#endedSignal?.()
     this.#streamClose?.()
     this.#resolver?.close()
     this.#uffd?.close()
@@ -390,6 +469,10 @@ export interface FirecrackerHandlerEvents {
   end: [connection: ConnectionStats, error: Error | undefined]
   /** the listening socket failed (after listen() succeeded) */
   serverError: [error: Error]
+  /** an error a connection survives: a remote read that failed and is retried */
+  warning: [connection: ConnectionStats, error: Error]
+  /** a recorded working set was written (recordWorkingSet) */
+  workingSet: [connection: ConnectionStats, file: string, pages: number]
 }
 
 /**
@@ -410,6 +493,16 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly allow: (peer: PeerCredentials) => boolean
   /** @internal */
   readonly source: FileSource
+  /** @internal engine mode: remote snapshots, working sets */
+  engine: EngineSnapshot | undefined
+  /** @internal */
+  workingSet: WorkingSet | undefined
+  /** @internal */
+  recordWorkingSet: string | undefined
+  /** @internal */
+  prefetch: boolean
+  #remote: RemoteSource | undefined
+  readonly #saves = new Set<Promise<void>>()
   /** @internal */
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
@@ -427,6 +520,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.handshakeTimeout = options.handshakeTimeout ?? 5000
     this.allow = options.allow ?? defaultAllow
     this.source = source
+    this.prefetch = options.prefetch ?? true
+    this.recordWorkingSet = options.recordWorkingSet
     // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
     this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
   }
@@ -441,15 +536,68 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     checkRenamed(options, { source: 'readMethod' }, 'FirecrackerHandler.listen')
     choice(options.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero')
     const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
-    const source = openSource(options.memFile, readMethod)
+    if (options.recordWorkingSet !== undefined && typeof options.recordWorkingSet !== 'string')
+      throw new TypeError('recordWorkingSet must be a file path')
+    const location = parseLocation(options.memFile)
+    let remote: RemoteSource | undefined
+    let source: FileSource
+    if (location.kind === 'file') {
+      source = openSource(location.path, readMethod)
+    } else {
+      remote = await RemoteSource.open(location.url, options.remote)
+      const r = remote
+      source = {
+        size: r.size,
+        fd: -1,
+        copy: () => {
+          throw new Error('a remote snapshot is served by the engine')
+        },
+        close: () => {
+          r.close().catch(() => undefined)
+        },
+      }
+    }
     const handler = new FirecrackerHandler(options, source)
     try {
+      handler.#remote = remote
+      const ws = typeof options.workingSet === 'string' ? WorkingSet.load(options.workingSet) : options.workingSet
+      if (ws !== undefined) {
+        if (!(ws instanceof WorkingSet)) throw new TypeError('workingSet must be a WorkingSet or a file path')
+        if (options.recordWorkingSet !== undefined)
+          throw new TypeError('a handler cannot both replay (workingSet) and record (recordWorkingSet)')
+        // a working set for another snapshot version is refused now
+        if (remote !== undefined) ws.check(await remote.identity())
+        else ws.check(fileIdentityOf((location as { path: string }).path))
+      }
+      handler.workingSet = ws
+      if (remote !== undefined) handler.engine = { remote }
+      else if (ws !== undefined || options.recordWorkingSet !== undefined)
+        handler.engine = { file: (location as { path: string }).path }
       await handler.#listen(options.replaceStaleSocket ?? true)
     } catch (err) {
       source.close()
       throw err
     }
     return handler
+  }
+
+  /** The remote snapshot (memFile was a URL), shared by every VM. */
+  get remote(): RemoteSource | undefined {
+    return this.#remote
+  }
+
+  /** @internal Writes a recorded working set once known; close() waits for it. */
+  saveWorkingSet(conn: ConnectionStats, ws: Promise<WorkingSet>, file: string): void {
+    const p: Promise<void> = ws
+      .then((set) => {
+        set.save(file)
+        this.emit('workingSet', conn, file, set.pages.length)
+      })
+      .catch((err: Error) => {
+        this.emit('warning', conn, err)
+      })
+      .finally(() => this.#saves.delete(p))
+    this.#saves.add(p)
   }
 
   /** Every event also goes to NODE_DEBUG and the diagnostics channels (./observe.ts). */
@@ -522,7 +670,24 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
 
   /** Per-connection stats of the connections still open. */
   connections(): ConnectionStats[] {
-    return [...this.#connections].map((c) => c.stats)
+    return [...this.#connections].map((c) => {
+      c.refresh()
+      return c.stats
+    })
+  }
+
+  /** Engine mode: faults waiting for bytes, and guest pages present / in all, over open connections. */
+  progress(): { waiting: number; pagesPresent: number; pagesTotal: number } {
+    let waiting = 0
+    let pagesPresent = 0
+    let pagesTotal = 0
+    for (const c of this.#connections) {
+      c.refresh()
+      waiting += c.waiting
+      pagesPresent += c.present.pages
+      pagesTotal += c.present.total
+    }
+    return { waiting, pagesPresent, pagesTotal }
   }
 
   /** Stops listening, ends every connection (their VMs lose their handler), unmaps the file. */
@@ -532,12 +697,23 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()))
     for (const conn of [...this.#connections]) conn.end()
     await closed
+    // recorded working sets are written before the snapshot goes
+    while (this.#saves.size > 0) await Promise.all([...this.#saves])
     this.source.close()
   }
 
   /** close(), for `await using handler = await FirecrackerHandler.listen(...)`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
+  }
+}
+
+function fileIdentityOf(path: string): ReturnType<typeof fileIdentity> {
+  const fd = fs.openSync(path, 'r')
+  try {
+    return fileIdentity(fd)
+  } finally {
+    fs.closeSync(fd)
   }
 }
 

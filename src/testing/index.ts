@@ -21,6 +21,10 @@ export interface TouchOptions {
   threads?: number
   /** record each touch's latency in ns */
   timings?: boolean
+  /** busy work (ns) after each touch: a workload computing on what it touched (benchmarks) */
+  workNs?: number
+  /** pin the touching threads to this CPU (benchmarks choosing the placement) */
+  cpu?: number
 }
 
 export interface TouchResult {
