@@ -18,7 +18,6 @@
         "native/binding/fault_engine.cc",
         "native/binding/fd_passing.cc",
         "native/binding/fd_watcher.cc",
-        "native/binding/file_mapping.cc",
         "native/binding/mapping.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/snapshot_engine.cc",

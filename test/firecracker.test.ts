@@ -163,7 +163,11 @@ describe('Firecracker handler: serving a guest', () => {
     expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, zeroChecked: 512 })
     const { stats, error } = await ended
     expect(error).toBeUndefined()
-    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1, faults: 1024 })
+    // every page from the snapshot, none as zeros (the kernel's own after the unregister); fewer
+    // faults than pages: the FaultServer fills around each fault
+    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1 })
+    expect(stats.faults).toBeGreaterThan(0)
+    expect(stats.faults).toBeLessThan(1024)
   })
 
   it('serves a huge-page guest (page_size 2 MiB) a huge page at a time, zero-filling after MADV_DONTNEED', {

@@ -15,6 +15,7 @@
 //   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
 //   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
 //   resume() (options.startPaused: read nothing from the uffd until then);
+//   latencyHistogram() -> { count, buckets: [[index, count], ...] } (src/util/histogram.ts's buckets);
 //   close(); ref(); unref()
 //
 // Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
@@ -200,6 +201,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::RecordTouches>("recordTouches"),
                            InstanceMethod<&JsFaultEngine::TakeTouches>("takeTouches"),
                            InstanceMethod<&JsFaultEngine::Stats>("stats"),
+                           InstanceMethod<&JsFaultEngine::LatencyBuckets>("latencyHistogram"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
                            InstanceMethod<&JsFaultEngine::Close>("close"),
                            InstanceMethod<&JsFaultEngine::Ref>("ref"),
@@ -465,6 +467,25 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     put("pagesTotal", settled.totalPages);
     put("bytesPresent", settled.bytes);
     put("bytesTotal", settled.totalBytes);
+    return o;
+  }
+
+  Napi::Value LatencyBuckets(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const LatencyHistogram& h = core_->engine->latency();
+    Napi::Array buckets = Napi::Array::New(env);
+    uint64_t count = 0;
+    uint32_t k = 0;
+    h.ForEachBucket([&](int i, uint64_t n) {
+      count += n;
+      Napi::Array pair = Napi::Array::New(env, 2);
+      pair[0u] = Napi::Number::New(env, i);
+      pair[1u] = Napi::Number::New(env, static_cast<double>(n));
+      buckets[k++] = pair;
+    });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("count", Napi::Number::New(env, static_cast<double>(count)));
+    o.Set("buckets", buckets);
     return o;
   }
 

@@ -80,6 +80,13 @@ void FaultEngine::Stop() {
   close(wakeFd_);
   close(requestFd_);
   uffd_ = wakeFd_ = requestFd_ = -1;
+  // Nothing reads the sources now: their files and mappings go at once, not with the last
+  // reference to a range (the JS object holding the engine may live on until a GC).
+  deferred_.clear();
+  failed_.clear();
+  demandTable_.clear();
+  std::lock_guard<std::mutex> lock(tableMu_);
+  for (auto& r : table_) r->source->Release();
 }
 
 void FaultEngine::Resume() {
@@ -281,25 +288,61 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
 
 void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,
                              Origin origin) {
+  std::string why;
+  if (f.why != nullptr)
+    why = std::string(": ") + f.why;
+  else if (f.err == EINVAL && r->pageSize == BasePageSize())
+    why = " (is it hugetlb memory served with the base page size? pass its pageSize)";
+  else if (f.err == EFAULT && r->source->kind() == Source::kFile)
+    why = ": the source file's pages cannot be read (truncated after it was opened?)";
   Error(f.err, f.syscall,
         std::string("filling ") + Hex(address) + " from source offset " +
-            Hex(r->sourceOffset + (address - r->start)) +
-            (f.err == EINVAL && r->pageSize == BasePageSize()
-                 ? " (is it hugetlb memory served with the base page size? pass its pageSize)"
-                 : ""),
+            Hex(r->sourceOffset + (address - r->start)) + why,
         address);
 }
 
-void FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
-                              From from, std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
+FaultEngine::FillStatus FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page,
+                                                 size_t count, Origin origin, From from,
+                                                 std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
   size_t done = 0;
   FillStatus s = FillRun(r, page, count, origin, from, bytes ? bytes->data() : nullptr, &demandScratch_,
                          firstExisted, &done);
-  if (s != kDeferredOp) return;
+  if (s != kDeferredOp) return s;
   std::shared_ptr<std::vector<uint8_t>> rest;
   if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * r->pageSize, bytes->end());
   deferred_.push_back(Deferred{r, 0, page + done, count - done, origin, from, std::move(rest)});
   stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
+void FaultEngine::RetryFailed(uint64_t now) {
+  std::vector<Failed> due;
+  for (auto it = failed_.begin(); it != failed_.end();) {
+    if (it->dueNs <= now) {
+      due.push_back(*it);
+      it = failed_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto& f : due) {
+    auto& r = f.range;
+    if (r->dropped.load() || r->states.Get(f.page) != kMissing) continue;  // gone, or filled meanwhile
+    stats_.retries.fetch_add(1, std::memory_order_relaxed);
+    if (FillOrDefer(r, f.page, 1, kDemand, From::kSource, nullptr, nullptr) != kFailed) continue;
+    if (r->states.Get(f.page) != kMissing) continue;
+    uint32_t next = std::min<uint32_t>(f.backoffMs * 2, 1000);
+    failed_.push_back(Failed{r, f.page, NowNs() + next * 1000000ull, next});
+  }
+}
+
+int FaultEngine::FailedTimeoutMs(uint64_t now) const {
+  int best = -1;
+  for (auto& f : failed_) {
+    int ms = f.dueNs <= now ? 0 : static_cast<int>((f.dueNs - now + 999999) / 1000000);
+    if (best < 0 || ms < best) best = ms;
+  }
+  return best;
 }
 
 void FaultEngine::ZeroUnserved(uint64_t address) {
@@ -384,6 +427,7 @@ void FaultEngine::DemandLoop() {
       HandleMessages(msgs.data(), static_cast<size_t>(n) / sizeof(struct uffd_msg), now);
       demandBusy_.store(0, std::memory_order_relaxed);
       if (!deferred_.empty()) RetryDeferred();  // the events that blocked them were just read
+      if (!failed_.empty()) RetryFailed(NowNs());
       if (completionsPending_.load()) ProcessCompletions();
       FlushRequests(&batchRequests_);
       continue;
@@ -411,6 +455,11 @@ void FaultEngine::DemandLoop() {
       }
     } else {
       backoffMs = 1;
+    }
+    if (!failed_.empty()) {
+      RetryFailed(NowNs());
+      int due = FailedTimeoutMs(NowNs());
+      if (due >= 0 && (timeout < 0 || due < timeout)) timeout = due;
     }
     uint64_t now = NowNs();
     if (idleSince == 0) idleSince = now;
@@ -535,7 +584,13 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   }
   bool existed = false;
   size_t forward = 1 + r->states.RunOf(i + 1, we - i - 1, kMissing);
-  FillOrDefer(r, i, forward, kDemand, From::kSource, nullptr, &existed);
+  if (FillOrDefer(r, i, forward, kDemand, From::kSource, nullptr, &existed) == kFailed &&
+      r->states.Get(i) == kMissing) {
+    // The faulting page itself failed: its thread waits; try again shortly (RetryFailed).
+    bool queued = false;
+    for (auto& f : failed_) queued = queued || (f.range == r && f.page == i);
+    if (!queued) failed_.push_back(Failed{r, i, NowNs() + 10 * 1000000ull, 10});
+  }
   latency_.Record(NowNs() - readNs);
   if (existed) {
     // Filled by the prefetch thread, whose ioctl wakes waiters only when it ends: wake now.

@@ -244,6 +244,12 @@ class FaultEngine {
   void HandleRemap(uint64_t from, uint64_t to, uint64_t len);
   void HandleFork(int fd);
   void RetryDeferred();
+  // A faulting page whose fill failed (a source that cannot be read: a truncated file, an I/O
+  // error): a thread waits on it, so it is tried again with backoff (10 ms doubling to 1 s),
+  // each failure an error notice, until it is filled, its range goes, or the engine stops.
+  void RetryFailed(uint64_t now);
+  // ms until the next failed fill is due (-1: none).
+  int FailedTimeoutMs(uint64_t now) const;
   void ProcessCompletions();
   // Installs queued Provide() bytes, at most `budget` bytes per call; returns whether any remain.
   bool ProcessProvided(uint64_t budget);
@@ -260,7 +266,7 @@ class FaultEngine {
                      From from, const uint8_t* bytes, std::vector<uint8_t>* scratch, bool* firstExisted,
                      size_t* done);
   // Demand-thread wrapper: a deferral is queued for retry after the pending events are read.
-  void FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin, From from,
+  FillStatus FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin, From from,
                    std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted);
   // A fill that failed for good (not EEXIST, EAGAIN or an address space that is gone): reported
   // here, the one place a policy for failing sources belongs.
@@ -304,6 +310,13 @@ class FaultEngine {
   Table demandTable_;
   uint64_t demandVersion_ = 0;
   std::vector<Deferred> deferred_;
+  struct Failed {
+    std::shared_ptr<ServedRange> range;
+    size_t page;
+    uint64_t dueNs;
+    uint32_t backoffMs;
+  };
+  std::vector<Failed> failed_;
   std::vector<uint8_t> demandScratch_;
   std::shared_ptr<ZeroRegion> unservedZeros_;
 

@@ -120,6 +120,16 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
     return nullptr;
   }
   uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {
+    // A block device's st_size is 0: its size is where its end is.
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) {
+      *err = errno;
+      *syscall = "lseek";
+      return nullptr;
+    }
+    size = static_cast<uint64_t>(end);
+  }
   Source* s = new Source();
   s->kind_ = kFile;
   s->fileOffset_ = offset;
@@ -159,8 +169,15 @@ Source* Source::Handler(uint32_t handlerId) {
 }
 
 Source::~Source() {
+  Release();
+}
+
+void Source::Release() {
   if (map_ != nullptr) munmap(map_, mapLength_);
   if (fd_ >= 0) close(fd_);
+  map_ = nullptr;
+  fd_ = -1;
+  if (kind_ == kFile || kind_ == kBuffer) data_ = nullptr;
 }
 
 FillResult Source::Fill(const Filler& f, uint64_t dst, uint64_t at, uint64_t len,
@@ -195,7 +212,15 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
         e.syscall = "pread";
         return e;
       }
-      if (r == 0) break;  // the file shrank: the rest reads as zeros
+      if (r == 0) {
+        // The file shrank after it was opened: an error, never zeros (or stale bytes) in
+        // place of the snapshot's (issue 17, defect 7). Past the end it had then, zeros.
+        FillResult e;
+        e.err = EIO;
+        e.syscall = "pread";
+        e.why = "short read: the file is shorter than when it was opened (truncated?)";
+        return e;
+      }
       got += static_cast<uint64_t>(r);
     }
   }

@@ -23,6 +23,7 @@ struct FillResult {
   int err = 0;
   const char* syscall = "";
   bool zero = false;  // zeros rather than source bytes
+  const char* why = nullptr;  // what went wrong, where errno alone does not say it
 };
 
 FillResult CopyPages(int uffd, uint64_t dst, const void* src, uint64_t len);
@@ -75,6 +76,9 @@ class Source {
   static Source* Zero();
   static Source* Handler(uint32_t handlerId);
   ~Source();
+  // Closes the file and unmaps what the source owns, before the last reference to it goes: once
+  // the engine's threads are joined nothing reads it, and a JS object may keep it for long.
+  void Release();
 
   Kind kind() const { return kind_; }
   uint32_t handlerId() const { return handlerId_; }

@@ -15,6 +15,15 @@ class LatencyHistogram {
     count_.fetch_add(1, std::memory_order_relaxed);
   }
 
+  // Calls f(index, count) for every non-empty bucket, in order.
+  template <typename F>
+  void ForEachBucket(F f) const {
+    for (int i = 0; i < kBuckets; i++) {
+      uint64_t n = buckets_[i].load(std::memory_order_relaxed);
+      if (n != 0) f(i, n);
+    }
+  }
+
   uint64_t Count() const { return count_.load(std::memory_order_relaxed); }
 
   // Upper bound (ns) of the bucket holding quantile q (0..1); 0 when empty.

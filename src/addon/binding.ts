@@ -37,7 +37,7 @@ export interface NativeConstants {
   PAGE_SIZE: number
 }
 
-// ---- mappings (mapping.cc, file_mapping.cc) ----------------------------------------------------
+// ---- mappings (mapping.cc) -------------------------------------------------------------------
 
 export interface MappingHandleOptions {
   hugetlb?: boolean
@@ -65,13 +65,6 @@ export type MappingHandleConstructor = new (
   options: MappingHandleOptions,
   source?: MappingHandle,
 ) => MappingHandle
-
-/** A read-only MAP_SHARED view of a file: its address is a UFFDIO_COPY source. */
-export interface FileMapping {
-  address(): bigint
-  length(): number
-  unmap(): void
-}
 
 // ---- event streams and fd readiness (event_reader.cc, fd_watcher.cc) ---------------------------
 
@@ -277,6 +270,8 @@ export interface FaultEngine {
   recordTouches(on: boolean): void
   takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
   stats(): FaultEngineStats
+  /** the demand-latency histogram's non-empty buckets (src/util/histogram.ts HistogramJSON) */
+  latencyHistogram(): { count: number; buckets: Array<[number, number]> }
   settled(): Settlement
   close(): void
   ref(): void
@@ -380,9 +375,8 @@ export interface Binding {
   FdWatcher: FdWatcherConstructor
   /** uv poll handles (event readers, fd watchers) this environment has open: leak checks */
   openPollHandles(): number
-  // mapping.cc, file_mapping.cc
+  // mapping.cc
   MappingHandle: MappingHandleConstructor
-  FileMapping: new (fd: number, length: number) => FileMapping
   // fd_passing.cc
   socketpair(type: 'stream' | 'seqpacket' | 'dgram'): [number, number]
   /** bytes sent, or -1 when the socket would block */

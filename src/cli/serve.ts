@@ -92,8 +92,7 @@ function restoreProgress(
     if (vm === undefined) continue
     total += vm.totalBytes
     waiting += c.waiting ?? 0
-    present +=
-      c.pagesPresent !== undefined ? c.pagesPresent * 4096 : Math.min(vm.totalBytes, servedBytes(c, vm.pageSize))
+    present += c.bytesPresent ?? Math.min(vm.totalBytes, servedBytes(c, vm.pageSize))
   }
   return { present, total, waiting }
 }
@@ -127,8 +126,8 @@ export async function serve(args: ServeArgs): Promise<number> {
   })
   logger.log(
     'info',
-    `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.source.size)} MiB, on remove: ${args.onRemove})`,
-    { event: 'listening', socket: args.socket, memFile: args.memFile, memFileBytes: handler.source.size },
+    `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.snapshot.size)} MiB, on remove: ${args.onRemove})`,
+    { event: 'listening', socket: args.socket, memFile: args.memFile, memFileBytes: handler.snapshot.size },
   )
   const vms = new Map<number, VmProgress>()
   handler.on('ready', (c, regions: GuestRegion[]) => {
@@ -200,7 +199,7 @@ export async function serve(args: ServeArgs): Promise<number> {
             bytesPerSecond: Math.round(perSecond),
             etaSeconds: etaSeconds === undefined ? null : Number(etaSeconds.toFixed(1)),
             ...(c.waiting !== undefined
-              ? { faultsWaiting: c.waiting, bytesPresent: (c.pagesPresent ?? 0) * 4096 }
+              ? { faultsWaiting: c.waiting, bytesPresent: c.bytesPresent ?? 0 }
               : {}),
           },
         )

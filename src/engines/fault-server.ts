@@ -21,6 +21,7 @@ import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../s
 import type { FeedStats } from '../sources/feed'
 import type { WorkingSet } from '../sources/working-set'
 import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
+import type { HistogramJSON } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { bool, checkRenamed, choice, describe, optionalInt, powerOfTwo } from '../util/validate'
 import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
@@ -384,6 +385,14 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     s.sourceWaiting = this.#handlerWaiting + s.fed.demandWaiting
     s.providedQueued = this.#closed ? 0 : this.#handle.providedQueued()
     return s
+  }
+
+  /**
+   * The demand-latency histogram (what stats().latencyUs summarises), to merge with others
+   * (src/util/histogram.ts LatencyHistogram.merge): the Firecracker handler sums its connections'.
+   */
+  latencyHistogram(): HistogramJSON {
+    return this.#closed ? { count: 0, buckets: [] } : this.#handle.latencyHistogram()
   }
 
   /** Resolves when every page of every served range is present (rejects if closed first). */

@@ -1,23 +1,26 @@
-// A Firecracker connection served by a FaultServer: for snapshots on NBD servers or behind HTTP(S)
-// URLs (one RemoteSource per handler, shared by its VMs: one set of connections, one cache), and
-// for working-set replay and record. Each region of the guest becomes a served range over the
-// uffd Firecracker registered (nothing registered here), read from the snapshot at the region's
-// offset.
-import type { Userfaultfd } from '../core/userfaultfd'
-import { FaultServer, type FaultServerError } from '../engines/fault-server'
+// How one Firecracker connection (one VM) is served: one FaultServer over the uffd Firecracker
+// registered (nothing is registered here), each region of the guest a served range read from the
+// snapshot at the region's offset, in the region's page size (4 KiB, or 2 MiB on hugetlbfs
+// guests: MISSING faults filled with 2 MiB copies). Local files and remote snapshots alike; the
+// JS path (FaultResolver) is for handlers written in JavaScript, not this one.
+import type { ReadMethod, RemovePolicy } from '../addon/binding'
+import { FaultServer, type FaultServerError, type FaultSource } from '../engines/fault-server'
 import type { RemoteSource } from '../sources/remote'
 import type { WorkingSet } from '../sources/working-set'
+import type { HistogramJSON } from '../util/histogram'
 import type { GuestRegion } from './protocol'
 
-/** The snapshot a handler serves in engine mode: a remote one, or a local file with working sets. */
-export type EngineSnapshot = { remote: RemoteSource } | { file: string }
+/** The snapshot a handler serves: a local file (an fd the handler keeps open) or a remote one. */
+export type EngineSnapshot = { remote: RemoteSource } | { fd: number; readMethod: ReadMethod }
 
 export interface EngineServeOptions {
+  /** after UFFD_EVENT_REMOVE (balloon): zeros, the snapshot again, or unregister */
+  onRemove: RemovePolicy
   /** replay this working set for every VM */
   workingSet?: WorkingSet
-  /** record each VM's working set (4 KiB fault-around, no prefetch) */
+  /** record each VM's working set (one-page fault-around, no prefetch) */
   record: boolean
-  /** fill the rest in the background after the working set (default true) */
+  /** fill the rest in the background (after the working set) */
   prefetch: boolean
 }
 
@@ -31,42 +34,42 @@ export interface EngineCounts {
   deferred: number
   /** faults waiting for their bytes now */
   waiting: number
-  /** pages present of the guest's memory */
+  /** pages (of the regions' page size) and bytes of the guest present now, and in all */
   pagesPresent: number
   pagesTotal: number
+  bytesPresent: number
+  bytesTotal: number
 }
 
 export class EngineConnection {
   readonly server: FaultServer
-  readonly #regions: GuestRegion[]
+  readonly #pageSize: number
 
   constructor(
-    uffd: Userfaultfd,
+    uffd: ConstructorParameters<typeof FaultServer>[0],
     regions: GuestRegion[],
     snapshot: EngineSnapshot,
     options: EngineServeOptions,
     onError: (err: FaultServerError) => void,
   ) {
-    this.#regions = regions
-    // REMOVE (balloon): zeros there, as the JS path's default; the kernel's own faults after an
-    // unregister would be zeros too.
+    this.#pageSize = regions[0]?.pageSize ?? 4096
     // Paused until every region is served: Firecracker registered the memory already, and a
     // fault read before its region was added would be served as zeros.
     this.server = new FaultServer(uffd, {
-      onRemove: 'zero',
+      onRemove: options.onRemove,
       prefetch: options.prefetch && !options.record,
       paused: true,
     })
     this.server.on('error', onError)
     try {
       for (const r of regions) {
-        const range = { address: r.base, length: r.size }
-        const source =
+        const source: FaultSource =
           'remote' in snapshot
             ? { remote: snapshot.remote, offset: r.offset }
-            : { file: snapshot.file, offset: r.offset }
-        this.server.serve(range, source, {
+            : { file: snapshot.fd, offset: r.offset, readMethod: snapshot.readMethod }
+        this.server.serve({ address: r.base, length: r.size }, source, {
           register: false, // Firecracker registered the guest's memory before sending the uffd
+          pageSize: r.pageSize,
           ...(options.record ? { recordWorkingSet: true } : {}),
           ...(options.workingSet !== undefined ? { workingSet: options.workingSet } : {}),
         })
@@ -80,11 +83,13 @@ export class EngineConnection {
 
   counts(): EngineCounts {
     const s = this.server.stats()
-    const pageSize = this.#regions[0]?.pageSize ?? 4096
+    // Pages filled from the snapshot (demand, around, background); zero pages after a REMOVE are
+    // counted apart (zeroPages) and not in bytes. Every region of a guest has one page size.
+    const pagesServed = s.demandPages + s.prefetchPages + s.handlerPages
     return {
       faults: s.faults,
-      pagesServed: Math.round((s.bytes - s.zeroPages * 4096) / pageSize),
-      bytesServed: s.bytes - s.zeroPages * 4096,
+      pagesServed,
+      bytesServed: pagesServed * this.#pageSize,
       zeroPages: s.zeroPages,
       removes: s.removes,
       exists: s.exists,
@@ -92,7 +97,13 @@ export class EngineConnection {
       waiting: s.sourceWaiting,
       pagesPresent: s.pagesPresent,
       pagesTotal: s.pagesTotal,
+      bytesPresent: s.bytesPresent,
+      bytesTotal: s.bytesTotal,
     }
+  }
+
+  latencyHistogram(): HistogramJSON {
+    return this.server.latencyHistogram()
   }
 
   /** The working set recorded so far (record mode). */

@@ -1,7 +1,9 @@
 // A Firecracker-compatible page-fault handler: listens on a Unix socket; each connection (one
-// VM) sends the region JSON with its uffd attached; MISSING faults are served from the memory
-// snapshot file with UFFDIO_COPY, straight from a read-only mmap of the file (one ioctl per
-// fault, no bounce buffer) or, with { readMethod: 'pread' }, through a reusable buffer.
+// VM) sends the region JSON with its uffd attached; this file is the protocol (handshake, peers,
+// lifecycle), and each connection's faults are served by one native FaultServer
+// (./engine-connection.ts): from the memory snapshot file (straight from a private read-only mmap
+// of it, or with { readMethod: 'pread' } through the engine's own buffer) or a remote snapshot,
+// with fault-around, in the page size each region names (2 MiB on hugetlbfs guests).
 //
 // Each connection is independent: a peer that sends garbage, dies mid-stream or misbehaves
 // ends only its own connection (its uffd, socket and pidfd are closed); the server keeps
@@ -10,20 +12,18 @@
 import * as fs from 'node:fs'
 import * as net from 'node:net'
 import type { ReadMethod, RemovePolicy } from '../addon/binding'
-import { native } from '../addon/native'
 import type { UffdError } from '../core/errors'
-import { FaultResolver } from '../core/fault-resolver'
-import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
+import { Userfaultfd } from '../core/userfaultfd'
+import type { FaultServerError } from '../engines/fault-server'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { isListening } from '../ipc/unix-socket'
 import { debug } from '../util/diagnostics'
-import { IntervalSet } from '../util/interval-set'
-import { LatencyHistogram, type LatencySummary } from '../util/histogram'
+import { type HistogramJSON, LatencyHistogram, type LatencySummary } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { checkRenamed, choice } from '../util/validate'
 import { observe } from './observe'
-import { ProtocolError, findRegion, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
+import { ProtocolError, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
 import { parseLocation } from '../sources/location'
 import { RemoteSource, type RemoteOptions } from '../sources/remote'
 import { fileIdentity } from '../sources/snapshot-identity'
@@ -51,7 +51,7 @@ export interface FirecrackerHandlerOptions {
   maxMessageBytes?: number
   /** Time for a peer to send its complete handshake (default 5000 ms). */
   handshakeTimeout?: number
-  /** 'mmap' (default): copy from a read-only mapping of the file; 'pread': through a buffer. */
+  /** 'mmap' (default): copy from a private read-only mapping of the file; 'pread': through a buffer. */
   readMethod?: ReadMethod
   /** Remove a stale socket file left by a dead handler (default true). */
   replaceStaleSocket?: boolean
@@ -68,7 +68,11 @@ export interface FirecrackerHandlerOptions {
    * close()): every first touch faults (4 KiB fault-around, no prefetch).
    */
   recordWorkingSet?: string
-  /** Fill the rest of a remote snapshot in the background (after the working set). Default true. */
+  /**
+   * Fill the rest of the guest's memory in the background (after the working set). Default: true
+   * for a remote snapshot, false for a local file (its pages are one copy away: lazily, a VM
+   * only takes the memory it touches).
+   */
   prefetch?: boolean
 }
 
@@ -76,11 +80,11 @@ export interface FirecrackerHandlerOptions {
 export interface ServingCounts {
   /** Fault messages read. */
   faults: number
-  /** Pages copied from the memory file. */
+  /** Pages copied from the snapshot (the regions' pages: 2 MiB ones count one), fault-around included. */
   pagesServed: number
-  /** Bytes copied from the memory file. */
+  /** Bytes copied from the snapshot. */
   bytesServed: number
-  /** Zero pages served (after UFFD_EVENT_REMOVE). */
+  /** Zero pages served (after UFFD_EVENT_REMOVE, or past the end of the snapshot). */
   zeroPages: number
   /** UFFD_EVENT_REMOVE events (balloon inflation, MADV_DONTNEED). */
   removes: number
@@ -98,60 +102,39 @@ export interface ConnectionStats extends ServingCounts {
   peer: PeerCredentials
   /** Regions its handshake declared. */
   regions: number
-  /** engine mode (remote snapshots, working sets): faults waiting for their bytes now */
+  /** faults waiting for their bytes now (remote snapshots) */
   waiting?: number
-  /** engine mode: pages of the guest present now, and in all */
+  /** pages (of the regions' page size) of the guest present now, and in all (after 'ready') */
   pagesPresent?: number
   pagesTotal?: number
+  /** bytes of the guest present now, and in all (after 'ready') */
+  bytesPresent?: number
+  bytesTotal?: number
 }
 
 /** The handler's totals over every connection (FirecrackerHandler.stats()). */
 export interface HandlerStats extends ServingCounts {
   /** Connections open now, ever, and ended by an error. */
   connections: { active: number; total: number; failed: number }
-  /** latency from reading a fault to its UFFDIO_COPY returning (as FaultServer's latencyUs) */
+  /** latency from reading a fault to its page filled, over every connection (FaultServer's latencyUs) */
   latencyUs: LatencySummary
 }
 
-interface FileSource {
+/** The snapshot every connection reads: its size, how the engine reads it, and its close. */
+interface Snapshot {
   size: number
-  fd: number
-  /** copies [offset, offset+length) of the file to dst (a page in the peer) */
-  copy(resolver: FaultResolver, dst: bigint, offset: number, length: number): 'done' | 'exists' | 'deferred'
+  engine: EngineSnapshot
   close(): void
 }
 
-function openSource(path: string, kind: ReadMethod): FileSource {
+// The memory file, opened once: every connection's FaultServer dups this fd (and maps it, with
+// readMethod 'mmap'), so the file is the one listen() checked whatever happens to its path.
+function openFile(path: string, readMethod: ReadMethod): Snapshot {
   const fd = fs.openSync(path, 'r') // libuv opens with O_CLOEXEC
   try {
-    const size = fs.fstatSync(fd).size
-    if (size === 0) throw new RangeError(`memory file ${path} is empty`)
-    if (kind === 'mmap') {
-      const map = new native.FileMapping(fd, size)
-      const base = map.address()
-      return {
-        size,
-        fd,
-        copy: (resolver, dst, offset, length) => resolver.copy(dst, base + BigInt(offset), length),
-        close: () => {
-          map.unmap()
-          fs.closeSync(fd)
-        },
-      }
-    }
-    let buffer = Buffer.alloc(0)
-    return {
-      size,
-      fd,
-      copy: (resolver, dst, offset, length) => {
-        // Reused for every fault: a deferred copy keeps its own copy of the bytes (FaultResolver).
-        if (buffer.length < length) buffer = Buffer.alloc(length)
-        const view = buffer.subarray(0, length)
-        fs.readSync(fd, view, 0, length, offset)
-        return resolver.copy(dst, view, length)
-      },
-      close: () => fs.closeSync(fd),
-    }
+    const st = fs.fstatSync(fd)
+    if (st.size === 0) throw new RangeError(`memory file ${path} is empty`)
+    return { size: st.size, engine: { fd, readMethod }, close: () => fs.closeSync(fd) }
   } catch (err) {
     fs.closeSync(fd)
     throw err
@@ -164,6 +147,7 @@ function defaultAllow(peer: PeerCredentials): boolean {
 }
 
 let nextId = 1
+const EMPTY: HistogramJSON = { count: 0, buckets: [] }
 
 /** One VM: its socket, uffd, regions, and the loop serving its faults. */
 class Connection {
@@ -173,21 +157,17 @@ class Connection {
   readonly #socket: net.Socket
   readonly #channel: FdChannel
   #uffd: Userfaultfd | undefined
-  #resolver: FaultResolver | undefined
   #regions: GuestRegion[] = []
-  #removed = new IntervalSet()
-  #removedAny = false
   #cancelPidfd: (() => void) | undefined
   #pidfd = -1
   #ended = false
-  #zero: Buffer | undefined
   #engine: EngineConnection | undefined
   #engineSeen = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   #endedSignal: (() => void) | undefined
-  /** faults waiting for bytes now (engine mode) */
+  /** faults waiting for bytes now */
   waiting = 0
-  /** pages of the guest present, and in all (engine mode; 0/0 otherwise) */
-  present = { pages: 0, total: 0 }
+  /** bytes of the guest present, and in all (0/0 before 'ready') */
+  present = { bytes: 0, total: 0 }
 
   constructor(handler: FirecrackerHandler, socket: net.Socket) {
     this.#handler = handler
@@ -223,8 +203,7 @@ class Connection {
       await this.#handshake()
       if (this.#ended) return
       this.#handler.emit('ready', this.stats, this.#regions)
-      if (this.#handler.engine !== undefined) await this.#serveEngine(this.#handler.engine)
-      else await this.#serve()
+      await this.#serve()
       this.end()
     } catch (err) {
       this.end(err as Error)
@@ -278,7 +257,7 @@ class Connection {
         if (received >= this.#handler.maxMessageBytes)
           throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
       }
-      this.#regions = parseRegions(text, { fileSize: this.#handler.source.size })
+      this.#regions = parseRegions(text, { fileSize: this.#handler.snapshot.size })
       if (!isUserfaultfd(fd)) throw new ProtocolError('the fd attached to the handshake is not a userfaultfd')
       this.stats.regions = this.#regions.length
       this.#uffd = Userfaultfd.fromFd(fd)
@@ -298,27 +277,11 @@ class Connection {
         /* already gone: ESRCH on the first copy ends it */
       }
     }
-    this.#resolver = new FaultResolver(this.#uffd, { onError: (e) => this.#onResolveError(e) })
   }
 
+  // One FaultServer serves the regions; this waits for the end (the VM's exit seen through its
+  // pidfd, ESRCH, or close()).
   async #serve(): Promise<void> {
-    const uffd = this.#uffd!
-    const stream = uffd.events({ batch: true, readSize: 256 })
-    this.#streamClose = () => stream.close()
-    if (this.#ended) stream.close()
-    for await (const batch of stream) {
-      for (const event of batch as UffdEvent[]) {
-        if (this.#ended) return
-        this.#handle(event)
-      }
-    }
-  }
-
-  #streamClose: (() => void) | undefined
-
-  // Engine mode: a FaultServer serves the regions; this waits for the end (the VM's exit seen
-  // through its pidfd, ESRCH, or close()).
-  async #serveEngine(snapshot: EngineSnapshot): Promise<void> {
     const h = this.#handler
     const ended = new Promise<void>((resolve) => {
       this.#endedSignal = resolve
@@ -326,19 +289,23 @@ class Connection {
     this.#engine = new EngineConnection(
       this.#uffd!,
       this.#regions,
-      snapshot,
-      { workingSet: h.workingSet, record: h.recordWorkingSet !== undefined, prefetch: h.prefetch },
-      (err) => {
-        if ((err as { code?: string }).code === 'ESRCH')
-          this.end() // the VM exited
-        else h.emit('warning', this.stats, err)
-      },
+      h.snapshot.engine,
+      { onRemove: h.onRemove, workingSet: h.workingSet, record: h.recordWorkingSet !== undefined, prefetch: h.prefetch },
+      (err) => this.#onServeError(err),
     )
     if (this.#ended) return
     await ended
   }
 
-  /** Engine mode: brings this.stats and the handler's totals up to date. */
+  // ESRCH: the VM's address space is gone (it exited): a clean end. Anything else (a snapshot
+  // that cannot be read, a remote read that failed) is a 'warning' with the faulting address:
+  // the engine retries the fault with backoff, since a vCPU waits on it.
+  #onServeError(err: FaultServerError): void {
+    if ((err as { code?: string }).code === 'ESRCH') this.end()
+    else this.#handler.emit('warning', this.stats, err)
+  }
+
+  /** Brings this.stats and the handler's totals up to date (from the connection's FaultServer). */
   refresh(): void {
     if (this.#engine === undefined || this.#engine.server.closed) return
     const c = this.#engine.counts()
@@ -349,91 +316,17 @@ class Connection {
       this.stats[k] = c[k]
     }
     this.waiting = c.waiting
-    this.present = { pages: c.pagesPresent, total: c.pagesTotal }
+    this.present = { bytes: c.bytesPresent, total: c.bytesTotal }
     this.stats.waiting = c.waiting
     this.stats.pagesPresent = c.pagesPresent
     this.stats.pagesTotal = c.pagesTotal
+    this.stats.bytesPresent = c.bytesPresent
+    this.stats.bytesTotal = c.bytesTotal
   }
 
-  #handle(event: UffdEvent): void {
-    const stats = this.#handler.totals
-    if (event.type === 'pagefault') {
-      this.stats.faults++
-      stats.faults++
-      const region = findRegion(this.#regions, event.address)
-      if (region === undefined) {
-        throw new ProtocolError(`fault at 0x${event.address.toString(16)} outside every region the peer declared`)
-      }
-      const page = event.address - ((event.address - region.base) % BigInt(region.pageSize))
-      const t0 = process.hrtime.bigint()
-      let outcome: 'done' | 'exists' | 'deferred'
-      try {
-        if (this.#removedAny && this.#isRemoved(page)) {
-          outcome = this.#zeroFill(page, region.pageSize)
-          if (outcome === 'done') {
-            this.stats.zeroPages++
-            stats.zeroPages++
-          }
-        } else {
-          const offset = region.offset + Number(page - region.base)
-          outcome = this.#handler.source.copy(this.#resolver!, page, offset, region.pageSize)
-          if (outcome === 'done') {
-            this.stats.pagesServed++
-            this.stats.bytesServed += region.pageSize
-            stats.pagesServed++
-            stats.bytesServed += region.pageSize
-          }
-        }
-      } catch (err) {
-        this.#onResolveError(err as UffdError)
-        return
-      }
-      if (outcome === 'exists') {
-        this.stats.exists++
-        stats.exists++
-      }
-      if (outcome === 'deferred') {
-        this.stats.deferred++
-        stats.deferred++
-      }
-      this.#handler.recordLatency(Number(process.hrtime.bigint() - t0))
-    } else if (event.type === 'remove') {
-      this.stats.removes++
-      stats.removes++
-      if (this.#handler.onRemove === 'source') {
-        // Nothing to remember: later faults there are served from the memory file again.
-      } else if (this.#handler.onRemove === 'unregister') {
-        try {
-          this.#uffd!.unregister({ address: event.start, length: event.end - event.start })
-        } catch {
-          // The range is not one the kernel will unregister as a whole (e.g. it spans other
-          // VMAs): zero-fill it instead, which is just as correct.
-          this.#removed.add(event.start, event.end)
-          this.#removedAny = true
-        }
-      } else {
-        this.#removed.add(event.start, event.end)
-        this.#removedAny = true
-      }
-    }
-    // unmap/remap/fork: not enabled by Firecracker; nothing to do.
-  }
-
-  #isRemoved(page: bigint): boolean {
-    return this.#removed.contains(page)
-  }
-
-  #zeroFill(page: bigint, pageSize: number): 'done' | 'exists' | 'deferred' {
-    // UFFDIO_ZEROPAGE is not supported on hugetlbfs: copy zeros there.
-    if (pageSize === 4096) return this.#resolver!.zeropage({ address: page, length: pageSize })
-    if (this.#zero === undefined || this.#zero.length < pageSize) this.#zero = Buffer.alloc(pageSize)
-    return this.#resolver!.copy(page, this.#zero.subarray(0, pageSize), pageSize)
-  }
-
-  #onResolveError(err: UffdError): void {
-    // ESRCH: the VM's address space is gone (it exited): a clean end, not an error.
-    if (err.code === 'ESRCH') this.end()
-    else this.end(err)
+  /** The connection's demand-latency histogram so far (empty before 'ready'). */
+  latency(): HistogramJSON {
+    return this.#engine === undefined || this.#engine.server.closed ? EMPTY : this.#engine.latencyHistogram()
   }
 
   /** Idempotent: closes the uffd, the socket, the pidfd; reports why it ended. */
@@ -442,13 +335,12 @@ class Connection {
     this.#ended = true
     if (this.#engine !== undefined) {
       this.refresh()
+      this.#handler.keepLatency(this.#engine.latencyHistogram())
       const file = this.#handler.recordWorkingSet
       if (file !== undefined) this.#handler.saveWorkingSet(this.stats, this.#engine.workingSet(), file)
       this.#engine.close()
     }
     this.#endedSignal?.()
-    this.#streamClose?.()
-    this.#resolver?.close()
     this.#uffd?.close()
     this.#channel.close()
     this.#cancelPidfd?.()
@@ -491,10 +383,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly handshakeTimeout: number
   /** Who may connect (see FirecrackerHandlerOptions.allow). */
   readonly allow: (peer: PeerCredentials) => boolean
-  /** @internal */
-  readonly source: FileSource
-  /** @internal engine mode: remote snapshots, working sets */
-  engine: EngineSnapshot | undefined
+  /** @internal the snapshot every connection reads */
+  readonly snapshot: Snapshot
   /** @internal */
   workingSet: WorkingSet | undefined
   /** @internal */
@@ -507,20 +397,21 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
   readonly #connections = new Set<Connection>()
+  /** latency of the connections that ended (live ones are asked) */
   readonly #latency = new LatencyHistogram()
   #total = 0
   #failed = 0
   #closed = false
 
-  private constructor(options: FirecrackerHandlerOptions, source: FileSource) {
+  private constructor(options: FirecrackerHandlerOptions, snapshot: Snapshot, remote: boolean) {
     super()
     this.socketPath = options.socketPath
     this.onRemove = options.onRemove ?? 'zero'
     this.maxMessageBytes = options.maxMessageBytes ?? 65536
     this.handshakeTimeout = options.handshakeTimeout ?? 5000
     this.allow = options.allow ?? defaultAllow
-    this.source = source
-    this.prefetch = options.prefetch ?? true
+    this.snapshot = snapshot
+    this.prefetch = options.prefetch ?? remote
     this.recordWorkingSet = options.recordWorkingSet
     // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
     this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
@@ -538,26 +429,25 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
     if (options.recordWorkingSet !== undefined && typeof options.recordWorkingSet !== 'string')
       throw new TypeError('recordWorkingSet must be a file path')
+    if (options.prefetch !== undefined && typeof options.prefetch !== 'boolean')
+      throw new TypeError('prefetch must be a boolean')
     const location = parseLocation(options.memFile)
     let remote: RemoteSource | undefined
-    let source: FileSource
+    let snapshot: Snapshot
     if (location.kind === 'file') {
-      source = openSource(location.path, readMethod)
+      snapshot = openFile(location.path, readMethod)
     } else {
       remote = await RemoteSource.open(location.url, options.remote)
       const r = remote
-      source = {
+      snapshot = {
         size: r.size,
-        fd: -1,
-        copy: () => {
-          throw new Error('a remote snapshot is served by the engine')
-        },
+        engine: { remote: r },
         close: () => {
           r.close().catch(() => undefined)
         },
       }
     }
-    const handler = new FirecrackerHandler(options, source)
+    const handler = new FirecrackerHandler(options, snapshot, remote !== undefined)
     try {
       handler.#remote = remote
       const ws = typeof options.workingSet === 'string' ? WorkingSet.load(options.workingSet) : options.workingSet
@@ -567,15 +457,12 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
           throw new TypeError('a handler cannot both replay (workingSet) and record (recordWorkingSet)')
         // a working set for another snapshot version is refused now
         if (remote !== undefined) ws.check(await remote.identity())
-        else ws.check(fileIdentityOf((location as { path: string }).path))
+        else ws.check(fileIdentity((snapshot.engine as { fd: number }).fd))
       }
       handler.workingSet = ws
-      if (remote !== undefined) handler.engine = { remote }
-      else if (ws !== undefined || options.recordWorkingSet !== undefined)
-        handler.engine = { file: (location as { path: string }).path }
       await handler.#listen(options.replaceStaleSocket ?? true)
     } catch (err) {
-      source.close()
+      snapshot.close()
       throw err
     }
     return handler
@@ -654,17 +541,22 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.emit('end', conn.stats, error)
   }
 
-  /** @internal */
-  recordLatency(ns: number): void {
-    this.#latency.record(ns)
+  /** @internal an ended connection's latency histogram */
+  keepLatency(h: HistogramJSON): void {
+    this.#latency.merge(h)
   }
 
-  /** Totals over every connection so far, and the latency histogram. */
+  /** Totals over every connection so far, and their latency (every connection's engine). */
   stats(): HandlerStats {
+    const latency = LatencyHistogram.fromJSON(this.#latency.toJSON())
+    for (const c of this.#connections) {
+      c.refresh()
+      latency.merge(c.latency())
+    }
     return {
       connections: { active: this.#connections.size, total: this.#total, failed: this.#failed },
       ...this.totals,
-      latencyUs: this.#latency.summary(),
+      latencyUs: latency.summary(),
     }
   }
 
@@ -676,18 +568,18 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     })
   }
 
-  /** Engine mode: faults waiting for bytes, and guest pages present / in all, over open connections. */
-  progress(): { waiting: number; pagesPresent: number; pagesTotal: number } {
+  /** Faults waiting for bytes, and guest bytes present / in all, over the open connections. */
+  progress(): { waiting: number; bytesPresent: number; bytesTotal: number } {
     let waiting = 0
-    let pagesPresent = 0
-    let pagesTotal = 0
+    let bytesPresent = 0
+    let bytesTotal = 0
     for (const c of this.#connections) {
       c.refresh()
       waiting += c.waiting
-      pagesPresent += c.present.pages
-      pagesTotal += c.present.total
+      bytesPresent += c.present.bytes
+      bytesTotal += c.present.total
     }
-    return { waiting, pagesPresent, pagesTotal }
+    return { waiting, bytesPresent, bytesTotal }
   }
 
   /** Stops listening, ends every connection (their VMs lose their handler), unmaps the file. */
@@ -699,21 +591,12 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     await closed
     // recorded working sets are written before the snapshot goes
     while (this.#saves.size > 0) await Promise.all([...this.#saves])
-    this.source.close()
+    this.snapshot.close()
   }
 
   /** close(), for `await using handler = await FirecrackerHandler.listen(...)`. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close()
-  }
-}
-
-function fileIdentityOf(path: string): ReturnType<typeof fileIdentity> {
-  const fd = fs.openSync(path, 'r')
-  try {
-    return fileIdentity(fd)
-  } finally {
-    fs.closeSync(fd)
   }
 }
 

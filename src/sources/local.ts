@@ -31,7 +31,18 @@ export class FileReader implements PageReader {
     const n = Math.max(0, Math.min(length, this.size - offset))
     if (n === 0) return Promise.resolve(out)
     return new Promise((resolve, reject) => {
-      fs.read(this.#fd, out, 0, n, this.#offset + offset, (err) => (err ? reject(err) : resolve(out)))
+      fs.read(this.#fd, out, 0, n, this.#offset + offset, (err, got) => {
+        if (err) reject(err)
+        // A short read: the file shrank after it was opened. An error, never zeros in place of
+        // the snapshot's bytes (issue 17, defect 7).
+        else if (got < n)
+          reject(
+            Object.assign(new Error(`short read at offset ${this.#offset + offset}: the file is shorter than when it was opened (truncated?)`), {
+              code: 'EIO',
+            }),
+          )
+        else resolve(out)
+      })
     })
   }
 
