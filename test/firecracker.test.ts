@@ -14,6 +14,7 @@ import {
   parseRegions,
   sendFds,
   type ConnectionStats,
+  type GuestRegion,
 } from '../src'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { killChildren, runGuest, runNode } from './helpers/children'
@@ -193,6 +194,63 @@ describe('Firecracker handler: serving a guest', () => {
     // 4 huge pages served, each faulted once (every 4 KiB touch after the first finds it mapped)
     expect(stats).toMatchObject({ pagesServed: 4, bytesServed: 8 << 20, zeroPages: 1, removes: 1, faults: 5 })
   })
+
+  it('serves a memfd hugetlb guest (MFD_HUGETLB, shared) from two threads in 2 MiB copies', {
+    timeout: 30_000,
+  }, async (ctx) => {
+    const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
+    if (free < 8) ctx.skip(`needs 8 free huge pages (HugePages_Free: ${free}; echo 64 > /proc/sys/vm/nr_hugepages)`)
+    const h = await listen({ readMethod: 'pread' })
+    const ready = new Promise<GuestRegion[]>((r) => h.once('ready', (_c, regions) => r(regions)))
+    const ended = nextEnd(h)
+    const g = await runGuest({ socket: h.socketPath, memFile, hugetlb: true, memfd: true, size: 8 << 20, threads: 2 })
+    expect(g.stderr).toBe('')
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0, verifiedBytes: 8 << 20 })
+    expect((await ready).every((r) => r.pageSize === 2 << 20)).toBe(true)
+    const { stats, error } = await ended
+    expect(error).toBeUndefined()
+    // 4 huge pages, each put in place by one 2 MiB copy (a 4 KiB one would be EINVAL on hugetlbfs)
+    expect(stats).toMatchObject({ pagesServed: 4, bytesServed: 8 << 20, zeroPages: 0 })
+  })
+
+  for (const readMethod of ['pread', 'mmap'] as const) {
+    it(`a memory file truncated under the handler (${readMethod}): the pages past its new end are errors with their address, never stale bytes or zeros; served once it is whole again`, {
+      timeout: 30_000,
+    }, async () => {
+      const size = 4 << 20
+      const file = path.join(dir, `truncated-${readMethod}`)
+      writeSnapshot(file, size)
+      const h = await listen({ memFile: file, readMethod })
+      const warnings: Array<Error & { code?: string; address?: bigint }> = []
+      let firstWarning: () => void = () => {}
+      const warned = new Promise<void>((r) => {
+        firstWarning = r
+      })
+      h.on('warning', (_c, err) => {
+        warnings.push(err as Error & { code?: string; address?: bigint })
+        firstWarning()
+      })
+      const ready = new Promise<GuestRegion[]>((r) => h.once('ready', (_c, regions) => r(regions)))
+      fs.truncateSync(file, size / 2)
+      // A child touches every page, in order: the second half is past the file's new end.
+      const guest = runGuest({ socket: h.socketPath, memFile: file, size }, 20_000)
+      const [region] = await ready
+      await warned
+      // The faulting thread waits (no bytes were made up for it): the file whole again, the
+      // engine's next try serves the snapshot's own bytes.
+      writeSnapshot(file, size)
+      const g = await guest
+      expect(g.stderr).toBe('')
+      expect(g.code).toBe(0)
+      expect(g.result).toMatchObject({ mismatches: 0, verifiedBytes: size })
+      const w = warnings[0]
+      expect(w.code).toBe(readMethod === 'pread' ? 'EIO' : 'EFAULT')
+      expect(w.message).toMatch(readMethod === 'pread' ? /short read/ : /cannot be read/)
+      expect(w.address).toBeGreaterThanOrEqual(region.base + BigInt(size / 2))
+      expect(w.address).toBeLessThan(region.base + BigInt(size))
+    })
+  }
 
   it('serves two guests at once, several threads each', { timeout: 30_000 }, async () => {
     const h = await listen()

@@ -309,8 +309,9 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       std::string syscall;
       std::string method = StringField(src, "readMethod", "mmap");
       if (method != "mmap" && method != "pread") ThrowTypeError(env, "readMethod must be 'mmap' or 'pread'");
-      source = Source::File(static_cast<int>(U64Field(src, "fd")), U64Field(src, "offset"), method == "mmap",
-                            &err, &syscall);
+      uint64_t size = src.Get("size").IsNumber() ? U64Field(src, "size") : Source::kSizeNow;
+      source = Source::File(static_cast<int>(U64Field(src, "fd")), U64Field(src, "offset"), size,
+                            method == "mmap", &err, &syscall);
       if (source == nullptr) ThrowUffdError(env, err, syscall);
     } else if (kind == "zero") {
       source = Source::Zero();

@@ -303,7 +303,8 @@ void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t add
 
 FaultEngine::FillStatus FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page,
                                                  size_t count, Origin origin, From from,
-                                                 std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted) {
+                                                 std::shared_ptr<std::vector<uint8_t>> bytes,
+                                                 bool* firstExisted) {
   size_t done = 0;
   FillStatus s = FillRun(r, page, count, origin, from, bytes ? bytes->data() : nullptr, &demandScratch_,
                          firstExisted, &done);

@@ -266,8 +266,8 @@ class FaultEngine {
                      From from, const uint8_t* bytes, std::vector<uint8_t>* scratch, bool* firstExisted,
                      size_t* done);
   // Demand-thread wrapper: a deferral is queued for retry after the pending events are read.
-  FillStatus FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin, From from,
-                   std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted);
+  FillStatus FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
+                         From from, std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted);
   // A fill that failed for good (not EEXIST, EAGAIN or an address space that is gone): reported
   // here, the one place a policy for failing sources belongs.
   void FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,

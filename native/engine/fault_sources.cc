@@ -112,7 +112,8 @@ Source* Source::Memory(const uint8_t* data, uint64_t length) {
   return s;
 }
 
-Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::string* syscall) {
+Source* Source::File(int fd, uint64_t offset, uint64_t knownSize, bool useMmap, int* err,
+                     std::string* syscall) {
   struct stat st;
   if (fstat(fd, &st) != 0) {
     *err = errno;
@@ -130,6 +131,7 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
     }
     size = static_cast<uint64_t>(end);
   }
+  if (knownSize != kSizeNow) size = knownSize;
   Source* s = new Source();
   s->kind_ = kFile;
   s->fileOffset_ = offset;
@@ -214,8 +216,14 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
       }
       if (r == 0) {
         // The file shrank after it was opened: an error, never zeros (or stale bytes) in
-        // place of the snapshot's (issue 17, defect 7). Past the end it had then, zeros.
+        // place of the snapshot's (issue 17, defect 7). The whole pages read go in first, so
+        // the error names the first page that cannot be had.
         FillResult e;
+        uint64_t whole = AlignDown(got, f.pageSize);
+        if (whole > 0) {
+          e = f.Copy(dst, scratch->data(), whole);
+          if (e.err != 0) return e;
+        }
         e.err = EIO;
         e.syscall = "pread";
         e.why = "short read: the file is shorter than when it was opened (truncated?)";

@@ -22,7 +22,7 @@ struct FillResult {
   uint64_t done = 0;
   int err = 0;
   const char* syscall = "";
-  bool zero = false;  // zeros rather than source bytes
+  bool zero = false;          // zeros rather than source bytes
   const char* why = nullptr;  // what went wrong, where errno alone does not say it
 };
 
@@ -71,8 +71,11 @@ class Source {
   // SharedArrayBuffer). A copy from it after all is EFAULT, never a crash.
   static Source* Memory(const uint8_t* data, uint64_t length);
   // `fd` is dup'ed (CLOEXEC) and owned. mmap mode also maps [offset, size) privately (the tail
-  // page past the end of the file is read through the fd). nullptr with *err on failure.
-  static Source* File(int fd, uint64_t offset, bool useMmap, int* err, std::string* syscall);
+  // page past the end of the file is read through the fd). `size` is the file's size as its
+  // owner knows it (kSizeNow: fstat's, or a block device's end): bytes short of it that cannot be
+  // read (a file truncated since) are errors, never zeros. nullptr with *err on failure.
+  static constexpr uint64_t kSizeNow = UINT64_MAX;
+  static Source* File(int fd, uint64_t offset, uint64_t size, bool useMmap, int* err, std::string* syscall);
   static Source* Zero();
   static Source* Handler(uint32_t handlerId);
   ~Source();

@@ -167,7 +167,8 @@ export type FaultEngineSource =
   | { kind: 'buffer'; bytes: Bytes; shared: boolean }
   /** memory the caller keeps mapped while the range is served (a Mapping) */
   | { kind: 'memory'; address: bigint; length: number }
-  | { kind: 'file'; fd: number; offset: number; readMethod: ReadMethod }
+  /** size: the file's size as its owner knows it (absent: its size now); short of it, reads fail */
+  | { kind: 'file'; fd: number; offset: number; readMethod: ReadMethod; size?: number }
   | { kind: 'zero' }
   | { kind: 'handler'; id: number }
 

@@ -198,9 +198,7 @@ export async function serve(args: ServeArgs): Promise<number> {
             percent: Number(percent.toFixed(3)),
             bytesPerSecond: Math.round(perSecond),
             etaSeconds: etaSeconds === undefined ? null : Number(etaSeconds.toFixed(1)),
-            ...(c.waiting !== undefined
-              ? { faultsWaiting: c.waiting, bytesPresent: c.bytesPresent ?? 0 }
-              : {}),
+            ...(c.waiting !== undefined ? { faultsWaiting: c.waiting, bytesPresent: c.bytesPresent ?? 0 } : {}),
           },
         )
       }

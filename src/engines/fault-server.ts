@@ -475,6 +475,8 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     for (const n of notices) {
       switch (n.type) {
         case 'error':
+          // the address the engine was filling when it failed (a faulting thread may wait on it)
+          if (n.address !== undefined) (n.error as FaultServerError).address = n.address
           this.#error(n.error)
           break
         case 'progress':

@@ -11,7 +11,7 @@ import type { HistogramJSON } from '../util/histogram'
 import type { GuestRegion } from './protocol'
 
 /** The snapshot a handler serves: a local file (an fd the handler keeps open) or a remote one. */
-export type EngineSnapshot = { remote: RemoteSource } | { fd: number; readMethod: ReadMethod }
+export type EngineSnapshot = { remote: RemoteSource } | { fd: number; size: number; readMethod: ReadMethod }
 
 export interface EngineServeOptions {
   /** after UFFD_EVENT_REMOVE (balloon): zeros, the snapshot again, or unregister */
@@ -66,7 +66,8 @@ export class EngineConnection {
         const source: FaultSource =
           'remote' in snapshot
             ? { remote: snapshot.remote, offset: r.offset }
-            : { file: snapshot.fd, offset: r.offset, readMethod: snapshot.readMethod }
+            : // the size listen() saw: a file truncated since fails (never zeros in place of its bytes)
+              { file: snapshot.fd, offset: r.offset, readMethod: snapshot.readMethod, size: snapshot.size }
         this.server.serve({ address: r.base, length: r.size }, source, {
           register: false, // Firecracker registered the guest's memory before sending the uffd
           pageSize: r.pageSize,

@@ -134,7 +134,7 @@ function openFile(path: string, readMethod: ReadMethod): Snapshot {
   try {
     const st = fs.fstatSync(fd)
     if (st.size === 0) throw new RangeError(`memory file ${path} is empty`)
-    return { size: st.size, engine: { fd, readMethod }, close: () => fs.closeSync(fd) }
+    return { size: st.size, engine: { fd, size: st.size, readMethod }, close: () => fs.closeSync(fd) }
   } catch (err) {
     fs.closeSync(fd)
     throw err
@@ -167,7 +167,7 @@ class Connection {
   /** faults waiting for bytes now */
   waiting = 0
   /** bytes of the guest present, and in all (0/0 before 'ready') */
-  present = { bytes: 0, total: 0 }
+  present = { pages: 0, pagesTotal: 0, bytes: 0, total: 0 }
 
   constructor(handler: FirecrackerHandler, socket: net.Socket) {
     this.#handler = handler
@@ -290,7 +290,12 @@ class Connection {
       this.#uffd!,
       this.#regions,
       h.snapshot.engine,
-      { onRemove: h.onRemove, workingSet: h.workingSet, record: h.recordWorkingSet !== undefined, prefetch: h.prefetch },
+      {
+        onRemove: h.onRemove,
+        workingSet: h.workingSet,
+        record: h.recordWorkingSet !== undefined,
+        prefetch: h.prefetch,
+      },
       (err) => this.#onServeError(err),
     )
     if (this.#ended) return
@@ -316,7 +321,7 @@ class Connection {
       this.stats[k] = c[k]
     }
     this.waiting = c.waiting
-    this.present = { bytes: c.bytesPresent, total: c.bytesTotal }
+    this.present = { pages: c.pagesPresent, pagesTotal: c.pagesTotal, bytes: c.bytesPresent, total: c.bytesTotal }
     this.stats.waiting = c.waiting
     this.stats.pagesPresent = c.pagesPresent
     this.stats.pagesTotal = c.pagesTotal
@@ -568,18 +573,21 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     })
   }
 
-  /** Faults waiting for bytes, and guest bytes present / in all, over the open connections. */
-  progress(): { waiting: number; bytesPresent: number; bytesTotal: number } {
-    let waiting = 0
-    let bytesPresent = 0
-    let bytesTotal = 0
+  /**
+   * Faults waiting for bytes, and the guests' memory present / in all over the open connections:
+   * in bytes, and in pages (each guest's own page size: 2 MiB pages count one).
+   */
+  progress(): { waiting: number; pagesPresent: number; pagesTotal: number; bytesPresent: number; bytesTotal: number } {
+    const p = { waiting: 0, pagesPresent: 0, pagesTotal: 0, bytesPresent: 0, bytesTotal: 0 }
     for (const c of this.#connections) {
       c.refresh()
-      waiting += c.waiting
-      bytesPresent += c.present.bytes
-      bytesTotal += c.present.total
+      p.waiting += c.waiting
+      p.pagesPresent += c.present.pages
+      p.pagesTotal += c.present.pagesTotal
+      p.bytesPresent += c.present.bytes
+      p.bytesTotal += c.present.total
     }
-    return { waiting, bytesPresent, bytesTotal }
+    return p
   }
 
   /** Stops listening, ends every connection (their VMs lose their handler), unmaps the file. */

@@ -32,13 +32,15 @@ export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBy
  *   it cannot be detached), or a Mapping (used in place; its unmap() waits until the range is no
  *   longer served);
  * - `file`: a path or an fd, read through a private read-only mmap ('mmap', default) or pread;
+ *   `size`: the file's size as you know it (default: its size when served): pages within it
+ *   that cannot be read (the file was truncated since) are errors, never zeros;
  * - `zero`: zeros;
  * - `handler`: a JS function, for content only JS can produce;
  * - `nbd`, `url`, `remote`: a remote snapshot (docs/remote-sources.md), fed from JavaScript.
  */
 export type FaultSource =
   | { buffer: PageBytes | SharedArrayBuffer | Mapping; offset?: number }
-  | { file: string | number; offset?: number; readMethod?: ReadMethod }
+  | { file: string | number; offset?: number; readMethod?: ReadMethod; size?: number }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
   | RemoteSpec
@@ -97,17 +99,18 @@ export function engineSource(source: Exclude<FaultSource, RemoteSpec>, length: n
   if ('file' in s) {
     const readMethod = choice(s.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
     const f = s.file
+    const size = s.size === undefined ? {} : { size: optionalInt(s.size, 'file size', 0, 0) }
     if (typeof f === 'string') {
       const fd = fs.openSync(f, 'r')
       return {
-        spec: { kind: 'file', fd, offset, readMethod },
+        spec: { kind: 'file', fd, offset, readMethod, ...size },
         offset: 0,
         keep: null,
         close: () => fs.closeSync(fd),
       }
     }
     if (typeof f === 'number' && Number.isSafeInteger(f) && f >= 0) {
-      return { spec: { kind: 'file', fd: f, offset, readMethod }, offset: 0, keep: null }
+      return { spec: { kind: 'file', fd: f, offset, readMethod, ...size }, offset: 0, keep: null }
     }
     throw new TypeError(`file must be a path or an fd (got ${describe(f)})`)
   }

@@ -37,9 +37,14 @@ export class FileReader implements PageReader {
         // the snapshot's bytes (issue 17, defect 7).
         else if (got < n)
           reject(
-            Object.assign(new Error(`short read at offset ${this.#offset + offset}: the file is shorter than when it was opened (truncated?)`), {
-              code: 'EIO',
-            }),
+            Object.assign(
+              new Error(
+                `short read at offset ${this.#offset + offset}: the file is shorter than when it was opened (truncated?)`,
+              ),
+              {
+                code: 'EIO',
+              },
+            ),
           )
         else resolve(out)
       })
