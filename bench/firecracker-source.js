@@ -70,7 +70,12 @@ async function main() {
   try {
     children.push(await start('fc_handler', handlerBin, [sockets.c, memFile], sockets.c))
     children.push(
-      await start('serve', process.execPath, [cli, 'serve', '--socket', sockets.serve, '--mem-file', memFile], sockets.serve),
+      await start(
+        'serve',
+        process.execPath,
+        [cli, 'serve', '--socket', sockets.serve, '--mem-file', memFile],
+        sockets.serve,
+      ),
     )
     warmMemory(2048)
     const placements = { same: 0, cross: 1 }
@@ -118,7 +123,9 @@ async function main() {
       console.log('placement  serve vs C (median of ratios; min..max)  serve ms  C ms (medians)')
       for (const [p, r] of Object.entries(result.placements)) {
         const ratio = `${r.ratio.toFixed(2)}x (${r.ratioMin.toFixed(2)}..${r.ratioMax.toFixed(2)})`
-        console.log(`${p.padEnd(9)}  ${ratio.padEnd(40)}  ${r.serveMs.toFixed(1).padStart(8)}  ${r.cMs.toFixed(1).padStart(6)}`)
+        console.log(
+          `${p.padEnd(9)}  ${ratio.padEnd(40)}  ${r.serveMs.toFixed(1).padStart(8)}  ${r.cMs.toFixed(1).padStart(6)}`,
+        )
       }
     }
   } finally {

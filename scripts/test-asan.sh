@@ -47,6 +47,9 @@ else
 fi
 [ "$#" -gt 0 ] || files+=(test/live-snapshot.test.ts test/dirty-tracker.test.ts test/fault-server.test.ts
   test/fault-server-events.test.ts test/fault-server-hugetlb.test.ts test/detached-buffers.test.ts)
+# Memory safety found by the hostile review (issue 17): protected memory (mapping.test.ts), workers
+# torn down inside native calls, closed readers releasing their references, hostile arguments.
+[ "$#" -gt 0 ] || files+=(test/worker-teardown.test.ts test/validators-properties.test.ts)
 
 mkdir -p "$logs" && chmod 1777 "$logs"   # children run as nobody write here too
 # detect_leaks=0: node itself leaks at exit. handle_segv/handle_sigbus=0: the tests expect real

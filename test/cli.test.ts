@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
+import { execFileSync } from 'node:child_process'
 import { commands } from '../src/cli/commands'
 import { dist, killChildren, root, runNode } from './helpers/children'
 
@@ -166,5 +167,24 @@ describe('userfaultfd CLI: usage errors exit 2 and name the flag', () => {
     const r = await runNode([cli, 'serve', '--socket', socket, '--mem-file', '/etc/hostname'])
     expect(r.code).toBe(2)
     expect(fs.readdirSync(deep)).toEqual([])
+  })
+
+  it('serve refuses a FIFO (it used to block forever in open(2)), a directory or a character device as --mem-file', async () => {
+    const fifo = path.join(dir, 'fifo')
+    execFileSync('mkfifo', [fifo])
+    for (const [file, kind] of [
+      [fifo, 'a FIFO \\(named pipe\\)'],
+      [dir, 'a directory'],
+      ['/dev/null', 'a character device'],
+    ]) {
+      const r = await runNode([cli, 'serve', '--socket', path.join(dir, 'f.sock'), '--mem-file', file], 10_000)
+      expect({ code: r.code, signal: r.signal }).toEqual({ code: 2, signal: null })
+      expect(r.stderr).toMatch(
+        new RegExp(
+          `^userfaultfd serve: --mem-file: memory file ${file} is ${kind}: it must be a regular file or a block device\\n`,
+        ),
+      )
+      expect(fs.existsSync(path.join(dir, 'f.sock'))).toBe(false)
+    }
   })
 })

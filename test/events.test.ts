@@ -4,6 +4,8 @@ import { Feature, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import { collect, countFds, stampedPage } from './helpers/events'
 import { env, needs } from './helpers/env'
+import { dist, runNode } from './helpers/children'
+import * as path from 'node:path'
 
 const cleanup: Array<() => void> = []
 afterEach(() => {
@@ -178,6 +180,48 @@ describe('events(): fork', () => {
     // The parent's own memory was never served.
     expect(uffd.copy(m.address + BigInt(PAGE_SIZE), stampedPage(7n))).toBe(PAGE_SIZE)
   })
+})
+
+describe('events(): fork by the event-loop thread itself', () => {
+  it('child_process (spawnSync, async exec, execFileSync) with an EVENT_FORK stream on this thread completes, and each fork is delivered', async (ctx) => {
+    needs(
+      ctx,
+      env.capSysPtrace,
+      'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
+    )
+    // libuv forks on the calling thread, and fork() waits in the kernel until the FORK event is
+    // read; the only reader is the stream on this very thread. Without the fork guard this hangs
+    // forever (the child is SIGKILLed by the timeout); run in a child so a hang cannot stall vitest.
+    const r = await runNode(
+      [
+        '-e',
+        `
+      const cp = require('node:child_process')
+      const { Userfaultfd, Mapping, Feature } = require(${JSON.stringify(path.join(dist, 'index.js'))})
+      const uffd = Userfaultfd.open({ features: Feature.EVENT_FORK })
+      const m = Mapping.anonymous(4 * 4096)
+      uffd.register(m)
+      let forks = 0
+      ;(async () => {
+        for await (const e of uffd.events()) if (e.type === 'fork') { forks++; e.uffd.close() }
+      })()
+      setTimeout(async () => {
+        const sync = cp.spawnSync('true').status
+        const viaExec = await new Promise((resolve) => cp.exec('true', (err) => resolve(err ? err.message : 0)))
+        cp.execFileSync('true')
+        while (forks < 3) await new Promise((r) => setTimeout(r, 5))
+        console.log(JSON.stringify({ sync, viaExec, forks }))
+        uffd.close()
+        m.unmap()
+      }, 20)
+    `,
+      ],
+      20_000,
+    )
+    expect(r.stderr).toBe('')
+    expect({ code: r.code, signal: r.signal }).toEqual({ code: 0, signal: null })
+    expect(JSON.parse(r.stdout)).toEqual({ sync: 0, viaExec: 0, forks: 3 })
+  }, 30_000)
 })
 
 describe('events(): ending', () => {

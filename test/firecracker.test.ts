@@ -17,7 +17,8 @@ import {
   type GuestRegion,
 } from '../src'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
-import { killChildren, runGuest, runNode } from './helpers/children'
+import { dist, killChildren, runGuest, runNode } from './helpers/children'
+import { execFileSync } from 'node:child_process'
 
 const MEM_SIZE = 8 << 20
 let dir: string
@@ -382,6 +383,50 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await ended).error?.message).toMatch(/unexpected fd/)
   })
 
+  it('a valid handshake split in two at EVERY byte position (also inside a multibyte character) is accepted', {
+    timeout: 60_000,
+  }, async () => {
+    // Framed by the JSON grammar on bytes and decoded once: no guessing from V8's error text,
+    // no character broken at a piece boundary (the "é" is two bytes).
+    const h = await listen()
+    const { uffd, region } = peerMemory()
+    const body = Buffer.from(JSON.stringify([{ ...region, vm: 'guest-é' }]))
+    expect(body.length).toBeGreaterThan(100)
+    const failures: string[] = []
+    for (let at = 1; at < body.length; at++) {
+      const s = await connect(h)
+      const done = new Promise<string | undefined>((resolve) => {
+        const onReady = (): void => {
+          h.off('end', onEnd)
+          resolve(undefined)
+        }
+        const onEnd = (_: unknown, error?: Error): void => {
+          h.off('ready', onReady)
+          resolve(error?.message ?? 'ended')
+        }
+        h.once('ready', onReady)
+        h.once('end', onEnd)
+      })
+      await sendFds(s, body.subarray(0, at), [uffd.fd])
+      await new Promise((r) => setTimeout(r, 2)) // most often, two separate reads by the handler
+      // A handler that refused the first piece has closed the connection: the end event says why.
+      await sendFds(s, body.subarray(at), []).catch(() => {})
+      const error = await done
+      if (error !== undefined) failures.push(`split at ${at}: ${error}`)
+      s.destroy()
+    }
+    expect(failures).toEqual([])
+  })
+
+  it('bytes that are not UTF-8 are a protocol error, not replacement characters', { timeout: 10_000 }, async () => {
+    const h = await listen()
+    const { uffd, region } = peerMemory()
+    const text = JSON.stringify([{ ...region, vm: 'X' }])
+    const bytes = Buffer.from(text)
+    bytes[text.indexOf('X')] = 0xff
+    expect((await rejected(h, bytes, [uffd.fd]))?.message).toMatch(/not valid UTF-8/)
+  })
+
   it('a peer that is not allowed is refused', { timeout: 10_000 }, async () => {
     const h = await listen({ allow: (peer) => peer.uid === 12345 })
     const { uffd, region } = peerMemory()
@@ -454,6 +499,76 @@ describe('Firecracker handler: lifecycle', () => {
     expect(fs.lstatSync(stale).isSocket()).toBe(true)
     const replaced = await listen({ socketPath: stale })
     expect(replaced.socketPath).toBe(stale)
+  })
+
+  it('rejects handshakeTimeout and maxMessageBytes that are not integers in range, at listen()', {
+    timeout: 10_000,
+  }, async () => {
+    const socketPath = path.join(dir, 'limits')
+    for (const name of ['handshakeTimeout', 'maxMessageBytes'] as const) {
+      for (const bad of [-1, 0, Number.NaN, 1.5, 2 ** 40, Number.POSITIVE_INFINITY]) {
+        await expect(FirecrackerHandler.listen({ socketPath, memFile, [name]: bad })).rejects.toThrow(
+          new RegExp(`^${name} must be an integer number of (milliseconds|bytes) from \\d+ to \\d+ \\(got number`),
+        )
+      }
+      await expect(FirecrackerHandler.listen({ socketPath, memFile, [name]: 'x' as never })).rejects.toThrow(TypeError)
+    }
+    // 5e9 ms used to be accepted, and then every connection failed at once (a timer cannot wait that long).
+    await expect(FirecrackerHandler.listen({ socketPath, memFile, handshakeTimeout: 5_000_000_000 })).rejects.toThrow(
+      RangeError,
+    )
+    expect(fs.existsSync(socketPath)).toBe(false) // refused before listening
+    const h = await listen({ handshakeTimeout: 2 ** 31 - 1, maxMessageBytes: 2 })
+    expect([h.handshakeTimeout, h.maxMessageBytes]).toEqual([2 ** 31 - 1, 2])
+  })
+
+  it('refuses a FIFO, a directory or a character device as the memory file at once (a FIFO used to block open(2) forever)', {
+    timeout: 20_000,
+  }, async () => {
+    const fifo = path.join(dir, 'fifo')
+    execFileSync('mkfifo', [fifo])
+    // In a child: before the fix, this thread blocked in open(2) for good.
+    const r = await runNode(
+      [
+        '-e',
+        `
+      const { FirecrackerHandler } = require(${JSON.stringify(path.join(dist, 'index.js'))})
+      ;(async () => {
+        for (const memFile of ${JSON.stringify([fifo, dir, '/dev/null'])}) {
+          await FirecrackerHandler.listen({ socketPath: memFile + '.sock', memFile }).then(
+            () => console.log('accepted'),
+            (e) => console.log(e.name + ': ' + e.message),
+          )
+        }
+      })()
+    `,
+      ],
+      10_000,
+    )
+    expect(r.stdout.split('\n').filter(Boolean)).toEqual([
+      `TypeError: memory file ${fifo} is a FIFO (named pipe): it must be a regular file or a block device`,
+      `TypeError: memory file ${dir} is a directory: it must be a regular file or a block device`,
+      'TypeError: memory file /dev/null is a character device: it must be a regular file or a block device',
+    ])
+  })
+
+  it('serves from a block device (its size comes from /sys, not stat)', { timeout: 30_000 }, async (ctx) => {
+    if (process.getuid?.() !== 0 || !fs.existsSync('/dev/loop-control')) {
+      ctx.skip('needs root and /dev/loop-control to attach a loop device')
+    }
+    let loop: string
+    try {
+      loop = execFileSync('losetup', ['--find', '--show', '--read-only', memFile], { encoding: 'utf8' }).trim()
+    } catch (err) {
+      ctx.skip(`losetup could not attach a loop device: ${(err as Error).message}`)
+      return
+    }
+    cleanup.push(() => execFileSync('losetup', ['--detach', loop]))
+    const h = await listen({ memFile: loop })
+    expect(h.snapshot.size).toBe(MEM_SIZE)
+    const guest = await runGuest({ socket: h.socketPath, memFile, size: 1 << 20, threads: 1 }, 20_000)
+    expect(guest.code).toBe(0)
+    expect(guest.result).toMatchObject({ mismatches: 0 })
   })
 
   it('rejects bad options and an empty memory file', { timeout: 10_000 }, async () => {

@@ -2,7 +2,18 @@
 // was wrong. Through the public API first, then the addon's own guards (what reaches native code
 // when the TypeScript layer is bypassed).
 import { describe, expect, it } from 'vitest'
-import { Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
+import * as fs from 'node:fs'
+import {
+  Mapping,
+  PAGE_SIZE,
+  UffdError,
+  Userfaultfd,
+  fdFlags,
+  isUserfaultfd,
+  receiveFds,
+  sendFds,
+  socketPair,
+} from '../src/index'
 import { touch } from '../src/testing'
 import { testingNative } from '../src/testing/addon'
 import { native } from '../src/addon/native'
@@ -139,6 +150,55 @@ describe('ranges, sources and options', () => {
     expect(() => Userfaultfd.fromFd(-1)).toThrow(/fd must be a non-negative integer/)
     expect(() => Userfaultfd.fromFd(1.5)).toThrow(TypeError)
     expect(() => Userfaultfd.fromFd('3' as never)).toThrow(TypeError)
+  })
+})
+
+describe('Userfaultfd.fromFd() adopts only userfaultfds', () => {
+  it('refuses a regular file, a socket, /dev/null and closed fds, without touching their flags or closing them', () => {
+    const file = fs.openSync(__filename, 'r')
+    const [pr, pw] = socketPair()
+    const devnull = fs.openSync('/dev/null', 'r+')
+    try {
+      for (const [fd, kind] of [
+        [file, /is \/.*input-validation\.test\.ts, not a userfaultfd/],
+        [pr, /is socket:\[\d+\], not a userfaultfd/],
+        [devnull, /is \/dev\/null, not a userfaultfd/],
+      ] as const) {
+        const before = fdFlags(fd)
+        const err = expectUffdError(() => Userfaultfd.fromFd(fd), 'EINVAL', { syscall: 'fromFd' })
+        expect(err.message).toMatch(kind)
+        // Untouched: no O_NONBLOCK added to the shared open file, still open (not closed on GC).
+        expect(fdFlags(fd)).toEqual(before)
+        expect(() => fs.fstatSync(fd)).not.toThrow()
+      }
+      expect(fdFlags(file).nonblock).toBe(false)
+      const closed = fs.openSync('/dev/null', 'r')
+      fs.closeSync(closed)
+      expectUffdError(() => Userfaultfd.fromFd(closed), 'EBADF', { syscall: 'fromFd' })
+      expect(isUserfaultfd(file)).toBe(false)
+      expect(() => Userfaultfd.fromFd(Userfaultfd.open().fd, { features: 1 as never })).toThrow(
+        /features must be a non-negative bigint/,
+      )
+    } finally {
+      for (const fd of [file, pr, pw, devnull]) fs.closeSync(fd)
+    }
+  })
+
+  it('adopts a real userfaultfd (a copy received over a socket), which then closes', async () => {
+    const original = Userfaultfd.open()
+    const [a, b] = socketPair()
+    const received = receiveFds(b, { maxFds: 1 })
+    await sendFds(a, 'x', [original.fd])
+    const [dup] = (await received).fds
+    fs.closeSync(a)
+    fs.closeSync(b)
+    expect(isUserfaultfd(dup)).toBe(true)
+    const adopted = Userfaultfd.fromFd(dup)
+    expect(adopted.via).toBe('inherited')
+    expect(fdFlags(dup)).toEqual({ cloexec: true, nonblock: true })
+    adopted.close()
+    expect(() => fs.fstatSync(dup)).toThrow()
+    original.close()
   })
 })
 

@@ -3,7 +3,7 @@
 import { describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import { Mapping, PAGE_SIZE, UffdError, hugePageSize } from '../src/index'
-import { expectUffdError, useCleanup } from './helpers/uffd'
+import { expectUffdError, lastJson, runScript, useCleanup } from './helpers/uffd'
 
 const track = useCleanup()
 
@@ -226,6 +226,68 @@ describe('madvise() and protect()', () => {
     expectUffdError(() => m.madvise('dontneed', 1, PAGE_SIZE), 'EINVAL', { syscall: 'madvise' })
     expectUffdError(() => m.protect(0xff), 'EINVAL', { syscall: 'mprotect' })
   })
+})
+
+describe('read() and write() on memory made inaccessible by protect()', () => {
+  // A plain memcpy there is a SIGSEGV of the whole process; these must be UffdError EFAULT. Run
+  // in a child, so that a crash fails the test instead of killing the test runner. Both copy
+  // methods: process_vm_readv/writev, and the pipe that replaces them where seccomp forbids them.
+  for (const method of ['auto', 'pipe'] as const) {
+    it(`throws EFAULT (with bytes done) instead of crashing (${method})`, async () => {
+      const r = await runScript(`
+        const { Mapping, PAGE_SIZE: P } = uffd
+        const method = ${JSON.stringify(method)}
+        // The internal third argument forces the pipe method, as seccomp would.
+        const read = (m, off, t) => method === 'pipe' ? m._handle.read(off, t, 'pipe') : m.read(off, t)
+        const write = (m, off, s) => method === 'pipe' ? m._handle.write(off, s, 'pipe') : m.write(off, s)
+        const attempt = (f) => { try { return { ok: f() } } catch (e) { return { name: e.name, code: e.code, bytes: e.bytes, syscall: e.syscall } } }
+        const m = Mapping.anonymous(3 * P)
+        m.write(0, new Uint8Array(3 * P).fill(7))
+        const out = {}
+        m.protect('none')
+        out.noneRead = attempt(() => read(m, 0, new Uint8Array(16)))
+        out.noneWrite = attempt(() => write(m, 8, new Uint8Array(16)))
+        m.protect('r')
+        out.rRead = attempt(() => read(m, 0, new Uint8Array(16)))
+        out.rWrite = attempt(() => write(m, 0, new Uint8Array(16)))
+        m.protect('rw')
+        m.protect('none', P, P)
+        const target = new Uint8Array(3 * P)
+        out.partialRead = attempt(() => read(m, 0, target))
+        out.copiedBeforeTheHole = target[0] === 7 && target[P - 1] === 7 && target[P] === 0
+        out.partialWrite = attempt(() => write(m, 100, new Uint8Array(2 * P).fill(9)))
+        out.afterHole = attempt(() => read(m, 2 * P, new Uint8Array(P)))
+        m.protect('rw')
+        out.restoredRead = attempt(() => read(m, 0, new Uint8Array(3 * P)))
+        out.restoredWrite = attempt(() => write(m, 0, new Uint8Array(3 * P)))
+        m.unmap()
+        console.log(JSON.stringify(out))
+      `)
+      expect(r.signal).toBeNull()
+      const out = lastJson(r)
+      const efault = (bytes: number, syscall: RegExp) => ({
+        name: 'UffdError',
+        code: 'EFAULT',
+        bytes,
+        syscall: expect.stringMatching(syscall),
+      })
+      const readCall = method === 'pipe' ? /^write$/ : /^process_vm_readv$/
+      const writeCall = method === 'pipe' ? /^read$/ : /^process_vm_writev$/
+      expect(out).toEqual({
+        noneRead: efault(0, readCall),
+        noneWrite: efault(0, writeCall),
+        rRead: { ok: 16 },
+        rWrite: efault(0, writeCall),
+        partialRead: efault(PAGE_SIZE, readCall),
+        copiedBeforeTheHole: true,
+        partialWrite: efault(PAGE_SIZE - 100, writeCall),
+        afterHole: { ok: PAGE_SIZE },
+        restoredRead: { ok: 3 * PAGE_SIZE },
+        restoredWrite: { ok: 3 * PAGE_SIZE },
+      })
+      expect(r.code).toBe(0)
+    })
+  }
 })
 
 describe('range() and at()', () => {

@@ -54,7 +54,8 @@ int main(int argc, char** argv) {
                    (unsigned long)(uintptr_t)base, len);
   char control[CMSG_SPACE(sizeof(int))] = {0};
   struct iovec iov = {.iov_base = json, .iov_len = (size_t)n};
-  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+  struct msghdr msg = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
   struct cmsghdr* c = CMSG_FIRSTHDR(&msg);
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;

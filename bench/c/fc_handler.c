@@ -65,7 +65,8 @@ static void serve(int conn, const uint8_t* mem, uint64_t mem_size) {
   char json[65536];
   char control[CMSG_SPACE(sizeof(int))];
   struct iovec iov = {.iov_base = json, .iov_len = sizeof json - 1};
-  struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+  struct msghdr msg = {
+      .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
   ssize_t got = recvmsg(conn, &msg, MSG_CMSG_CLOEXEC);
   if (got <= 0) return;
   json[got] = 0;
@@ -105,9 +106,8 @@ static void serve(int conn, const uint8_t* mem, uint64_t mem_size) {
       struct region* g = &regions[i];
       if (addr < g->base || addr >= g->base + g->size) continue;
       uint64_t page = addr & ~(g->page_size - 1);
-      struct uffdio_copy copy = {.dst = page,
-                                 .src = (uintptr_t)(mem + g->offset + (page - g->base)),
-                                 .len = g->page_size};
+      struct uffdio_copy copy = {
+          .dst = page, .src = (uintptr_t)(mem + g->offset + (page - g->base)), .len = g->page_size};
       if (ioctl(uffd, UFFDIO_COPY, &copy) < 0 && errno != EEXIST && errno != EAGAIN) {
         if (errno == ESRCH) goto out; /* the peer is gone */
         die("UFFDIO_COPY");

@@ -2,7 +2,8 @@
 // or writable, then calls back once. It polls a dup() of the fd: libuv allows one watcher per
 // fd number, and the fd of a net.Socket already has Node's own watcher, so polling a dup (same
 // open file, different number) waits for readiness without stealing Node's registration.
-// Nobody busy-waits: the loop sleeps in epoll until the kernel says so.
+// Nobody busy-waits: the loop sleeps in epoll until the kernel says so. The open/stop/ref/
+// unref/close scaffolding is PolledObject's (poll_handle.h).
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -14,32 +15,22 @@
 
 namespace {
 
-class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
+class FdWatcher : public PolledObject<FdWatcher> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "FdWatcher",
-                       {
-                           InstanceMethod<&FdWatcher::Wait>("wait"),
-                           InstanceMethod<&FdWatcher::Stop>("stop"),
-                           InstanceMethod<&FdWatcher::Ref>("ref"),
-                           InstanceMethod<&FdWatcher::Unref>("unref"),
-                           InstanceMethod<&FdWatcher::Close>("close"),
-                       });
+    return DefineWithPollMethods(env, "FdWatcher", {InstanceMethod<&FdWatcher::Wait>("wait")});
   }
 
   // new FdWatcher(fd, callback(events | Error)); events: 1 readable, 2 writable, 4 hang-up.
-  FdWatcher(const Napi::CallbackInfo& info)
-      : Napi::ObjectWrap<FdWatcher>(info), context_(info.Env(), "userfaultfd.FdWatcher") {
+  FdWatcher(const Napi::CallbackInfo& info) : PolledObject<FdWatcher>(info, "userfaultfd.FdWatcher") {
     Napi::Env env = info.Env();
     int fd = ArgFd(info, 0);
-    if (!info[1].IsFunction()) ThrowTypeError(env, "callback must be a function");
+    SetCallback(info[1]);
     int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (dup < 0) ThrowUffdError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
-    callback_ = Napi::Persistent(info[1].As<Napi::Function>());
     try {
       // The dup is closed once libuv has let go of it.
-      poll_ = PollHandle::Open(
-          env, dup, [this]() { poll_ = nullptr; }, [dup]() { close(dup); });
+      OpenPoll(dup, [dup]() { close(dup); });
     } catch (...) {
       close(dup);
       throw;
@@ -62,54 +53,23 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       if (events & UV_DISCONNECT) out |= 4;
       arg = Napi::Number::New(env, out);
     }
-    CallFromLoop(env, context_, Value(), callback_.Value(), arg);
+    Call(arg);
   }
 
   // wait(events): 1 readable, 2 writable (both allowed). Calls back once.
   Napi::Value Wait(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (poll_ == nullptr) ThrowUffdError(env, EBADF, "FdWatcher.wait", -1, "the watcher was closed");
+    if (!open()) ThrowUffdError(env, EBADF, "FdWatcher.wait", -1, "the watcher was closed");
     int want = ArgI32(info, 0, "events");
     int events = UV_DISCONNECT;
     if (want & 1) events |= UV_READABLE;
     if (want & 2) events |= UV_WRITABLE;
-    int rc = poll_->Start(events, [this](int status, int ready) {
-      poll_->Stop();  // one-shot: the caller does its syscall, then waits again if needed
+    StartPoll(events, [this](int status, int ready) {
+      StopPoll();  // one-shot: the caller does its syscall, then waits again if needed
       Fire(status, ready);
     });
-    if (rc != 0) ThrowUffdError(env, -rc, "uv_poll_start");
     return env.Undefined();
   }
-
-  Napi::Value Stop(const Napi::CallbackInfo& info) {
-    if (poll_ != nullptr) poll_->Stop();
-    return info.Env().Undefined();
-  }
-
-  Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (poll_ != nullptr) poll_->Ref();
-    return info.Env().Undefined();
-  }
-
-  Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (poll_ != nullptr) poll_->Unref();
-    return info.Env().Undefined();
-  }
-
-  // Idempotent: stops polling; the dup is closed once libuv has let go of it.
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    Release();
-    return info.Env().Undefined();
-  }
-
-  void Release() {
-    if (poll_ != nullptr) poll_->Close();
-    poll_ = nullptr;
-  }
-
-  Napi::AsyncContext context_;
-  Napi::FunctionReference callback_;
-  PollHandle* poll_ = nullptr;
 };
 
 }  // namespace

@@ -2,13 +2,21 @@
 // and huge-page variants. The external ArrayBuffer over a mapping must never outlive it:
 // unmap() detaches the buffer before munmap, and a refcount shared by the handle and its
 // buffer munmaps exactly once when the last of them is collected.
+//
+// read()/write() copy with memcpy, except where protect() made part of the span inaccessible
+// (a memcpy there is a SIGSEGV of the whole process): those copies go through the kernel, which
+// reports EFAULT instead (process_vm_readv/writev on this process, or a pipe where seccomp
+// forbids those, as in Docker's default profile without CAP_SYS_PTRACE).
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <map>
 #include <mutex>
 
 #include "binding/addon_data.h"
@@ -46,6 +54,79 @@ struct Region {
     }
   }
 };
+
+// How a checked copy moves bytes: process_vm_readv/writev, or a pipe.
+enum class CopyMethod { Auto, Pipe };
+
+struct CopyResult {
+  size_t done = 0;
+  int err = 0;  // 0, or the errno that stopped the copy
+  const char* syscall = "";
+};
+
+// Copies n bytes from `src` to `dst` (one of them inside this mapping) through a pipe: write(2)
+// reads its source and read(2) writes its destination with the kernel's checked user copies, so
+// an inaccessible page stops the copy with EFAULT, never a signal. A pipe copy that fails inside
+// a page reports none of that page, so each step ends at a page boundary of the mapping side
+// (`mapped`): the count of bytes done is then exact. `toMapping`: dst is the mapping.
+CopyResult PipeCopy(uint8_t* dst, const uint8_t* src, size_t n, bool toMapping) {
+  CopyResult r;
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return {0, errno, "pipe2"};
+  uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t mapped = reinterpret_cast<uintptr_t>(toMapping ? dst : src);
+  while (r.done < n) {
+    size_t want = std::min(n - r.done, static_cast<size_t>(page - (mapped + r.done) % page));
+    ssize_t w = write(fds[1], src + r.done, want);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      r.err = w < 0 ? errno : EIO;
+      r.syscall = "write";
+      break;
+    }
+    size_t got = 0;
+    while (got < static_cast<size_t>(w)) {
+      ssize_t rd = read(fds[0], dst + r.done + got, static_cast<size_t>(w) - got);
+      if (rd < 0 && errno == EINTR) continue;
+      if (rd <= 0) {
+        r.err = rd < 0 ? errno : EIO;
+        r.syscall = "read";
+        break;
+      }
+      got += static_cast<size_t>(rd);
+    }
+    r.done += got;
+    if (r.err != 0) break;
+  }
+  close(fds[0]);
+  close(fds[1]);
+  return r;
+}
+
+// process_vm_readv (toMapping false: mapping -> local) or process_vm_writev (local -> mapping)
+// on this very process; falls back to the pipe where seccomp refuses them (EPERM/ENOSYS).
+CopyResult CheckedCopy(uint8_t* local, uint8_t* remote, size_t n, bool toMapping, CopyMethod method) {
+  if (method == CopyMethod::Pipe)
+    return toMapping ? PipeCopy(remote, local, n, true) : PipeCopy(local, remote, n, false);
+  CopyResult r;
+  r.syscall = toMapping ? "process_vm_writev" : "process_vm_readv";
+  pid_t self = getpid();
+  while (r.done < n) {
+    struct iovec l = {local + r.done, n - r.done};
+    struct iovec rem = {remote + r.done, n - r.done};
+    ssize_t got =
+        toMapping ? process_vm_writev(self, &l, 1, &rem, 1, 0) : process_vm_readv(self, &l, 1, &rem, 1, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0 && (errno == EPERM || errno == ENOSYS) && r.done == 0)
+      return CheckedCopy(local, remote, n, toMapping, CopyMethod::Pipe);
+    if (got <= 0) {
+      r.err = got < 0 ? errno : EFAULT;
+      break;
+    }
+    r.done += static_cast<size_t>(got);
+  }
+  return r;
+}
 
 class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
  public:
@@ -139,6 +220,38 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     if (region_ == nullptr) ThrowUffdError(env, EBADF, "mapping", -1, "the mapping was unmapped");
   }
 
+  // Spans [start, end) whose protection (set through protect()) lacks read or write: a copy
+  // touching one goes through the kernel. Only the JS thread uses these.
+  void TrackProtection(uint64_t start, uint64_t end, int prot) {
+    auto it = restricted_.lower_bound(start);
+    if (it != restricted_.begin() && std::prev(it)->second.first > start) --it;
+    while (it != restricted_.end() && it->first < end) {
+      uint64_t s = it->first, e = it->second.first;
+      int p = it->second.second;
+      it = restricted_.erase(it);
+      if (s < start) restricted_[s] = {start, p};
+      if (e > end) restricted_[end] = {e, p};
+    }
+    if ((prot & (PROT_READ | PROT_WRITE)) != (PROT_READ | PROT_WRITE)) restricted_[start] = {end, prot};
+  }
+
+  // True if [offset, offset + length) meets a span lacking `need` (PROT_READ or PROT_WRITE).
+  bool Restricted(uint64_t offset, uint64_t length, int need) const {
+    if (restricted_.empty() || length == 0) return false;
+    uint64_t end = offset + length;
+    auto it = restricted_.upper_bound(offset);
+    if (it != restricted_.begin()) --it;
+    for (; it != restricted_.end() && it->first < end; ++it) {
+      if (it->second.first > offset && !(it->second.second & need)) return true;
+    }
+    return false;
+  }
+
+  static CopyMethod MethodArg(const Napi::CallbackInfo& info) {
+    return info[2].IsString() && info[2].As<Napi::String>().Utf8Value() == "pipe" ? CopyMethod::Pipe
+                                                                                  : CopyMethod::Auto;
+  }
+
   void CheckSpan(Napi::Env env, uint64_t offset, uint64_t length) {
     CheckMapped(env);
     if (offset > region_->length || length > region_->length - offset)
@@ -212,32 +325,54 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     int prot = ArgI32(info, 2, "prot");
     CheckSpan(info.Env(), offset, length);
     if (mprotect(region_->addr + offset, length, prot) != 0) ThrowUffdError(info.Env(), errno, "mprotect");
+    // mprotect covers whole pages: round the end up as it does.
+    uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    TrackProtection(offset, std::min<uint64_t>((offset + length + page - 1) / page * page, region_->length),
+                    prot);
     return info.Env().Undefined();
   }
 
-  // read(offset, target): copy mapping -> target view. Returns bytes copied.
-  Napi::Value Read(const Napi::CallbackInfo& info) {
-    uint64_t offset = ArgU64(info, 0, "offset");
-    BytesArg bytes;
-    if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "target must be an ArrayBuffer or a view");
-    CheckSpan(info.Env(), offset, bytes.length);
-    if (bytes.length > 0) memcpy(bytes.data, region_->addr + offset, bytes.length);  // data may be null
-    return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
-  }
+  // read(offset, target[, 'pipe']): copy mapping -> target view. Returns bytes copied; EFAULT
+  // (with `bytes` done) where protect() made the memory unreadable. 'pipe' (tests) forces the
+  // method used where seccomp forbids process_vm_readv.
+  Napi::Value Read(const Napi::CallbackInfo& info) { return Copy(info, false, "target"); }
 
-  // write(offset, source): copy source view -> mapping. Returns bytes copied.
-  Napi::Value Write(const Napi::CallbackInfo& info) {
+  // write(offset, source[, 'pipe']): copy source view -> mapping. Returns bytes copied; EFAULT
+  // (with `bytes` done) where protect() made the memory unwritable.
+  Napi::Value Write(const Napi::CallbackInfo& info) { return Copy(info, true, "source"); }
+
+  Napi::Value Copy(const Napi::CallbackInfo& info, bool toMapping, const char* what) {
+    Napi::Env env = info.Env();
     uint64_t offset = ArgU64(info, 0, "offset");
     BytesArg bytes;
-    if (!TryBytes(info[1], &bytes)) ThrowTypeError(info.Env(), "source must be an ArrayBuffer or a view");
-    CheckSpan(info.Env(), offset, bytes.length);
-    if (bytes.length > 0) memcpy(region_->addr + offset, bytes.data, bytes.length);  // data may be null
-    return Napi::Number::New(info.Env(), static_cast<double>(bytes.length));
+    if (!TryBytes(info[1], &bytes))
+      ThrowTypeError(env, std::string(what) + " must be an ArrayBuffer or a view");
+    CheckSpan(env, offset, bytes.length);
+    CopyMethod method = MethodArg(info);
+    if (bytes.length == 0) return Napi::Number::New(env, 0);  // data may be null (detached)
+    uint8_t* mapped = region_->addr + offset;
+    if (method == CopyMethod::Auto && !Restricted(offset, bytes.length, toMapping ? PROT_WRITE : PROT_READ)) {
+      if (toMapping)
+        memcpy(mapped, bytes.data, bytes.length);
+      else
+        memcpy(bytes.data, mapped, bytes.length);
+      return Napi::Number::New(env, static_cast<double>(bytes.length));
+    }
+    CopyResult r = CheckedCopy(bytes.data, mapped, bytes.length, toMapping, method);
+    if (r.err != 0) {
+      std::string detail =
+          r.err == EFAULT ? std::string("mapping offset ") + std::to_string(offset + r.done) +
+                                (toMapping ? " is not writable" : " is not readable") + " (see protect())"
+                          : std::string("copying ") + (toMapping ? "into" : "out of") + " the mapping";
+      ThrowUffdError(env, r.err, r.syscall, static_cast<int64_t>(r.done), detail);
+    }
+    return Napi::Number::New(env, static_cast<double>(r.done));
   }
 
   Region* region_ = nullptr;
   int fd_ = -1;
   Napi::Reference<Napi::ArrayBuffer> buffer_;
+  std::map<uint64_t, std::pair<uint64_t, int>> restricted_;  // start -> (end, prot)
 };
 
 }  // namespace

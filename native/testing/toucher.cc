@@ -168,7 +168,14 @@ Napi::Value Start(Napi::Env env, std::shared_ptr<TouchJob> job, int threads) {
                                                 j->finalized = true;
                                               }
                                               if (j->running.load() == 0) {
-                                                Settle(env, j);
+                                                // At environment teardown the promise can no longer be
+                                                // settled (Node-API fails, node-addon-api throws): nobody
+                                                // awaits it any more, and no C++ exception may leave a
+                                                // finalizer.
+                                                try {
+                                                  Settle(env, j);
+                                                } catch (const Napi::Error&) {
+                                                }
                                               } else {
                                                 // Environment teardown while threads are still blocked in
                                                 // faults: they own a reference to the job, so let them finish

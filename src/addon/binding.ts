@@ -69,8 +69,10 @@ export type MappingHandleConstructor = new (
 // ---- event streams and fd readiness (event_reader.cc, fd_watcher.cc) ---------------------------
 
 /**
- * new EventReader(fd, readSize, callback, watchdogMs): on each readable, one read(2) of up to
- * `readSize` messages into `buffer`; callback(count) or callback(error).
+ * new EventReader(fd, readSize, callback, watchdogMs, forkGuard): on each readable, one read(2) of
+ * up to `readSize` messages into `buffer`; callback(count) or callback(error). With `forkGuard`, a
+ * fork by the loop thread has its FORK event read on a helper thread (else the fork would wait for
+ * a read that only this thread could do).
  */
 export interface EventReader {
   readonly buffer: ArrayBuffer
@@ -86,6 +88,7 @@ export type EventReaderConstructor = new (
   readSize: number,
   callback: (result: number | NativeError) => void,
   watchdogMs: number,
+  forkGuard: boolean,
 ) => EventReader
 
 /** new FdWatcher(fd, callback): wait(events) calls back once (1 readable, 2 writable, 4 hang-up). */

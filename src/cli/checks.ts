@@ -2,6 +2,7 @@
 // at all (a socket path past sun_path is silently truncated by bind(2)'s callers).
 import * as fs from 'node:fs'
 import * as path from 'node:path'
+import { memFileProblem } from '../firecracker/mem-file'
 import { isListening } from '../ipc/unix-socket'
 import { UsageError } from './command'
 
@@ -84,4 +85,14 @@ export function checkReadableFile(value: string, flag: string): void {
       `${flag} ${value}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'this user may not read it' : code}`,
     )
   }
+}
+
+/**
+ * A memory file `serve` can use: readable, and a regular file or a block device. Anything else
+ * is refused here: a FIFO would block open(2) until some writer appeared (forever, usually).
+ */
+export function checkMemFile(value: string, flag: string): void {
+  checkReadableFile(value, flag)
+  const problem = memFileProblem(value, fs.statSync(value))
+  if (problem !== undefined) throw new UsageError(`${flag}: ${problem}`)
 }

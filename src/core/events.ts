@@ -98,7 +98,15 @@ export class EventStream<T> implements AsyncIterableIterator<T> {
     this.#source = source
     this.#fd = source.fd
     this.#threadId = (source.features & Feature.THREAD_ID) !== 0n
-    this.#reader = new native.EventReader(source.fd, readSize, (r) => this.#onRead(r), watchdogMs)
+    this.#reader = new native.EventReader(
+      source.fd,
+      readSize,
+      (r) => this.#onRead(r),
+      watchdogMs,
+      // A fork by this thread waits for its own FORK event: the native reader then reads the
+      // uffd on a helper thread for the fork's duration (see event_reader.cc).
+      (source.features & Feature.EVENT_FORK) !== 0n,
+    )
     this.#view = new DataView(this.#reader.buffer)
     this.#signal = signal
     this.#onAbort = () => this.#end(signal?.reason ?? new DOMException('The operation was aborted', 'AbortError'))

@@ -73,9 +73,12 @@ function toProt(prot: Protection): number {
     rx: c.Prot.PROT_READ | c.Prot.PROT_EXEC,
     rwx: c.Prot.PROT_READ | c.Prot.PROT_WRITE | c.Prot.PROT_EXEC,
   }
-  const value = table[prot]
+  // Own keys only ('toString' is not a protection); a non-string is never a key.
+  const value = typeof prot === 'string' && Object.hasOwn(table, prot) ? table[prot] : undefined
   if (value === undefined)
-    throw new TypeError(`unknown protection '${String(prot)}' (use ${Object.keys(table).join(', ')} or a number)`)
+    throw new TypeError(
+      `unknown protection ${typeof prot === 'string' ? `'${prot}'` : describe(prot)} (use ${Object.keys(table).join(', ')} or a number)`,
+    )
   return value
 }
 
@@ -162,7 +165,7 @@ export class Mapping implements Range {
   }
 
   /** A checked sub-range [offset, offset + length) of this mapping, page-aligned (EBADF once unmapped). */
-  range(offset = 0, length = this.length - offset): Range {
+  range(offset = 0, length: number = this.#rest(offset)): Range {
     this.#live('range')
     this.#span(offset, length, 'range')
     const r = { address: this.address + BigInt(offset), length }
@@ -203,16 +206,18 @@ export class Mapping implements Range {
    * madvise(2) over [offset, offset + length) (default: all). 'dontneed' and 'remove' on a
    * range registered with EVENT_REMOVE block this thread until the event is read.
    */
-  madvise(advice: Advice, offset = 0, length = this.length - offset): void {
-    const value = Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
+  madvise(advice: Advice, offset = 0, length: number = this.#rest(offset)): void {
+    const value = typeof advice === 'string' && Object.hasOwn(c.Advice, advice) ? c.Advice[advice] : undefined
     if (value === undefined)
-      throw new TypeError(`unknown advice '${String(advice)}' (use ${Object.keys(c.Advice).join(', ')})`)
+      throw new TypeError(
+        `unknown advice ${typeof advice === 'string' ? `'${advice}'` : describe(advice)} (use ${Object.keys(c.Advice).join(', ')})`,
+      )
     this.#span(offset, length, 'madvise')
     this.#live('madvise').madvise(offset, length, value)
   }
 
   /** mprotect(2) over [offset, offset + length) (default: all). */
-  protect(prot: Protection, offset = 0, length = this.length - offset): void {
+  protect(prot: Protection, offset = 0, length: number = this.#rest(offset)): void {
     const value = toProt(prot)
     this.#span(offset, length, 'protect')
     this.#live('protect').protect(offset, length, value)
@@ -278,6 +283,11 @@ export class Mapping implements Range {
   #live(op: string): MappingHandle {
     if (this.#handle === null) throw uffdError('EBADF', `mapping.${op}`, 'the mapping was unmapped')
     return this.#handle
+  }
+
+  // The default length: the rest of the mapping from `offset` (whatever offset is: #span judges it).
+  #rest(offset: unknown): number {
+    return typeof offset === 'number' ? this.length - offset : 0
   }
 
   #span(offset: unknown, length: unknown, op: string): void {

@@ -1,4 +1,5 @@
 // Userfaultfd: one userfaultfd file descriptor and every ioctl on it.
+import * as fs from 'node:fs'
 import { debug } from '../util/diagnostics'
 import { native } from '../addon/native'
 import { IntervalSet } from '../util/interval-set'
@@ -92,6 +93,34 @@ const leaked = new FinalizationRegistry<number>((fd) => {
   }
   process.emitWarning(`userfaultfd: closing fd ${fd} on garbage collection; call close() explicitly`, 'UffdWarning')
 })
+
+const USERFAULTFD_LINK = 'anon_inode:[userfaultfd]'
+const S_IFMT = 0o170000
+
+/**
+ * What `fd` is: its /proc/self/fd link ('anon_inode:[userfaultfd]', '/dev/pts/0', 'pipe:[123]'),
+ * or undefined if it is not open. Without /proc (a bare chroot), only "some anonymous inode" can
+ * be told apart from files, pipes and sockets: that much passes as a userfaultfd.
+ */
+function fdKind(fd: number): string | undefined {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${fd}`)
+  } catch {
+    if (fs.existsSync('/proc/self/fd')) return undefined
+    let mode: number
+    try {
+      mode = fs.fstatSync(fd).mode
+    } catch {
+      return undefined
+    }
+    return (mode & S_IFMT) === 0 ? USERFAULTFD_LINK : `not an anonymous inode (mode 0${mode.toString(8)})`
+  }
+}
+
+/** True if `fd` is an open userfaultfd (its /proc/self/fd link is anon_inode:[userfaultfd]). */
+export function isUserfaultfd(fd: number): boolean {
+  return Number.isSafeInteger(fd) && fd >= 0 && fdKind(fd) === USERFAULTFD_LINK
+}
 
 function withHint<T extends Error>(err: T, hint: string): T {
   ;(err as { hint?: string }).hint = hint
@@ -224,9 +253,26 @@ export class Userfaultfd {
   static fromFd(fd: number, options: { features?: bigint; ioctls?: bigint } = {}): Userfaultfd {
     if (!Number.isSafeInteger(fd) || fd < 0)
       throw new TypeError(`fd must be a non-negative integer (got ${describe(fd)})`)
+    const opts = checkOptions(options, 'fromFd')
+    for (const name of ['features', 'ioctls']) {
+      const v = opts[name]
+      if (v !== undefined && (typeof v !== 'bigint' || v < 0n))
+        throw new TypeError(`fromFd: ${name} must be a non-negative bigint (got ${describe(v)})`)
+    }
+    // Before anything touches the fd's flags (adopt sets O_NONBLOCK on the open file, which a
+    // stdin or a shared file would then have for every process using it), and before this
+    // object takes ownership (close): it must really be a userfaultfd.
+    const kind = fdKind(fd)
+    if (kind !== USERFAULTFD_LINK) {
+      throw uffdError(
+        kind === undefined ? 'EBADF' : 'EINVAL',
+        'fromFd',
+        kind === undefined ? `fd ${fd} is not open` : `fd ${fd} is ${kind}, not a userfaultfd; it was left untouched`,
+      )
+    }
     native.adopt(fd)
     if (debug.enabled) debug('fromFd: adopted fd %d', fd)
-    return new Userfaultfd(fd, options.features ?? 0n, options.ioctls ?? 0n, 'inherited')
+    return new Userfaultfd(fd, (opts.features as bigint) ?? 0n, (opts.ioctls as bigint) ?? 0n, 'inherited')
   }
 
   /** The file descriptor (owned by this object: close() closes it). */

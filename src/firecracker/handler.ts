@@ -18,12 +18,14 @@ import type { FaultServerError } from '../engines/fault-server'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { isListening } from '../ipc/unix-socket'
+import { describe } from '../util/validate'
 import { debug } from '../util/diagnostics'
 import { type HistogramJSON, LatencyHistogram, type LatencySummary } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { checkRenamed, choice } from '../util/validate'
+import { openMemFile } from './mem-file'
 import { observe } from './observe'
-import { ProtocolError, isIncompleteJson, parseRegions, type GuestRegion } from './protocol'
+import { ProtocolError, firecrackerHandshake, type GuestRegion } from './protocol'
 import { parseLocation } from '../sources/location'
 import { RemoteSource, type RemoteOptions } from '../sources/remote'
 import { fileIdentity } from '../sources/snapshot-identity'
@@ -127,18 +129,51 @@ interface Snapshot {
   close(): void
 }
 
-// The memory file, opened once: every connection's FaultServer dups this fd (and maps it, with
-// readMethod 'mmap'), so the file is the one listen() checked whatever happens to its path.
+// The memory file (a regular file or a block device), opened once: every connection's
+// FaultServer dups this fd (and maps it, with readMethod 'mmap'), so the file is the one listen()
+// checked whatever happens to its path, and its size then is the snapshot's.
 function openFile(path: string, readMethod: ReadMethod): Snapshot {
-  const fd = fs.openSync(path, 'r') // libuv opens with O_CLOEXEC
+  const { fd, size } = openMemFile(path) // libuv sets O_CLOEXEC
   try {
-    const st = fs.fstatSync(fd)
-    if (st.size === 0) throw new RangeError(`memory file ${path} is empty`)
-    return { size: st.size, engine: { fd, size: st.size, readMethod }, close: () => fs.closeSync(fd) }
+    return { size, engine: { fd, size, readMethod }, close: () => fs.closeSync(fd) }
   } catch (err) {
     fs.closeSync(fd)
     throw err
   }
+}
+
+/** The limits a peer's handshake is held to: the range each may take, and its default. */
+export const HANDSHAKE_LIMITS = {
+  /** ms; the largest delay a Node timer can wait (a larger one would fire at once) */
+  handshakeTimeout: { min: 1, max: 2 ** 31 - 1, default: 5000 },
+  /** bytes; FdChannel.receive's own bound */
+  maxMessageBytes: { min: 2, max: 2 ** 26, default: 65536 },
+} as const
+
+/**
+ * Checks handshakeTimeout and maxMessageBytes (absent: their defaults): a TypeError for what is
+ * not a number, a RangeError for a number that is not an integer in range. Used by listen()
+ * and by `userfaultfd serve`, so that a bad value fails at start, not on every connection.
+ */
+export function checkHandshakeLimits(options: { handshakeTimeout?: unknown; maxMessageBytes?: unknown }): {
+  handshakeTimeout: number
+  maxMessageBytes: number
+} {
+  const out = { handshakeTimeout: 0, maxMessageBytes: 0 }
+  for (const name of ['handshakeTimeout', 'maxMessageBytes'] as const) {
+    const { min, max, default: fallback } = HANDSHAKE_LIMITS[name]
+    const v = options[name]
+    if (v === undefined) {
+      out[name] = fallback
+      continue
+    }
+    const unit = name === 'handshakeTimeout' ? 'milliseconds' : 'bytes'
+    if (typeof v !== 'number') throw new TypeError(`${name} must be a number of ${unit} (got ${describe(v)})`)
+    if (!Number.isSafeInteger(v) || v < min || v > max)
+      throw new RangeError(`${name} must be an integer number of ${unit} from ${min} to ${max} (got ${describe(v)})`)
+    out[name] = v
+  }
+  return out
 }
 
 function defaultAllow(peer: PeerCredentials): boolean {
@@ -211,8 +246,13 @@ class Connection {
   }
 
   async #handshake(): Promise<void> {
-    const signal = AbortSignal.timeout(this.#handler.handshakeTimeout)
-    let text = ''
+    const { handshakeTimeout, maxMessageBytes } = this.#handler
+    const signal = AbortSignal.timeout(handshakeTimeout)
+    // The bytes as they come, in as many pieces as the stream delivers (split anywhere, even
+    // inside a character): framed by the JSON grammar, decoded and parsed once, when complete.
+    const format = firecrackerHandshake
+    const framer = format.framer()
+    const pieces: Buffer[] = []
     let received = 0
     let fd = -1
     try {
@@ -222,16 +262,14 @@ class Connection {
         let msg: Awaited<ReturnType<FdChannel['receive']>>
         try {
           msg = await this.#channel.receive({
-            maxBytes: this.#handler.maxMessageBytes - received,
+            maxBytes: maxMessageBytes - received,
             maxFds: first ? 1 : 0,
             signal,
           })
         } catch (err) {
           const e = err as UffdError & { name?: string }
-          if (e.name === 'TimeoutError')
-            throw new ProtocolError(`incomplete handshake after ${this.#handler.handshakeTimeout} ms`)
-          if (e.code === 'EMSGSIZE')
-            throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+          if (e.name === 'TimeoutError') throw new ProtocolError(`incomplete handshake after ${handshakeTimeout} ms`)
+          if (e.code === 'EMSGSIZE') throw new ProtocolError(`handshake message larger than ${maxMessageBytes} bytes`)
           if (e.code === 'EPROTO')
             throw new ProtocolError(
               first
@@ -251,13 +289,13 @@ class Connection {
             throw new ProtocolError('the handshake carries no fd: the uffd must be attached (SCM_RIGHTS)')
           fd = msg.fds[0]
         }
+        pieces.push(msg.data)
         received += msg.data.length
-        text += msg.data.toString('utf8')
-        if (!isIncompleteJson(text)) break
-        if (received >= this.#handler.maxMessageBytes)
-          throw new ProtocolError(`handshake message larger than ${this.#handler.maxMessageBytes} bytes`)
+        if (framer.push(msg.data)) break
+        if (received >= maxMessageBytes)
+          throw new ProtocolError(`handshake message larger than ${maxMessageBytes} bytes`)
       }
-      this.#regions = parseRegions(text, { fileSize: this.#handler.snapshot.size })
+      this.#regions = format.parse(Buffer.concat(pieces, received), { fileSize: this.#handler.snapshot.size })
       if (!isUserfaultfd(fd)) throw new ProtocolError('the fd attached to the handshake is not a userfaultfd')
       this.stats.regions = this.#regions.length
       this.#uffd = Userfaultfd.fromFd(fd)
@@ -412,8 +450,9 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     super()
     this.socketPath = options.socketPath
     this.onRemove = options.onRemove ?? 'zero'
-    this.maxMessageBytes = options.maxMessageBytes ?? 65536
-    this.handshakeTimeout = options.handshakeTimeout ?? 5000
+    const limits = checkHandshakeLimits(options)
+    this.maxMessageBytes = limits.maxMessageBytes
+    this.handshakeTimeout = limits.handshakeTimeout
     this.allow = options.allow ?? defaultAllow
     this.snapshot = snapshot
     this.prefetch = options.prefetch ?? remote
@@ -436,6 +475,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       throw new TypeError('recordWorkingSet must be a file path')
     if (options.prefetch !== undefined && typeof options.prefetch !== 'boolean')
       throw new TypeError('prefetch must be a boolean')
+    checkHandshakeLimits(options)
     const location = parseLocation(options.memFile)
     let remote: RemoteSource | undefined
     let snapshot: Snapshot

@@ -11,6 +11,8 @@
 // Everything here is untrusted input from another process: each check has a message that says
 // which region and which field was wrong.
 
+import { describe } from '../util/validate'
+
 /** One region of guest memory a peer declared, checked. */
 export interface GuestRegion {
   /** index in the message */
@@ -57,13 +59,265 @@ const DEFAULT_PAGE_SIZES = [
   1024 * 1024 * 1024,
 ]
 
-/** True while `text` could still become valid JSON with more bytes (a stream split it). */
-export function isIncompleteJson(text: string): boolean {
+/**
+ * A handshake wire format: how to tell from its bytes alone that a message is complete (a stream
+ * socket may deliver it in any number of pieces, split anywhere, even inside a multibyte
+ * character), and how to parse the complete message. The Firecracker handler speaks
+ * `firecrackerHandshake`; another format (a later Firecracker version, another VMM) plugs in as
+ * another WireFormat, and the property tests (test/protocol-properties.test.ts) run on every
+ * entry of `wireFormats`.
+ */
+export interface WireFormat<T, O> {
+  readonly name: string
+  /** A framer for one message. */
+  framer(): Framer
+  /** Parses a complete message (every byte received, decoded once); throws ProtocolError. */
+  parse(bytes: Uint8Array, options: O): T
+}
+
+export interface Framer {
+  /**
+   * Feeds the next bytes. True once the message is complete: the bytes seen form a whole message
+   * (bytes after its end belong to the message too; parse() judges them). Throws ProtocolError
+   * as soon as the bytes can no longer begin a valid message, so garbage fails at once instead
+   * of waiting for the handshake timeout.
+   */
+  push(chunk: Uint8Array): boolean
+}
+
+enum Mode {
+  Value, // a value must come (after '[' also ']': #emptyOk)
+  Key, // an object key must come (after '{' also '}': #emptyOk)
+  Colon,
+  After, // after a value: ',' or the closer of the innermost container
+  String,
+  Escape,
+  Unicode,
+  Number,
+  Literal,
+  Done,
+}
+
+// Number states: after '-', a leading 0, integer digits, '.', fraction digits, e/E, exponent
+// sign, exponent digits. Those marked * may end the number.
+enum Num {
+  Minus,
+  Zero, // *
+  Int, // *
+  Dot,
+  Frac, // *
+  E,
+  ESign,
+  Exp, // *
+}
+
+const MAX_DEPTH = 64
+
+function isWhitespace(b: number): boolean {
+  return b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d
+}
+function isDigit(b: number): boolean {
+  return b >= 0x30 && b <= 0x39
+}
+function isHex(b: number): boolean {
+  return isDigit(b) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66)
+}
+function showByte(b: number): string {
+  return b >= 0x21 && b <= 0x7e ? `'${String.fromCharCode(b)}'` : `byte 0x${b.toString(16).padStart(2, '0')}`
+}
+
+/**
+ * Frames one JSON text by the JSON grammar (RFC 8259), on bytes, as they arrive: complete when
+ * the top-level array or object closes; a byte that no valid JSON text could have there is a
+ * ProtocolError at once. A top-level scalar (no handshake is one) completes at its first byte,
+ * for parse() to refuse. Every byte of a multibyte UTF-8 character is >= 0x80, which the grammar
+ * only admits inside strings, so a piece boundary inside a character changes nothing, and
+ * nothing is decoded until the message is whole.
+ */
+export class JsonFramer implements Framer {
+  readonly #stack: number[] = [] // 0x5b '[' or 0x7b '{'
+  #mode = Mode.Value
+  #emptyOk = false
+  #isKey = false
+  #num = Num.Minus
+  #pending = '' // the rest of a literal (true, false, null)
+  #hex = 0
+  #offset = 0
+
+  push(chunk: Uint8Array): boolean {
+    for (let i = 0; i < chunk.length && this.#mode !== Mode.Done; i++, this.#offset++) this.#byte(chunk[i])
+    return this.#mode === Mode.Done
+  }
+
+  #fail(b: number, why = ''): never {
+    throw new ProtocolError(`malformed JSON at byte ${this.#offset}: unexpected ${showByte(b)}${why}`)
+  }
+
+  #valueEnded(): void {
+    this.#mode = this.#stack.length === 0 ? Mode.Done : Mode.After
+  }
+
+  #open(b: number): void {
+    if (this.#stack.length === MAX_DEPTH) this.#fail(b, ` (nested deeper than ${MAX_DEPTH})`)
+    this.#stack.push(b)
+    this.#mode = b === 0x5b ? Mode.Value : Mode.Key
+    this.#emptyOk = true
+  }
+
+  #close(): void {
+    this.#stack.pop()
+    this.#valueEnded()
+  }
+
+  #byte(b: number): void {
+    switch (this.#mode) {
+      case Mode.Value:
+        if (isWhitespace(b)) return
+        if (this.#stack.length === 0 && b !== 0x5b && b !== 0x7b) {
+          this.#mode = Mode.Done // a top-level scalar: parse() refuses it
+          return
+        }
+        if (b === 0x5b || b === 0x7b) {
+          this.#open(b)
+          return
+        }
+        if (b === 0x5d && this.#emptyOk) {
+          this.#close()
+          return
+        }
+        this.#emptyOk = false
+        if (b === 0x22) {
+          this.#mode = Mode.String
+          this.#isKey = false
+        } else if (b === 0x2d || isDigit(b)) {
+          this.#mode = Mode.Number
+          this.#num = b === 0x2d ? Num.Minus : b === 0x30 ? Num.Zero : Num.Int
+        } else if (b === 0x74 || b === 0x66 || b === 0x6e) {
+          this.#mode = Mode.Literal
+          this.#pending = b === 0x74 ? 'rue' : b === 0x66 ? 'alse' : 'ull'
+        } else {
+          this.#fail(b, ' (a value was expected)')
+        }
+        return
+      case Mode.Key:
+        if (isWhitespace(b)) return
+        if (b === 0x7d && this.#emptyOk) {
+          this.#close()
+          return
+        }
+        if (b !== 0x22) this.#fail(b, ' (a quoted key was expected)')
+        this.#mode = Mode.String
+        this.#isKey = true
+        return
+      case Mode.Colon:
+        if (isWhitespace(b)) return
+        if (b !== 0x3a) this.#fail(b, " (':' was expected)")
+        this.#mode = Mode.Value
+        this.#emptyOk = false
+        return
+      case Mode.After: {
+        if (isWhitespace(b)) return
+        const top = this.#stack[this.#stack.length - 1]
+        if (b === 0x2c) {
+          this.#mode = top === 0x5b ? Mode.Value : Mode.Key
+          this.#emptyOk = false
+        } else if ((b === 0x5d && top === 0x5b) || (b === 0x7d && top === 0x7b)) {
+          this.#close()
+        } else {
+          this.#fail(b, ` (',' or '${top === 0x5b ? ']' : '}'}' was expected)`)
+        }
+        return
+      }
+      case Mode.String:
+        if (b === 0x22) {
+          if (this.#isKey) this.#mode = Mode.Colon
+          else this.#valueEnded()
+        } else if (b === 0x5c) {
+          this.#mode = Mode.Escape
+        } else if (b < 0x20) {
+          this.#fail(b, ' (control characters must be escaped in strings)')
+        }
+        return
+      case Mode.Escape:
+        if (b === 0x75) {
+          this.#mode = Mode.Unicode
+          this.#hex = 4
+        } else if ('"\\/bfnrt'.includes(String.fromCharCode(b))) {
+          this.#mode = Mode.String
+        } else {
+          this.#fail(b, ' (not a string escape)')
+        }
+        return
+      case Mode.Unicode:
+        if (!isHex(b)) this.#fail(b, ' (\\u needs 4 hex digits)')
+        if (--this.#hex === 0) this.#mode = Mode.String
+        return
+      case Mode.Number:
+        this.#number(b)
+        return
+      case Mode.Literal:
+        if (b !== this.#pending.charCodeAt(0)) this.#fail(b, ' (true, false or null was expected)')
+        this.#pending = this.#pending.slice(1)
+        if (this.#pending === '') this.#valueEnded()
+        return
+      case Mode.Done:
+        return
+    }
+  }
+
+  #number(b: number): void {
+    const digit = isDigit(b)
+    switch (this.#num) {
+      case Num.Minus:
+        if (!digit) this.#fail(b, ' (a digit was expected)')
+        this.#num = b === 0x30 ? Num.Zero : Num.Int
+        return
+      case Num.Zero:
+        if (digit) this.#fail(b, ' (no leading zeros)')
+        break
+      case Num.Int:
+        if (digit) return
+        break
+      case Num.Dot:
+        if (!digit) this.#fail(b, ' (a digit was expected)')
+        this.#num = Num.Frac
+        return
+      case Num.Frac:
+        if (digit) return
+        break
+      case Num.E:
+        if (b === 0x2b || b === 0x2d) this.#num = Num.ESign
+        else if (digit) this.#num = Num.Exp
+        else this.#fail(b, ' (an exponent was expected)')
+        return
+      case Num.ESign:
+        if (!digit) this.#fail(b, ' (a digit was expected)')
+        this.#num = Num.Exp
+        return
+      case Num.Exp:
+        if (digit) return
+        break
+    }
+    // Zero, Int, Frac or Exp, and b does not continue the number.
+    if (b === 0x2e && (this.#num === Num.Zero || this.#num === Num.Int)) {
+      this.#num = Num.Dot
+    } else if ((b === 0x65 || b === 0x45) && this.#num !== Num.Exp) {
+      this.#num = Num.E
+    } else {
+      this.#valueEnded()
+      this.#byte(b) // the byte after the number: ',', ']', '}' or whitespace
+    }
+  }
+}
+
+const utf8 = new TextDecoder('utf-8', { fatal: true })
+
+/** Decodes a complete message once; invalid UTF-8 is a ProtocolError, not U+FFFD. */
+export function decodeUtf8(bytes: Uint8Array): string {
   try {
-    JSON.parse(text)
-    return false
-  } catch (err) {
-    return /Unexpected end of JSON input|Unterminated string/.test((err as Error).message) || text.trim() === ''
+    return utf8.decode(bytes)
+  } catch {
+    throw new ProtocolError('the message is not valid UTF-8')
   }
 }
 
@@ -80,8 +334,29 @@ function field(obj: Record<string, unknown>, name: string, where: string, requir
   return v
 }
 
+/** The caller's options (not the peer's bytes): a TypeError/RangeError when wrong. */
+function checkParseOptions(options: ParseOptions): void {
+  if (options === null || typeof options !== 'object')
+    throw new TypeError(`parse options must be an object (got ${describe(options)})`)
+  const { fileSize, maxRegions, pageSizes } = options
+  if (typeof fileSize !== 'number' || !Number.isSafeInteger(fileSize) || fileSize < 0)
+    throw new RangeError(`fileSize must be a non-negative integer (got ${describe(fileSize)})`)
+  if (
+    maxRegions !== undefined &&
+    (typeof maxRegions !== 'number' || !Number.isSafeInteger(maxRegions) || maxRegions < 1)
+  )
+    throw new RangeError(`maxRegions must be a positive integer (got ${describe(maxRegions)})`)
+  if (
+    pageSizes !== undefined &&
+    (!Array.isArray(pageSizes) || !pageSizes.every((p) => typeof p === 'number' && Number.isSafeInteger(p) && p > 0))
+  )
+    throw new TypeError(`pageSizes must be an array of positive integers (got ${describe(pageSizes)})`)
+}
+
 /** Parses and validates the handshake; regions come back sorted by address. */
 export function parseRegions(text: string, options: ParseOptions): GuestRegion[] {
+  if (typeof text !== 'string') throw new TypeError(`the handshake text must be a string (got ${describe(text)})`)
+  checkParseOptions(options)
   let value: unknown
   try {
     value = JSON.parse(text)
@@ -157,3 +432,13 @@ export function findRegion(regions: readonly GuestRegion[], address: bigint): Gu
   }
   return undefined
 }
+
+/** Firecracker's handshake: one JSON array of guest memory regions (see the top of this file). */
+export const firecrackerHandshake: WireFormat<GuestRegion[], ParseOptions> = {
+  name: 'firecracker',
+  framer: () => new JsonFramer(),
+  parse: (bytes, options) => parseRegions(decodeUtf8(bytes), options),
+}
+
+/** Every handshake format the package speaks (the property tests cover each). */
+export const wireFormats: ReadonlyArray<WireFormat<unknown, ParseOptions>> = [firecrackerHandshake]

@@ -1,8 +1,7 @@
 // A Userfaultfd over a Unix socket: the fd travels with a small payload, the receiver adopts it
 // (O_NONBLOCK + close-on-exec) and learns the sender's credentials.
-import * as fs from 'node:fs'
-import { Userfaultfd } from '../core/userfaultfd'
 import { uffdError } from '../core/errors'
+import { Userfaultfd, isUserfaultfd } from '../core/userfaultfd'
 import { FdChannel, closeFds, type PeerCredentials, type SocketLike } from './fd-passing'
 
 /** Sends `uffd` with `payload` (default: its features and ioctls as JSON, which receiveUffd reads). */
@@ -67,10 +66,4 @@ export async function receiveUffd(
 }
 
 /** True if `fd` is a userfaultfd (its /proc link is anon_inode:[userfaultfd]). */
-export function isUserfaultfd(fd: number): boolean {
-  try {
-    return fs.readlinkSync(`/proc/self/fd/${fd}`) === 'anon_inode:[userfaultfd]'
-  } catch {
-    return false
-  }
-}
+export { isUserfaultfd } from '../core/userfaultfd'

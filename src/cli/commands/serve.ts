@@ -1,19 +1,19 @@
 // `userfaultfd serve`: the option table, help and up-front checks; the handler is ../serve.ts.
 import { parseLocation } from '../../sources/location'
-import { checkReadableFile, checkSocketFree, checkSocketPath } from '../checks'
+import { checkMemFile, checkReadableFile, checkSocketFree, checkSocketPath } from '../checks'
 import { defineCommand, UsageError } from '../command'
 import { choice, flag, int, ints, mebibytes, text, texts } from '../options'
 import { serve } from '../serve'
 
-/** A path (readable now) or a URL: file:, nbd://, nbd+unix://, http://, https://. */
-function checkMemFile(value: string, flag: string): void {
+/** A path (a readable regular file or block device) or a URL: file:, nbd://, nbd+unix://, http://, https://. */
+function checkMemFileOrUrl(value: string, flag: string): void {
   let location: ReturnType<typeof parseLocation>
   try {
     location = parseLocation(value)
   } catch (err) {
     throw new UsageError(`${flag}: ${(err as Error).message}`)
   }
-  if (location.kind === 'file') checkReadableFile(location.path, flag)
+  if (location.kind === 'file') checkMemFile(location.path, flag)
 }
 
 function checkHeader(value: string, flag: string): void {
@@ -40,8 +40,8 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
     'mem-file': text({
       value: 'FILE|URL',
       required: true,
-      help: "the memory snapshot (Firecracker's mem_file_path): a path, or file:, nbd://host:port/export, nbd+unix:///export?socket=PATH, http:// or https://.",
-      check: checkMemFile,
+      help: "the memory snapshot (Firecracker's mem_file_path): a path (a regular file or a block device), or file:, nbd://host:port/export, nbd+unix:///export?socket=PATH, http:// or https://.",
+      check: checkMemFileOrUrl,
     }),
     'working-set': text({
       value: 'FILE',
