@@ -25,10 +25,12 @@
         "native/binding/uffd_open.cc",
         "native/binding/uffd_read.cc",
         "native/binding/watchdog.cc",
+        "native/binding/wp_dirty_tracker.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
         "native/engine/snapshot_engine.cc",
-        "native/engine/watchdog.cc"
+        "native/engine/watchdog.cc",
+        "native/engine/wp_dirty_tracker.cc"
       ],
       "conditions": [
         ["OS!='linux'", { "sources": [] }]

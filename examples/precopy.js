@@ -1,6 +1,9 @@
 // Pre-copy migration with dirty-page tracking: send all memory while the program runs, then
 // only what it dirtied since the last round, until that is small; then pause the program and
-// send the rest (stop-and-copy). Needs Linux 6.7+ (UFFD WP_ASYNC + PAGEMAP_SCAN).
+// send the rest (stop-and-copy). Tracking is asynchronous on Linux 6.7+ (UFFD WP_ASYNC +
+// PAGEMAP_SCAN); on older kernels with userfaultfd write protection (x86_64 5.7+, arm64 6.10+) it
+// falls back to synchronous write protection served by a native thread: same result, each
+// first write to a page after a round costs a fault.
 //   node examples/precopy.js [MiB]
 // "Sending" here copies into a destination buffer and counts bytes; a real migration would
 // write each range to a socket. The link is simulated: the program runs one slice of work per
@@ -43,6 +46,7 @@ async function main() {
 
   // Track from here on, then send everything once (round 0).
   const tracker = DirtyTracker.start(source)
+  console.log(`tracking mode: ${tracker.mode}`)
   let running = true
   const program = (async () => {
     while (running) {

@@ -22,7 +22,7 @@ if [ ! -e "$libasan" ]; then
 fi
 
 echo "test-asan: scratch copy in $work"
-(cd "$root" && tar c --exclude=./node_modules --exclude=./build --exclude=./dist --exclude=./.git .) | tar x -C "$work"
+(cd "$root" && tar c --exclude=./node_modules --exclude=./build --exclude=./dist --exclude=./.git --exclude=./.cache .) | tar x -C "$work"
 ln -s "$root/node_modules" "$work/node_modules"
 cd "$work"
 

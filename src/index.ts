@@ -19,6 +19,9 @@ export type {
 export { Mapping, hugePageSize } from './core/mapping'
 export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
 export { UffdError, UnsupportedError, PERMISSION_HINT } from './core/errors'
+export type { UnsupportedDetail } from './core/errors'
+export { FEATURE_SINCE, kernelRelease, hasFeature, missingFeatures } from './core/kernel-features'
+export type { KernelFeature, MissingFeature } from './core/kernel-features'
 export {
   Feature,
   IoctlBit,
@@ -109,6 +112,7 @@ export type {
   DirtyTrackerOptions,
   DirtyTrackingSupport,
   DirtyTrackingInputs,
+  DirtyTrackingMode,
   MemoryKind,
 } from './engines/dirty-tracker'
 export { pagemapScan, pagemapScanSupported, PageCategory, PagemapScanFlag } from './engines/pagemap-scan'

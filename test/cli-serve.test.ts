@@ -7,7 +7,7 @@ import * as os from 'node:os'
 import * as path from 'node:path'
 import type { ChildProcess } from 'node:child_process'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
-import { type ChildResult, dist, killChildren, runGuest, runNode, watchOutput } from './helpers/children'
+import { type ChildResult, dist, killChildren, runGuest, runNode, timeScale, watchOutput } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /
@@ -43,7 +43,7 @@ async function startServe(args: string[]): Promise<{
 
 describe('userfaultfd serve', () => {
   it('serves a Firecracker-like guest; logs with timestamps; SIGTERM stops it with --json stats', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const socket = path.join(dir, 'serve.sock')
     const { child, done, stderr } = await startServe(['--socket', socket, '--mem-file', memFile, '--json'])
@@ -73,7 +73,7 @@ describe('userfaultfd serve', () => {
   })
 
   it('--log-format json: one JSON object per line, with per-VM progress (percent, rate, ETA)', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const socket = path.join(dir, 'json.sock')
     const { child, done, stderr } = await startServe([
@@ -126,7 +126,9 @@ describe('userfaultfd serve', () => {
     expect(records.find((rec) => rec.event === 'end')).toMatchObject({ connection: 1, pagesServed: 32768 })
   })
 
-  it('refuses a socket another serve is serving (exit 1); the first keeps serving', { timeout: 30_000 }, async () => {
+  it('refuses a socket another serve is serving (exit 1); the first keeps serving', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const socket = path.join(dir, 'live.sock')
     const first = await startServe(['--socket', socket, '--mem-file', memFile])
     const second = await runNode([cli, 'serve', '--socket', socket, '--mem-file', memFile])
@@ -142,7 +144,7 @@ describe('userfaultfd serve', () => {
     expect((await first.done).code).toBe(0)
   })
 
-  it('replaces a stale socket file nobody listens on, and says so', { timeout: 30_000 }, async () => {
+  it('replaces a stale socket file nobody listens on, and says so', { timeout: 30_000 * timeScale }, async () => {
     const socket = path.join(dir, 'stale.sock')
     // A handler that died without removing its socket.
     const dead = await runNode([
@@ -160,7 +162,9 @@ describe('userfaultfd serve', () => {
     expect(r.stderr).toMatch(/replacing the stale socket .*stale\.sock \(no handler listens on it\)/)
   })
 
-  it('listens on a socket path of exactly 107 bytes (the longest sun_path holds)', { timeout: 30_000 }, async () => {
+  it('listens on a socket path of exactly 107 bytes (the longest sun_path holds)', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const base = path.join(dir, 'p'.repeat(30))
     fs.mkdirSync(base, { recursive: true })
     const socket = path.join(base, `${'q'.repeat(107 - base.length - 6)}.sock`)
@@ -173,7 +177,9 @@ describe('userfaultfd serve', () => {
     expect((await done).code).toBe(0)
   })
 
-  it('a memory file that cannot be served fails with exit 1 and says why', { timeout: 15_000 }, async () => {
+  it('a memory file that cannot be served fails with exit 1 and says why', {
+    timeout: 15_000 * timeScale,
+  }, async () => {
     const empty = path.join(dir, 'empty.mem')
     fs.writeFileSync(empty, '')
     const r = await runNode([cli, 'serve', '--socket', path.join(dir, 'empty.sock'), '--mem-file', empty])

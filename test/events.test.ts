@@ -6,6 +6,7 @@ import { collect, countFds, stampedPage } from './helpers/events'
 import { env, needs } from './helpers/env'
 import { dist, runNode } from './helpers/children'
 import * as path from 'node:path'
+import { withFeature } from './helpers/kernel'
 
 const cleanup: Array<() => void> = []
 afterEach(() => {
@@ -46,7 +47,9 @@ describe('events(): typed events', () => {
   })
 
   it('delivers WP faults (wp + write) and unprotecting wakes the writer', async () => {
-    const uffd = track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP }))
+    const open = (): Userfaultfd => track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP }))
+    if (!withFeature('PAGEFAULT_FLAG_WP', open)) return
+    const uffd = open()
     const m = track(Mapping.anonymous(2 * PAGE_SIZE, { populate: true }))
     uffd.register(m, { wp: true })
     uffd.writeProtect(m)

@@ -6,6 +6,7 @@ import { whenReadable } from '../src/ipc/fd-passing'
 import { Feature, FaultResolver, Mapping, PAGE_SIZE, Userfaultfd, type UffdEvent } from '../src/index'
 import { madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
+import { timeScale } from './helpers/children'
 
 describe('FaultResolver', () => {
   it('treats EEXIST as done and continues partial progress', () => {
@@ -124,7 +125,7 @@ describe('FaultResolver', () => {
       // The storms end once the toucher is done; each needs its last event read to return, so
       // the stream runs until all three settled (or a safety timeout closes the uffd).
       const finished = Promise.all([done, dontneed, remap]).finally(() => stream.close())
-      const timeout = setTimeout(() => uffd.close(), 30_000)
+      const timeout = setTimeout(() => uffd.close(), 15_000 * timeScale)
       for await (const batch of stream) {
         for (const e of batch as UffdEvent[]) {
           kinds.set(e.type, (kinds.get(e.type) ?? 0) + 1)

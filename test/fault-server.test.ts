@@ -7,6 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, Mapping, PAGE_SIZE, UffdError, Userfaultfd } from '../src/index'
 import { pages, touch } from '../src/testing'
 import { closeAll, onCleanup, randomContent, readAll, setup, track, u64At, until, within } from './helpers/fault-server'
+import { timeScale } from './helpers/children'
 
 afterEach((ctx) => closeAll(ctx))
 
@@ -297,20 +298,23 @@ describe('FaultServer prefetch and drained()', () => {
 
   it('prefetch pauses while demand faults keep coming (demand first), then completes', async () => {
     // Demand (20 000 faults, one page each) lasts longer than the 64 MiB prefetch would alone,
-    // so the two overlap however the scheduler runs them.
-    const { server, m } = setup(20_000, {
+    // so the two overlap however the scheduler runs them. Both shrink by the same factor where
+    // everything runs slower (emulation), which keeps that ratio and the test's duration.
+    const demand = Math.round(20_000 / timeScale)
+    const prefetched = Math.round(16_384 / timeScale)
+    const { server, m } = setup(demand, {
       faultAround: PAGE_SIZE,
       prefetchChunk: 4 * PAGE_SIZE,
       backgroundPriority: 'normal',
     })
-    const big = track(Mapping.anonymous(16384 * PAGE_SIZE))
+    const big = track(Mapping.anonymous(prefetched * PAGE_SIZE))
     server.serve(big, { buffer: randomContent(big.length) }, { prefetch: true })
     server.serve(m, { zero: true })
     await touch(pages(m), { threads: 1 })
-    await within(server.drained(), 10_000, 'drained')
+    await within(server.drained(), 10_000 * timeScale, 'drained')
     const s = server.stats()
     expect(s.prefetchPauses).toBeGreaterThan(0)
-    expect(s.prefetchPages).toBe(16384)
+    expect(s.prefetchPages).toBe(prefetched)
   })
 
   it('drained() rejects when the server closes first', async () => {

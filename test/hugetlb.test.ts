@@ -6,6 +6,7 @@ import { Feature, IoctlBit, Mapping, Userfaultfd, hugePageSize } from '../src/in
 import { madviseOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, hugePagesMissing, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
+import { expectUnsupported, hasFeature, withFeature } from './helpers/kernel'
 
 const track = useCleanup()
 const H = hugePageSize()
@@ -29,10 +30,11 @@ describe('MAP_HUGETLB anonymous memory', () => {
     const m = hugeAnon(1)
     expect(m).toMatchObject({ hugetlb: true, pageSize: H, length: H })
     expect(m.address % HB).toBe(0n)
-    expect(uffd.register(m)).toBe(IoctlBit.WAKE | IoctlBit.COPY | IoctlBit.POISON)
-    expect(uffd.register(m, { missing: true, wp: true, minor: true })).toBe(
-      IoctlBit.WAKE | IoctlBit.COPY | IoctlBit.POISON | IoctlBit.WRITEPROTECT | IoctlBit.CONTINUE,
-    )
+    const base = IoctlBit.WAKE | IoctlBit.COPY | (hasFeature('POISON') ? IoctlBit.POISON : 0n) // POISON: 6.6+
+    expect(uffd.register(m)).toBe(base)
+    const all = { missing: true, wp: true, minor: true }
+    if (!withFeature('PAGEFAULT_FLAG_WP', () => uffd.register(m, all))) return
+    expect(uffd.register(m, all)).toBe(base | IoctlBit.WRITEPROTECT | IoctlBit.CONTINUE)
   })
 
   it('lengths must be whole huge pages', () => {
@@ -64,19 +66,21 @@ describe('MAP_HUGETLB anonymous memory', () => {
     expectUffdError(() => uffd.copy(m, new Uint8Array(2 * H)), 'EAGAIN', { bytes: H })
   })
 
-  it('EINVAL: ZEROPAGE, MOVE, and a copy smaller than a huge page', () => {
-    const uffd = track(Userfaultfd.open({ features: Feature.MOVE }))
+  it('EINVAL: ZEROPAGE, MOVE (UnsupportedError before 6.8), and a copy smaller than a huge page', () => {
+    const uffd = track(Userfaultfd.open())
     const m = hugeAnon(1)
     uffd.register(m)
     expectUffdError(() => uffd.zeropage(m), 'EINVAL', { syscall: 'ioctl(UFFDIO_ZEROPAGE)' })
     const src = track(Mapping.anonymous(4096))
     src.write(0, new Uint8Array(4096).fill(1))
-    expectUffdError(() => uffd.move(m.address, src, 4096), 'EINVAL', { syscall: 'ioctl(UFFDIO_MOVE)' })
+    if (hasFeature('MOVE'))
+      expectUffdError(() => uffd.move(m.address, src, 4096), 'EINVAL', { syscall: 'ioctl(UFFDIO_MOVE)' })
+    else expectUnsupported(() => uffd.move(m.address, src, 4096), 'MOVE')
     expectUffdError(() => uffd.copy(m.address, new Uint8Array(4096)), 'EINVAL', { syscall: 'ioctl(UFFDIO_COPY)' })
   })
 
   it('given the Mapping itself, the API checks huge-page alignment before the kernel does', () => {
-    const uffd = track(Userfaultfd.open({ features: Feature.MOVE }))
+    const uffd = track(Userfaultfd.open())
     const m = hugeAnon(2)
     uffd.register(m)
     expect(() => uffd.copy(m, new Uint8Array(4096))).toThrow(
@@ -95,7 +99,10 @@ describe('MAP_HUGETLB anonymous memory', () => {
   it('WRITEPROTECT: a write to a protected huge page is a WP fault; unprotecting resolves it', {
     timeout: 10_000,
   }, async () => {
-    const uffd = track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM }))
+    const open = (): Userfaultfd =>
+      track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM }))
+    if (!withFeature(['PAGEFAULT_FLAG_WP', 'WP_HUGETLBFS_SHMEM'], open)) return
+    const uffd = open()
     const m = hugeAnon(1, true)
     uffd.register(m, { wp: true })
     uffd.writeProtect(m)
@@ -109,7 +116,9 @@ describe('MAP_HUGETLB anonymous memory', () => {
   })
 
   it('POISON marks a whole huge page, then EEXIST', () => {
-    const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
+    const open = (): Userfaultfd => track(Userfaultfd.open({ features: Feature.POISON }))
+    if (!withFeature('POISON', open)) return
+    const uffd = open()
     const m = hugeAnon(1)
     uffd.register(m)
     expect(uffd.poison(m)).toBe(H)

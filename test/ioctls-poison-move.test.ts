@@ -5,11 +5,17 @@ import { Feature, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
 import { forkOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, lastJson, runScript, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
+import { expectUnsupported, hasFeature, withFeature } from './helpers/kernel'
 
 const track = useCleanup()
+// Where the kernel lacks POISON (before 6.6) or MOVE (before 6.8), each test asserts the refusal.
+const openWith = (feature: 'POISON' | 'MOVE') => () => track(Userfaultfd.open({ features: Feature[feature] }))
+const hasPoison = (): boolean => withFeature('POISON', openWith('POISON'))
+const hasMove = (): boolean => withFeature('MOVE', openWith('MOVE'))
 
 describe('poison()', () => {
   it('marks empty pages poisoned (bytes done), then EEXIST, also on populated pages', () => {
+    if (!hasPoison()) return
     const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
     const m = track(Mapping.anonymous(3 * PAGE_SIZE))
     uffd.register(m)
@@ -23,6 +29,7 @@ describe('poison()', () => {
   })
 
   it('partial progress (EAGAIN with bytes) and ENOENT outside a registered range', () => {
+    if (!hasPoison()) return
     const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
     const m = track(Mapping.anonymous(3 * PAGE_SIZE))
     uffd.register(m)
@@ -33,6 +40,7 @@ describe('poison()', () => {
   })
 
   it('a poisoned page raises SIGBUS in the process that touches it (a child)', { timeout: 20_000 }, async () => {
+    if (!hasPoison()) return
     const r = await runScript(`
       const u = uffd.Userfaultfd.open({ features: uffd.Feature.POISON })
       const m = uffd.Mapping.anonymous(2 * uffd.PAGE_SIZE)
@@ -50,6 +58,7 @@ describe('poison()', () => {
   it('resolving a fault with poison() wakes the faulting thread into a SIGBUS (a child)', {
     timeout: 20_000,
   }, async () => {
+    if (!hasPoison()) return
     const r = await runScript(`
       const u = uffd.Userfaultfd.open({ features: uffd.Feature.POISON })
       const m = uffd.Mapping.anonymous(uffd.PAGE_SIZE)
@@ -71,6 +80,7 @@ describe('poison()', () => {
   it('wake: false leaves the faulter asleep (it would get SIGBUS when woken, so it is not)', {
     timeout: 10_000,
   }, async () => {
+    if (!hasPoison()) return
     const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     uffd.register(m)
@@ -94,6 +104,7 @@ describe('move()', () => {
   const stamp = (m: Mapping, page: number): bigint => new BigUint64Array(m.buffer, page * PAGE_SIZE, 1)[0]
 
   it('moves pages (not copies): dst has them, src reads as zeros after', () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(2)
     src.write(0, stampedPage(41n))
     src.write(PAGE_SIZE, stampedPage(42n))
@@ -103,6 +114,7 @@ describe('move()', () => {
   })
 
   it('resolves a missing fault raised by a native thread', { timeout: 10_000 }, async () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(43n))
     const reader = touch([dst.address])
@@ -112,6 +124,7 @@ describe('move()', () => {
   })
 
   it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 }, async () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(44n))
     const reader = touch([dst.address])
@@ -123,6 +136,7 @@ describe('move()', () => {
   })
 
   it('EEXIST when dst is populated', () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(1n))
     uffd.zeropage(dst)
@@ -131,6 +145,7 @@ describe('move()', () => {
   })
 
   it('ENOENT for a hole in src without allowSrcHoles; with it, holes are skipped', () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(2)
     expectUffdError(() => uffd.move(dst, src, PAGE_SIZE), 'ENOENT', { syscall: 'ioctl(UFFDIO_MOVE)' })
     expect(uffd.move(dst, src, PAGE_SIZE, { allowSrcHoles: true })).toBe(PAGE_SIZE)
@@ -139,6 +154,7 @@ describe('move()', () => {
   })
 
   it('partial progress: EAGAIN with bytes > 0 when src has a hole after a page', () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(3)
     src.write(0, stampedPage(5n))
     const err = expectUffdError(() => uffd.move(dst, src, 3 * PAGE_SIZE), 'EAGAIN', { bytes: PAGE_SIZE })
@@ -147,6 +163,7 @@ describe('move()', () => {
   })
 
   it('EINVAL when dst is not registered, or src is not anonymous memory', () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(6n))
     const unregistered = track(Mapping.anonymous(PAGE_SIZE))
@@ -157,6 +174,7 @@ describe('move()', () => {
   })
 
   it('EBUSY for pages that are not exclusive to this process (shared with a fork)', { timeout: 10_000 }, async () => {
+    if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(8n))
     const { status, errno } = await forkOnThread() // the child shares src's page copy-on-write, then exits
@@ -164,12 +182,32 @@ describe('move()', () => {
     expectUffdError(() => uffd.move(dst, src, PAGE_SIZE), 'EBUSY', { syscall: 'ioctl(UFFDIO_MOVE)' })
   })
 
-  it('checks its arguments before the kernel does', () => {
-    const { uffd, src, dst } = moveSetup(1)
+  it('checks its arguments before the kernel does (on every kernel)', () => {
+    // Where the kernel has no MOVE, a uffd without it: the checks come first all the same.
+    const uffd = hasFeature('MOVE') ? moveSetup(1).uffd : track(Userfaultfd.open())
+    const src = track(Mapping.anonymous(PAGE_SIZE))
+    const dst = track(Mapping.anonymous(PAGE_SIZE))
     expect(() => uffd.move(dst, src, 100)).toThrow(/move dst: length 100 is not a multiple of the page size/)
     expect(() => uffd.move(dst.address + 1n, src, PAGE_SIZE)).toThrow(/move dst: address .* is not aligned/)
     expect(() => uffd.move(dst, src.address + 8n, PAGE_SIZE)).toThrow(/move src/)
     expect(() => uffd.move(dst, src, undefined as never)).toThrow(/length must be a number or a bigint/)
     expect(() => uffd.move(dst, src, PAGE_SIZE, { allowSrcHoles: 'yes' as never })).toThrow(/allowSrcHoles/)
+  })
+})
+
+describe('poison() and move() on a uffd opened without the feature', () => {
+  // The kernel does not require the feature bit for the ioctl: where it has the ioctl it works.
+  it.each(['POISON', 'MOVE'] as const)('%s: UnsupportedError where the kernel lacks it, else it works', (name) => {
+    const uffd = track(Userfaultfd.open())
+    const src = track(Mapping.anonymous(PAGE_SIZE))
+    const m = track(Mapping.anonymous(PAGE_SIZE))
+    uffd.register(m)
+    src.write(0, stampedPage(1n))
+    const call = (): number => (name === 'POISON' ? uffd.poison(m) : uffd.move(m, src, PAGE_SIZE))
+    if (!hasFeature(name)) {
+      expectUnsupported(call, name)
+      return
+    }
+    expect(call()).toBe(PAGE_SIZE)
   })
 })

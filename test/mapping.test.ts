@@ -4,6 +4,22 @@ import { describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import { Mapping, PAGE_SIZE, UffdError, hugePageSize } from '../src/index'
 import { expectUffdError, lastJson, runScript, useCleanup } from './helpers/uffd'
+import { mmapRaw, munmapOnThread, pages, touch } from '../src/testing'
+
+/** Pages of [address, address + length) present in this process's page table (/proc/self/pagemap). */
+function residentPages(address: bigint, length: number): number {
+  const n = length / PAGE_SIZE
+  const entries = Buffer.alloc(8 * n)
+  const fd = fs.openSync('/proc/self/pagemap', 'r')
+  try {
+    fs.readSync(fd, entries, 0, 8 * n, Number(address / BigInt(PAGE_SIZE)) * 8)
+  } finally {
+    fs.closeSync(fd)
+  }
+  let present = 0
+  for (let i = 0; i < n; i++) if (entries.readBigUInt64LE(8 * i) >> 63n === 1n) present++
+  return present
+}
 
 const track = useCleanup()
 
@@ -45,6 +61,38 @@ describe('Mapping.anonymous', () => {
     const out = new Uint8Array(8)
     m.read(0, out)
     expect(out[5]).toBe(42)
+  })
+
+  it('is a mapping of its own between PROT_NONE guard pages, which unmap() removes too', () => {
+    // Never merged with a neighbour: a transparent huge page faulted in a neighbouring mapping
+    // (Linux 6.1 does not THP-align large anonymous mappings) could otherwise cover the start of
+    // this range and populate it with zeros before a uffd registers it, and those pages would
+    // never fault (FaultServer served them as zeros; see CONTRIBUTING.md, Older kernels).
+    const m = Mapping.anonymous(8 * PAGE_SIZE)
+    const end = m.address + BigInt(m.length)
+    const line = mapsLine(m.address)!
+    expect(line.split(' ')[0]).toBe(`${m.address.toString(16)}-${end.toString(16)}`)
+    expect(mapsLine(m.address - BigInt(PAGE_SIZE))).toMatch(/ ---p /)
+    expect(mapsLine(end)).toMatch(/ ---p /)
+    m.unmap()
+    expect(
+      mapsLine(m.address - BigInt(PAGE_SIZE))
+        ?.split(' ')[0]
+        .split('-')[1],
+    ).not.toBe(m.address.toString(16))
+    expect(mapsLine(end)?.split(' ')[0].split('-')[0]).not.toBe(end.toString(16))
+  })
+
+  it("a neighbour's pages, however large, populate nothing of it", async () => {
+    const m = track(Mapping.anonymous(4 * 1024 * 1024))
+    // Fresh anonymous memory right below it (where mmap puts the next mapping), of the same
+    // kind (no madvise: merged with it but for the guard), written all over: where
+    // transparent_hugepage is 'always' (Debian's default) its huge pages would reach into m.
+    const length = 8 * 1024 * 1024
+    const below = mmapRaw(length)
+    track({ close: () => void munmapOnThread(below, length) })
+    await touch(pages({ address: below, length }), { write: true, threads: 2 })
+    expect(residentPages(m.address, m.length)).toBe(0)
   })
 
   it('populate: true maps the pages at once (all resident)', () => {

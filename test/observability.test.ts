@@ -10,7 +10,7 @@ import { FirecrackerHandler, PAGE_SIZE, diagnosticsChannels } from '../src/index
 import { pages, touch } from '../src/testing'
 import type { ConnectionMessage, ErrorMessage, FaultsMessage } from '../src/util/diagnostics'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
-import { dist, killChildren, runGuest, runNode } from './helpers/children'
+import { dist, killChildren, runGuest, runNode, timeScale } from './helpers/children'
 import { closeAll, setup, until, within } from './helpers/fault-server'
 
 let dir: string
@@ -70,16 +70,17 @@ describe('diagnostics_channel', () => {
   })
 
   it('FaultServer: faults served, a few messages per progress tick (not one per fault), summing to the stats', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const faults = collect<FaultsMessage>(diagnosticsChannels.faults)
     try {
       const n = 2048
-      const { m, server } = setup(n, { faultAround: PAGE_SIZE, progressIntervalMs: 10 })
+      // The tick grows with the time scale: under emulation the faults take that much longer.
+      const { m, server } = setup(n, { faultAround: PAGE_SIZE, progressIntervalMs: 10 * timeScale })
       server.serve(m, { buffer: new Uint8Array(n * PAGE_SIZE).fill(3) })
-      await within(touch(pages(m), { threads: 2 }), 15_000, 'touch')
-      await within(server.drained(), 5000, 'drained')
-      await until(() => faults.messages.reduce((s, f) => s + f.pages, 0) === n, 5000, 'all pages published')
+      await within(touch(pages(m), { threads: 2 }), 15_000 * timeScale, 'touch')
+      await within(server.drained(), 5000 * timeScale, 'drained')
+      await until(() => faults.messages.reduce((s, f) => s + f.pages, 0) === n, 5000 * timeScale, 'all pages published')
       const mine = faults.messages.filter((f) => f.server === server)
       expect(mine.length).toBe(faults.messages.length)
       expect(mine.length).toBeGreaterThan(0)

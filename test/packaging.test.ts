@@ -49,7 +49,15 @@ describe('package.json', () => {
     expect(pkg.engines.node).toBe('>=20.0.0')
     expect(pkg.dependencies).toHaveProperty('bindings')
     expect(pkg.bin).toEqual({ userfaultfd: 'dist/cli/index.js' })
-    for (const s of ['test:docker', 'test:pack', 'test:node-matrix', 'test:arm64', 'prebuilds'])
+    for (const s of [
+      'test:docker',
+      'test:pack',
+      'test:node-matrix',
+      'test:vm',
+      'test:arm64',
+      'test:kernel61',
+      'prebuilds',
+    ])
       expect(pkg.scripts).toHaveProperty(s)
   })
 

@@ -16,6 +16,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFaultEngine(env, exports);
   InitPagemapScan(env, exports);
   InitSnapshotEngine(env, exports);
+  InitWpDirtyTracker(env, exports);
   return exports;
 }
 

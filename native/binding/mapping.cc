@@ -38,12 +38,18 @@ struct Region {
   std::atomic<int> refs{1};
   uint8_t* addr = nullptr;
   size_t length = 0;
+  size_t guard = 0;  // PROT_NONE pages on each side (anonymous memory), unmapped with it
   bool unmapped = false;
 
   void UnmapOnce() {
     std::lock_guard<std::mutex> lock(mu);
     if (!unmapped) {
+      // The range itself first, alone: an UNMAP event reports exactly it.
       munmap(addr, length);
+      if (guard > 0) {
+        munmap(addr - guard, guard);
+        munmap(addr + length, guard);
+      }
       unmapped = true;
     }
   }
@@ -160,9 +166,26 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
 
     int prot = PROT_READ | PROT_WRITE;
     void* addr = MAP_FAILED;
-    if (kind == "anonymous") {
-      int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-      if (hugetlb) flags |= MAP_HUGETLB;
+    size_t guard = 0;
+    if (kind == "anonymous" && !hugetlb) {
+      // Between two PROT_NONE guard pages, so that it is never merged with a neighbouring
+      // anonymous mapping: a transparent huge page faulted in that neighbour could otherwise
+      // cover the start of this range (seen on Linux 6.1, whose large anonymous mappings are
+      // not THP-aligned) and populate it with zeros before a uffd registers it. Pages already
+      // present never raise MISSING faults: they would read as zeros instead of being served.
+      guard = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+      void* reserve =
+          mmap(nullptr, length + 2 * guard, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (reserve == MAP_FAILED) ThrowUffdError(env, errno, "mmap", -1, "anonymous");
+      int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | (populate ? MAP_POPULATE : 0);
+      addr = mmap(static_cast<uint8_t*>(reserve) + guard, length, prot, flags, -1, 0);
+      if (addr == MAP_FAILED) {
+        int err = errno;
+        munmap(reserve, length + 2 * guard);
+        ThrowUffdError(env, err, "mmap", -1, "anonymous");
+      }
+    } else if (kind == "anonymous") {
+      int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB;
       if (populate) flags |= MAP_POPULATE;
       addr = mmap(nullptr, length, prot, flags, -1, 0);
       if (addr == MAP_FAILED) ThrowUffdError(env, errno, "mmap", -1, "anonymous");
@@ -200,6 +223,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     region_ = new Region();
     region_->addr = static_cast<uint8_t*>(addr);
     region_->length = length;
+    region_->guard = guard;
   }
 
   ~MappingHandle() override { Release(); }

@@ -15,3 +15,4 @@ void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
+void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);

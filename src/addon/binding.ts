@@ -349,6 +349,27 @@ export type SnapshotEngineConstructor = new (
   options: SnapshotEngineOptions,
 ) => SnapshotEngine
 
+// ---- synchronous dirty tracking (wp_dirty_tracker.cc) -----------------------------------------
+
+/**
+ * new WpDirtyTracker(uffd, start, length, pageSize, missing): a native thread serves the range's
+ * write-protect faults (marks the page written, unprotects it) where WP_ASYNC is missing.
+ */
+export interface WpDirtyTracker {
+  /** page addresses written since the last collect; with `reprotect`, protects them again */
+  collect(reprotect: boolean): BigUint64Array
+  stats(): { wpFaults: number; missingFaults: number }
+  stop(): void
+}
+
+export type WpDirtyTrackerConstructor = new (
+  uffd: number,
+  start: bigint,
+  length: number,
+  pageSize: number,
+  missing: boolean,
+) => WpDirtyTracker
+
 // ---- the whole addon ----------------------------------------------------------------------------
 
 export interface Binding {
@@ -408,4 +429,6 @@ export interface Binding {
   // fault_engine.cc, snapshot_engine.cc
   FaultEngine: FaultEngineConstructor
   SnapshotEngine: SnapshotEngineConstructor
+  // wp_dirty_tracker.cc
+  WpDirtyTracker: WpDirtyTrackerConstructor
 }

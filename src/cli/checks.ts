@@ -25,13 +25,8 @@ export function checkSocketPath(value: string, flag: string): void {
     throw new UsageError(`${flag}: the directory ${dir} does not exist (create it first)`)
   }
   if (!stat.isDirectory()) throw new UsageError(`${flag}: ${dir} is not a directory`)
-  try {
-    fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK)
-  } catch (err) {
-    throw new UsageError(
-      `${flag}: cannot create a socket in ${dir} (${(err as NodeJS.ErrnoException).code}: this user may not write there)`,
-    )
-  }
+  // Before the directory's permissions: whoever may write there, an existing file is not ours
+  // to replace (and a read-only /etc says EROFS, which would hide that).
   let existing: fs.Stats | undefined
   try {
     existing = fs.lstatSync(value)
@@ -40,6 +35,13 @@ export function checkSocketPath(value: string, flag: string): void {
   }
   if (existing !== undefined && !existing.isSocket())
     throw new UsageError(`${flag}: ${value} exists and is not a socket (refusing to replace it)`)
+  try {
+    fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK)
+  } catch (err) {
+    throw new UsageError(
+      `${flag}: cannot create a socket in ${dir} (${(err as NodeJS.ErrnoException).code}: this user may not write there)`,
+    )
+  }
 }
 
 /**

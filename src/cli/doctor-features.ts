@@ -11,6 +11,8 @@ import { Feature, PAGE_SIZE, ioctlNames } from '../core/constants'
 import { FaultServer } from '../engines/fault-server'
 import { DirtyTracker } from '../engines/dirty-tracker'
 import { takeSnapshot } from '../engines/live-snapshot'
+import { UnsupportedError } from '../core/errors'
+import { type KernelFeature, kernelRelease, requireFeature } from '../core/kernel-features'
 
 export interface FeatureCheck {
   /** stable identifier (JSON consumers) */
@@ -36,14 +38,11 @@ export interface FeatureReport {
   rangeIoctls: { anonymous: RangeIoctls | null; shmem: RangeIoctls | null; hugetlb: RangeIoctls | null }
 }
 
-/** A check failed for want of a kernel feature: `fix` names the release that brings it. */
-class KernelLacks extends Error {
-  constructor(
-    what: string,
-    readonly fix: string,
-  ) {
-    super(`the kernel lacks ${what}`)
-  }
+/** The fix for a check refused for want of `feature`: the release that brings it, on this architecture. */
+function newerKernel(feature: string | undefined, what: string): string | undefined {
+  if (feature === undefined) return undefined
+  const first = feature.split(', ')[0] as KernelFeature
+  return `Linux ${kernelRelease(first)}+ for ${what}`
 }
 
 export interface FeatureCheckOptions {
@@ -87,7 +86,8 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
     try {
       checks.push({ id, name, ok: true, detail: await body() })
     } catch (err) {
-      const why = err instanceof KernelLacks ? err.fix : fix
+      // The package's own refusal (requireFeature or an API) names the feature and its release.
+      const why = err instanceof UnsupportedError ? (newerKernel(err.feature, name) ?? fix) : fix
       checks.push({ id, name, ok: false, detail: message(err), ...(why ? { fix: why } : {}) })
     } finally {
       release()
@@ -171,7 +171,7 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
 
   // Minor faults: the page is in the page cache (written through an alias); CONTINUE maps it.
   await run('minor-shmem', 'minor faults + CONTINUE (shmem)', () => {
-    if (!has(Feature.MINOR_SHMEM)) throw new KernelLacks('UFFD_FEATURE_MINOR_SHMEM', 'Linux 5.14+ for minor faults')
+    requireFeature('MINOR_SHMEM', 'minor faults on shmem')
     const uffd = own(Userfaultfd.open({ ...openOptions, features: Feature.MINOR_SHMEM }))
     const m = own(Mapping.memfd(PAGE_SIZE))
     const alias = own(m.alias())
@@ -186,8 +186,7 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
 
   // Write protection, on a present page (no fault: nothing writes it).
   await run('write-protect', 'write protection (WRITEPROTECT)', () => {
-    if (!has(Feature.PAGEFAULT_FLAG_WP))
-      throw new KernelLacks('write protection (UFFD_FEATURE_PAGEFAULT_FLAG_WP)', 'Linux 5.7+ for write protection')
+    requireFeature('PAGEFAULT_FLAG_WP', 'write protection')
     const uffd = own(Userfaultfd.open(openOptions))
     const m = own(Mapping.anonymous(PAGE_SIZE))
     m.write(0, bytesOf(PAGE_SIZE))
@@ -198,8 +197,6 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
   })
 
   await run('live-snapshot', 'live snapshot (takeSnapshot)', async () => {
-    if (!has(Feature.PAGEFAULT_FLAG_WP))
-      throw new KernelLacks('write protection (UFFD_FEATURE_PAGEFAULT_FLAG_WP)', 'Linux 5.7+ for live snapshots')
     const m = own(Mapping.anonymous(4 * PAGE_SIZE))
     m.write(0, bytesOf(m.length))
     const out = new Uint8Array(m.length)
@@ -210,9 +207,8 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
     return 'copied 4 pages while write-protected'
   })
 
-  await run('dirty-tracker', 'DirtyTracker (WP_ASYNC + PAGEMAP_SCAN)', () => {
-    const support = DirtyTracker.support()
-    if (!support.supported) throw new KernelLacks(support.reason ?? 'WP_ASYNC', 'Linux 6.7+ for DirtyTracker')
+  // 'async' (WP_ASYNC + PAGEMAP_SCAN, 6.7+) or the 'sync' fallback: the detail says which.
+  await run('dirty-tracker', 'DirtyTracker', () => {
     const m = own(Mapping.anonymous(4 * PAGE_SIZE))
     const tracker = DirtyTracker.start(m)
     own({ close: () => tracker.stop() })
@@ -220,11 +216,11 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
     const dirty = tracker.collect()
     if (dirty.length !== 1 || dirty[0].offset !== PAGE_SIZE)
       throw new Error(`collect() reported ${JSON.stringify(dirty.map((d) => [d.offset, d.length]))}`)
-    return 'reported the one page written'
+    return `reported the one page written (mode '${tracker.mode}')`
   })
 
   await run('move', 'MOVE (UFFDIO_MOVE)', () => {
-    if (!has(Feature.MOVE)) throw new KernelLacks('UFFD_FEATURE_MOVE', 'Linux 6.8+ for MOVE')
+    requireFeature('MOVE', 'MOVE')
     const uffd = own(Userfaultfd.open({ ...openOptions, features: Feature.MOVE }))
     const m = own(Mapping.anonymous(2 * PAGE_SIZE))
     m.write(0, bytesOf(PAGE_SIZE))
@@ -237,7 +233,7 @@ export async function checkFeatures(options: FeatureCheckOptions): Promise<Featu
   })
 
   await run('poison', 'POISON (UFFDIO_POISON)', () => {
-    if (!has(Feature.POISON)) throw new KernelLacks('UFFD_FEATURE_POISON', 'Linux 6.6+ for POISON')
+    requireFeature('POISON', 'POISON')
     const uffd = own(Userfaultfd.open({ ...openOptions, features: Feature.POISON }))
     const m = own(Mapping.anonymous(PAGE_SIZE))
     uffd.register(m, { missing: true })

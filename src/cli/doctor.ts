@@ -6,6 +6,8 @@ import * as os from 'node:os'
 import * as path from 'node:path'
 import { fork } from 'node:child_process'
 import { Userfaultfd } from '../core/userfaultfd'
+import { type MissingFeature, missingFeatures } from '../core/kernel-features'
+import { DirtyTracker } from '../engines/dirty-tracker'
 import type { FeatureCheck, FeatureCheckOptions, FeatureReport } from './doctor-features'
 
 export interface DoctorReport {
@@ -22,6 +24,12 @@ export interface DoctorReport {
   via: string | null
   /** features the kernel offers (UFFDIO_API) */
   features: string[]
+  /** features newer than this kernel, each with the release that brought it (see the README's table) */
+  missing: MissingFeature[]
+  /** how DirtyTracker tracks here: 'async' (WP_ASYNC + PAGEMAP_SCAN), 'sync', or null (neither) */
+  dirtyTracking: 'async' | 'sync' | null
+  /** takeSnapshot() populates ranges before protecting them (no WP_UNPOPULATED) */
+  snapshotPopulates: boolean
   /** ioctls of the uffd itself, from the UFFDIO_API handshake (API, REGISTER, UNREGISTER) */
   ioctls: string[]
   /** ioctls UFFDIO_REGISTER reports for a registered range of each memory kind (null: not registered) */
@@ -187,6 +195,9 @@ export async function diagnose(): Promise<DoctorReport> {
     seccomp,
     via: p.via,
     features: p.featureNames,
+    missing: missingFeatures(),
+    dirtyTracking: DirtyTracker.support().mode ?? null,
+    snapshotPopulates: p.supported && !p.featureNames.includes('WP_UNPOPULATED'),
     ioctls: p.ioctlNames,
     rangeIoctls: features.rangeIoctls,
     checks: features.checks,
@@ -220,6 +231,14 @@ export function formatReport(r: DoctorReport): string {
       `vm.unprivileged_userfaultfd = ${r.unprivilegedUserfaultfd ?? 'unreadable'}; CAP_SYS_PTRACE: ${r.capSysPtrace ? 'yes' : 'no'}; seccomp: ${r.seccomp}`,
     ),
     line(null, `features offered (UFFDIO_API, ${r.features.length}): ${r.features.join(' ') || '-'}`),
+    line(
+      r.missing.length === 0 ? null : false,
+      `newer features this kernel lacks: ${r.missing.map((m) => `${m.feature} (${m.since})`).join(' ') || 'none'}`,
+    ),
+    line(
+      null,
+      `dirty tracking: ${r.dirtyTracking ?? 'unavailable'}; live snapshots ${r.snapshotPopulates ? 'populate ranges first (no WP_UNPOPULATED)' : 'protect unpopulated pages (WP_UNPOPULATED)'}`,
+    ),
     line(null, `ioctls of the uffd itself (UFFDIO_API handshake): ${r.ioctls.join(' ') || '-'}`),
     ...(['anonymous', 'shmem', 'hugetlb'] as const).map((kind) =>
       line(

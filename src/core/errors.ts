@@ -44,24 +44,39 @@ export function uffdError(code: ErrnoCode, syscall: string, detail: string): Uff
   return err
 }
 
+/** What an UnsupportedError is about, where it is one kernel feature (see kernel-features.ts). */
+export interface UnsupportedDetail {
+  /** the API that needs the feature (default 'userfaultfd') */
+  syscall?: string
+  /** the feature the kernel lacks, e.g. 'MOVE' or 'PAGEMAP_SCAN' (several: comma-separated) */
+  feature?: string
+  /** the release that brought it, e.g. '6.8' (several: the newest) */
+  since?: string
+  /** the running kernel (uname -r) */
+  kernel?: string
+}
+
 /**
  * Thrown where the running kernel lacks a feature an API needs: a UffdError with code 'ENOTSUP'
- * (errno 95), `syscall` the API that needs it and `feature` the kernel feature it lacks. It
- * extends UffdError because it is one of the ways a call into the kernel's userfaultfd fails, with
- * the same fields: callers that catch UffdError see it, and `instanceof UnsupportedError` (or
- * code 'ENOTSUP') tells it apart.
+ * (errno 95), `syscall` the API that needs it, `feature` the kernel feature it lacks, `since` the
+ * release that brought it and `kernel` the running one. It extends UffdError because it is one of
+ * the ways a call into the kernel's userfaultfd fails, with the same fields: callers that catch
+ * UffdError see it, and `instanceof UnsupportedError` (or code 'ENOTSUP') tells it apart.
  */
 export class UnsupportedError extends UffdError {
-  /** the missing kernel feature, e.g. 'UFFD_FEATURE_WP_ASYNC' */
   declare feature?: string
+  declare since?: string
+  declare kernel?: string
 
-  constructor(message: string, options: { syscall?: string; feature?: string } = {}) {
+  constructor(message: string, detail: UnsupportedDetail = {}) {
     super(message)
     this.name = 'UnsupportedError'
     this.code = 'ENOTSUP'
     this.errno = constants.errno.ENOTSUP
-    this.syscall = options.syscall ?? 'userfaultfd'
-    if (options.feature !== undefined) this.feature = options.feature
+    this.syscall = detail.syscall ?? 'userfaultfd'
+    if (detail.feature !== undefined) this.feature = detail.feature
+    if (detail.since !== undefined) this.since = detail.since
+    if (detail.kernel !== undefined) this.kernel = detail.kernel
   }
 }
 

@@ -10,6 +10,7 @@ import { EventStream, type EventsOptions } from './events'
 import { decodeMessages, type UffdMessage } from './messages'
 import { probe, type Probe, type Via } from './probe'
 import { asBytes, checkAligned, pageSizeOf, toAddress, toLength, toRange, type Bytes, type RangeLike } from './range'
+import { hasFeature, unofferedFeatures, unsupported } from './kernel-features'
 
 /** Options of Userfaultfd.open(). */
 export interface OpenOptions {
@@ -184,6 +185,9 @@ export class Userfaultfd {
       }
     }
     const userModeOnly = flag(opts, 'userModeOnly', false)
+    // A feature this kernel does not offer: say which, and the release that brought it.
+    const lacking = unofferedFeatures(features, 'Userfaultfd.open({ features })')
+    if (lacking !== undefined) throw lacking
     const flags = OpenFlag.O_CLOEXEC | OpenFlag.O_NONBLOCK | (userModeOnly ? OpenFlag.UFFD_USER_MODE_ONLY : 0)
 
     const order: Via[] = via === 'auto' ? ['syscall', 'device'] : [via]
@@ -310,6 +314,15 @@ export class Userfaultfd {
       return ioctls
     } catch (err) {
       const e = err as UffdError
+      if (e.code === 'EINVAL' && (mode & Mode.REGISTER_MODE_WP) !== 0n && !hasFeature('PAGEFAULT_FLAG_WP'))
+        throw unsupported('PAGEFAULT_FLAG_WP', 'register() with { wp: true }')
+      if (
+        e.code === 'EINVAL' &&
+        (mode & Mode.REGISTER_MODE_MINOR) !== 0n &&
+        !hasFeature('MINOR_SHMEM') &&
+        !hasFeature('MINOR_HUGETLBFS')
+      )
+        throw unsupported('MINOR_HUGETLBFS', 'register() with { minor: true }')
       if (e.code === 'EINVAL' && (mode & Mode.REGISTER_MODE_MINOR) !== 0n) {
         withHint(e, 'MINOR faults need shared memory (shmem or hugetlbfs: Mapping.memfd), not anonymous memory')
       } else if (e.code === 'EBUSY') {
@@ -382,7 +395,13 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.COPY_MODE_DONTWAKE
     if (flag(o, 'wp', false)) mode |= Mode.COPY_MODE_WP
-    return native.copy(fd, d, s, len, mode)
+    try {
+      return native.copy(fd, d, s, len, mode)
+    } catch (err) {
+      throw (mode & Mode.COPY_MODE_WP) !== 0n
+        ? this.#lacking(err as UffdError, 'PAGEFAULT_FLAG_WP', 'copy() with { wp: true }')
+        : err
+    }
   }
 
   /** UFFDIO_ZEROPAGE: maps zero pages. Returns bytes done. */
@@ -401,7 +420,16 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.CONTINUE_MODE_DONTWAKE
     if (flag(o, 'wp', false)) mode |= Mode.CONTINUE_MODE_WP
-    return native.continue(fd, r.address, r.length, mode)
+    try {
+      return native.continue(fd, r.address, r.length, mode)
+    } catch (err) {
+      // { wp: true } needs write protection, and a kernel that knows the mode (6.4+).
+      if ((mode & Mode.CONTINUE_MODE_WP) === 0n) throw err
+      const lacking = this.#lacking(err as UffdError, 'PAGEFAULT_FLAG_WP', 'continue() with { wp: true }')
+      throw lacking !== err
+        ? lacking
+        : this.#lacking(err as UffdError, 'CONTINUE_MODE_WP', 'continue() with { wp: true }')
+    }
   }
 
   /**
@@ -421,6 +449,7 @@ export class Userfaultfd {
       native.writeProtect(fd, r.address, r.length, mode)
     } catch (err) {
       const e = err as UffdError
+      if (!hasFeature('PAGEFAULT_FLAG_WP')) throw unsupported('PAGEFAULT_FLAG_WP', 'writeProtect()')
       if (e.code === 'EINVAL' && protect && !wake) withHint(e, 'wake: false (DONTWAKE) is only valid when unprotecting')
       else if (e.code === 'ENOENT') withHint(e, 'the range must be registered with { wp: true }')
       throw e
@@ -432,7 +461,18 @@ export class Userfaultfd {
     const fd = this.#live('ioctl(UFFDIO_POISON)')
     const r = toRange(range)
     const mode = flag(checkOptions(options, 'poison'), 'wake', true) ? 0n : Mode.POISON_MODE_DONTWAKE
-    return native.poison(fd, r.address, r.length, mode)
+    try {
+      return native.poison(fd, r.address, r.length, mode)
+    } catch (err) {
+      throw this.#lacking(err as UffdError, 'POISON', 'uffd.poison()')
+    }
+  }
+
+  // An ioctl (or mode) newer than the kernel is EINVAL (unknown to userfaultfd_ioctl): an
+  // UnsupportedError naming the feature and its release instead.
+  #lacking(err: UffdError, feature: 'POISON' | 'MOVE' | 'PAGEFAULT_FLAG_WP' | 'CONTINUE_MODE_WP', what: string): Error {
+    if (err.code === 'EINVAL' && !hasFeature(feature)) return unsupported(feature, what)
+    return err
   }
 
   /**
@@ -450,7 +490,11 @@ export class Userfaultfd {
     let mode = 0n
     if (!flag(o, 'wake', true)) mode |= Mode.MOVE_MODE_DONTWAKE
     if (flag(o, 'allowSrcHoles', false)) mode |= Mode.MOVE_MODE_ALLOW_SRC_HOLES
-    return native.move(fd, d, s, len, mode)
+    try {
+      return native.move(fd, d, s, len, mode)
+    } catch (err) {
+      throw this.#lacking(err as UffdError, 'MOVE', 'uffd.move()')
+    }
   }
 
   /**

@@ -1,18 +1,29 @@
 // Dirty-page tracking: which pages of a range were written since the last time we asked.
-// A dedicated userfaultfd with WP_ASYNC write-protects the range; writes then resolve in the
-// kernel without any message (nobody blocks, not even the JS thread), leaving the page marked
-// "written". PAGEMAP_SCAN with PM_SCAN_WP_MATCHING reports the written pages and protects them
-// again in the same page-table walk, so a write racing with collect() is either reported now
-// or by the next collect(), never lost.
+// Two ways, the best the kernel offers ('auto'), and `tracker.mode` says which ran:
+//   - 'async' (Linux 6.7+): a dedicated userfaultfd with WP_ASYNC write-protects the range;
+//     writes then resolve in the kernel without any message (nobody blocks, not even the JS
+//     thread), leaving the page marked "written". PAGEMAP_SCAN with PM_SCAN_WP_MATCHING reports
+//     the written pages and protects them again in the same page-table walk, so a write racing
+//     with collect() is either reported now or by the next collect(), never lost.
+//   - 'sync' (any kernel with userfaultfd write protection: 5.7+, shmem/hugetlb 5.19+): plain
+//     WP faults, handled on a native thread that marks the page dirty and unprotects it; the
+//     first write to each page after a collect() waits for that thread (tens of microseconds).
+//     Same guarantee: marking and unprotecting happen under the lock collect() takes to swap
+//     the dirty set and protect its pages again (native/engine/wp_dirty_tracker.h).
+import type { WpDirtyTracker } from '../addon/binding'
+import { native } from '../addon/native'
 import { Userfaultfd } from '../core/userfaultfd'
-import { Feature } from '../core/constants'
+import { Feature, PAGE_SIZE } from '../core/constants'
 import { UnsupportedError } from '../core/errors'
-import { type Mapping, type MemoryKind, memoryKindOf } from '../core/mapping'
+import { kernelRelease, unsupported } from '../core/kernel-features'
+import { Mapping, type MemoryKind, hugePageSize, memoryKindOf } from '../core/mapping'
 import { PageCategory, PagemapScanFlag, pagemapScan, pagemapScanSupported } from './pagemap-scan'
-import { toRange, type Range, type RangeLike } from '../core/range'
+import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { choice, describe, optionalInt } from '../util/validate'
 
 export type { MemoryKind } from '../core/mapping'
+/** 'async': WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+); 'sync': WP faults on a native thread. */
+export type DirtyTrackingMode = 'async' | 'sync'
 
 /** A run of pages written since the previous collect(). */
 export interface DirtyRange {
@@ -30,7 +41,9 @@ export interface DirtyRange {
 export interface DirtyTrackingSupport {
   /** It works. */
   supported: boolean
-  /** why not, and what would make it work */
+  /** the mode 'auto' picks (when supported) */
+  mode?: DirtyTrackingMode
+  /** why not (unsupported), or why 'sync' rather than 'async' */
   reason?: string
 }
 
@@ -59,22 +72,36 @@ export function dirtyTrackingSupport(inputs: DirtyTrackingInputs): DirtyTracking
       reason: `userfaultfd is not available to this process: ${inputs.userfaultfdReason ?? 'see Userfaultfd.probe()'}`,
     }
   }
-  const missing: string[] = []
-  if ((inputs.features & Feature.WP_ASYNC) === 0n) missing.push('UFFD_FEATURE_WP_ASYNC (Linux 6.7+)')
-  if (!inputs.pagemapScan) missing.push('the PAGEMAP_SCAN ioctl on /proc/PID/pagemap (Linux 6.7+)')
   const memory = inputs.memory ?? 'anonymous'
-  if (memory !== 'anonymous' && (inputs.features & Feature.WP_HUGETLBFS_SHMEM) === 0n) {
-    missing.push(`UFFD_FEATURE_WP_HUGETLBFS_SHMEM for ${memory} memory (Linux 5.19+)`)
+  const base: string[] = []
+  if ((inputs.features & Feature.PAGEFAULT_FLAG_WP) === 0n)
+    base.push(`UFFD_FEATURE_PAGEFAULT_FLAG_WP (Linux ${kernelRelease('PAGEFAULT_FLAG_WP')}+)`)
+  if (memory !== 'anonymous' && (inputs.features & Feature.WP_HUGETLBFS_SHMEM) === 0n)
+    base.push(`UFFD_FEATURE_WP_HUGETLBFS_SHMEM for ${memory} memory (Linux ${kernelRelease('WP_HUGETLBFS_SHMEM')}+)`)
+  if (base.length > 0)
+    return { supported: false, reason: `dirty tracking needs ${base.join(' and ')}, which ${kernel} lacks` }
+  const missing: string[] = []
+  if ((inputs.features & Feature.WP_ASYNC) === 0n)
+    missing.push(`UFFD_FEATURE_WP_ASYNC (Linux ${kernelRelease('WP_ASYNC')}+)`)
+  if (!inputs.pagemapScan)
+    missing.push(`the PAGEMAP_SCAN ioctl on /proc/PID/pagemap (Linux ${kernelRelease('PAGEMAP_SCAN')}+)`)
+  if (missing.length === 0) return { supported: true, mode: 'async' }
+  return {
+    supported: true,
+    mode: 'sync',
+    reason: `synchronous write protection: ${kernel} lacks ${missing.join(' and ')}, which asynchronous tracking needs`,
   }
-  if (missing.length === 0) return { supported: true }
-  return { supported: false, reason: `dirty tracking needs ${missing.join(' and ')}, which ${kernel} lacks` }
 }
 
 /** Options of DirtyTracker.start(). */
 export interface DirtyTrackerOptions {
   /** what backs a plain { address, length } range (a Mapping says so itself); default 'anonymous' */
   memory?: MemoryKind
-  /** regions fetched per PAGEMAP_SCAN call (default 4096; the walk resumes where a full call stopped) */
+  /** 'auto' (default): 'async' where the kernel has WP_ASYNC and PAGEMAP_SCAN, else 'sync' */
+  mode?: 'auto' | DirtyTrackingMode
+  /** page size of a plain { address, length } range over hugetlb memory (a Mapping knows its own) */
+  pageSize?: number
+  /** regions fetched per PAGEMAP_SCAN call in 'async' mode (default 4096; the walk resumes where a full call stopped) */
   batch?: number
 }
 
@@ -87,17 +114,29 @@ export class DirtyTracker {
   readonly range: Range
   /** What backs the range. */
   readonly memory: MemoryKind
+  /** Which way writes are tracked: see DirtyTrackingMode. */
+  readonly mode: DirtyTrackingMode
   #uffd: Userfaultfd | undefined
+  #sync: WpDirtyTracker | undefined
   #batch: number
 
-  private constructor(uffd: Userfaultfd, range: Range, memory: MemoryKind, batch: number) {
+  private constructor(
+    uffd: Userfaultfd,
+    range: Range,
+    memory: MemoryKind,
+    mode: DirtyTrackingMode,
+    batch: number,
+    sync?: WpDirtyTracker,
+  ) {
     this.#uffd = uffd
     this.range = range
     this.memory = memory
+    this.mode = mode
     this.#batch = batch
+    this.#sync = sync
   }
 
-  /** Can this kernel and process track dirty pages of `memory`? Never throws. */
+  /** Can this kernel and process track dirty pages of `memory`, and which way? Never throws. */
   static support(memory: MemoryKind = 'anonymous'): DirtyTrackingSupport {
     const p = Userfaultfd.probe()
     return dirtyTrackingSupport({
@@ -112,19 +151,45 @@ export class DirtyTracker {
 
   /**
    * Starts tracking writes to `range` (a Mapping, or { address, length } of memory in this
-   * process). Throws UnsupportedError where the kernel lacks WP_ASYNC or PAGEMAP_SCAN.
-   * The range is registered with a userfaultfd of the tracker's own (EBUSY if another
-   * userfaultfd already registered it).
+   * process). Throws UnsupportedError where the kernel lacks userfaultfd write protection (or
+   * WP_ASYNC/PAGEMAP_SCAN, when { mode: 'async' } is asked for). The range is registered with a
+   * userfaultfd of the tracker's own (EBUSY if another userfaultfd already registered it).
    */
   static start(range: Mapping | RangeLike, options: DirtyTrackerOptions = {}): DirtyTracker {
     if (options === null || typeof options !== 'object')
       throw new TypeError(`options must be an object (got ${describe(options)})`)
     const r = toRange(range)
     const memory = choice(options.memory, 'memory', ['anonymous', 'shmem', 'hugetlb'] as const, memoryKindOf(range))
+    const want = choice(options.mode, 'mode', ['auto', 'async', 'sync'] as const, 'auto')
     const batch = optionalInt(options.batch, 'batch', 4096, 1)
+    const pageSize =
+      range instanceof Mapping
+        ? range.pageSize
+        : (options.pageSize ?? (memory === 'hugetlb' ? hugePageSize() : PAGE_SIZE))
+    if (!Number.isSafeInteger(pageSize) || pageSize < PAGE_SIZE || (pageSize & (pageSize - 1)) !== 0)
+      throw new RangeError(`pageSize must be a power of two >= ${PAGE_SIZE} (got ${describe(pageSize)})`)
+    checkAligned(r.address, r.length, 'DirtyTracker.start', pageSize)
     const support = DirtyTracker.support(memory)
-    if (!support.supported) throw new UnsupportedError(support.reason!, { syscall: 'DirtyTracker.start' })
+    if (!support.supported) {
+      const p = Userfaultfd.probe()
+      if (!p.supported) throw new UnsupportedError(support.reason!, { syscall: 'DirtyTracker.start' })
+      throw unsupported(
+        (p.features & Feature.PAGEFAULT_FLAG_WP) === 0n ? 'PAGEFAULT_FLAG_WP' : 'WP_HUGETLBFS_SHMEM',
+        `DirtyTracker.start() on ${memory} memory`,
+      )
+    }
+    if (want === 'async' && support.mode === 'sync') {
+      const p = Userfaultfd.probe()
+      throw unsupported(
+        (p.features & Feature.WP_ASYNC) === 0n ? 'WP_ASYNC' : 'PAGEMAP_SCAN',
+        "DirtyTracker.start({ mode: 'async' })",
+      )
+    }
+    const mode: DirtyTrackingMode = want === 'auto' ? support.mode! : want
+    return mode === 'async' ? DirtyTracker.#startAsync(r, memory, batch) : DirtyTracker.#startSync(r, memory, pageSize)
+  }
 
+  static #startAsync(r: Range, memory: MemoryKind, batch: number): DirtyTracker {
     const offered = Userfaultfd.probe().features
     let features = Feature.WP_ASYNC | Feature.WP_UNPOPULATED
     if (memory !== 'anonymous') features |= Feature.WP_HUGETLBFS_SHMEM
@@ -138,7 +203,30 @@ export class DirtyTracker {
       uffd.close()
       throw err
     }
-    return new DirtyTracker(uffd, r, memory, batch)
+    return new DirtyTracker(uffd, r, memory, 'async', batch)
+  }
+
+  // Without WP_UNPOPULATED (before 6.4) an empty anonymous page cannot be write-protected, and
+  // MADV_DONTNEED empties pages at any time: anonymous ranges are registered MISSING too, and
+  // the native thread maps such pages itself (write-protected). The same on every kernel, so
+  // that the path 6.1 takes is the one tested everywhere. shmem and hugetlb keep the protection
+  // of an empty page in the page table (PTE markers, 5.19+).
+  // EVENT_REMOVE: pages dropped by MADV_DONTNEED/MADV_REMOVE change (to zeros) without a write;
+  // they are reported as written, as PAGEMAP_SCAN does in 'async' mode.
+  static #startSync(r: Range, memory: MemoryKind, pageSize: number): DirtyTracker {
+    let features = Feature.PAGEFAULT_FLAG_WP | Feature.EVENT_REMOVE
+    if (memory !== 'anonymous') features |= Feature.WP_HUGETLBFS_SHMEM
+    const missing = memory === 'anonymous'
+    const uffd = Userfaultfd.open({ features })
+    let engine: WpDirtyTracker
+    try {
+      uffd.register(r, { wp: true, missing })
+      engine = new native.WpDirtyTracker(uffd.fd, r.address, r.length, pageSize, missing)
+    } catch (err) {
+      uffd.close()
+      throw err
+    }
+    return new DirtyTracker(uffd, r, memory, 'sync', 0, engine)
   }
 
   /** False after stop(). */
@@ -148,8 +236,8 @@ export class DirtyTracker {
 
   /**
    * The ranges written since start() or the previous collect(), in address order, adjacent
-   * pages merged; they are write-protected again in the same walk (atomically), so the next
-   * collect() reports exactly the writes made after this one saw the page.
+   * pages merged; they are write-protected again (atomically with respect to writers), so the
+   * next collect() reports exactly the writes made after this one saw the page.
    */
   collect(): DirtyRange[] {
     return this.#scan(true)
@@ -165,6 +253,9 @@ export class DirtyTracker {
     const uffd = this.#uffd
     if (uffd === undefined) return
     this.#uffd = undefined
+    // The native thread first (joined), then the fd: closing it wakes any writer still waiting.
+    this.#sync?.stop()
+    this.#sync = undefined
     uffd.close()
   }
 
@@ -175,6 +266,7 @@ export class DirtyTracker {
 
   #scan(reprotect: boolean): DirtyRange[] {
     if (this.#uffd === undefined) throw new TypeError('the dirty tracker was stopped')
+    if (this.#sync !== undefined) return this.#scanSync(reprotect)
     const start = this.range.address
     const end = start + BigInt(this.range.length)
     const out: DirtyRange[] = []
@@ -202,6 +294,17 @@ export class DirtyTracker {
       }
       if (walkEnd <= cursor) throw new Error(`PAGEMAP_SCAN made no progress at 0x${cursor.toString(16)}`)
       cursor = walkEnd
+    }
+    return out
+  }
+
+  #scanSync(reprotect: boolean): DirtyRange[] {
+    const runs = this.#sync!.collect(reprotect)
+    const start = this.range.address
+    const huge = this.memory === 'hugetlb'
+    const out: DirtyRange[] = []
+    for (let i = 0; i < runs.length; i += 2) {
+      out.push({ address: runs[i], offset: Number(runs[i] - start), length: Number(runs[i + 1] - runs[i]), huge })
     }
     return out
   }

@@ -13,6 +13,7 @@ import type {
 import { native } from '../addon/native'
 import { Feature, PAGE_SIZE } from '../core/constants'
 import { UnsupportedError, type UffdError } from '../core/errors'
+import { unsupported } from '../core/kernel-features'
 import { Mapping, memoryKindOf } from '../core/mapping'
 import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
@@ -89,16 +90,29 @@ export class LiveSnapshot {
   readonly pageSize: number
   /** Resolves with the stats once every page is in the sink; rejects with a UffdError. */
   readonly done: Promise<SnapshotStats>
+  /**
+   * Which path it took: true when the range was populated before it was protected (kernels
+   * without WP_UNPOPULATED, before 6.4, or populate: true), false when WP_UNPOPULATED covered it.
+   */
+  readonly populated: boolean
   #engine: SnapshotEngine
   #uffd: Userfaultfd
 
   /** @internal use takeSnapshot() */
-  constructor(range: Range, pageSize: number, engine: SnapshotEngine, uffd: Userfaultfd, done: Promise<SnapshotStats>) {
+  constructor(
+    range: Range,
+    pageSize: number,
+    engine: SnapshotEngine,
+    uffd: Userfaultfd,
+    done: Promise<SnapshotStats>,
+    populated: boolean,
+  ) {
     this.range = range
     this.pageSize = pageSize
     this.#engine = engine
     this.#uffd = uffd
     this.done = done
+    this.populated = populated
   }
 
   /** Progress so far (cheap: reads counters). */
@@ -141,7 +155,8 @@ function strip(p: SnapshotStats | SnapshotProgress): SnapshotProgress {
  * page waits until that page was copied. Await `done` for the result.
  *
  * Needs userfaultfd write-protection (Linux 5.7+ for anonymous memory, WP_HUGETLBFS_SHMEM
- * (5.19+) for shmem/hugetlb). Throws UnsupportedError where the kernel lacks it.
+ * (5.19+) for shmem/hugetlb; both 6.10+ on arm64). Throws UnsupportedError where the kernel
+ * lacks it.
  */
 export function takeSnapshot(
   range: Mapping | RangeLike,
@@ -178,22 +193,18 @@ export function takeSnapshot(
     })
   const offered = probe.features
   const memory = memoryKindOf(range)
-  if ((offered & Feature.PAGEFAULT_FLAG_WP) === 0n) {
-    throw new UnsupportedError(
-      `live snapshots need userfaultfd write-protection (Linux 5.7+), which this kernel (${probe.kernel}) lacks`,
-      { syscall: 'takeSnapshot', feature: 'UFFD_FEATURE_PAGEFAULT_FLAG_WP' },
-    )
-  }
-  if (memory !== 'anonymous' && (offered & Feature.WP_HUGETLBFS_SHMEM) === 0n) {
-    throw new UnsupportedError(
-      `a live snapshot of ${memory} memory needs UFFD_FEATURE_WP_HUGETLBFS_SHMEM (Linux 5.19+), which this kernel (${probe.kernel}) lacks`,
-      { syscall: 'takeSnapshot', feature: 'UFFD_FEATURE_WP_HUGETLBFS_SHMEM' },
-    )
-  }
+  // Write protection: 5.7 on x86_64, 6.10 on arm64 (kernelRelease() knows).
+  if ((offered & Feature.PAGEFAULT_FLAG_WP) === 0n) throw unsupported('PAGEFAULT_FLAG_WP', 'takeSnapshot()')
+  if (memory !== 'anonymous' && (offered & Feature.WP_HUGETLBFS_SHMEM) === 0n)
+    throw unsupported('WP_HUGETLBFS_SHMEM', `takeSnapshot() of ${memory} memory`)
   const wpUnpopulated = (offered & Feature.WP_UNPOPULATED) !== 0n
   const populate = options.populate === undefined || options.populate === 'auto' ? !wpUnpopulated : options.populate
   if (typeof populate !== 'boolean')
     throw new TypeError(`populate must be a boolean or 'auto' (got ${describe(options.populate)})`)
+  // Without WP_UNPOPULATED a page never touched stays writable: a write there would change the
+  // snapshot after its instant. 'auto' populates first; an explicit `false` cannot be honoured.
+  if (!populate && !wpUnpopulated && memory === 'anonymous')
+    throw unsupported('WP_UNPOPULATED', 'takeSnapshot() with { populate: false }')
 
   // Events that change the range while it is copied (munmap, mremap, MADV_DONTNEED) would lose
   // pages not yet copied: with them the engine sees that and fails the snapshot.
@@ -254,7 +265,7 @@ export function takeSnapshot(
       throw err
     },
   )
-  const snapshot = new LiveSnapshot(r, pageSize, engine, uffd, done)
+  const snapshot = new LiveSnapshot(r, pageSize, engine, uffd, done, populate)
   options.signal?.addEventListener('abort', onAbort, { once: true })
   return snapshot
 }

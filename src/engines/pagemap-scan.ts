@@ -6,6 +6,8 @@ import { native } from '../addon/native'
 import { PAGE_SIZE } from '../core/constants'
 import { toAddress, toLength, type RangeLike } from '../core/range'
 import { describe } from '../util/validate'
+import type { UffdError } from '../core/errors'
+import { hasFeature, unsupported } from '../core/kernel-features'
 
 /** PAGE_IS_* categories (bits of the masks and of each region's `categories`). */
 export const PageCategory = Object.freeze({
@@ -100,7 +102,7 @@ function mask(value: unknown, what: string, allowed: number): number {
 /**
  * ioctl(PAGEMAP_SCAN) over [range.address, range.address + range.length). One call: if
  * `walkEnd` is short of the end, call again from there. Throws UffdError for the kernel's
- * errors (EPERM: CHECK_WPASYNC met a page without async WP; ENOTTY: kernel before 6.7).
+ * errors (EPERM: CHECK_WPASYNC met a page without async WP); UnsupportedError before Linux 6.7.
  */
 export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}): PagemapScanResult {
   if (range === null || typeof range !== 'object')
@@ -130,18 +132,24 @@ export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}):
   if (!Number.isSafeInteger(pid) || pid < 0)
     throw new RangeError(`pid must be a non-negative integer (got ${describe(pid)})`)
 
-  const out = native.pagemapScan(
-    pid,
-    start,
-    start + BigInt(length),
-    flags,
-    categoryInverted,
-    categoryMask,
-    categoryAnyofMask,
-    returnMask,
-    maxPages,
-    maxRegions,
-  )
+  let out: ReturnType<typeof native.pagemapScan>
+  try {
+    out = native.pagemapScan(
+      pid,
+      start,
+      start + BigInt(length),
+      flags,
+      categoryInverted,
+      categoryMask,
+      categoryAnyofMask,
+      returnMask,
+      maxPages,
+      maxRegions,
+    )
+  } catch (err) {
+    if ((err as UffdError).code === 'ENOTTY') throw unsupported('PAGEMAP_SCAN', 'pagemapScan()')
+    throw err
+  }
   const regions: PageRegion[] = []
   for (let i = 0; i < out.regions.length; i += 3) {
     regions.push({
@@ -153,16 +161,7 @@ export function pagemapScan(range: RangeLike, options: PagemapScanOptions = {}):
   return { regions, walkEnd: out.walkEnd }
 }
 
-let scanSupported: boolean | undefined
-
 /** True if this kernel has the PAGEMAP_SCAN ioctl (Linux 6.7+). Cached. */
 export function pagemapScanSupported(): boolean {
-  if (scanSupported === undefined) {
-    try {
-      scanSupported = native.pagemapScanProbe() === 22 /* EINVAL: it exists and rejected size 0 */
-    } catch {
-      scanSupported = false
-    }
-  }
-  return scanSupported
+  return hasFeature('PAGEMAP_SCAN')
 }
