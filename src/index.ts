@@ -82,6 +82,8 @@ export type {
   ReadMethod,
   RemovePolicy,
 } from './engines/fault-server'
+/** A latency histogram's non-empty buckets (FaultServer.latencyHistogram()), to merge or summarise. */
+export type { HistogramJSON } from './util/histogram'
 export { RemoteSource } from './sources/remote'
 export type { RemoteOptions, RemoteCounters } from './sources/remote'
 export { SourceError } from './sources/store'

@@ -209,7 +209,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
-  readonly #ticker = new FaultsTicker({ source: 'FaultServer', server: this })
+  #ticker: FaultsTicker | undefined = new FaultsTicker({ source: 'FaultServer', server: this })
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
     super()
@@ -404,6 +404,14 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     })
   }
 
+  /**
+   * @internal A server inside another publisher (the Firecracker handler, which publishes each
+   * connection's fault counts as its own) stays off the faults channel.
+   */
+  _leaveFaultsChannel(): void {
+    this.#ticker = undefined
+  }
+
   /** Starts reading the uffd (a server created with { paused: true }). Idempotent. */
   resume(): this {
     if (!this.#closed) this.#handle.resume()
@@ -500,7 +508,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       this.#fed.tick()
       if (faultsChannel.hasSubscribers) {
         const s = this.#handle.stats()
-        this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
+        this.#ticker?.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
       }
       const settled = this.#handle.settled()
       this.emit('progress', {

@@ -61,6 +61,7 @@ export class EngineConnection {
       paused: true,
     })
     this.server.on('error', onError)
+    this.server._leaveFaultsChannel() // the handler publishes this connection's counts
     try {
       for (const r of regions) {
         const source: FaultSource =
