@@ -100,6 +100,8 @@ export { WorkingSet, WorkingSetError } from './sources/working-set'
 export type { SnapshotIdentity } from './sources/snapshot-identity'
 export type { FeedStats } from './sources/feed'
 export type { RemoteSpec } from './engines/fed-ranges'
+export { FaultTrace } from './engines/fault-trace'
+export type { FaultKind, FaultRecord } from './engines/fault-trace'
 export { takeSnapshot, LiveSnapshot } from './engines/live-snapshot'
 export type {
   SnapshotSink,

@@ -72,6 +72,55 @@ describe('userfaultfd serve', () => {
     expect(fs.existsSync(socket)).toBe(false) // removed on shutdown
   })
 
+  it('--trace FILE: every fault of the guest in a Chrome trace-event file, written when stopped', {
+    timeout: 30_000,
+  }, async () => {
+    const socket = path.join(dir, 'trace.sock')
+    const trace = path.join(dir, 'serve-trace.json')
+    const { child, done, stderr } = await startServe([
+      '--socket',
+      socket,
+      '--mem-file',
+      memFile,
+      '--json',
+      '--trace',
+      trace,
+    ])
+    const g = await runGuest({ socket, memFile, dontneed: 65536 })
+    expect(g.code).toBe(0)
+    await stderr.waitFor(/connection 1 ended/)
+    child.kill('SIGTERM')
+    const r = await done
+    expect(r.code).toBe(0)
+    const stats = JSON.parse(r.stdout)
+    const events = JSON.parse(fs.readFileSync(trace, 'utf8')).traceEvents as Array<Record<string, unknown>>
+    const faults = events.filter((e) => e.ph === 'X')
+    expect(faults.length).toBe(stats.faults)
+    expect(faults.filter((e) => e.name === 'zero').length).toBe(16)
+    expect(faults.filter((e) => e.name === 'demand').length).toBe(stats.faults - 16)
+    for (const e of faults) {
+      expect(e).toMatchObject({ cat: 'userfaultfd', pid: expect.any(Number), tid: expect.any(Number) })
+      expect(e.dur as number).toBeGreaterThanOrEqual(0)
+      expect((e.args as { address: string }).address).toMatch(/^0x[0-9a-f]+$/)
+    }
+    expect(r.stderr).toMatch(new RegExp(`trace of ${stats.faults} fault\\(s\\) written to .*serve-trace\\.json`))
+    // What the CLI refuses up front: a directory, or a file in a directory that is not there.
+    for (const bad of [dir, path.join(dir, 'nope', 't.json')]) {
+      const u = await runNode([
+        cli,
+        'serve',
+        '--socket',
+        path.join(dir, 'x.sock'),
+        '--mem-file',
+        memFile,
+        '--trace',
+        bad,
+      ])
+      expect(u.code).toBe(2)
+      expect(u.stderr).toMatch(/--trace/)
+    }
+  })
+
   it('--log-format json: one JSON object per line, with per-VM progress (percent, rate, ETA)', {
     timeout: 60_000 * timeScale,
   }, async () => {

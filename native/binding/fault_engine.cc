@@ -16,6 +16,7 @@
 //   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
 //   resume() (options.startPaused: read nothing from the uffd until then);
 //   latencyHistogram() -> { count, buckets: [[index, count], ...] } (src/util/histogram.ts's buckets);
+//   takeTrace() -> { records: ArrayBuffer (40-byte FaultTraceRecords), dropped } | null;
 //   close(); ref(); unref()
 //
 // Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
@@ -25,6 +26,7 @@
 // fed-ranges.ts), and its buffers are the package's own reads of a store, never handed to anyone
 // who could detach them.
 #include <errno.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <memory>
@@ -122,6 +124,8 @@ EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   o.handlerConcurrency = static_cast<uint32_t>(OptU64(opts, "handlerConcurrency", o.handlerConcurrency));
   o.prefetchYieldUs = static_cast<uint32_t>(OptU64(opts, "prefetchYieldUs", o.prefetchYieldUs));
   o.hugePageSize = OptU64(opts, "hugePageSize", o.hugePageSize);
+  o.traceCapacity = static_cast<uint32_t>(OptU64(opts, "traceCapacity", 0));
+  if (o.traceCapacity > (1u << 24)) ThrowRangeError(env, "traceCapacity must be 0..16777216");
   std::string onRemove = StringField(opts, "onRemove", "zero");
   if (onRemove == "zero")
     o.onRemove = RemovePolicy::kZero;
@@ -203,6 +207,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::Stats>("stats"),
                            InstanceMethod<&JsFaultEngine::LatencyBuckets>("latencyHistogram"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
+                           InstanceMethod<&JsFaultEngine::TakeTrace>("takeTrace"),
                            InstanceMethod<&JsFaultEngine::Close>("close"),
                            InstanceMethod<&JsFaultEngine::Ref>("ref"),
                            InstanceMethod<&JsFaultEngine::Unref>("unref"),
@@ -498,6 +503,22 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     o.Set("pagesTotal", Napi::Number::New(env, static_cast<double>(s.totalPages)));
     o.Set("bytesPresent", Napi::Number::New(env, static_cast<double>(s.bytes)));
     o.Set("bytesTotal", Napi::Number::New(env, static_cast<double>(s.totalBytes)));
+    return o;
+  }
+
+  // Readable after close() too: what the engine recorded before it stopped is not lost.
+  Napi::Value TakeTrace(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    FaultTrace* trace = core_->engine->trace();
+    if (trace == nullptr) return env.Null();
+    uint64_t dropped = 0;
+    std::vector<FaultTraceRecord> records = trace->Drain(&dropped);
+    size_t size = records.size() * sizeof(FaultTraceRecord);
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(env, size);
+    if (size > 0) memcpy(buffer.Data(), records.data(), size);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("records", buffer);
+    o.Set("dropped", Napi::Number::New(env, static_cast<double>(dropped)));
     return o;
   }
 

@@ -31,6 +31,7 @@ FaultEngine::FaultEngine(const EngineOptions& options, std::function<void()> wak
   paused_.store(options_.startPaused);
   if (options_.readSize < 1) options_.readSize = 1;
   spinBudgetNs_.store(options_.spinUs * 1000);
+  if (options_.traceCapacity > 0) trace_.reset(new FaultTrace(options_.traceCapacity));
 }
 
 FaultEngine::~FaultEngine() {
@@ -255,6 +256,8 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
           break;
       }
       MarkPresent(r.get(), page + off / ps, n);
+      // Only the prefetch thread fills for kPrefetch, only the demand thread for the others.
+      if (trace_) (origin == kPrefetch ? prefetchFilled_ : traceFilled_) += f.done;
       off += f.done;
     }
     *done = off / ps;
@@ -370,6 +373,7 @@ void FaultEngine::ZeroUnserved(uint64_t address) {
     WakePages(uffd_, page, size);
   } else if (f.err == 0) {
     stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
+    traceFilled_ += size;
   } else if (f.err != ENOENT) {
     Error(f.err, f.syscall, "zeros for " + Hex(page), page);
   }
@@ -380,12 +384,19 @@ void FaultEngine::RetryDeferred() {
   ops.swap(deferred_);
   for (auto& d : ops) {
     stats_.retries.fetch_add(1, std::memory_order_relaxed);
+    const uint64_t t0 = trace_ ? NowNs() : 0;
+    traceFilled_ = 0;
     if (d.range == nullptr) {
       ZeroUnserved(d.address);
     } else if (d.from == From::kZeros) {
       if (!d.range->dropped.load()) ZeroRemoved(d.range, d.page);
     } else if (!d.range->dropped.load()) {
       FillOrDefer(d.range, d.page, d.count, d.origin, d.from, d.bytes, nullptr);
+    }
+    if (trace_ && traceFilled_ > 0) {
+      uint8_t kind = d.from == From::kZeros ? kTraceZero : d.origin == kAround ? kTraceAround : kTraceDemand;
+      uint64_t at = d.range ? d.range->start + d.page * d.range->pageSize : d.address;
+      trace_->Record(kind, at, t0, NowNs(), traceFilled_, 0);
     }
   }
 }
@@ -510,6 +521,7 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
                   m.arg.pagefault.address);
           break;
         }
+        traceTid_ = m.arg.pagefault.feat.ptid;  // 0 without UFFD_FEATURE_THREAD_ID
         HandleFault(m.arg.pagefault.address, readNs);
         break;
       case UFFD_EVENT_REMOVE:
@@ -539,6 +551,9 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   std::shared_ptr<ServedRange> r = Lookup(table, address);
   size_t i = r ? (address - r->start) / r->pageSize : 0;
   uint8_t state = r ? r->states.Get(i) : static_cast<uint8_t>(kGone);
+  traceFilled_ = 0;
+  traceAddress_ = address;
+  traceReadNs_ = readNs;
   if (state == kGone) {
     // Registered with this uffd but served by no range: zeros, and say so once.
     stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
@@ -546,6 +561,7 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
       Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)",
             "fault at " + Hex(address) + " outside every served range: served as zeros", address);
     ZeroUnserved(address);
+    if (trace_) trace_->Record(kTraceZero, address, readNs, NowNs(), traceFilled_, traceTid_);
     return;
   }
   const uint64_t page = r->start + i * r->pageSize;
@@ -556,7 +572,9 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   }
   if (state == kRemoved) {
     ZeroRemoved(r, i);
-    latency_.Record(NowNs() - readNs);
+    uint64_t now = NowNs();
+    latency_.Record(now - readNs);
+    if (trace_) trace_->Record(kTraceZero, address, readNs, now, traceFilled_, traceTid_);
     return;
   }
   size_t window, ws, we;
@@ -592,7 +610,9 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
     for (auto& f : failed_) queued = queued || (f.range == r && f.page == i);
     if (!queued) failed_.push_back(Failed{r, i, NowNs() + 10 * 1000000ull, 10});
   }
-  latency_.Record(NowNs() - readNs);
+  uint64_t now = NowNs();
+  latency_.Record(now - readNs);
+  if (trace_) trace_->Record(kTraceDemand, address, readNs, now, traceFilled_, traceTid_);
   if (existed) {
     // Filled by the prefetch thread, whose ioctl wakes waiters only when it ends: wake now.
     WakePages(uffd_, page, r->pageSize);
@@ -600,7 +620,12 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   }
   size_t back = i;
   while (back > ws && r->states.Get(back - 1) == kMissing) back--;
-  if (back < i) FillOrDefer(r, back, i - back, kAround, From::kSource, nullptr, nullptr);
+  if (back < i) {
+    traceFilled_ = 0;
+    FillOrDefer(r, back, i - back, kAround, From::kSource, nullptr, nullptr);
+    if (trace_)
+      trace_->Record(kTraceAround, r->start + back * r->pageSize, now, NowNs(), traceFilled_, traceTid_);
+  }
 }
 
 void FaultEngine::ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t i) {
@@ -613,6 +638,7 @@ void FaultEngine::ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t i) {
     WakePages(uffd_, page, r->pageSize);
   } else if (f.err == 0) {
     stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
+    traceFilled_ += r->pageSize;
   } else if (f.err != ENOENT) {
     Error(f.err, f.syscall, "zeros for the removed page at " + Hex(page), page);
   }
@@ -624,7 +650,9 @@ void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size
   {
     std::lock_guard<std::mutex> lock(requestMu_);
     q.id = nextRequest_++;
-    requests_[q.id] = Pending{r, page, count, prefetch};
+    Pending p{r, page, count, prefetch};
+    if (!prefetch) p.faultAddress = traceAddress_, p.faultNs = traceReadNs_, p.faultTid = traceTid_;
+    requests_[q.id] = p;
   }
   q.handlerId = r->source->handlerId();
   q.rangeId = r->id;
@@ -774,7 +802,17 @@ void FaultEngine::ProcessCompletions() {
     }
     c.bytes.resize(p.count * p.range->pageSize, 0);
     auto bytes = std::make_shared<std::vector<uint8_t>>(std::move(c.bytes));
+    const uint64_t t0 = trace_ ? NowNs() : 0;
+    traceFilled_ = 0;
     FillOrDefer(p.range, p.page, p.count, kCompletion, From::kBytes, bytes, nullptr);
+    if (trace_) {
+      // A demand request's record spans the fault's whole wait: read, handler, copy.
+      if (p.prefetch)
+        trace_->Record(kTracePrefetch, p.range->start + p.page * p.range->pageSize, t0, NowNs(), traceFilled_,
+                       0);
+      else
+        trace_->Record(kTraceDemand, p.faultAddress, p.faultNs, NowNs(), traceFilled_, p.faultTid);
+    }
   }
   if (kick) KickPrefetch();
   if (ProcessProvided(1 << 20)) completionsPending_.store(true);
@@ -942,7 +980,11 @@ void FaultEngine::PrefetchLoop() {
         continue;
       }
       size_t done = 0;
+      const uint64_t t0 = trace_ ? NowNs() : 0;
+      prefetchFilled_ = 0;
       FillStatus s = FillRun(r, i, n, kPrefetch, From::kSource, nullptr, &scratch, nullptr, &done);
+      if (trace_ && prefetchFilled_ > 0)
+        trace_->Record(kTracePrefetch, r->start + i * r->pageSize, t0, NowNs(), prefetchFilled_, 0);
       if (s == kFilled) {
         backoffMs = 1;
         continue;

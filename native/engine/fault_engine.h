@@ -31,6 +31,7 @@
 
 #include "engine/fault_around.h"
 #include "engine/fault_sources.h"
+#include "engine/fault_trace.h"
 #include "engine/latency_histogram.h"
 #include "engine/page_states.h"
 #include "engine/util.h"
@@ -59,6 +60,7 @@ struct EngineOptions {
   uint32_t prefetchYieldUs = 1000;  // prefetch pauses while demand faults came this recently
   uint64_t hugePageSize = 2 << 20;  // zeros for faults outside every range, where ZEROPAGE is EINVAL
   bool startPaused = false;         // read nothing from the uffd until Resume()
+  uint32_t traceCapacity = 0;       // FaultServer { trace }: records buffered between drains (0: off)
 };
 
 // A fault-engine page's state in a range's claim table.
@@ -196,6 +198,8 @@ class FaultEngine {
   std::shared_ptr<ZeroRegion> ZerosFor(uint64_t pageSize, int* err);
   const EngineStats& stats() const { return stats_; }
   const LatencyHistogram& latency() const { return latency_; }
+  // Null unless options.traceCapacity > 0.
+  FaultTrace* trace() const { return trace_.get(); }
   uint32_t spinBudgetNs() const { return spinBudgetNs_.load(std::memory_order_relaxed); }
 
  private:
@@ -232,6 +236,9 @@ class FaultEngine {
     size_t page;
     size_t count;
     bool prefetch;
+    // For the trace: the fault that asked for it (demand requests).
+    uint64_t faultAddress = 0, faultNs = 0;
+    uint32_t faultTid = 0;
   };
   using Table = std::vector<std::shared_ptr<ServedRange>>;
 
@@ -349,4 +356,10 @@ class FaultEngine {
   std::atomic<uint32_t> spinBudgetNs_{0};
   EngineStats stats_;
   LatencyHistogram latency_;
+
+  // FaultServer { trace } (null: off). The fault being handled, and bytes filled since the last
+  // record, per thread: the demand thread's (trace*_) and the prefetch thread's.
+  std::unique_ptr<FaultTrace> trace_;
+  uint64_t traceAddress_ = 0, traceReadNs_ = 0, traceFilled_ = 0, prefetchFilled_ = 0;
+  uint32_t traceTid_ = 0;
 };

@@ -141,6 +141,8 @@ export interface FaultEngineOptions {
   hugePageSize: number
   /** read nothing from the uffd until resume() */
   startPaused: boolean
+  /** FaultServer { trace }: records buffered between takeTrace() calls (0 or absent: no trace) */
+  traceCapacity?: number
 }
 
 /** After MADV_DONTNEED/MADV_REMOVE in a served range: zeros, the source again, or unregister. */
@@ -277,9 +279,19 @@ export interface FaultEngine {
   /** the demand-latency histogram's non-empty buckets (src/util/histogram.ts HistogramJSON) */
   latencyHistogram(): { count: number; buckets: Array<[number, number]> }
   settled(): Settlement
+  /**
+   * The fault records since the last call (null without traceCapacity): 40-byte
+   * FaultTraceRecords (native/engine/fault_trace.h), and how many did not fit meanwhile.
+   */
+  takeTrace(): FaultEngineTrace | null
   close(): void
   ref(): void
   unref(): void
+}
+
+export interface FaultEngineTrace {
+  records: ArrayBuffer
+  dropped: number
 }
 
 export type FaultEngineConstructor = new (

@@ -89,6 +89,21 @@ export function checkReadableFile(value: string, flag: string): void {
   }
 }
 
+/** A file this user can create or overwrite: its directory exists and is writable, it is no directory. */
+export function checkWritableFile(value: string, flag: string): void {
+  if (value.includes('\0')) throw new UsageError(`${flag} must not contain a NUL byte`)
+  const dir = path.dirname(path.resolve(value))
+  if (!fs.existsSync(dir)) throw new UsageError(`${flag}: the directory ${dir} does not exist (create it first)`)
+  const existing = fs.statSync(value, { throwIfNoEntry: false })
+  if (existing !== undefined && !existing.isFile())
+    throw new UsageError(`${flag} ${value}: exists and is not a regular file (refusing to overwrite it)`)
+  try {
+    fs.accessSync(existing === undefined ? dir : value, fs.constants.W_OK)
+  } catch (err) {
+    throw new UsageError(`${flag} ${value}: this user may not write it (${(err as NodeJS.ErrnoException).code})`)
+  }
+}
+
 /**
  * A memory file `serve` can use: readable, and a regular file or a block device. Anything else
  * is refused here: a FIFO would block open(2) until some writer appeared (forever, usually).

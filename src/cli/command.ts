@@ -42,6 +42,8 @@ export interface Command<O extends Options = Options> {
   /** paragraphs for `userfaultfd <command> --help` */
   description: string
   options: O
+  /** the one positional argument the command takes (required when declared), e.g. report's FILE */
+  argument?: { value: string; help: string }
   examples?: string[]
   /** lines: '0  ...', '1  ...' */
   exitStatus?: string[]
@@ -50,7 +52,7 @@ export interface Command<O extends Options = Options> {
    * after every option converted; throws UsageError (exit 2) or Error (exit 1).
    */
   check?(values: Values<O>): void | Promise<void>
-  run(values: Values<O>): number | Promise<number>
+  run(values: Values<O>, argument: string): number | Promise<number>
 }
 
 /** Declares a command with its values typed from its option table. */
@@ -93,7 +95,7 @@ export function suggest(name: string, known: string[], prefix = '--'): string {
 export function parseCommand<O extends Options>(
   command: Command<O>,
   args: string[],
-): { help: true } | { help: false; values: Values<O> } {
+): { help: true } | { help: false; values: Values<O>; argument: string } {
   const table: Options = { ...command.options, help: HELP }
   const config: Record<string, { type: 'string' | 'boolean'; multiple?: boolean; short?: string }> = {}
   const byShort = new Map<string, string>()
@@ -103,10 +105,17 @@ export function parseCommand<O extends Options>(
   }
   const { tokens } = parseArgs({ args, options: config, strict: false, allowPositionals: true, tokens: true })
   const raw = new Map<string, string | boolean | string[]>()
+  let argument: string | undefined
   for (const t of tokens) {
     if (t.kind === 'option-terminator') continue
-    if (t.kind === 'positional')
-      throw new UsageError(`unexpected argument '${t.value}' (${command.name} takes only options)`)
+    if (t.kind === 'positional') {
+      if (command.argument === undefined)
+        throw new UsageError(`unexpected argument '${t.value}' (${command.name} takes only options)`)
+      if (argument !== undefined)
+        throw new UsageError(`unexpected argument '${t.value}' (${command.name} takes one ${command.argument.value})`)
+      argument = t.value
+      continue
+    }
     const name = t.rawName.startsWith('--') ? t.name : (byShort.get(t.name) ?? t.name)
     const o = table[name]
     if (o === undefined) throw new UsageError(`unknown option ${t.rawName}${suggest(t.name, Object.keys(table), '--')}`)
@@ -126,6 +135,8 @@ export function parseCommand<O extends Options>(
     else if (raw.has(name)) throw new UsageError(`${flag} given twice ('${raw.get(name)}', then '${t.value}')`)
     else raw.set(name, t.value)
   }
+  if (command.argument !== undefined && (argument === undefined || argument === ''))
+    throw new UsageError(`missing ${command.argument.value} (${command.argument.help})`)
   const values: Record<string, unknown> = {}
   for (const [name, o] of Object.entries(command.options)) {
     const flag = `--${name}`
@@ -134,7 +145,7 @@ export function parseCommand<O extends Options>(
       throw new UsageError(`missing ${flag}${o.value ? ` ${o.value}` : ''} (required)`)
     values[name] = o.convert(given, flag)
   }
-  return { help: false, values: values as Values<O> }
+  return { help: false, values: values as Values<O>, argument: argument ?? '' }
 }
 
 function wrap(text: string, width: number, indent: string): string[] {
@@ -156,6 +167,7 @@ function wrap(text: string, width: number, indent: string): string[] {
 export function commandHelp(program: string, command: Command): string {
   const out = [`usage: ${program} ${command.name} ${command.synopsis}`, '']
   for (const p of command.description.split('\n\n')) out.push(...wrap(p.replace(/\n/g, ' '), 78, ''), '')
+  if (command.argument !== undefined) out.push('argument:', `  ${command.argument.value}  ${command.argument.help}`, '')
   out.push('options:')
   const rows = Object.entries({ ...command.options, help: HELP }).map(([name, o]) => {
     const left = `${o.short ? `-${o.short}, ` : ''}--${name}${o.value ? ` ${o.value}` : ''}`

@@ -77,7 +77,7 @@ async function main(argv: string[]): Promise<number> {
     }
     values = parsed.values
     await command.check?.(values)
-    return await command.run(values)
+    return await command.run(values, parsed.argument)
   } catch (err) {
     if (err instanceof UsageError) return usageError(err.message, command.name)
     process.stderr.write(`${PROGRAM} ${command.name}: ${(err as Error).message}\n`)

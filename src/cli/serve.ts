@@ -3,6 +3,7 @@
 // connections, each VM's progress with percentage and ETA; SIGINT/SIGTERM close every
 // connection and the socket; --json prints the final stats on stdout.
 import * as fs from 'node:fs'
+import { FaultTrace } from '../engines/fault-trace'
 import type { ConnectionStats } from '../firecracker/handler'
 import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 import type { GuestRegion } from '../firecracker/protocol'
@@ -31,6 +32,8 @@ export interface ServeArgs {
   cacheDir?: string
   cacheSizeMiB?: number
   cacheKey?: string
+  /** write every fault to this Chrome trace-event file (completed on exit) */
+  trace?: string
 }
 
 /** The RemoteSource options the command line asks for. */
@@ -113,17 +116,25 @@ export async function serve(args: ServeArgs): Promise<number> {
       event: 'stale-socket',
       socket: args.socket,
     })
-  const handler = await FirecrackerHandler.listen({
-    socketPath: args.socket,
-    memFile: args.memFile,
-    onRemove: args.onRemove,
-    readMethod: args.readMethod,
-    handshakeTimeout: args.handshakeTimeout,
-    allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
-    remote: remoteOptions(args),
-    workingSet: args.workingSet,
-    recordWorkingSet: args.recordWorkingSet,
-  })
+  const trace = args.trace === undefined ? undefined : new FaultTrace(args.trace)
+  let handler: FirecrackerHandler
+  try {
+    handler = await FirecrackerHandler.listen({
+      socketPath: args.socket,
+      memFile: args.memFile,
+      onRemove: args.onRemove,
+      readMethod: args.readMethod,
+      handshakeTimeout: args.handshakeTimeout,
+      allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
+      remote: remoteOptions(args),
+      workingSet: args.workingSet,
+      recordWorkingSet: args.recordWorkingSet,
+      trace,
+    })
+  } catch (err) {
+    trace?.close()
+    throw err
+  }
   logger.log(
     'info',
     `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.snapshot.size)} MiB, on remove: ${args.onRemove})`,
@@ -236,6 +247,14 @@ export async function serve(args: ServeArgs): Promise<number> {
   if (statusTimer) clearInterval(statusTimer)
   status?.clear()
   await handler.close()
+  if (trace !== undefined) {
+    trace.close()
+    logger.log('info', `trace of ${trace.records} fault(s) written to ${trace.path}`, {
+      event: 'trace',
+      file: trace.path,
+      records: trace.records,
+    })
+  }
   const stats = { ...handler.stats(), uptimeMs: Date.now() - started }
   if (args.json) process.stdout.write(`${JSON.stringify(stats)}\n`)
   logger.log(

@@ -5,6 +5,7 @@
 // JS path (FaultResolver) is for handlers written in JavaScript, not this one.
 import type { ReadMethod, RemovePolicy } from '../addon/binding'
 import { FaultServer, type FaultServerError, type FaultSource } from '../engines/fault-server'
+import type { FaultTrace } from '../engines/fault-trace'
 import type { RemoteSource } from '../sources/remote'
 import type { WorkingSet } from '../sources/working-set'
 import type { HistogramJSON } from '../util/histogram'
@@ -22,6 +23,8 @@ export interface EngineServeOptions {
   record: boolean
   /** fill the rest in the background (after the working set) */
   prefetch: boolean
+  /** the handler's fault trace, shared by its connections */
+  trace?: FaultTrace
 }
 
 export interface EngineCounts {
@@ -59,6 +62,7 @@ export class EngineConnection {
       onRemove: options.onRemove,
       prefetch: options.prefetch && !options.record,
       paused: true,
+      ...(options.trace !== undefined ? { trace: options.trace } : {}),
     })
     this.server.on('error', onError)
     this.server._leaveFaultsChannel() // the handler publishes this connection's counts

@@ -15,6 +15,7 @@ import type { ReadMethod, RemovePolicy } from '../addon/binding'
 import type { UffdError } from '../core/errors'
 import { Userfaultfd } from '../core/userfaultfd'
 import type { FaultServerError } from '../engines/fault-server'
+import { FaultTrace } from '../engines/fault-trace'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { isListening } from '../ipc/unix-socket'
@@ -76,6 +77,11 @@ export interface FirecrackerHandlerOptions {
    * only takes the memory it touches).
    */
   prefetch?: boolean
+  /**
+   * Record every fault of every connection in this trace (`serve --trace FILE`): each
+   * connection's FaultServer writes its faults there (kind, address, wait, thread). You close it.
+   */
+  trace?: FaultTrace
 }
 
 /** What a connection, or the handler in all, has served. */
@@ -333,6 +339,7 @@ class Connection {
         workingSet: h.workingSet,
         record: h.recordWorkingSet !== undefined,
         prefetch: h.prefetch,
+        trace: h.trace,
       },
       (err) => this.#onServeError(err),
     )
@@ -436,6 +443,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   prefetch: boolean
   #remote: RemoteSource | undefined
   readonly #saves = new Set<Promise<void>>()
+  /** See FirecrackerHandlerOptions.trace. */
+  readonly trace: FaultTrace | undefined
   /** @internal */
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
@@ -457,6 +466,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.snapshot = snapshot
     this.prefetch = options.prefetch ?? remote
     this.recordWorkingSet = options.recordWorkingSet
+    this.trace = options.trace
     // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
     this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
   }
@@ -475,6 +485,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       throw new TypeError('recordWorkingSet must be a file path')
     if (options.prefetch !== undefined && typeof options.prefetch !== 'boolean')
       throw new TypeError('prefetch must be a boolean')
+    if (options.trace !== undefined && !(options.trace instanceof FaultTrace))
+      throw new TypeError('trace must be a FaultTrace')
     checkHandshakeLimits(options)
     const location = parseLocation(options.memFile)
     let remote: RemoteSource | undefined

@@ -3,6 +3,7 @@
 import type { Command } from '../command'
 import { demoCommand } from './demo'
 import { doctorCommand } from './doctor'
+import { reportCommand } from './report'
 import { serveCommand } from './serve'
 
-export const commands: Command[] = [doctorCommand, serveCommand, demoCommand]
+export const commands: Command[] = [doctorCommand, serveCommand, demoCommand, reportCommand]

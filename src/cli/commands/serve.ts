@@ -1,6 +1,6 @@
 // `userfaultfd serve`: the option table, help and up-front checks; the handler is ../serve.ts.
 import { parseLocation } from '../../sources/location'
-import { checkMemFile, checkReadableFile, checkSocketFree, checkSocketPath } from '../checks'
+import { checkMemFile, checkReadableFile, checkSocketFree, checkSocketPath, checkWritableFile } from '../checks'
 import { defineCommand, UsageError } from '../command'
 import { choice, flag, int, ints, mebibytes, text, texts } from '../options'
 import { serve } from '../serve'
@@ -125,6 +125,11 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       default: 5000,
       help: "how often each VM's progress is logged while it is being served (0: never).",
     }),
+    trace: text({
+      value: 'FILE',
+      help: 'record every fault (address, kind, wait, thread) in this Chrome trace-event file, which Perfetto (ui.perfetto.dev) opens and `userfaultfd report FILE` draws; written when stopped.',
+      check: checkWritableFile,
+    }),
     json: flag({ help: 'print the final stats as JSON on stdout when stopped.' }),
   },
   exitStatus: [
@@ -137,6 +142,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
     'userfaultfd serve --socket uffd.sock --mem-file mem --log-format json --json > stats.json',
     'userfaultfd serve --socket uffd.sock --mem-file nbd://10.0.0.5:10809/vm1 --record-working-set vm1.ws',
     "userfaultfd serve --socket uffd.sock --mem-file https://store/vm1.mem --header 'Authorization: Bearer T' --working-set vm1.ws --cache-dir /var/cache/uffd",
+    'userfaultfd serve --socket uffd.sock --mem-file mem --trace restore.json  # then: userfaultfd report restore.json',
   ],
   async check(v) {
     await checkSocketFree(v.socket, '--socket')
@@ -160,5 +166,6 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       cacheDir: v['cache-dir'],
       cacheSizeMiB: v['cache-size'],
       cacheKey: v['cache-key'],
+      trace: v.trace,
     }),
 })
