@@ -19,6 +19,7 @@
         "native/binding/fd_passing.cc",
         "native/binding/fd_watcher.cc",
         "native/binding/mapping.cc",
+        "native/binding/page_cache.cc",
         "native/binding/pagemap_scan.cc",
         "native/binding/snapshot_engine.cc",
         "native/binding/uffd_ioctls.cc",

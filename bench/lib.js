@@ -2,6 +2,7 @@
 'use strict'
 const fs = require('node:fs')
 const path = require('node:path')
+const crypto = require('node:crypto')
 const { execFileSync } = require('node:child_process')
 
 const out = path.join(__dirname, 'out')
@@ -51,21 +52,30 @@ function parseArgs(argv, defaults) {
   return args
 }
 
-/** A snapshot file of `mib` MiB of random bytes in bench/out (made once, then reused). */
+/** bench/out/snapshot-<mib>m.bin: `mib` MiB of random bytes (made once, reused). */
 function snapshotFile(mib) {
-  const crypto = require('node:crypto')
   const file = path.join(out, `snapshot-${mib}m.bin`)
-  if (!fs.existsSync(file) || fs.statSync(file).size !== mib * 1048576) {
+  if (!fs.existsSync(file) || fs.statSync(file).size !== mib * 1024 * 1024) {
     fs.mkdirSync(out, { recursive: true })
     const fd = fs.openSync(file, 'w')
-    const block = Buffer.alloc(8 * 1048576)
-    for (let i = 0; i < Math.ceil(mib / 8); i++) {
+    const block = Buffer.alloc(1 << 20)
+    for (let i = 0; i < mib; i++) {
       crypto.randomFillSync(block)
-      fs.writeSync(fd, block, 0, Math.min(block.length, (mib - i * 8) * 1048576))
+      fs.writeSync(fd, block)
     }
     fs.closeSync(fd)
   }
   return file
 }
 
-module.exports = { buildC, median, percentile, shuffle, parseArgs, snapshotFile, out }
+/**
+ * Touches and frees `mib` MiB of fresh memory: on a VM whose host backs guest memory lazily,
+ * first touches are ~10x slower, and would be charged to whatever runs first.
+ */
+function warmMemory(mib) {
+  const { Mapping } = require('../dist')
+  const m = Mapping.anonymous(mib * 1024 * 1024, { populate: true })
+  m.unmap()
+}
+
+module.exports = { buildC, median, percentile, shuffle, parseArgs, snapshotFile, warmMemory, out }

@@ -340,7 +340,7 @@ async function aroundSection(args) {
     for (const w of windows) seq[w].push(await touchRestore(file, size, all, w, cpu))
     for (const w of Object.keys(rnd))
       rnd[w].push(await touchRestore(file, size, random, w === 'adaptive' ? w : Number(w), cpu))
-    c.push(runC(restore, [file, 'uffd', 2 * MiB], cpu === 1 ? { TOUCHER_CPU: '1' } : {}, 0))
+    c.push(runC(restore, [file, 'uffd', 2 * MiB], cpu === 1 ? { BENCH_TOUCHER_CPU: '1' } : {}, 0))
     main.push(mainThreadRead(file, size, cpu))
   }
   const secs = (list) => median(list.map((x) => x.seconds))

@@ -17,7 +17,7 @@ export type {
   CopySource,
 } from './core/userfaultfd'
 export { Mapping, hugePageSize } from './core/mapping'
-export type { Advice, Protection, AnonymousOptions, MemfdOptions } from './core/mapping'
+export type { Advice, Protection, AnonymousOptions, MemfdOptions, FromFdOptions } from './core/mapping'
 export { UffdError, UnsupportedError, PERMISSION_HINT } from './core/errors'
 export type { UnsupportedDetail } from './core/errors'
 export { FEATURE_SINCE, kernelRelease, hasFeature, missingFeatures } from './core/kernel-features'
@@ -81,6 +81,13 @@ export type {
   PageBytes,
   ReadMethod,
   RemovePolicy,
+  FaultMode,
+  FaultStage,
+  PageClass,
+  SourceErrorPolicy,
+  Backing,
+  FaultServerRangeStats,
+  MetricsOptions,
 } from './engines/fault-server'
 /** A latency histogram's non-empty buckets (FaultServer.latencyHistogram()), to merge or summarise. */
 export type { HistogramJSON } from './util/histogram'

@@ -6,6 +6,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import type { ChildProcess } from 'node:child_process'
+import * as net from 'node:net'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { type ChildResult, dist, killChildren, runGuest, runNode, timeScale, watchOutput } from './helpers/children'
 
@@ -234,5 +235,86 @@ describe('userfaultfd serve', () => {
     const r = await runNode([cli, 'serve', '--socket', path.join(dir, 'empty.sock'), '--mem-file', empty])
     expect(r.code).toBe(1)
     expect(r.stderr).toMatch(/^userfaultfd serve: memory file .*empty\.mem is empty\n$/)
+  })
+
+  it('--metrics-port 0: /metrics over loopback in the Prometheus text format, 404 and 405 elsewhere', {
+    timeout: 30_000,
+  }, async () => {
+    const socket = path.join(dir, 'metrics.sock')
+    const { child, done, stderr } = await startServe(['--socket', socket, '--mem-file', memFile, '--metrics-port', '0'])
+    const logged = await stderr.waitFor(/metrics on http:\/\/127\.0\.0\.1:\d+\/metrics/)
+    const url = /metrics on (http:\/\/127\.0\.0\.1:\d+\/metrics)/.exec(logged)![1]
+    const scrape = async (): Promise<Map<string, number>> => {
+      const res = await fetch(url)
+      expect(res.status).toBe(200)
+      expect(res.headers.get('content-type')).toBe('text/plain; version=0.0.4; charset=utf-8')
+      const text = await res.text()
+      expect(text).toMatch(/^# HELP userfaultfd_serve_connections .+\n# TYPE userfaultfd_serve_connections gauge$/m)
+      const out = new Map<string, number>()
+      for (const line of text.split('\n').filter((l) => l !== '' && !l.startsWith('#'))) {
+        const at = line.lastIndexOf(' ')
+        out.set(line.slice(0, at), Number(line.slice(at + 1)))
+      }
+      return out
+    }
+    const before = await scrape()
+    expect(before.get('userfaultfd_serve_connections_total')).toBe(0)
+    expect(before.get('userfaultfd_serve_pages_served_total{connection="all"}')).toBe(0)
+    const g = await runGuest({ socket, memFile, dontneed: 65536 })
+    expect(g.code).toBe(0)
+    await stderr.waitFor(/connection 1 ended/)
+    const after = await scrape()
+    expect(after.get('userfaultfd_serve_connections_total')).toBe(1)
+    expect(after.get('userfaultfd_serve_connections')).toBe(0)
+    expect(after.get('userfaultfd_serve_connections_failed_total')).toBe(0)
+    expect(after.get('userfaultfd_serve_pages_served_total{connection="all"}')).toBe(1024)
+    expect(after.get('userfaultfd_serve_bytes_served_total{connection="all"}')).toBe(4 << 20)
+    expect(after.get('userfaultfd_serve_zero_pages_total{connection="all"}')).toBe(16)
+    expect(after.get('userfaultfd_serve_removes_total{connection="all"}')).toBe(1)
+    expect(after.get('userfaultfd_serve_faults_total{connection="all"}')).toBeGreaterThan(0)
+    expect((await fetch(url.replace(/metrics$/, 'other'))).status).toBe(404)
+    expect((await fetch(url, { method: 'POST' })).status).toBe(405)
+    const head = await fetch(url, { method: 'HEAD' })
+    expect(head.status).toBe(200)
+    expect(await head.text()).toBe('')
+    child.kill('SIGTERM')
+    expect((await done).code).toBe(0)
+    await expect(fetch(url)).rejects.toThrow() // closed with the handler
+  })
+
+  it('--metrics-port: a port in use fails with exit 1 (socket removed); a bad port is a usage error', {
+    timeout: 30_000,
+  }, async () => {
+    const busy = net.createServer()
+    await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve))
+    try {
+      const port = (busy.address() as net.AddressInfo).port
+      const socket = path.join(dir, 'metrics-busy.sock')
+      const r = await runNode([cli, 'serve', '--socket', socket, '--mem-file', memFile, '--metrics-port', String(port)])
+      expect(r.code).toBe(1)
+      expect(r.stderr).toMatch(new RegExp(`--metrics-port ${port}: .*EADDRINUSE`))
+      expect(fs.existsSync(socket)).toBe(false)
+    } finally {
+      busy.close()
+    }
+    const bad = await runNode([
+      cli,
+      'serve',
+      '--socket',
+      path.join(dir, 'x.sock'),
+      '--mem-file',
+      memFile,
+      '--metrics-port',
+      '65536',
+    ])
+    expect(bad.code).toBe(2)
+    expect(bad.stderr).toMatch(/--metrics-port/)
+  })
+
+  it('--on-source-error: a value other than retry, poison or zero is a usage error', { timeout: 30_000 }, async () => {
+    const args = [cli, 'serve', '--socket', path.join(dir, 'y.sock'), '--mem-file', memFile, '--on-source-error']
+    const bad = await runNode([...args, 'ignore'])
+    expect(bad.code).toBe(2)
+    expect(bad.stderr).toMatch(/--on-source-error/)
   })
 })

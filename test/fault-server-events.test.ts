@@ -4,7 +4,15 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { afterEach, describe, expect, it } from 'vitest'
-import { Feature, FaultServer, Mapping, PAGE_SIZE, Userfaultfd, type Userfaultfd as Uffd } from '../src/index'
+import {
+  Feature,
+  FaultServer,
+  type FaultServerError,
+  Mapping,
+  PAGE_SIZE,
+  Userfaultfd,
+  type Userfaultfd as Uffd,
+} from '../src/index'
 import { forkOnThread, madviseOnThread, mmapRaw, mremapOnThread, munmapOnThread, pages, touch } from '../src/testing'
 import {
   closeAll,
@@ -258,8 +266,12 @@ describe('FaultServer errors', () => {
     // Two failures, then success. (The second fault may ask again while the first request is
     // backing off on a loaded machine: a third successful call is allowed, not required.)
     expect(calls).toBeGreaterThanOrEqual(3)
-    expect(errors.map((e) => e.message)).toEqual(['fetch failed', 'fetch failed'])
-    expect((errors[0] as Error & { address: bigint }).address).toBe(m.address)
+    // Each failure: the cause, the faulting page's address, and what onSourceError ('retry' by
+    // default) did about it.
+    expect(errors.map((e) => (e.cause as Error).message)).toEqual(['fetch failed', 'fetch failed'])
+    expect(errors.map((e) => (e as FaultServerError).action)).toEqual(['retry', 'retry'])
+    expect(errors[0]).toMatchObject({ name: 'UffdError', address: m.address, retryInMs: 10 })
+    expect(errors[0].message).toMatch(/could not give the page at 0x[0-9a-f]+: fetch failed \(retrying in 10 ms\)/)
   })
 
   it('a handler returning something other than bytes is an error event', async () => {
@@ -267,7 +279,7 @@ describe('FaultServer errors', () => {
     server.serve(m, { handler: () => 42 as unknown as Uint8Array })
     const err = once(server, 'error')
     const touching = touch([m.at(0)])
-    expect(await err).toBeInstanceOf(TypeError)
+    expect((await err).cause).toBeInstanceOf(TypeError)
     server.close()
     uffd.close()
     await within(touching, 5000, 'touch')

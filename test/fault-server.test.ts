@@ -344,6 +344,30 @@ describe('FaultServer events are typed', () => {
   })
 })
 
+describe('FaultServer adaptive spin', () => {
+  it('spinUs 0 never spins; by default a spin is 50 µs, 25 µs (a probe) or none, and hits are counted among reads', async () => {
+    for (const spinUs of [0, undefined]) {
+      const uffd = track(Userfaultfd.open())
+      const server = track(
+        new FaultServer(uffd, { faultAround: PAGE_SIZE, ...(spinUs === undefined ? {} : { spinUs }) }),
+      )
+      const m = track(Mapping.anonymous(256 * PAGE_SIZE))
+      server.serve(m, { zero: true })
+      await within(touch(pages(m), { threads: 1 }), 10_000, 'touch')
+      await until(() => server.stats().faults === 256, 5000, 'faults counted')
+      const st = server.stats()
+      if (spinUs === 0) {
+        expect(st.spinHits).toBe(0)
+        expect(st.spinBudgetUs).toBe(0)
+      } else {
+        expect([0, 25, 50]).toContain(st.spinBudgetUs)
+        expect(st.spinHits).toBeLessThanOrEqual(st.reads)
+      }
+      expect(st.reads).toBeGreaterThan(0)
+    }
+  })
+})
+
 describe('FaultServer bad input', () => {
   it('rejects bad options, sources and ranges with clear errors', () => {
     const uffd = track(Userfaultfd.open())

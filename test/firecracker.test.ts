@@ -17,6 +17,8 @@ import {
   type GuestRegion,
 } from '../src'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
+import { handlerMetrics } from '../src/firecracker/metrics'
+import { touch } from '../src/testing'
 import { dist, killChildren, runGuest, runNode } from './helpers/children'
 import { execFileSync } from 'node:child_process'
 
@@ -253,6 +255,30 @@ describe('Firecracker handler: serving a guest', () => {
     })
   }
 
+  it("onSourceError: zero: a page past a truncated memory file's end reads as zeros, with a warning saying so; bad values refused", {
+    timeout: 30_000,
+  }, async () => {
+    await expect(listen({ onSourceError: 'ignore' as 'zero' })).rejects.toThrow(/onSourceError/)
+    const size = 1 << 20
+    const file = path.join(dir, 'truncated-zero')
+    writeSnapshot(file, size)
+    const h = await listen({ memFile: file, readMethod: 'pread', onSourceError: 'zero' })
+    const warnings: Error[] = []
+    h.on('warning', (_c, err) => warnings.push(err))
+    fs.truncateSync(file, size / 2)
+    const { uffd, map, region } = peerMemory(size / PAGE_SIZE)
+    const s = await connect(h)
+    const ready = new Promise((r) => h.once('ready', r))
+    await sendFds(s, JSON.stringify([region]), [uffd.fd])
+    await ready
+    // From a native thread: this one must not block in a fault.
+    const { values } = await touch([map.address + BigInt(size - PAGE_SIZE), map.address])
+    expect(values[0]).toBe(0n) // past the new end: zeros, as asked
+    expect(values[1]).not.toBe(0n) // before it: the snapshot's bytes
+    expect(warnings.length).toBeGreaterThan(0)
+    expect(warnings[0].message).toMatch(/short read.*served as zeros/)
+  })
+
   it('serves two guests at once, several threads each', { timeout: 30_000 }, async () => {
     const h = await listen()
     const [a, b] = await Promise.all([
@@ -474,6 +500,38 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     await h.close()
     await new Promise((r) => setTimeout(r, 50)) // libuv closes handles (sockets, watchers' dups) in its close phase
     expect(openFds()).toBe(baseline)
+  })
+})
+
+describe('Firecracker handler: metrics', () => {
+  it("metricsSources(): each open connection's FaultServer per-range metrics, labelled with its connection", {
+    timeout: 30_000,
+  }, async () => {
+    const h = await listen()
+    const { uffd, map, region } = peerMemory(16)
+    const s = await connect(h)
+    const ready = new Promise<ConnectionStats>((r) => h.once('ready', (c) => r(c)))
+    await sendFds(s, JSON.stringify([region]), [uffd.fd])
+    const { id } = await ready
+    // The faults come from a native thread (this thread must not block in one).
+    const pages = Array.from({ length: 16 }, (_, i) => map.address + BigInt(i * PAGE_SIZE))
+    await touch(pages)
+    const sources = h.metricsSources()
+    expect(sources).toHaveLength(1)
+    expect(sources[0].labels).toEqual({ connection: String(id) })
+    const text = handlerMetrics(h)
+    const sample = (name: string): number => {
+      const m = new RegExp(`^${name}\\{[^}]*connection="${id}"[^}]*\\} (\\S+)$`, 'm').exec(text)
+      expect(m, `${name} for connection ${id} in:\n${text}`).not.toBeNull()
+      return Number(m![1])
+    }
+    expect(sample('userfaultfd_range_faults_total')).toBeGreaterThan(0)
+    expect(sample('userfaultfd_range_pages_present')).toBe(16)
+    expect(sample('userfaultfd_range_pages')).toBe(16)
+    expect(sample('userfaultfd_faults_total')).toBeGreaterThan(0)
+    expect(text).toMatch(new RegExp(`^userfaultfd_fault_seconds_count\\{[^}]*connection="${id}"`, 'm'))
+    await h.close() // ends the connection (a peer in this process stays connected until then)
+    expect(h.metricsSources()).toEqual([])
   })
 })
 

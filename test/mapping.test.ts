@@ -142,10 +142,10 @@ describe('Mapping.memfd and alias()', () => {
     expect(Buffer.from(m.buffer, 0, 6).toString()).toBe('shared')
   })
 
-  it('alias() of anonymous memory is a TypeError', () => {
+  it('alias() of private anonymous memory is a TypeError', () => {
     const m = track(Mapping.anonymous(PAGE_SIZE))
     expect(() => m.alias()).toThrow(TypeError)
-    expect(() => m.alias()).toThrow(/needs a memfd mapping/)
+    expect(() => m.alias()).toThrow(/needs shared memory/)
   })
 
   it('rejects a non-string name and options that are not objects of booleans', () => {

@@ -114,7 +114,8 @@ describe('diagnostics_channel', () => {
       expect(errors.messages[0]).toMatchObject({
         source: 'FaultServer',
         server,
-        error: { message: 'the source is down' },
+        // a source failure: a UffdError with the handler's error as its cause (onSourceError)
+        error: { name: 'UffdError', action: 'retry', cause: { message: 'the source is down' } },
       })
     } finally {
       errors.stop()

@@ -81,17 +81,24 @@ struct touchers {
   } jobs[64];
 };
 
+/* Pins the calling thread to the CPU named by environment variable `name` (when set): the
+ * benchmark places handler and touchers on purpose (same CPU, or not). */
+static inline void pin_from_env(const char* name) {
+  const char* v = getenv(name);
+  if (v == NULL || *v == 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(atoi(v), &set);
+  if (pthread_setaffinity_np(pthread_self(), sizeof set, &set)) {
+    errno = EINVAL;
+    die(name);
+  }
+}
+
 static inline void* toucher_main(void* arg) {
   struct job* j = arg;
   struct touchers* t = j->all;
-  /* TOUCHER_CPU=N pins the touching threads (benchmarks that choose the CPU placement) */
-  const char* cpu = getenv("TOUCHER_CPU");
-  if (cpu != NULL && *cpu != '\0') {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(atoi(cpu), &set);
-    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-  }
+  pin_from_env("BENCH_TOUCHER_CPU");
   for (size_t i = j->begin; i < t->pages; i += (size_t)t->threads) {
     volatile uint64_t* p = (volatile uint64_t*)(t->base + t->order[i] * PAGE);
     uint64_t t0 = now_ns();
@@ -104,6 +111,7 @@ static inline void* toucher_main(void* arg) {
 /* Starts `threads` threads touching every page of base once, in address or shuffled order. */
 static inline void start_touchers(struct touchers* t, char* base, size_t pages, int threads,
                                   int random_order) {
+  pin_from_env("BENCH_HANDLER_CPU"); /* the calling thread handles the faults */
   t->base = base;
   t->pages = pages;
   t->threads = threads;

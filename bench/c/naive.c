@@ -60,8 +60,20 @@ struct job {
   size_t begin, step;
 };
 
+/* Pins the calling thread to the CPU named by environment variable `name`, when set (the
+ * benchmark places handler and touchers on purpose; as bench_common.h's pin_from_env). */
+static void pin_from_env(const char* name) {
+  const char* v = getenv(name);
+  if (v == NULL || *v == 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(atoi(v), &set);
+  if (pthread_setaffinity_np(pthread_self(), sizeof set, &set)) die(name);
+}
+
 static void* toucher(void* arg) {
   struct job* j = arg;
+  pin_from_env("BENCH_TOUCHER_CPU");
   for (size_t i = j->begin; i < j->pages; i += j->step) {
     volatile uint64_t* p = (volatile uint64_t*)(j->base + j->order[i] * PAGE);
     uint64_t t0 = now_ns();
@@ -114,6 +126,7 @@ int main(int argc, char** argv) {
     }
   }
 
+  pin_from_env("BENCH_HANDLER_CPU"); /* this thread handles the faults */
   uint64_t t0 = now_ns();
   pthread_t tids[64];
   struct job jobs[64];

@@ -14,6 +14,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdPassing(env, exports);
   InitFdWatcher(env, exports);
   InitFaultEngine(env, exports);
+  InitPageCache(env, exports);
   InitPagemapScan(env, exports);
   InitSnapshotEngine(env, exports);
   InitWpDirtyTracker(env, exports);

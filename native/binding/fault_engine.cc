@@ -5,13 +5,17 @@
 // (FaultServerOptions), units included; src/addon/binding.ts declares this surface.
 //
 // new FaultEngine(fd, options, notify(notices[]))
-//   addRange({ id, address, length, pageSize, sourceOffset, prefetch, faultAround }, source)
+//   addRange({ id, address, length, pageSize, sourceOffset, prefetch, faultAround, mode,
+//              cache, cacheOffset, onSourceError, retryDeadlineMs, afterDeadline }, source)
+//     mode 'minor': cache is a PageCache (page_cache.cc), cacheOffset where the range starts in
+//     its writer (bytes)
 //     source: { kind: 'buffer', bytes, shared }  shared: a SharedArrayBuffer's view, used in place;
 //                                                 else copied now: nothing done to it later reaches us
 //           | { kind: 'memory', address, length } memory the caller keeps mapped (a Mapping)
 //           | { kind: 'file', fd, offset, readMethod: 'mmap'|'pread' }
 //           | { kind: 'zero' } | { kind: 'handler', id }
-//   removeRange(start, end) -> count; complete(requestId, bytes | null); stats(); settled();
+//   removeRange(start, end) -> count; complete(requestId, bytes | null);
+//   resolve(requestId, 'poison' | 'zero'); stats(); settled(); metrics();
 //   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
 //   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
 //   resume() (options.startPaused: read nothing from the uffd until then);
@@ -34,6 +38,7 @@
 #include <vector>
 
 #include "binding/args.h"
+#include "binding/page_cache.h"
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
 #include "engine/fault_engine.h"
@@ -113,6 +118,14 @@ std::string StringField(Napi::Object o, const char* name, const char* fallback) 
   return v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string(fallback);
 }
 
+SourceErrorAction SourceAction(Napi::Env env, const std::string& name, bool retryAllowed) {
+  if (name == "poison") return SourceErrorAction::kPoison;
+  if (name == "zero") return SourceErrorAction::kZero;
+  if (name == "retry" && retryAllowed) return SourceErrorAction::kRetry;
+  ThrowTypeError(env, retryAllowed ? "onSourceError must be 'retry', 'poison' or 'zero'"
+                                   : "the action must be 'poison' or 'zero'");
+}
+
 EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   EngineOptions o;
   o.faultAround = OptU64(opts, "faultAround", o.faultAround);
@@ -157,6 +170,10 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
         o.Set("type", "error");
         o.Set("error", MakeUffdError(env, n.err, n.syscall, -1, n.detail).Value());
         if (n.address != 0) o.Set("address", U64(env, n.address));
+        if (!n.action.empty()) {
+          o.Set("action", n.action);
+          if (n.action == "retry") o.Set("retryInMs", Napi::Number::New(env, n.retryInMs));
+        }
         break;
       case Notice::kProgress:
         o.Set("type", "progress");
@@ -199,6 +216,8 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::AddRange>("addRange"),
                            InstanceMethod<&JsFaultEngine::RemoveRange>("removeRange"),
                            InstanceMethod<&JsFaultEngine::Complete>("complete"),
+                           InstanceMethod<&JsFaultEngine::Resolve>("resolve"),
+                           InstanceMethod<&JsFaultEngine::Metrics>("metrics"),
                            InstanceMethod<&JsFaultEngine::Provide>("provide"),
                            InstanceMethod<&JsFaultEngine::ProvidedQueued>("providedQueued"),
                            InstanceMethod<&JsFaultEngine::Resume>("resume"),
@@ -347,6 +366,21 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     }
     auto range = std::make_shared<ServedRange>(id, address, length, pageSize, owned, sourceOffset, prefetch,
                                                faultAround, std::move(zeros), core_->faultAroundMax);
+    std::string mode = StringField(spec, "mode", "missing");
+    if (mode == "minor") {
+      range->cache = PageCacheOf(env, spec.Get("cache"));
+      uint64_t at = U64Field(spec, "cacheOffset");
+      if (range->cache->pageSize() != pageSize)
+        ThrowRangeError(env, "the page cache's page size is not the range's");
+      if (at % pageSize != 0 || at / pageSize + length / pageSize > range->cache->pages())
+        ThrowRangeError(env, "the range lies outside its page cache's writer");
+      range->cacheFirst = at / pageSize;
+    } else if (mode != "missing") {
+      ThrowTypeError(env, "mode must be 'missing' or 'minor'");
+    }
+    range->onSourceError.action = SourceAction(env, StringField(spec, "onSourceError", "retry"), true);
+    range->onSourceError.deadlineMs = static_cast<uint32_t>(OptU64(spec, "retryDeadlineMs", 0));
+    range->onSourceError.then = SourceAction(env, StringField(spec, "afterDeadline", "poison"), false);
     int err = engine->AddRange(range);
     if (err != 0) ThrowUffdError(env, err, "FaultServer.serve", -1, "the range overlaps one already served");
     return env.Undefined();
@@ -370,6 +404,87 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       core_->engine->Complete(id, {}, false);
     }
     return env.Undefined();
+  }
+
+  // resolve(id, 'poison' | 'zero'): a demand request its handler could not answer, by policy.
+  Napi::Value Resolve(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (core_->closed) return env.Undefined();
+    uint64_t id = ArgU64(info, 0, "id");
+    std::string action = info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+    core_->engine->Resolve(id, SourceAction(env, action, false));
+    return env.Undefined();
+  }
+
+  // Per served range (the parts of a range mremap split, merged): its pages, faults, blocked
+  // time, pages by class and stage histograms ({ count, sum (ns), buckets: [[index, count]] }).
+  Napi::Value Metrics(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    struct Entry {
+      const ServedRange* first;
+      uint64_t length = 0, settled = 0, pages = 0;
+    };
+    std::vector<std::pair<const RangeMetrics*, Entry>> ranges;
+    core_->engine->ForEachRange([&](const ServedRange& r) {
+      for (auto& e : ranges)
+        if (e.first == r.metrics.get()) {
+          e.second.length += r.length;
+          e.second.settled += r.settled.load();
+          e.second.pages += r.pages;
+          return;
+        }
+      ranges.push_back({r.metrics.get(), Entry{&r, r.length, r.settled.load(), r.pages}});
+    });
+    Napi::Array out = Napi::Array::New(env, ranges.size());
+    uint32_t k = 0;
+    for (auto& [m, e] : ranges) {
+      Napi::Object o = Napi::Object::New(env);
+      auto num = [&](Napi::Object t, const char* name, uint64_t v) {
+        t.Set(name, Napi::Number::New(env, static_cast<double>(v)));
+      };
+      num(o, "id", e.first->id);
+      o.Set("address", U64(env, e.first->start));
+      num(o, "length", e.length);
+      num(o, "pageSize", e.first->pageSize);
+      o.Set("mode", e.first->minor() ? "minor" : "missing");
+      num(o, "pagesPresent", e.settled);
+      num(o, "pagesTotal", e.pages);
+      num(o, "faults", m->faults.load());
+      num(o, "blockedNs", m->blockedNs.load());
+      num(o, "cachedPages", m->cachedPages.load());
+      num(o, "sourceErrors", m->sourceErrors.load());
+      Napi::Object pages = Napi::Object::New(env);
+      static const char* kClassNames[kClasses] = {"demand", "around",  "prefetch",
+                                                  "zero",   "removed", "poisoned"};
+      for (int c = 0; c < kClasses; c++) num(pages, kClassNames[c], m->pages[c].load());
+      o.Set("pages", pages);
+      o.Set("stages", StagesToJs(env, m->stages));
+      out[k++] = o;
+    }
+    return out;
+  }
+
+  static Napi::Object StagesToJs(Napi::Env env, const LatencyHistogram* stages) {
+    static const char* kStageNames[kStages] = {"read", "source", "fill", "wake", "total"};
+    Napi::Object o = Napi::Object::New(env);
+    for (int st = 0; st < kStages; st++) {
+      const LatencyHistogram& h = stages[st];
+      Napi::Object j = Napi::Object::New(env);
+      j.Set("count", Napi::Number::New(env, static_cast<double>(h.Count())));
+      j.Set("sum", Napi::Number::New(env, static_cast<double>(h.Sum())));
+      std::vector<std::pair<int, uint64_t>> nonEmpty;
+      h.ForEachBucket([&](int i, uint64_t n) { nonEmpty.emplace_back(i, n); });
+      Napi::Array buckets = Napi::Array::New(env, nonEmpty.size());
+      for (uint32_t b = 0; b < nonEmpty.size(); b++) {
+        Napi::Array pair = Napi::Array::New(env, 2);
+        pair[0u] = Napi::Number::New(env, nonEmpty[b].first);
+        pair[1u] = Napi::Number::New(env, static_cast<double>(nonEmpty[b].second));
+        buckets[b] = pair;
+      }
+      j.Set("buckets", buckets);
+      o.Set(kStageNames[st], j);
+    }
+    return o;
   }
 
   Napi::Value Provide(const Napi::CallbackInfo& info) {
@@ -456,6 +571,11 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     put("requests", s.requests.load());
     put("errors", s.errors.load());
     put("prefetchPauses", s.prefetchPauses.load());
+    put("poisonedPages", s.poisonedPages.load());
+    put("cachedPages", s.cachedPages.load());
+    put("sourceErrors", s.sourceErrors.load());
+    o.Set("blockedUs", Napi::Number::New(env, static_cast<double>(s.blockedNs.load()) / 1000.0));
+    o.Set("stageHistograms", StagesToJs(env, s.stages));
     const LatencyHistogram& h = core_->engine->latency();
     Napi::Object latency = Napi::Object::New(env);
     auto us = [&](const char* name, uint64_t ns) {

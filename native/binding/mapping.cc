@@ -1,5 +1,7 @@
-// Memory mappings for userfaultfd to manage: anonymous, memfd (MAP_SHARED), aliases of a memfd,
-// and huge-page variants. The external ArrayBuffer over a mapping must never outlive it:
+// Memory mappings for userfaultfd to manage: anonymous (private, or shared: shmem), memfd
+// (MAP_SHARED), a mapping of an fd the caller has (a memfd received from another process),
+// aliases (a second mapping of the same memory: of the fd, or by mremap for shared anonymous
+// memory), and huge-page variants. The external ArrayBuffer over a mapping must never outlive it:
 // unmap() detaches the buffer before munmap, and a refcount shared by the handle and its
 // buffer munmaps exactly once when the last of them is collected.
 //
@@ -151,8 +153,8 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
                        });
   }
 
-  // new MappingHandle(kind, length, { hugetlb, populate, name, private }, source?)
-  // kind: 'anonymous' | 'memfd' | 'alias'
+  // new MappingHandle(kind, length, { hugetlb, populate, name, private, shared, fd }, source?)
+  // kind: 'anonymous' | 'memfd' | 'alias' | 'fd'
   MappingHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MappingHandle>(info) {
     Napi::Env env = info.Env();
     if (!info[0].IsString()) ThrowTypeError(env, "kind must be a string");
@@ -163,16 +165,32 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
     bool hugetlb = opts.Get("hugetlb").ToBoolean();
     bool populate = opts.Get("populate").ToBoolean();
     bool priv = opts.Get("private").ToBoolean();
+    bool shared = opts.Get("shared").ToBoolean();
 
     int prot = PROT_READ | PROT_WRITE;
     void* addr = MAP_FAILED;
     size_t guard = 0;
-    if (kind == "anonymous" && !hugetlb) {
+    if (kind == "alias" && info[3].IsObject()) {
+      MappingHandle* src = Unwrap(info[3].As<Napi::Object>());
+      if (src != nullptr && src->fd_ < 0 && src->shared_) {
+        // Shared anonymous memory has no fd: mremap with old_size 0 maps the same pages again.
+        src->CheckMapped(env);
+        if (length != src->region_->length) ThrowRangeError(env, "an alias has its source's length");
+        addr = mremap(src->region_->addr, 0, length, MREMAP_MAYMOVE);
+        if (addr == MAP_FAILED) ThrowUffdError(env, errno, "mremap", -1, "alias of shared anonymous memory");
+        shared_ = true;
+        kind = "";  // done
+      }
+    }
+    if (kind.empty()) {
+      // mapped above
+    } else if (kind == "anonymous" && !hugetlb && !shared) {
       // Between two PROT_NONE guard pages, so that it is never merged with a neighbouring
       // anonymous mapping: a transparent huge page faulted in that neighbour could otherwise
       // cover the start of this range (seen on Linux 6.1, whose large anonymous mappings are
       // not THP-aligned) and populate it with zeros before a uffd registers it. Pages already
       // present never raise MISSING faults: they would read as zeros instead of being served.
+      // (Shared anonymous memory is shmem: it never merges with private anonymous mappings.)
       guard = static_cast<size_t>(sysconf(_SC_PAGESIZE));
       void* reserve =
           mmap(nullptr, length + 2 * guard, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -185,7 +203,9 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
         ThrowUffdError(env, err, "mmap", -1, "anonymous");
       }
     } else if (kind == "anonymous") {
-      int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB;
+      int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS;
+      shared_ = shared;
+      if (hugetlb) flags |= MAP_HUGETLB;
       if (populate) flags |= MAP_POPULATE;
       addr = mmap(nullptr, length, prot, flags, -1, 0);
       if (addr == MAP_FAILED) ThrowUffdError(env, errno, "mmap", -1, "anonymous");
@@ -209,6 +229,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
         if (fd < 0) ThrowUffdError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
       }
       int flags = priv ? MAP_PRIVATE : MAP_SHARED;
+      shared_ = !priv;
       if (populate) flags |= MAP_POPULATE;
       addr = mmap(nullptr, length, prot, flags, fd, 0);
       if (addr == MAP_FAILED) {
@@ -217,6 +238,20 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
         ThrowUffdError(env, err, "mmap", -1, kind);
       }
       fd_ = fd;
+    } else if (kind == "fd") {
+      // The caller's fd (a memfd or hugetlbfs file received from another process, say): dup'ed.
+      int given = static_cast<int>(opts.Get("fd").ToNumber().Int32Value());
+      int fd = fcntl(given, F_DUPFD_CLOEXEC, 0);
+      if (fd < 0) ThrowUffdError(env, errno, "fcntl(F_DUPFD_CLOEXEC)");
+      addr = mmap(nullptr, length, prot, (priv ? MAP_PRIVATE : MAP_SHARED) | (populate ? MAP_POPULATE : 0),
+                  fd, 0);
+      if (addr == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        ThrowUffdError(env, err, "mmap", -1, "fd");
+      }
+      fd_ = fd;
+      shared_ = !priv;
     } else {
       ThrowTypeError(env, "unknown mapping kind: " + kind);
     }
@@ -395,6 +430,7 @@ class MappingHandle : public Napi::ObjectWrap<MappingHandle> {
 
   Region* region_ = nullptr;
   int fd_ = -1;
+  bool shared_ = false;  // MAP_SHARED (of a file, or of shared anonymous memory)
   Napi::Reference<Napi::ArrayBuffer> buffer_;
   std::map<uint64_t, std::pair<uint64_t, int>> restricted_;  // start -> (end, prot)
 };

@@ -13,6 +13,7 @@ void InitEventReader(Napi::Env env, Napi::Object exports);
 void InitFdPassing(Napi::Env env, Napi::Object exports);
 void InitFdWatcher(Napi::Env env, Napi::Object exports);
 void InitFaultEngine(Napi::Env env, Napi::Object exports);
+void InitPageCache(Napi::Env env, Napi::Object exports);
 void InitPagemapScan(Napi::Env env, Napi::Object exports);
 void InitSnapshotEngine(Napi::Env env, Napi::Object exports);
 void InitWpDirtyTracker(Napi::Env env, Napi::Object exports);

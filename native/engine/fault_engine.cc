@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "engine/spin_policy.h"
 #include "kernel/uapi.h"
 
 namespace {
@@ -64,8 +65,15 @@ int FaultEngine::Start(int uffd, std::string* syscall) {
     return err;
   }
   started_ = true;
-  demand_ = std::thread([this] { DemandLoop(); });
-  prefetch_ = std::thread([this] { PrefetchLoop(); });
+  // Named for top -H, perf and benchmarks that pin them (bench/fault-server.js).
+  demand_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "uffd-demand");
+    DemandLoop();
+  });
+  prefetch_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "uffd-prefetch");
+    PrefetchLoop();
+  });
   return 0;
 }
 
@@ -84,7 +92,6 @@ void FaultEngine::Stop() {
   // Nothing reads the sources now: their files and mappings go at once, not with the last
   // reference to a range (the JS object holding the engine may live on until a GC).
   deferred_.clear();
-  failed_.clear();
   demandTable_.clear();
   std::lock_guard<std::mutex> lock(tableMu_);
   for (auto& r : table_) r->source->Release();
@@ -190,7 +197,7 @@ size_t FaultEngine::MarkPresent(ServedRange* r, size_t first, size_t count) {
   size_t changed = 0;
   for (size_t i = first; i < first + count; i++) {
     uint8_t s = r->states.Get(i);
-    if ((s == kMissing || s == kInFlight) && r->states.Transition(i, s, kPresent)) changed++;
+    if ((s == kMissing || s == kInFlight || s == kFailing) && r->states.Transition(i, s, kPresent)) changed++;
   }
   if (changed > 0) Progress(r->settled.fetch_add(changed) + changed == r->pages);
   return changed;
@@ -206,8 +213,8 @@ void FaultEngine::SetState(ServedRange* r, size_t page, uint8_t to) {
 
 FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
                                              Origin origin, From from, const uint8_t* bytes,
-                                             std::vector<uint8_t>* scratch, bool* firstExisted,
-                                             size_t* done) {
+                                             std::vector<uint8_t>* scratch, size_t* done,
+                                             FaultTiming* timing) {
   // Counted while it runs, for RemoveRange; a range removed meanwhile is not filled at all.
   struct Counted {
     std::atomic<uint32_t>& n;
@@ -221,44 +228,71 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
   uint64_t dst = r->start + page * ps;
   uint64_t len = count * ps;
   uint64_t off = 0;
+  // The page a fault waits on, if this run has it: timed, and recorded once it is resolved.
+  size_t waited = SIZE_MAX;
+  if (timing != nullptr && timing->address != 0) {
+    uint64_t a = AlignDown(timing->address, ps);
+    if (a >= dst && a < dst + len) waited = page + (a - dst) / ps;
+  }
   while (off < len) {
+    uint64_t t0 = waited != SIZE_MAX ? NowNs() : 0;
     FillResult f;
-    switch (from) {
-      case From::kSource:
-        f = r->source->Fill(filler, dst + off, r->sourceOffset + page * ps + off, len - off, scratch);
-        break;
-      case From::kBytes:
-        f = filler.Copy(dst + off, bytes + off, len - off);
-        break;
-      case From::kZeros:
-        f = filler.Zero(dst + off, len - off);
-        break;
+    if (r->minor()) {
+      f = FillMinor(r.get(), dst + off, r->sourceOffset + page * ps + off, len - off, from,
+                    bytes != nullptr ? bytes + off : nullptr, scratch);
+    } else {
+      switch (from) {
+        case From::kSource:
+          f = r->source->Fill(filler, dst + off, r->sourceOffset + page * ps + off, len - off, scratch);
+          break;
+        case From::kBytes:
+          f = filler.Copy(dst + off, bytes + off, len - off);
+          break;
+        case From::kZeros:
+          f = filler.Zero(dst + off, len - off);
+          break;
+      }
+    }
+    if (waited != SIZE_MAX) {
+      uint64_t spent = NowNs() - t0;
+      timing->sourceNs += f.sourceNs;
+      timing->fillNs += spent > f.sourceNs ? spent - f.sourceNs : 0;
     }
     if (f.done > 0) {
       size_t n = f.done / ps;
+      size_t first = page + off / ps;
       // Counters first: whoever sees the pages present (drained()) sees them counted.
       stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
       if (f.zero) stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
-      switch (origin) {
-        case kDemand:
-          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
-          stats_.aroundPages.fetch_add(off == 0 ? n - 1 : n, std::memory_order_relaxed);
-          break;
-        case kAround:
-          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
-          stats_.aroundPages.fetch_add(n, std::memory_order_relaxed);
-          break;
-        case kPrefetch:
-          stats_.prefetchPages.fetch_add(n, std::memory_order_relaxed);
-          break;
-        case kCompletion:
-          stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
-          break;
+      // Zeros asked for (a removed page, onSourceError 'zero') are zeroPages only: no source was
+      // read for them (the Firecracker handler's pagesServed, the stats' demandPages).
+      if (from != From::kZeros) {
+        switch (origin) {
+          case kDemand:
+            stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+            stats_.aroundPages.fetch_add(off == 0 ? n - 1 : n, std::memory_order_relaxed);
+            break;
+          case kAround:
+            stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+            stats_.aroundPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+          case kPrefetch:
+            stats_.prefetchPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+          case kCompletion:
+            stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+        }
       }
-      MarkPresent(r.get(), page + off / ps, n);
+      CountPages(r.get(), first, n, origin, f.zero, waited != SIZE_MAX ? timing : nullptr);
+      MarkPresent(r.get(), first, n);
       // Only the prefetch thread fills for kPrefetch, only the demand thread for the others.
       if (trace_) (origin == kPrefetch ? prefetchFilled_ : traceFilled_) += f.done;
       off += f.done;
+      if (waited != SIZE_MAX && waited < first + n) {
+        Record(r.get(), timing);
+        waited = SIZE_MAX;
+      }
     }
     *done = off / ps;
     if (f.err == 0) continue;
@@ -267,10 +301,21 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
       return kDeferredOp;        // an event is pending: read it first
     }
     if (f.err == EEXIST) {
-      // Someone (the other thread, a racing fault) filled this page first.
-      if (off == 0 && firstExisted != nullptr) *firstExisted = true;
+      // Someone (the other thread, a racing fault, another range over the same page cache)
+      // filled this page first.
+      size_t p = page + off / ps;
       stats_.exists.fetch_add(1, std::memory_order_relaxed);
-      MarkPresent(r.get(), page + off / ps, 1);
+      MarkPresent(r.get(), p, 1);
+      if (p == waited) {
+        // The thread waiting on it may have faulted before that fill, whose ioctl wakes waiters
+        // only when it ends (the prefetch thread's copies a whole chunk): wake it now.
+        uint64_t w0 = NowNs();
+        WakePages(uffd_, dst + off, ps);
+        stats_.wakes.fetch_add(1, std::memory_order_relaxed);
+        timing->wakeNs += NowNs() - w0;
+        Record(r.get(), timing);
+        waited = SIZE_MAX;
+      }
       off += ps;
       *done = off / ps;
       continue;
@@ -280,73 +325,279 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
       // nothing will fault there through this uffd again.
       for (size_t i = page + off / ps; i < page + count; i++) SetState(r.get(), i, kGone);
       if (f.err == ESRCH) Error(f.err, f.syscall, "the process owning the memory exited", dst + off);
+      if (waited != SIZE_MAX) Record(r.get(), timing);
       *done = count;
       return kFailed;
     }
-    FillFailed(r, dst + off, f, origin);
+    FillFailed(r, page + off / ps, count - off / ps, f, origin, from, waited != SIZE_MAX ? timing : nullptr);
     return kFailed;
   }
   return kFilled;
 }
 
-void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,
-                             Origin origin) {
-  std::string why;
+FillResult FaultEngine::FillMinor(ServedRange* r, uint64_t dst, uint64_t at, uint64_t len, From from,
+                                  const uint8_t* bytes, std::vector<uint8_t>* scratch) {
+  PageCache& cache = *r->cache;
+  const uint64_t ps = r->pageSize;
+  const size_t n = len / ps;
+  const size_t first = r->cacheFirst + (dst - r->start) / ps;  // in the page cache's writer
+  const Filler writer = cache.filler();
+  const uint64_t t0 = NowNs();
+  for (int attempt = 0;; attempt++) {
+    // 1. The page cache: bytes in through the writer where it has none (EEXIST: it has, keep it).
+    FillResult failure;
+    size_t limit = n;
+    size_t k = 0;
+    bool worked = false;  // asked the kernel anything (else the page cache had every page: no source stage)
+    while (k < n) {
+      k += cache.CachedRun(first + k, n - k);
+      if (k >= n) break;
+      worked = true;
+      size_t run = cache.UnknownRun(first + k, n - k);
+      if (run > 1 && cache.Probe(first + k, run) > 0) continue;  // some were cached after all
+      uint64_t wdst = cache.At(first + k), off = k * ps;
+      FillResult f;
+      switch (from) {
+        case From::kSource:
+          f = r->source->Fill(writer, wdst, at + off, run * ps, scratch);
+          break;
+        case From::kBytes:
+          f = writer.Copy(wdst, bytes + off, run * ps);
+          break;
+        case From::kZeros:
+          f = writer.Zero(wdst, run * ps);
+          break;
+      }
+      size_t got = f.done / ps;
+      for (size_t j = 0; j < got; j++) cache.MarkCached(first + k + j);
+      if (got > 0) {
+        r->metrics->cachedPages.fetch_add(got, std::memory_order_relaxed);
+        stats_.cachedPages.fetch_add(got, std::memory_order_relaxed);
+      }
+      k += got;
+      if (f.err == 0 || (f.err == EAGAIN && got > 0)) continue;
+      if (f.err == EEXIST) {
+        cache.MarkCached(first + k);
+        k++;
+        continue;
+      }
+      failure = f;  // the source's (or the writer's) failure at page k: map what is cached first
+      // The writer's uffd has no events, so never "pending"; and the faulting range is not the
+      // one missing if the writer is (ENOENT would read as "unregistered" to FillRun).
+      if (failure.err == EAGAIN) failure.err = EIO;
+      if (failure.err == ENOENT || failure.err == ESRCH) failure.err = EBADF;
+      limit = k;
+      break;
+    }
+    // 2. Map them: no copy.
+    const uint64_t cacheNs = worked ? NowNs() - t0 : 0;  // the page cache's part (the CONTINUE is the fill)
+    FillResult out;
+    if (limit > 0) out = ContinuePages(uffd_, dst, limit * ps);
+    out.sourceNs = cacheNs;
+    if (out.err == EFAULT && out.done == 0 && attempt == 0) {
+      // Not in the page cache after all (a hole punched since: MADV_REMOVE, fallocate): again.
+      cache.Forget(first, 1);
+      continue;
+    }
+    out.zero = from == From::kZeros || (from == From::kSource && r->source->kind() == Source::kZero);
+    if (out.err == 0 && failure.err != 0) {
+      out.err = failure.err;
+      out.syscall = failure.syscall;
+    }
+    return out;
+  }
+}
+
+void FaultEngine::CountPages(ServedRange* r, size_t first, size_t n, Origin origin, bool zero,
+                             const FaultTiming* timing) {
+  RangeMetrics& m = *r->metrics;
+  if (zero) {
+    m.Count(kClassZero, n);
+    return;
+  }
+  if (origin == kPrefetch || (origin == kCompletion && timing == nullptr)) {
+    m.Count(kClassPrefetch, n);
+    return;
+  }
+  size_t demand = 0;
+  if (timing != nullptr && timing->address != 0) {
+    size_t p = (AlignDown(timing->address, r->pageSize) - r->start) / r->pageSize;
+    if (p >= first && p < first + n) demand = 1;
+  }
+  if (demand) m.Count(kClassDemand, demand);
+  if (n > demand) m.Count(kClassAround, n - demand);
+}
+
+void FaultEngine::Record(ServedRange* r, FaultTiming* t) {
+  if (t == nullptr || t->address == 0) return;
+  const uint64_t done = NowNs();
+  RangeMetrics& m = *r->metrics;
+  uint64_t blocked = done - t->readNs;
+  if (t->waiters > 0) blocked += t->waiters * done - t->waitersReadNs;
+  m.blockedNs.fetch_add(blocked, std::memory_order_relaxed);
+  stats_.blockedNs.fetch_add(blocked, std::memory_order_relaxed);
+  const uint64_t read = t->startNs > t->readNs ? t->startNs - t->readNs : 0;
+  for (LatencyHistogram* h : {m.stages, stats_.stages}) {
+    h[kStageRead].Record(read);
+    h[kStageSource].Record(t->sourceNs);
+    h[kStageFill].Record(t->fillNs);
+    if (t->wakeNs > 0) h[kStageWake].Record(t->wakeNs);
+    h[kStageTotal].Record(done - t->readNs);
+  }
+  t->address = 0;  // recorded: once
+}
+
+void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
+                             const FillResult& f, Origin origin, From from, FaultTiming* timing) {
+  const uint64_t ps = r->pageSize;
+  const uint64_t address = r->start + page * ps;
+  r->metrics->sourceErrors.fetch_add(1, std::memory_order_relaxed);
+  stats_.sourceErrors.fetch_add(1, std::memory_order_relaxed);
+  std::string what = "filling " + Hex(address) +
+                     (from == From::kSource  ? " from source offset " + Hex(r->sourceOffset + page * ps)
+                      : from == From::kBytes ? std::string(" with a handler's bytes")
+                                             : std::string(" with zeros"));
   if (f.why != nullptr)
-    why = std::string(": ") + f.why;
-  else if (f.err == EINVAL && r->pageSize == BasePageSize())
-    why = " (is it hugetlb memory served with the base page size? pass its pageSize)";
-  else if (f.err == EFAULT && r->source->kind() == Source::kFile)
-    why = ": the source file's pages cannot be read (truncated after it was opened?)";
-  Error(f.err, f.syscall,
-        std::string("filling ") + Hex(address) + " from source offset " +
-            Hex(r->sourceOffset + (address - r->start)) + why,
-        address);
+    what += std::string(": ") + f.why;
+  else if (f.err == EINVAL && ps == BasePageSize())
+    what += " (is it hugetlb memory served with the base page size? pass its pageSize)";
+  else if (f.err == EFAULT && from == From::kSource && r->source->kind() == Source::kFile)
+    what += ": the source file's pages cannot be read (truncated after it was opened?)";
+  const bool waited = timing != nullptr && timing->address != 0 && AlignDown(timing->address, ps) == address;
+  if (!waited) {
+    // Nobody waits on this page here (fault-around, prefetch): it stays missing, and a fault on
+    // it meets the range's policy then.
+    SourceError(f, what, address, "none", 0);
+    return;
+  }
+  const SourceErrorPolicy& policy = r->onSourceError;
+  SourceErrorAction action = policy.action;
+  const uint64_t now = NowNs();
+  const uint64_t firstNs = retrying_.active ? retrying_.firstNs : now;
+  if (from == From::kZeros) action = SourceErrorAction::kRetry;  // zeros failed: try the source again
+  if (action == SourceErrorAction::kRetry && policy.deadlineMs > 0 &&
+      now - firstNs >= static_cast<uint64_t>(policy.deadlineMs) * 1000000ull)
+    action = policy.then;
+  ApplySourcePolicy(r, page, action, f, what, timing, firstNs);
+}
+
+void FaultEngine::ApplySourcePolicy(const std::shared_ptr<ServedRange>& r, size_t page,
+                                    SourceErrorAction action, const FillResult& f, const std::string& what,
+                                    FaultTiming* timing, uint64_t firstNs) {
+  const uint64_t address = r->start + page * r->pageSize;
+  switch (action) {
+    case SourceErrorAction::kRetry: {
+      const SourceErrorPolicy& policy = r->onSourceError;
+      uint32_t backoff = retrying_.active && retrying_.backoffMs > 0
+                             ? std::min(retrying_.backoffMs * 2, std::max(policy.maxBackoffMs, 1u))
+                             : std::max(policy.backoffMs, 1u);
+      SetState(r.get(), page, kFailing);
+      failing_.push_back(Failing{r, page, firstNs, NowNs() + backoff * 1000000ull, backoff, *timing});
+      timing->address = 0;  // recorded when a retry resolves it
+      SourceError(f, what, address, "retry", backoff);
+      return;
+    }
+    case SourceErrorAction::kPoison:
+      SourceError(f, what, address, "poison", 0);
+      Poison(r, page, timing);
+      return;
+    case SourceErrorAction::kZero:
+      SourceError(f, what, address, "zero", 0);
+      FillOrDefer(r, page, 1, kDemand, From::kZeros, nullptr, timing);
+      return;
+  }
+}
+
+void FaultEngine::Poison(const std::shared_ptr<ServedRange>& r, size_t page, FaultTiming* timing) {
+  const uint64_t ps = r->pageSize;
+  const uint64_t address = r->start + page * ps;
+  uint64_t t0 = NowNs();
+  FillResult p = PoisonPages(uffd_, address, ps);
+  if (timing != nullptr && timing->address != 0) timing->fillNs += NowNs() - t0;
+  if (p.err == 0) {
+    r->metrics->Count(kClassPoisoned, 1);
+    stats_.poisonedPages.fetch_add(1, std::memory_order_relaxed);
+    uint8_t prev = r->states.Set(page, kPoisoned);
+    if (!IsSettled(prev)) Progress(r->settled.fetch_add(1) + 1 == r->pages);
+    Record(r.get(), timing);
+    return;
+  }
+  if (p.err == EEXIST) {
+    // Present after all (filled meanwhile): the waiter only needs waking.
+    MarkPresent(r.get(), page, 1);
+    WakePages(uffd_, address, ps);
+    Record(r.get(), timing);
+    return;
+  }
+  if (p.err == EAGAIN) {
+    // An event is pending: after reading it, the page is tried again (and poisoned if it fails).
+    SetState(r.get(), page, kFailing);
+    failing_.push_back(Failing{r, page, 0, NowNs() + 1000000ull, 1, timing ? *timing : FaultTiming{}});
+    if (timing != nullptr) timing->address = 0;
+    return;
+  }
+  // EINVAL: no UFFDIO_POISON in this kernel (Linux < 6.6). Zeros, rather than a thread blocked
+  // for ever. (serve() refuses 'poison' where the kernel lacks it; this is the last resort.)
+  Error(p.err, p.syscall,
+        "poisoning " + Hex(address) + " (UFFDIO_POISON needs Linux 6.6+): zeros served instead", address);
+  FillOrDefer(r, page, 1, kDemand, From::kZeros, nullptr, timing);
+}
+
+void FaultEngine::RetryFailing() {
+  if (failing_.empty()) return;
+  const uint64_t now = NowNs();
+  std::vector<Failing> due;
+  for (auto it = failing_.begin(); it != failing_.end();) {
+    if (it->dueNs <= now) {
+      due.push_back(std::move(*it));
+      it = failing_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto& e : due) {
+    ServedRange* r = e.range.get();
+    if (r->dropped.load()) continue;  // unregistered: the kernel woke its waiters
+    if (r->states.Get(e.page) != kFailing) {
+      // Changed meanwhile (removed, unmapped, filled): let the waiters fault again.
+      WakePages(uffd_, r->start + e.page * r->pageSize, r->pageSize);
+      continue;
+    }
+    stats_.retries.fetch_add(1, std::memory_order_relaxed);
+    retrying_.active = true;
+    retrying_.firstNs = e.firstNs;
+    retrying_.backoffMs = e.backoffMs;
+    FillOrDefer(e.range, e.page, 1, kDemand, From::kSource, nullptr, &e.timing);
+    retrying_.active = false;
+  }
+}
+
+int FaultEngine::FailingTimeoutMs() const {
+  if (failing_.empty()) return -1;
+  uint64_t now = NowNs(), next = UINT64_MAX;
+  for (auto& e : failing_) next = std::min(next, e.dueNs);
+  if (next <= now) return 0;
+  return static_cast<int>(std::min<uint64_t>((next - now + 999999) / 1000000, 60000));
 }
 
 FaultEngine::FillStatus FaultEngine::FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page,
                                                  size_t count, Origin origin, From from,
                                                  std::shared_ptr<std::vector<uint8_t>> bytes,
-                                                 bool* firstExisted) {
+                                                 FaultTiming* timing) {
   size_t done = 0;
-  FillStatus s = FillRun(r, page, count, origin, from, bytes ? bytes->data() : nullptr, &demandScratch_,
-                         firstExisted, &done);
+  FillStatus s =
+      FillRun(r, page, count, origin, from, bytes ? bytes->data() : nullptr, &demandScratch_, &done, timing);
   if (s != kDeferredOp) return s;
   std::shared_ptr<std::vector<uint8_t>> rest;
   if (bytes) rest = std::make_shared<std::vector<uint8_t>>(bytes->begin() + done * r->pageSize, bytes->end());
-  deferred_.push_back(Deferred{r, 0, page + done, count - done, origin, from, std::move(rest)});
+  Deferred d{r, 0, page + done, count - done, origin, from, std::move(rest), FaultTiming{}};
+  if (timing != nullptr) {
+    d.timing = *timing;  // recorded when the deferred fill resolves it
+    timing->address = 0;
+  }
+  deferred_.push_back(std::move(d));
   stats_.deferred.fetch_add(1, std::memory_order_relaxed);
   return s;
-}
-
-void FaultEngine::RetryFailed(uint64_t now) {
-  std::vector<Failed> due;
-  for (auto it = failed_.begin(); it != failed_.end();) {
-    if (it->dueNs <= now) {
-      due.push_back(*it);
-      it = failed_.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  for (auto& f : due) {
-    auto& r = f.range;
-    if (r->dropped.load() || r->states.Get(f.page) != kMissing) continue;  // gone, or filled meanwhile
-    stats_.retries.fetch_add(1, std::memory_order_relaxed);
-    if (FillOrDefer(r, f.page, 1, kDemand, From::kSource, nullptr, nullptr) != kFailed) continue;
-    if (r->states.Get(f.page) != kMissing) continue;
-    uint32_t next = std::min<uint32_t>(f.backoffMs * 2, 1000);
-    failed_.push_back(Failed{r, f.page, NowNs() + next * 1000000ull, next});
-  }
-}
-
-int FaultEngine::FailedTimeoutMs(uint64_t now) const {
-  int best = -1;
-  for (auto& f : failed_) {
-    int ms = f.dueNs <= now ? 0 : static_cast<int>((f.dueNs - now + 999999) / 1000000);
-    if (best < 0 || ms < best) best = ms;
-  }
-  return best;
 }
 
 void FaultEngine::ZeroUnserved(uint64_t address) {
@@ -388,10 +639,8 @@ void FaultEngine::RetryDeferred() {
     traceFilled_ = 0;
     if (d.range == nullptr) {
       ZeroUnserved(d.address);
-    } else if (d.from == From::kZeros) {
-      if (!d.range->dropped.load()) ZeroRemoved(d.range, d.page);
     } else if (!d.range->dropped.load()) {
-      FillOrDefer(d.range, d.page, d.count, d.origin, d.from, d.bytes, nullptr);
+      FillOrDefer(d.range, d.page, d.count, d.origin, d.from, d.bytes, &d.timing);
     }
     if (trace_ && traceFilled_ > 0) {
       uint8_t kind = d.from == From::kZeros ? kTraceZero : d.origin == kAround ? kTraceAround : kTraceDemand;
@@ -405,9 +654,9 @@ void FaultEngine::RetryDeferred() {
 
 void FaultEngine::DemandLoop() {
   std::vector<struct uffd_msg> msgs(options_.readSize);
-  const uint64_t maxSpin = static_cast<uint64_t>(options_.spinUs) * 1000;
+  SpinPolicy spin(static_cast<uint64_t>(options_.spinUs) * 1000);
   uint64_t idleSince = 0;
-  int sleepsWithoutSpin = 0;
+  uint64_t budget = 0;  // the spin budget of the idle period under way
   int backoffMs = 1;
   bool dead = false;
   while (!stopping_.load(std::memory_order_relaxed)) {
@@ -423,23 +672,21 @@ void FaultEngine::DemandLoop() {
     }
     ssize_t n = -1;
     errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
+    const uint64_t readNs = NowNs();
     if (!dead) n = read(uffd_, msgs.data(), msgs.size() * sizeof(struct uffd_msg));
     if (n > 0) {
-      uint64_t now = NowNs();
-      if (idleSince != 0) {
-        // A spin hit: the message came while spinning. Spin a little longer next time.
+      if (idleSince != 0 && budget > 0) {
+        // A spin hit: the message came while spinning.
         stats_.spinHits.fetch_add(1, std::memory_order_relaxed);
-        uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
-        spinBudgetNs_.store(static_cast<uint32_t>(std::min<uint64_t>(maxSpin, b + b / 4 + 1000)),
-                            std::memory_order_relaxed);
+        spin.Hit();
       }
       idleSince = 0;
       stats_.reads.fetch_add(1, std::memory_order_relaxed);
       demandBusy_.store(1, std::memory_order_relaxed);
-      HandleMessages(msgs.data(), static_cast<size_t>(n) / sizeof(struct uffd_msg), now);
+      HandleMessages(msgs.data(), static_cast<size_t>(n) / sizeof(struct uffd_msg), readNs);
       demandBusy_.store(0, std::memory_order_relaxed);
       if (!deferred_.empty()) RetryDeferred();  // the events that blocked them were just read
-      if (!failed_.empty()) RetryFailed(NowNs());
+      if (!failing_.empty()) RetryFailing();
       if (completionsPending_.load()) ProcessCompletions();
       FlushRequests(&batchRequests_);
       continue;
@@ -468,30 +715,24 @@ void FaultEngine::DemandLoop() {
     } else {
       backoffMs = 1;
     }
-    if (!failed_.empty()) {
-      RetryFailed(NowNs());
-      int due = FailedTimeoutMs(NowNs());
-      if (due >= 0 && (timeout < 0 || due < timeout)) timeout = due;
+    if (!failing_.empty()) {
+      // Pages whose source failed while threads wait on them: filled again when due.
+      RetryFailing();
+      int due = FailingTimeoutMs();
+      if (due >= 0) timeout = timeout < 0 ? due : std::min(timeout, due);
     }
     uint64_t now = NowNs();
-    if (idleSince == 0) idleSince = now;
-    // Adaptive spin: a sleeping reader costs one more cross-CPU wake-up per fault.
-    uint64_t budget = spinBudgetNs_.load(std::memory_order_relaxed);
-    if (!dead && timeout < 0 && now - idleSince < budget) {
+    if (idleSince == 0) {
+      // Adaptive spin (spin_policy.h): a sleeping reader costs one more wake-up per fault.
+      idleSince = now;
+      budget = dead || timeout >= 0 ? 0 : spin.Begin();
+      spinBudgetNs_.store(static_cast<uint32_t>(budget), std::memory_order_relaxed);
+    }
+    if (timeout < 0 && now - idleSince < budget) {
       for (int i = 0; i < 16; i++) CpuRelax();
       continue;
     }
-    // A spin miss halves the budget: spinning only pays when faulting threads run on another
-    // CPU; when the scheduler packs them onto this one, spinning only delays them (measured on
-    // this project's 2-vCPU VM: p99 = spin budget + 10 us). At 0, probe again now and then.
-    if (maxSpin > 0 && timeout < 0) {
-      uint64_t b = spinBudgetNs_.load(std::memory_order_relaxed);
-      if (b > 0)
-        b = b / 2 < 1000 ? 0 : b / 2;
-      else if (++sleepsWithoutSpin >= 256)
-        b = maxSpin / 4, sleepsWithoutSpin = 0;
-      spinBudgetNs_.store(static_cast<uint32_t>(b), std::memory_order_relaxed);
-    }
+    if (budget > 0) spin.Miss();
     struct pollfd fds[2] = {{uffd_, POLLIN, 0}, {wakeFd_, POLLIN, 0}};
     stats_.sleeps.fetch_add(1, std::memory_order_relaxed);
     int rc = poll(dead ? fds + 1 : fds, dead ? 1 : 2, timeout);
@@ -512,17 +753,19 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
       case UFFD_EVENT_PAGEFAULT:
         stats_.faults.fetch_add(1, std::memory_order_relaxed);
         lastDemandNs_.store(readNs, std::memory_order_relaxed);
-        if (m.arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+        if (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+          // Write protection is its waiter's business (a range registered MINOR + WP keeps its
+          // WP faults): whoever protected the page resolves them with UFFDIO_WRITEPROTECT.
           stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
           if (!unhandledReported_.exchange(true))
             Error(EINVAL, "read",
-                  "the fault server serves MISSING faults only; a WP or MINOR fault at " +
+                  "the fault server serves MISSING and MINOR faults; a WP fault at " +
                       Hex(m.arg.pagefault.address) + " is left to its waiter",
                   m.arg.pagefault.address);
           break;
         }
-        traceTid_ = m.arg.pagefault.feat.ptid;  // 0 without UFFD_FEATURE_THREAD_ID
-        HandleFault(m.arg.pagefault.address, readNs);
+        HandleFault(m.arg.pagefault.address, readNs, (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0,
+                    m.arg.pagefault.feat.ptid);
         break;
       case UFFD_EVENT_REMOVE:
         stats_.removes.fetch_add(1, std::memory_order_relaxed);
@@ -546,14 +789,22 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
   }
 }
 
-void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
+void FaultEngine::HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid) {
   const Table& table = Snapshot(&demandTable_, &demandVersion_);
   std::shared_ptr<ServedRange> r = Lookup(table, address);
+  if (minor && (r == nullptr || !r->minor())) {
+    // Registered MINOR by someone else: theirs to resolve.
+    stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
+    if (!unhandledReported_.exchange(true))
+      Error(EINVAL, "read",
+            "a MINOR fault at " + Hex(address) +
+                " outside every range served with { mode: 'minor' } is left to its waiter",
+            address);
+    return;
+  }
   size_t i = r ? (address - r->start) / r->pageSize : 0;
   uint8_t state = r ? r->states.Get(i) : static_cast<uint8_t>(kGone);
   traceFilled_ = 0;
-  traceAddress_ = address;
-  traceReadNs_ = readNs;
   if (state == kGone) {
     // Registered with this uffd but served by no range: zeros, and say so once.
     stats_.unhandled.fetch_add(1, std::memory_order_relaxed);
@@ -561,20 +812,39 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
       Error(ENOENT, "ioctl(UFFDIO_ZEROPAGE)",
             "fault at " + Hex(address) + " outside every served range: served as zeros", address);
     ZeroUnserved(address);
-    if (trace_) trace_->Record(kTraceZero, address, readNs, NowNs(), traceFilled_, traceTid_);
+    if (trace_) trace_->Record(kTraceZero, address, readNs, NowNs(), traceFilled_, tid);
     return;
   }
-  const uint64_t page = r->start + i * r->pageSize;
+  FaultTiming t;
+  t.address = address;
+  t.tid = tid;
+  t.minor = minor;
+  t.readNs = readNs;
+  t.startNs = NowNs();
+  r->metrics->faults.fetch_add(1, std::memory_order_relaxed);
   if (recording_.load(std::memory_order_relaxed)) {
     // At base-page granularity whatever the range's page size (a working set outlives it).
     std::lock_guard<std::mutex> lock(touchMu_);
     touches_.emplace_back(r->id, r->sourceOffset + AlignDown(address - r->start, BasePageSize()));
   }
+  // A MINOR fault says the page is in the page cache (pushed before serving, say).
+  if (minor) r->cache->MarkCached(r->cacheFirst + i);
   if (state == kRemoved) {
-    ZeroRemoved(r, i);
-    uint64_t now = NowNs();
-    latency_.Record(now - readNs);
-    if (trace_) trace_->Record(kTraceZero, address, readNs, now, traceFilled_, traceTid_);
+    ZeroRemoved(r, i, &t);
+    if (trace_) trace_->Record(kTraceZero, address, readNs, NowNs(), traceFilled_, tid);
+    return;
+  }
+  if (state == kFailing) {
+    // Its source failed; a retry is due (which wakes every waiter).
+    for (auto& e : failing_)
+      if (e.range == r && e.page == i) {
+        e.timing.waiters++;
+        e.timing.waitersReadNs += readNs;
+      }
+    return;
+  }
+  if (state == kPoisoned) {
+    Poison(r, i, &t);  // its marker went (MADV_DONTNEED): poisoned again
     return;
   }
   size_t window, ws, we;
@@ -593,67 +863,48 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs) {
   // next fault, and the demand thread copies it faster than the two could share it.
   if (r->prefetch) r->cursor.store(std::min(we + window, r->pages), std::memory_order_relaxed);
   if (r->source->kind() == Source::kHandler) {
-    if (state == kInFlight) return;  // the handler's bytes will wake it
+    if (state == kInFlight) {
+      WaitOnRequest(r.get(), i, readNs);  // the handler's bytes will wake it
+      return;
+    }
     SetState(r.get(), i, kInFlight);
     size_t last = r->states.ClaimForward(i + 1, we, kMissing, kInFlight);
     size_t first = r->states.ClaimBackward(i, ws, kMissing, kInFlight);
-    RequestFromHandler(r, first, last - first, false, &batchRequests_);
-    batchRequests_.back().fault = address;
+    RequestFromHandler(r, first, last - first, false, &batchRequests_, &t);
     return;
   }
-  bool existed = false;
+  // The faulting page and forward (recorded in FillRun once the faulting page is in), then back.
   size_t forward = 1 + r->states.RunOf(i + 1, we - i - 1, kMissing);
-  if (FillOrDefer(r, i, forward, kDemand, From::kSource, nullptr, &existed) == kFailed &&
-      r->states.Get(i) == kMissing) {
-    // The faulting page itself failed: its thread waits; try again shortly (RetryFailed).
-    bool queued = false;
-    for (auto& f : failed_) queued = queued || (f.range == r && f.page == i);
-    if (!queued) failed_.push_back(Failed{r, i, NowNs() + 10 * 1000000ull, 10});
-  }
-  uint64_t now = NowNs();
-  latency_.Record(now - readNs);
-  if (trace_) trace_->Record(kTraceDemand, address, readNs, now, traceFilled_, traceTid_);
-  if (existed) {
-    // Filled by the prefetch thread, whose ioctl wakes waiters only when it ends: wake now.
-    WakePages(uffd_, page, r->pageSize);
-    stats_.wakes.fetch_add(1, std::memory_order_relaxed);
-  }
+  FillOrDefer(r, i, forward, kDemand, From::kSource, nullptr, &t);
+  const uint64_t now = trace_ ? NowNs() : 0;
+  if (trace_) trace_->Record(kTraceDemand, address, readNs, now, traceFilled_, tid);
   size_t back = i;
   while (back > ws && r->states.Get(back - 1) == kMissing) back--;
   if (back < i) {
     traceFilled_ = 0;
     FillOrDefer(r, back, i - back, kAround, From::kSource, nullptr, nullptr);
-    if (trace_)
-      trace_->Record(kTraceAround, r->start + back * r->pageSize, now, NowNs(), traceFilled_, traceTid_);
+    if (trace_) trace_->Record(kTraceAround, r->start + back * r->pageSize, now, NowNs(), traceFilled_, tid);
   }
 }
 
-void FaultEngine::ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t i) {
-  uint64_t page = r->start + i * r->pageSize;
-  FillResult f = r->filler(uffd_).Zero(page, r->pageSize);
-  if (f.err == EAGAIN && f.done == 0) {
-    deferred_.push_back(Deferred{r, page, i, 1, kDemand, From::kZeros, nullptr});
-    stats_.deferred.fetch_add(1, std::memory_order_relaxed);
-  } else if (f.err == EEXIST) {
-    WakePages(uffd_, page, r->pageSize);
-  } else if (f.err == 0) {
-    stats_.zeroPages.fetch_add(1, std::memory_order_relaxed);
-    traceFilled_ += r->pageSize;
-  } else if (f.err != ENOENT) {
-    Error(f.err, f.syscall, "zeros for the removed page at " + Hex(page), page);
-  }
+void FaultEngine::ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t i, FaultTiming* timing) {
+  // The 'zero' policy. MINOR: zeros into the page cache where it has nothing (MADV_REMOVE punched
+  // a hole); where it still has the page (MADV_DONTNEED only unmapped it), that page is mapped again.
+  FillOrDefer(r, i, 1, kDemand, From::kZeros, nullptr, timing);
 }
 
 void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count,
-                                     bool prefetch, std::vector<HandlerRequest>* out) {
+                                     bool prefetch, std::vector<HandlerRequest>* out,
+                                     const FaultTiming* timing) {
   HandlerRequest q;
   {
     std::lock_guard<std::mutex> lock(requestMu_);
     q.id = nextRequest_++;
-    Pending p{r, page, count, prefetch};
-    if (!prefetch) p.faultAddress = traceAddress_, p.faultNs = traceReadNs_, p.faultTid = traceTid_;
+    Pending p{r, page, count, prefetch, FaultTiming{}, NowNs(), 0, 0};
+    if (timing != nullptr) p.timing = *timing;
     requests_[q.id] = p;
   }
+  if (timing != nullptr) q.fault = AlignDown(timing->address, r->pageSize);
   q.handlerId = r->source->handlerId();
   q.rangeId = r->id;
   q.address = r->start + page * r->pageSize;
@@ -662,6 +913,16 @@ void FaultEngine::RequestFromHandler(const std::shared_ptr<ServedRange>& r, size
   q.prefetch = prefetch;
   stats_.requests.fetch_add(1, std::memory_order_relaxed);
   out->push_back(q);
+}
+
+void FaultEngine::WaitOnRequest(ServedRange* r, size_t page, uint64_t readNs) {
+  std::lock_guard<std::mutex> lock(requestMu_);
+  for (auto& [id, p] : requests_) {
+    if (p.range.get() != r || page < p.page || page >= p.page + p.count) continue;
+    p.timing.waiters++;
+    p.timing.waitersReadNs += readNs;
+    return;
+  }
 }
 
 void FaultEngine::FlushRequests(std::vector<HandlerRequest>* requests) {
@@ -682,6 +943,19 @@ void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool 
   }
   // One wake-up per batch: the demand thread takes the whole queue once woken.
   if (completionsPending_.exchange(true)) return;
+  uint64_t one = 1;
+  if (wakeFd_ >= 0) {
+    ssize_t ignored = write(wakeFd_, &one, sizeof one);
+    (void)ignored;
+  }
+}
+
+void FaultEngine::Resolve(uint64_t requestId, SourceErrorAction action) {
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    completions_.push_back(Completion{requestId, {}, false, true, action});
+  }
+  completionsPending_.store(true);
   uint64_t one = 1;
   if (wakeFd_ >= 0) {
     ssize_t ignored = write(wakeFd_, &one, sizeof one);
@@ -762,8 +1036,7 @@ void FaultEngine::InstallProvided(const std::shared_ptr<ServedRange>& r, const P
     while (i + run < end && wanted(r->states.Get(i + run))) run++;
     const uint8_t* bytes = p.data + (r->sourceOffset + i * ps - p.sourceOffset);
     size_t filled = 0;
-    if (FillRun(r, i, run, kPrefetch, From::kBytes, bytes, &demandScratch_, nullptr, &filled) ==
-        kDeferredOp) {
+    if (FillRun(r, i, run, kPrefetch, From::kBytes, bytes, &demandScratch_, &filled) == kDeferredOp) {
       // An event is pending: retry the rest after reading it (a copy: `hold` goes with `p`).
       auto rest = std::make_shared<std::vector<uint8_t>>(bytes + filled * ps, bytes + run * ps);
       deferred_.push_back(Deferred{r, 0, i + filled, run - filled, kPrefetch, From::kBytes, std::move(rest)});
@@ -795,23 +1068,49 @@ void FaultEngine::ProcessCompletions() {
       kick = true;
     }
     if (p.range->dropped.load()) continue;
-    if (!c.ok) {
-      for (size_t i = p.page; i < p.page + p.count; i++) p.range->states.Transition(i, kInFlight, kMissing);
-      if (p.prefetch) p.range->prefetchFailed.store(true);
+    ServedRange* r = p.range.get();
+    const uint64_t ps = r->pageSize;
+    if (c.resolve && !p.prefetch && c.action != SourceErrorAction::kRetry) {
+      // onSourceError for the faulting page; the rest of the window goes back to missing, and
+      // whoever waits there is woken to fault again (and meet the policy on its own page).
+      size_t fp = p.timing.address != 0 ? (AlignDown(p.timing.address, ps) - r->start) / ps : p.page;
+      if (fp < p.page || fp >= p.page + p.count) fp = p.page;
+      for (size_t i = p.page; i < p.page + p.count; i++)
+        if (i != fp) r->states.Transition(i, kInFlight, kMissing);
+      if (fp > p.page) WakePages(uffd_, r->start + p.page * ps, (fp - p.page) * ps);
+      if (fp + 1 < p.page + p.count)
+        WakePages(uffd_, r->start + (fp + 1) * ps, (p.page + p.count - fp - 1) * ps);
+      p.timing.sourceNs += NowNs() - p.requestNs;
+      r->metrics->sourceErrors.fetch_add(1, std::memory_order_relaxed);
+      stats_.sourceErrors.fetch_add(1, std::memory_order_relaxed);
+      if (c.action == SourceErrorAction::kPoison)
+        Poison(p.range, fp, &p.timing);
+      else
+        FillOrDefer(p.range, fp, 1, kDemand, From::kZeros, nullptr, &p.timing);
       continue;
     }
-    c.bytes.resize(p.count * p.range->pageSize, 0);
+    if (!c.ok || c.resolve) {
+      // Back to missing; threads waiting on those pages fault again (else nothing would wake them).
+      for (size_t i = p.page; i < p.page + p.count; i++) r->states.Transition(i, kInFlight, kMissing);
+      WakePages(uffd_, r->start + p.page * ps, p.count * ps);
+      if (p.prefetch) r->prefetchFailed.store(true);
+      continue;
+    }
+    c.bytes.resize(p.count * ps, 0);
     auto bytes = std::make_shared<std::vector<uint8_t>>(std::move(c.bytes));
-    const uint64_t t0 = trace_ ? NowNs() : 0;
+    if (!p.prefetch) p.timing.sourceNs += NowNs() - p.requestNs;
+    // For the trace, before the fill records (and clears) the fault's timing.
+    const uint64_t t0 = trace_ ? NowNs() : 0, faultAddress = p.timing.address, faultNs = p.timing.readNs;
+    const uint32_t faultTid = p.timing.tid;
     traceFilled_ = 0;
-    FillOrDefer(p.range, p.page, p.count, kCompletion, From::kBytes, bytes, nullptr);
+    FillOrDefer(p.range, p.page, p.count, kCompletion, From::kBytes, bytes, p.prefetch ? nullptr : &p.timing);
     if (trace_) {
       // A demand request's record spans the fault's whole wait: read, handler, copy.
       if (p.prefetch)
         trace_->Record(kTracePrefetch, p.range->start + p.page * p.range->pageSize, t0, NowNs(), traceFilled_,
                        0);
       else
-        trace_->Record(kTraceDemand, p.faultAddress, p.faultNs, NowNs(), traceFilled_, p.faultTid);
+        trace_->Record(kTraceDemand, faultAddress, faultNs, NowNs(), traceFilled_, faultTid);
     }
   }
   if (kick) KickPrefetch();
@@ -828,6 +1127,10 @@ void FaultEngine::HandleRemove(uint64_t start, uint64_t end) {
     if (a >= b) continue;
     const uint64_t ps = r->pageSize;
     size_t pa = (a - r->start) / ps, pb = (b - r->start + ps - 1) / ps;
+    r->metrics->Count(kClassRemoved, pb - pa);
+    // MINOR: a hole may have been punched (MADV_REMOVE): those pages are filled again if need be
+    // (the writer's EEXIST says where the page cache still has them).
+    if (r->minor()) r->cache->Forget(r->cacheFirst + pa, pb - pa);
     if (options_.onRemove == RemovePolicy::kUnregister) {
       // Only whole pages can be unregistered; where that fails, zeros (just as correct).
       size_t ua = (a - r->start + ps - 1) / ps, ub = (b - r->start) / ps;
@@ -904,10 +1207,15 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
       auto moved = std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->pageSize, r->source,
                                                  r->sourceOffset + (a - r->start), r->prefetch,
                                                  r->faultAround, r->zeros);
+      moved->cache = r->cache;
+      moved->cacheFirst = r->cacheFirst + pa;
+      moved->onSourceError = r->onSourceError;
+      moved->metrics = r->metrics;
       size_t settled = 0;
       for (size_t k = 0; k < n; k++) {
         uint8_t s = r->states.Get(pa + k);
-        if (s == kInFlight) s = kMissing;  // the handler's bytes would land at the old address
+        // the handler's bytes (or a retry) would land at the old address
+        if (s == kInFlight || s == kFailing) s = kMissing;
         moved->states.Set(k, s);
         if (IsSettled(s)) settled++;
       }
@@ -982,7 +1290,7 @@ void FaultEngine::PrefetchLoop() {
       size_t done = 0;
       const uint64_t t0 = trace_ ? NowNs() : 0;
       prefetchFilled_ = 0;
-      FillStatus s = FillRun(r, i, n, kPrefetch, From::kSource, nullptr, &scratch, nullptr, &done);
+      FillStatus s = FillRun(r, i, n, kPrefetch, From::kSource, nullptr, &scratch, &done);
       if (trace_ && prefetchFilled_ > 0)
         trace_->Record(kTracePrefetch, r->start + i * r->pageSize, t0, NowNs(), prefetchFilled_, 0);
       if (s == kFilled) {
@@ -1040,6 +1348,20 @@ void FaultEngine::Error(int err, const std::string& syscall, const std::string& 
   n.syscall = syscall;
   n.detail = detail;
   n.address = address;
+  Notify(std::move(n));
+}
+
+void FaultEngine::SourceError(const FillResult& f, const std::string& detail, uint64_t address,
+                              const char* action, uint32_t retryInMs) {
+  stats_.errors.fetch_add(1, std::memory_order_relaxed);
+  Notice n;
+  n.kind = Notice::kError;
+  n.err = f.err;
+  n.syscall = f.syscall;
+  n.detail = detail;
+  n.address = address;
+  n.action = action;
+  n.retryInMs = retryInMs;
   Notify(std::move(n));
 }
 

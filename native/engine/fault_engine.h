@@ -13,6 +13,12 @@
 // table, fault-around window, prefetch chunks and handler requests are in whole pages of that
 // size, since the kernel fills hugetlb memory only in whole huge pages. Zeros on hugetlb are
 // copied (no ZEROPAGE there).
+//
+// A range is served in MISSING mode (UFFDIO_COPY into it) or MINOR mode (shared file memory:
+// the bytes go into the file's page cache through the engine's own mapping of it, PageCache,
+// then UFFDIO_CONTINUE maps them; pages already cached need only the CONTINUE). Every fill goes
+// through FillRun, whatever the mode, the source or the thread, and every fill that fails for
+// good through FillFailed, where the range's onSourceError applies (retry, poison, zero).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -30,9 +36,11 @@
 #include <vector>
 
 #include "engine/fault_around.h"
+#include "engine/fault_metrics.h"
 #include "engine/fault_sources.h"
 #include "engine/fault_trace.h"
 #include "engine/latency_histogram.h"
+#include "engine/page_cache.h"
 #include "engine/page_states.h"
 #include "engine/util.h"
 
@@ -44,6 +52,20 @@ enum class RemovePolicy {
 };
 // What to do with the child's uffd of a UFFD_EVENT_FORK.
 enum class ForkPolicy { kClose, kEmit };
+
+// What to do where a source cannot give a page a thread waits on (onSourceError).
+enum class SourceErrorAction {
+  kRetry,   // again later, with backoff; past the deadline (if any), `then`
+  kPoison,  // UFFDIO_POISON: the thread gets SIGBUS (Linux 6.6+)
+  kZero,    // zeros
+};
+struct SourceErrorPolicy {
+  SourceErrorAction action = SourceErrorAction::kRetry;
+  uint32_t deadlineMs = 0;  // retry: 0 = for ever
+  SourceErrorAction then = SourceErrorAction::kPoison;
+  uint32_t backoffMs = 10;  // retry: first delay, doubling up to maxBackoffMs
+  uint32_t maxBackoffMs = 1000;
+};
 
 // Named as the JS options are (FaultServerOptions), units included.
 struct EngineOptions {
@@ -70,6 +92,8 @@ enum FaultPage : uint8_t {
   kRemoved = 2,   // MADV_DONTNEED/REMOVE with the 'zero' policy: served as zeros on demand
   kGone = 3,      // unmapped, moved away by mremap, or unregistered: never served again
   kInFlight = 4,  // claimed: requested from a JS handler, or being copied by the prefetch thread
+  kFailing = 5,   // its source failed while a thread waits on it: a retry is scheduled (onSourceError)
+  kPoisoned = 6,  // poisoned (onSourceError 'poison'): touching it raises SIGBUS
 };
 
 // A state counts as settled when nothing more is to be done for drained(). The table only steers
@@ -77,7 +101,7 @@ enum FaultPage : uint8_t {
 // whatever it says, because a page can vanish behind it (MADV_DONTNEED racing a copy), and EEXIST
 // from the kernel is the final word on "already present".
 inline bool IsSettled(uint8_t s) {
-  return s == kPresent || s == kRemoved || s == kGone;
+  return s == kPresent || s == kRemoved || s == kGone || s == kPoisoned;
 }
 
 struct ServedRange {
@@ -116,7 +140,15 @@ struct ServedRange {
   std::atomic<uint32_t> inflight{0};        // handler prefetch requests outstanding
   std::atomic<bool> prefetchFailed{false};  // a prefetch fill failed: stop prefetching it
   std::atomic<uint32_t> fills{0};           // fills under way (RemoveRange waits for them)
+  // Set before AddRange, then constant. MINOR mode: the file's page cache, and the page of it
+  // (from its writer's start) where this range starts; null: MISSING mode.
+  std::shared_ptr<PageCache> cache;
+  size_t cacheFirst = 0;
+  SourceErrorPolicy onSourceError;
+  // Shared by the parts of a range that mremap split (they keep the range's id).
+  std::shared_ptr<RangeMetrics> metrics = std::make_shared<RangeMetrics>();
   uint64_t end() const { return start + length; }
+  bool minor() const { return cache != nullptr; }
   Filler filler(int uffd) const { return Filler{uffd, pageSize, zeros.get()}; }
 };
 
@@ -128,7 +160,7 @@ struct HandlerRequest {
   uint64_t offset;  // in the source (the range's offset + position)
   uint64_t length;
   bool prefetch;
-  uint64_t fault = 0;  // the faulting address (demand requests; 0 for prefetch)
+  uint64_t fault = 0;  // the faulting page's address (demand requests)
 };
 
 struct Notice {
@@ -139,13 +171,19 @@ struct Notice {
   uint64_t address = 0;
   int fd = -1;
   std::vector<HandlerRequest> requests;
+  // A fill's failure (kError): what was done about it ("retry", "poison", "zero"; "none": no
+  // thread waits on the page), and for "retry" when; empty for other errors.
+  std::string action;
+  uint32_t retryInMs = 0;
 };
 
 // Named as FaultServerStats. Page counts are in each range's own pages (a 2 MiB page counts one).
 struct EngineStats {
   std::atomic<uint64_t> faults{0}, demandPages{0}, aroundPages{0}, prefetchPages{0}, handlerPages{0},
       zeroPages{0}, bytes{0}, exists{0}, deferred{0}, retries{0}, unhandled{0}, wakes{0}, reads{0}, sleeps{0},
-      spinHits{0}, removes{0}, unmaps{0}, remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0};
+      spinHits{0}, removes{0}, unmaps{0}, remaps{0}, forks{0}, requests{0}, errors{0}, prefetchPauses{0},
+      poisonedPages{0}, cachedPages{0}, sourceErrors{0}, blockedNs{0};
+  LatencyHistogram stages[kStages];  // every range's, including ranges no longer served
 };
 
 // Pages (and bytes) settled out of every served range's.
@@ -192,17 +230,28 @@ class FaultEngine {
   // is kept in arrival order (with one-page fault-around and no prefetch: the first-touch order).
   void RecordTouches(bool on) { recording_.store(on); }
   std::vector<std::pair<uint32_t, uint64_t>> TakeTouches();
+  // A demand request its handler could not answer, resolved by the range's policy: the faulting
+  // page poisoned or zeroed (kRetry: as Complete(id, {}, false)).
+  void Resolve(uint64_t requestId, SourceErrorAction action);
+  // Calls f(range) for every range served (the parts of a range mremap split share its metrics).
+  template <typename F>
+  void ForEachRange(F f) {
+    std::lock_guard<std::mutex> lock(tableMu_);
+    for (auto& r : table_) f(*r);
+  }
   std::deque<Notice> TakeNotices();
   Settlement Settled();
   // Zeros to copy into hugetlb ranges of `pageSize` (shared by every range of that size).
   std::shared_ptr<ZeroRegion> ZerosFor(uint64_t pageSize, int* err);
   const EngineStats& stats() const { return stats_; }
-  const LatencyHistogram& latency() const { return latency_; }
+  const LatencyHistogram& latency() const { return stats_.stages[kStageTotal]; }
   // Null unless options.traceCapacity > 0.
   FaultTrace* trace() const { return trace_.get(); }
   uint32_t spinBudgetNs() const { return spinBudgetNs_.load(std::memory_order_relaxed); }
 
  private:
+  // Why a fill runs: for a fault (its page first, then forward), around a fault (backward), in
+  // the background, or with a handler's bytes.
   enum Origin { kDemand, kAround, kPrefetch, kCompletion };
   // What a fill puts in place.
   enum class From {
@@ -218,11 +267,14 @@ class FaultEngine {
     Origin origin;
     From from;
     std::shared_ptr<std::vector<uint8_t>> bytes;  // From::kBytes
+    FaultTiming timing;                           // the fault waiting on it (address 0: none)
   };
   struct Completion {
     uint64_t id;
     std::vector<uint8_t> bytes;
     bool ok;
+    bool resolve = false;  // Resolve(): `action` instead of bytes
+    SourceErrorAction action = SourceErrorAction::kRetry;
   };
   struct Provided {
     uint32_t rangeId = 0;
@@ -236,56 +288,82 @@ class FaultEngine {
     size_t page;
     size_t count;
     bool prefetch;
-    // For the trace: the fault that asked for it (demand requests).
-    uint64_t faultAddress = 0, faultNs = 0;
-    uint32_t faultTid = 0;
+    FaultTiming timing;      // the fault that asked (demand requests)
+    uint64_t requestNs = 0;  // when it was asked for
+    uint32_t waiters = 0;    // later faults on its pages, and the sum of their read times
+    uint64_t waitersReadNs = 0;
+  };
+  // A page whose source failed while a thread waits on it, to be filled again (onSourceError 'retry').
+  struct Failing {
+    std::shared_ptr<ServedRange> range;
+    size_t page;
+    uint64_t firstNs;  // the first failure: the deadline counts from it
+    uint64_t dueNs;
+    uint32_t backoffMs;
+    FaultTiming timing;
   };
   using Table = std::vector<std::shared_ptr<ServedRange>>;
 
   void DemandLoop();
   void PrefetchLoop();
   void HandleMessages(const void* msgs, size_t count, uint64_t readNs);
-  void HandleFault(uint64_t address, uint64_t readNs);
+  void HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end);
   void HandleRemap(uint64_t from, uint64_t to, uint64_t len);
   void HandleFork(int fd);
   void RetryDeferred();
-  // A faulting page whose fill failed (a source that cannot be read: a truncated file, an I/O
-  // error): a thread waits on it, so it is tried again with backoff (10 ms doubling to 1 s),
-  // each failure an error notice, until it is filled, its range goes, or the engine stops.
-  void RetryFailed(uint64_t now);
-  // ms until the next failed fill is due (-1: none).
-  int FailedTimeoutMs(uint64_t now) const;
   void ProcessCompletions();
   // Installs queued Provide() bytes, at most `budget` bytes per call; returns whether any remain.
   bool ProcessProvided(uint64_t budget);
   void InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p);
   void RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, bool prefetch,
-                          std::vector<HandlerRequest>* out);
+                          std::vector<HandlerRequest>* out, const FaultTiming* timing = nullptr);
+  // A fault on a page a handler request is fetching: counted as one of its waiters.
+  void WaitOnRequest(ServedRange* r, size_t page, uint64_t readNs);
   void FlushRequests(std::vector<HandlerRequest>* requests);
 
-  // Fills pages [page, page + count) of r, one ioctl per contiguous stretch, skipping pages that
-  // turn out present (EEXIST). Marks pages present as they are done. *done: pages handled before
-  // a deferral (EAGAIN: an event is pending) or a failure.
+  // Fills pages [page, page + count) of r, one ioctl per contiguous stretch (MINOR: the page
+  // cache first), skipping pages that turn out present (EEXIST). Marks pages present as they
+  // are done. *done: pages handled before a deferral (EAGAIN: an event is pending) or a failure.
+  // `timing`: the fault waiting on one of the pages (timed and recorded once that page is
+  // resolved, then its address is 0); null for fills nobody waits on.
   enum FillStatus { kFilled, kDeferredOp, kFailed };
   FillStatus FillRun(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
-                     From from, const uint8_t* bytes, std::vector<uint8_t>* scratch, bool* firstExisted,
-                     size_t* done);
+                     From from, const uint8_t* bytes, std::vector<uint8_t>* scratch, size_t* done,
+                     FaultTiming* timing = nullptr);
+  // One step of a MINOR fill at dst: the source's bytes (or `bytes`, or zeros) into the page
+  // cache where it has none, then UFFDIO_CONTINUE.
+  FillResult FillMinor(ServedRange* r, uint64_t dst, uint64_t at, uint64_t len, From from,
+                       const uint8_t* bytes, std::vector<uint8_t>* scratch);
   // Demand-thread wrapper: a deferral is queued for retry after the pending events are read.
   FillStatus FillOrDefer(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, Origin origin,
-                         From from, std::shared_ptr<std::vector<uint8_t>> bytes, bool* firstExisted);
-  // A fill that failed for good (not EEXIST, EAGAIN or an address space that is gone): reported
-  // here, the one place a policy for failing sources belongs.
-  void FillFailed(const std::shared_ptr<ServedRange>& r, uint64_t address, const FillResult& f,
-                  Origin origin);
+                         From from, std::shared_ptr<std::vector<uint8_t>> bytes,
+                         FaultTiming* timing = nullptr);
+  // A fill of pages [page, page + count) that failed for good at `page` (not EEXIST, EAGAIN or an
+  // address space that is gone): the one place where failing sources are handled. Every failure
+  // is an error notice with its address and cause; where the fault in `timing` waits on `page`,
+  // the range's onSourceError decides (a retry, SIGBUS, zeros).
+  void FillFailed(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, const FillResult& f,
+                  Origin origin, From from, FaultTiming* timing);
+  // onSourceError for the page a fault waits on.
+  void ApplySourcePolicy(const std::shared_ptr<ServedRange>& r, size_t page, SourceErrorAction action,
+                         const FillResult& f, const std::string& what, FaultTiming* timing, uint64_t firstNs);
+  void Poison(const std::shared_ptr<ServedRange>& r, size_t page, FaultTiming* timing);
+  // Fills due again after a source failure (demand thread); the poll timeout until the next (-1: none).
+  void RetryFailing();
+  int FailingTimeoutMs() const;
+  // The fault in `timing` resolved: its stages, blocked time and count into r's metrics and the engine's.
+  void Record(ServedRange* r, FaultTiming* timing);
+  void CountPages(ServedRange* r, size_t first, size_t n, Origin origin, bool zero,
+                  const FaultTiming* timing);
   size_t MarkPresent(ServedRange* r, size_t first, size_t count);
   void SetState(ServedRange* r, size_t page, uint8_t to);
   // Zeros for a fault outside every served range (its page size unknown: the base page, else a
   // huge page where ZEROPAGE is EINVAL).
   void ZeroUnserved(uint64_t address);
   // Zeros for a removed page (the 'zero' policy).
-  void ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t page);
+  void ZeroRemoved(const std::shared_ptr<ServedRange>& r, size_t page, FaultTiming* timing);
   void Unregister(ServedRange* r, uint64_t start, uint64_t end);
   void KickPrefetch();
 
@@ -294,6 +372,9 @@ class FaultEngine {
   void DropGoneRanges();
   bool EraseGoneLocked();
   void Error(int err, const std::string& syscall, const std::string& detail, uint64_t address = 0);
+  // A fill's failure, with what was done about it (onSourceError: "retry", "poison", "zero"; "": nothing).
+  void SourceError(const FillResult& f, const std::string& detail, uint64_t address, const char* action,
+                   uint32_t retryInMs);
   void Notify(Notice notice);
   void Progress(bool force);
 
@@ -317,13 +398,13 @@ class FaultEngine {
   Table demandTable_;
   uint64_t demandVersion_ = 0;
   std::vector<Deferred> deferred_;
-  struct Failed {
-    std::shared_ptr<ServedRange> range;
-    size_t page;
-    uint64_t dueNs;
-    uint32_t backoffMs;
-  };
-  std::vector<Failed> failed_;
+  std::vector<Failing> failing_;
+  // While RetryFailing refills a page: its first failure and last backoff (FillFailed carries them on).
+  struct {
+    bool active = false;
+    uint64_t firstNs = 0;
+    uint32_t backoffMs = 0;
+  } retrying_;
   std::vector<uint8_t> demandScratch_;
   std::shared_ptr<ZeroRegion> unservedZeros_;
 
@@ -355,11 +436,9 @@ class FaultEngine {
 
   std::atomic<uint32_t> spinBudgetNs_{0};
   EngineStats stats_;
-  LatencyHistogram latency_;
 
-  // FaultServer { trace } (null: off). The fault being handled, and bytes filled since the last
-  // record, per thread: the demand thread's (trace*_) and the prefetch thread's.
+  // FaultServer { trace } (null: off), and bytes filled since the last record, per thread: the
+  // demand thread's and the prefetch thread's.
   std::unique_ptr<FaultTrace> trace_;
-  uint64_t traceAddress_ = 0, traceReadNs_ = 0, traceFilled_ = 0, prefetchFilled_ = 0;
-  uint32_t traceTid_ = 0;
+  uint64_t traceFilled_ = 0, prefetchFilled_ = 0;
 };

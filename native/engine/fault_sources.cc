@@ -52,6 +52,22 @@ FillResult ZeroPages(int uffd, uint64_t dst, uint64_t len) {
   return r;
 }
 
+FillResult ContinuePages(int uffd, uint64_t dst, uint64_t len) {
+  struct uffdio_continue_abi cont = {};
+  cont.range.start = dst;
+  cont.range.len = len;
+  int rc = ioctl(uffd, UFFDIO_CONTINUE_ABI, &cont);
+  return Outcome(rc, cont.mapped, len, "ioctl(UFFDIO_CONTINUE)");
+}
+
+FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len) {
+  struct uffdio_poison_abi poison = {};
+  poison.range.start = dst;
+  poison.range.len = len;
+  int rc = ioctl(uffd, UFFDIO_POISON_ABI, &poison);
+  return Outcome(rc, poison.updated, len, "ioctl(UFFDIO_POISON)");
+}
+
 void WakePages(int uffd, uint64_t start, uint64_t len) {
   struct uffdio_range range = {start, len};
   ioctl(uffd, UFFDIO_WAKE, &range);
@@ -198,6 +214,7 @@ FillResult Source::Fill(const Filler& f, uint64_t dst, uint64_t at, uint64_t len
 
 FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n,
                           std::vector<uint8_t>* scratch) const {
+  uint64_t t0 = NowNs();
   if (scratch->size() < n) scratch->resize(n);
   uint64_t want = at < length_ ? std::min(n, length_ - at) : 0;
   uint64_t got = 0;
@@ -208,20 +225,21 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
     while (got < want) {
       ssize_t r = pread(fd_, scratch->data() + got, want - got, static_cast<off_t>(fileOffset_ + at + got));
       if (r < 0 && errno == EINTR) continue;
+      FillResult e;
+      e.syscall = "pread";
+      e.sourceNs = NowNs() - t0;
       if (r < 0) {
-        FillResult e;
         e.err = errno;
-        e.syscall = "pread";
         return e;
       }
       if (r == 0) {
         // The file shrank after it was opened: an error, never zeros (or stale bytes) in
         // place of the snapshot's (issue 17, defect 7). The whole pages read go in first, so
         // the error names the first page that cannot be had.
-        FillResult e;
         uint64_t whole = AlignDown(got, f.pageSize);
         if (whole > 0) {
           e = f.Copy(dst, scratch->data(), whole);
+          e.sourceNs = NowNs() - t0;
           if (e.err != 0) return e;
         }
         e.err = EIO;
@@ -233,5 +251,8 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
     }
   }
   if (got < n) memset(scratch->data() + got, 0, n - got);
-  return f.Copy(dst, scratch->data(), n);
+  uint64_t sourceNs = NowNs() - t0;
+  FillResult r = f.Copy(dst, scratch->data(), n);
+  r.sourceNs = sourceNs;
+  return r;
 }

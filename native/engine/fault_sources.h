@@ -24,10 +24,15 @@ struct FillResult {
   const char* syscall = "";
   bool zero = false;          // zeros rather than source bytes
   const char* why = nullptr;  // what went wrong, where errno alone does not say it
+  uint64_t sourceNs = 0;      // time spent getting the bytes (pread, the page cache), not in the fill ioctl
 };
 
 FillResult CopyPages(int uffd, uint64_t dst, const void* src, uint64_t len);
 FillResult ZeroPages(int uffd, uint64_t dst, uint64_t len);
+// Maps pages already in the page cache (MINOR mode): no copy.
+FillResult ContinuePages(int uffd, uint64_t dst, uint64_t len);
+// Marks pages poisoned: a touch raises SIGBUS (Linux 6.6+; EINVAL before).
+FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len);
 // Wakes threads waiting on faults in the range (a fault on a page someone else filled).
 void WakePages(int uffd, uint64_t start, uint64_t len);
 

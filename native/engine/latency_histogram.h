@@ -1,5 +1,6 @@
 // Lock-free latency histogram (log-linear buckets: 8 per power of two, ~9% resolution) for the
-// fault server's demand latency. Written by one thread, read by any.
+// fault server's latencies. Written by one thread (or a few), read by any. The same buckets as
+// the JS LatencyHistogram (src/util/histogram.ts), whose JSON form ForEachBucket feeds.
 #pragma once
 #include <stdint.h>
 
@@ -13,7 +14,11 @@ class LatencyHistogram {
   void Record(uint64_t ns) {
     buckets_[Index(ns)].fetch_add(1, std::memory_order_relaxed);
     count_.fetch_add(1, std::memory_order_relaxed);
+    sum_.fetch_add(ns, std::memory_order_relaxed);
   }
+
+  // Sum of the samples (ns), for Prometheus' _sum.
+  uint64_t Sum() const { return sum_.load(std::memory_order_relaxed); }
 
   // Calls f(index, count) for every non-empty bucket, in order.
   template <typename F>
@@ -42,6 +47,7 @@ class LatencyHistogram {
   void Reset() {
     for (auto& b : buckets_) b.store(0, std::memory_order_relaxed);
     count_.store(0, std::memory_order_relaxed);
+    sum_.store(0, std::memory_order_relaxed);
   }
 
  private:
@@ -61,4 +67,5 @@ class LatencyHistogram {
 
   std::atomic<uint64_t> buckets_[kBuckets] = {};
   std::atomic<uint64_t> count_{0};
+  std::atomic<uint64_t> sum_{0};
 };

@@ -45,8 +45,8 @@ struct TouchJob {
   bool write = false;
   bool timings = false;
   uint64_t workNs = 0;
-  int cpu = -1;
   uint64_t value = 0;
+  int cpu = -1;         // pin the touching threads to this CPU (benchmarks: placement on purpose)
   uint64_t length = 0;  // madvise/mremap/munmap length (mremap: old length)
   uint64_t arg = 0;     // madvise advice, mremap new length
   uint64_t result = 0;  // mremap's new address
@@ -225,7 +225,10 @@ Napi::Value Touch(const Napi::CallbackInfo& info) {
   if (job->timings) job->ns.resize(job->addresses.size());
   if (opts.Get("workNs").IsNumber())
     job->workNs = static_cast<uint64_t>(opts.Get("workNs").As<Napi::Number>().DoubleValue());
-  if (opts.Get("cpu").IsNumber()) job->cpu = opts.Get("cpu").As<Napi::Number>().Int32Value();
+  if (opts.Get("cpu").IsNumber()) {
+    job->cpu = opts.Get("cpu").As<Napi::Number>().Int32Value();
+    if (job->cpu < 0 || job->cpu >= CPU_SETSIZE) ThrowRangeError(env, "cpu must be 0..1023");
+  }
   return Start(env, job, threads);
 }
 

@@ -44,9 +44,13 @@ export interface MappingHandleOptions {
   populate?: boolean
   name?: string
   private?: boolean
+  /** anonymous: MAP_SHARED */
+  shared?: boolean
+  /** kind 'fd': the fd to map (dup'ed) */
+  fd?: number
 }
 
-/** new MappingHandle(kind, length, options, source?): anonymous, memfd, or an alias of a memfd. */
+/** new MappingHandle(kind, length, options, source?): anonymous, memfd, an fd's file, or an alias. */
 export interface MappingHandle {
   address(): bigint
   length(): number
@@ -60,7 +64,7 @@ export interface MappingHandle {
 }
 
 export type MappingHandleConstructor = new (
-  kind: 'anonymous' | 'memfd' | 'alias',
+  kind: 'anonymous' | 'memfd' | 'alias' | 'fd',
   length: number,
   options: MappingHandleOptions,
   source?: MappingHandle,
@@ -152,6 +156,11 @@ export type BackgroundPriority = 'idle' | 'normal'
 /** How a file's bytes are read: from a private read-only mapping of it, or with pread(2). */
 export type ReadMethod = 'mmap' | 'pread'
 
+/** Which faults a range is served for: MISSING (UFFDIO_COPY) or MINOR (page cache + UFFDIO_CONTINUE). */
+export type FaultMode = 'missing' | 'minor'
+/** What to do where a source cannot give a page a thread waits on. */
+export type SourceErrorPolicy = 'retry' | 'poison' | 'zero'
+
 export interface FaultEngineRange {
   id: number
   address: bigint
@@ -162,7 +171,31 @@ export interface FaultEngineRange {
   sourceOffset: number
   prefetch: boolean
   faultAround: number
+  mode: FaultMode
+  /** mode 'minor': the file's page cache, and where the range starts in its writer (bytes) */
+  cache?: PageCacheHandle
+  cacheOffset?: number
+  onSourceError: SourceErrorPolicy
+  /** 'retry' until this many ms after the first failure (0: for ever), then afterDeadline */
+  retryDeadlineMs: number
+  afterDeadline: 'poison' | 'zero'
 }
+
+/**
+ * A shared file's page cache as MINOR ranges fill it (page_cache.cc): `uffd` (dup'ed) has the
+ * writer [address, address + length) registered for MISSING faults; nothing else touches it.
+ */
+export interface PageCacheHandle {
+  /** pages known to be in the page cache */
+  cachedPages(): number
+}
+
+export type PageCacheConstructor = new (
+  uffd: number,
+  address: bigint,
+  length: number,
+  pageSize: number,
+) => PageCacheHandle
 
 export type FaultEngineSource =
   /**
@@ -234,6 +267,49 @@ export interface FaultEngineStats extends Settlement {
   latencyUs: LatencySummary
   /** the adaptive spin's current budget */
   spinBudgetUs: number
+  /** pages poisoned (onSourceError 'poison') */
+  poisonedPages: number
+  /** MINOR ranges: pages this server put into the page cache */
+  cachedPages: number
+  /** fills that failed (a source that could not give the bytes, a fill ioctl that failed) */
+  sourceErrors: number
+  /** time faulting threads spent blocked, read to resolved, summed over faults (µs) */
+  blockedUs: number
+  /** every range's stage histograms, ranges no longer served included */
+  stageHistograms: EngineStageHistograms
+}
+
+/** A native latency histogram: count, sum (ns) and non-empty buckets as [index, count] (src/util/histogram.ts). */
+export interface EngineHistogram {
+  count: number
+  sum: number
+  buckets: Array<[number, number]>
+}
+
+/** The stages of serving a fault (native/engine/fault_metrics.h), and read to resolved ('total'). */
+export type FaultStage = 'read' | 'source' | 'fill' | 'wake' | 'total'
+export type EngineStageHistograms = Record<FaultStage, EngineHistogram>
+
+/** Pages by class: why a page was put in place, and with what; each page counts in one class. */
+export type PageClass = 'demand' | 'around' | 'prefetch' | 'zero' | 'removed' | 'poisoned'
+
+/** One served range's metrics, as the engine keeps them (FaultEngine.metrics()). */
+export interface EngineRangeMetrics {
+  id: number
+  address: bigint
+  length: number
+  pageSize: number
+  mode: FaultMode
+  pagesPresent: number
+  pagesTotal: number
+  /** fault messages in the range (one per blocked thread) */
+  faults: number
+  /** their blocked time, read to resolved (ns) */
+  blockedNs: number
+  cachedPages: number
+  sourceErrors: number
+  pages: Record<PageClass, number>
+  stages: EngineStageHistograms
 }
 
 /** A { handler } source is asked for `length` bytes at `address` (`offset` in the source). */
@@ -245,12 +321,13 @@ export interface FaultEngineRequest {
   offset: number
   length: number
   prefetch: boolean
-  /** the faulting address (demand requests) */
+  /** demand requests: the faulting page's address */
   fault?: bigint
 }
 
 export type FaultEngineNotice =
-  | { type: 'error'; error: NativeError; address?: bigint }
+  /** action: what onSourceError did about a failing fill ('retry' in retryInMs, 'poison', 'zero') */
+  | { type: 'error'; error: NativeError; address?: bigint; action?: SourceErrorPolicy; retryInMs?: number }
   | { type: 'progress' }
   | { type: 'fork'; fd: number }
   | { type: 'requests'; requests: FaultEngineRequest[] }
@@ -275,7 +352,10 @@ export interface FaultEngine {
   /** working-set record: log demand faults (range id, base-page source offset) in order */
   recordTouches(on: boolean): void
   takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
+  /** a demand request its handler could not answer: the faulting page poisoned or zeroed */
+  resolve(requestId: number, action: 'poison' | 'zero'): void
   stats(): FaultEngineStats
+  metrics(): EngineRangeMetrics[]
   /** the demand-latency histogram's non-empty buckets (src/util/histogram.ts HistogramJSON) */
   latencyHistogram(): { count: number; buckets: Array<[number, number]> }
   settled(): Settlement
@@ -440,6 +520,8 @@ export interface Binding {
   pagemapScanProbe(): number
   // fault_engine.cc, snapshot_engine.cc
   FaultEngine: FaultEngineConstructor
+  // page_cache.cc
+  PageCache: PageCacheConstructor
   SnapshotEngine: SnapshotEngineConstructor
   // wp_dirty_tracker.cc
   WpDirtyTracker: WpDirtyTrackerConstructor

@@ -4,10 +4,13 @@
 // connection and the socket; --json prints the final stats on stdout.
 import * as fs from 'node:fs'
 import { FaultTrace } from '../engines/fault-trace'
+import type { SourceErrorPolicy } from '../addon/binding'
 import type { ConnectionStats } from '../firecracker/handler'
 import { FirecrackerHandler, type ReadMethod, type RemovePolicy } from '../firecracker/handler'
 import type { GuestRegion } from '../firecracker/protocol'
+import { handlerMetrics } from '../firecracker/metrics'
 import { createLogger, type LogFormat } from './log'
+import { listenMetrics, portOf } from './metrics-http'
 import { formatDuration, mib, rateAndEta } from './progress'
 import type { RemoteOptions } from '../sources/remote'
 
@@ -15,6 +18,8 @@ export interface ServeArgs {
   socket: string
   memFile: string
   onRemove: RemovePolicy
+  /** a page the memory file cannot give (truncated, EIO): retry (default), poison, zero */
+  onSourceError?: SourceErrorPolicy
   readMethod: ReadMethod
   allowUid: number[]
   json: boolean
@@ -34,6 +39,9 @@ export interface ServeArgs {
   cacheKey?: string
   /** write every fault to this Chrome trace-event file (completed on exit) */
   trace?: string
+  /** serve the Prometheus text on http://metricsHost:metricsPort/metrics (0: any free port) */
+  metricsPort?: number
+  metricsHost?: string
 }
 
 /** The RemoteSource options the command line asks for. */
@@ -123,6 +131,7 @@ export async function serve(args: ServeArgs): Promise<number> {
       socketPath: args.socket,
       memFile: args.memFile,
       onRemove: args.onRemove,
+      ...(args.onSourceError !== undefined ? { onSourceError: args.onSourceError } : {}),
       readMethod: args.readMethod,
       handshakeTimeout: args.handshakeTimeout,
       allow: args.allowUid.length > 0 ? (peer) => args.allowUid.includes(peer.uid) : undefined,
@@ -140,6 +149,18 @@ export async function serve(args: ServeArgs): Promise<number> {
     `listening on ${args.socket} (memory file ${args.memFile}, ${mib(handler.snapshot.size)} MiB, on remove: ${args.onRemove})`,
     { event: 'listening', socket: args.socket, memFile: args.memFile, memFileBytes: handler.snapshot.size },
   )
+  let metrics: Awaited<ReturnType<typeof listenMetrics>> | undefined
+  if (args.metricsPort !== undefined) {
+    const host = args.metricsHost ?? '127.0.0.1'
+    try {
+      metrics = await listenMetrics(args.metricsPort, host, () => handlerMetrics(handler))
+    } catch (err) {
+      await handler.close()
+      throw new Error(`--metrics-port ${args.metricsPort}: ${(err as Error).message}`)
+    }
+    const url = `http://${host.includes(':') ? `[${host}]` : host}:${portOf(metrics)}/metrics`
+    logger.log('info', `metrics on ${url}`, { event: 'metrics', url })
+  }
   const vms = new Map<number, VmProgress>()
   handler.on('ready', (c, regions: GuestRegion[]) => {
     const totalBytes = regions.reduce((n, r) => n + r.size, 0)
@@ -246,6 +267,11 @@ export async function serve(args: ServeArgs): Promise<number> {
   if (timer) clearInterval(timer)
   if (statusTimer) clearInterval(statusTimer)
   status?.clear()
+  if (metrics) {
+    const closed = new Promise((resolve) => metrics.close(resolve))
+    metrics.closeAllConnections()
+    await closed
+  }
   await handler.close()
   if (trace !== undefined) {
     trace.close()

@@ -41,6 +41,20 @@ export interface AnonymousOptions {
   hugetlb?: boolean
   /** MAP_POPULATE: fault everything in now. */
   populate?: boolean
+  /**
+   * MAP_SHARED: shared anonymous memory (shmem, or hugetlbfs with `hugetlb`), which has a page
+   * cache: MINOR faults, and alias() (a second mapping of the same pages). Default false
+   * (MAP_PRIVATE).
+   */
+  shared?: boolean
+}
+
+/** Options of Mapping.fromFd(). */
+export interface FromFdOptions {
+  /** bytes to map from offset 0 (default: the file's size) */
+  length?: number
+  /** MAP_PRIVATE instead of MAP_SHARED (copy-on-write over the file) */
+  private?: boolean
 }
 
 /** Options of Mapping.memfd(). */
@@ -89,32 +103,36 @@ export class Mapping implements Range {
   readonly length: number
   /** Page size of this mapping: the huge page size for hugetlb mappings. */
   readonly pageSize: number
-  /** 'anonymous' or 'memfd' (aliases are 'memfd'). */
+  /** 'anonymous' or 'memfd' (aliases of a memfd and mappings of an fd are 'memfd'). */
   readonly kind: 'anonymous' | 'memfd'
-  /** Backed by huge pages (MAP_HUGETLB / MFD_HUGETLB). */
+  /** Backed by huge pages (MAP_HUGETLB / MFD_HUGETLB / a hugetlbfs file). */
   readonly hugetlb: boolean
+  /** MAP_SHARED: the memory has a page cache that other mappings share (shmem, hugetlbfs). */
+  readonly shared: boolean
   #handle: MappingHandle | null
   #unmapListeners: Array<(address: bigint, length: number) => void> = []
   // Native engines using the memory (a FaultServer source, a snapshot sink): unmap() waits for them.
   #pins = 0
   #unmapWhenUnpinned: MappingHandle | null = null
 
-  private constructor(handle: MappingHandle, kind: 'anonymous' | 'memfd', hugetlb: boolean) {
+  private constructor(handle: MappingHandle, kind: 'anonymous' | 'memfd', hugetlb: boolean, shared: boolean) {
     this.#handle = handle
     this.address = handle.address()
     this.length = handle.length()
     this.kind = kind
     this.hugetlb = hugetlb
+    this.shared = shared
     this.pageSize = hugetlb ? hugePageSize() : PAGE_SIZE
   }
 
-  /** Private anonymous memory (MAP_PRIVATE | MAP_ANONYMOUS). */
+  /** Anonymous memory: MAP_PRIVATE | MAP_ANONYMOUS, or shared (shmem) with { shared: true }. */
   static anonymous(length: number, options?: AnonymousOptions): Mapping {
     const o = checkOptions(options, 'Mapping.anonymous')
     const hugetlb = flag(o, 'hugetlb', false)
+    const shared = flag(o, 'shared', false)
     const len = Mapping.#checkLength(length, hugetlb)
-    const handle = new native.MappingHandle('anonymous', len, { hugetlb, populate: flag(o, 'populate', false) })
-    return new Mapping(handle, 'anonymous', hugetlb)
+    const handle = new native.MappingHandle('anonymous', len, { hugetlb, shared, populate: flag(o, 'populate', false) })
+    return new Mapping(handle, 'anonymous', hugetlb, shared)
   }
 
   /** MAP_SHARED over a new memfd (shmem or hugetlbfs): what MINOR faults and CONTINUE need. */
@@ -125,8 +143,26 @@ export class Mapping implements Range {
     if (o.name !== undefined && typeof o.name !== 'string') {
       throw new TypeError(`name must be a string (got ${describe(o.name)})`)
     }
-    const handle = new native.MappingHandle('memfd', len, { hugetlb, name: o.name, private: flag(o, 'private', false) })
-    return new Mapping(handle, 'memfd', hugetlb)
+    const priv = flag(o, 'private', false)
+    const handle = new native.MappingHandle('memfd', len, { hugetlb, name: o.name, private: priv })
+    return new Mapping(handle, 'memfd', hugetlb, !priv)
+  }
+
+  /**
+   * MAP_SHARED over a file you have an fd of, from offset 0: a memfd received from another
+   * process (fd passing), a file on hugetlbfs. The fd is dup'ed (close yours when you like).
+   * hugetlb is told by the file's block size (hugetlbfs reports its huge page size).
+   */
+  static fromFd(fd: number, options?: FromFdOptions): Mapping {
+    const o = checkOptions(options, 'Mapping.fromFd')
+    const f = int(fd, 'fd', 0, 0x7fffffff)
+    const st = fs.fstatSync(f)
+    const hugetlb = st.blksize > PAGE_SIZE
+    const length = o.length === undefined ? st.size : o.length
+    const len = Mapping.#checkLength(length, hugetlb)
+    const priv = flag(o, 'private', false)
+    const handle = new native.MappingHandle('fd', len, { fd: f, private: priv })
+    return new Mapping(handle, 'memfd', hugetlb, !priv)
   }
 
   static #checkLength(length: unknown, hugetlb: boolean): number {
@@ -136,13 +172,22 @@ export class Mapping implements Range {
     return len
   }
 
-  /** A second MAP_SHARED mapping of the same memfd: write through one, fault through the other. */
+  /**
+   * A second mapping of the same memory (MAP_SHARED, or { private: true } for a memfd): write
+   * through one, fault through the other. For a memfd (or a mapping of an fd) and for shared
+   * anonymous memory (by mremap).
+   */
   alias(options?: { private?: boolean }): Mapping {
     const handle = this.#live('alias')
-    if (this.kind !== 'memfd') throw new TypeError('alias() needs a memfd mapping (Mapping.memfd)')
     const priv = flag(checkOptions(options, 'alias'), 'private', false)
+    if (this.kind === 'anonymous') {
+      if (!this.shared)
+        throw new TypeError('alias() needs shared memory (Mapping.memfd, or Mapping.anonymous with { shared: true })')
+      if (priv) throw new TypeError('alias() of shared anonymous memory is shared: { private: true } needs a memfd')
+      return new Mapping(new native.MappingHandle('alias', this.length, {}, handle), 'anonymous', this.hugetlb, true)
+    }
     const copy = new native.MappingHandle('alias', this.length, { private: priv }, handle)
-    return new Mapping(copy, 'memfd', this.hugetlb)
+    return new Mapping(copy, 'memfd', this.hugetlb, !priv)
   }
 
   /** True after unmap(). */
@@ -301,6 +346,7 @@ export class Mapping implements Range {
 
 /** What backs `range`: a Mapping says so itself; anything else is taken for anonymous memory. */
 export function memoryKindOf(range: unknown): MemoryKind {
-  if (range instanceof Mapping) return range.hugetlb ? 'hugetlb' : range.kind === 'memfd' ? 'shmem' : 'anonymous'
+  if (range instanceof Mapping)
+    return range.hugetlb ? 'hugetlb' : range.kind === 'memfd' || range.shared ? 'shmem' : 'anonymous'
   return 'anonymous'
 }

@@ -1,35 +1,56 @@
 // FaultServer: a native engine (native/engine/fault_engine.cc) that serves a uffd's faults on its own
 // threads, with no JS call per fault: from buffers, files or zeros, with fault-around and
-// background prefetch, on base pages and on hugetlb huge pages alike. JS is involved only for
-// { handler } sources (called with batches of requests, off the hot path), for events the policy
-// hands to JS, and for errors and progress.
+// background prefetch, on base pages and on hugetlb huge pages alike, MISSING faults (UFFDIO_COPY)
+// or MINOR faults of shared memory (the page cache filled once, then UFFDIO_CONTINUE). JS is
+// involved only for { handler } sources (called with batches of requests, off the hot path), for
+// events the policy hands to JS, and for errors and progress.
 import type {
   BackgroundPriority,
   FaultEngine,
   FaultEngineNotice,
   FaultEngineRequest,
   FaultEngineStats,
+  FaultMode,
+  FaultStage,
+  LatencySummary,
+  PageClass,
   RemovePolicy,
+  SourceErrorPolicy,
 } from '../addon/binding'
 import { native } from '../addon/native'
 import { Feature, IoctlBit, PAGE_SIZE } from '../core/constants'
-import { type UffdError, uffdError } from '../core/errors'
-import { Mapping, hugePageSize } from '../core/mapping'
+import { UffdError, uffdError } from '../core/errors'
+import { unsupported } from '../core/kernel-features'
+import { Mapping, hugePageSize, memoryKindOf } from '../core/mapping'
+import { probe } from '../core/probe'
 import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../sources/fault-source'
 import type { FeedStats } from '../sources/feed'
 import type { WorkingSet } from '../sources/working-set'
 import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
-import type { HistogramJSON } from '../util/histogram'
+import { type HistogramJSON, LatencyHistogram } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { FaultTrace } from './fault-trace'
-import { bool, checkRenamed, choice, describe, optionalInt, powerOfTwo } from '../util/validate'
+import { bool, checkRenamed, choice, describe, int, optionalInt, powerOfTwo } from '../util/validate'
+import { faultServerMetrics, type MetricsOptions } from './fault-metrics'
 import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
+import { type Backing, type PageCacheLease, leasePageCache } from './page-cache'
 
 export type { FaultHandler, FaultRequest, FaultSource, PageBytes } from '../sources/fault-source'
 
-export type { BackgroundPriority, LatencySummary, ReadMethod, RemovePolicy } from '../addon/binding'
+export type {
+  BackgroundPriority,
+  FaultMode,
+  FaultStage,
+  LatencySummary,
+  PageClass,
+  ReadMethod,
+  RemovePolicy,
+  SourceErrorPolicy,
+} from '../addon/binding'
+export type { Backing } from './page-cache'
+export type { MetricsOptions } from './fault-metrics'
 
 /**
  * Options of a FaultServer. Sizes are in bytes; durations carry their unit in their name. The
@@ -63,9 +84,10 @@ export interface FaultServerOptions {
    */
   prefetchYieldUs?: number
   /**
-   * Longest spin (µs) on the uffd before sleeping, adapted at run time (grows on spin hits,
-   * halves on misses). Default 0 (never spin): measured on a 2-vCPU VM whose scheduler packs the
-   * faulting thread onto the handler's CPU, spinning only delayed the faulting threads.
+   * Longest spin (µs) on the uffd before sleeping, adapted at run time: it learns whether spins
+   * hit (a fault arrived while spinning) and stops spinning when they do not, probing again now
+   * and then. Default 50; 0 never spins. Spinning saves a cross-CPU wake-up per fault when the
+   * faulting thread runs on another CPU; when it shares the engine's CPU, spins miss and stop.
    */
   spinUs?: number
   /**
@@ -102,6 +124,12 @@ export interface FaultServerOptions {
    * is known only if the uffd was opened with Feature.THREAD_ID. Default: no trace.
    */
   trace?: string | FaultTrace
+  /** Default of serve()'s `onSourceError` ('retry'). */
+  onSourceError?: SourceErrorPolicy
+  /** Default of serve()'s `retryDeadlineMs` (0: retry for ever). */
+  retryDeadlineMs?: number
+  /** Default of serve()'s `afterDeadline` ('poison'). */
+  afterDeadline?: 'poison' | 'zero'
 }
 
 /** Options renamed in 0.2 (old -> new): passing an old name is a TypeError naming the new one. */
@@ -139,10 +167,65 @@ export interface ServeOptions {
    * hugetlb memory give its huge page size (hugePageSize()). Default PAGE_SIZE.
    */
   pageSize?: number
+  /**
+   * Which faults: 'missing' (default: pages copied in, UFFDIO_COPY) or 'minor' (shared memory:
+   * shmem, memfd, hugetlbfs). In 'minor' mode the range is registered for MINOR and MISSING
+   * faults; a page's bytes go into the file's page cache once (through the server's own mapping
+   * of the file, never overwriting a page already there), then UFFDIO_CONTINUE maps them, with
+   * no copy; a page already in the page cache (pushed before serving, or filled for another
+   * mapping of the file, another process's included) needs only the CONTINUE.
+   */
+  mode?: FaultMode
+  /**
+   * mode 'minor': the file whose page cache the range maps: a Mapping of it (a memfd, shared
+   * anonymous memory) or an fd of it. Default: the range itself, when it is a Mapping. A plain
+   * { address, length } (another process's memory, served through its uffd) needs it.
+   */
+  backing?: Backing
+  /** mode 'minor': where the range's first byte is in `backing`, in bytes (default 0). */
+  backingOffset?: number
+  /**
+   * Where the source cannot give a page a thread waits on (a file truncated or failing with EIO,
+   * a handler that throws, a remote that is gone): 'retry' (default: again with backoff, 10 ms
+   * doubling to 1 s, until `retryDeadlineMs` if set, then `afterDeadline`), 'poison'
+   * (UFFDIO_POISON: the thread gets SIGBUS; Linux 6.6+) or 'zero' (zeros). Every failure is an
+   * 'error' event with the page's `address`, the `cause` and the `action` taken.
+   */
+  onSourceError?: SourceErrorPolicy
+  /** 'retry': give up this many ms after the page's first failure, then `afterDeadline` (0: never). */
+  retryDeadlineMs?: number
+  /** 'retry' past its deadline: 'poison' (default) or 'zero'. */
+  afterDeadline?: 'poison' | 'zero'
 }
 
-/** The engine's counters (src/addon/binding.ts FaultEngineStats), and the JS feed's. */
-export interface FaultServerStats extends FaultEngineStats {
+/** One served range in stats(): its pages, faults, blocked time, pages by class and stage latencies. */
+export interface FaultServerRangeStats {
+  address: bigint
+  length: number
+  pageSize: number
+  mode: FaultMode
+  pagesPresent: number
+  pagesTotal: number
+  /** fault messages in the range (one per blocked thread) */
+  faults: number
+  /** the time its faulting threads spent blocked, read to resolved, summed (µs): QEMU's postcopy blocktime */
+  blockedUs: number
+  /** mode 'minor': pages this range put into the page cache (the rest were there: CONTINUE only) */
+  cachedPages: number
+  /** fills that failed (the source, or the fill ioctl) */
+  sourceErrors: number
+  /** pages by class: demand, around, prefetch (source bytes, by why), zero, removed, poisoned */
+  pages: Record<PageClass, number>
+  /** latency per stage of serving a fault (read, source, fill, wake) and read to resolved (total) */
+  stages: Record<FaultStage, LatencySummary>
+}
+
+/** The engine's counters (FaultServer.stats()). */
+export interface FaultServerStats extends Omit<FaultEngineStats, 'stageHistograms'> {
+  /** every range's stage latencies, ranges no longer served included */
+  stages: Record<FaultStage, LatencySummary>
+  /** per range served now */
+  ranges: FaultServerRangeStats[]
   /** faults waiting for bytes from JavaScript (remote sources, handlers) now */
   sourceWaiting: number
   /** bytes fetched in the background and handed to the engine, not yet installed */
@@ -161,8 +244,19 @@ export interface FaultServerProgress {
   fraction: number
 }
 
-/** An 'error' event: a UffdError from the engine, or what a { handler } threw, with the address. */
-export type FaultServerError = (UffdError | Error) & { address?: bigint }
+/**
+ * An 'error' event: a UffdError from the engine, or what a { handler } threw, with the address.
+ * A source failure (the engine's or a handler's) is a UffdError with the failing call's code
+ * and syscall, its `cause` (the source's own error), and the `action` onSourceError took:
+ * 'retry' (again in `retryInMs`), 'poison', 'zero', or 'none' (no thread waits on the page:
+ * fault-around or prefetch; a fault on it meets the policy then).
+ */
+export type FaultServerError = (UffdError | Error) & {
+  address?: bigint
+  action?: SourceErrorPolicy | 'none'
+  retryInMs?: number
+  cause?: unknown
+}
 
 /** The events of a FaultServer and their listeners' arguments. */
 export interface FaultServerEvents {
@@ -172,6 +266,12 @@ export interface FaultServerEvents {
   fork: [uffd: Userfaultfd]
 }
 
+interface SourcePolicy {
+  onSourceError: SourceErrorPolicy
+  retryDeadlineMs: number
+  afterDeadline: 'poison' | 'zero'
+}
+
 interface Served {
   range: Range
   /** what must stay alive while the engine copies from it */
@@ -179,6 +279,9 @@ interface Served {
   registered: boolean
   /** lets go of a Mapping source (its unmap() waits for this) */
   release?: () => void
+  policy: SourcePolicy
+  /** mode 'minor': the page cache it fills */
+  cache?: PageCacheLease
 }
 
 // Fault records buffered natively between drains (40 bytes each): 64 Ki records per 100 ms is
@@ -214,6 +317,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   readonly #handle: FaultEngine
   readonly #faultAround: number
   readonly #prefetch: boolean
+  readonly #policy: SourcePolicy
   readonly #served = new Map<number, Served>()
   readonly #handlers = new Map<number, FaultHandler>()
   readonly #fed: FedRanges
@@ -234,6 +338,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     const o = options
     this.#faultAround = aroundOption(o.faultAround, 0)
     this.#prefetch = bool(o.prefetch, 'prefetch', false)
+    this.#policy = sourcePolicy(o, { onSourceError: 'retry', retryDeadlineMs: 0, afterDeadline: 'poison' })
     const prefetchChunk = optionalInt(o.prefetchChunk, 'prefetchChunk', 256 * 1024, PAGE_SIZE, MAX_WINDOW)
     if (prefetchChunk % PAGE_SIZE !== 0)
       throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
@@ -244,7 +349,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           ? 2 * 1024 * 1024
           : powerOfTwo(o.faultAroundMax, 'faultAroundMax', PAGE_SIZE, MAX_WINDOW),
       prefetchChunk,
-      spinUs: optionalInt(o.spinUs, 'spinUs', 0, 0, 100_000),
+      spinUs: optionalInt(o.spinUs, 'spinUs', 50, 0, 100_000),
       readSize: optionalInt(o.readSize, 'readSize', 64, 1, 4096),
       progressIntervalMs: optionalInt(o.progressIntervalMs, 'progressIntervalMs', 100, 0, 3_600_000),
       onRemove: choice(o.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero'),
@@ -312,10 +417,10 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   }
 
   /**
-   * Serves faults in `range` from `source`. The range is registered with the uffd (MISSING)
-   * unless { register: false }; it must not overlap a range already served. hugetlb memory is
-   * served in whole huge pages: a Mapping knows its page size, a plain range says it with
-   * { pageSize }.
+   * Serves faults in `range` from `source`. The range is registered with the uffd (MISSING; with
+   * { mode: 'minor' }, MINOR and MISSING) unless { register: false }; it must not overlap a
+   * range already served. hugetlb memory is served in whole huge pages: a Mapping knows its page
+   * size, a plain range says it with { pageSize }.
    */
   serve(range: RangeLike, source: FaultSource, options: ServeOptions = {}): this {
     this.#live('serve')
@@ -327,6 +432,9 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     const prefetch = bool(options.prefetch, 'prefetch', this.#prefetch)
     const faultAround = aroundOption(options.faultAround, this.#faultAround)
     const register = bool(options.register, 'register', true)
+    const mode = choice(options.mode, 'mode', ['missing', 'minor'] as const, 'missing')
+    const policy = sourcePolicy(options, this.#policy)
+    const minor = mode === 'minor' ? minorBacking(range, options, r.length) : undefined
     const id = this.#nextId++
     const remote = source !== null && typeof source === 'object' && isRemoteSpec(source)
     const local = remote ? null : engineSource(source as Exclude<FaultSource, RemoteSpec>, r.length, id)
@@ -340,12 +448,22 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     const offset = fed?.offset ?? local!.offset
     if (local?.handler !== undefined) this.#handlers.set(id, local.handler)
     let registered = false
+    let cache: PageCacheLease | undefined
     try {
+      if (minor !== undefined) {
+        cache = leasePageCache(minor.backing, minor.offset + r.length)
+        if (cache.pageSize !== pageSize)
+          throw new RangeError(
+            `serve: the backing file's pages are ${cache.pageSize} bytes, the range's ${pageSize} (give { pageSize })`,
+          )
+      }
+      let ioctls: bigint | undefined
       if (register) {
-        const ioctls = this.#uffd.register(r, { missing: true })
+        ioctls = this.#uffd.register(r, minor ? { missing: true, minor: true } : { missing: true })
         registered = true
         checkPageSize(ioctls, pageSize)
       }
+      checkPoison(policy, ioctls)
       this.#handle.addRange(
         {
           id,
@@ -355,6 +473,9 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           sourceOffset: offset,
           prefetch: fed ? fed.prefetch : prefetch,
           faultAround: fed?.faultAround ?? faultAround,
+          mode,
+          ...(cache ? { cache: cache.handle, cacheOffset: minor!.offset } : {}),
+          ...policy,
         },
         spec,
       )
@@ -363,18 +484,20 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       this.#handlers.delete(id)
       local?.release?.()
       fed?.abort()
+      cache?.release()
       throw err
     } finally {
       local?.close?.()
     }
-    this.#served.set(id, { range: r, keep: local?.keep ?? null, registered, release: local?.release })
+    this.#served.set(id, { range: r, keep: local?.keep ?? null, registered, release: local?.release, policy, cache })
     fed?.attach()
     if (debug.enabled)
       debug(
-        'FaultServer: serve 0x%s +%d (%d-byte pages) from %s%s',
+        'FaultServer: serve 0x%s +%d (%d-byte pages, %s) from %s%s',
         r.address.toString(16),
         r.length,
         pageSize,
+        mode,
         remote ? 'remote' : local!.spec.kind,
         prefetch ? ' with prefetch' : '',
       )
@@ -406,6 +529,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       if (s.range.address >= r.address && s.range.address + BigInt(s.range.length) <= end) {
         if (s.registered) this.#unregister(s.range)
         s.release?.()
+        s.cache?.release()
         this.#served.delete(id)
         this.#handlers.delete(id)
         this.#fed.detach([id])
@@ -415,13 +539,31 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     return n
   }
 
-  /** The engine's counters now. */
+  /** The engine's counters now, with per-stage latencies and per-range figures. */
   stats(): FaultServerStats {
-    const s = this.#handle.stats() as FaultServerStats
-    s.fed = this.#fed.stats()
-    s.sourceWaiting = this.#handlerWaiting + s.fed.demandWaiting
-    s.providedQueued = this.#closed ? 0 : this.#handle.providedQueued()
-    return s
+    const { stageHistograms, ...totals } = this.#handle.stats()
+    const fed = this.#fed.stats()
+    return {
+      ...totals,
+      fed,
+      sourceWaiting: this.#handlerWaiting + fed.demandWaiting,
+      providedQueued: this.#closed ? 0 : this.#handle.providedQueued(),
+      stages: summaries(stageHistograms),
+      ranges: this.#handle.metrics().map((m) => ({
+        address: m.address,
+        length: m.length,
+        pageSize: m.pageSize,
+        mode: m.mode,
+        pagesPresent: m.pagesPresent,
+        pagesTotal: m.pagesTotal,
+        faults: m.faults,
+        blockedUs: m.blockedNs / 1000,
+        cachedPages: m.cachedPages,
+        sourceErrors: m.sourceErrors,
+        pages: m.pages,
+        stages: summaries(m.stages),
+      })),
+    }
   }
 
   /**
@@ -430,6 +572,22 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
    */
   latencyHistogram(): HistogramJSON {
     return this.#closed ? { count: 0, buckets: [] } : this.#handle.latencyHistogram()
+  }
+
+  /**
+   * The server's metrics in the Prometheus text format (version 0.0.4): per range, faults,
+   * blocked time, pages by class, pages present, and a histogram per stage of serving a fault.
+   * `labels` are added to every sample (e.g. { vm: 'a' } where several servers are scraped as one).
+   */
+  metrics(options: MetricsOptions = {}): string {
+    if (this.#closed) return ''
+    return faultServerMetrics([{ stats: this.#handle.stats(), ranges: this.#handle.metrics() }], options)
+  }
+
+  /** @internal the engine's raw metrics, for metrics pages that merge several servers */
+  _metricsSource(): { stats: FaultEngineStats; ranges: ReturnType<FaultEngine['metrics']> } | undefined {
+    if (this.#closed) return undefined
+    return { stats: this.#handle.stats(), ranges: this.#handle.metrics() }
   }
 
   /** Resolves when every page of every served range is present (rejects if closed first). */
@@ -485,7 +643,10 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     }
     serving.delete(this.#uffd)
     released.unregister(this)
-    for (const s of this.#served.values()) s.release?.()
+    for (const s of this.#served.values()) {
+      s.release?.()
+      s.cache?.release()
+    }
     this.#served.clear()
     this.#handlers.clear()
     const err = uffdError('EBADF', 'FaultServer.drained', 'the server was closed before every page was present')
@@ -532,9 +693,12 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     for (const n of notices) {
       switch (n.type) {
         case 'error':
-          // the address the engine was filling when it failed (a faulting thread may wait on it)
-          if (n.address !== undefined) (n.error as FaultServerError).address = n.address
-          this.#error(n.error)
+          if (n.action !== undefined) this.#error(sourceFailure(n.error, n.address ?? 0n, n.action, n.retryInMs))
+          else {
+            // the address the engine was filling when it failed (a faulting thread may wait on it)
+            if (n.address !== undefined) (n.error as FaultServerError).address = n.address
+            this.#error(n.error)
+          }
           break
         case 'progress':
           progress = true
@@ -568,10 +732,12 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     }
   }
 
-  // A demand request that fails is retried with backoff (10 ms doubling to 1 s): a thread is
-  // blocked on it and nothing else would wake it. Each failure is an 'error' event. A failed
-  // prefetch request gives its pages back to demand faults and stops prefetching the range.
-  #request(q: FaultEngineRequest, attempt = 0): void {
+  // A demand request that fails meets its range's onSourceError: 'retry' (with backoff, 10 ms
+  // doubling to 1 s: a thread is blocked on it and nothing else would wake it; past the
+  // deadline, afterDeadline), 'poison' or 'zero' (the engine does it to the faulting page). Each
+  // failure is an 'error' event. A failed prefetch request gives its pages back to demand faults
+  // and stops prefetching the range.
+  #request(q: FaultEngineRequest, attempt = 0, firstFailure = 0): void {
     const handler = this.#handlers.get(q.handler)
     if (handler === undefined || this.#closed) {
       if (!this.#closed) this.#handle.complete(q.id, null)
@@ -580,11 +746,27 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     if (attempt === 0 && !q.prefetch) this.#handlerWaiting++
     const fail = (err: unknown): void => {
       if (this.#closed) return
-      const e: FaultServerError = err instanceof Error ? err : new Error(String(err))
-      e.address = q.address
-      if (q.prefetch) this.#handle.complete(q.id, null)
-      else setTimeout(() => this.#request(q, attempt + 1), Math.min(10 * 2 ** attempt, 1000)).unref()
-      this.#error(e)
+      const cause = err instanceof Error ? err : new Error(String(err))
+      const address = q.fault ?? q.address
+      if (q.prefetch) {
+        this.#handle.complete(q.id, null)
+        this.#error(sourceFailure(cause, address, 'none'))
+        return
+      }
+      const policy = this.#served.get(q.range)?.policy ?? this.#policy
+      const first = firstFailure || Date.now()
+      let action: SourceErrorPolicy = policy.onSourceError
+      if (action === 'retry' && policy.retryDeadlineMs > 0 && Date.now() - first >= policy.retryDeadlineMs)
+        action = policy.afterDeadline
+      if (action === 'retry') {
+        const delay = Math.min(10 * 2 ** attempt, 1000)
+        setTimeout(() => this.#request(q, attempt + 1, first), delay).unref()
+        this.#error(sourceFailure(cause, address, 'retry', delay))
+      } else {
+        this.#error(sourceFailure(cause, address, action))
+        this.#handlerWaiting--
+        this.#handle.resolve(q.id, action)
+      }
     }
     try {
       Promise.resolve(handler({ address: q.address, offset: q.offset, length: q.length, prefetch: q.prefetch }))
@@ -619,6 +801,95 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   #live(op: string): void {
     if (this.#closed) throw uffdError('EBADF', `FaultServer.${op}`, 'the server is closed')
   }
+}
+
+function sourcePolicy(o: Partial<SourcePolicy>, defaults: SourcePolicy): SourcePolicy {
+  return {
+    onSourceError: choice(
+      o.onSourceError,
+      'onSourceError',
+      ['retry', 'poison', 'zero'] as const,
+      defaults.onSourceError,
+    ),
+    retryDeadlineMs: optionalInt(o.retryDeadlineMs, 'retryDeadlineMs', defaults.retryDeadlineMs, 0, 86_400_000),
+    afterDeadline: choice(o.afterDeadline, 'afterDeadline', ['poison', 'zero'] as const, defaults.afterDeadline),
+  }
+}
+
+// 'poison' (or 'retry' with a deadline, then 'poison') needs UFFDIO_POISON (Linux 6.6): refused
+// up front on kernels without it, rather than falling back silently when a page fails.
+function checkPoison(policy: SourcePolicy, ioctls: bigint | undefined): void {
+  const poisons =
+    policy.onSourceError === 'poison' ||
+    (policy.onSourceError === 'retry' && policy.retryDeadlineMs > 0 && policy.afterDeadline === 'poison')
+  if (!poisons) return
+  const available =
+    ioctls !== undefined ? (ioctls & IoctlBit.POISON) !== 0n : (probe().features & Feature.POISON) !== 0n
+  if (available) return
+  const what =
+    policy.onSourceError === 'poison'
+      ? "FaultServer.serve({ onSourceError: 'poison' })"
+      : "FaultServer.serve({ onSourceError: 'retry', retryDeadlineMs }) (afterDeadline 'poison' by default)"
+  const err = unsupported('POISON', what)
+  err.message +=
+    ": use onSourceError 'retry' (a thread waits until the source recovers) or 'zero', or afterDeadline: 'zero'"
+  throw err
+}
+
+// mode 'minor': the file whose page cache the range maps, and where the range starts in it.
+function minorBacking(range: RangeLike, options: ServeOptions, length: number): { backing: Backing; offset: number } {
+  if (range instanceof Mapping && !range.shared)
+    throw new TypeError(
+      `serve: mode 'minor' needs shared memory (shmem, memfd, hugetlbfs; this mapping is ${memoryKindOf(range)}, private): MINOR faults come from a page cache, which private memory does not share`,
+    )
+  const backing = options.backing ?? (range instanceof Mapping ? range : undefined)
+  if (backing === undefined)
+    throw new TypeError(
+      "serve: mode 'minor' over a plain { address, length } needs { backing }: a Mapping or an fd of the memory's file",
+    )
+  if (!(backing instanceof Mapping)) int(backing, 'backing', 0, 0x7fffffff)
+  const offset = optionalInt(options.backingOffset, 'backingOffset', 0, 0)
+  if (backing instanceof Mapping && offset + length > backing.length)
+    throw new RangeError(
+      `backingOffset: [${offset}, ${offset + length}) lies outside the backing mapping (length ${backing.length})`,
+    )
+  return { backing, offset }
+}
+
+// A source failure as an 'error' event: the failing call's code, the cause, what was done.
+function sourceFailure(
+  cause: Error,
+  address: bigint,
+  action: SourceErrorPolicy | 'none',
+  retryInMs?: number,
+): FaultServerError {
+  const c = cause as Partial<UffdError>
+  const done =
+    action === 'retry'
+      ? `retrying in ${retryInMs} ms`
+      : action === 'poison'
+        ? 'poisoned: a touch raises SIGBUS'
+        : action === 'zero'
+          ? 'served as zeros'
+          : 'no thread waits on it'
+  const e = new UffdError(
+    `the source could not give the page at 0x${address.toString(16)}: ${cause.message} (${done})`,
+  ) as UffdError & FaultServerError
+  e.code = typeof c.code === 'string' ? c.code : 'EIO'
+  e.errno = typeof c.errno === 'number' ? c.errno : 5
+  e.syscall = typeof c.syscall === 'string' ? c.syscall : 'FaultServer source'
+  e.address = address
+  e.action = action
+  if (retryInMs !== undefined) e.retryInMs = retryInMs
+  e.cause = cause
+  return e
+}
+
+function summaries(h: FaultEngineStats['stageHistograms']): Record<FaultStage, LatencySummary> {
+  const out = {} as Record<FaultStage, LatencySummary>
+  for (const [stage, json] of Object.entries(h) as Array<[FaultStage, (typeof h)[FaultStage]]>)
+    out[stage] = LatencyHistogram.fromJSON(json).summary()
+  return out
 }
 
 // UFFDIO_REGISTER offers no ZEROPAGE on hugetlb memory, and only there: so it tells whether the

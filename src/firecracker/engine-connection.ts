@@ -3,7 +3,7 @@
 // snapshot at the region's offset, in the region's page size (4 KiB, or 2 MiB on hugetlbfs
 // guests: MISSING faults filled with 2 MiB copies). Local files and remote snapshots alike; the
 // JS path (FaultResolver) is for handlers written in JavaScript, not this one.
-import type { ReadMethod, RemovePolicy } from '../addon/binding'
+import type { ReadMethod, RemovePolicy, SourceErrorPolicy } from '../addon/binding'
 import { FaultServer, type FaultServerError, type FaultSource } from '../engines/fault-server'
 import type { FaultTrace } from '../engines/fault-trace'
 import type { RemoteSource } from '../sources/remote'
@@ -17,6 +17,8 @@ export type EngineSnapshot = { remote: RemoteSource } | { fd: number; size: numb
 export interface EngineServeOptions {
   /** after UFFD_EVENT_REMOVE (balloon): zeros, the snapshot again, or unregister */
   onRemove: RemovePolicy
+  /** a page the snapshot cannot give a waiting vCPU: retry, poison, zero */
+  onSourceError: SourceErrorPolicy
   /** replay this working set for every VM */
   workingSet?: WorkingSet
   /** record each VM's working set (one-page fault-around, no prefetch) */
@@ -60,6 +62,7 @@ export class EngineConnection {
     // fault read before its region was added would be served as zeros.
     this.server = new FaultServer(uffd, {
       onRemove: options.onRemove,
+      onSourceError: options.onSourceError,
       prefetch: options.prefetch && !options.record,
       paused: true,
       ...(options.trace !== undefined ? { trace: options.trace } : {}),

@@ -11,9 +11,10 @@
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
 import * as fs from 'node:fs'
 import * as net from 'node:net'
-import type { ReadMethod, RemovePolicy } from '../addon/binding'
+import type { ReadMethod, RemovePolicy, SourceErrorPolicy } from '../addon/binding'
 import type { UffdError } from '../core/errors'
 import { Userfaultfd } from '../core/userfaultfd'
+import type { ServerMetricsSource } from '../engines/fault-metrics'
 import type { FaultServerError } from '../engines/fault-server'
 import { FaultTrace } from '../engines/fault-trace'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
@@ -48,6 +49,12 @@ export interface FirecrackerHandlerOptions {
    * 'source' serves the memory file again there (FaultServer's vocabulary, the same values).
    */
   onRemove?: RemovePolicy
+  /**
+   * Where the memory file cannot give a page a vCPU waits on (truncated, EIO): 'retry'
+   * (default: again with backoff until it can), 'poison' (the vCPU gets SIGBUS; Linux 6.6+) or
+   * 'zero' (zeros). Each connection's FaultServer onSourceError; every failure is a 'warning'.
+   */
+  onSourceError?: SourceErrorPolicy
   /** Who may connect. Default: the same uid as this process, or root. */
   allow?: (peer: PeerCredentials) => boolean
   /** Largest handshake message (default 65536 bytes). */
@@ -336,6 +343,7 @@ class Connection {
       h.snapshot.engine,
       {
         onRemove: h.onRemove,
+        onSourceError: h.onSourceError,
         workingSet: h.workingSet,
         record: h.recordWorkingSet !== undefined,
         prefetch: h.prefetch,
@@ -377,6 +385,12 @@ class Connection {
   /** The connection's demand-latency histogram so far (empty before 'ready'). */
   latency(): HistogramJSON {
     return this.#engine === undefined || this.#engine.server.closed ? EMPTY : this.#engine.latencyHistogram()
+  }
+
+  /** Its FaultServer's raw metrics, labelled with the connection (none before 'ready'). */
+  metricsSource(): ServerMetricsSource | undefined {
+    const m = this.#engine?.server._metricsSource()
+    return m === undefined ? undefined : { ...m, labels: { connection: String(this.id) } }
   }
 
   /** Idempotent: closes the uffd, the socket, the pidfd; reports why it ended. */
@@ -431,6 +445,8 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly maxMessageBytes: number
   /** See FirecrackerHandlerOptions.handshakeTimeout. */
   readonly handshakeTimeout: number
+  /** See FirecrackerHandlerOptions.onSourceError. */
+  readonly onSourceError: SourceErrorPolicy
   /** Who may connect (see FirecrackerHandlerOptions.allow). */
   readonly allow: (peer: PeerCredentials) => boolean
   /** @internal the snapshot every connection reads */
@@ -459,6 +475,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     super()
     this.socketPath = options.socketPath
     this.onRemove = options.onRemove ?? 'zero'
+    this.onSourceError = options.onSourceError ?? 'retry'
     const limits = checkHandshakeLimits(options)
     this.maxMessageBytes = limits.maxMessageBytes
     this.handshakeTimeout = limits.handshakeTimeout
@@ -480,6 +497,7 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       throw new TypeError('memFile must be a non-empty string')
     checkRenamed(options, { source: 'readMethod' }, 'FirecrackerHandler.listen')
     choice(options.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero')
+    choice(options.onSourceError, 'onSourceError', ['retry', 'poison', 'zero'] as const, 'retry')
     const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
     if (options.recordWorkingSet !== undefined && typeof options.recordWorkingSet !== 'string')
       throw new TypeError('recordWorkingSet must be a file path')
@@ -623,6 +641,19 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       c.refresh()
       return c.stats
     })
+  }
+
+  /**
+   * @internal Each open connection's FaultServer metrics (per range: faults, blocked time, pages by class,
+   * stage histograms), labelled with its `connection` number: for `serve --metrics-port`.
+   */
+  metricsSources(): ServerMetricsSource[] {
+    const out: ServerMetricsSource[] = []
+    for (const c of this.#connections) {
+      const m = c.metricsSource()
+      if (m !== undefined) out.push(m)
+    }
+    return out
   }
 
   /**

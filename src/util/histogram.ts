@@ -24,6 +24,27 @@ function upperBound(i: number): number {
   return (SUB + (i % SUB) + 1) * 2 ** (log - 3) - 1
 }
 
+/** The upper bound (ns, inclusive) of bucket `index`: every sample in it is at most this. */
+export function bucketUpperBoundNs(index: number): number {
+  return upperBound(index)
+}
+
+/**
+ * Cumulative counts at each of `boundsNs` (ascending): samples in buckets whose upper bound is at
+ * most the bound (Prometheus' `le` buckets, to the ~9% the buckets resolve).
+ */
+export function cumulativeCounts(
+  buckets: ReadonlyArray<readonly [number, number]>,
+  boundsNs: readonly number[],
+): number[] {
+  const out = new Array<number>(boundsNs.length).fill(0)
+  for (const [i, n] of buckets) {
+    const ub = upperBound(i)
+    for (let b = 0; b < boundsNs.length; b++) if (ub <= boundsNs[b]) out[b] += n
+  }
+  return out
+}
+
 /** The JSON form: the total and the non-empty buckets as [bucket index, count] pairs. */
 export interface HistogramJSON {
   count: number

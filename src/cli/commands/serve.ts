@@ -88,6 +88,12 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       default: 'zero',
       help: 'after UFFD_EVENT_REMOVE (balloon, MADV_DONTNEED): serve zero pages there, unregister the range, or serve the memory file there again (the FaultServer onRemove values).',
     }),
+    'on-source-error': choice({
+      value: 'POLICY',
+      values: ['retry', 'poison', 'zero'] as const,
+      default: 'retry',
+      help: 'where the memory file cannot give a page a vCPU waits on (truncated, EIO): retry with backoff until it can, poison it (the vCPU gets SIGBUS; Linux 6.6+) or serve zeros (the FaultServer onSourceError values).',
+    }),
     'read-method': choice({
       value: 'METHOD',
       values: ['mmap', 'pread'] as const,
@@ -130,6 +136,17 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       help: 'record every fault (address, kind, wait, thread) in this Chrome trace-event file, which Perfetto (ui.perfetto.dev) opens and `userfaultfd report FILE` draws; written when stopped.',
       check: checkWritableFile,
     }),
+    'metrics-port': int({
+      value: 'PORT',
+      min: 0,
+      max: 65535,
+      help: 'serve metrics in the Prometheus text format on http://HOST:PORT/metrics (0: any free port, logged).',
+    }),
+    'metrics-host': text({
+      value: 'HOST',
+      default: '127.0.0.1',
+      help: 'the address --metrics-port listens on (e.g. 0.0.0.0 for every interface).',
+    }),
     json: flag({ help: 'print the final stats as JSON on stdout when stopped.' }),
   },
   exitStatus: [
@@ -143,6 +160,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
     'userfaultfd serve --socket uffd.sock --mem-file nbd://10.0.0.5:10809/vm1 --record-working-set vm1.ws',
     "userfaultfd serve --socket uffd.sock --mem-file https://store/vm1.mem --header 'Authorization: Bearer T' --working-set vm1.ws --cache-dir /var/cache/uffd",
     'userfaultfd serve --socket uffd.sock --mem-file mem --trace restore.json  # then: userfaultfd report restore.json',
+    'userfaultfd serve --socket uffd.sock --mem-file mem --metrics-port 9464   # then scrape http://127.0.0.1:9464/metrics',
   ],
   async check(v) {
     await checkSocketFree(v.socket, '--socket')
@@ -152,6 +170,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       socket: v.socket,
       memFile: v['mem-file'],
       onRemove: v['on-remove'],
+      onSourceError: v['on-source-error'],
       readMethod: v['read-method'] ?? v.source ?? 'mmap',
       allowUid: v['allow-uid'],
       json: v.json,
@@ -167,5 +186,7 @@ Logs go to stderr, one line per event with a timestamp (or JSON lines with --log
       cacheSizeMiB: v['cache-size'],
       cacheKey: v['cache-key'],
       trace: v.trace,
+      metricsPort: v['metrics-port'],
+      metricsHost: v['metrics-host'],
     }),
 })
