@@ -20,6 +20,7 @@ import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { handlerMetrics } from '../src/firecracker/metrics'
 import { touch } from '../src/testing'
 import { dist, killChildren, runGuest, runNode } from './helpers/children'
+import { until } from './helpers/fault-server'
 import { execFileSync } from 'node:child_process'
 
 const MEM_SIZE = 8 << 20
@@ -516,6 +517,8 @@ describe('Firecracker handler: metrics', () => {
     // The faults come from a native thread (this thread must not block in one).
     const pages = Array.from({ length: 16 }, (_, i) => map.address + BigInt(i * PAGE_SIZE))
     await touch(pages)
+    // A touch returns once its page is copied in, which may be just before the engine counts it present.
+    await until(() => h.progress().pagesPresent === 16, 5000, 'the 16 pages present')
     const sources = h.metricsSources()
     expect(sources).toHaveLength(1)
     expect(sources[0].labels).toEqual({ connection: String(id) })
