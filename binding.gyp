@@ -18,7 +18,6 @@
         "native/binding/fault_engine.cc",
         "native/binding/fd_passing.cc",
         "native/binding/fd_watcher.cc",
-        "native/binding/file_mapping.cc",
         "native/binding/mapping.cc",
         "native/binding/migration.cc",
         "native/binding/page_cache.cc",

@@ -78,4 +78,4 @@ function warmMemory(mib) {
   m.unmap()
 }
 
-module.exports = { buildC, median, percentile, shuffle, parseArgs, snapshotFile, warmMemory }
+module.exports = { buildC, median, percentile, shuffle, parseArgs, snapshotFile, warmMemory, out }

@@ -310,4 +310,11 @@ describe('userfaultfd serve', () => {
     expect(bad.code).toBe(2)
     expect(bad.stderr).toMatch(/--metrics-port/)
   })
+
+  it('--on-source-error: a value other than retry, poison or zero is a usage error', { timeout: 30_000 }, async () => {
+    const args = [cli, 'serve', '--socket', path.join(dir, 'y.sock'), '--mem-file', memFile, '--on-source-error']
+    const bad = await runNode([...args, 'ignore'])
+    expect(bad.code).toBe(2)
+    expect(bad.stderr).toMatch(/--on-source-error/)
+  })
 })

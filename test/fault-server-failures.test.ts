@@ -90,14 +90,14 @@ describe('onSourceError', () => {
   it("'zero': the guest reads zeros", async () => {
     const { file } = vanishingFile()
     const { guest, errors } = await served({ file, readMethod: 'pread' }, { onSourceError: 'zero' })
-    fs.truncateSync(file, 0) // pread finds nothing where bytes were: ENODATA
+    fs.truncateSync(file, 0) // pread finds nothing where bytes were: EIO (a short read)
     await guest.go([1, 2])
     const r = await guest.result
     expect(r.code, r.stderr).toBe(0)
     expect(guestValues(r)).toEqual([0n, 0n])
     expect(errors.map((e) => [(e as UffdError).code, (e as UffdError).syscall, e.action])).toEqual([
-      ['ENODATA', 'pread', 'zero'],
-      ['ENODATA', 'pread', 'zero'],
+      ['EIO', 'pread', 'zero'],
+      ['EIO', 'pread', 'zero'],
     ])
   })
 

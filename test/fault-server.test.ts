@@ -134,6 +134,31 @@ describe('FaultServer sources', () => {
     await touchAndCheck(m, content.subarray(100), 2, 'seq')
   })
 
+  for (const readMethod of ['pread', 'mmap'] as const) {
+    it(`{ file, size } truncated while served (${readMethod}): errors with the address, the thread waits, never zeros or stale bytes; served once the file is whole`, async () => {
+      const n = 16
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fault-server-'))
+      onCleanup(() => fs.rmSync(dir, { recursive: true, force: true }))
+      const file = path.join(dir, 'snap')
+      const content = randomContent(n * PAGE_SIZE)
+      fs.writeFileSync(file, content)
+      const { m, server, errors } = setup(n, { faultAround: PAGE_SIZE })
+      server.serve(m, { file, readMethod, size: n * PAGE_SIZE })
+      // pread: page 4 reads short, pages 5.. not at all. mmap: the kernel maps a partial last page
+      // with a zero tail, which no copy can tell from data: cut at a page boundary there.
+      fs.truncateSync(file, 4 * PAGE_SIZE + (readMethod === 'pread' ? 100 : 0))
+      const touched = touch([m.at(4 * PAGE_SIZE), m.at(9 * PAGE_SIZE)], { threads: 2 })
+      await until(() => errors.length >= 2, 5000, 'an error for each page past the end')
+      const addresses = new Set(errors.map((e) => (e as { address?: bigint }).address))
+      expect(addresses).toEqual(new Set([m.at(4 * PAGE_SIZE), m.at(9 * PAGE_SIZE)]))
+      expect((errors[0] as UffdError).code).toBe(readMethod === 'pread' ? 'EIO' : 'EFAULT')
+      fs.writeFileSync(file, content) // whole again: the next try serves it
+      const { values } = await within(touched, 5000, 'touch')
+      expect([...values]).toEqual([u64At(content, 4 * PAGE_SIZE), u64At(content, 9 * PAGE_SIZE)])
+      expect(server.stats().zeroPages).toBe(0)
+    })
+  }
+
   it('{ handler }: called with batches of windows off the hot path, bytes copied as returned', async () => {
     const n = 256
     const { m, server, errors } = setup(n, { faultAround: 8 * PAGE_SIZE })

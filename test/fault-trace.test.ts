@@ -26,6 +26,7 @@ interface TraceEvent {
 
 const ENGINE_DEFAULTS = {
   faultAround: 65536,
+  faultAroundMax: 2 << 20,
   prefetchChunk: 262144,
   spinUs: 0,
   readSize: 64,
@@ -36,6 +37,7 @@ const ENGINE_DEFAULTS = {
   handlerConcurrency: 4,
   prefetchYieldUs: 1000,
   watchdogMs: 0,
+  startPaused: false,
 } as const
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-trace-'))

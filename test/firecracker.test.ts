@@ -14,9 +14,13 @@ import {
   parseRegions,
   sendFds,
   type ConnectionStats,
+  type GuestRegion,
 } from '../src'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
+import { handlerMetrics } from '../src/firecracker/metrics'
+import { touch } from '../src/testing'
 import { dist, killChildren, runGuest, runNode } from './helpers/children'
+import { until } from './helpers/fault-server'
 import { execFileSync } from 'node:child_process'
 
 const MEM_SIZE = 8 << 20
@@ -164,7 +168,11 @@ describe('Firecracker handler: serving a guest', () => {
     expect(g.result).toMatchObject({ mismatches: 0, zeroMismatches: 0, zeroChecked: 512 })
     const { stats, error } = await ended
     expect(error).toBeUndefined()
-    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1, faults: 1024 })
+    // every page from the snapshot, none as zeros (the kernel's own after the unregister); fewer
+    // faults than pages: the FaultServer fills around each fault
+    expect(stats).toMatchObject({ pagesServed: 1024, zeroPages: 0, removes: 1 })
+    expect(stats.faults).toBeGreaterThan(0)
+    expect(stats.faults).toBeLessThan(1024)
   })
 
   it('serves a huge-page guest (page_size 2 MiB) a huge page at a time, zero-filling after MADV_DONTNEED', {
@@ -189,6 +197,87 @@ describe('Firecracker handler: serving a guest', () => {
     expect(error).toBeUndefined()
     // 4 huge pages served, each faulted once (every 4 KiB touch after the first finds it mapped)
     expect(stats).toMatchObject({ pagesServed: 4, bytesServed: 8 << 20, zeroPages: 1, removes: 1, faults: 5 })
+  })
+
+  it('serves a memfd hugetlb guest (MFD_HUGETLB, shared) from two threads in 2 MiB copies', {
+    timeout: 30_000,
+  }, async (ctx) => {
+    const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
+    if (free < 8) ctx.skip(`needs 8 free huge pages (HugePages_Free: ${free}; echo 64 > /proc/sys/vm/nr_hugepages)`)
+    const h = await listen({ readMethod: 'pread' })
+    const ready = new Promise<GuestRegion[]>((r) => h.once('ready', (_c, regions) => r(regions)))
+    const ended = nextEnd(h)
+    const g = await runGuest({ socket: h.socketPath, memFile, hugetlb: true, memfd: true, size: 8 << 20, threads: 2 })
+    expect(g.stderr).toBe('')
+    expect(g.code).toBe(0)
+    expect(g.result).toMatchObject({ mismatches: 0, verifiedBytes: 8 << 20 })
+    expect((await ready).every((r) => r.pageSize === 2 << 20)).toBe(true)
+    const { stats, error } = await ended
+    expect(error).toBeUndefined()
+    // 4 huge pages, each put in place by one 2 MiB copy (a 4 KiB one would be EINVAL on hugetlbfs)
+    expect(stats).toMatchObject({ pagesServed: 4, bytesServed: 8 << 20, zeroPages: 0 })
+  })
+
+  for (const readMethod of ['pread', 'mmap'] as const) {
+    it(`a memory file truncated under the handler (${readMethod}): the pages past its new end are errors with their address, never stale bytes or zeros; served once it is whole again`, {
+      timeout: 30_000,
+    }, async () => {
+      const size = 4 << 20
+      const file = path.join(dir, `truncated-${readMethod}`)
+      writeSnapshot(file, size)
+      const h = await listen({ memFile: file, readMethod })
+      const warnings: Array<Error & { code?: string; address?: bigint }> = []
+      let firstWarning: () => void = () => {}
+      const warned = new Promise<void>((r) => {
+        firstWarning = r
+      })
+      h.on('warning', (_c, err) => {
+        warnings.push(err as Error & { code?: string; address?: bigint })
+        firstWarning()
+      })
+      const ready = new Promise<GuestRegion[]>((r) => h.once('ready', (_c, regions) => r(regions)))
+      fs.truncateSync(file, size / 2)
+      // A child touches every page, in order: the second half is past the file's new end.
+      const guest = runGuest({ socket: h.socketPath, memFile: file, size }, 20_000)
+      const [region] = await ready
+      await warned
+      // The faulting thread waits (no bytes were made up for it): the file whole again, the
+      // engine's next try serves the snapshot's own bytes.
+      writeSnapshot(file, size)
+      const g = await guest
+      expect(g.stderr).toBe('')
+      expect(g.code).toBe(0)
+      expect(g.result).toMatchObject({ mismatches: 0, verifiedBytes: size })
+      const w = warnings[0]
+      expect(w.code).toBe(readMethod === 'pread' ? 'EIO' : 'EFAULT')
+      expect(w.message).toMatch(readMethod === 'pread' ? /short read/ : /cannot be read/)
+      expect(w.address).toBeGreaterThanOrEqual(region.base + BigInt(size / 2))
+      expect(w.address).toBeLessThan(region.base + BigInt(size))
+    })
+  }
+
+  it("onSourceError: zero: a page past a truncated memory file's end reads as zeros, with a warning saying so; bad values refused", {
+    timeout: 30_000,
+  }, async () => {
+    await expect(listen({ onSourceError: 'ignore' as 'zero' })).rejects.toThrow(/onSourceError/)
+    const size = 1 << 20
+    const file = path.join(dir, 'truncated-zero')
+    writeSnapshot(file, size)
+    const h = await listen({ memFile: file, readMethod: 'pread', onSourceError: 'zero' })
+    const warnings: Error[] = []
+    h.on('warning', (_c, err) => warnings.push(err))
+    fs.truncateSync(file, size / 2)
+    const { uffd, map, region } = peerMemory(size / PAGE_SIZE)
+    const s = await connect(h)
+    const ready = new Promise((r) => h.once('ready', r))
+    await sendFds(s, JSON.stringify([region]), [uffd.fd])
+    await ready
+    // From a native thread: this one must not block in a fault.
+    const { values } = await touch([map.address + BigInt(size - PAGE_SIZE), map.address])
+    expect(values[0]).toBe(0n) // past the new end: zeros, as asked
+    expect(values[1]).not.toBe(0n) // before it: the snapshot's bytes
+    expect(warnings.length).toBeGreaterThan(0)
+    expect(warnings[0].message).toMatch(/short read.*served as zeros/)
   })
 
   it('serves two guests at once, several threads each', { timeout: 30_000 }, async () => {
@@ -415,6 +504,40 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
   })
 })
 
+describe('Firecracker handler: metrics', () => {
+  it("metricsSources(): each open connection's FaultServer per-range metrics, labelled with its connection", {
+    timeout: 30_000,
+  }, async () => {
+    const h = await listen()
+    const { uffd, map, region } = peerMemory(16)
+    const s = await connect(h)
+    const ready = new Promise<ConnectionStats>((r) => h.once('ready', (c) => r(c)))
+    await sendFds(s, JSON.stringify([region]), [uffd.fd])
+    const { id } = await ready
+    // The faults come from a native thread (this thread must not block in one).
+    const pages = Array.from({ length: 16 }, (_, i) => map.address + BigInt(i * PAGE_SIZE))
+    await touch(pages)
+    // A touch returns once its page is copied in, which may be just before the engine counts it present.
+    await until(() => h.progress().pagesPresent === 16, 5000, 'the 16 pages present')
+    const sources = h.metricsSources()
+    expect(sources).toHaveLength(1)
+    expect(sources[0].labels).toEqual({ connection: String(id) })
+    const text = handlerMetrics(h)
+    const sample = (name: string): number => {
+      const m = new RegExp(`^${name}\\{[^}]*connection="${id}"[^}]*\\} (\\S+)$`, 'm').exec(text)
+      expect(m, `${name} for connection ${id} in:\n${text}`).not.toBeNull()
+      return Number(m![1])
+    }
+    expect(sample('userfaultfd_range_faults_total')).toBeGreaterThan(0)
+    expect(sample('userfaultfd_range_pages_present')).toBe(16)
+    expect(sample('userfaultfd_range_pages')).toBe(16)
+    expect(sample('userfaultfd_faults_total')).toBeGreaterThan(0)
+    expect(text).toMatch(new RegExp(`^userfaultfd_fault_seconds_count\\{[^}]*connection="${id}"`, 'm'))
+    await h.close() // ends the connection (a peer in this process stays connected until then)
+    expect(h.metricsSources()).toEqual([])
+  })
+})
+
 describe('Firecracker handler: lifecycle', () => {
   it('replaces a stale socket file, refuses a live one, never unlinks a non-socket', { timeout: 10_000 }, async () => {
     const h = await listen()
@@ -503,7 +626,7 @@ describe('Firecracker handler: lifecycle', () => {
     }
     cleanup.push(() => execFileSync('losetup', ['--detach', loop]))
     const h = await listen({ memFile: loop })
-    expect(h.source.size).toBe(MEM_SIZE)
+    expect(h.snapshot.size).toBe(MEM_SIZE)
     const guest = await runGuest({ socket: h.socketPath, memFile, size: 1 << 20, threads: 1 }, 20_000)
     expect(guest.code).toBe(0)
     expect(guest.result).toMatchObject({ mismatches: 0 })

@@ -97,9 +97,10 @@ describe('package.json metadata and dependencies', () => {
   it('node-gyp is not a runtime dependency (npm brings its own for the fallback build)', () => {
     expect(pkg.dependencies).not.toHaveProperty('node-gyp')
     expect(pkg.devDependencies).toHaveProperty('node-gyp')
-    // What the fallback compile needs at install time: node-addon-api's headers; and the libc
-    // tag of the prebuild to load (detect-libc, used by src/addon/location.ts and the install script).
-    expect(Object.keys(pkg.dependencies).sort()).toEqual(['bindings', 'detect-libc', 'node-addon-api'])
+    // What the fallback compile needs at install time: node-addon-api's headers; the libc tag of
+    // the prebuild to load (detect-libc, used by src/addon/location.ts and the install script); and
+    // undici: the HTTP(S) snapshot source (pure JS, no dependencies of its own; loaded only when used).
+    expect(Object.keys(pkg.dependencies).sort()).toEqual(['bindings', 'detect-libc', 'node-addon-api', 'undici'])
   })
 })
 

@@ -7,9 +7,9 @@
  *   restore <file> uffd [chunkBytes]     restore <file> floor
  *
  * Prints {"bytes":B,"seconds":S,"gibPerSec":G} (time until every page is resident). */
-#include <sys/stat.h>
+#include "bench_common.h" /* first: it defines _GNU_SOURCE */
 
-#include "bench_common.h"
+#include <sys/stat.h>
 
 int main(int argc, char** argv) {
   if (argc < 3) {

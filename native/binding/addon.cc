@@ -13,7 +13,6 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitEventReader(env, exports);
   InitFdPassing(env, exports);
   InitFdWatcher(env, exports);
-  InitFileMapping(env, exports);
   InitFaultEngine(env, exports);
   InitPageCache(env, exports);
   InitPagemapScan(env, exports);

@@ -16,17 +16,26 @@
 //           | { kind: 'zero' } | { kind: 'handler', id }
 //   removeRange(start, end) -> count; complete(requestId, bytes | null);
 //   resolve(requestId, 'poison' | 'zero'); stats(); settled(); metrics();
+//   provide(rangeId, sourceOffset, bytes) -> bytes queued; providedQueued();
+//   recordTouches(on); takeTouches() -> { ranges: Uint32Array, offsets: Float64Array };
+//   resume() (options.startPaused: read nothing from the uffd until then);
+//   latencyHistogram() -> { count, buckets: [[index, count], ...] } (src/util/histogram.ts's buckets);
 //   takeTrace() -> { records: ArrayBuffer (40-byte FaultTraceRecords), dropped } | null;
 //   close(); ref(); unref()
 //
 // Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
 // being collected, not from being detached (structuredClone(buf, { transfer }), postMessage),
-// which frees it at once while the engine's threads would still copy from it.
+// which frees it at once while the engine's threads would still copy from it. provide() is the
+// exception, lending its bytes (referenced until installed): it is internal (src/engines/
+// fed-ranges.ts), and its buffers are the package's own reads of a store, never handed to anyone
+// who could detach them.
 #include <errno.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "binding/args.h"
 #include "binding/page_cache.h"
@@ -37,9 +46,18 @@
 
 namespace {
 
+// JS buffers lent to the engine by provide(): referenced until the engine is done with them, then
+// released on the JS thread (references may only be deleted there).
+struct Releases {
+  std::mutex mu;
+  std::vector<napi_ref> refs;
+};
+
 struct Core {
   std::unique_ptr<FaultEngine> engine;
+  std::shared_ptr<Releases> releases = std::make_shared<Releases>();
   int watchdogMs = 0;
+  uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
   Napi::ThreadSafeFunction tsfn;
   napi_env env = nullptr;
@@ -51,9 +69,20 @@ struct Core {
     closed = true;
     if (watched) WatchdogForget(env, engine->requestFd());
     engine->Stop();  // joins the threads: nothing calls the TSFN after this
+    engine->DropProvided();
+    Release(env);
     tsfn.Release();
     if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
     hooked = false;
+  }
+  // Deletes the references of provided buffers the engine is done with (JS thread).
+  void Release(napi_env e) {
+    std::vector<napi_ref> refs;
+    {
+      std::lock_guard<std::mutex> lock(releases->mu);
+      refs.swap(releases->refs);
+    }
+    for (napi_ref r : refs) napi_delete_reference(e, r);
   }
   static void OnTeardown(void* arg) {
     Core* core = static_cast<Core*>(arg);
@@ -100,6 +129,7 @@ SourceErrorAction SourceAction(Napi::Env env, const std::string& name, bool retr
 EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   EngineOptions o;
   o.faultAround = OptU64(opts, "faultAround", o.faultAround);
+  o.faultAroundMax = OptU64(opts, "faultAroundMax", o.faultAroundMax);
   o.prefetchChunk = OptU64(opts, "prefetchChunk", o.prefetchChunk);
   o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
   o.readSize = static_cast<uint32_t>(OptU64(opts, "readSize", o.readSize));
@@ -125,6 +155,7 @@ EngineOptions ReadOptions(Napi::Env env, Napi::Object opts) {
   if (priority != "idle" && priority != "normal")
     ThrowTypeError(env, "backgroundPriority must be 'idle' or 'normal'");
   o.backgroundIdle = priority == "idle";
+  o.startPaused = opts.Get("startPaused").ToBoolean();
   if (o.readSize < 1 || o.readSize > 4096) ThrowRangeError(env, "readSize must be 1..4096");
   return o;
 }
@@ -187,7 +218,13 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::Complete>("complete"),
                            InstanceMethod<&JsFaultEngine::Resolve>("resolve"),
                            InstanceMethod<&JsFaultEngine::Metrics>("metrics"),
+                           InstanceMethod<&JsFaultEngine::Provide>("provide"),
+                           InstanceMethod<&JsFaultEngine::ProvidedQueued>("providedQueued"),
+                           InstanceMethod<&JsFaultEngine::Resume>("resume"),
+                           InstanceMethod<&JsFaultEngine::RecordTouches>("recordTouches"),
+                           InstanceMethod<&JsFaultEngine::TakeTouches>("takeTouches"),
                            InstanceMethod<&JsFaultEngine::Stats>("stats"),
+                           InstanceMethod<&JsFaultEngine::LatencyBuckets>("latencyHistogram"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
                            InstanceMethod<&JsFaultEngine::TakeTrace>("takeTrace"),
                            InstanceMethod<&JsFaultEngine::Close>("close"),
@@ -207,6 +244,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     core_ = std::make_shared<Core>();
     core_->env = env;
     core_->watchdogMs = watchdogMs;
+    core_->faultAroundMax = o.faultAroundMax;
     core_->tsfn =
         Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
     std::weak_ptr<Core> weak = core_;
@@ -295,8 +333,9 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       std::string syscall;
       std::string method = StringField(src, "readMethod", "mmap");
       if (method != "mmap" && method != "pread") ThrowTypeError(env, "readMethod must be 'mmap' or 'pread'");
-      source = Source::File(static_cast<int>(U64Field(src, "fd")), U64Field(src, "offset"), method == "mmap",
-                            &err, &syscall);
+      uint64_t size = src.Get("size").IsNumber() ? U64Field(src, "size") : Source::kSizeNow;
+      source = Source::File(static_cast<int>(U64Field(src, "fd")), U64Field(src, "offset"), size,
+                            method == "mmap", &err, &syscall);
       if (source == nullptr) ThrowUffdError(env, err, syscall);
     } else if (kind == "zero") {
       source = Source::Zero();
@@ -326,7 +365,7 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
       if (!zeros) ThrowUffdError(env, err, "mmap", -1, "a zero region for huge pages");
     }
     auto range = std::make_shared<ServedRange>(id, address, length, pageSize, owned, sourceOffset, prefetch,
-                                               faultAround, std::move(zeros));
+                                               faultAround, std::move(zeros), core_->faultAroundMax);
     std::string mode = StringField(spec, "mode", "missing");
     if (mode == "minor") {
       range->cache = PageCacheOf(env, spec.Get("cache"));
@@ -448,6 +487,61 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     return o;
   }
 
+  Napi::Value Provide(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (core_->closed) return Napi::Number::New(env, 0);
+    core_->Release(env);
+    uint32_t rangeId = static_cast<uint32_t>(ArgU64(info, 0, "rangeId"));
+    uint64_t sourceOffset = ArgU64(info, 1, "sourceOffset");
+    BytesArg bytes;
+    if (!TryBytes(info[2], &bytes)) ThrowTypeError(env, "bytes must be an ArrayBuffer or a typed array");
+    if (bytes.length > 0 && bytes.data == nullptr) ThrowTypeError(env, "the bytes are detached");
+    // The engine reads the bytes in place: keep the buffer alive until it is done with them.
+    napi_ref ref = nullptr;
+    if (napi_create_reference(env, info[2], 1, &ref) != napi_ok)
+      ThrowTypeError(env, "cannot reference the bytes");
+    std::weak_ptr<Releases> releases = core_->releases;
+    std::shared_ptr<void> hold(ref, [releases](void* r) {
+      if (auto q = releases.lock()) {
+        std::lock_guard<std::mutex> lock(q->mu);
+        q->refs.push_back(static_cast<napi_ref>(r));
+      }
+    });
+    uint64_t queued =
+        core_->engine->Provide(rangeId, sourceOffset, bytes.data, bytes.length, std::move(hold));
+    return Napi::Number::New(env, static_cast<double>(queued));
+  }
+
+  Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->Release(info.Env());
+    return Napi::Number::New(info.Env(), static_cast<double>(core_->engine->providedQueued()));
+  }
+
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->engine->Resume();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value RecordTouches(const Napi::CallbackInfo& info) {
+    core_->engine->RecordTouches(info[0].ToBoolean());
+    return info.Env().Undefined();
+  }
+
+  Napi::Value TakeTouches(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto touches = core_->engine->TakeTouches();
+    Napi::Uint32Array ranges = Napi::Uint32Array::New(env, touches.size());
+    Napi::Float64Array offsets = Napi::Float64Array::New(env, touches.size());
+    for (size_t i = 0; i < touches.size(); i++) {
+      ranges[i] = touches[i].first;
+      offsets[i] = static_cast<double>(touches[i].second);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("ranges", ranges);
+    o.Set("offsets", offsets);
+    return o;
+  }
+
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const EngineStats& s = core_->engine->stats();
@@ -499,6 +593,25 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     put("pagesTotal", settled.totalPages);
     put("bytesPresent", settled.bytes);
     put("bytesTotal", settled.totalBytes);
+    return o;
+  }
+
+  Napi::Value LatencyBuckets(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const LatencyHistogram& h = core_->engine->latency();
+    Napi::Array buckets = Napi::Array::New(env);
+    uint64_t count = 0;
+    uint32_t k = 0;
+    h.ForEachBucket([&](int i, uint64_t n) {
+      count += n;
+      Napi::Array pair = Napi::Array::New(env, 2);
+      pair[0u] = Napi::Number::New(env, i);
+      pair[1u] = Napi::Number::New(env, static_cast<double>(n));
+      buckets[k++] = pair;
+    });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("count", Napi::Number::New(env, static_cast<double>(count)));
+    o.Set("buckets", buckets);
     return o;
   }
 

@@ -29,6 +29,7 @@ inline void CpuRelax() {
 
 FaultEngine::FaultEngine(const EngineOptions& options, std::function<void()> wakeJs)
     : options_(options), wakeJs_(std::move(wakeJs)) {
+  paused_.store(options_.startPaused);
   if (options_.readSize < 1) options_.readSize = 1;
   spinBudgetNs_.store(options_.spinUs * 1000);
   if (options_.traceCapacity > 0) trace_.reset(new FaultTrace(options_.traceCapacity));
@@ -88,6 +89,19 @@ void FaultEngine::Stop() {
   close(wakeFd_);
   close(requestFd_);
   uffd_ = wakeFd_ = requestFd_ = -1;
+  // Nothing reads the sources now: their files and mappings go at once, not with the last
+  // reference to a range (the JS object holding the engine may live on until a GC).
+  deferred_.clear();
+  demandTable_.clear();
+  std::lock_guard<std::mutex> lock(tableMu_);
+  for (auto& r : table_) r->source->Release();
+}
+
+void FaultEngine::Resume() {
+  if (!paused_.exchange(false) || wakeFd_ < 0) return;
+  uint64_t one = 1;
+  ssize_t ignored = write(wakeFd_, &one, sizeof one);
+  (void)ignored;
 }
 
 void FaultEngine::KickPrefetch() {
@@ -250,21 +264,25 @@ FaultEngine::FillStatus FaultEngine::FillRun(const std::shared_ptr<ServedRange>&
       // Counters first: whoever sees the pages present (drained()) sees them counted.
       stats_.bytes.fetch_add(f.done, std::memory_order_relaxed);
       if (f.zero) stats_.zeroPages.fetch_add(n, std::memory_order_relaxed);
-      switch (origin) {
-        case kDemand:
-          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
-          stats_.aroundPages.fetch_add(off == 0 ? n - 1 : n, std::memory_order_relaxed);
-          break;
-        case kAround:
-          stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
-          stats_.aroundPages.fetch_add(n, std::memory_order_relaxed);
-          break;
-        case kPrefetch:
-          stats_.prefetchPages.fetch_add(n, std::memory_order_relaxed);
-          break;
-        case kCompletion:
-          stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
-          break;
+      // Zeros asked for (a removed page, onSourceError 'zero') are zeroPages only: no source was
+      // read for them (the Firecracker handler's pagesServed, the stats' demandPages).
+      if (from != From::kZeros) {
+        switch (origin) {
+          case kDemand:
+            stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+            stats_.aroundPages.fetch_add(off == 0 ? n - 1 : n, std::memory_order_relaxed);
+            break;
+          case kAround:
+            stats_.demandPages.fetch_add(n, std::memory_order_relaxed);
+            stats_.aroundPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+          case kPrefetch:
+            stats_.prefetchPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+          case kCompletion:
+            stats_.handlerPages.fetch_add(n, std::memory_order_relaxed);
+            break;
+        }
       }
       CountPages(r.get(), first, n, origin, f.zero, waited != SIZE_MAX ? timing : nullptr);
       MarkPresent(r.get(), first, n);
@@ -438,10 +456,13 @@ void FaultEngine::FillFailed(const std::shared_ptr<ServedRange>& r, size_t page,
   std::string what = "filling " + Hex(address) +
                      (from == From::kSource  ? " from source offset " + Hex(r->sourceOffset + page * ps)
                       : from == From::kBytes ? std::string(" with a handler's bytes")
-                                             : std::string(" with zeros")) +
-                     (f.err == EINVAL && ps == BasePageSize()
-                          ? " (is it hugetlb memory served with the base page size? pass its pageSize)"
-                          : "");
+                                             : std::string(" with zeros"));
+  if (f.why != nullptr)
+    what += std::string(": ") + f.why;
+  else if (f.err == EINVAL && ps == BasePageSize())
+    what += " (is it hugetlb memory served with the base page size? pass its pageSize)";
+  else if (f.err == EFAULT && from == From::kSource && r->source->kind() == Source::kFile)
+    what += ": the source file's pages cannot be read (truncated after it was opened?)";
   const bool waited = timing != nullptr && timing->address != 0 && AlignDown(timing->address, ps) == address;
   if (!waited) {
     // Nobody waits on this page here (fault-around, prefetch): it stays missing, and a fault on
@@ -639,6 +660,16 @@ void FaultEngine::DemandLoop() {
   int backoffMs = 1;
   bool dead = false;
   while (!stopping_.load(std::memory_order_relaxed)) {
+    if (paused_.load()) {
+      // Not reading the uffd yet: wait for Resume() or Stop() (both write the wake eventfd).
+      struct pollfd w = {wakeFd_, POLLIN, 0};
+      if (poll(&w, 1, -1) > 0 && (w.revents & POLLIN)) {
+        uint64_t v;
+        ssize_t ignored = read(wakeFd_, &v, sizeof v);
+        (void)ignored;
+      }
+      continue;
+    }
     ssize_t n = -1;
     errno = EAGAIN;  // after a fatal read error only completions and stop are waited for
     const uint64_t readNs = NowNs();
@@ -802,6 +833,11 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs, bool minor, uin
   t.readNs = readNs;
   t.startNs = NowNs();
   r->metrics->faults.fetch_add(1, std::memory_order_relaxed);
+  if (recording_.load(std::memory_order_relaxed)) {
+    // At base-page granularity whatever the range's page size (a working set outlives it).
+    std::lock_guard<std::mutex> lock(touchMu_);
+    touches_.emplace_back(r->id, r->sourceOffset + AlignDown(address - r->start, BasePageSize()));
+  }
   // A MINOR fault says the page is in the page cache (pushed before serving, say).
   if (minor) r->cache->MarkCached(r->cacheFirst + i);
   if (state == kRemoved) {
@@ -822,9 +858,18 @@ void FaultEngine::HandleFault(uint64_t address, uint64_t readNs, bool minor, uin
     Poison(r, i, &t);  // its marker went (MADV_DONTNEED): poisoned again
     return;
   }
-  size_t window = std::max<uint64_t>(r->faultAround / r->pageSize, 1);
-  size_t ws = i - i % window;
-  size_t we = std::min(ws + window, r->pages);
+  size_t window, ws, we;
+  if (r->faultAround == 0) {
+    // Adaptive: forward from the fault, as wide as the access pattern has earned (a fault on a
+    // page filled meanwhile says nothing about the pattern).
+    window = state == kPresent ? 1 : r->around.Window(i);
+    ws = i;
+    we = std::min(i + window, r->pages);
+  } else {
+    window = std::max<uint64_t>(r->faultAround / r->pageSize, 1);
+    ws = i - i % window;
+    we = std::min(ws + window, r->pages);
+  }
   // Prefetch follows demand (locality), one window ahead: the next window is the likeliest
   // next fault, and the demand thread copies it faster than the two could share it.
   if (r->prefetch) r->cursor.store(std::min(we + window, r->pages), std::memory_order_relaxed);
@@ -907,7 +952,8 @@ void FaultEngine::Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool 
     std::lock_guard<std::mutex> lock(requestMu_);
     completions_.push_back(Completion{requestId, std::move(bytes), ok});
   }
-  completionsPending_.store(true);
+  // One wake-up per batch: the demand thread takes the whole queue once woken.
+  if (completionsPending_.exchange(true)) return;
   uint64_t one = 1;
   if (wakeFd_ >= 0) {
     ssize_t ignored = write(wakeFd_, &one, sizeof one);
@@ -925,6 +971,89 @@ void FaultEngine::Resolve(uint64_t requestId, SourceErrorAction action) {
   if (wakeFd_ >= 0) {
     ssize_t ignored = write(wakeFd_, &one, sizeof one);
     (void)ignored;
+  }
+}
+
+void FaultEngine::DropProvided() {
+  std::deque<Provided> dropped;
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    dropped.swap(provided_);
+  }
+  providedBytes_.store(0);
+}
+
+std::vector<std::pair<uint32_t, uint64_t>> FaultEngine::TakeTouches() {
+  std::lock_guard<std::mutex> lock(touchMu_);
+  std::vector<std::pair<uint32_t, uint64_t>> out;
+  out.swap(touches_);
+  return out;
+}
+
+uint64_t FaultEngine::Provide(uint32_t rangeId, uint64_t sourceOffset, const uint8_t* data, uint64_t size,
+                              std::shared_ptr<void> hold) {
+  {
+    std::lock_guard<std::mutex> lock(requestMu_);
+    provided_.push_back(Provided{rangeId, sourceOffset, data, size, std::move(hold)});
+  }
+  uint64_t queued = providedBytes_.fetch_add(size) + size;
+  if (completionsPending_.exchange(true)) return queued;  // the demand thread is on it already
+  uint64_t one = 1;
+  if (wakeFd_ >= 0) {
+    ssize_t ignored = write(wakeFd_, &one, sizeof one);
+    (void)ignored;
+  }
+  return queued;
+}
+
+// Demand first: a bounded amount per call, then back to the uffd (DemandLoop reads it before
+// calling again while anything is queued).
+bool FaultEngine::ProcessProvided(uint64_t budget) {
+  uint64_t done = 0;
+  while (done < budget) {
+    Provided p;
+    {
+      std::lock_guard<std::mutex> lock(requestMu_);
+      if (provided_.empty()) return false;
+      p = std::move(provided_.front());
+      provided_.pop_front();
+    }
+    const Table& table = Snapshot(&demandTable_, &demandVersion_);
+    for (auto& r : table)
+      if (r->id == p.rangeId && !r->dropped.load()) InstallProvided(r, p);
+    done += p.size;
+    providedBytes_.fetch_sub(p.size);
+  }
+  std::lock_guard<std::mutex> lock(requestMu_);
+  return !provided_.empty();
+}
+
+void FaultEngine::InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p) {
+  // Whole pages (of the range's page size) of the range inside the provided bytes.
+  const uint64_t ps = r->pageSize;
+  uint64_t lo = std::max(p.sourceOffset, r->sourceOffset);
+  uint64_t hi = std::min(p.sourceOffset + p.size, r->sourceOffset + r->length);
+  if (lo >= hi) return;
+  size_t first = (lo - r->sourceOffset + ps - 1) / ps;
+  size_t end = (hi - r->sourceOffset) / ps;
+  auto wanted = [](uint8_t s) { return s == kMissing || s == kInFlight; };
+  size_t i = first;
+  while (i < end) {
+    if (!wanted(r->states.Get(i))) {
+      i++;
+      continue;
+    }
+    size_t run = 1;
+    while (i + run < end && wanted(r->states.Get(i + run))) run++;
+    const uint8_t* bytes = p.data + (r->sourceOffset + i * ps - p.sourceOffset);
+    size_t filled = 0;
+    if (FillRun(r, i, run, kPrefetch, From::kBytes, bytes, &demandScratch_, &filled) == kDeferredOp) {
+      // An event is pending: retry the rest after reading it (a copy: `hold` goes with `p`).
+      auto rest = std::make_shared<std::vector<uint8_t>>(bytes + filled * ps, bytes + run * ps);
+      deferred_.push_back(Deferred{r, 0, i + filled, run - filled, kPrefetch, From::kBytes, std::move(rest)});
+      stats_.deferred.fetch_add(1, std::memory_order_relaxed);
+    }
+    i += run;
   }
 }
 
@@ -996,6 +1125,7 @@ void FaultEngine::ProcessCompletions() {
     }
   }
   if (kick) KickPrefetch();
+  if (ProcessProvided(1 << 20)) completionsPending_.store(true);
 }
 
 // ---- events ---------------------------------------------------------------------------------
@@ -1087,7 +1217,7 @@ void FaultEngine::HandleRemap(uint64_t from, uint64_t to, uint64_t len) {
       size_t pa = (a - r->start) / r->pageSize, n = (b - a) / r->pageSize;
       auto moved = std::make_shared<ServedRange>(r->id, to + (a - from), b - a, r->pageSize, r->source,
                                                  r->sourceOffset + (a - r->start), r->prefetch,
-                                                 r->faultAround, r->zeros);
+                                                 r->faultAround, r->zeros, r->faultAroundMax, r->delegate);
       moved->cache = r->cache;
       moved->cacheFirst = r->cacheFirst + pa;
       moved->onSourceError = r->onSourceError;

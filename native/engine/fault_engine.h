@@ -23,6 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -34,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/fault_around.h"
 #include "engine/fault_metrics.h"
 #include "engine/fault_sources.h"
 #include "engine/fault_trace.h"
@@ -67,7 +69,8 @@ struct SourceErrorPolicy {
 
 // Named as the JS options are (FaultServerOptions), units included.
 struct EngineOptions {
-  uint64_t faultAround = 64 * 1024;     // bytes, power of two (a range's window is at least one page)
+  uint64_t faultAround = 0;  // bytes, power of two (a range's window is at least one page); 0: adaptive
+  uint64_t faultAroundMax = 2 << 20;    // the adaptive window's largest size, bytes
   uint64_t prefetchChunk = 256 * 1024;  // bytes per background copy (at least one page)
   uint32_t spinUs = 0;                  // upper bound of the adaptive spin (0: never spin)
   uint32_t readSize = 64;               // messages per read(2)
@@ -78,6 +81,7 @@ struct EngineOptions {
   uint32_t handlerConcurrency = 4;  // prefetch requests in flight per handler range
   uint32_t prefetchYieldUs = 1000;  // prefetch pauses while demand faults came this recently
   uint64_t hugePageSize = 2 << 20;  // zeros for faults outside every range, where ZEROPAGE is EINVAL
+  bool startPaused = false;         // read nothing from the uffd until Resume()
   uint32_t traceCapacity = 0;       // FaultServer { trace }: records buffered between drains (0: off)
 };
 
@@ -116,7 +120,8 @@ inline bool IsSettled(uint8_t s) {
 struct ServedRange {
   ServedRange(uint32_t id_, uint64_t start_, uint64_t length_, uint64_t pageSize_,
               std::shared_ptr<Source> src, uint64_t sourceOffset_, bool prefetch_, uint64_t faultAround_,
-              std::shared_ptr<ZeroRegion> zeros_, std::shared_ptr<FaultDelegate> delegate_ = nullptr)
+              std::shared_ptr<ZeroRegion> zeros_, uint64_t faultAroundMax_ = 2 << 20,
+              std::shared_ptr<FaultDelegate> delegate_ = nullptr)
       : id(id_),
         start(start_),
         length(length_),
@@ -127,6 +132,8 @@ struct ServedRange {
         prefetch(prefetch_),
         faultAround(faultAround_),
         zeros(std::move(zeros_)),
+        faultAroundMax(faultAroundMax_),
+        around(std::max<uint64_t>(faultAroundMax_ / pageSize_, 1)),
         delegate(std::move(delegate_)),
         states(pages, kMissing) {}
   const uint32_t id;
@@ -137,8 +144,10 @@ struct ServedRange {
   const std::shared_ptr<Source> source;
   const uint64_t sourceOffset;
   const bool prefetch;
-  const uint64_t faultAround;
+  const uint64_t faultAround;                     // bytes (an aligned window), or 0: adaptive (`around`)
   const std::shared_ptr<ZeroRegion> zeros;        // hugetlb (no ZEROPAGE there): zeros to copy
+  const uint64_t faultAroundMax;                  // bytes: the adaptive window's largest size
+  FaultAroundPolicy around;                       // in pages of pageSize; demand thread only
   const std::shared_ptr<FaultDelegate> delegate;  // serves this range's faults (then no prefetch)
   PageStates states;
   std::atomic<size_t> settled{0};
@@ -209,6 +218,9 @@ class FaultEngine {
   // are woken when the last reference to the uffd goes).
   void Stop();
   bool running() const { return started_ && !stopping_.load(); }
+  // Starts reading the uffd (an engine created with startPaused): for a uffd whose ranges are
+  // registered already, so that no fault is read before the ranges serving it are added.
+  void Resume();
   // Readable while { handler } requests wait for the JS thread (for the deadlock watchdog).
   int requestFd() const { return requestFd_; }
 
@@ -220,6 +232,20 @@ class FaultEngine {
   // Bytes for a handler request (ok = false: the handler failed; its pages are retried on the
   // next fault).
   void Complete(uint64_t requestId, std::vector<uint8_t> bytes, bool ok);
+  // Bytes that JS fetched in the background (remote sources, working-set replay): the source's
+  // bytes at [sourceOffset, sourceOffset + size) for range `rangeId` (every part of it, after
+  // mremap), installed by the demand thread between demand work where whole pages are still
+  // missing. `data` stays valid while `hold` lives: the engine drops `hold` once it is done with
+  // them (no copy of megabytes on the JS thread). Returns the bytes now queued (JS paces itself).
+  uint64_t Provide(uint32_t rangeId, uint64_t sourceOffset, const uint8_t* data, uint64_t size,
+                   std::shared_ptr<void> hold);
+  // Drops what Provide() queued and nothing installed (after Stop()).
+  void DropProvided();
+  uint64_t providedQueued() const { return providedBytes_.load(std::memory_order_relaxed); }
+  // Working-set record: while on, every demand fault's (range id, source offset of its base page)
+  // is kept in arrival order (with one-page fault-around and no prefetch: the first-touch order).
+  void RecordTouches(bool on) { recording_.store(on); }
+  std::vector<std::pair<uint32_t, uint64_t>> TakeTouches();
   // A demand request its handler could not answer, resolved by the range's policy: the faulting
   // page poisoned or zeroed (kRetry: as Complete(id, {}, false)).
   void Resolve(uint64_t requestId, SourceErrorAction action);
@@ -266,6 +292,13 @@ class FaultEngine {
     bool resolve = false;  // Resolve(): `action` instead of bytes
     SourceErrorAction action = SourceErrorAction::kRetry;
   };
+  struct Provided {
+    uint32_t rangeId = 0;
+    uint64_t sourceOffset = 0;
+    const uint8_t* data = nullptr;
+    uint64_t size = 0;
+    std::shared_ptr<void> hold;
+  };
   struct Pending {
     std::shared_ptr<ServedRange> range;
     size_t page;
@@ -298,6 +331,9 @@ class FaultEngine {
   void HandleFork(int fd);
   void RetryDeferred();
   void ProcessCompletions();
+  // Installs queued Provide() bytes, at most `budget` bytes per call; returns whether any remain.
+  bool ProcessProvided(uint64_t budget);
+  void InstallProvided(const std::shared_ptr<ServedRange>& r, const Provided& p);
   void RequestFromHandler(const std::shared_ptr<ServedRange>& r, size_t page, size_t count, bool prefetch,
                           std::vector<HandlerRequest>* out, const FaultTiming* timing = nullptr);
   // A fault on a page a handler request is fetching: counted as one of its waiters.
@@ -366,6 +402,7 @@ class FaultEngine {
   int requestFd_ = -1;  // eventfd: requests not yet taken by JS
   bool started_ = false;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> paused_{false};
   std::thread demand_;
   std::thread prefetch_;
 
@@ -400,6 +437,11 @@ class FaultEngine {
   uint64_t nextRequest_ = 1;
   std::deque<Completion> completions_;
   std::atomic<bool> completionsPending_{false};
+  std::deque<Provided> provided_;  // under requestMu_
+  std::atomic<uint64_t> providedBytes_{0};
+  std::atomic<bool> recording_{false};
+  std::mutex touchMu_;
+  std::vector<std::pair<uint32_t, uint64_t>> touches_;
 
   std::mutex noticeMu_;
   std::deque<Notice> notices_;

@@ -128,7 +128,8 @@ Source* Source::Memory(const uint8_t* data, uint64_t length) {
   return s;
 }
 
-Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::string* syscall) {
+Source* Source::File(int fd, uint64_t offset, uint64_t knownSize, bool useMmap, int* err,
+                     std::string* syscall) {
   struct stat st;
   if (fstat(fd, &st) != 0) {
     *err = errno;
@@ -136,6 +137,17 @@ Source* Source::File(int fd, uint64_t offset, bool useMmap, int* err, std::strin
     return nullptr;
   }
   uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (S_ISBLK(st.st_mode)) {
+    // A block device's st_size is 0: its size is where its end is.
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) {
+      *err = errno;
+      *syscall = "lseek";
+      return nullptr;
+    }
+    size = static_cast<uint64_t>(end);
+  }
+  if (knownSize != kSizeNow) size = knownSize;
   Source* s = new Source();
   s->kind_ = kFile;
   s->fileOffset_ = offset;
@@ -175,8 +187,15 @@ Source* Source::Handler(uint32_t handlerId) {
 }
 
 Source::~Source() {
+  Release();
+}
+
+void Source::Release() {
   if (map_ != nullptr) munmap(map_, mapLength_);
   if (fd_ >= 0) close(fd_);
+  map_ = nullptr;
+  fd_ = -1;
+  if (kind_ == kFile || kind_ == kBuffer) data_ = nullptr;
 }
 
 FillResult Source::Fill(const Filler& f, uint64_t dst, uint64_t at, uint64_t len,
@@ -214,9 +233,18 @@ FillResult Source::Bounce(const Filler& f, uint64_t dst, uint64_t at, uint64_t n
         return e;
       }
       if (r == 0) {
-        // The file is shorter than when it was served: these bytes are gone, which is a failing
-        // source (as a mapping of the file then reads as SIGBUS), not zeros.
-        e.err = ENODATA;
+        // The file shrank after it was opened: an error, never zeros (or stale bytes) in
+        // place of the snapshot's (issue 17, defect 7). The whole pages read go in first, so
+        // the error names the first page that cannot be had.
+        uint64_t whole = AlignDown(got, f.pageSize);
+        if (whole > 0) {
+          e = f.Copy(dst, scratch->data(), whole);
+          e.sourceNs = NowNs() - t0;
+          if (e.err != 0) return e;
+        }
+        e.err = EIO;
+        e.syscall = "pread";
+        e.why = "short read: the file is shorter than when it was opened (truncated?)";
         return e;
       }
       got += static_cast<uint64_t>(r);

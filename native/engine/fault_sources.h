@@ -22,8 +22,9 @@ struct FillResult {
   uint64_t done = 0;
   int err = 0;
   const char* syscall = "";
-  bool zero = false;      // zeros rather than source bytes
-  uint64_t sourceNs = 0;  // time spent getting the bytes (pread, the page cache), not in the fill ioctl
+  bool zero = false;          // zeros rather than source bytes
+  const char* why = nullptr;  // what went wrong, where errno alone does not say it
+  uint64_t sourceNs = 0;      // time spent getting the bytes (pread, the page cache), not in the fill ioctl
 };
 
 FillResult CopyPages(int uffd, uint64_t dst, const void* src, uint64_t len);
@@ -75,11 +76,17 @@ class Source {
   // SharedArrayBuffer). A copy from it after all is EFAULT, never a crash.
   static Source* Memory(const uint8_t* data, uint64_t length);
   // `fd` is dup'ed (CLOEXEC) and owned. mmap mode also maps [offset, size) privately (the tail
-  // page past the end of the file is read through the fd). nullptr with *err on failure.
-  static Source* File(int fd, uint64_t offset, bool useMmap, int* err, std::string* syscall);
+  // page past the end of the file is read through the fd). `size` is the file's size as its
+  // owner knows it (kSizeNow: fstat's, or a block device's end): bytes short of it that cannot be
+  // read (a file truncated since) are errors, never zeros. nullptr with *err on failure.
+  static constexpr uint64_t kSizeNow = UINT64_MAX;
+  static Source* File(int fd, uint64_t offset, uint64_t size, bool useMmap, int* err, std::string* syscall);
   static Source* Zero();
   static Source* Handler(uint32_t handlerId);
   ~Source();
+  // Closes the file and unmaps what the source owns, before the last reference to it goes: once
+  // the engine's threads are joined nothing reads it, and a JS object may keep it for long.
+  void Release();
 
   Kind kind() const { return kind_; }
   uint32_t handlerId() const { return handlerId_; }

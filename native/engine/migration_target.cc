@@ -130,7 +130,7 @@ TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions opti
     // No source, no prefetch, no fault-around: the delegate serves every fault of the range.
     auto served = std::make_shared<ServedRange>(static_cast<uint32_t>(i + 1), r.address, r.length, r.pageSize,
                                                 std::shared_ptr<Source>(Source::Zero()), 0, false, r.pageSize,
-                                                nullptr, delegate);
+                                                nullptr, r.pageSize, delegate);
     engine_->AddRange(served);
   }
 }

@@ -3,8 +3,10 @@
 // REMAP, REMOVE or UNMAP event blocks its causer until read, a fault until resolved).
 // Not part of the public API.
 //
-// touch(addresses: BigUint64Array, { write, value, threads, timings, cpu }) -> Promise<{
+// touch(addresses: BigUint64Array, { write, value, threads, timings, workNs, cpu }) -> Promise<{
 //   values: BigUint64Array (the u64 read at each address, or written), ns?: Float64Array }>
+//   workNs: busy work after each touch (a workload that computes on what it touched);
+//   cpu: pin the touching threads to this CPU (benchmarks that choose the placement).
 // madviseOnThread(address, length, advice) -> Promise<{ errno }>
 // mremapOnThread(address, oldLength, newLength) -> Promise<{ errno, result: new address }>
 // munmapOnThread(address, length) -> Promise<{ errno }>
@@ -42,6 +44,7 @@ struct TouchJob {
   std::vector<double> ns;
   bool write = false;
   bool timings = false;
+  uint64_t workNs = 0;
   uint64_t value = 0;
   int cpu = -1;         // pin the touching threads to this CPU (benchmarks: placement on purpose)
   uint64_t length = 0;  // madvise/mremap/munmap length (mremap: old length)
@@ -118,6 +121,11 @@ void TouchSlice(TouchJob* job, size_t begin, size_t end, size_t step) {
       job->values[i] = *p;
     }
     if (job->timings) job->ns[i] = static_cast<double>(NowNs() - t0);
+    if (job->workNs > 0) {
+      uint64_t until = NowNs() + job->workNs;
+      while (NowNs() < until) {
+      }
+    }
   }
 }
 
@@ -215,6 +223,8 @@ Napi::Value Touch(const Napi::CallbackInfo& info) {
     job->value = opts.Get("value").As<Napi::BigInt>().Uint64Value(&lossless);
   }
   if (job->timings) job->ns.resize(job->addresses.size());
+  if (opts.Get("workNs").IsNumber())
+    job->workNs = static_cast<uint64_t>(opts.Get("workNs").As<Napi::Number>().DoubleValue());
   if (opts.Get("cpu").IsNumber()) {
     job->cpu = opts.Get("cpu").As<Napi::Number>().Int32Value();
     if (job->cpu < 0 || job->cpu >= CPU_SETSIZE) ThrowRangeError(env, "cpu must be 0..1023");

@@ -37,7 +37,7 @@ export interface NativeConstants {
   PAGE_SIZE: number
 }
 
-// ---- mappings (mapping.cc, file_mapping.cc) ----------------------------------------------------
+// ---- mappings (mapping.cc) -------------------------------------------------------------------
 
 export interface MappingHandleOptions {
   hugetlb?: boolean
@@ -69,13 +69,6 @@ export type MappingHandleConstructor = new (
   options: MappingHandleOptions,
   source?: MappingHandle,
 ) => MappingHandle
-
-/** A read-only MAP_SHARED view of a file: its address is a UFFDIO_COPY source. */
-export interface FileMapping {
-  address(): bigint
-  length(): number
-  unmap(): void
-}
 
 // ---- event streams and fd readiness (event_reader.cc, fd_watcher.cc) ---------------------------
 
@@ -134,7 +127,10 @@ export interface PeerCredentials {
 
 /** FaultEngine options: the FaultServerOptions, checked and with their defaults applied. */
 export interface FaultEngineOptions {
+  /** bytes of a fixed aligned window, or 0: adaptive (readahead-like, per range) */
   faultAround: number
+  /** the adaptive window's largest size */
+  faultAroundMax: number
   prefetchChunk: number
   spinUs: number
   readSize: number
@@ -147,6 +143,8 @@ export interface FaultEngineOptions {
   watchdogMs: number
   /** the default huge page size: zeros for faults outside every range on hugetlb memory */
   hugePageSize: number
+  /** read nothing from the uffd until resume() */
+  startPaused: boolean
   /** FaultServer { trace }: records buffered between takeTrace() calls (0 or absent: no trace) */
   traceCapacity?: number
 }
@@ -207,7 +205,8 @@ export type FaultEngineSource =
   | { kind: 'buffer'; bytes: Bytes; shared: boolean }
   /** memory the caller keeps mapped while the range is served (a Mapping) */
   | { kind: 'memory'; address: bigint; length: number }
-  | { kind: 'file'; fd: number; offset: number; readMethod: ReadMethod }
+  /** size: the file's size as its owner knows it (absent: its size now); short of it, reads fail */
+  | { kind: 'file'; fd: number; offset: number; readMethod: ReadMethod; size?: number }
   | { kind: 'zero' }
   | { kind: 'handler'; id: number }
 
@@ -339,10 +338,26 @@ export interface FaultEngine {
   removeRange(start: bigint, end: bigint): number
   /** a handler's bytes for a request (null: it failed) */
   complete(requestId: number, bytes: Bytes | null): void
+  /**
+   * Lends bytes fetched in the background (the source's bytes at `sourceOffset`) to the engine,
+   * which installs them where range `rangeId`'s pages are still missing, between demand faults.
+   * Referenced until installed: internal use only, with buffers nobody else can detach. Returns
+   * the bytes queued.
+   */
+  provide(rangeId: number, sourceOffset: number, bytes: Bytes): number
+  /** bytes provided and not yet installed */
+  providedQueued(): number
+  /** starts reading the uffd (an engine created with startPaused) */
+  resume(): void
+  /** working-set record: log demand faults (range id, base-page source offset) in order */
+  recordTouches(on: boolean): void
+  takeTouches(): { ranges: Uint32Array; offsets: Float64Array }
   /** a demand request its handler could not answer: the faulting page poisoned or zeroed */
   resolve(requestId: number, action: 'poison' | 'zero'): void
   stats(): FaultEngineStats
   metrics(): EngineRangeMetrics[]
+  /** the demand-latency histogram's non-empty buckets (src/util/histogram.ts HistogramJSON) */
+  latencyHistogram(): { count: number; buckets: Array<[number, number]> }
   settled(): Settlement
   /**
    * The fault records since the last call (null without traceCapacity): 40-byte
@@ -627,9 +642,8 @@ export interface Binding {
   FdWatcher: FdWatcherConstructor
   /** uv poll handles (event readers, fd watchers) this environment has open: leak checks */
   openPollHandles(): number
-  // mapping.cc, file_mapping.cc
+  // mapping.cc
   MappingHandle: MappingHandleConstructor
-  FileMapping: new (fd: number, length: number) => FileMapping
   // fd_passing.cc
   socketpair(type: 'stream' | 'seqpacket' | 'dgram'): [number, number]
   /** bytes sent, or -1 when the socket would block */

@@ -95,6 +95,23 @@ export function ints(o: IntOptions): Option<number[]> {
   }
 }
 
+/** Repeatable strings: --header 'Authorization: Bearer x' --header 'X-A: b'. */
+export function texts(o: Valued & { check?: (v: string, flag: string) => void }): Option<string[]> {
+  return {
+    type: 'string',
+    multiple: true,
+    value: o.value,
+    help: o.help,
+    short: o.short,
+    convert: (raw, flag) =>
+      ((raw ?? []) as string[]).map((v) => {
+        const s = one(v, flag)!
+        o.check?.(s, flag)
+        return s
+      }),
+  }
+}
+
 /** One of a few words (undefined when absent and without a default). */
 export function choice<const T extends string>(o: Valued & { values: readonly T[]; default: T }): Option<T>
 export function choice<const T extends string>(

@@ -35,7 +35,9 @@ const MAX_BACKOFF_MS = 50
 /**
  * Resolves faults the way every handler must: EEXIST counts as done, partial progress (EAGAIN
  * with bytes > 0) continues with the rest, and EAGAIN with bytes 0 (an event is pending) defers
- * the op until the uffd's next read, never retrying in a tight loop.
+ * the op until the uffd's next read, never retrying in a tight loop. It is the path for fault
+ * handlers written in JavaScript (events() + resolver); the package's own servers (FaultServer,
+ * the Firecracker handler, `userfaultfd serve`) use the native engine instead (docs/architecture.md).
  */
 export class FaultResolver {
   readonly #uffd: Userfaultfd

@@ -26,12 +26,15 @@ import { probe } from '../core/probe'
 import { checkAligned, toRange, type Range, type RangeLike } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { type FaultHandler, type FaultSource, engineSource, isBytes } from '../sources/fault-source'
+import type { FeedStats } from '../sources/feed'
+import type { WorkingSet } from '../sources/working-set'
 import { FaultsTicker, debug, errorChannel, faultsChannel } from '../util/diagnostics'
-import { LatencyHistogram } from '../util/histogram'
+import { type HistogramJSON, LatencyHistogram } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { FaultTrace } from './fault-trace'
 import { bool, checkRenamed, choice, describe, int, optionalInt, powerOfTwo } from '../util/validate'
 import { faultServerMetrics, type MetricsOptions } from './fault-metrics'
+import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
 import { type Backing, type PageCacheLease, leasePageCache } from './page-cache'
 
 export type { FaultHandler, FaultRequest, FaultSource, PageBytes } from '../sources/fault-source'
@@ -55,11 +58,16 @@ export type { MetricsOptions } from './fault-metrics'
  */
 export interface FaultServerOptions {
   /**
-   * Bytes copied around each fault (aligned window, clipped to the range, skipping pages
-   * already present). A power of two from PAGE_SIZE (no fault-around) to 64 MiB; on huge pages
-   * the window is at least one huge page. Default 64 KiB.
+   * Fault-around. By default ('adaptive') it adapts per range, like readahead: a fault just past
+   * the window filled for an earlier one doubles that stream's window (up to `faultAroundMax`);
+   * any other fault fills one page, so random access installs only what it touches. A number of
+   * bytes (a power of two from PAGE_SIZE, no fault-around, to 64 MiB) fixes an aligned window
+   * instead (clipped to the range, skipping pages already present). On huge pages a window is at
+   * least one huge page.
    */
-  faultAround?: number
+  faultAround?: number | 'adaptive'
+  /** The adaptive window's largest size, bytes (a power of two, PAGE_SIZE..64 MiB). Default 2 MiB. */
+  faultAroundMax?: number
   /** Default of serve()'s `prefetch`: fill ranges in the background. Default false. */
   prefetch?: boolean
   /** Bytes per background copy (a multiple of PAGE_SIZE; at least one page of the range). Default 256 KiB. */
@@ -82,6 +90,12 @@ export interface FaultServerOptions {
    * faulting thread runs on another CPU; when it shares the engine's CPU, spins miss and stop.
    */
   spinUs?: number
+  /**
+   * Read nothing from the uffd until resume(): for a uffd whose ranges are registered already
+   * (Firecracker's, say), so that no fault is read before serve() added the range serving it
+   * (a fault outside every served range is served as zeros). Default false.
+   */
+  paused?: boolean
   /** Messages per read(2), 1..4096 (the same option as events()'s). Default 64. */
   readSize?: number
   /** Minimum interval between 'progress' events (ms). Default 100. */
@@ -128,11 +142,24 @@ const RENAMED_OPTIONS = {
   batch: 'readSize',
 } as const
 
+/** Options of FaultServer.serve(). */
 export interface ServeOptions {
+  /**
+   * Fetch these snapshot pages first, in their recorded order, in large batched reads, while
+   * demand faults still go first: a WorkingSet, or the path of a working-set file. A file
+   * recorded on another snapshot version is refused (WorkingSetError 'ESTALE': thrown here for
+   * local sources; an 'error' event for remote ones, whose identity takes reads).
+   */
+  workingSet?: WorkingSet | string
+  /**
+   * Record this range's working set: every first touch faults (one-page fault-around, no
+   * prefetch), in order; server.workingSet() returns it.
+   */
+  recordWorkingSet?: boolean
   /** Fill this range in the background too (default: the server's `prefetch`). */
   prefetch?: boolean
-  /** Fault-around window for this range (default: the server's). */
-  faultAround?: number
+  /** Fault-around for this range: bytes (fixed window) or 'adaptive' (default: the server's). */
+  faultAround?: number | 'adaptive'
   /** Register the range with the uffd for MISSING faults first (default true). */
   register?: boolean
   /**
@@ -199,6 +226,12 @@ export interface FaultServerStats extends Omit<FaultEngineStats, 'stageHistogram
   stages: Record<FaultStage, LatencySummary>
   /** per range served now */
   ranges: FaultServerRangeStats[]
+  /** faults waiting for bytes from JavaScript (remote sources, handlers) now */
+  sourceWaiting: number
+  /** bytes fetched in the background and handed to the engine, not yet installed */
+  providedQueued: number
+  /** remote and working-set ranges: demand requests, background reads, working-set progress */
+  fed: FeedStats
 }
 
 export interface FaultServerProgress {
@@ -259,6 +292,15 @@ const TRACE_DRAIN_MS = 100
 const MAX_WINDOW = 64 * 1024 * 1024
 const MAX_PAGE = 1024 * 1024 * 1024
 
+/** The engine's fault-around: bytes of a fixed window, or 0 (adaptive). */
+function aroundOption(value: unknown, fallback: number): number {
+  if (value === undefined) return fallback
+  if (value === 'adaptive') return 0
+  if (typeof value !== 'number')
+    throw new TypeError(`faultAround must be a byte count or 'adaptive' (got ${describe(value)})`)
+  return powerOfTwo(value, 'faultAround', PAGE_SIZE, MAX_WINDOW)
+}
+
 // One reader per uffd: two servers would take each other's faults (and serve them as zeros).
 const serving = new WeakSet<Userfaultfd>()
 // A server collected without close() (its engine is stopped by its native finalizer) frees it.
@@ -278,10 +320,13 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   readonly #policy: SourcePolicy
   readonly #served = new Map<number, Served>()
   readonly #handlers = new Map<number, FaultHandler>()
+  readonly #fed: FedRanges
+  /** { handler } demand requests not yet answered */
+  #handlerWaiting = 0
   #nextId = 1
   #closed = false
   #drainWaiters: Array<{ resolve: () => void; reject: (e: unknown) => void }> = []
-  readonly #ticker = new FaultsTicker({ source: 'FaultServer', server: this })
+  #ticker: FaultsTicker | undefined = new FaultsTicker({ source: 'FaultServer', server: this })
   #trace: { file: FaultTrace; owned: boolean; threadIds: boolean; timer: NodeJS.Timeout } | undefined
 
   constructor(uffd: Userfaultfd, options: FaultServerOptions = {}) {
@@ -291,8 +336,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       throw new TypeError(`options must be an object (got ${describe(options)})`)
     checkRenamed(options, RENAMED_OPTIONS, 'FaultServer')
     const o = options
-    this.#faultAround =
-      o.faultAround === undefined ? 64 * 1024 : powerOfTwo(o.faultAround, 'faultAround', PAGE_SIZE, MAX_WINDOW)
+    this.#faultAround = aroundOption(o.faultAround, 0)
     this.#prefetch = bool(o.prefetch, 'prefetch', false)
     this.#policy = sourcePolicy(o, { onSourceError: 'retry', retryDeadlineMs: 0, afterDeadline: 'poison' })
     const prefetchChunk = optionalInt(o.prefetchChunk, 'prefetchChunk', 256 * 1024, PAGE_SIZE, MAX_WINDOW)
@@ -300,6 +344,10 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       throw new RangeError(`prefetchChunk must be a multiple of ${PAGE_SIZE} (got ${prefetchChunk})`)
     const engineOptions = {
       faultAround: this.#faultAround,
+      faultAroundMax:
+        o.faultAroundMax === undefined
+          ? 2 * 1024 * 1024
+          : powerOfTwo(o.faultAroundMax, 'faultAroundMax', PAGE_SIZE, MAX_WINDOW),
       prefetchChunk,
       spinUs: optionalInt(o.spinUs, 'spinUs', 50, 0, 100_000),
       readSize: optionalInt(o.readSize, 'readSize', 64, 1, 4096),
@@ -311,6 +359,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       prefetchYieldUs: optionalInt(o.prefetchYieldUs, 'prefetchYieldUs', 1000, 0, 1_000_000),
       watchdogMs: optionalInt(o.watchdogMs, 'watchdogMs', 1000, 0, 3_600_000),
       hugePageSize: hugePageSize(),
+      startPaused: bool(o.paused, 'paused', false),
       traceCapacity: o.trace === undefined ? 0 : TRACE_CAPACITY,
     }
     if (o.trace !== undefined && typeof o.trace !== 'string' && !(o.trace instanceof FaultTrace))
@@ -339,6 +388,23 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       const threadIds = (uffd.features & Feature.THREAD_ID) !== 0n
       this.#trace = { file, owned: typeof o.trace === 'string', threadIds, timer }
     }
+    const h = this.#handle
+    this.#fed = new FedRanges(
+      {
+        provide: (id, offset, bytes) => (this.#closed ? 0 : h.provide(id, offset, bytes)),
+        providedQueued: () => (this.#closed ? 0 : h.providedQueued()),
+        complete: (id, bytes) => {
+          if (!this.#closed) h.complete(id, bytes)
+        },
+        recordTouches: (on) => h.recordTouches(on),
+        takeTouches: () =>
+          this.#closed ? { ranges: new Uint32Array(0), offsets: new Float64Array(0) } : h.takeTouches(),
+      },
+      (err: FaultServerError, address) => {
+        if (address !== undefined && err.address === undefined) err.address = address
+        this.#error(err)
+      },
+    )
     serving.add(uffd)
     released.register(this, uffd, this)
     if (debug.enabled)
@@ -364,17 +430,23 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     const pageSize = this.#pageSize(range, options.pageSize)
     checkAligned(r.address, r.length, 'serve', pageSize)
     const prefetch = bool(options.prefetch, 'prefetch', this.#prefetch)
-    const faultAround =
-      options.faultAround === undefined
-        ? this.#faultAround
-        : powerOfTwo(options.faultAround, 'faultAround', PAGE_SIZE, MAX_WINDOW)
+    const faultAround = aroundOption(options.faultAround, this.#faultAround)
     const register = bool(options.register, 'register', true)
     const mode = choice(options.mode, 'mode', ['missing', 'minor'] as const, 'missing')
     const policy = sourcePolicy(options, this.#policy)
     const minor = mode === 'minor' ? minorBacking(range, options, r.length) : undefined
     const id = this.#nextId++
-    const { spec, offset, keep, close, release, handler } = engineSource(source, r.length, id)
-    if (handler !== undefined) this.#handlers.set(id, handler)
+    const remote = source !== null && typeof source === 'object' && isRemoteSpec(source)
+    const local = remote ? null : engineSource(source as Exclude<FaultSource, RemoteSpec>, r.length, id)
+    // Remote sources, and local ones replaying or recording a working set, are fed from JS.
+    const fed = this.#fed.prepare(id, r, source as unknown as Record<string, unknown>, local, {
+      prefetch,
+      workingSet: options.workingSet,
+      recordWorkingSet: options.recordWorkingSet,
+    })
+    const spec = fed?.spec ?? local!.spec
+    const offset = fed?.offset ?? local!.offset
+    if (local?.handler !== undefined) this.#handlers.set(id, local.handler)
     let registered = false
     let cache: PageCacheLease | undefined
     try {
@@ -399,8 +471,8 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           length: r.length,
           pageSize,
           sourceOffset: offset,
-          prefetch,
-          faultAround,
+          prefetch: fed ? fed.prefetch : prefetch,
+          faultAround: fed?.faultAround ?? faultAround,
           mode,
           ...(cache ? { cache: cache.handle, cacheOffset: minor!.offset } : {}),
           ...policy,
@@ -410,13 +482,15 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     } catch (err) {
       if (registered) this.#unregister(r)
       this.#handlers.delete(id)
-      release?.()
+      local?.release?.()
+      fed?.abort()
       cache?.release()
       throw err
     } finally {
-      close?.()
+      local?.close?.()
     }
-    this.#served.set(id, { range: r, keep, registered, release, policy, cache })
+    this.#served.set(id, { range: r, keep: local?.keep ?? null, registered, release: local?.release, policy, cache })
+    fed?.attach()
     if (debug.enabled)
       debug(
         'FaultServer: serve 0x%s +%d (%d-byte pages, %s) from %s%s',
@@ -424,10 +498,25 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         r.length,
         pageSize,
         mode,
-        spec.kind,
+        remote ? 'remote' : local!.spec.kind,
         prefetch ? ' with prefetch' : '',
       )
     return this
+  }
+
+  /**
+   * The working set recorded so far (ranges served with { recordWorkingSet: true }), tied to
+   * their snapshot: save it with `.save(path)`. With `range`, only the recorded ranges inside it.
+   */
+  workingSet(range?: RangeLike): Promise<WorkingSet> {
+    this.#live('workingSet')
+    if (range === undefined) return this.#fed.workingSet()
+    const r = toRange(range)
+    const end = r.address + BigInt(r.length)
+    const ids = [...this.#served]
+      .filter(([, s]) => s.range.address >= r.address && s.range.address + BigInt(s.range.length) <= end)
+      .map(([id]) => id)
+    return this.#fed.workingSet(ids)
   }
 
   /** Stops serving every served range inside `range` (and unregisters what serve() registered). */
@@ -443,6 +532,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         s.cache?.release()
         this.#served.delete(id)
         this.#handlers.delete(id)
+        this.#fed.detach([id])
       }
     }
     this.#checkDrained()
@@ -452,8 +542,12 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   /** The engine's counters now, with per-stage latencies and per-range figures. */
   stats(): FaultServerStats {
     const { stageHistograms, ...totals } = this.#handle.stats()
+    const fed = this.#fed.stats()
     return {
       ...totals,
+      fed,
+      sourceWaiting: this.#handlerWaiting + fed.demandWaiting,
+      providedQueued: this.#closed ? 0 : this.#handle.providedQueued(),
       stages: summaries(stageHistograms),
       ranges: this.#handle.metrics().map((m) => ({
         address: m.address,
@@ -470,6 +564,14 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         stages: summaries(m.stages),
       })),
     }
+  }
+
+  /**
+   * The demand-latency histogram (what stats().latencyUs summarises), to merge with others
+   * (src/util/histogram.ts LatencyHistogram.merge): the Firecracker handler sums its connections'.
+   */
+  latencyHistogram(): HistogramJSON {
+    return this.#closed ? { count: 0, buckets: [] } : this.#handle.latencyHistogram()
   }
 
   /**
@@ -497,6 +599,20 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
     })
   }
 
+  /**
+   * @internal A server inside another publisher (the Firecracker handler, which publishes each
+   * connection's fault counts as its own) stays off the faults channel.
+   */
+  _leaveFaultsChannel(): void {
+    this.#ticker = undefined
+  }
+
+  /** Starts reading the uffd (a server created with { paused: true }). Idempotent. */
+  resume(): this {
+    if (!this.#closed) this.#handle.resume()
+    return this
+  }
+
   /** Lets the process exit while the server runs (like server.unref()). */
   unref(): this {
     if (!this.#closed) this.#handle.unref()
@@ -516,6 +632,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
    */
   close(): void {
     if (this.#closed) return
+    this.#fed.close()
     this.#closed = true
     if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
     this.#handle.close() // joins the engine's threads: nothing reads the sources any more
@@ -577,7 +694,11 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       switch (n.type) {
         case 'error':
           if (n.action !== undefined) this.#error(sourceFailure(n.error, n.address ?? 0n, n.action, n.retryInMs))
-          else this.#error(n.error)
+          else {
+            // the address the engine was filling when it failed (a faulting thread may wait on it)
+            if (n.address !== undefined) (n.error as FaultServerError).address = n.address
+            this.#error(n.error)
+          }
           break
         case 'progress':
           progress = true
@@ -589,14 +710,18 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           break
         }
         case 'requests':
-          for (const q of n.requests) this.#request(q)
+          for (const q of n.requests) {
+            if (this.#fed.handles(q.handler)) this.#fed.request(q.handler, q)
+            else this.#request(q)
+          }
           break
       }
     }
     if (progress) {
+      this.#fed.tick()
       if (faultsChannel.hasSubscribers) {
         const s = this.#handle.stats()
-        this.#ticker.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
+        this.#ticker?.tick({ faults: s.faults, pages: s.bytes / PAGE_SIZE, bytes: s.bytes, zeroPages: s.zeroPages })
       }
       const settled = this.#handle.settled()
       this.emit('progress', {
@@ -618,6 +743,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       if (!this.#closed) this.#handle.complete(q.id, null)
       return
     }
+    if (attempt === 0 && !q.prefetch) this.#handlerWaiting++
     const fail = (err: unknown): void => {
       if (this.#closed) return
       const cause = err instanceof Error ? err : new Error(String(err))
@@ -638,6 +764,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         this.#error(sourceFailure(cause, address, 'retry', delay))
       } else {
         this.#error(sourceFailure(cause, address, action))
+        this.#handlerWaiting--
         this.#handle.resolve(q.id, action)
       }
     }
@@ -647,6 +774,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           if (this.#closed) return
           if (!isBytes(bytes))
             throw new TypeError(`handler must return an ArrayBuffer or a typed array (got ${describe(bytes)})`)
+          if (!q.prefetch) this.#handlerWaiting--
           this.#handle.complete(q.id, bytes)
         })
         .catch(fail)

@@ -1,7 +1,9 @@
 // A Firecracker-compatible page-fault handler: listens on a Unix socket; each connection (one
-// VM) sends the region JSON with its uffd attached; MISSING faults are served from the memory
-// snapshot file with UFFDIO_COPY, straight from a read-only mmap of the file (one ioctl per
-// fault, no bounce buffer) or, with { readMethod: 'pread' }, through a reusable buffer.
+// VM) sends the region JSON with its uffd attached; this file is the protocol (handshake, peers,
+// lifecycle), and each connection's faults are served by one native FaultServer
+// (./engine-connection.ts): from the memory snapshot file (straight from a private read-only mmap
+// of it, or with { readMethod: 'pread' } through the engine's own buffer) or a remote snapshot,
+// with fault-around, in the page size each region names (2 MiB on hugetlbfs guests).
 //
 // Each connection is independent: a peer that sends garbage, dies mid-stream or misbehaves
 // ends only its own connection (its uffd, socket and pidfd are closed); the server keeps
@@ -9,24 +11,28 @@
 // UFFDIO_COPY failing with ESRCH: either ends that connection cleanly.
 import * as fs from 'node:fs'
 import * as net from 'node:net'
-import type { ReadMethod, RemovePolicy } from '../addon/binding'
-import { native } from '../addon/native'
+import type { ReadMethod, RemovePolicy, SourceErrorPolicy } from '../addon/binding'
 import type { UffdError } from '../core/errors'
+import { Userfaultfd } from '../core/userfaultfd'
+import type { ServerMetricsSource } from '../engines/fault-metrics'
+import type { FaultServerError } from '../engines/fault-server'
 import { FaultTrace } from '../engines/fault-trace'
-import { FaultResolver } from '../core/fault-resolver'
-import { Userfaultfd, type UffdEvent } from '../core/userfaultfd'
 import { FdChannel, closeFds, pidfdOpen, whenReadable, type PeerCredentials } from '../ipc/fd-passing'
 import { isUserfaultfd } from '../ipc/uffd-passing'
 import { isListening } from '../ipc/unix-socket'
 import { describe } from '../util/validate'
 import { debug } from '../util/diagnostics'
-import { IntervalSet } from '../util/interval-set'
-import { LatencyHistogram, type LatencySummary } from '../util/histogram'
+import { type HistogramJSON, LatencyHistogram, type LatencySummary } from '../util/histogram'
 import { TypedEmitter } from '../util/typed-emitter'
 import { checkRenamed, choice } from '../util/validate'
 import { openMemFile } from './mem-file'
 import { observe } from './observe'
-import { ProtocolError, findRegion, firecrackerHandshake, type GuestRegion } from './protocol'
+import { ProtocolError, firecrackerHandshake, type GuestRegion } from './protocol'
+import { parseLocation } from '../sources/location'
+import { RemoteSource, type RemoteOptions } from '../sources/remote'
+import { fileIdentity } from '../sources/snapshot-identity'
+import { WorkingSet } from '../sources/working-set'
+import { EngineConnection, type EngineSnapshot } from './engine-connection'
 
 export type { ReadMethod, RemovePolicy } from '../addon/binding'
 
@@ -43,19 +49,44 @@ export interface FirecrackerHandlerOptions {
    * 'source' serves the memory file again there (FaultServer's vocabulary, the same values).
    */
   onRemove?: RemovePolicy
+  /**
+   * Where the memory file cannot give a page a vCPU waits on (truncated, EIO): 'retry'
+   * (default: again with backoff until it can), 'poison' (the vCPU gets SIGBUS; Linux 6.6+) or
+   * 'zero' (zeros). Each connection's FaultServer onSourceError; every failure is a 'warning'.
+   */
+  onSourceError?: SourceErrorPolicy
   /** Who may connect. Default: the same uid as this process, or root. */
   allow?: (peer: PeerCredentials) => boolean
   /** Largest handshake message (default 65536 bytes). */
   maxMessageBytes?: number
   /** Time for a peer to send its complete handshake (default 5000 ms). */
   handshakeTimeout?: number
-  /** 'mmap' (default): copy from a read-only mapping of the file; 'pread': through a buffer. */
+  /** 'mmap' (default): copy from a private read-only mapping of the file; 'pread': through a buffer. */
   readMethod?: ReadMethod
   /** Remove a stale socket file left by a dead handler (default true). */
   replaceStaleSocket?: boolean
   /**
-   * Record every fault of every connection in this trace (`serve --trace FILE`): kind 'demand'
-   * or 'zero', address, wait (from the fault's turn to its page copied), thread. You close it.
+   * memFile may be a URL: nbd://host:port/export, nbd+unix:///export?socket=PATH, http(s)://...
+   * (or file:). Remote snapshots are read through one RemoteSource shared by every VM, with
+   * these options (cache, manifest, headers, timeouts...), and served by a FaultServer per VM.
+   */
+  remote?: RemoteOptions
+  /** Replay this working set (a WorkingSet or a file) for every VM: its pages first, in order. */
+  workingSet?: WorkingSet | string
+  /**
+   * Record each VM's working set into this file, written when its connection ends (and on
+   * close()): every first touch faults (4 KiB fault-around, no prefetch).
+   */
+  recordWorkingSet?: string
+  /**
+   * Fill the rest of the guest's memory in the background (after the working set). Default: true
+   * for a remote snapshot, false for a local file (its pages are one copy away: lazily, a VM
+   * only takes the memory it touches).
+   */
+  prefetch?: boolean
+  /**
+   * Record every fault of every connection in this trace (`serve --trace FILE`): each
+   * connection's FaultServer writes its faults there (kind, address, wait, thread). You close it.
    */
   trace?: FaultTrace
 }
@@ -64,11 +95,11 @@ export interface FirecrackerHandlerOptions {
 export interface ServingCounts {
   /** Fault messages read. */
   faults: number
-  /** Pages copied from the memory file. */
+  /** Pages copied from the snapshot (the regions' pages: 2 MiB ones count one), fault-around included. */
   pagesServed: number
-  /** Bytes copied from the memory file. */
+  /** Bytes copied from the snapshot. */
   bytesServed: number
-  /** Zero pages served (after UFFD_EVENT_REMOVE). */
+  /** Zero pages served (after UFFD_EVENT_REMOVE, or past the end of the snapshot). */
   zeroPages: number
   /** UFFD_EVENT_REMOVE events (balloon inflation, MADV_DONTNEED). */
   removes: number
@@ -86,53 +117,38 @@ export interface ConnectionStats extends ServingCounts {
   peer: PeerCredentials
   /** Regions its handshake declared. */
   regions: number
+  /** faults waiting for their bytes now (remote snapshots) */
+  waiting?: number
+  /** pages (of the regions' page size) of the guest present now, and in all (after 'ready') */
+  pagesPresent?: number
+  pagesTotal?: number
+  /** bytes of the guest present now, and in all (after 'ready') */
+  bytesPresent?: number
+  bytesTotal?: number
 }
 
 /** The handler's totals over every connection (FirecrackerHandler.stats()). */
 export interface HandlerStats extends ServingCounts {
   /** Connections open now, ever, and ended by an error. */
   connections: { active: number; total: number; failed: number }
-  /** latency from reading a fault to its UFFDIO_COPY returning (as FaultServer's latencyUs) */
+  /** latency from reading a fault to its page filled, over every connection (FaultServer's latencyUs) */
   latencyUs: LatencySummary
 }
 
-interface FileSource {
+/** The snapshot every connection reads: its size, how the engine reads it, and its close. */
+interface Snapshot {
   size: number
-  fd: number
-  /** copies [offset, offset+length) of the file to dst (a page in the peer) */
-  copy(resolver: FaultResolver, dst: bigint, offset: number, length: number): 'done' | 'exists' | 'deferred'
+  engine: EngineSnapshot
   close(): void
 }
 
-function openSource(path: string, kind: ReadMethod): FileSource {
-  const { fd, size } = openMemFile(path) // a regular file or block device; libuv sets O_CLOEXEC
+// The memory file (a regular file or a block device), opened once: every connection's
+// FaultServer dups this fd (and maps it, with readMethod 'mmap'), so the file is the one listen()
+// checked whatever happens to its path, and its size then is the snapshot's.
+function openFile(path: string, readMethod: ReadMethod): Snapshot {
+  const { fd, size } = openMemFile(path) // libuv sets O_CLOEXEC
   try {
-    if (kind === 'mmap') {
-      const map = new native.FileMapping(fd, size)
-      const base = map.address()
-      return {
-        size,
-        fd,
-        copy: (resolver, dst, offset, length) => resolver.copy(dst, base + BigInt(offset), length),
-        close: () => {
-          map.unmap()
-          fs.closeSync(fd)
-        },
-      }
-    }
-    let buffer = Buffer.alloc(0)
-    return {
-      size,
-      fd,
-      copy: (resolver, dst, offset, length) => {
-        // Reused for every fault: a deferred copy keeps its own copy of the bytes (FaultResolver).
-        if (buffer.length < length) buffer = Buffer.alloc(length)
-        const view = buffer.subarray(0, length)
-        fs.readSync(fd, view, 0, length, offset)
-        return resolver.copy(dst, view, length)
-      },
-      close: () => fs.closeSync(fd),
-    }
+    return { size, engine: { fd, size, readMethod }, close: () => fs.closeSync(fd) }
   } catch (err) {
     fs.closeSync(fd)
     throw err
@@ -179,6 +195,7 @@ function defaultAllow(peer: PeerCredentials): boolean {
 }
 
 let nextId = 1
+const EMPTY: HistogramJSON = { count: 0, buckets: [] }
 
 /** One VM: its socket, uffd, regions, and the loop serving its faults. */
 class Connection {
@@ -188,14 +205,17 @@ class Connection {
   readonly #socket: net.Socket
   readonly #channel: FdChannel
   #uffd: Userfaultfd | undefined
-  #resolver: FaultResolver | undefined
   #regions: GuestRegion[] = []
-  #removed = new IntervalSet()
-  #removedAny = false
   #cancelPidfd: (() => void) | undefined
   #pidfd = -1
   #ended = false
-  #zero: Buffer | undefined
+  #engine: EngineConnection | undefined
+  #engineSeen = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
+  #endedSignal: (() => void) | undefined
+  /** faults waiting for bytes now */
+  waiting = 0
+  /** bytes of the guest present, and in all (0/0 before 'ready') */
+  present = { pages: 0, pagesTotal: 0, bytes: 0, total: 0 }
 
   constructor(handler: FirecrackerHandler, socket: net.Socket) {
     this.#handler = handler
@@ -288,7 +308,7 @@ class Connection {
         if (received >= maxMessageBytes)
           throw new ProtocolError(`handshake message larger than ${maxMessageBytes} bytes`)
       }
-      this.#regions = format.parse(Buffer.concat(pieces, received), { fileSize: this.#handler.source.size })
+      this.#regions = format.parse(Buffer.concat(pieces, received), { fileSize: this.#handler.snapshot.size })
       if (!isUserfaultfd(fd)) throw new ProtocolError('the fd attached to the handshake is not a userfaultfd')
       this.stats.regions = this.#regions.length
       this.#uffd = Userfaultfd.fromFd(fd)
@@ -308,125 +328,83 @@ class Connection {
         /* already gone: ESRCH on the first copy ends it */
       }
     }
-    this.#resolver = new FaultResolver(this.#uffd, { onError: (e) => this.#onResolveError(e) })
   }
 
+  // One FaultServer serves the regions; this waits for the end (the VM's exit seen through its
+  // pidfd, ESRCH, or close()).
   async #serve(): Promise<void> {
-    const uffd = this.#uffd!
-    const stream = uffd.events({ batch: true, readSize: 256 })
-    this.#streamClose = () => stream.close()
-    if (this.#ended) stream.close()
-    for await (const batch of stream) {
-      for (const event of batch as UffdEvent[]) {
-        if (this.#ended) return
-        this.#handle(event)
-      }
+    const h = this.#handler
+    const ended = new Promise<void>((resolve) => {
+      this.#endedSignal = resolve
+    })
+    this.#engine = new EngineConnection(
+      this.#uffd!,
+      this.#regions,
+      h.snapshot.engine,
+      {
+        onRemove: h.onRemove,
+        onSourceError: h.onSourceError,
+        workingSet: h.workingSet,
+        record: h.recordWorkingSet !== undefined,
+        prefetch: h.prefetch,
+        trace: h.trace,
+      },
+      (err) => this.#onServeError(err),
+    )
+    if (this.#ended) return
+    await ended
+  }
+
+  // ESRCH: the VM's address space is gone (it exited): a clean end. Anything else (a snapshot
+  // that cannot be read, a remote read that failed) is a 'warning' with the faulting address:
+  // the engine retries the fault with backoff, since a vCPU waits on it.
+  #onServeError(err: FaultServerError): void {
+    if ((err as { code?: string }).code === 'ESRCH') this.end()
+    else this.#handler.emit('warning', this.stats, err)
+  }
+
+  /** Brings this.stats and the handler's totals up to date (from the connection's FaultServer). */
+  refresh(): void {
+    if (this.#engine === undefined || this.#engine.server.closed) return
+    const c = this.#engine.counts()
+    const totals = this.#handler.totals
+    for (const k of Object.keys(this.#engineSeen) as Array<keyof ServingCounts>) {
+      totals[k] += c[k] - this.#engineSeen[k]
+      this.#engineSeen[k] = c[k]
+      this.stats[k] = c[k]
     }
+    this.waiting = c.waiting
+    this.present = { pages: c.pagesPresent, pagesTotal: c.pagesTotal, bytes: c.bytesPresent, total: c.bytesTotal }
+    this.stats.waiting = c.waiting
+    this.stats.pagesPresent = c.pagesPresent
+    this.stats.pagesTotal = c.pagesTotal
+    this.stats.bytesPresent = c.bytesPresent
+    this.stats.bytesTotal = c.bytesTotal
   }
 
-  #streamClose: (() => void) | undefined
-
-  #handle(event: UffdEvent): void {
-    const stats = this.#handler.totals
-    if (event.type === 'pagefault') {
-      this.stats.faults++
-      stats.faults++
-      const region = findRegion(this.#regions, event.address)
-      if (region === undefined) {
-        throw new ProtocolError(`fault at 0x${event.address.toString(16)} outside every region the peer declared`)
-      }
-      const page = event.address - ((event.address - region.base) % BigInt(region.pageSize))
-      const t0 = process.hrtime.bigint()
-      let outcome: 'done' | 'exists' | 'deferred'
-      try {
-        if (this.#removedAny && this.#isRemoved(page)) {
-          outcome = this.#zeroFill(page, region.pageSize)
-          if (outcome === 'done') {
-            this.stats.zeroPages++
-            stats.zeroPages++
-          }
-        } else {
-          const offset = region.offset + Number(page - region.base)
-          outcome = this.#handler.source.copy(this.#resolver!, page, offset, region.pageSize)
-          if (outcome === 'done') {
-            this.stats.pagesServed++
-            this.stats.bytesServed += region.pageSize
-            stats.pagesServed++
-            stats.bytesServed += region.pageSize
-          }
-        }
-      } catch (err) {
-        this.#onResolveError(err as UffdError)
-        return
-      }
-      if (outcome === 'exists') {
-        this.stats.exists++
-        stats.exists++
-      }
-      if (outcome === 'deferred') {
-        this.stats.deferred++
-        stats.deferred++
-      }
-      const t1 = process.hrtime.bigint()
-      this.#handler.recordLatency(Number(t1 - t0))
-      const trace = this.#handler.trace
-      if (trace !== undefined && outcome !== 'deferred') {
-        const zero = this.#removedAny && this.#isRemoved(page)
-        const bytes = outcome === 'done' ? region.pageSize : 0
-        trace.add({
-          kind: zero ? 'zero' : 'demand',
-          address: page,
-          startNs: t0,
-          durNs: t1 - t0,
-          bytes,
-          tid: event.tid ?? 0,
-        })
-      }
-    } else if (event.type === 'remove') {
-      this.stats.removes++
-      stats.removes++
-      if (this.#handler.onRemove === 'source') {
-        // Nothing to remember: later faults there are served from the memory file again.
-      } else if (this.#handler.onRemove === 'unregister') {
-        try {
-          this.#uffd!.unregister({ address: event.start, length: event.end - event.start })
-        } catch {
-          // The range is not one the kernel will unregister as a whole (e.g. it spans other
-          // VMAs): zero-fill it instead, which is just as correct.
-          this.#removed.add(event.start, event.end)
-          this.#removedAny = true
-        }
-      } else {
-        this.#removed.add(event.start, event.end)
-        this.#removedAny = true
-      }
-    }
-    // unmap/remap/fork: not enabled by Firecracker; nothing to do.
+  /** The connection's demand-latency histogram so far (empty before 'ready'). */
+  latency(): HistogramJSON {
+    return this.#engine === undefined || this.#engine.server.closed ? EMPTY : this.#engine.latencyHistogram()
   }
 
-  #isRemoved(page: bigint): boolean {
-    return this.#removed.contains(page)
-  }
-
-  #zeroFill(page: bigint, pageSize: number): 'done' | 'exists' | 'deferred' {
-    // UFFDIO_ZEROPAGE is not supported on hugetlbfs: copy zeros there.
-    if (pageSize === 4096) return this.#resolver!.zeropage({ address: page, length: pageSize })
-    if (this.#zero === undefined || this.#zero.length < pageSize) this.#zero = Buffer.alloc(pageSize)
-    return this.#resolver!.copy(page, this.#zero.subarray(0, pageSize), pageSize)
-  }
-
-  #onResolveError(err: UffdError): void {
-    // ESRCH: the VM's address space is gone (it exited): a clean end, not an error.
-    if (err.code === 'ESRCH') this.end()
-    else this.end(err)
+  /** Its FaultServer's raw metrics, labelled with the connection (none before 'ready'). */
+  metricsSource(): ServerMetricsSource | undefined {
+    const m = this.#engine?.server._metricsSource()
+    return m === undefined ? undefined : { ...m, labels: { connection: String(this.id) } }
   }
 
   /** Idempotent: closes the uffd, the socket, the pidfd; reports why it ended. */
   end(error?: Error): void {
     if (this.#ended) return
     this.#ended = true
-    this.#streamClose?.()
-    this.#resolver?.close()
+    if (this.#engine !== undefined) {
+      this.refresh()
+      this.#handler.keepLatency(this.#engine.latencyHistogram())
+      const file = this.#handler.recordWorkingSet
+      if (file !== undefined) this.#handler.saveWorkingSet(this.stats, this.#engine.workingSet(), file)
+      this.#engine.close()
+    }
+    this.#endedSignal?.()
     this.#uffd?.close()
     this.#channel.close()
     this.#cancelPidfd?.()
@@ -447,6 +425,10 @@ export interface FirecrackerHandlerEvents {
   end: [connection: ConnectionStats, error: Error | undefined]
   /** the listening socket failed (after listen() succeeded) */
   serverError: [error: Error]
+  /** an error a connection survives: a remote read that failed and is retried */
+  warning: [connection: ConnectionStats, error: Error]
+  /** a recorded working set was written (recordWorkingSet) */
+  workingSet: [connection: ConnectionStats, file: string, pages: number]
 }
 
 /**
@@ -463,30 +445,44 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
   readonly maxMessageBytes: number
   /** See FirecrackerHandlerOptions.handshakeTimeout. */
   readonly handshakeTimeout: number
+  /** See FirecrackerHandlerOptions.onSourceError. */
+  readonly onSourceError: SourceErrorPolicy
   /** Who may connect (see FirecrackerHandlerOptions.allow). */
   readonly allow: (peer: PeerCredentials) => boolean
+  /** @internal the snapshot every connection reads */
+  readonly snapshot: Snapshot
   /** @internal */
-  readonly source: FileSource
+  workingSet: WorkingSet | undefined
+  /** @internal */
+  recordWorkingSet: string | undefined
+  /** @internal */
+  prefetch: boolean
+  #remote: RemoteSource | undefined
+  readonly #saves = new Set<Promise<void>>()
   /** See FirecrackerHandlerOptions.trace. */
   readonly trace: FaultTrace | undefined
   /** @internal */
   readonly totals = { faults: 0, pagesServed: 0, bytesServed: 0, zeroPages: 0, removes: 0, exists: 0, deferred: 0 }
   readonly #server: net.Server
   readonly #connections = new Set<Connection>()
+  /** latency of the connections that ended (live ones are asked) */
   readonly #latency = new LatencyHistogram()
   #total = 0
   #failed = 0
   #closed = false
 
-  private constructor(options: FirecrackerHandlerOptions, source: FileSource) {
+  private constructor(options: FirecrackerHandlerOptions, snapshot: Snapshot, remote: boolean) {
     super()
     this.socketPath = options.socketPath
     this.onRemove = options.onRemove ?? 'zero'
+    this.onSourceError = options.onSourceError ?? 'retry'
     const limits = checkHandshakeLimits(options)
     this.maxMessageBytes = limits.maxMessageBytes
     this.handshakeTimeout = limits.handshakeTimeout
     this.allow = options.allow ?? defaultAllow
-    this.source = source
+    this.snapshot = snapshot
+    this.prefetch = options.prefetch ?? remote
+    this.recordWorkingSet = options.recordWorkingSet
     this.trace = options.trace
     // pauseOnConnect: Node must never read these sockets (a read(2) would discard the uffd).
     this.#server = net.createServer({ pauseOnConnect: true }, (socket) => this.#accept(socket))
@@ -501,19 +497,69 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
       throw new TypeError('memFile must be a non-empty string')
     checkRenamed(options, { source: 'readMethod' }, 'FirecrackerHandler.listen')
     choice(options.onRemove, 'onRemove', ['zero', 'source', 'unregister'] as const, 'zero')
+    choice(options.onSourceError, 'onSourceError', ['retry', 'poison', 'zero'] as const, 'retry')
     const readMethod = choice(options.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
+    if (options.recordWorkingSet !== undefined && typeof options.recordWorkingSet !== 'string')
+      throw new TypeError('recordWorkingSet must be a file path')
+    if (options.prefetch !== undefined && typeof options.prefetch !== 'boolean')
+      throw new TypeError('prefetch must be a boolean')
     if (options.trace !== undefined && !(options.trace instanceof FaultTrace))
       throw new TypeError('trace must be a FaultTrace')
     checkHandshakeLimits(options)
-    const source = openSource(options.memFile, readMethod)
-    const handler = new FirecrackerHandler(options, source)
+    const location = parseLocation(options.memFile)
+    let remote: RemoteSource | undefined
+    let snapshot: Snapshot
+    if (location.kind === 'file') {
+      snapshot = openFile(location.path, readMethod)
+    } else {
+      remote = await RemoteSource.open(location.url, options.remote)
+      const r = remote
+      snapshot = {
+        size: r.size,
+        engine: { remote: r },
+        close: () => {
+          r.close().catch(() => undefined)
+        },
+      }
+    }
+    const handler = new FirecrackerHandler(options, snapshot, remote !== undefined)
     try {
+      handler.#remote = remote
+      const ws = typeof options.workingSet === 'string' ? WorkingSet.load(options.workingSet) : options.workingSet
+      if (ws !== undefined) {
+        if (!(ws instanceof WorkingSet)) throw new TypeError('workingSet must be a WorkingSet or a file path')
+        if (options.recordWorkingSet !== undefined)
+          throw new TypeError('a handler cannot both replay (workingSet) and record (recordWorkingSet)')
+        // a working set for another snapshot version is refused now
+        if (remote !== undefined) ws.check(await remote.identity())
+        else ws.check(fileIdentity((snapshot.engine as { fd: number }).fd))
+      }
+      handler.workingSet = ws
       await handler.#listen(options.replaceStaleSocket ?? true)
     } catch (err) {
-      source.close()
+      snapshot.close()
       throw err
     }
     return handler
+  }
+
+  /** The remote snapshot (memFile was a URL), shared by every VM. */
+  get remote(): RemoteSource | undefined {
+    return this.#remote
+  }
+
+  /** @internal Writes a recorded working set once known; close() waits for it. */
+  saveWorkingSet(conn: ConnectionStats, ws: Promise<WorkingSet>, file: string): void {
+    const p: Promise<void> = ws
+      .then((set) => {
+        set.save(file)
+        this.emit('workingSet', conn, file, set.pages.length)
+      })
+      .catch((err: Error) => {
+        this.emit('warning', conn, err)
+      })
+      .finally(() => this.#saves.delete(p))
+    this.#saves.add(p)
   }
 
   /** Every event also goes to NODE_DEBUG and the diagnostics channels (./observe.ts). */
@@ -570,23 +616,61 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     this.emit('end', conn.stats, error)
   }
 
-  /** @internal */
-  recordLatency(ns: number): void {
-    this.#latency.record(ns)
+  /** @internal an ended connection's latency histogram */
+  keepLatency(h: HistogramJSON): void {
+    this.#latency.merge(h)
   }
 
-  /** Totals over every connection so far, and the latency histogram. */
+  /** Totals over every connection so far, and their latency (every connection's engine). */
   stats(): HandlerStats {
+    const latency = LatencyHistogram.fromJSON(this.#latency.toJSON())
+    for (const c of this.#connections) {
+      c.refresh()
+      latency.merge(c.latency())
+    }
     return {
       connections: { active: this.#connections.size, total: this.#total, failed: this.#failed },
       ...this.totals,
-      latencyUs: this.#latency.summary(),
+      latencyUs: latency.summary(),
     }
   }
 
   /** Per-connection stats of the connections still open. */
   connections(): ConnectionStats[] {
-    return [...this.#connections].map((c) => c.stats)
+    return [...this.#connections].map((c) => {
+      c.refresh()
+      return c.stats
+    })
+  }
+
+  /**
+   * @internal Each open connection's FaultServer metrics (per range: faults, blocked time, pages by class,
+   * stage histograms), labelled with its `connection` number: for `serve --metrics-port`.
+   */
+  metricsSources(): ServerMetricsSource[] {
+    const out: ServerMetricsSource[] = []
+    for (const c of this.#connections) {
+      const m = c.metricsSource()
+      if (m !== undefined) out.push(m)
+    }
+    return out
+  }
+
+  /**
+   * Faults waiting for bytes, and the guests' memory present / in all over the open connections:
+   * in bytes, and in pages (each guest's own page size: 2 MiB pages count one).
+   */
+  progress(): { waiting: number; pagesPresent: number; pagesTotal: number; bytesPresent: number; bytesTotal: number } {
+    const p = { waiting: 0, pagesPresent: 0, pagesTotal: 0, bytesPresent: 0, bytesTotal: 0 }
+    for (const c of this.#connections) {
+      c.refresh()
+      p.waiting += c.waiting
+      p.pagesPresent += c.present.pages
+      p.pagesTotal += c.present.pagesTotal
+      p.bytesPresent += c.present.bytes
+      p.bytesTotal += c.present.total
+    }
+    return p
   }
 
   /** Stops listening, ends every connection (their VMs lose their handler), unmaps the file. */
@@ -596,7 +680,9 @@ export class FirecrackerHandler extends TypedEmitter<FirecrackerHandlerEvents> {
     const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()))
     for (const conn of [...this.#connections]) conn.end()
     await closed
-    this.source.close()
+    // recorded working sets are written before the snapshot goes
+    while (this.#saves.size > 0) await Promise.all([...this.#saves])
+    this.snapshot.close()
   }
 
   /** close(), for `await using handler = await FirecrackerHandler.listen(...)`. */

@@ -5,6 +5,7 @@ import * as fs from 'node:fs'
 import { types } from 'node:util'
 import type { FaultEngineSource, ReadMethod } from '../addon/binding'
 import { Mapping } from '../core/mapping'
+import type { RemoteSpec } from './remote'
 import { checkRenamed, choice, describe, func, optionalInt } from '../util/validate'
 
 /** What a { handler } source is asked for: `length` bytes of the range at `address`. */
@@ -31,14 +32,18 @@ export type FaultHandler = (request: FaultRequest) => PageBytes | Promise<PageBy
  *   it cannot be detached), or a Mapping (used in place; its unmap() waits until the range is no
  *   longer served);
  * - `file`: a path or an fd, read through a private read-only mmap ('mmap', default) or pread;
+ *   `size`: the file's size as you know it (default: its size when served): pages within it
+ *   that cannot be read (the file was truncated since) are errors, never zeros;
  * - `zero`: zeros;
- * - `handler`: a JS function, for content only JS can produce.
+ * - `handler`: a JS function, for content only JS can produce;
+ * - `nbd`, `url`, `remote`: a remote snapshot (docs/remote-sources.md), fed from JavaScript.
  */
 export type FaultSource =
   | { buffer: PageBytes | SharedArrayBuffer | Mapping; offset?: number }
-  | { file: string | number; offset?: number; readMethod?: ReadMethod }
+  | { file: string | number; offset?: number; readMethod?: ReadMethod; size?: number }
   | { zero: true }
   | { handler: FaultHandler; offset?: number }
+  | RemoteSpec
 
 /** A source as the engine takes it, with what the server must keep or do for it. */
 export interface EngineSource {
@@ -61,7 +66,7 @@ export function isBytes(value: unknown): value is PageBytes {
 }
 
 /** Checks `source` for a range of `length` bytes (id `id`) and says how the engine takes it. */
-export function engineSource(source: FaultSource, length: number, id: number): EngineSource {
+export function engineSource(source: Exclude<FaultSource, RemoteSpec>, length: number, id: number): EngineSource {
   if (source === null || typeof source !== 'object')
     throw new TypeError(`source must be { buffer }, { file }, { zero: true } or { handler } (got ${describe(source)})`)
   checkRenamed(source, { mode: 'readMethod' }, 'FaultServer.serve: the file source')
@@ -94,17 +99,18 @@ export function engineSource(source: FaultSource, length: number, id: number): E
   if ('file' in s) {
     const readMethod = choice(s.readMethod, 'readMethod', ['mmap', 'pread'] as const, 'mmap')
     const f = s.file
+    const size = s.size === undefined ? {} : { size: optionalInt(s.size, 'file size', 0, 0) }
     if (typeof f === 'string') {
       const fd = fs.openSync(f, 'r')
       return {
-        spec: { kind: 'file', fd, offset, readMethod },
+        spec: { kind: 'file', fd, offset, readMethod, ...size },
         offset: 0,
         keep: null,
         close: () => fs.closeSync(fd),
       }
     }
     if (typeof f === 'number' && Number.isSafeInteger(f) && f >= 0) {
-      return { spec: { kind: 'file', fd: f, offset, readMethod }, offset: 0, keep: null }
+      return { spec: { kind: 'file', fd: f, offset, readMethod, ...size }, offset: 0, keep: null }
     }
     throw new TypeError(`file must be a path or an fd (got ${describe(f)})`)
   }
@@ -116,5 +122,5 @@ export function engineSource(source: FaultSource, length: number, id: number): E
     const handler = func<FaultHandler>(s.handler, 'handler')
     return { spec: { kind: 'handler', id }, offset, keep: null, handler }
   }
-  throw new TypeError('source must have one of: buffer, file, zero, handler')
+  throw new TypeError('source must have one of: buffer, file, zero, handler, nbd, url, remote')
 }

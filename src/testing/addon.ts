@@ -25,7 +25,7 @@ export interface TestingBinding {
   setErrorClass(ctor: new (message: string) => Error): void
   touch(
     addresses: BigUint64Array,
-    options: { write?: boolean; value?: bigint; threads?: number; timings?: boolean },
+    options: { write?: boolean; value?: bigint; threads?: number; timings?: boolean; workNs?: number; cpu?: number },
   ): Promise<TouchResult>
   madviseOnThread(address: bigint, length: number, advice: number): Promise<TouchResult>
   forkOnThread(readAt?: bigint): Promise<TouchResult & { pid: number; status: number }>

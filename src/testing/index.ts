@@ -21,7 +21,9 @@ export interface TouchOptions {
   threads?: number
   /** record each touch's latency in ns */
   timings?: boolean
-  /** pin the touching threads to this CPU (benchmarks that choose the placement) */
+  /** busy work (ns) after each touch: a workload computing on what it touched (benchmarks) */
+  workNs?: number
+  /** pin the touching threads to this CPU (benchmarks choosing the placement) */
   cpu?: number
 }
 

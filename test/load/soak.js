@@ -131,7 +131,7 @@ function faultServerFamily(kind) {
       source = { buffer: backing }
       cleanup = () => backing.unmap()
     } else if (kind === 'file-mmap' || kind === 'file-pread') {
-      source = { file: memFile, offset: PAGE_SIZE, mode: kind === 'file-mmap' ? 'mmap' : 'pread' }
+      source = { file: memFile, offset: PAGE_SIZE, readMethod: kind === 'file-mmap' ? 'mmap' : 'pread' }
       expected = (i) => u64(fileBytes, (i + 1) * PAGE_SIZE)
     } else if (kind === 'zero') {
       source = { zero: true }

@@ -11,7 +11,7 @@ export const demoCommand = defineCommand({
   synopsis: '[--size MIB] [--threads N] [--json]',
   description: `Writes a memory snapshot file, starts the Firecracker-compatible handler (as \`serve\` does), and forks a child process that maps guest memory, registers it (MISSING + EVENT_REMOVE) and hands its userfaultfd over the socket exactly as Firecracker does. The child touches every page (each first touch is a fault the handler serves), verifies every byte against the snapshot, then MADV_DONTNEEDs 1 MiB and checks that it reads zeros.
 
-Prints progress while it runs, then pages faulted and served, the time, and a histogram of fault latencies. The temporary files go to $TMPDIR (or /tmp) and are removed at the end, also on Ctrl-C.`,
+Prints progress while it runs, then the faults and pages served, the time, and a histogram of fault latencies. The temporary files go to $TMPDIR (or /tmp) and are removed at the end, also on Ctrl-C.`,
   options: {
     size: mebibytes({
       value: 'MIB',

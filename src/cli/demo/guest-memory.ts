@@ -50,13 +50,21 @@ export class RegionOwner {
   readonly #stride: number
   readonly #counters: Int32Array
 
-  constructor(specs: RegionSpec[], options: { hugetlb: boolean; stride: number; counters: SharedArrayBuffer }) {
+  constructor(
+    specs: RegionSpec[],
+    options: { hugetlb: boolean; memfd?: boolean; stride: number; counters: SharedArrayBuffer },
+  ) {
     this.#stride = options.stride
     this.#counters = new Int32Array(options.counters)
     this.#regions = []
     try {
       for (const spec of specs)
-        this.#regions.push({ spec, map: Mapping.anonymous(spec.length, { hugetlb: options.hugetlb }) })
+        this.#regions.push({
+          spec,
+          map: options.memfd
+            ? Mapping.memfd(spec.length, { hugetlb: options.hugetlb })
+            : Mapping.anonymous(spec.length, { hugetlb: options.hugetlb }),
+        })
     } catch (err) {
       this.close()
       throw err

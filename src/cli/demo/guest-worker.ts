@@ -7,6 +7,7 @@ import { RegionOwner, type RegionSpec } from './guest-memory'
 export interface WorkerData {
   specs: RegionSpec[]
   hugetlb: boolean
+  memfd?: boolean
   stride: number
   counters: SharedArrayBuffer
 }

@@ -54,6 +54,8 @@ export interface GuestOptions {
   dontneed?: number
   /** back guest memory with huge pages (MAP_HUGETLB): regions get page_size = the huge page size */
   hugetlb?: boolean
+  /** back guest memory with a shared memfd (MFD_HUGETLB with `hugetlb`) instead of anonymous memory */
+  memfd?: boolean
   /** SIGKILL itself a few ms after the touching started (the "dies mid-stream" test) */
   dieMidway?: boolean
 }
@@ -170,7 +172,7 @@ export async function runGuest(
   const specs = planRegions(size, Math.max(options.regions ?? 1, threads), pageSize, offset)
   const counters = new SharedArrayBuffer(Counter.size * 4)
   const count = new Int32Array(counters)
-  const data = { hugetlb: options.hugetlb === true, stride, counters }
+  const data = { hugetlb: options.hugetlb === true, memfd: options.memfd === true, stride, counters }
 
   const owners: Owner[] = []
   try {

@@ -35,6 +35,9 @@ export interface DemoSummary {
   pages: number
   regions: number
   threads: number
+  /** fault messages the handler read (fault-around fills several pages per fault) */
+  faults: number
+  /** the old name of `faults` (it counted pages when every fault filled one) */
   pagesFaulted: number
   pagesServed: number
   zeroPages: number
@@ -119,6 +122,7 @@ function summarize(size: number, result: GuestResult, handler: FirecrackerHandle
     pages: result.pages,
     regions: result.regions,
     threads: result.threads,
+    faults: stats.faults,
     pagesFaulted: stats.faults,
     pagesServed: stats.pagesServed,
     zeroPages: stats.zeroPages,
@@ -138,7 +142,9 @@ function summarize(size: number, result: GuestResult, handler: FirecrackerHandle
 
 function printSummary(s: DemoSummary, latency: LatencyHistogram, log: (msg: string) => void): void {
   log('')
-  log(`pages faulted: ${s.pagesFaulted} (${s.pages} pages + ${s.zeroChecked} after MADV_DONTNEED)`)
+  log(
+    `faults:        ${s.faults} for ${s.pages} pages + ${s.zeroChecked} after MADV_DONTNEED (each fault fills the missing pages around it)`,
+  )
   log(
     `pages served:  ${s.pagesServed} from the snapshot, ${s.zeroPages} zero pages after ${s.removes} UFFD_EVENT_REMOVE`,
   )
