@@ -31,7 +31,9 @@ function processesMentioning(text: string): number[] {
 }
 
 describe('userfaultfd demo', () => {
-  it('--json: lazily restores a snapshot into a child and verifies every page', { timeout: 60_000 }, async () => {
+  it('--json: lazily restores a snapshot into a child and verifies every page', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const r = await runNode([cli, 'demo', '--size', '8', '--json'], 55_000)
     expect(r.stderr).toBe('')
     expect(r.code).toBe(0)
@@ -57,13 +59,13 @@ describe('userfaultfd demo', () => {
     expect(s.faultLatencyUs.p99).toBeLessThanOrEqual(s.faultLatencyUs.max)
   })
 
-  it('--threads 3: worker threads touch their own regions', { timeout: 60_000 }, async () => {
+  it('--threads 3: worker threads touch their own regions', { timeout: 60_000 * timeScale }, async () => {
     const r = await runNode([cli, 'demo', '--size', '6', '--threads', '3', '--json'], 55_000)
     expect(r.code).toBe(0)
     expect(JSON.parse(r.stdout)).toMatchObject({ ok: true, pages: 1536, regions: 3, threads: 3, mismatches: 0 })
   })
 
-  it('512 MiB: the human report, with progress on stderr while it runs', { timeout: 240_000 }, async () => {
+  it('512 MiB: the human report, with progress on stderr while it runs', { timeout: 240_000 * timeScale }, async () => {
     const r = await runNode([cli, 'demo', '--size', '512M'], 230_000)
     expect(r.code).toBe(0)
     expect(r.stdout).toMatch(/faults: {8}\d+ for 131072 pages \+ 256 after MADV_DONTNEED/)
@@ -81,7 +83,7 @@ describe('userfaultfd demo', () => {
   })
 
   it('SIGINT (Ctrl-C) stops it, kills the guest and removes the temporary files; exit 130', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const tmp = fs.mkdtempSync(path.join(dir, 'sigint-'))
     let child: ChildProcess | undefined
@@ -111,7 +113,9 @@ describe('userfaultfd demo', () => {
     expect(processesMentioning(tmp)).toEqual([])
   })
 
-  it('SIGTERM while the snapshot is written: exit 143, nothing left behind', { timeout: 60_000 }, async () => {
+  it('SIGTERM while the snapshot is written: exit 143, nothing left behind', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const tmp = fs.mkdtempSync(path.join(dir, 'sigterm-'))
     let child: ChildProcess | undefined
     let stderr: ReturnType<typeof watchOutput> | undefined
@@ -132,7 +136,9 @@ describe('userfaultfd demo', () => {
     expect(fs.readdirSync(tmp)).toEqual([])
   })
 
-  it('the guest reports bad options instead of crashing, and ends by itself', { timeout: 15_000 }, async () => {
+  it('the guest reports bad options instead of crashing, and ends by itself', {
+    timeout: 15_000 * timeScale,
+  }, async () => {
     const bad = await runNode([path.join(dist, 'cli', 'demo', 'guest.js'), '{not json'])
     expect(bad.code).toBe(2)
     expect(bad.stderr).toMatch(/^guest: bad options JSON \(.*\): \{not json\n$/)

@@ -8,6 +8,7 @@ import { DirtyTracker, Feature, type KernelFeature, Userfaultfd, missingFeatures
 import { dist, killChildren, runCommand, runNode } from './helpers/children'
 import { env } from './helpers/env'
 import { hasFeature, kernelRelease } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 afterEach(() => killChildren())
@@ -18,7 +19,7 @@ const hugePagesFree = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/pr
 
 describe('userfaultfd doctor', () => {
   it('--json: usable here, with kernel, features, both ioctl lists, the feature checks; exit 0', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const r = await runNode([cli, 'doctor', '--json'], 25_000)
     expect(r.code).toBe(0)
@@ -85,7 +86,7 @@ describe('userfaultfd doctor', () => {
     expect(new Set(report.fixes).size).toBe(report.fixes.length)
   })
 
-  it('a human summary that labels each list', { timeout: 30_000 }, async () => {
+  it('a human summary that labels each list', { timeout: 30_000 * timeScale }, async () => {
     const r = await runNode([cli, 'doctor'], 25_000)
     expect(r.code).toBe(0)
     expect(r.stdout).toMatch(/^userfaultfd doctor: USABLE/)
@@ -98,7 +99,7 @@ describe('userfaultfd doctor', () => {
   })
 
   it('as an unprivileged user: user-mode-only, exit 3, names the fixes; the checks run user-mode-only', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async (ctx) => {
     if (process.getuid!() !== 0 || !fs.existsSync('/usr/bin/setpriv')) {
       ctx.skip('needs root and setpriv to run as nobody')

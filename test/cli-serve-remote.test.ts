@@ -9,6 +9,7 @@ import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { WorkingSet } from '../src/index'
 import { type ChildResult, dist, killChildren, runGuest, runNode, watchOutput } from './helpers/children'
 import { missing, startNbdkit, startNginx, stopServers, tempDir } from './helpers/servers'
+import { timeScale } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 
@@ -39,7 +40,7 @@ function snapshotFile(size: number): { dir: string; memFile: string } {
 
 describe.skipIf(missing('nbdkit'))('serve --mem-file nbd://', () => {
   it('records a working set, then replays it: every page right, and far fewer faults', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const { dir, memFile } = snapshotFile(4 << 20)
     const nbd = await startNbdkit(memFile)
@@ -90,7 +91,9 @@ describe.skipIf(missing('nbdkit'))('serve --mem-file nbd://', () => {
       expect(p).toMatchObject({ faultsWaiting: expect.any(Number), bytesPresent: expect.any(Number) })
   })
 
-  it('refuses a working set recorded on another snapshot (exit 1, saying why)', { timeout: 30_000 }, async () => {
+  it('refuses a working set recorded on another snapshot (exit 1, saying why)', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const a = snapshotFile(1 << 20)
     const b = snapshotFile(1 << 20)
     // the same size, another content (its first page, one the fingerprint samples)
@@ -121,7 +124,7 @@ describe.skipIf(missing('nbdkit'))('serve --mem-file nbd://', () => {
 
 describe.skipIf(missing('nginx'))('serve --mem-file https://', () => {
   it('serves a guest from an HTTPS object, with a bearer token and a cache directory', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const { dir, memFile } = snapshotFile(2 << 20)
     const web = await startNginx(dir, {

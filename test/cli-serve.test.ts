@@ -74,7 +74,7 @@ describe('userfaultfd serve', () => {
   })
 
   it('--trace FILE: every fault of the guest in a Chrome trace-event file, written when stopped', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const socket = path.join(dir, 'trace.sock')
     const trace = path.join(dir, 'serve-trace.json')
@@ -238,7 +238,7 @@ describe('userfaultfd serve', () => {
   })
 
   it('--metrics-port 0: /metrics over loopback in the Prometheus text format, 404 and 405 elsewhere', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const socket = path.join(dir, 'metrics.sock')
     const { child, done, stderr } = await startServe(['--socket', socket, '--mem-file', memFile, '--metrics-port', '0'])
@@ -283,7 +283,7 @@ describe('userfaultfd serve', () => {
   })
 
   it('--metrics-port: a port in use fails with exit 1 (socket removed); a bad port is a usage error', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const busy = net.createServer()
     await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve))
@@ -311,7 +311,9 @@ describe('userfaultfd serve', () => {
     expect(bad.stderr).toMatch(/--metrics-port/)
   })
 
-  it('--on-source-error: a value other than retry, poison or zero is a usage error', { timeout: 30_000 }, async () => {
+  it('--on-source-error: a value other than retry, poison or zero is a usage error', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const args = [cli, 'serve', '--socket', path.join(dir, 'y.sock'), '--mem-file', memFile, '--on-source-error']
     const bad = await runNode([...args, 'ignore'])
     expect(bad.code).toBe(2)

@@ -6,6 +6,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { root } from './helpers/children'
+import { timeScale } from './helpers/children'
 
 const mirrorScript = path.join(root, 'scripts', 'docker', 'debian-mirror.js')
 const mountsScript = path.join(root, 'scripts', 'docker', 'mounts.sh')
@@ -90,7 +91,10 @@ function cannotMount(): string | undefined {
 
 describe('mounts.sh', () => {
   const bash = (script: string) =>
-    spawnSync('bash', ['-c', `. ${JSON.stringify(mountsScript)}; ${script}`], { encoding: 'utf8', timeout: 10_000 })
+    spawnSync('bash', ['-c', `. ${JSON.stringify(mountsScript)}; ${script}`], {
+      encoding: 'utf8',
+      timeout: 10_000 * timeScale,
+    })
 
   it('unmounts what debootstrap left under the rootfs (deepest first), then removes it', (ctx) => {
     const why = cannotMount()

@@ -6,6 +6,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { root, runNode } from './helpers/children'
+import { timeScale } from './helpers/children'
 
 const out = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-typedoc-'))
 afterAll(() => fs.rmSync(out, { recursive: true, force: true }))
@@ -20,7 +21,7 @@ describe('API reference (TypeDoc)', () => {
     expect(pkg.files).toContain('!docs/reference')
   })
 
-  it('builds with no warning, and documents the public classes', { timeout: 120_000 }, async () => {
+  it('builds with no warning, and documents the public classes', { timeout: 120_000 * timeScale }, async () => {
     const typedoc = path.join(root, 'node_modules', 'typedoc', 'bin', 'typedoc')
     const r = await runNode([typedoc, '--options', path.join(root, 'typedoc.json'), '--out', out], 110_000)
     expect(r.stdout + r.stderr).not.toMatch(/warning|error/i)

@@ -7,6 +7,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import { root, runNode } from './helpers/children'
+import { timeScale } from './helpers/children'
 
 interface Snippet {
   /** where it is: docs/api.md:52 */
@@ -95,7 +96,7 @@ beforeAll(async () => {
   const tsc = path.join(root, 'node_modules', 'typescript', 'bin', 'tsc')
   const r = await runNode([tsc, '-p', path.join(project, 'tsconfig.json'), '--pretty', 'false'], 120_000)
   output = r.stdout + r.stderr
-}, 150_000)
+}, 150_000 * timeScale)
 
 afterAll(() => fs.rmSync(project, { recursive: true, force: true }))
 

@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest'
 import { Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
 import { openPollHandles } from '../src/testing'
 import { countFds } from './helpers/events'
+import { timeScale } from './helpers/children'
 
 const root = path.join(__dirname, '..')
 const dist = JSON.stringify(path.join(root, 'dist'))
@@ -137,9 +138,11 @@ describe('event stream lifecycle', () => {
     expect(unref.status).toBe(0)
   })
 
-  it('a Worker opens its own uffd, serves faults, and exits cleanly while its stream is open', async () => {
-    const worker = new Worker(
-      `
+  it(
+    'a Worker opens its own uffd, serves faults, and exits cleanly while its stream is open',
+    async () => {
+      const worker = new Worker(
+        `
       const { parentPort } = require('worker_threads')
       const { Userfaultfd, Mapping } = require(${dist})
       const { touch } = require(${JSON.stringify(path.join(root, 'dist', 'testing'))})
@@ -158,16 +161,18 @@ describe('event stream lifecycle', () => {
         parentPort.postMessage(values.join(','))
       })()
     `,
-      { eval: true },
-    )
-    const message = await new Promise((resolve, reject) => {
-      worker.once('message', resolve)
-      worker.once('error', reject)
-    })
-    expect(message).toBe('7,7')
-    const code = await worker.terminate()
-    expect(code).toBe(1) // terminated, not crashed
-  }, 15_000)
+        { eval: true },
+      )
+      const message = await new Promise((resolve, reject) => {
+        worker.once('message', resolve)
+        worker.once('error', reject)
+      })
+      expect(message).toBe('7,7')
+      const code = await worker.terminate()
+      expect(code).toBe(1) // terminated, not crashed
+    },
+    15_000 * timeScale,
+  )
 
   it('the watchdog turns a self-deadlock (JS thread touching memory it serves) into a loud abort', () => {
     const child = runChild(`
@@ -260,7 +265,7 @@ describe('examples', () => {
         spawnSync(process.execPath, [path.join(dir, file)], {
           cwd: dir,
           encoding: 'utf8',
-          timeout: 15_000,
+          timeout: 15_000 * timeScale,
           killSignal: 'SIGKILL',
         })
       const lazy = run('first-use.mjs')
@@ -279,7 +284,7 @@ describe('examples', () => {
   it('examples/first-use.js runs and prints the served page', () => {
     const r = spawnSync(process.execPath, [path.join(root, 'examples', 'first-use.js')], {
       encoding: 'utf8',
-      timeout: 15_000,
+      timeout: 15_000 * timeScale,
       killSignal: 'SIGKILL',
     })
     expect(r.stderr).toBe('')

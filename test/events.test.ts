@@ -7,6 +7,7 @@ import { env, needs } from './helpers/env'
 import { dist, runNode } from './helpers/children'
 import * as path from 'node:path'
 import { withFeature } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const cleanup: Array<() => void> = []
 afterEach(() => {
@@ -186,19 +187,21 @@ describe('events(): fork', () => {
 })
 
 describe('events(): fork by the event-loop thread itself', () => {
-  it('child_process (spawnSync, async exec, execFileSync) with an EVENT_FORK stream on this thread completes, and each fork is delivered', async (ctx) => {
-    needs(
-      ctx,
-      env.capSysPtrace,
-      'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
-    )
-    // libuv forks on the calling thread, and fork() waits in the kernel until the FORK event is
-    // read; the only reader is the stream on this very thread. Without the fork guard this hangs
-    // forever (the child is SIGKILLed by the timeout); run in a child so a hang cannot stall vitest.
-    const r = await runNode(
-      [
-        '-e',
-        `
+  it(
+    'child_process (spawnSync, async exec, execFileSync) with an EVENT_FORK stream on this thread completes, and each fork is delivered',
+    async (ctx) => {
+      needs(
+        ctx,
+        env.capSysPtrace,
+        'Feature.EVENT_FORK needs CAP_SYS_PTRACE, which this process lacks (e.g. docker run --device /dev/userfaultfd without --cap-add SYS_PTRACE)',
+      )
+      // libuv forks on the calling thread, and fork() waits in the kernel until the FORK event is
+      // read; the only reader is the stream on this very thread. Without the fork guard this hangs
+      // forever (the child is SIGKILLed by the timeout); run in a child so a hang cannot stall vitest.
+      const r = await runNode(
+        [
+          '-e',
+          `
       const cp = require('node:child_process')
       const { Userfaultfd, Mapping, Feature } = require(${JSON.stringify(path.join(dist, 'index.js'))})
       const uffd = Userfaultfd.open({ features: Feature.EVENT_FORK })
@@ -218,13 +221,15 @@ describe('events(): fork by the event-loop thread itself', () => {
         m.unmap()
       }, 20)
     `,
-      ],
-      20_000,
-    )
-    expect(r.stderr).toBe('')
-    expect({ code: r.code, signal: r.signal }).toEqual({ code: 0, signal: null })
-    expect(JSON.parse(r.stdout)).toEqual({ sync: 0, viaExec: 0, forks: 3 })
-  }, 30_000)
+        ],
+        20_000,
+      )
+      expect(r.stderr).toBe('')
+      expect({ code: r.code, signal: r.signal }).toEqual({ code: 0, signal: null })
+      expect(JSON.parse(r.stdout)).toEqual({ sync: 0, viaExec: 0, forks: 3 })
+    },
+    30_000 * timeScale,
+  )
 })
 
 describe('events(): ending', () => {

@@ -9,6 +9,7 @@ import { killChildren } from './helpers/children'
 import { closeAll, randomContent, track, until } from './helpers/fault-server'
 import { type Guest, guestValues, startGuest } from './helpers/guest'
 import { hugePagesMissing } from './helpers/uffd'
+import { timeScale } from './helpers/children'
 
 afterEach((ctx) => {
   killChildren()
@@ -46,7 +47,7 @@ function firstU64s(content: Uint8Array, pageSize: number, pages: number[]): bigi
 }
 
 describe('clones of one memfd, each with its own uffd and FaultServer', () => {
-  it('the first clone fills the page cache; the others only CONTINUE', { timeout: 30_000 }, async () => {
+  it('the first clone fills the page cache; the others only CONTINUE', { timeout: 30_000 * timeScale }, async () => {
     const N = 64
     const memfd = track(Mapping.memfd(N * PAGE_SIZE))
     const content = randomContent(N * PAGE_SIZE)
@@ -74,7 +75,9 @@ describe('clones of one memfd, each with its own uffd and FaultServer', () => {
     expect(fs.fstatSync(memfd.fd).blocks * 512).toBe(N * PAGE_SIZE)
   })
 
-  it('clones faulting at the same time on the same pages: each page filled once', { timeout: 30_000 }, async () => {
+  it('clones faulting at the same time on the same pages: each page filled once', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const N = 128
     const memfd = track(Mapping.memfd(N * PAGE_SIZE))
     const content = randomContent(N * PAGE_SIZE)
@@ -88,7 +91,7 @@ describe('clones of one memfd, each with its own uffd and FaultServer', () => {
     expect(all.flatMap((c) => c.errors)).toEqual([])
   })
 
-  it('hugetlbfs: clones of a MFD_HUGETLB memfd, 2 MiB pages', { timeout: 30_000 }, async (ctx) => {
+  it('hugetlbfs: clones of a MFD_HUGETLB memfd, 2 MiB pages', { timeout: 30_000 * timeScale }, async (ctx) => {
     const why = hugePagesMissing()
     if (why !== undefined) ctx.skip(why)
     const H = hugePageSize()

@@ -7,6 +7,7 @@ import { FaultServer, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
 import { handlerMetrics } from '../src/firecracker/metrics'
 import { pages, touch } from '../src/testing'
 import { closeAll, track, until, within } from './helpers/fault-server'
+import { timeScale } from './helpers/children'
 
 afterEach((ctx) => closeAll(ctx))
 
@@ -62,7 +63,7 @@ describe('FaultServer metrics', () => {
   })
 
   it('blocked time and the source stage show a slow source (a { handler } that takes 30 ms)', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const { server, errors, m } = setup({ faultAround: PAGE_SIZE }, 4 * PAGE_SIZE)
     server.serve(m, {

@@ -56,7 +56,7 @@ function readFdText(fd: number, length: number): string {
 
 describe('fd passing over a socketpair', () => {
   it('sends a memfd with a payload; the received fd is a new, close-on-exec fd on the same file', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const [a, b] = pair()
     const m = memfdWith('hello through SCM_RIGHTS')
@@ -91,7 +91,7 @@ describe('fd passing over a socketpair', () => {
   })
 
   it('MSG_CTRUNC: more fds than the control buffer holds is an error, and every fd that arrived is closed', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const [a, b] = pair()
     const m = memfdWith('x')
@@ -106,7 +106,7 @@ describe('fd passing over a socketpair', () => {
   })
 
   it('extra fds that fit the rounded-up control buffer are an error too, and are closed', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const [a, b] = pair()
     const m = memfdWith('x')
@@ -120,7 +120,7 @@ describe('fd passing over a socketpair', () => {
     expect(openFds()).toBe(before)
   })
 
-  it('an fd where none is expected is closed and reported', { timeout: 10_000 }, async () => {
+  it('an fd where none is expected is closed and reported', { timeout: 10_000 * timeScale }, async () => {
     const [a, b] = pair()
     const m = memfdWith('x')
     const before = openFds()
@@ -130,7 +130,7 @@ describe('fd passing over a socketpair', () => {
   })
 
   it('a missing fd fails with minFds, a too-large message with EMSGSIZE (its fds closed)', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const [a, b] = pair('seqpacket')
     const m = memfdWith('x')
@@ -145,7 +145,7 @@ describe('fd passing over a socketpair', () => {
     expect(openFds()).toBe(before)
   })
 
-  it('end of stream: end is true; with minFds it is an error', { timeout: 10_000 }, async () => {
+  it('end of stream: end is true; with minFds it is an error', { timeout: 10_000 * timeScale }, async () => {
     const [a, b] = socketPair()
     cleanup.push(() => native.close(b))
     native.close(a)
@@ -157,14 +157,14 @@ describe('fd passing over a socketpair', () => {
     })
   })
 
-  it('send to a closed peer is EPIPE, not SIGPIPE', { timeout: 10_000 }, async () => {
+  it('send to a closed peer is EPIPE, not SIGPIPE', { timeout: 10_000 * timeScale }, async () => {
     const [a, b] = socketPair()
     cleanup.push(() => native.close(a))
     native.close(b)
     await expect(sendFds(a, 'x', [])).rejects.toMatchObject({ code: 'EPIPE', syscall: 'sendmsg' })
   })
 
-  it('an AbortSignal ends a pending receive; a closed channel rejects', { timeout: 10_000 }, async () => {
+  it('an AbortSignal ends a pending receive; a closed channel rejects', { timeout: 10_000 * timeScale }, async () => {
     const [, b] = pair()
     const ac = new AbortController()
     const pending = receiveFds(b, { signal: ac.signal })
@@ -185,7 +185,9 @@ describe('fd passing over a socketpair', () => {
     await expect(receiveFds(a, { maxFds: 999 })).rejects.toThrow(RangeError)
   })
 
-  it('a long payload on a stream socket is sent completely (short sends continued)', { timeout: 10_000 }, async () => {
+  it('a long payload on a stream socket is sent completely (short sends continued)', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const [a, b] = pair()
     const m = memfdWith('big')
     const big = Buffer.alloc(4 << 20, 0x5a)
@@ -210,7 +212,7 @@ describe('fd passing over a socketpair', () => {
 
 describe('uffd passing over net sockets', () => {
   it('a uffd sent by a net client arrives at a pauseOnConnect server, with features and peer credentials', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-pass-'))
     cleanup.push(() => fs.rmSync(dir, { recursive: true, force: true }))
@@ -248,7 +250,9 @@ describe('uffd passing over net sockets', () => {
     expect(() => uffd.register(m)).not.toThrow() // same context: re-registering is allowed
   })
 
-  it('receiveUffd rejects an fd that is not a userfaultfd, and closes it', { timeout: 10_000 }, async () => {
+  it('receiveUffd rejects an fd that is not a userfaultfd, and closes it', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const [a, b] = pair()
     const m = memfdWith('not a uffd')
     const before = openFds()

@@ -22,6 +22,7 @@ import { touch } from '../src/testing'
 import { dist, killChildren, runGuest, runNode } from './helpers/children'
 import { until } from './helpers/fault-server'
 import { execFileSync } from 'node:child_process'
+import { timeScale } from './helpers/children'
 
 const MEM_SIZE = 8 << 20
 let dir: string
@@ -135,7 +136,7 @@ async function rejected(
 
 describe('Firecracker handler: serving a guest', () => {
   it('serves every page lazily from the snapshot; zero pages after MADV_DONTNEED (onRemove: zero)', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const h = await listen()
     const ready = new Promise<ConnectionStats>((r) => h.once('ready', r))
@@ -153,7 +154,9 @@ describe('Firecracker handler: serving a guest', () => {
     expect(h.stats().connections).toEqual({ active: 0, total: 1, failed: 0 })
   })
 
-  it('onRemove: unregister: the removed range faults no more and reads zeros', { timeout: 30_000 }, async () => {
+  it('onRemove: unregister: the removed range faults no more and reads zeros', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     const h = await listen({ onRemove: 'unregister', readMethod: 'pread' })
     const ended = nextEnd(h)
     const g = await runGuest({
@@ -176,7 +179,7 @@ describe('Firecracker handler: serving a guest', () => {
   })
 
   it('serves a huge-page guest (page_size 2 MiB) a huge page at a time, zero-filling after MADV_DONTNEED', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async (ctx) => {
     const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
     if (free < 8) ctx.skip(`needs 8 free huge pages (HugePages_Free: ${free}; echo 64 > /proc/sys/vm/nr_hugepages)`)
@@ -200,7 +203,7 @@ describe('Firecracker handler: serving a guest', () => {
   })
 
   it('serves a memfd hugetlb guest (MFD_HUGETLB, shared) from two threads in 2 MiB copies', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async (ctx) => {
     const free = Number(/HugePages_Free:\s+(\d+)/.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0)
     if (free < 8) ctx.skip(`needs 8 free huge pages (HugePages_Free: ${free}; echo 64 > /proc/sys/vm/nr_hugepages)`)
@@ -220,7 +223,7 @@ describe('Firecracker handler: serving a guest', () => {
 
   for (const readMethod of ['pread', 'mmap'] as const) {
     it(`a memory file truncated under the handler (${readMethod}): the pages past its new end are errors with their address, never stale bytes or zeros; served once it is whole again`, {
-      timeout: 30_000,
+      timeout: 30_000 * timeScale,
     }, async () => {
       const size = 4 << 20
       const file = path.join(dir, `truncated-${readMethod}`)
@@ -257,7 +260,7 @@ describe('Firecracker handler: serving a guest', () => {
   }
 
   it("onSourceError: zero: a page past a truncated memory file's end reads as zeros, with a warning saying so; bad values refused", {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     await expect(listen({ onSourceError: 'ignore' as 'zero' })).rejects.toThrow(/onSourceError/)
     const size = 1 << 20
@@ -280,7 +283,7 @@ describe('Firecracker handler: serving a guest', () => {
     expect(warnings[0].message).toMatch(/short read.*served as zeros/)
   })
 
-  it('serves two guests at once, several threads each', { timeout: 30_000 }, async () => {
+  it('serves two guests at once, several threads each', { timeout: 30_000 * timeScale }, async () => {
     const h = await listen()
     const [a, b] = await Promise.all([
       runGuest({ socket: h.socketPath, memFile, threads: 2, size: 4 << 20 }),
@@ -293,7 +296,7 @@ describe('Firecracker handler: serving a guest', () => {
     expect(h.stats()).toMatchObject({ pagesServed: 2048, connections: { total: 2, failed: 0 } })
   })
 
-  it('survives a guest that dies mid-stream, and serves the next one', { timeout: 30_000 }, async () => {
+  it('survives a guest that dies mid-stream, and serves the next one', { timeout: 30_000 * timeScale }, async () => {
     const h = await listen()
     const ended = nextEnd(h)
     const dead = await runGuest({ socket: h.socketPath, memFile, dieMidway: true, threads: 2 })
@@ -338,7 +341,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     ],
   ]
   for (const [name, body, pattern] of cases) {
-    it(name, { timeout: 10_000 }, async () => {
+    it(name, { timeout: 10_000 * timeScale }, async () => {
       const h = await listen()
       const { uffd, region } = peerMemory()
       const error = await rejected(h, body(region), [uffd.fd])
@@ -347,13 +350,13 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     })
   }
 
-  it('missing fd', { timeout: 10_000 }, async () => {
+  it('missing fd', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen()
     const { region } = peerMemory()
     expect((await rejected(h, JSON.stringify([region]), []))?.message).toMatch(/no fd|exactly one fd/)
   })
 
-  it('two fds', { timeout: 10_000 }, async () => {
+  it('two fds', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen()
     const { uffd, region } = peerMemory()
     const memfd = Mapping.memfd(PAGE_SIZE)
@@ -361,7 +364,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await rejected(h, JSON.stringify([region]), [uffd.fd, memfd.fd]))?.message).toMatch(/exactly one fd.*2 fds/)
   })
 
-  it('an fd that is not a userfaultfd', { timeout: 10_000 }, async () => {
+  it('an fd that is not a userfaultfd', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen()
     const { region } = peerMemory()
     const memfd = Mapping.memfd(PAGE_SIZE)
@@ -369,7 +372,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await rejected(h, JSON.stringify([region]), [memfd.fd]))?.message).toMatch(/not a userfaultfd/)
   })
 
-  it('a message too large', { timeout: 10_000 }, async () => {
+  it('a message too large', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen({ maxMessageBytes: 4096 })
     const { uffd, region } = peerMemory()
     const many = JSON.stringify(
@@ -378,7 +381,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await rejected(h, many, [uffd.fd]))?.message).toMatch(/larger than 4096/)
   })
 
-  it('incomplete JSON then hang-up; silence until the handshake timeout', { timeout: 10_000 }, async () => {
+  it('incomplete JSON then hang-up; silence until the handshake timeout', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen({ handshakeTimeout: 300 })
     const { uffd, region } = peerMemory()
     expect((await rejected(h, JSON.stringify([region]).slice(0, 20), [uffd.fd], true))?.message).toMatch(
@@ -388,7 +391,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
   })
 
   it('a handshake split over two sends is accepted; an fd on the second piece is not', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const h = await listen()
     const { uffd, region } = peerMemory()
@@ -411,7 +414,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
   })
 
   it('a valid handshake split in two at EVERY byte position (also inside a multibyte character) is accepted', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     // Framed by the JSON grammar on bytes and decoded once: no guessing from V8's error text,
     // no character broken at a piece boundary (the "é" is two bytes).
@@ -445,7 +448,9 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect(failures).toEqual([])
   })
 
-  it('bytes that are not UTF-8 are a protocol error, not replacement characters', { timeout: 10_000 }, async () => {
+  it('bytes that are not UTF-8 are a protocol error, not replacement characters', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const h = await listen()
     const { uffd, region } = peerMemory()
     const text = JSON.stringify([{ ...region, vm: 'X' }])
@@ -454,14 +459,14 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
     expect((await rejected(h, bytes, [uffd.fd]))?.message).toMatch(/not valid UTF-8/)
   })
 
-  it('a peer that is not allowed is refused', { timeout: 10_000 }, async () => {
+  it('a peer that is not allowed is refused', { timeout: 10_000 * timeScale }, async () => {
     const h = await listen({ allow: (peer) => peer.uid === 12345 })
     const { uffd, region } = peerMemory()
     expect((await rejected(h, JSON.stringify([region]), [uffd.fd]))?.message).toMatch(/not allowed/)
   })
 
   it('keeps serving a good guest while bad peers come and go; fd count unchanged after 200 connections', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const { uffd, region } = peerMemory()
     const memfd = Mapping.memfd(PAGE_SIZE)
@@ -506,7 +511,7 @@ describe('Firecracker handler: malformed handshakes end only that connection', (
 
 describe('Firecracker handler: metrics', () => {
   it("metricsSources(): each open connection's FaultServer per-range metrics, labelled with its connection", {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const h = await listen()
     const { uffd, map, region } = peerMemory(16)
@@ -539,7 +544,9 @@ describe('Firecracker handler: metrics', () => {
 })
 
 describe('Firecracker handler: lifecycle', () => {
-  it('replaces a stale socket file, refuses a live one, never unlinks a non-socket', { timeout: 10_000 }, async () => {
+  it('replaces a stale socket file, refuses a live one, never unlinks a non-socket', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const h = await listen()
     await expect(FirecrackerHandler.listen({ socketPath: h.socketPath, memFile })).rejects.toMatchObject({
       code: 'EADDRINUSE',
@@ -563,7 +570,7 @@ describe('Firecracker handler: lifecycle', () => {
   })
 
   it('rejects handshakeTimeout and maxMessageBytes that are not integers in range, at listen()', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const socketPath = path.join(dir, 'limits')
     for (const name of ['handshakeTimeout', 'maxMessageBytes'] as const) {
@@ -584,7 +591,7 @@ describe('Firecracker handler: lifecycle', () => {
   })
 
   it('refuses a FIFO, a directory or a character device as the memory file at once (a FIFO used to block open(2) forever)', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const fifo = path.join(dir, 'fifo')
     execFileSync('mkfifo', [fifo])
@@ -613,7 +620,9 @@ describe('Firecracker handler: lifecycle', () => {
     ])
   })
 
-  it('serves from a block device (its size comes from /sys, not stat)', { timeout: 30_000 }, async (ctx) => {
+  it('serves from a block device (its size comes from /sys, not stat)', {
+    timeout: 30_000 * timeScale,
+  }, async (ctx) => {
     if (process.getuid?.() !== 0 || !fs.existsSync('/dev/loop-control')) {
       ctx.skip('needs root and /dev/loop-control to attach a loop device')
     }
@@ -632,7 +641,7 @@ describe('Firecracker handler: lifecycle', () => {
     expect(guest.result).toMatchObject({ mismatches: 0 })
   })
 
-  it('rejects bad options and an empty memory file', { timeout: 10_000 }, async () => {
+  it('rejects bad options and an empty memory file', { timeout: 10_000 * timeScale }, async () => {
     await expect(FirecrackerHandler.listen({ socketPath: '', memFile })).rejects.toThrow(TypeError)
     await expect(
       FirecrackerHandler.listen({ socketPath: path.join(dir, 'x'), memFile, onRemove: 'maybe' as 'zero' }),

@@ -10,6 +10,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { HttpStore, parseHttpUrl } from '../src/sources/http'
 import { SourceError } from '../src/sources/store'
 import { missing, startNginx, stopServers, tempDir } from './helpers/servers'
+import { timeScale } from './helpers/children'
 
 afterAll(stopServers)
 
@@ -176,7 +177,7 @@ describe('HTTP source timeouts', () => {
     const port = (silent.address() as net.AddressInfo).port
     try {
       const t0 = Date.now()
-      const err = await sourceError(HttpStore.open(`http://127.0.0.1:${port}/snap.mem`, { timeout: 300 }))
+      const err = await sourceError(HttpStore.open(`http://127.0.0.1:${port}/snap.mem`, { timeout: 300 * timeScale }))
       expect(err.code).toBe('ETIMEDOUT')
       expect(err.retryable).toBe(true)
       expect(Date.now() - t0).toBeLessThan(10_000)

@@ -7,6 +7,7 @@ import { madviseOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, hugePagesMissing, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 import { expectUnsupported, hasFeature, withFeature } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 const H = hugePageSize()
@@ -42,7 +43,7 @@ describe('MAP_HUGETLB anonymous memory', () => {
     expect(() => Mapping.memfd(H + 4096, { hugetlb: true })).toThrow(RangeError)
   })
 
-  it('copy() resolves a fault with a whole huge page, then EEXIST', { timeout: 10_000 }, async () => {
+  it('copy() resolves a fault with a whole huge page, then EEXIST', { timeout: 10_000 * timeScale }, async () => {
     const uffd = track(Userfaultfd.open())
     const m = hugeAnon(1)
     uffd.register(m)
@@ -97,7 +98,7 @@ describe('MAP_HUGETLB anonymous memory', () => {
   })
 
   it('WRITEPROTECT: a write to a protected huge page is a WP fault; unprotecting resolves it', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const open = (): Userfaultfd =>
       track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM }))
@@ -126,7 +127,7 @@ describe('MAP_HUGETLB anonymous memory', () => {
   })
 
   it('EAGAIN with bytes: 0 while a REMOVE event (MADV_DONTNEED of a huge page) is unread', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.EVENT_REMOVE }))
     const m = hugeAnon(2, true)
@@ -141,7 +142,7 @@ describe('MAP_HUGETLB anonymous memory', () => {
 })
 
 describe('MFD_HUGETLB memfd', () => {
-  it('MISSING: copy() fills the file, seen through an alias', { timeout: 10_000 }, async () => {
+  it('MISSING: copy() fills the file, seen through an alias', { timeout: 10_000 * timeScale }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.MISSING_HUGETLBFS }))
     const m = track(Mapping.memfd(H, { hugetlb: true, name: 'huge' }))
     expect(m).toMatchObject({ hugetlb: true, pageSize: H })
@@ -155,7 +156,7 @@ describe('MFD_HUGETLB memfd', () => {
     expect(new BigUint64Array(alias.buffer, 0, 1)[0]).toBe(17n)
   })
 
-  it('MINOR + continue() through an alias', { timeout: 10_000 }, async () => {
+  it('MINOR + continue() through an alias', { timeout: 10_000 * timeScale }, async () => {
     const uffd = track(Userfaultfd.open({ features: Feature.MINOR_HUGETLBFS }))
     const m = track(Mapping.memfd(H, { hugetlb: true }))
     const alias = track(m.alias())

@@ -8,6 +8,7 @@ import { native } from '../src/addon/native'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, lastJson, settlesWithin, spawnScript, useCleanup, waitEvents } from './helpers/uffd'
 import { expectUnsupported, hasFeature } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 const P = BigInt(PAGE_SIZE)
@@ -20,7 +21,7 @@ function setup(pages: number, features = 0n): { uffd: Userfaultfd; m: Mapping } 
 }
 
 describe('copy()', () => {
-  it('resolves a missing fault raised by a native thread and wakes it', { timeout: 10_000 }, async () => {
+  it('resolves a missing fault raised by a native thread and wakes it', { timeout: 10_000 * timeScale }, async () => {
     const { uffd, m } = setup(2)
     const reader = touch([m.at(PAGE_SIZE) + 8n])
     const [e] = await waitEvents(uffd)
@@ -125,7 +126,7 @@ describe('copy()', () => {
   })
 
   it('wake: false (DONTWAKE) maps the page but leaves the faulter asleep until wake()', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const { uffd, m } = setup(1)
     const reader = touch([m.address])
@@ -138,7 +139,7 @@ describe('copy()', () => {
 })
 
 describe('zeropage()', () => {
-  it('resolves a fault with zeros, then EEXIST', { timeout: 10_000 }, async () => {
+  it('resolves a fault with zeros, then EEXIST', { timeout: 10_000 * timeScale }, async () => {
     const { uffd, m } = setup(2)
     const reader = touch([m.at(PAGE_SIZE) + 16n])
     await waitEvents(uffd)
@@ -154,7 +155,7 @@ describe('zeropage()', () => {
     expectUffdError(() => uffd.zeropage(m), 'EAGAIN', { bytes: 2 * PAGE_SIZE })
   })
 
-  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 }, async () => {
+  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 * timeScale }, async () => {
     const { uffd, m } = setup(1)
     const reader = touch([m.address])
     await waitEvents(uffd)
@@ -166,7 +167,9 @@ describe('zeropage()', () => {
 })
 
 describe('EAGAIN with bytes: 0 while an event is unread (mmap_changing)', () => {
-  it('all five fill ioctls refuse until the REMOVE event is read, then work', { timeout: 15_000 }, async () => {
+  it('all five fill ioctls refuse until the REMOVE event is read, then work', {
+    timeout: 15_000 * timeScale,
+  }, async () => {
     // POISON (6.6) and MOVE (6.8) where the kernel has them; before, they are refused by name.
     const poison = hasFeature('POISON')
     const move = hasFeature('MOVE')
@@ -217,7 +220,9 @@ describe('EAGAIN with bytes: 0 while an event is unread (mmap_changing)', () => 
 })
 
 describe('ESRCH: the process that owns the memory has exited', () => {
-  it('a child sends its uffd, we fill its memory while it lives, then ESRCH', { timeout: 20_000 }, async () => {
+  it('a child sends its uffd, we fill its memory while it lives, then ESRCH', {
+    timeout: 20_000 * timeScale,
+  }, async () => {
     const [ours, theirs] = socketPair()
     track({ close: () => native.close(ours) })
     const child = spawnScript(

@@ -7,6 +7,7 @@ import { touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 import { withFeature } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 // Write protection: 5.7 on x86_64, 6.10 on arm64 (Debian 12's arm64 6.1 has none of it).
@@ -22,7 +23,7 @@ function minorSetup(pages: number, features = 0n): { uffd: Userfaultfd; m: Mappi
 
 describe('MINOR + continue() on shmem', () => {
   it('a read of a page present in the page cache raises a MINOR fault; continue() maps it', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     const { uffd, m, alias } = minorSetup(2)
     alias.write(PAGE_SIZE, stampedPage(777n)) // in the page cache; m has no PTE for it yet
@@ -36,7 +37,9 @@ describe('MINOR + continue() on shmem', () => {
     expectUffdError(() => uffd.continue(m.range(PAGE_SIZE, PAGE_SIZE)), 'EEXIST', { syscall: 'ioctl(UFFDIO_CONTINUE)' })
   })
 
-  it('the handler may change the page through the alias before continuing', { timeout: 10_000 }, async () => {
+  it('the handler may change the page through the alias before continuing', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const { uffd, m, alias } = minorSetup(1)
     alias.write(0, stampedPage(1n))
     uffd.register(m, { minor: true })
@@ -50,7 +53,7 @@ describe('MINOR + continue() on shmem', () => {
     expect([out[0], out[1]]).toEqual([2n, 50n])
   })
 
-  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 }, async () => {
+  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 * timeScale }, async () => {
     const { uffd, m, alias } = minorSetup(1)
     alias.write(0, stampedPage(9n))
     uffd.register(m, { minor: true })
@@ -62,7 +65,9 @@ describe('MINOR + continue() on shmem', () => {
     expect((await reader).values[0]).toBe(9n)
   })
 
-  it('wp: true maps the page write-protected: a later write raises a WP fault', { timeout: 10_000 }, async () => {
+  it('wp: true maps the page write-protected: a later write raises a WP fault', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const features = Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM
     if (!withFeature(['PAGEFAULT_FLAG_WP', 'WP_HUGETLBFS_SHMEM'], () => minorSetup(1, features))) return
     const { uffd, m, alias } = minorSetup(1, features)
@@ -109,7 +114,9 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
     return { uffd, m }
   }
 
-  it('writes fault (wp + write), reads do not; unprotecting resolves the write', { timeout: 10_000 }, async () => {
+  it('writes fault (wp + write), reads do not; unprotecting resolves the write', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     if (!hasWp()) return
     const { uffd, m } = wpSetup(2)
     m.write(0, stampedPage(11n))
@@ -130,7 +137,7 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
     new Uint8Array(m.buffer)[PAGE_SIZE] = 1
   })
 
-  it('unprotect with wake: false leaves the writer asleep until wake()', { timeout: 10_000 }, async () => {
+  it('unprotect with wake: false leaves the writer asleep until wake()', { timeout: 10_000 * timeScale }, async () => {
     if (!hasWp()) return
     const { uffd, m } = wpSetup(1)
     uffd.register(m, { wp: true })
@@ -165,7 +172,9 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
     expect(err.hint).toMatch(/registered with \{ wp: true \}/)
   })
 
-  it('without WP_UNPOPULATED, empty PTEs are skipped: a write there does not fault', { timeout: 10_000 }, async () => {
+  it('without WP_UNPOPULATED, empty PTEs are skipped: a write there does not fault', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     if (!hasWp()) return
     const uffd = track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP }))
     const m = track(Mapping.anonymous(PAGE_SIZE)) // not populated
@@ -175,7 +184,9 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
     expect(uffd.read()).toEqual([])
   })
 
-  it('with WP_UNPOPULATED, a write to a never-touched protected page faults', { timeout: 10_000 }, async () => {
+  it('with WP_UNPOPULATED, a write to a never-touched protected page faults', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const open = (): Userfaultfd =>
       track(Userfaultfd.open({ features: Feature.PAGEFAULT_FLAG_WP | Feature.WP_UNPOPULATED }))
     if (!withFeature('WP_UNPOPULATED', open)) return
@@ -190,7 +201,9 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
     expect((await writer).values[0]).toBe(6n)
   })
 
-  it('copy(..., { wp: true }) resolves a missing fault with a write-protected page', { timeout: 10_000 }, async () => {
+  it('copy(..., { wp: true }) resolves a missing fault with a write-protected page', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     const m = track(Mapping.anonymous(PAGE_SIZE))
     const plain = track(Userfaultfd.open())
     plain.register(m)
@@ -212,7 +225,7 @@ describe('writeProtect() and WP faults on anonymous memory', () => {
 })
 
 describe('wake()', () => {
-  it('wakes a faulter without resolving: it faults again', { timeout: 10_000 }, async () => {
+  it('wakes a faulter without resolving: it faults again', { timeout: 10_000 * timeScale }, async () => {
     const uffd = track(Userfaultfd.open())
     const m = track(Mapping.anonymous(PAGE_SIZE))
     uffd.register(m)

@@ -6,6 +6,7 @@ import { forkOnThread, touch } from '../src/testing'
 import { stampedPage } from './helpers/events'
 import { expectUffdError, lastJson, runScript, settlesWithin, useCleanup, waitEvents } from './helpers/uffd'
 import { expectUnsupported, hasFeature, withFeature } from './helpers/kernel'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 // Where the kernel lacks POISON (before 6.6) or MOVE (before 6.8), each test asserts the refusal.
@@ -39,7 +40,9 @@ describe('poison()', () => {
     expectUffdError(() => uffd.poison(other), 'ENOENT')
   })
 
-  it('a poisoned page raises SIGBUS in the process that touches it (a child)', { timeout: 20_000 }, async () => {
+  it('a poisoned page raises SIGBUS in the process that touches it (a child)', {
+    timeout: 20_000 * timeScale,
+  }, async () => {
     if (!hasPoison()) return
     const r = await runScript(`
       const u = uffd.Userfaultfd.open({ features: uffd.Feature.POISON })
@@ -56,7 +59,7 @@ describe('poison()', () => {
   })
 
   it('resolving a fault with poison() wakes the faulting thread into a SIGBUS (a child)', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     if (!hasPoison()) return
     const r = await runScript(`
@@ -78,7 +81,7 @@ describe('poison()', () => {
   })
 
   it('wake: false leaves the faulter asleep (it would get SIGBUS when woken, so it is not)', {
-    timeout: 10_000,
+    timeout: 10_000 * timeScale,
   }, async () => {
     if (!hasPoison()) return
     const uffd = track(Userfaultfd.open({ features: Feature.POISON }))
@@ -113,7 +116,7 @@ describe('move()', () => {
     expect([stamp(src, 0), stamp(src, 1)]).toEqual([0n, 0n]) // src is not registered: fresh zero pages
   })
 
-  it('resolves a missing fault raised by a native thread', { timeout: 10_000 }, async () => {
+  it('resolves a missing fault raised by a native thread', { timeout: 10_000 * timeScale }, async () => {
     if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(43n))
@@ -123,7 +126,7 @@ describe('move()', () => {
     expect((await reader).values[0]).toBe(43n)
   })
 
-  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 }, async () => {
+  it('wake: false leaves the faulter asleep until wake()', { timeout: 10_000 * timeScale }, async () => {
     if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(44n))
@@ -173,7 +176,9 @@ describe('move()', () => {
     expectUffdError(() => uffd.move(dst, shm, PAGE_SIZE), 'EINVAL')
   })
 
-  it('EBUSY for pages that are not exclusive to this process (shared with a fork)', { timeout: 10_000 }, async () => {
+  it('EBUSY for pages that are not exclusive to this process (shared with a fork)', {
+    timeout: 10_000 * timeScale,
+  }, async () => {
     if (!hasMove()) return
     const { uffd, src, dst } = moveSetup(1)
     src.write(0, stampedPage(8n))

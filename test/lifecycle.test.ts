@@ -5,6 +5,7 @@ import * as fs from 'node:fs'
 import { Mapping, PAGE_SIZE, UffdError, Userfaultfd, isUserfaultfd } from '../src/index'
 import { countFds, expectUffdError, lastJson, runScript, useCleanup } from './helpers/uffd'
 import { env } from './helpers/env'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 const mapsLines = (): string[] => fs.readFileSync('/proc/self/maps', 'utf8').split('\n')
@@ -74,7 +75,7 @@ describe('close()', () => {
 })
 
 describe('no leaks', () => {
-  it('1000 open/close on both paths leave the fd count unchanged', { timeout: 30_000 }, () => {
+  it('1000 open/close on both paths leave the fd count unchanged', { timeout: 30_000 * timeScale }, () => {
     const before = countFds()
     // both paths where both open; in a container often only one does (see helpers/env)
     const paths = (['syscall', 'device'] as const).filter((via) => env[via])
@@ -85,7 +86,9 @@ describe('no leaks', () => {
     expect(countFds()).toBe(before)
   })
 
-  it('1000 failed opens (a feature the kernel lacks) leave the fd count unchanged', { timeout: 30_000 }, () => {
+  it('1000 failed opens (a feature the kernel lacks) leave the fd count unchanged', {
+    timeout: 30_000 * timeScale,
+  }, () => {
     const before = countFds()
     for (let i = 0; i < 1000; i++) {
       expect(() => Userfaultfd.open({ features: 1n << 60n })).toThrow(UffdError)
@@ -93,7 +96,9 @@ describe('no leaks', () => {
     expect(countFds()).toBe(before)
   })
 
-  it('1000 memfd mappings with aliases, unmapped, leave no fd and no mapping behind', { timeout: 30_000 }, () => {
+  it('1000 memfd mappings with aliases, unmapped, leave no fd and no mapping behind', {
+    timeout: 30_000 * timeScale,
+  }, () => {
     const fds = countFds()
     const memfdMaps = memfdMapsCount()
     const addresses = new Set<string>()
@@ -118,7 +123,7 @@ describe('no leaks', () => {
 
 describe('garbage collection (child with --expose-gc)', () => {
   it('munmaps dropped Mappings once the buffer is gone too, closes memfds and uffds, never munmaps twice', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const r = await runScript(
       `

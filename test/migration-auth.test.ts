@@ -14,6 +14,7 @@ import { FrameConn, sourceHandshake, targetHandshake } from '../src/migration/tr
 import { encodeFrame, encodeHello, FrameParser, FrameType } from '../src/migration/wire'
 import { killChildren } from './helpers/children'
 import { fillRandom, SECRET, unmapAll, until } from './helpers/migration'
+import { timeScale } from './helpers/children'
 
 afterEach(() => killChildren())
 
@@ -43,7 +44,7 @@ async function migrate(target: MigrationTarget, secret: string | undefined, extr
 
 describe('authentication', () => {
   it('a source with the wrong secret fails with "authentication failed"; the target keeps listening and takes the right one', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const target = await MigrationTarget.listen({ secret: SECRET })
     const rejected: Error[] = []
@@ -63,7 +64,7 @@ describe('authentication', () => {
     }
   })
 
-  it('a source without a secret is refused by a target that has one', { timeout: 30_000 }, async () => {
+  it('a source without a secret is refused by a target that has one', { timeout: 30_000 * timeScale }, async () => {
     const target = await MigrationTarget.listen({ secret: SECRET })
     target.on('rejected', () => {})
     try {
@@ -79,7 +80,9 @@ describe('authentication', () => {
     }
   })
 
-  it('a source never sends memory to a target that cannot prove the secret', { timeout: 30_000 }, async () => {
+  it('a source never sends memory to a target that cannot prove the secret', {
+    timeout: 30_000 * timeScale,
+  }, async () => {
     // An impostor: speaks the protocol, has no secret (insecure), would accept anything.
     let setupSeen = false
     const server = net.createServer(async (socket) => {
@@ -111,7 +114,7 @@ describe('authentication', () => {
   })
 
   it('an unauthenticated peer learns only the protocol version and a nonce, and gets nothing', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const target = await MigrationTarget.listen({ secret: SECRET })
     target.on('rejected', () => {})
@@ -140,7 +143,7 @@ describe('authentication', () => {
     }
   })
 
-  it('--insecure on both ends: no authentication at all', { timeout: 30_000 }, async () => {
+  it('--insecure on both ends: no authentication at all', { timeout: 30_000 * timeScale }, async () => {
     const env = process.env.USERFAULTFD_MIGRATE_SECRET
     delete process.env.USERFAULTFD_MIGRATE_SECRET
     try {
@@ -188,7 +191,7 @@ describe('authentication', () => {
 
 describe('TLS', () => {
   it('a migration over TLS (node:tls), authenticated inside it, verified page by page', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const tls = {
       key: fs.readFileSync(path.join(fixtures, 'migration-tls.key')),
@@ -216,7 +219,7 @@ describe('TLS', () => {
     }
   })
 
-  it('post-copy over TLS with a workload on the target', { timeout: 30_000 }, async () => {
+  it('post-copy over TLS with a workload on the target', { timeout: 30_000 * timeScale }, async () => {
     const { migrateHere } = await import('./helpers/migration')
     const tls = {
       key: fs.readFileSync(path.join(fixtures, 'migration-tls.key')),

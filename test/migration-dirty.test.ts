@@ -10,6 +10,7 @@ import { checkTracking, trackingInputs } from '../src/migration/dirty'
 import { MigrationSource } from '../src/migration/source'
 import { expectUnsupported, hasFeature } from './helpers/kernel'
 import { canPrecopy, migrateHere, SECRET } from './helpers/migration'
+import { timeScale } from './helpers/children'
 
 const MiB = 1 << 20
 const features = Userfaultfd.probe().features
@@ -61,7 +62,7 @@ describe("dirtyTracking: 'auto' | 'async' | 'sync'", () => {
   for (const mode of ['precopy', 'hybrid'] as const) {
     for (const kind of ['anonymous', 'shmem'] as const) {
       it(`${mode} migration of ${kind} memory with it: every page equals the source at its stop`, {
-        timeout: 60_000,
+        timeout: 60_000 * timeScale,
       }, async () => {
         if (!canPrecopy(kind, mode)) return
         if (kind === 'shmem' && (features & Feature.MINOR_SHMEM) === 0n) {

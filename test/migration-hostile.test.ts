@@ -13,6 +13,7 @@ import { MigrationTarget } from '../src/migration/target'
 import { encodeFrame, encodeHeader, encodeJson, FrameType, ProtocolError } from '../src/migration/wire'
 import { killChildren } from './helpers/children'
 import { control, fakeSource, fakeTarget, SECRET, until, unmapAll, canPrecopy } from './helpers/migration'
+import { timeScale } from './helpers/children'
 
 afterEach(() => killChildren())
 
@@ -144,7 +145,7 @@ function framesOf(frames: Valid[]): Buffer {
 
 describe('hostile frames against the target (native parser)', () => {
   it('every attack: ProtocolError, connection dropped, nothing written outside the range, valid frames landed', {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async () => {
     // The range sits between PROT_NONE guard pages: a write past either end cannot go unnoticed.
     const guarded = Mapping.anonymous((PAGES + 2) * PAGE)
@@ -223,7 +224,7 @@ describe('hostile frames against the target (native parser)', () => {
   })
 
   it('garbage instead of a handshake is rejected, and the target still takes a good source after it', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const target = await MigrationTarget.listen({ secret: SECRET, handshakeTimeoutMs: 300 })
     const rejected: Error[] = []
@@ -284,7 +285,7 @@ const attackOnSource: fc.Arbitrary<{ name: string; bytes: Buffer }> = fc.oneof(
 
 describe('hostile frames against the source (native parser)', () => {
   it('every attack: ProtocolError, the migration fails before the switchover, the workload resumes', {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async () => {
     if (!canPrecopy('anonymous')) return
     const memory = Mapping.anonymous(PAGES * PAGE)

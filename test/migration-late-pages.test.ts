@@ -12,6 +12,7 @@ import { decodeHeader, FrameType } from '../src/migration/wire'
 import { touch } from '../src/testing'
 import { killChildren } from './helpers/children'
 import { control, fakeSource, pagesFrame, SECRET, until, unmapAll } from './helpers/migration'
+import { timeScale } from './helpers/children'
 
 afterEach(() => killChildren())
 
@@ -36,7 +37,7 @@ function page(size: number, fill: number): Buffer {
 describe('late and duplicate pages', () => {
   for (const k of kinds) {
     it(`${k.kind}: a page the target wrote is never overwritten by a late copy; a page sent twice wakes its waiter once`, {
-      timeout: 30_000,
+      timeout: 30_000 * timeScale,
     }, async (ctx) => {
       if (!k.ok) ctx.skip(`needs ${k.why}`)
       const ps = k.pageSize

@@ -13,6 +13,7 @@ import { namespaceExists } from '../src/cli/migrate/netns'
 import { dist, killChildren, runCommand, runNode } from './helpers/children'
 import { hasFeature } from './helpers/kernel'
 import { SECRET, until } from './helpers/migration'
+import { timeScale } from './helpers/children'
 
 afterEach(() => killChildren())
 
@@ -69,7 +70,7 @@ function namespacesOf(pid: number): boolean {
 
 describe('migrate demo: two processes, two network namespaces', () => {
   it('hybrid: --json ends with exactly the contract fields, verified, and the namespaces are gone', {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     if (!wp) {
@@ -93,7 +94,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
     expect(namespacesOf(r.pid)).toBe(false)
   })
 
-  it('post-copy and pre-copy, and the human timeline', { timeout: 120_000 }, async (ctx) => {
+  it('post-copy and pre-copy, and the human timeline', { timeout: 120_000 * timeScale }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const post = await demo(['--size', '32M', '--mode', 'postcopy', '--dirty-rate', '8M', '--json'])
     expect(post.code, post.stderr).toBe(0)
@@ -109,7 +110,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
       expect(pre.stdout).toContain(word)
   })
 
-  it('shmem and hugetlbfs memory', { timeout: 120_000 }, async (ctx) => {
+  it('shmem and hugetlbfs memory', { timeout: 120_000 * timeScale }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const shm = await demo(['--size', '16M', '--memory', 'shmem', '--dirty-rate', '8M', '--mode', 'postcopy', '--json'])
     expect(shm.code, shm.stderr).toBe(0)
@@ -129,7 +130,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
   })
 
   it('--fault link-down:2000: the link goes down in post-copy, the ends reconnect, nothing lost or received twice', {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     // Post-copy: a hybrid run on a loaded machine can leave only a few pages for post-copy,
@@ -157,7 +158,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
   })
 
   it('--fault source-dies --on-source-loss poison: ends by itself, exit 0, not verified, pages poisoned, the workload got SIGBUS', {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const r = await demo([
@@ -194,7 +195,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
   })
 
   it("--fault source-dies with 'zero' and 'wait': a clear error event in each case", {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     // Post-copy: every page is still to come when the source dies (in hybrid, a loaded machine
@@ -232,7 +233,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
     expect(namespacesOf(wait.pid)).toBe(false)
   })
 
-  it('Ctrl-C: the halves are stopped and the namespaces removed', { timeout: 60_000 }, async (ctx) => {
+  it('Ctrl-C: the halves are stopped and the namespaces removed', { timeout: 60_000 * timeScale }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const child = spawn(
       process.execPath,
@@ -257,7 +258,7 @@ describe('migrate demo: two processes, two network namespaces', () => {
     }
   })
 
-  it('live progress on a TTY (phase, round, pages, rate, ETA)', { timeout: 120_000 }, async (ctx) => {
+  it('live progress on a TTY (phase, round, pages, rate, ETA)', { timeout: 120_000 * timeScale }, async (ctx) => {
     if (netnsReason) ctx.skip(netnsReason)
     const r = await runCommand(
       'script',
@@ -272,7 +273,9 @@ describe('migrate demo: two processes, two network namespaces', () => {
     )
   })
 
-  it('falls back to loopback, saying why, where namespaces cannot be made', { timeout: 90_000 }, async () => {
+  it('falls back to loopback, saying why, where namespaces cannot be made', {
+    timeout: 90_000 * timeScale,
+  }, async () => {
     const r = await runCommand(
       process.execPath,
       [cli, 'migrate', 'demo', '--size', '8M', '--dirty-rate', '4M'],
@@ -373,7 +376,7 @@ describe('migrate send / receive (two hosts), on loopback', () => {
   })
 
   it('a wrong secret: send exits non-zero saying authentication failed, receive keeps waiting for a good peer', {
-    timeout: 90_000,
+    timeout: 90_000 * timeScale,
   }, async () => {
     const recv = start(['receive', '--listen', '127.0.0.1:0', '--events'], secretEnv)
     try {

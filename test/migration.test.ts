@@ -11,6 +11,7 @@ import { Feature } from '../src/core/constants'
 import { killChildren } from './helpers/children'
 import { canPrecopy, migrateHere, SECRET, unmapAll } from './helpers/migration'
 import * as fs from 'node:fs'
+import { timeScale } from './helpers/children'
 
 afterEach(() => killChildren())
 
@@ -21,7 +22,7 @@ const features = Userfaultfd.probe().features
 describe('migration over loopback', () => {
   for (const mode of ['hybrid', 'postcopy', 'precopy'] as const) {
     it(`${mode}, anonymous memory, writers on both sides: every page equals the source at its stop`, {
-      timeout: 60_000,
+      timeout: 60_000 * timeScale,
     }, async () => {
       if (!canPrecopy('anonymous', mode)) return
       const r = await migrateHere({ mode, kind: 'anonymous', size: 16 * MiB, dirtyRate: 8 * MiB })
@@ -48,7 +49,7 @@ describe('migration over loopback', () => {
   }
 
   it('shmem (memfd) memory: pages go into the page cache through an alias, faults need only CONTINUE', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     if ((features & Feature.MINOR_SHMEM) === 0n) {
       await expect(migrateHere({ mode: 'hybrid', kind: 'shmem', size: 4 * MiB })).rejects.toThrow(/MINOR|lacks/)
@@ -63,7 +64,7 @@ describe('migration over loopback', () => {
     }
   })
 
-  it('hugetlbfs memory (2 MiB pages)', { timeout: 60_000 }, async (ctx) => {
+  it('hugetlbfs memory (2 MiB pages)', { timeout: 60_000 * timeScale }, async (ctx) => {
     if (hugePages < 16) ctx.skip(`needs 16 reserved huge pages (nr_hugepages is ${hugePages})`)
     const size = 8 * hugePageSize()
     for (const mode of ['hybrid', 'postcopy'] as const) {
@@ -77,7 +78,7 @@ describe('migration over loopback', () => {
   })
 
   it("postcopyPriority 'latency' (idle push, small bulk buffers, real-time demand path where permitted)", {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     const r = await migrateHere({
       mode: 'postcopy',
@@ -92,7 +93,7 @@ describe('migration over loopback', () => {
   })
 
   it('the connection is cut in post-copy: faulting threads wait, the source reconnects, nothing lost or sent twice', {
-    timeout: 60_000,
+    timeout: 60_000 * timeScale,
   }, async () => {
     // Both TCP connections reset by a relay 30 ms into post-copy (the push held to 32 MiB/s so
     // that post-copy lasts); the two-host version (the veth taken down) is in migration-netns.
@@ -116,7 +117,9 @@ describe('migration over loopback', () => {
     expect(r.target.pushedPages + r.target.demandPages).toBe(r.source.pagesTotal)
   })
 
-  it('no lost wake-up: many threads fault on missing pages while the push runs', { timeout: 60_000 }, async () => {
+  it('no lost wake-up: many threads fault on missing pages while the push runs', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
     const r = await migrateHere({
       mode: 'postcopy',
       kind: 'anonymous',
@@ -130,7 +133,7 @@ describe('migration over loopback', () => {
   })
 
   it('the stop hook runs once, after the pre-copy rounds; a failed stop hook fails the migration and resumes', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const memory = Mapping.anonymous(4 * MiB)
     const target = await MigrationTarget.listen({ secret: SECRET })

@@ -2,6 +2,7 @@
 import { spawnSync } from 'node:child_process'
 import * as path from 'node:path'
 import { describe, expect, it } from 'vitest'
+import { timeScale } from './helpers/children'
 
 const root = path.join(__dirname, '..')
 
@@ -15,7 +16,10 @@ describe('module formats', () => {
       console.log(esm.Userfaultfd === cjs.Userfaultfd, uffd instanceof cjs.Userfaultfd, typeof esm.default.Mapping)
       uffd.close()
     `
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 10_000 })
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
+      encoding: 'utf8',
+      timeout: 10_000 * timeScale,
+    })
     expect(r.stderr).toBe('')
     expect(r.stdout).toBe('true true function\n')
   })

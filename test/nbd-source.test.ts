@@ -7,6 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { NbdConnection, NbdStore, parseNbdUrl } from '../src/sources/nbd'
 import { SourceError } from '../src/sources/store'
 import { makeQcow2, missing, startNbdkit, startQemuNbd, stopServers, tempDir } from './helpers/servers'
+import { timeScale } from './helpers/children'
 
 afterAll(stopServers)
 
@@ -142,7 +143,7 @@ describe.skipIf(missing('nbdkit'))('NBD client against nbdkit', () => {
   it('times out a read that gets no reply, failing it retryably', async () => {
     const { file } = snapshotFile(MiB)
     const srv = await startNbdkit(file, { filters: ['delay'], params: ['delay-read=3'] })
-    const store = await NbdStore.open(srv.url, { timeout: 200 })
+    const store = await NbdStore.open(srv.url, { timeout: 200 * timeScale })
     try {
       const err = await expectSourceError(store.read(0, 4096), 'ETIMEDOUT', true)
       expect(err.message).toMatch(/no reply to a read within 200 ms/)

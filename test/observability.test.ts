@@ -42,7 +42,9 @@ uffd.register(m)
 uffd.close()
 m.unmap()`
 
-  it('prints lifecycle lines on stderr (open, register, close), nothing per fault', { timeout: 15_000 }, async () => {
+  it('prints lifecycle lines on stderr (open, register, close), nothing per fault', {
+    timeout: 15_000 * timeScale,
+  }, async () => {
     const r = await runNode(['-e', script], 10_000, undefined, [], { ...process.env, NODE_DEBUG: 'userfaultfd' })
     expect(r.code).toBe(0)
     const lines = r.stderr.trimEnd().split('\n')
@@ -52,7 +54,7 @@ m.unmap()`
     expect(lines).toHaveLength(3)
   })
 
-  it('is silent without NODE_DEBUG', { timeout: 15_000 }, async () => {
+  it('is silent without NODE_DEBUG', { timeout: 15_000 * timeScale }, async () => {
     const env = { ...process.env }
     delete env.NODE_DEBUG
     const r = await runNode(['-e', script], 10_000, undefined, [], env)
@@ -98,7 +100,7 @@ describe('diagnostics_channel', () => {
     }
   })
 
-  it('FaultServer: errors, whether or not an error listener exists', { timeout: 20_000 }, async () => {
+  it('FaultServer: errors, whether or not an error listener exists', { timeout: 20_000 * timeScale }, async () => {
     const errors = collect<ErrorMessage>(diagnosticsChannels.error)
     try {
       const { m, server } = setup(4)
@@ -123,7 +125,7 @@ describe('diagnostics_channel', () => {
   })
 
   it('FirecrackerHandler: connection open, ready, end; faults per connection; a failed connection is an error', {
-    timeout: 30_000,
+    timeout: 30_000 * timeScale,
   }, async () => {
     const memFile = path.join(dir, 'fc.mem')
     writeSnapshot(memFile, 8 << 20)

@@ -9,6 +9,7 @@ import { createRequire } from 'node:module'
 import * as path from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { candidates, nativePath } from '../src/addon/native'
+import { timeScale } from './helpers/children'
 
 const root = path.join(__dirname, '..')
 const pkg = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'))
@@ -32,7 +33,7 @@ function node(args: string[], env: NodeJS.ProcessEnv = {}): { code: number | nul
   const r = spawnSync(process.execPath, args, {
     cwd: root,
     encoding: 'utf8',
-    timeout: 15_000,
+    timeout: 15_000 * timeScale,
     env: { ...process.env, ...env },
   })
   return { code: r.status, stdout: r.stdout, stderr: r.stderr }

@@ -13,6 +13,7 @@ import { pages, touch } from '../src/testing'
 import { dist, killChildren, runCommand, runNode } from './helpers/children'
 import { randomContent, until, within } from './helpers/fault-server'
 import { countColor, countInk, readPng } from './helpers/png'
+import { timeScale } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 let dir: string
@@ -42,7 +43,7 @@ beforeAll(async () => {
     uffd.close()
     for (const x of [m, pre, unserved]) x.unmap()
   }
-}, 60_000)
+}, 60_000 * timeScale)
 afterEach(() => killChildren())
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
 
@@ -85,7 +86,7 @@ describe('userfaultfd report', () => {
   })
 
   it("renders in Debian's headless Chromium: the DOM has the charts, the pixels show their data", {
-    timeout: 120_000,
+    timeout: 120_000 * timeScale,
   }, async (ctx) => {
     const chromium = ['chromium', 'chromium-browser', 'google-chrome']
       .flatMap((b) => process.env.PATH?.split(':').map((d) => path.join(d, b)) ?? [])

@@ -8,6 +8,7 @@ import { Mapping, PAGE_SIZE } from '../src/index'
 import { touch } from '../src/testing'
 import { dist } from './helpers/children'
 import { countFds, sleep, useCleanup } from './helpers/uffd'
+import { timeScale } from './helpers/children'
 
 const track = useCleanup()
 
@@ -58,7 +59,7 @@ const touched = internal.touch(internal.pages(m), { threads: 2 })
 
 describe('a Worker with its own uffd', () => {
   it('serves faults from native threads on its event loop, then exits by itself (code 0)', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const { messages, exited } = startWorker(SELF_SERVE, { pages: 16, base: 1000 })
     expect(await exited).toBe(0)
@@ -68,7 +69,7 @@ describe('a Worker with its own uffd', () => {
     expect(values).toEqual(Array.from({ length: 16 }, (_, i) => String(1000 + i)))
   })
 
-  it('two workers at once, each with its own uffd and reader', { timeout: 20_000 }, async () => {
+  it('two workers at once, each with its own uffd and reader', { timeout: 20_000 * timeScale }, async () => {
     const a = startWorker(SELF_SERVE, { pages: 32, base: 0 })
     const b = startWorker(SELF_SERVE, { pages: 32, base: 5000 })
     expect(await Promise.all([a.exited, b.exited])).toEqual([0, 0])
@@ -79,7 +80,7 @@ describe('a Worker with its own uffd', () => {
   })
 
   it('serves memory of the main thread: main touches it from a native thread, the worker resolves', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const m = track(Mapping.anonymous(8 * PAGE_SIZE))
     const { worker, exited } = startWorker(
@@ -113,7 +114,7 @@ describe('a Worker with its own uffd', () => {
   })
 
   it('terminate() while the worker waits on events: no crash, its uffd and memfds are closed', {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const before = countFds()
     const { worker, exited } = startWorker(`
@@ -130,7 +131,7 @@ describe('a Worker with its own uffd', () => {
   })
 
   it("terminate() of a worker that registered main-thread memory wakes the main thread's faulters (no hang)", {
-    timeout: 20_000,
+    timeout: 20_000 * timeScale,
   }, async () => {
     const m = track(Mapping.anonymous(2 * PAGE_SIZE))
     const { worker, exited } = startWorker(

@@ -7,6 +7,7 @@ import { PAGE_SIZE } from '../../src/index'
 import { pages, touch } from '../../src/testing'
 import { killChildren, root, runNode } from '../helpers/children'
 import { closeAll, randomContent, setup, until, within } from '../helpers/fault-server'
+import { timeScale } from '../helpers/children'
 
 afterEach((ctx) => {
   closeAll(ctx)
@@ -18,7 +19,7 @@ function rssMiB(): number {
 }
 
 describe('FaultServer load', () => {
-  it('1,000,000 faults without memory growth', { timeout: 120_000 }, async () => {
+  it('1,000,000 faults without memory growth', { timeout: 120_000 * timeScale }, async () => {
     const n = 50_000
     const rounds = 20
     const { m, server, errors } = setup(n, { faultAround: PAGE_SIZE })
