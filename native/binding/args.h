@@ -79,3 +79,26 @@ inline bool TryBytes(Napi::Value v, BytesArg* out) {
   }
   return false;
 }
+
+// Option fields of an options object (already validated in TypeScript).
+inline uint64_t OptU64(Napi::Object opts, const char* name, uint64_t fallback) {
+  Napi::Value v = opts.Get(name);
+  if (!v.IsNumber()) return fallback;
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0) || d > 9007199254740991.0) ThrowRangeError(opts.Env(), std::string(name) + " must be >= 0");
+  return static_cast<uint64_t>(d);
+}
+
+inline uint64_t U64Field(Napi::Object o, const char* name) {
+  Napi::Value v = o.Get(name);
+  if (v.IsBigInt()) {
+    bool lossless = false;
+    uint64_t out = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (lossless) return out;
+  } else if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (d >= 0 && d <= 9007199254740991.0 && d == static_cast<double>(static_cast<uint64_t>(d)))
+      return static_cast<uint64_t>(d);
+  }
+  ThrowTypeError(o.Env(), std::string(name) + " must be a non-negative integer or bigint");
+}

@@ -58,30 +58,6 @@ struct Core {
   }
 };
 
-uint64_t OptU64(Napi::Object opts, const char* name, uint64_t fallback) {
-  Napi::Value v = opts.Get(name);
-  if (!v.IsNumber()) return fallback;
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d > 9007199254740991.0) ThrowRangeError(opts.Env(), std::string(name) + " must be >= 0");
-  return static_cast<uint64_t>(d);
-}
-
-uint64_t PropU64(Napi::Object o, const char* name) {
-  Napi::Value v = o.Get(name);
-  if (v.IsBigInt()) {
-    bool lossless = false;
-    uint64_t out = v.As<Napi::BigInt>().Uint64Value(&lossless);
-    if (!lossless) ThrowRangeError(o.Env(), std::string(name) + " does not fit in 64 bits");
-    return out;
-  }
-  if (v.IsNumber()) {
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (!(d >= 0) || d > 9007199254740991.0) ThrowRangeError(o.Env(), std::string(name) + " must be >= 0");
-    return static_cast<uint64_t>(d);
-  }
-  ThrowTypeError(o.Env(), std::string(name) + " must be a bigint or a number");
-}
-
 // Takes a socket from JS: a blocking, close-on-exec duplicate that the session owns.
 int AdoptSocket(Napi::Env env, const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
@@ -209,9 +185,9 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
       if (!v.IsObject()) ThrowTypeError(env, "a range must be an object");
       Napi::Object o = v.As<Napi::Object>();
       SourceRange r;
-      r.address = PropU64(o, "address");
-      r.length = PropU64(o, "length");
-      r.pageSize = PropU64(o, "pageSize");
+      r.address = U64Field(o, "address");
+      r.length = U64Field(o, "length");
+      r.pageSize = U64Field(o, "pageSize");
       if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
           r.length % r.pageSize || r.address % r.pageSize)
         ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
@@ -373,16 +349,16 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
       if (!v.IsObject()) ThrowTypeError(env, "a range must be an object");
       Napi::Object o = v.As<Napi::Object>();
       TargetRange r;
-      r.address = PropU64(o, "address");
-      r.length = PropU64(o, "length");
-      r.pageSize = PropU64(o, "pageSize");
+      r.address = U64Field(o, "address");
+      r.length = U64Field(o, "length");
+      r.pageSize = U64Field(o, "pageSize");
       if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
           r.length % r.pageSize || r.address % r.pageSize)
         ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
       r.pages = r.length / r.pageSize;
       if (o.Has("alias") && !o.Get("alias").IsUndefined()) {
-        r.alias = PropU64(o, "alias");
-        r.memfd = static_cast<int>(PropU64(o, "memfd"));
+        r.alias = U64Field(o, "alias");
+        r.memfd = static_cast<int>(U64Field(o, "memfd"));
         if (r.alias % r.pageSize) ThrowRangeError(env, "alias must be aligned to the page size");
       }
       ranges.push_back(r);
