@@ -178,7 +178,7 @@ describe('onSourceError', () => {
     if (!poisonSupported) {
       await expect(served(failing, { onSourceError: 'poison' })).rejects.toMatchObject({
         name: 'UnsupportedError',
-        feature: 'UFFD_FEATURE_POISON',
+        feature: 'POISON',
         message: expect.stringMatching(/Linux 6\.6/),
       })
       ctx.skip('handler poison: refusal asserted (no UFFDIO_POISON here)')

@@ -160,20 +160,22 @@ modules_list() {
 ko_cat() {
   case $1 in *.xz) xz -dc "$1" ;; *.zst) zstd -dc "$1" ;; *) cat "$1" ;; esac
 }
-initrd=$acache/initrd-v4-$kver.cpio.gz
+initrd=$acache/initrd-v5-$kver.cpio.gz
 if [ ! -s "$initrd" ]; then
   modules_list
   phase "initramfs for $kver: modules ${order[*]}"
   ird=$(mktemp -d "$acache/initrd.XXXXXX")
   mkdir -p "$ird"/{bin,modules,proc,sys,dev,newroot}
   cp "$rootfs/bin/busybox" "$ird/bin/busybox"
-  for a in sh mount insmod mkdir chroot poweroff echo cat sleep; do ln -s busybox "$ird/bin/$a"; done
+  for a in sh mount insmod mkdir chroot poweroff echo cat sleep ifconfig; do ln -s busybox "$ird/bin/$a"; done
   for m in "${order[@]}"; do ko_cat "${ko_of[$m]}" >"$ird/modules/$m.ko"; done
   printf '%s\n' "${order[@]}" >"$ird/modules/order"
   cat >"$ird/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+# Loopback: the migration, metrics and fd-passing tests connect to 127.0.0.1.
+ifconfig lo 127.0.0.1 up
 for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "init: insmod $m failed"; done
 o=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o $o,cache=loose,ro root /newroot

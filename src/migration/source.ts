@@ -272,8 +272,6 @@ export class MigrationSource extends EventEmitter {
     this.#maxDowntime = optionalInt(options.maxDowntime, 'maxDowntime', 20, 0, 3_600_000)
     this.#maxRounds = optionalInt(options.maxRounds, 'maxRounds', 30, 1, 10_000)
     this.#dirtyTracking = choice(options.dirtyTracking, 'dirtyTracking', ['auto', 'async', 'sync'] as const, 'auto')
-    // A kernel that cannot track writes is refused here, before anything connects.
-    if (this.mode !== 'postcopy') for (const r of this.#ranges) checkTracking(r.kind, this.#dirtyTracking)
     const v = options.verify
     if (v === undefined || v === false) this.#verify = null
     else if (v === true) this.#verify = { maskOffset: 0, maskLength: 0 }
@@ -300,6 +298,9 @@ export class MigrationSource extends EventEmitter {
     )
     this.#pagesTotal = this.#ranges.reduce((n, r) => n + r.pages, 0)
     this.#bytes = this.#ranges.reduce((n, r) => n + r.length, 0)
+    // A kernel that cannot track writes is refused here, before anything connects (and after
+    // every option is checked: a bad option is a TypeError/RangeError on every kernel).
+    if (this.mode !== 'postcopy') for (const r of this.#ranges) checkTracking(r.kind, this.#dirtyTracking)
   }
 
   get phase(): Phase {

@@ -5,7 +5,7 @@
 // frames).
 import * as net from 'node:net'
 import { randomFillSync } from 'node:crypto'
-import { Mapping } from '../../src/core/mapping'
+import { Mapping, hugePageSize } from '../../src/core/mapping'
 import { MigrationSource, type MigrationSourceOptions } from '../../src/migration/source'
 import { MigrationTarget, type MigrationTargetOptions, type MigrationTargetResult } from '../../src/migration/target'
 import type { MigrationResult } from '../../src/migration/common'
@@ -198,10 +198,13 @@ export function canPrecopy(kind: MemoryKind, mode: MigrationMode = 'hybrid'): bo
   const needs: KernelFeature[] = ['PAGEFAULT_FLAG_WP']
   if (kind !== 'anonymous') needs.push('WP_HUGETLBFS_SHMEM')
   return withFeature(needs, () => {
-    const m = Mapping.anonymous(1 << 20)
+    // A range aligned to the kind's page size (hugetlb: 2 MiB), so that only the kernel refuses.
+    const unit = kind === 'hugetlb' ? hugePageSize() : 1 << 20
+    const m = Mapping.anonymous(2 * unit)
+    const address = (m.address + BigInt(unit - 1)) & ~BigInt(unit - 1)
     try {
       new MigrationSource({
-        ranges: [{ address: m.address, length: m.length, kind }],
+        ranges: [{ address, length: unit, kind }],
         to: '127.0.0.1:1',
         secret: SECRET,
         mode,
