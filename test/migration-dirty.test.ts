@@ -22,11 +22,19 @@ afterEach(() => {
 describe("dirtyTracking: 'auto' | 'async' | 'sync'", () => {
   it('the choice, for kernels other than this one; a kernel that can track nothing is refused naming the feature', () => {
     const here = trackingInputs()
-    const all = { ...here, features: here.features | Feature.WP_ASYNC, pagemapScan: true }
+    const all = {
+      ...here,
+      features: here.features | Feature.WP_ASYNC | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM,
+      pagemapScan: true,
+    }
     expect(checkTracking('anonymous', 'auto', all)).toBe('async')
     expect(checkTracking('anonymous', 'sync', all)).toBe('sync')
     // 6.1 on x86_64: write protection, no WP_ASYNC, no PAGEMAP_SCAN.
-    const x86 = { ...here, features: here.features & ~Feature.WP_ASYNC, pagemapScan: false }
+    const x86 = {
+      ...here,
+      features: (here.features | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM) & ~Feature.WP_ASYNC,
+      pagemapScan: false,
+    }
     expect(checkTracking('anonymous', 'auto', x86)).toBe('sync')
     expect(checkTracking('shmem', 'auto', x86)).toBe('sync')
     expect(() => checkTracking('anonymous', 'async', x86)).toThrow(UnsupportedError)
