@@ -9,6 +9,7 @@ import { MigrationTarget } from '../src/migration/target'
 import { Mapping, Userfaultfd } from '../src'
 import { Feature } from '../src/core/constants'
 import { killChildren } from './helpers/children'
+import { hasFeature } from '../src/core/kernel-features'
 import { canPrecopy, migrateHere, SECRET, unmapAll } from './helpers/migration'
 import * as fs from 'node:fs'
 import { timeScale } from './helpers/children'
@@ -163,7 +164,9 @@ describe('migration over loopback', () => {
 describe('MigrationSource / MigrationTarget input', () => {
   it('refuses bad options with TypeError/RangeError', async () => {
     const m = Mapping.anonymous(65536)
-    const base = { ranges: [m], to: '127.0.0.1:1', secret: SECRET, stop: () => {} }
+    // Pre-copy (the default, hybrid) needs write protection: where the kernel has none, post-copy.
+    const mode = hasFeature('PAGEFAULT_FLAG_WP') ? ('hybrid' as const) : ('postcopy' as const)
+    const base = { ranges: [m], to: '127.0.0.1:1', secret: SECRET, stop: () => {}, mode }
     expect(() => new MigrationSource({ ...base, ranges: [] })).toThrow(TypeError)
     expect(() => new MigrationSource({ ...base, to: 'nowhere' })).toThrow(TypeError)
     expect(() => new MigrationSource({ ...base, mode: 'sideways' as never })).toThrow(TypeError)
