@@ -58,6 +58,29 @@ struct Core {
   }
 };
 
+// The ranges both session handles take: an array of 1..65535 { address, length, pageSize }.
+Napi::Array RangeList(Napi::Env env, Napi::Value v) {
+  if (!v.IsArray()) ThrowTypeError(env, "ranges must be an array");
+  Napi::Array list = v.As<Napi::Array>();
+  if (list.Length() == 0 || list.Length() > 65535) ThrowRangeError(env, "1..65535 ranges");
+  for (uint32_t i = 0; i < list.Length(); i++)
+    if (!list.Get(i).IsObject()) ThrowTypeError(env, "a range must be an object");
+  return list;
+}
+
+template <class Range>
+Range RangeOf(Napi::Env env, Napi::Object o) {
+  Range r;
+  r.address = U64Field(o, "address");
+  r.length = U64Field(o, "length");
+  r.pageSize = U64Field(o, "pageSize");
+  if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
+      r.length % r.pageSize || r.address % r.pageSize)
+    ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
+  r.pages = r.length / r.pageSize;
+  return r;
+}
+
 // Takes a socket from JS: a blocking, close-on-exec duplicate that the session owns.
 int AdoptSocket(Napi::Env env, const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
@@ -176,22 +199,11 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
 
   MigrationSourceHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MigrationSourceHandle>(info) {
     Napi::Env env = info.Env();
-    if (!info[0].IsArray()) ThrowTypeError(env, "ranges must be an array");
-    Napi::Array list = info[0].As<Napi::Array>();
-    if (list.Length() == 0 || list.Length() > 65535) ThrowRangeError(env, "1..65535 ranges");
+    Napi::Array list = RangeList(env, info[0]);
     std::vector<SourceRange> ranges;
     for (uint32_t i = 0; i < list.Length(); i++) {
-      Napi::Value v = list[i];
-      if (!v.IsObject()) ThrowTypeError(env, "a range must be an object");
-      Napi::Object o = v.As<Napi::Object>();
-      SourceRange r;
-      r.address = U64Field(o, "address");
-      r.length = U64Field(o, "length");
-      r.pageSize = U64Field(o, "pageSize");
-      if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
-          r.length % r.pageSize || r.address % r.pageSize)
-        ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
-      r.pages = r.length / r.pageSize;
+      Napi::Object o = list.Get(i).As<Napi::Object>();
+      SourceRange r = RangeOf<SourceRange>(env, o);
       ranges.push_back(r);
     }
     rangeCount_ = ranges.size();
@@ -340,22 +352,11 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
 
   MigrationTargetHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MigrationTargetHandle>(info) {
     Napi::Env env = info.Env();
-    if (!info[0].IsArray()) ThrowTypeError(env, "ranges must be an array");
-    Napi::Array list = info[0].As<Napi::Array>();
-    if (list.Length() == 0 || list.Length() > 65535) ThrowRangeError(env, "1..65535 ranges");
+    Napi::Array list = RangeList(env, info[0]);
     std::vector<TargetRange> ranges;
     for (uint32_t i = 0; i < list.Length(); i++) {
-      Napi::Value v = list[i];
-      if (!v.IsObject()) ThrowTypeError(env, "a range must be an object");
-      Napi::Object o = v.As<Napi::Object>();
-      TargetRange r;
-      r.address = U64Field(o, "address");
-      r.length = U64Field(o, "length");
-      r.pageSize = U64Field(o, "pageSize");
-      if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
-          r.length % r.pageSize || r.address % r.pageSize)
-        ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
-      r.pages = r.length / r.pageSize;
+      Napi::Object o = list.Get(i).As<Napi::Object>();
+      TargetRange r = RangeOf<TargetRange>(env, o);
       if (o.Has("alias") && !o.Get("alias").IsUndefined()) {
         r.alias = U64Field(o, "alias");
         r.memfd = static_cast<int>(U64Field(o, "memfd"));
