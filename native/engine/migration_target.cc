@@ -62,38 +62,6 @@ int FillAll(uint64_t dst, uint64_t len, uint64_t pageSize, Op op) {
   return 0;
 }
 
-FillResult ContinuePages(int uffd, uint64_t dst, uint64_t len) {
-  struct uffdio_continue_abi c = {};
-  c.range.start = dst;
-  c.range.len = len;
-  int rc = ioctl(uffd, UFFDIO_CONTINUE_ABI, &c);
-  FillResult r;
-  r.syscall = "ioctl(UFFDIO_CONTINUE)";
-  if (rc == 0) {
-    r.done = len;
-    return r;
-  }
-  r.err = errno;
-  if (c.mapped > 0) r.done = static_cast<uint64_t>(c.mapped);
-  return r;
-}
-
-FillResult PoisonPages(int uffd, uint64_t dst, uint64_t len) {
-  struct uffdio_poison_abi p = {};
-  p.range.start = dst;
-  p.range.len = len;
-  int rc = ioctl(uffd, UFFDIO_POISON_ABI, &p);
-  FillResult r;
-  r.syscall = "ioctl(UFFDIO_POISON)";
-  if (rc == 0) {
-    r.done = len;
-    return r;
-  }
-  r.err = errno;
-  if (p.updated > 0) r.done = static_cast<uint64_t>(p.updated);
-  return r;
-}
-
 }  // namespace
 
 TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions options,
