@@ -32,6 +32,7 @@
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
         "native/engine/migration_channel.cc",
+        "native/engine/migration_channel_pair.cc",
         "native/engine/migration_source.cc",
         "native/engine/migration_target.cc",
         "native/engine/snapshot_engine.cc",

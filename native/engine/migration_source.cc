@@ -14,7 +14,7 @@ namespace migration {
 
 SourceSession::SourceSession(std::vector<SourceRange> ranges, SourceOptions options,
                              std::function<void()> wakeJs)
-    : ranges_(std::move(ranges)), options_(options), wakeJs_(std::move(wakeJs)) {
+    : ranges_(std::move(ranges)), options_(options), notices_(std::move(wakeJs)) {
   for (auto& r : ranges_) {
     shapes_.push_back(RangeShape{r.pages, r.pageSize});
     size_t words = (r.pages + 63) / 64;
@@ -41,74 +41,38 @@ void SourceSession::Close() {
 }
 
 uint64_t SourceSession::AttachMain(int fd, std::vector<uint8_t> initial) {
-  auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
-  ch->Prefill(std::move(initial));
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    main_ = ch;
-  }
-  FrameChannel* raw = ch.get();
-  uint64_t gen = nextGen_.fetch_add(1) + 1;
-  ch->Start([this, raw, gen] { MainLoop(raw, gen); });
+  uint64_t gen = channels_.Attach(ChannelPair::kMain, fd, options_.pingMs, std::move(initial),
+                                  [this](FrameChannel* ch, uint64_t g) { MainLoop(ch, g); });
   pushCv_.notify_all();
   return gen;
 }
 
 uint64_t SourceSession::AttachDemand(int fd, std::vector<uint8_t> initial) {
-  auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
-  ch->Prefill(std::move(initial));
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    demand_ = ch;
-  }
-  FrameChannel* raw = ch.get();
-  uint64_t gen = nextGen_.fetch_add(1) + 1;
-  ch->Start([this, raw, gen] { DemandLoop(raw, gen); });
-  return gen;
+  return channels_.Attach(ChannelPair::kDemand, fd, options_.pingMs, std::move(initial),
+                          [this](FrameChannel* ch, uint64_t g) { DemandLoop(ch, g); });
 }
 
 void SourceSession::Detach() {
-  std::shared_ptr<FrameChannel> m, d;
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    m.swap(main_);
-    d.swap(demand_);
-  }
+  // The push stays paused until JS resumes it after a reconnect (HAVE first says what arrived).
   pushPaused_.store(true);
-  if (m) m->Shutdown();
-  if (d) d->Shutdown();
-  if (m) m->Join();
-  if (d) d->Join();
-  // The pusher may still hold a reference while it finishes a failed write; it lets go at once.
-  std::lock_guard<std::mutex> lock(channelMu_);
-  if (m) closedBytes_ += m->bytesOut.load() + m->bytesIn.load();
-  if (d) closedBytes_ += d->bytesOut.load() + d->bytesIn.load();
+  channels_.Detach();
 }
 
 void SourceSession::EnqueueMain(uint8_t type, uint16_t range, uint64_t page, std::vector<uint8_t> payload) {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  if (main_) main_->Enqueue(type, range, page, std::move(payload));
+  channels_.Enqueue(ChannelPair::kMain, type, range, page, std::move(payload));
 }
 
 void SourceSession::EnqueueDemand(uint8_t type, uint16_t range, uint64_t page, std::vector<uint8_t> payload) {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  if (demand_) demand_->Enqueue(type, range, page, std::move(payload));
-}
-
-uint64_t SourceSession::wireBytes() const {
-  std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(channelMu_));
-  uint64_t total = closedBytes_;
-  if (main_) total += main_->bytesOut.load() + main_->bytesIn.load();
-  if (demand_) total += demand_->bytesOut.load() + demand_->bytesIn.load();
-  return total;
+  channels_.Enqueue(ChannelPair::kDemand, type, range, page, std::move(payload));
 }
 
 uint64_t SourceSession::lastReceiveNs() const {
-  std::lock_guard<std::mutex> lock(const_cast<std::mutex&>(channelMu_));
-  uint64_t last = 0;
-  if (main_) last = main_->lastReceiveNs.load();
-  if (demand_) last = std::min(last == 0 ? UINT64_MAX : last, demand_->lastReceiveNs.load());
-  return last;
+  return channels_.WithChannels([](const FrameChannel* main, const FrameChannel* demand) {
+    uint64_t last = 0;
+    if (main) last = main->lastReceiveNs.load();
+    if (demand) last = std::min(last == 0 ? UINT64_MAX : last, demand->lastReceiveNs.load());
+    return last;
+  });
 }
 
 uint64_t SourceSession::unsent() const {
@@ -212,7 +176,7 @@ void SourceSession::StartPostcopy(const std::vector<Run>& toCome, bool push) {
   if (total == 0) {
     SessionNotice n;
     n.kind = "pushed";
-    Notify(std::move(n));
+    notices_.Push(std::move(n));
   }
 }
 
@@ -228,9 +192,10 @@ void SourceSession::ResumePush() {
 }
 
 void SourceSession::SetMainBuffer(uint32_t bytes) {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  int v = static_cast<int>(bytes);
-  if (main_ && bytes > 0) setsockopt(main_->fd(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+  channels_.WithChannels([bytes](FrameChannel* main, FrameChannel*) {
+    int v = static_cast<int>(bytes);
+    if (main && bytes > 0) setsockopt(main->fd(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+  });
 }
 
 void SourceSession::PushLoop() {
@@ -255,10 +220,7 @@ void SourceSession::PushLoop() {
         haveRound = true;
       }
     }
-    {
-      std::lock_guard<std::mutex> lock(channelMu_);
-      ch = main_;
-    }
+    ch = channels_.Get(ChannelPair::kMain);
     if (haveRound) {
       int err = ch ? 0 : ENOTCONN;
       uint64_t pages = 0;
@@ -275,7 +237,7 @@ void SourceSession::PushLoop() {
       n.kind = "round";
       n.id = round.id;
       n.err = err;
-      Notify(std::move(n));
+      notices_.Push(std::move(n));
       continue;
     }
     if (!postcopy_.load() || !push_.load() || pushPaused_.load() || !ch) continue;
@@ -292,7 +254,7 @@ void SourceSession::PushLoop() {
         pushedNoticed = true;
         SessionNotice n;
         n.kind = "pushed";
-        Notify(std::move(n));
+        notices_.Push(std::move(n));
       }
       continue;
     }
@@ -374,15 +336,15 @@ void SourceSession::MainLoop(FrameChannel* ch, uint64_t gen) {
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);
-    if (err != 0) return Closed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
     std::string bad = CheckFrame(h, Role::kSourceMain, shapes_);
     if (!bad.empty()) {
       ch->Shutdown();
-      return Closed("main", gen, EPROTO, true, bad);
+      return notices_.PushClosed("main", gen, EPROTO, true, bad);
     }
     payload.resize(h.length);
     err = ch->ReadFull(payload.data(), h.length);
-    if (err != 0) return Closed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
     switch (h.type) {
       case kControl: {
         SessionNotice n;
@@ -390,14 +352,14 @@ void SourceSession::MainLoop(FrameChannel* ch, uint64_t gen) {
         n.at = NowNs();
         n.channel = "main";
         n.payload = payload;
-        Notify(std::move(n));
+        notices_.Push(std::move(n));
         break;
       }
       case kHave: {
         uint64_t pages = ranges_[h.range].pages;
         if (h.length > (pages - h.page + 7) / 8) {
           ch->Shutdown();
-          return Closed("main", gen, EPROTO, true, "HAVE bitmap longer than the range");
+          return notices_.PushClosed("main", gen, EPROTO, true, "HAVE bitmap longer than the range");
         }
         ApplyHave(h.range, h.page, payload.data(), payload.size());
         break;
@@ -417,63 +379,41 @@ void SourceSession::DemandLoop(FrameChannel* ch, uint64_t gen) {
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);
-    if (err != 0) return Closed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
     std::string bad = CheckFrame(h, Role::kSourceDemand, shapes_);
     if (!bad.empty()) {
       ch->Shutdown();
-      return Closed("demand", gen, EPROTO, true, bad);
+      return notices_.PushClosed("demand", gen, EPROTO, true, bad);
     }
     payload.resize(h.length);
     err = ch->ReadFull(payload.data(), h.length);
-    if (err != 0) return Closed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
     if (h.type == kRequest) {
       uint64_t count = LoadU64(payload.data());
       bad = CheckRun(h.range, h.page, count, shapes_);
       if (bad.empty() && !postcopy_.load()) bad = "page REQUEST before the switchover";
       if (!bad.empty()) {
         ch->Shutdown();
-        return Closed("demand", gen, EPROTO, true, bad);
+        return notices_.PushClosed("demand", gen, EPROTO, true, bad);
       }
       err = ServeRequest(ch, h.range, h.page, count);
-      if (err != 0) return Closed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
+      if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
     } else if (h.type == kControl) {
       SessionNotice n;
       n.kind = "control";
       n.at = NowNs();
       n.channel = "demand";
       n.payload = payload;
-      Notify(std::move(n));
+      notices_.Push(std::move(n));
     } else if (h.type == kPing && h.page == 1) {
       ch->WriteBytes(kPong, 0, 0, payload.data(), payload.size());
     }
   }
 }
 
-void SourceSession::Closed(const char* channel, uint64_t gen, int err, bool protocol,
-                           const std::string& message) {
-  SessionNotice n;
-  n.id = gen;
-  n.kind = "closed";
-  n.channel = channel;
-  n.err = err;
-  n.protocol = protocol;
-  n.message = message;
-  Notify(std::move(n));
-}
-
-void SourceSession::Notify(SessionNotice n) {
-  {
-    std::lock_guard<std::mutex> lock(noticeMu_);
-    notices_.push_back(std::move(n));
-  }
-  if (!jsScheduled_.exchange(true)) wakeJs_();
-}
-
 std::deque<SessionNotice> SourceSession::TakeNotices() {
-  jsScheduled_.store(false);
   std::deque<SessionNotice> out;
-  std::lock_guard<std::mutex> lock(noticeMu_);
-  out.swap(notices_);
+  notices_.TakeInto(&out);
   return out;
 }
 

@@ -26,6 +26,8 @@
 #include <vector>
 
 #include "engine/migration_channel.h"
+#include "engine/migration_channel_pair.h"
+#include "engine/migration_notices.h"
 
 namespace migration {
 
@@ -48,17 +50,6 @@ struct SourceOptions {
   bool pushIdle = false;             // pusher under SCHED_IDLE in post-copy
   uint32_t postcopyBuffer = 0;       // post-copy: SO_SNDBUF of the main channel (0: leave it)
   bool realtimeDemand = false;       // the demand channel's thread under SCHED_FIFO 1
-};
-
-struct SessionNotice {
-  std::string kind;  // control | closed | round | pushed | complete | error
-  std::string channel;
-  int err = 0;
-  bool protocol = false;
-  std::string message;
-  uint64_t id = 0;
-  uint64_t at = 0;  // control: when the frame was read (CLOCK_MONOTONIC ns)
-  std::vector<uint8_t> payload;
 };
 
 struct SourceStats {
@@ -97,7 +88,7 @@ class SourceSession {
   std::deque<SessionNotice> TakeNotices();
   const SourceStats& stats() const { return stats_; }
   uint64_t unsent() const;
-  uint64_t wireBytes() const;
+  uint64_t wireBytes() const { return channels_.wireBytes(); }
   uint64_t lastReceiveNs() const;
 
  private:
@@ -111,18 +102,11 @@ class SourceSession {
   bool Claim(uint16_t range, uint64_t page);
   bool NextUnsent(uint16_t* range, uint64_t* page);
   void ApplyHave(uint16_t range, uint64_t first, const uint8_t* bits, size_t bytes);
-  void Closed(const char* channel, uint64_t gen, int err, bool protocol, const std::string& message);
-  std::atomic<uint64_t> nextGen_{0};
-  void Notify(SessionNotice n);
 
   std::vector<SourceRange> ranges_;
   std::vector<RangeShape> shapes_;
   SourceOptions options_;
-  std::function<void()> wakeJs_;
-
-  std::mutex channelMu_;
-  std::shared_ptr<FrameChannel> main_;
-  std::shared_ptr<FrameChannel> demand_;
+  ChannelPair channels_;
 
   // Post-copy bitmap of pages sent (or known to be at the target).
   std::vector<std::unique_ptr<std::atomic<uint64_t>[]>> sent_;
@@ -144,11 +128,8 @@ class SourceSession {
   bool stopping_ = false;
   std::thread pusher_;
 
-  std::mutex noticeMu_;
-  std::deque<SessionNotice> notices_;
-  std::atomic<bool> jsScheduled_{false};
+  NoticeQueue notices_;
   SourceStats stats_;
-  uint64_t closedBytes_ = 0;  // wire bytes of channels already detached
 };
 
 }  // namespace migration

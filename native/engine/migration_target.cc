@@ -66,7 +66,7 @@ int FillAll(uint64_t dst, uint64_t len, uint64_t pageSize, Op op) {
 
 TargetSession::TargetSession(std::vector<TargetRange> ranges, TargetOptions options,
                              std::function<void()> wakeJs)
-    : ranges_(std::move(ranges)), options_(options), wakeJs_(std::move(wakeJs)) {
+    : ranges_(std::move(ranges)), options_(options), wakeJs_(wakeJs), notices_(std::move(wakeJs)) {
   uint64_t total = 0;
   uint64_t maxPage = 4096;
   for (auto& r : ranges_) {
@@ -113,66 +113,30 @@ void TargetSession::Close() {
 }
 
 uint64_t TargetSession::AttachMain(int fd, std::vector<uint8_t> initial) {
-  auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
-  ch->Prefill(std::move(initial));
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    main_ = ch;
-  }
-  FrameChannel* raw = ch.get();
-  uint64_t gen = nextGen_.fetch_add(1) + 1;
-  ch->Start([this, raw, gen] { ReaderLoop(raw, false, gen); });
-  return gen;
+  return channels_.Attach(ChannelPair::kMain, fd, options_.pingMs, std::move(initial),
+                          [this](FrameChannel* ch, uint64_t gen) { ReaderLoop(ch, false, gen); });
 }
 
 uint64_t TargetSession::AttachDemand(int fd, std::vector<uint8_t> initial) {
-  auto ch = std::make_shared<FrameChannel>(fd, options_.pingMs);
-  ch->Prefill(std::move(initial));
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    demand_ = ch;
-  }
-  FrameChannel* raw = ch.get();
-  uint64_t gen = nextGen_.fetch_add(1) + 1;
-  ch->Start([this, raw, gen] { ReaderLoop(raw, true, gen); });
-  return gen;
+  return channels_.Attach(ChannelPair::kDemand, fd, options_.pingMs, std::move(initial),
+                          [this](FrameChannel* ch, uint64_t gen) { ReaderLoop(ch, true, gen); });
 }
 
 void TargetSession::Detach() {
-  std::shared_ptr<FrameChannel> m, d;
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    m.swap(main_);
-    d.swap(demand_);
-  }
-  if (m) m->Shutdown();
-  if (d) d->Shutdown();
-  if (m) m->Join();
-  if (d) d->Join();
-  std::lock_guard<std::mutex> lock(channelMu_);
-  if (m) closedBytes_ += m->bytesOut.load() + m->bytesIn.load();
-  if (d) closedBytes_ += d->bytesOut.load() + d->bytesIn.load();
+  channels_.Detach();
 }
 
 void TargetSession::EnqueueMain(uint8_t type, uint16_t range, uint64_t page, std::vector<uint8_t> payload) {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  if (main_) main_->Enqueue(type, range, page, std::move(payload));
-}
-
-uint64_t TargetSession::wireBytes() const {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  uint64_t total = closedBytes_;
-  if (main_) total += main_->bytesOut.load() + main_->bytesIn.load();
-  if (demand_) total += demand_->bytesOut.load() + demand_->bytesIn.load();
-  return total;
+  channels_.Enqueue(ChannelPair::kMain, type, range, page, std::move(payload));
 }
 
 uint64_t TargetSession::lastReceiveNs() const {
-  std::lock_guard<std::mutex> lock(channelMu_);
-  uint64_t last = UINT64_MAX;
-  if (main_) last = std::min(last, main_->lastReceiveNs.load());
-  if (demand_) last = std::min(last, demand_->lastReceiveNs.load());
-  return last == UINT64_MAX ? 0 : last;
+  return channels_.WithChannels([](const FrameChannel* main, const FrameChannel* demand) {
+    uint64_t last = UINT64_MAX;
+    if (main) last = std::min(last, main->lastReceiveNs.load());
+    if (demand) last = std::min(last, demand->lastReceiveNs.load());
+    return last == UINT64_MAX ? 0 : last;
+  });
 }
 
 // ---- serving ----------------------------------------------------------------------------------
@@ -220,11 +184,10 @@ int TargetSession::StartServing(int uffd, std::string* syscall) {
     }
   }
   serving_.store(true);
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
+  channels_.WithChannels([this](FrameChannel* main, FrameChannel*) {
     int v = static_cast<int>(options_.postcopyBuffer);
-    if (main_ && v > 0) setsockopt(main_->fd(), SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
-  }
+    if (main && v > 0) setsockopt(main->fd(), SOL_SOCKET, SO_RCVBUF, &v, sizeof v);
+  });
   int err = engine_->Start(uffd_, syscall);
   if (err != 0) {
     serving_.store(false);
@@ -284,7 +247,7 @@ void TargetSession::CheckComplete() {
   if (!serving_.load() || missing_.load() != 0 || completeNoticed_.exchange(true)) return;
   SessionNotice n;
   n.kind = "complete";
-  Notify(std::move(n));
+  notices_.Push(std::move(n));
 }
 
 int TargetSession::Continue(uint16_t range, uint64_t page, uint64_t count) {
@@ -378,11 +341,7 @@ void TargetSession::OnFault(uint16_t range, uint64_t address, uint64_t flags) {
 }
 
 void TargetSession::SendRequest(uint16_t range, uint64_t page, uint64_t count) {
-  std::shared_ptr<FrameChannel> ch;
-  {
-    std::lock_guard<std::mutex> lock(channelMu_);
-    ch = demand_;
-  }
+  std::shared_ptr<FrameChannel> ch = channels_.Get(ChannelPair::kDemand);
   stats_.requests.fetch_add(1, std::memory_order_relaxed);
   if (!ch) return;  // asked again after the reconnect (ResendRequests)
   uint8_t payload[8];
@@ -564,7 +523,7 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);
-    if (err != 0) return Closed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
     if (!demand && !idle && options_.bulkIdle && serving_.load()) {
       // Post-copy: the push's pages wait for any CPU time the demand path wants.
       struct sched_param param = {};
@@ -576,16 +535,16 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
       bad = "PAGES on the demand channel before the switchover";
     if (!bad.empty()) {
       ch->Shutdown();
-      return Closed(name, gen, EPROTO, true, bad);
+      return notices_.PushClosed(name, gen, EPROTO, true, bad);
     }
     if (h.type == kPages) {
       err = ReceivePages(ch, h, &staging, demand);
-      if (err != 0) return Closed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+      if (err != 0) return notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
       continue;
     }
     payload.resize(h.length);
     err = ch->ReadFull(payload.data(), h.length);
-    if (err != 0) return Closed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (err != 0) return notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
     switch (h.type) {
       case kZero: {
         uint64_t count = LoadU64(payload.data());
@@ -615,7 +574,7 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
         n.at = NowNs();
         n.channel = name;
         n.payload = payload;
-        Notify(std::move(n));
+        notices_.Push(std::move(n));
         break;
       }
       case kPing:
@@ -626,7 +585,7 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
     }
     if (!bad.empty()) {
       ch->Shutdown();
-      return Closed(name, gen, EPROTO, true, bad);
+      return notices_.PushClosed(name, gen, EPROTO, true, bad);
     }
   }
 }
@@ -704,18 +663,6 @@ std::vector<uint64_t> TargetSession::Verify(uint16_t range, uint64_t maskOffset,
   return bad;
 }
 
-void TargetSession::Closed(const char* channel, uint64_t gen, int err, bool protocol,
-                           const std::string& message) {
-  SessionNotice n;
-  n.id = gen;
-  n.kind = "closed";
-  n.channel = channel;
-  n.err = err;
-  n.protocol = protocol;
-  n.message = message;
-  Notify(std::move(n));
-}
-
 void TargetSession::Error(int err, const std::string& syscall, const std::string& detail) {
   stats_.errors.fetch_add(1, std::memory_order_relaxed);
   SessionNotice n;
@@ -723,19 +670,10 @@ void TargetSession::Error(int err, const std::string& syscall, const std::string
   n.err = err;
   n.channel = syscall;
   n.message = detail;
-  Notify(std::move(n));
-}
-
-void TargetSession::Notify(SessionNotice n) {
-  {
-    std::lock_guard<std::mutex> lock(noticeMu_);
-    notices_.push_back(std::move(n));
-  }
-  if (!jsScheduled_.exchange(true)) wakeJs_();
+  notices_.Push(std::move(n));
 }
 
 std::deque<SessionNotice> TargetSession::TakeNotices() {
-  jsScheduled_.store(false);
   std::deque<SessionNotice> out;
   if (engine_) {
     for (auto& e : engine_->TakeNotices()) {
@@ -748,9 +686,7 @@ std::deque<SessionNotice> TargetSession::TakeNotices() {
       out.push_back(std::move(n));
     }
   }
-  std::lock_guard<std::mutex> lock(noticeMu_);
-  for (auto& n : notices_) out.push_back(std::move(n));
-  notices_.clear();
+  notices_.TakeInto(&out);
   return out;
 }
 

@@ -27,6 +27,8 @@
 #include "engine/fault_engine.h"
 #include "engine/latency_histogram.h"
 #include "engine/migration_channel.h"
+#include "engine/migration_channel_pair.h"
+#include "engine/migration_notices.h"
 #include "engine/migration_source.h"
 
 namespace migration {
@@ -106,7 +108,7 @@ class TargetSession {
   std::deque<SessionNotice> TakeNotices();
   const TargetStats& stats() const { return stats_; }
   const LatencyHistogram& latency() const { return latency_; }
-  uint64_t wireBytes() const;
+  uint64_t wireBytes() const { return channels_.wireBytes(); }
   uint64_t lastReceiveNs() const;
   const EngineStats* engineStats() const { return engine_ ? &engine_->stats() : nullptr; }
 
@@ -123,10 +125,7 @@ class TargetSession {
   int Continue(uint16_t range, uint64_t page, uint64_t count);
   void SendRequest(uint16_t range, uint64_t page, uint64_t count);
   void SetValid(uint16_t range, uint64_t page, uint8_t to);
-  void Closed(const char* channel, uint64_t gen, int err, bool protocol, const std::string& message);
-  std::atomic<uint64_t> nextGen_{0};
   void Error(int err, const std::string& syscall, const std::string& detail);
-  void Notify(SessionNotice n);
   void CheckComplete();
 
   std::vector<TargetRange> ranges_;
@@ -148,14 +147,8 @@ class TargetSession {
   std::atomic<bool> completeNoticed_{false};
   std::vector<uint8_t> zeros_;  // one page of zeros, for hugetlbfs COPY
 
-  mutable std::mutex channelMu_;
-  std::shared_ptr<FrameChannel> main_;
-  std::shared_ptr<FrameChannel> demand_;
-  uint64_t closedBytes_ = 0;
-
-  std::mutex noticeMu_;
-  std::deque<SessionNotice> notices_;
-  std::atomic<bool> jsScheduled_{false};
+  ChannelPair channels_;
+  NoticeQueue notices_;
   TargetStats stats_;
   LatencyHistogram latency_;
 };
