@@ -39,6 +39,7 @@
 
 #include "binding/args.h"
 #include "binding/page_cache.h"
+#include "binding/threaded_core.h"
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
 #include "engine/fault_engine.h"
@@ -53,28 +54,13 @@ struct Releases {
   std::vector<napi_ref> refs;
 };
 
-struct Core {
+struct Core : ThreadedCore {
   std::unique_ptr<FaultEngine> engine;
   std::shared_ptr<Releases> releases = std::make_shared<Releases>();
   int watchdogMs = 0;
   uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
-  Napi::ThreadSafeFunction tsfn;
-  napi_env env = nullptr;
-  bool closed = false;
-  bool hooked = false;
 
-  void Close() {
-    if (closed) return;
-    closed = true;
-    if (watched) WatchdogForget(env, engine->requestFd());
-    engine->Stop();  // joins the threads: nothing calls the TSFN after this
-    engine->DropProvided();
-    Release(env);
-    tsfn.Release();
-    if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
-    hooked = false;
-  }
   // Deletes the references of provided buffers the engine is done with (JS thread).
   void Release(napi_env e) {
     std::vector<napi_ref> refs;
@@ -84,10 +70,13 @@ struct Core {
     }
     for (napi_ref r : refs) napi_delete_reference(e, r);
   }
-  static void OnTeardown(void* arg) {
-    Core* core = static_cast<Core*>(arg);
-    core->hooked = false;
-    core->Close();
+
+ protected:
+  void Stop() override {
+    if (watched) WatchdogForget(env, engine->requestFd());
+    engine->Stop();
+    engine->DropProvided();
+    Release(env);
   }
 };
 
@@ -186,7 +175,17 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
   return out;
 }
 
-class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
+// JS thread, woken by the engine: hands its notices to the listener.
+void DeliverNotices(Core& core, Napi::Env env, Napi::Function notify) {
+  std::deque<Notice> notices = core.engine->TakeNotices();
+  if (notices.empty()) return;
+  CallListener(env, notify, [&] { return NoticesToJs(env, notices); });
+  // Fork uffds not handed to JS (NoticesToJs failed part-way) are ours to close.
+  for (auto& n : notices)
+    if (n.kind == Notice::kFork && n.fd >= 0) close(n.fd);
+}
+
+class JsFaultEngine : public ThreadedWrap<JsFaultEngine, Core> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "FaultEngine",
@@ -205,13 +204,13 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
                            InstanceMethod<&JsFaultEngine::LatencyBuckets>("latencyHistogram"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
                            InstanceMethod<&JsFaultEngine::TakeTrace>("takeTrace"),
-                           InstanceMethod<&JsFaultEngine::Close>("close"),
-                           InstanceMethod<&JsFaultEngine::Ref>("ref"),
-                           InstanceMethod<&JsFaultEngine::Unref>("unref"),
+                           CloseMethod(),
+                           RefMethod(),
+                           UnrefMethod(),
                        });
   }
 
-  JsFaultEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsFaultEngine>(info) {
+  JsFaultEngine(const Napi::CallbackInfo& info) : ThreadedWrap(info) {
     Napi::Env env = info.Env();
     int fd = ArgFd(info, 0);
     Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
@@ -220,50 +219,17 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     int watchdogMs = static_cast<int>(OptU64(opts, "watchdogMs", 0));
 
     core_ = std::make_shared<Core>();
-    core_->env = env;
     core_->watchdogMs = watchdogMs;
     core_->faultAroundMax = o.faultAroundMax;
-    core_->tsfn =
-        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer", 0, 1);
-    std::weak_ptr<Core> weak = core_;
-    core_->engine.reset(new FaultEngine(o, [weak]() {
-      auto core = weak.lock();
-      if (!core) return;
-      // Runs on an engine thread; the TSFN outlives the threads (released after Stop()).
-      core->tsfn.NonBlockingCall([weak](Napi::Env env, Napi::Function notify) {
-        auto c = weak.lock();
-        if (!c || env == nullptr) return;
-        std::deque<Notice> notices = c->engine->TakeNotices();
-        if (notices.empty()) return;
-        // No C++ exception may leave this callback (std::terminate). A listener that threw is
-        // an uncaught exception, as from any event; at environment teardown, when JS can no
-        // longer run, the notices are dropped.
-        try {
-          notify.Call({NoticesToJs(env, notices)});
-        } catch (const Napi::Error&) {
-          bool pending = false;
-          if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
-            napi_value error;
-            if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_fatal_exception(env, error);
-          }
-        }
-        for (auto& n : notices)
-          if (n.kind == Notice::kFork && n.fd >= 0) close(n.fd);
-      });
-    }));
+    core_->Open(env, info[2].As<Napi::Function>(), "userfaultfd.FaultServer");
+    core_->engine.reset(new FaultEngine(o, TsfnWaker(core_, DeliverNotices)));
     std::string syscall;
     int err = core_->engine->Start(fd, &syscall);
     if (err != 0) {
-      core_->tsfn.Release();
-      core_->closed = true;
+      core_->Abandon();
       ThrowUffdError(env, err, syscall);
     }
-    napi_add_env_cleanup_hook(env, Core::OnTeardown, core_.get());
-    core_->hooked = true;
-  }
-
-  ~JsFaultEngine() override {
-    if (core_) core_->Close();
+    core_->Hook();
   }
 
  private:
@@ -619,23 +585,6 @@ class JsFaultEngine : public Napi::ObjectWrap<JsFaultEngine> {
     o.Set("dropped", Napi::Number::New(env, static_cast<double>(dropped)));
     return o;
   }
-
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    core_->Close();
-    return info.Env().Undefined();
-  }
-
-  Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Ref(info.Env());
-    return info.Env().Undefined();
-  }
-
-  Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Unref(info.Env());
-    return info.Env().Undefined();
-  }
-
-  std::shared_ptr<Core> core_;
 };
 
 }  // namespace

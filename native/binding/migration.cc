@@ -20,6 +20,7 @@
 #include <memory>
 
 #include "binding/args.h"
+#include "binding/threaded_core.h"
 #include "binding/uffd.h"
 #include "engine/migration_source.h"
 #include "engine/migration_target.h"
@@ -36,49 +37,37 @@ using migration::TargetSession;
 namespace {
 
 template <typename Session>
-struct Core {
+struct SessionCore : ThreadedCore {
   std::unique_ptr<Session> session;
-  Napi::ThreadSafeFunction tsfn;
-  napi_env env = nullptr;
-  bool closed = false;
-  bool hooked = false;
 
-  void Close() {
-    if (closed) return;
-    closed = true;
-    session->Close();  // joins every thread: nothing calls the TSFN after this
-    tsfn.Release();
-    if (hooked) napi_remove_env_cleanup_hook(env, OnTeardown, this);
-    hooked = false;
-  }
-  static void OnTeardown(void* arg) {
-    Core* core = static_cast<Core*>(arg);
-    core->hooked = false;
-    core->Close();
-  }
+ protected:
+  void Stop() override { session->Close(); }  // joins every thread of the session
 };
 
-// The ranges both session handles take: an array of 1..65535 { address, length, pageSize }.
-Napi::Array RangeList(Napi::Env env, Napi::Value v) {
+// The ranges both session handles take: an array of 1..65535 { address, length, pageSize }, each
+// non-empty and aligned to its page size; more(object, range) reads what one side adds.
+template <class Range, typename More>
+std::vector<Range> ArgRanges(Napi::Env env, Napi::Value v, More more) {
   if (!v.IsArray()) ThrowTypeError(env, "ranges must be an array");
   Napi::Array list = v.As<Napi::Array>();
   if (list.Length() == 0 || list.Length() > 65535) ThrowRangeError(env, "1..65535 ranges");
   for (uint32_t i = 0; i < list.Length(); i++)
     if (!list.Get(i).IsObject()) ThrowTypeError(env, "a range must be an object");
-  return list;
-}
-
-template <class Range>
-Range RangeOf(Napi::Env env, Napi::Object o) {
-  Range r;
-  r.address = U64Field(o, "address");
-  r.length = U64Field(o, "length");
-  r.pageSize = U64Field(o, "pageSize");
-  if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
-      r.length % r.pageSize || r.address % r.pageSize)
-    ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
-  r.pages = r.length / r.pageSize;
-  return r;
+  std::vector<Range> ranges;
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Object o = list.Get(i).As<Napi::Object>();
+    Range r;
+    r.address = U64Field(o, "address");
+    r.length = U64Field(o, "length");
+    r.pageSize = U64Field(o, "pageSize");
+    if (r.pageSize < BasePageSize() || (r.pageSize & (r.pageSize - 1)) || r.length == 0 ||
+        r.length % r.pageSize || r.address % r.pageSize)
+      ThrowRangeError(env, "a range must be non-empty and aligned to its page size");
+    r.pages = r.length / r.pageSize;
+    more(o, r);
+    ranges.push_back(r);
+  }
+  return ranges;
 }
 
 // Takes a socket from JS: a blocking, close-on-exec duplicate that the session owns.
@@ -146,69 +135,123 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<SessionNotice>& notices) {
   return out;
 }
 
+// JS thread, woken by the session: hands its notices to the listener.
 template <typename Session>
-std::function<void()> Waker(std::shared_ptr<Core<Session>> core) {
-  std::weak_ptr<Core<Session>> weak = core;
-  return [weak]() {
-    auto c = weak.lock();
-    if (!c) return;
-    c->tsfn.NonBlockingCall([weak](Napi::Env env, Napi::Function notify) {
-      auto cc = weak.lock();
-      if (!cc || env == nullptr || !cc->session) return;
-      std::deque<SessionNotice> notices = cc->session->TakeNotices();
-      if (notices.empty()) return;
-      try {
-        notify.Call({NoticesToJs(env, notices)});
-      } catch (const Napi::Error&) {
-        bool pending = false;
-        if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
-          napi_value error;
-          if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_fatal_exception(env, error);
-        }
-      }
-    });
-  };
+void DeliverNotices(SessionCore<Session>& core, Napi::Env env, Napi::Function notify) {
+  if (!core.session) return;
+  std::deque<SessionNotice> notices = core.session->TakeNotices();
+  if (notices.empty()) return;
+  CallListener(env, notify, [&] { return NoticesToJs(env, notices); });
 }
 
 void Put(Napi::Object o, const char* name, uint64_t v) {
   o.Set(name, Napi::Number::New(o.Env(), static_cast<double>(v)));
 }
 
-// ---- source -----------------------------------------------------------------------------------
+// stats().silentMs: how long since a channel last received anything (0 before anything came).
+void PutSilentMs(Napi::Object o, uint64_t lastReceiveNs) {
+  uint64_t now = NowNs();
+  o.Set("silentMs", Napi::Number::New(o.Env(), lastReceiveNs == 0 || lastReceiveNs > now
+                                                   ? 0
+                                                   : static_cast<double>(now - lastReceiveNs) / 1e6));
+}
 
-class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
+// What the source and target handles share beyond the lifecycle (ThreadedWrap): the session's
+// start, the channels' attach and detach. Derived::kName names the session in errors.
+template <typename Derived, typename Session>
+class SessionHandle : public ThreadedWrap<Derived, SessionCore<Session>> {
+  using Base = ThreadedWrap<Derived, SessionCore<Session>>;
+
  public:
-  static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "MigrationSourceHandle",
-                       {
-                           InstanceMethod<&MigrationSourceHandle::AttachMain>("attachMain"),
-                           InstanceMethod<&MigrationSourceHandle::AttachDemand>("attachDemand"),
-                           InstanceMethod<&MigrationSourceHandle::Detach>("detach"),
-                           InstanceMethod<&MigrationSourceHandle::Close>("close"),
-                           InstanceMethod<&MigrationSourceHandle::Send>("send"),
-                           InstanceMethod<&MigrationSourceHandle::SendRuns>("sendRuns"),
-                           InstanceMethod<&MigrationSourceHandle::StartPostcopy>("startPostcopy"),
-                           InstanceMethod<&MigrationSourceHandle::ResumePush>("resumePush"),
-                           InstanceMethod<&MigrationSourceHandle::SetPush>("setPush"),
-                           InstanceMethod<&MigrationSourceHandle::SetPushRate>("setPushRate"),
-                           InstanceMethod<&MigrationSourceHandle::Stats>("stats"),
-                           InstanceMethod<&MigrationSourceHandle::Ref>("ref"),
-                           InstanceMethod<&MigrationSourceHandle::Unref>("unref"),
-                       });
+  explicit SessionHandle(const Napi::CallbackInfo& info) : Base(info) {}
+
+ protected:
+  using Base::core_;
+  using typename Base::Wrap;
+  using Method = typename Wrap::InstanceMethodCallback;
+
+  // The class, its own methods between the shared ones (the order the prototype has always had).
+  static Napi::Function DefineSession(Napi::Env env, const char* name,
+                                      std::initializer_list<std::pair<const char*, Method>> own) {
+    std::vector<typename Wrap::PropertyDescriptor> methods = {
+        Wrap::InstanceMethod("attachMain", &SessionHandle::AttachMain),
+        Wrap::InstanceMethod("attachDemand", &SessionHandle::AttachDemand),
+        Wrap::InstanceMethod("detach", &SessionHandle::Detach),
+        Base::CloseMethod(),
+    };
+    for (const auto& [jsName, method] : own) methods.push_back(Wrap::InstanceMethod(jsName, method));
+    methods.push_back(Base::RefMethod());
+    methods.push_back(Base::UnrefMethod());
+    return Wrap::DefineClass(env, name, methods);
   }
 
-  MigrationSourceHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MigrationSourceHandle>(info) {
-    Napi::Env env = info.Env();
-    Napi::Array list = RangeList(env, info[0]);
-    std::vector<SourceRange> ranges;
-    for (uint32_t i = 0; i < list.Length(); i++) {
-      Napi::Object o = list.Get(i).As<Napi::Object>();
-      SourceRange r = RangeOf<SourceRange>(env, o);
-      ranges.push_back(r);
-    }
+  // The options object (info[1], optional) after checking the listener (info[2]).
+  static Napi::Object OptionsArg(const Napi::CallbackInfo& info) {
+    Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(info.Env());
+    if (!info[2].IsFunction()) ThrowTypeError(info.Env(), "notify must be a function");
+    return opts;
+  }
+
+  // Starts the session; its notices go to info[2] through a TSFN named `tsfnName`.
+  template <typename Range, typename Options>
+  void Open(const Napi::CallbackInfo& info, std::vector<Range> ranges, const Options& o,
+            const char* tsfnName) {
     rangeCount_ = ranges.size();
-    Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
-    if (!info[2].IsFunction()) ThrowTypeError(env, "notify must be a function");
+    core_ = std::make_shared<SessionCore<Session>>();
+    core_->Open(info.Env(), info[2].As<Napi::Function>(), tsfnName);
+    core_->session.reset(new Session(std::move(ranges), o, TsfnWaker(core_, DeliverNotices<Session>)));
+    core_->Hook();
+  }
+
+  Session* Live(Napi::Env env) {
+    if (core_->closed) ThrowUffdError(env, EBADF, Derived::kName, -1, "the session is closed");
+    return core_->session.get();
+  }
+  size_t ranges() const { return rangeCount_; }
+
+ private:
+  Napi::Value AttachMain(const Napi::CallbackInfo& info) {
+    Session* s = Live(info.Env());
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info), ArgInitial(info))));
+  }
+  Napi::Value AttachDemand(const Napi::CallbackInfo& info) {
+    Session* s = Live(info.Env());
+    return Napi::Number::New(
+        info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info), ArgInitial(info))));
+  }
+  Napi::Value Detach(const Napi::CallbackInfo& info) {
+    if (!core_->closed) core_->session->Detach();
+    return info.Env().Undefined();
+  }
+
+  size_t rangeCount_ = 0;
+};
+
+// ---- source -----------------------------------------------------------------------------------
+
+class MigrationSourceHandle : public SessionHandle<MigrationSourceHandle, SourceSession> {
+ public:
+  static constexpr const char* kName = "MigrationSource";
+
+  static Napi::Function Define(Napi::Env env) {
+    using H = MigrationSourceHandle;
+    return DefineSession(env, "MigrationSourceHandle",
+                         {
+                             {"send", &H::Send},
+                             {"sendRuns", &H::SendRuns},
+                             {"startPostcopy", &H::StartPostcopy},
+                             {"resumePush", &H::ResumePush},
+                             {"setPush", &H::SetPush},
+                             {"setPushRate", &H::SetPushRate},
+                             {"stats", &H::Stats},
+                         });
+  }
+
+  MigrationSourceHandle(const Napi::CallbackInfo& info) : SessionHandle(info) {
+    Napi::Env env = info.Env();
+    std::vector<SourceRange> ranges = ArgRanges<SourceRange>(env, info[0], [](Napi::Object, SourceRange&) {});
+    Napi::Object opts = OptionsArg(info);
     migration::SourceOptions o;
     o.pingMs = static_cast<uint32_t>(OptU64(opts, "pingMs", o.pingMs));
     o.chunkBytes = OptU64(opts, "chunkBytes", o.chunkBytes);
@@ -217,42 +260,10 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     if (opts.Get("pushIdle").IsBoolean()) o.pushIdle = opts.Get("pushIdle").ToBoolean();
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
     if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
-    core_ = std::make_shared<Core<SourceSession>>();
-    core_->env = env;
-    core_->tsfn =
-        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationSource", 0, 1);
-    core_->session.reset(new SourceSession(std::move(ranges), o, Waker(core_)));
-    napi_add_env_cleanup_hook(env, Core<SourceSession>::OnTeardown, core_.get());
-    core_->hooked = true;
-  }
-
-  ~MigrationSourceHandle() override {
-    if (core_) core_->Close();
+    Open(info, std::move(ranges), o, "userfaultfd.MigrationSource");
   }
 
  private:
-  SourceSession* Live(Napi::Env env) {
-    if (core_->closed) ThrowUffdError(env, EBADF, "MigrationSource", -1, "the session is closed");
-    return core_->session.get();
-  }
-  Napi::Value AttachMain(const Napi::CallbackInfo& info) {
-    SourceSession* s = Live(info.Env());
-    return Napi::Number::New(
-        info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info), ArgInitial(info))));
-  }
-  Napi::Value AttachDemand(const Napi::CallbackInfo& info) {
-    SourceSession* s = Live(info.Env());
-    return Napi::Number::New(
-        info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info), ArgInitial(info))));
-  }
-  Napi::Value Detach(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->session->Detach();
-    return info.Env().Undefined();
-  }
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    core_->Close();
-    return info.Env().Undefined();
-  }
   Napi::Value Send(const Napi::CallbackInfo& info) {
     SourceSession* s = Live(info.Env());
     std::string channel = info[0].ToString().Utf8Value();
@@ -303,70 +314,46 @@ class MigrationSourceHandle : public Napi::ObjectWrap<MigrationSourceHandle> {
     Put(o, "rounds", s.rounds.load());
     Put(o, "unsent", core_->session->unsent());
     Put(o, "wireBytes", core_->session->wireBytes());
-    uint64_t last = core_->session->lastReceiveNs();
-    uint64_t now = NowNs();
-    o.Set("silentMs",
-          Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
+    PutSilentMs(o, core_->session->lastReceiveNs());
     return o;
   }
-  Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Ref(info.Env());
-    return info.Env().Undefined();
-  }
-  Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Unref(info.Env());
-    return info.Env().Undefined();
-  }
-  size_t ranges() const { return rangeCount_; }
-
-  std::shared_ptr<Core<SourceSession>> core_;
-  size_t rangeCount_ = 0;
 };
 
 // ---- target -----------------------------------------------------------------------------------
 
-class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
+class MigrationTargetHandle : public SessionHandle<MigrationTargetHandle, TargetSession> {
  public:
+  static constexpr const char* kName = "MigrationTarget";
+
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "MigrationTargetHandle",
-                       {
-                           InstanceMethod<&MigrationTargetHandle::AttachMain>("attachMain"),
-                           InstanceMethod<&MigrationTargetHandle::AttachDemand>("attachDemand"),
-                           InstanceMethod<&MigrationTargetHandle::Detach>("detach"),
-                           InstanceMethod<&MigrationTargetHandle::Close>("close"),
-                           InstanceMethod<&MigrationTargetHandle::Send>("send"),
-                           InstanceMethod<&MigrationTargetHandle::StartServing>("startServing"),
-                           InstanceMethod<&MigrationTargetHandle::StopServing>("stopServing"),
-                           InstanceMethod<&MigrationTargetHandle::Registered>("registered"),
-                           InstanceMethod<&MigrationTargetHandle::DropUnreceived>("dropUnreceived"),
-                           InstanceMethod<&MigrationTargetHandle::Populate>("populate"),
-                           InstanceMethod<&MigrationTargetHandle::ResendRequests>("resendRequests"),
-                           InstanceMethod<&MigrationTargetHandle::Have>("have"),
-                           InstanceMethod<&MigrationTargetHandle::Settle>("settle"),
-                           InstanceMethod<&MigrationTargetHandle::Verify>("verify"),
-                           InstanceMethod<&MigrationTargetHandle::Stats>("stats"),
-                           InstanceMethod<&MigrationTargetHandle::Ref>("ref"),
-                           InstanceMethod<&MigrationTargetHandle::Unref>("unref"),
-                       });
+    using H = MigrationTargetHandle;
+    return DefineSession(env, "MigrationTargetHandle",
+                         {
+                             {"send", &H::Send},
+                             {"startServing", &H::StartServing},
+                             {"stopServing", &H::StopServing},
+                             {"registered", &H::Registered},
+                             {"dropUnreceived", &H::DropUnreceived},
+                             {"populate", &H::Populate},
+                             {"resendRequests", &H::ResendRequests},
+                             {"have", &H::Have},
+                             {"settle", &H::Settle},
+                             {"verify", &H::Verify},
+                             {"stats", &H::Stats},
+                         });
   }
 
-  MigrationTargetHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MigrationTargetHandle>(info) {
+  MigrationTargetHandle(const Napi::CallbackInfo& info) : SessionHandle(info) {
     Napi::Env env = info.Env();
-    Napi::Array list = RangeList(env, info[0]);
-    std::vector<TargetRange> ranges;
-    for (uint32_t i = 0; i < list.Length(); i++) {
-      Napi::Object o = list.Get(i).As<Napi::Object>();
-      TargetRange r = RangeOf<TargetRange>(env, o);
-      if (o.Has("alias") && !o.Get("alias").IsUndefined()) {
-        r.alias = U64Field(o, "alias");
-        r.memfd = static_cast<int>(U64Field(o, "memfd"));
-        if (r.alias % r.pageSize) ThrowRangeError(env, "alias must be aligned to the page size");
-      }
-      ranges.push_back(r);
-    }
-    rangeCount_ = ranges.size();
-    Napi::Object opts = info[1].IsObject() ? info[1].As<Napi::Object>() : Napi::Object::New(env);
-    if (!info[2].IsFunction()) ThrowTypeError(env, "notify must be a function");
+    std::vector<TargetRange> ranges =
+        ArgRanges<TargetRange>(env, info[0], [env](Napi::Object o, TargetRange& r) {
+          if (o.Has("alias") && !o.Get("alias").IsUndefined()) {
+            r.alias = U64Field(o, "alias");
+            r.memfd = static_cast<int>(U64Field(o, "memfd"));
+            if (r.alias % r.pageSize) ThrowRangeError(env, "alias must be aligned to the page size");
+          }
+        });
+    Napi::Object opts = OptionsArg(info);
     migration::TargetOptions o;
     o.pingMs = static_cast<uint32_t>(OptU64(opts, "pingMs", o.pingMs));
     o.spinUs = static_cast<uint32_t>(OptU64(opts, "spinUs", o.spinUs));
@@ -375,47 +362,14 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
     if (opts.Get("bulkIdle").IsBoolean()) o.bulkIdle = opts.Get("bulkIdle").ToBoolean();
     if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
-    core_ = std::make_shared<Core<TargetSession>>();
-    core_->env = env;
-    core_->tsfn =
-        Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "userfaultfd.MigrationTarget", 0, 1);
-    core_->session.reset(new TargetSession(std::move(ranges), o, Waker(core_)));
-    napi_add_env_cleanup_hook(env, Core<TargetSession>::OnTeardown, core_.get());
-    core_->hooked = true;
-  }
-
-  ~MigrationTargetHandle() override {
-    if (core_) core_->Close();
+    Open(info, std::move(ranges), o, "userfaultfd.MigrationTarget");
   }
 
  private:
-  TargetSession* Live(Napi::Env env) {
-    if (core_->closed) ThrowUffdError(env, EBADF, "MigrationTarget", -1, "the session is closed");
-    return core_->session.get();
-  }
   uint16_t ArgRange(const Napi::CallbackInfo& info, size_t i) {
     int32_t r = ArgI32(info, i, "range");
-    if (r < 0 || static_cast<size_t>(r) >= rangeCount_)
-      ThrowRangeError(info.Env(), "range index out of range");
+    if (r < 0 || static_cast<size_t>(r) >= ranges()) ThrowRangeError(info.Env(), "range index out of range");
     return static_cast<uint16_t>(r);
-  }
-  Napi::Value AttachMain(const Napi::CallbackInfo& info) {
-    TargetSession* s = Live(info.Env());
-    return Napi::Number::New(
-        info.Env(), static_cast<double>(s->AttachMain(AdoptSocket(info.Env(), info), ArgInitial(info))));
-  }
-  Napi::Value AttachDemand(const Napi::CallbackInfo& info) {
-    TargetSession* s = Live(info.Env());
-    return Napi::Number::New(
-        info.Env(), static_cast<double>(s->AttachDemand(AdoptSocket(info.Env(), info), ArgInitial(info))));
-  }
-  Napi::Value Detach(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->session->Detach();
-    return info.Env().Undefined();
-  }
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    core_->Close();
-    return info.Env().Undefined();
   }
   Napi::Value Send(const Napi::CallbackInfo& info) {
     TargetSession* s = Live(info.Env());
@@ -506,23 +460,9 @@ class MigrationTargetHandle : public Napi::ObjectWrap<MigrationTargetHandle> {
     Put(o, "demandSamples", h.Count());
     o.Set("demandP50us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.5)) / 1000.0));
     o.Set("demandP99us", Napi::Number::New(env, static_cast<double>(h.Quantile(0.99)) / 1000.0));
-    uint64_t last = session->lastReceiveNs();
-    uint64_t now = NowNs();
-    o.Set("silentMs",
-          Napi::Number::New(env, last == 0 || last > now ? 0 : static_cast<double>(now - last) / 1e6));
+    PutSilentMs(o, session->lastReceiveNs());
     return o;
   }
-  Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Ref(info.Env());
-    return info.Env().Undefined();
-  }
-  Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (!core_->closed) core_->tsfn.Unref(info.Env());
-    return info.Env().Undefined();
-  }
-
-  std::shared_ptr<Core<TargetSession>> core_;
-  size_t rangeCount_ = 0;
 };
 
 Napi::Value PageHashes(const Napi::CallbackInfo& info) {
