@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "engine/util.h"
+
 namespace migration {
 
 struct SessionNotice {
@@ -46,6 +48,15 @@ class NoticeQueue {
     n.err = err;
     n.protocol = protocol;
     n.message = message;
+    Push(std::move(n));
+  }
+  // A CONTROL frame's JSON, for JS (which drives the phases), stamped with when it was read.
+  void PushControl(const char* channel, const std::vector<uint8_t>& payload) {
+    SessionNotice n;
+    n.kind = "control";
+    n.at = NowNs();
+    n.channel = channel;
+    n.payload = payload;
     Push(std::move(n));
   }
   // JS thread: the notices queued so far, appended to `out` in order.

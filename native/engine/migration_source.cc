@@ -331,30 +331,37 @@ void SourceSession::ApplyHave(uint16_t range, uint64_t first, const uint8_t* bit
 
 // ---- readers ----------------------------------------------------------------------------------
 
+bool SourceSession::ReadFrame(FrameChannel* ch, const char* name, Role role, uint64_t gen, FrameHeader* h,
+                              std::vector<uint8_t>* payload) {
+  int err = ch->ReadHeader(h);
+  if (err != 0) {
+    notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+    return false;
+  }
+  std::string bad = CheckFrame(*h, role, shapes_);
+  if (!bad.empty()) {
+    ch->Shutdown();
+    notices_.PushClosed(name, gen, EPROTO, true, bad);
+    return false;
+  }
+  payload->resize(h->length);
+  err = ch->ReadFull(payload->data(), h->length);
+  if (err != 0) {
+    notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
+    return false;
+  }
+  return true;
+}
+
 void SourceSession::MainLoop(FrameChannel* ch, uint64_t gen) {
   std::vector<uint8_t> payload;
   while (true) {
     FrameHeader h;
-    int err = ch->ReadHeader(&h);
-    if (err != 0) return notices_.PushClosed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
-    std::string bad = CheckFrame(h, Role::kSourceMain, shapes_);
-    if (!bad.empty()) {
-      ch->Shutdown();
-      return notices_.PushClosed("main", gen, EPROTO, true, bad);
-    }
-    payload.resize(h.length);
-    err = ch->ReadFull(payload.data(), h.length);
-    if (err != 0) return notices_.PushClosed("main", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (!ReadFrame(ch, "main", Role::kSourceMain, gen, &h, &payload)) return;
     switch (h.type) {
-      case kControl: {
-        SessionNotice n;
-        n.kind = "control";
-        n.at = NowNs();
-        n.channel = "main";
-        n.payload = payload;
-        notices_.Push(std::move(n));
+      case kControl:
+        notices_.PushControl("main", payload);
         break;
-      }
       case kHave: {
         uint64_t pages = ranges_[h.range].pages;
         if (h.length > (pages - h.page + 7) / 8) {
@@ -378,33 +385,19 @@ void SourceSession::DemandLoop(FrameChannel* ch, uint64_t gen) {
   std::vector<uint8_t> payload;
   while (true) {
     FrameHeader h;
-    int err = ch->ReadHeader(&h);
-    if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
-    std::string bad = CheckFrame(h, Role::kSourceDemand, shapes_);
-    if (!bad.empty()) {
-      ch->Shutdown();
-      return notices_.PushClosed("demand", gen, EPROTO, true, bad);
-    }
-    payload.resize(h.length);
-    err = ch->ReadFull(payload.data(), h.length);
-    if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
+    if (!ReadFrame(ch, "demand", Role::kSourceDemand, gen, &h, &payload)) return;
     if (h.type == kRequest) {
       uint64_t count = LoadU64(payload.data());
-      bad = CheckRun(h.range, h.page, count, shapes_);
+      std::string bad = CheckRun(h.range, h.page, count, shapes_);
       if (bad.empty() && !postcopy_.load()) bad = "page REQUEST before the switchover";
       if (!bad.empty()) {
         ch->Shutdown();
         return notices_.PushClosed("demand", gen, EPROTO, true, bad);
       }
-      err = ServeRequest(ch, h.range, h.page, count);
+      int err = ServeRequest(ch, h.range, h.page, count);
       if (err != 0) return notices_.PushClosed("demand", gen, ch->shutDown() ? ECANCELED : err, false, "");
     } else if (h.type == kControl) {
-      SessionNotice n;
-      n.kind = "control";
-      n.at = NowNs();
-      n.channel = "demand";
-      n.payload = payload;
-      notices_.Push(std::move(n));
+      notices_.PushControl("demand", payload);
     } else if (h.type == kPing && h.page == 1) {
       ch->WriteBytes(kPong, 0, 0, payload.data(), payload.size());
     }

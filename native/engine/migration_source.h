@@ -94,6 +94,10 @@ class SourceSession {
  private:
   void MainLoop(FrameChannel* ch, uint64_t gen);
   void DemandLoop(FrameChannel* ch, uint64_t gen);
+  // The next whole frame a reader takes, checked for its channel (`role`). False when the channel
+  // ended or broke the protocol, its 'closed' notice pushed: the reader returns.
+  bool ReadFrame(FrameChannel* ch, const char* name, Role role, uint64_t gen, FrameHeader* h,
+                 std::vector<uint8_t>* payload);
   void PushLoop();
   // Sends [page, page + count) of a range as PAGES/ZERO frames of at most chunkBytes. 0 or errno.
   int SendPages(FrameChannel* ch, uint16_t range, uint64_t page, uint64_t count, bool demand);

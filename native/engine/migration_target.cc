@@ -568,15 +568,9 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
         }
         break;
       }
-      case kControl: {
-        SessionNotice n;
-        n.kind = "control";
-        n.at = NowNs();
-        n.channel = name;
-        n.payload = payload;
-        notices_.Push(std::move(n));
+      case kControl:
+        notices_.PushControl(name, payload);
         break;
-      }
       case kPing:
         if (h.page == 1) ch->WriteBytes(kPong, 0, 0, payload.data(), payload.size());
         break;
