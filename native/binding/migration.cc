@@ -148,7 +148,7 @@ void Put(Napi::Object o, const char* name, uint64_t v) {
   o.Set(name, Napi::Number::New(o.Env(), static_cast<double>(v)));
 }
 
-// stats().silentMs: how long since a channel last received anything (0 before anything came).
+// stats().silentMs: how long the session's channels have been silent (0 with none attached).
 void PutSilentMs(Napi::Object o, uint64_t lastReceiveNs) {
   uint64_t now = NowNs();
   o.Set("silentMs", Napi::Number::New(o.Env(), lastReceiveNs == 0 || lastReceiveNs > now
