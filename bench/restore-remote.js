@@ -7,7 +7,10 @@
 //               working set vs without, and vs the same workload on memory already resident.
 //               Without a working set every touched page is a demand fault, one round trip
 //               each, so that variant runs at 0 ms only (its fault count does not depend on the
-//               delay; its time at 25 ms would be ~26,000 x 25 ms).
+//               delay; its time at 25 ms would be ~26,000 x 25 ms). Two placements: the
+//               scheduler's ('scheduler': nothing pinned) and 'split' (the process, so the
+//               engine, the JS client and nbdkit, on CPU 0; the workload's thread on CPU 1, as a
+//               VMM pins a guest's vCPU thread away from its restore handler).
 //   sequential  a full restore from nbdkit at 25 ms (and 0 ms): one thread reading every page in
 //               order with background prefetch, until every page is present: MB/s.
 //   around      adaptive fault-around (the default) vs fixed windows, locally: a thread reading
@@ -162,11 +165,17 @@ async function workload(args, size, order, spec, wsFile) {
       server.on('error', (e) => errors.push(e))
       server.serve(m, source, wsFile ? { workingSet: wsFile } : {})
     }
-    await touch(addrs, { threads: 1, workNs: args.workUs * 1000 })
+    const cpu = args.placement === 'split' ? { cpu: 1 } : {}
+    await touch(addrs, { threads: 1, workNs: args.workUs * 1000, ...cpu })
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9
     const s = server?.stats()
     if (errors.length > 0) throw errors[0]
-    return { seconds, faults: s ? s.faults : 0, pages: s ? s.demandPages + s.prefetchPages + s.handlerPages : 0 }
+    return {
+      seconds,
+      faults: s ? s.faults : 0,
+      pages: s ? s.demandPages + s.prefetchPages + s.handlerPages : 0,
+      reads: s ? s.fed.backgroundReads : 0,
+    }
   } finally {
     server?.close()
     uffd?.close()
@@ -210,21 +219,23 @@ async function workingSetSection(args) {
     if (key === 'resident') continue
     const base = key.endsWith(' +ws') ? noWs(key.slice(0, -4)) : null
     rows.push({
-      workload: `${order.length} pages (10%) of ${args.sizeMiB} MiB, ${args.workUs} us/page: ${key}`,
+      workload: `${args.placement}: ${order.length} pages (10%) of ${args.sizeMiB} MiB, ${args.workUs} us/page: ${key}`,
       seconds: +median(list.map((x) => x.seconds)).toFixed(3),
       vsResident: ratio(list.map((x, i) => x.seconds / res.resident[i].seconds)),
       demandFaults: Math.round(median(list.map((x) => x.faults))),
       faultsSavedVsNoWs: base ? ratio(list.map((x, i) => 1 - x.faults / base[i].faults)) : null,
       pagesInstalled: Math.round(median(list.map((x) => x.pages))),
+      backgroundReads: Math.round(median(list.map((x) => x.reads))),
     })
   }
   rows.unshift({
-    workload: `${order.length} pages (10%) of ${args.sizeMiB} MiB, ${args.workUs} us/page: resident`,
+    workload: `${args.placement}: ${order.length} pages (10%) of ${args.sizeMiB} MiB, ${args.workUs} us/page: resident`,
     seconds: +median(res.resident.map((x) => x.seconds)).toFixed(3),
     vsResident: 1,
     demandFaults: 0,
     faultsSavedVsNoWs: null,
     pagesInstalled: 0,
+    backgroundReads: 0,
   })
   return rows
 }
@@ -386,8 +397,10 @@ async function child(args) {
 function runChild(args, section, placement) {
   const argv = [__filename, '--child', section, '--placement', placement]
   for (const k of ['sizeMiB', 'rounds', 'workUs', 'delays', 'warmGiB']) argv.push(`--${k}`, String(args[k]))
-  const cmd = section === 'around' ? 'taskset' : process.execPath
-  const full = section === 'around' ? ['-c', '0', process.execPath, ...argv] : argv
+  // the whole process (and the nbdkit it starts) on CPU 0; the faulting thread is placed apart
+  const pinned = section === 'around' || placement === 'split'
+  const cmd = pinned ? 'taskset' : process.execPath
+  const full = pinned ? ['-c', '0', process.execPath, ...argv] : argv
   const r = spawnSync(cmd, full, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 26 })
   if (r.status !== 0) throw new Error(`${section} (${placement}) failed`)
   return JSON.parse(r.stdout)
@@ -409,8 +422,8 @@ async function main() {
   const result = {}
   for (const section of ['workingset', 'sequential', 'around']) {
     if (args.only && args.only !== section) continue
-    const placements =
-      section === 'around' ? (args.placement === 'both' ? ['same', 'other'] : [args.placement]) : ['scheduler']
+    const both = { around: ['same', 'other'], workingset: ['scheduler', 'split'], sequential: ['scheduler'] }[section]
+    const placements = args.placement === 'both' || !both.includes(args.placement) ? both : [args.placement]
     result[section] = placements.flatMap((p) => runChild(args, section, p))
     if (!args.json) console.table(result[section])
   }

@@ -13,6 +13,7 @@ import { FrameConn, sourceHandshake, targetHandshake } from '../../src/migration
 import { encodeFrame, encodeJson, FrameType, type MemoryKind, type MigrationMode } from '../../src/migration/wire'
 import { startWorkload, type Workload } from '../../src/cli/migrate/workload'
 import type { KernelFeature } from '../../src/index'
+import { timeScale } from './children'
 import { withFeature } from './kernel'
 
 export const SECRET = 'test-secret-0123456789abcdef'
@@ -41,6 +42,12 @@ export interface RunOptions {
   target?: Partial<MigrationTargetOptions>
   /** connect through a TCP relay that cuts every connection once, this long after post-copy starts */
   cutInPostcopyMs?: number
+  /**
+   * The stop hook lets the source writer make this many more writes before pausing it: pages
+   * written after the last pre-copy round for certain, however the scheduler treated the writer
+   * (on a loaded machine it may not have run at all during the rounds).
+   */
+  writesInStop?: number
 }
 
 export interface RunResult {
@@ -90,7 +97,15 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     to: relay?.address ?? target.address,
     secret: SECRET,
     mode: o.mode,
-    stop: () => {
+    stop: async () => {
+      if (o.writesInStop !== undefined) {
+        const until = writer.stats().writes + o.writesInStop
+        const deadline = Date.now() + 10_000 * timeScale
+        while (writer.stats().writes < until) {
+          if (Date.now() > deadline) throw new Error('the source writer made no writes in 10 s')
+          await new Promise((r) => setTimeout(r, 1))
+        }
+      }
       if (!writer.pause(5000)) throw new Error('the source writer did not stop')
     },
     verify: { maskOffset: TARGET_STAMP, maskLength: 8 },
