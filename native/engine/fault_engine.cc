@@ -437,12 +437,13 @@ void FaultEngine::Record(ServedRange* r, FaultTiming* t) {
   m.blockedNs.fetch_add(blocked, std::memory_order_relaxed);
   stats_.blockedNs.fetch_add(blocked, std::memory_order_relaxed);
   const uint64_t read = t->startNs > t->readNs ? t->startNs - t->readNs : 0;
+  // Only the demand thread records stages (prefetch fills carry no timing).
   for (LatencyHistogram* h : {m.stages, stats_.stages}) {
-    h[kStageRead].Record(read);
-    h[kStageSource].Record(t->sourceNs);
-    h[kStageFill].Record(t->fillNs);
-    if (t->wakeNs > 0) h[kStageWake].Record(t->wakeNs);
-    h[kStageTotal].Record(done - t->readNs);
+    h[kStageRead].RecordOwned(read);
+    h[kStageSource].RecordOwned(t->sourceNs);
+    h[kStageFill].RecordOwned(t->fillNs);
+    if (t->wakeNs > 0) h[kStageWake].RecordOwned(t->wakeNs);
+    h[kStageTotal].RecordOwned(done - t->readNs);
   }
   t->address = 0;  // recorded: once
 }
@@ -753,9 +754,6 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
       case UFFD_EVENT_PAGEFAULT:
         stats_.faults.fetch_add(1, std::memory_order_relaxed);
         lastDemandNs_.store(readNs, std::memory_order_relaxed);
-        if (!(m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) &&
-            Delegated(m.arg.pagefault.address, m.arg.pagefault.flags))
-          break;
         if (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
           // Write protection is its waiter's business (a range registered MINOR + WP keeps its
           // WP faults): whoever protected the page resolves them with UFFDIO_WRITEPROTECT.
@@ -767,8 +765,17 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
                   m.arg.pagefault.address);
           break;
         }
-        HandleFault(m.arg.pagefault.address, readNs, (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0,
-                    m.arg.pagefault.feat.ptid);
+        {
+          // One lookup serves both questions: is the range delegated, and how to serve it.
+          const std::shared_ptr<ServedRange> r =
+              Lookup(Snapshot(&demandTable_, &demandVersion_), m.arg.pagefault.address);
+          if (r != nullptr && r->delegate != nullptr) {
+            r->delegate->OnFault(m.arg.pagefault.address, m.arg.pagefault.flags);
+            break;
+          }
+          HandleFault(r, m.arg.pagefault.address, readNs,
+                      (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0, m.arg.pagefault.feat.ptid);
+        }
         break;
       case UFFD_EVENT_REMOVE:
         stats_.removes.fetch_add(1, std::memory_order_relaxed);
@@ -792,17 +799,8 @@ void FaultEngine::HandleMessages(const void* data, size_t count, uint64_t readNs
   }
 }
 
-bool FaultEngine::Delegated(uint64_t address, uint64_t flags) {
-  const Table& table = Snapshot(&demandTable_, &demandVersion_);
-  std::shared_ptr<ServedRange> r = Lookup(table, address);
-  if (r == nullptr || r->delegate == nullptr) return false;
-  r->delegate->OnFault(address, flags);
-  return true;
-}
-
-void FaultEngine::HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid) {
-  const Table& table = Snapshot(&demandTable_, &demandVersion_);
-  std::shared_ptr<ServedRange> r = Lookup(table, address);
+void FaultEngine::HandleFault(const std::shared_ptr<ServedRange>& r, uint64_t address, uint64_t readNs,
+                              bool minor, uint32_t tid) {
   if (minor && (r == nullptr || !r->minor())) {
     // Registered MINOR by someone else: theirs to resolve.
     stats_.unhandled.fetch_add(1, std::memory_order_relaxed);

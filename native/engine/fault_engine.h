@@ -323,8 +323,8 @@ class FaultEngine {
   void DemandLoop();
   void PrefetchLoop();
   void HandleMessages(const void* msgs, size_t count, uint64_t readNs);
-  void HandleFault(uint64_t address, uint64_t readNs, bool minor, uint32_t tid);
-  bool Delegated(uint64_t address, uint64_t flags);
+  void HandleFault(const std::shared_ptr<ServedRange>& r, uint64_t address, uint64_t readNs, bool minor,
+                   uint32_t tid);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end);
   void HandleRemap(uint64_t from, uint64_t to, uint64_t len);
