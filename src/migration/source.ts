@@ -399,7 +399,8 @@ export class MigrationSource extends EventEmitter {
       let runs: PageRun[] = this.#ranges.map((r, i) => ({ range: i, page: 0, count: r.pages }))
       let previous = Number.POSITIVE_INFINITY
       let growing = 0
-      while (true) {
+      let converged = false
+      const round = async (): Promise<boolean> => {
         const info = await this.#sendRound(runs)
         runs = this.#collect()
         const dirty = runs.reduce((n, r) => n + r.count, 0)
@@ -407,13 +408,27 @@ export class MigrationSource extends EventEmitter {
         info.dirtyPages = dirty
         info.estimatedMs = info.bytesPerSecond > 0 ? (bytes / info.bytesPerSecond) * 1000 : 0
         this.emit('round', info)
-        if (dirty === 0 || info.estimatedMs <= this.#maxDowntime) break
+        return dirty === 0 || info.estimatedMs <= this.#maxDowntime
+      }
+      while (true) {
+        if (await round()) {
+          converged = true
+          break
+        }
         if (this.#round >= this.#maxRounds) break
         // Not converging: the workload dirties about as fast as the link sends.
-        growing = dirty >= previous * 0.9 ? growing + 1 : 0
+        const now = runs.reduce((n, r) => n + r.count, 0)
+        growing = now >= previous * 0.9 ? growing + 1 : 0
         if (growing >= 2) break
-        previous = dirty
+        previous = now
       }
+      // Hybrid: what the last round found dirty goes before the stop, not after. Each page listed
+      // at the stop costs downtime (found, encoded, dropped at the target: ~2.5 us each here, so
+      // the 9,000 pages a 64 MiB/s writer dirties during a 1 GiB first round cost 20-30 ms) and,
+      // in post-copy, a fault where the workload touches it; sent now it costs neither. What the
+      // workload dirties during this short round is all that is left for the stop. (Pre-copy
+      // sends the same pages in the stop: there the estimate is the downtime.)
+      if (this.mode === 'hybrid' && converged && runs.length > 0 && this.#round < this.#maxRounds) await round()
       await this.#stopWorkload()
       // Still to send: what the last round's collect found, and what was written since.
       let t = performance.now()
