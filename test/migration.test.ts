@@ -49,6 +49,27 @@ describe('migration over loopback', () => {
     })
   }
 
+  it('hybrid: the dirty set of the round that converged is sent in one more round before the stop', {
+    timeout: 60_000 * timeScale,
+  }, async () => {
+    if (!canPrecopy('anonymous', 'hybrid')) return
+    const r = await migrateHere({ mode: 'hybrid', kind: 'anonymous', size: 16 * MiB, dirtyRate: 16 * MiB })
+    expect(r.mismatches).toBe(0)
+    expect(r.source.verified).toBe(true)
+    // The first round whose dirty set would fit in maxDowntime (20 ms): if it left pages dirty,
+    // exactly one round follows it and sends them; the stop lists only what came after.
+    const at = r.rounds.findIndex((x) => x.dirtyPages === 0 || x.estimatedMs <= 20)
+    expect(at).toBeGreaterThanOrEqual(0)
+    const converged = r.rounds[at]
+    if (converged.dirtyPages > 0) {
+      expect(r.rounds.length).toBe(at + 2)
+      expect(r.rounds[at + 1].pages).toBe(converged.dirtyPages)
+    } else {
+      expect(r.rounds.length).toBe(at + 1)
+    }
+    expect(r.source.rounds).toBe(r.rounds.length)
+  })
+
   it('shmem (memfd) memory: pages go into the page cache through an alias, faults need only CONTINUE', {
     timeout: 60_000 * timeScale,
   }, async () => {

@@ -6,7 +6,7 @@
 import * as net from 'node:net'
 import { randomFillSync } from 'node:crypto'
 import { Mapping, hugePageSize } from '../../src/core/mapping'
-import { MigrationSource, type MigrationSourceOptions } from '../../src/migration/source'
+import { MigrationSource, type MigrationSourceOptions, type RoundInfo } from '../../src/migration/source'
 import { MigrationTarget, type MigrationTargetOptions, type MigrationTargetResult } from '../../src/migration/target'
 import type { MigrationResult } from '../../src/migration/common'
 import { FrameConn, sourceHandshake, targetHandshake } from '../../src/migration/transport'
@@ -61,6 +61,8 @@ export interface RunResult {
   lostStamps: number
   targetWrites: number
   targetFaults: number
+  /** the source's 'round' events, in order */
+  rounds: RoundInfo[]
 }
 
 const SOURCE_STAMP = 0
@@ -112,6 +114,8 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     ...o.source,
   })
   source.on('error', () => {})
+  const rounds: RoundInfo[] = []
+  source.on('round', (info: RoundInfo) => rounds.push(info))
   let cut = 0
   let armed = relay !== undefined
   source.on('phase', ({ phase }) => {
@@ -144,6 +148,7 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
       lostStamps,
       targetWrites: ws?.writes ?? 0,
       targetFaults: ws?.faults ?? 0,
+      rounds,
     }
   } finally {
     relay?.close()
