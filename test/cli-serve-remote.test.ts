@@ -1,13 +1,9 @@
-// `userfaultfd serve` with a remote --mem-file (nbdkit, nginx), working-set record and replay,
-// and its usage checks: the real binary against Firecracker-like guests (child processes that
-// verify every page against the snapshot file).
-import type { ChildProcess } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { afterAll, afterEach, describe, expect, it } from 'vitest'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
 import { WorkingSet } from '../src/index'
-import { type ChildResult, dist, killChildren, runGuest, runNode, watchOutput } from './helpers/children'
+import { dist, killChildren, runGuest, runNode, startServe } from './helpers/children'
 import { missing, startNbdkit, startNginx, stopServers, tempDir } from './helpers/servers'
 import { timeScale } from './helpers/children'
 
@@ -15,21 +11,6 @@ const cli = path.join(dist, 'cli', 'index.js')
 
 afterEach(() => killChildren())
 afterAll(stopServers)
-
-async function startServe(args: string[]): Promise<{
-  child: ChildProcess
-  done: Promise<ChildResult>
-  stderr: ReturnType<typeof watchOutput>
-}> {
-  let child: ChildProcess | undefined
-  let stderr: ReturnType<typeof watchOutput> | undefined
-  const done = runNode([cli, 'serve', ...args], 60_000, (c) => {
-    child = c
-    stderr = watchOutput(c.stderr!)
-  })
-  await stderr!.waitFor(/listening on/)
-  return { child: child!, done, stderr: stderr! }
-}
 
 function snapshotFile(size: number): { dir: string; memFile: string } {
   const dir = tempDir('uffd-serve-remote-')

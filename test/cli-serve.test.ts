@@ -5,10 +5,9 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
-import type { ChildProcess } from 'node:child_process'
 import * as net from 'node:net'
 import { writeSnapshot } from '../src/cli/demo/snapshot'
-import { type ChildResult, dist, killChildren, runGuest, runNode, timeScale, watchOutput } from './helpers/children'
+import { dist, killChildren, runGuest, runNode, startServe, timeScale } from './helpers/children'
 
 const cli = path.join(dist, 'cli', 'index.js')
 const ISO = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z /
@@ -25,22 +24,6 @@ beforeAll(() => {
 })
 afterEach(() => killChildren())
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }))
-
-/** Starts `serve` with `args`; resolves once it listens. */
-async function startServe(args: string[]): Promise<{
-  child: ChildProcess
-  done: Promise<ChildResult>
-  stderr: ReturnType<typeof watchOutput>
-}> {
-  let child: ChildProcess | undefined
-  let stderr: ReturnType<typeof watchOutput> | undefined
-  const done = runNode([cli, 'serve', ...args], 60_000, (c) => {
-    child = c
-    stderr = watchOutput(c.stderr!)
-  })
-  await stderr!.waitFor(/listening on/)
-  return { child: child!, done, stderr: stderr! }
-}
 
 describe('userfaultfd serve', () => {
   it('serves a Firecracker-like guest; logs with timestamps; SIGTERM stops it with --json stats', {

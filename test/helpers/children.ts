@@ -125,3 +125,19 @@ export async function runGuest(
     return { ...r, parseError: `${(err as Error).message} in ${JSON.stringify(r.stdout.slice(0, 200))}` }
   }
 }
+
+/** Starts the CLI's `serve` (the built binary) with `args`; resolves once it listens. */
+export async function startServe(args: string[]): Promise<{
+  child: ChildProcess
+  done: Promise<ChildResult>
+  stderr: ReturnType<typeof watchOutput>
+}> {
+  let child: ChildProcess | undefined
+  let stderr: ReturnType<typeof watchOutput> | undefined
+  const done = runNode([path.join(dist, 'cli', 'index.js'), 'serve', ...args], 60_000, (c) => {
+    child = c
+    stderr = watchOutput(c.stderr!)
+  })
+  await stderr!.waitFor(/listening on/)
+  return { child: child!, done, stderr: stderr! }
+}

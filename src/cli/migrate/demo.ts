@@ -28,21 +28,21 @@ export interface DemoOptions {
   loopback: boolean
 }
 
-/** The --json line: exactly these fields. */
-export interface DemoSummary {
-  mode: MigrationMode
-  bytes: number
-  totalMs: number
-  precopyMs: number
-  downtimeMs: number
-  postcopyMs: number
-  wireBytes: number
-  demandP50Us: number
-  demandP99Us: number
-  verified: boolean
-  reconnects: number
-  poisonedPages: number
-}
+/** The --json line: exactly these fields (the source's result's, with a yes/no verdict). */
+export type DemoSummary = Pick<
+  MigrationResult,
+  | 'mode'
+  | 'bytes'
+  | 'totalMs'
+  | 'precopyMs'
+  | 'downtimeMs'
+  | 'postcopyMs'
+  | 'wireBytes'
+  | 'demandP50Us'
+  | 'demandP99Us'
+  | 'reconnects'
+  | 'poisonedPages'
+> & { verified: boolean }
 
 type Event = Record<string, unknown> & { event: string }
 
