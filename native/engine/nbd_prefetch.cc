@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -117,7 +118,10 @@ int NbdPrefetch::Start() {
     if (flags < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0) return errno;
   }
   try {
-    thread_ = std::thread([this] { Run(); });
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "uffd-nbd");
+      Run();
+    });
   } catch (const std::system_error& e) {
     return e.code().value() != 0 ? e.code().value() : EAGAIN;
   }
