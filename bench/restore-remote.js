@@ -260,6 +260,7 @@ async function sequentialOnce(url, size) {
   const errors = []
   server.on('error', (e) => errors.push(e))
   const remote = await RemoteSource.open(url) // connected before the clock starts, as above
+  await remote.store.connected()
   try {
     const t0 = process.hrtime.bigint()
     server.serve(m, { remote })
