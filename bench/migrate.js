@@ -11,7 +11,8 @@
 //   demand  demand-fault p99 in post-copy while the push runs / idle rtt p50   target <= 3
 //   wire    bytes on the wire / memory size, post-copy              target <= 1.05
 //
-//   npm run bench:migrate [-- --sizes 1024,4096 --rounds 3 --placements split,packed --warmGiB 6 --json]
+//   npm run bench:migrate [-- --sizes 1024,4096 --rounds 3 --placements split,packed --warmGiB 6 --only NAME,NAME --json]
+//   (--only: the variants whose names contain one of the NAMEs, e.g. rtt,writer-postcopy)
 //
 // Ratios are medians over rounds; each round runs every variant once, in a shuffled order.
 // Placements: split (source on CPU 0, target on CPU 1), packed (both on CPU 0).
@@ -121,7 +122,8 @@ async function rtt(link, cpus) {
   return JSON.parse(client.lines[client.lines.length - 1])
 }
 
-async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false, priority = 'throughput') {
+// priority: postcopyPriority, undefined for the default
+async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false, priority = undefined) {
   const p = port++
   const target = start([
     ...prefix(link, 'target', cpus.target),
@@ -151,8 +153,7 @@ async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = f
     String(dirtyRate),
     '--target-readers',
     String(readers),
-    '--postcopy-priority',
-    priority,
+    ...(priority === undefined ? [] : ['--postcopy-priority', priority]),
     '--events',
   ])
   const timer = setTimeout(() => {
@@ -196,8 +197,8 @@ function variants() {
     { name: `writer-hybrid-${small}`, run: (l, c) => migration(l, c, small, 'hybrid', rate, 1) },
     { name: `writer-postcopy-${small}`, run: (l, c) => migration(l, c, small, 'postcopy', rate, 1) },
     {
-      name: `writer-postcopylat-${small}`,
-      run: (l, c) => migration(l, c, small, 'postcopy', rate, 1, false, 'latency'),
+      name: `writer-postcopythr-${small}`,
+      run: (l, c) => migration(l, c, small, 'postcopy', rate, 1, false, 'throughput'),
     },
     { name: `writer-precopy-${small}`, run: (l, c) => migration(l, c, small, 'precopy', rate, 1) },
   ]
@@ -205,7 +206,9 @@ function variants() {
     v.push({ name: `writer-hybrid-${large}`, run: (l, c) => migration(l, c, large, 'hybrid', rate, 1) })
     v.push({ name: `writer-postcopy-${large}`, run: (l, c) => migration(l, c, large, 'postcopy', rate, 1) })
   }
-  return args.only ? v.filter((x) => x.name.includes(args.only)) : v
+  if (!args.only) return v
+  const only = String(args.only).split(',')
+  return v.filter((x) => only.some((o) => x.name.includes(o)))
 }
 
 const PLACEMENTS = {
@@ -252,7 +255,7 @@ async function main() {
       summary[`${k}.vsFresh`] = m((r) => r[k]?.totalMs / r['floor-fresh']?.ms)
     }
     for (const size of [small, large].filter(Boolean)) {
-      for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
+      for (const mode of ['hybrid', 'postcopy', 'postcopythr', 'precopy']) {
         const k = `writer-${mode}-${size}`
         if (!rounds.some((r) => r[k])) continue
         summary[`${k}.downtimeMs`] = m((r) => r[k]?.downtimeMs)
@@ -290,7 +293,7 @@ async function main() {
           `idle ${mode.padEnd(9)} into touched memory: total ${fmt(summary[`idle-${mode}-touched.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}-touched.vsTouched`])}x floor (touched)`,
         )
       for (const size of [small, large].filter(Boolean))
-        for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
+        for (const mode of ['hybrid', 'postcopy', 'postcopythr', 'precopy']) {
           const k = `writer-${mode}-${size}`
           if (summary[`${k}.downtimeMs`] === undefined) continue
           out(
