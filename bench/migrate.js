@@ -9,6 +9,7 @@
 //   total   migration of idle memory (no writer) / floor            target <= 1.15
 //   down    downtime with a 64 MiB/s writer, post-copy and hybrid   target <= 20 ms, 4 GiB / 1 GiB <= 1.2
 //   demand  demand-fault p99 in post-copy while the push runs / idle rtt p50   target <= 3
+//           (the default postcopyPriority, 'latency'; postcopythr: 'throughput', for its time)
 //   wire    bytes on the wire / memory size, post-copy              target <= 1.05
 //
 //   npm run bench:migrate [-- --sizes 1024,4096 --rounds 3 --placements split,packed --warmGiB 6 --only NAME,NAME --json]
@@ -205,6 +206,10 @@ function variants() {
   if (large) {
     v.push({ name: `writer-hybrid-${large}`, run: (l, c) => migration(l, c, large, 'hybrid', rate, 1) })
     v.push({ name: `writer-postcopy-${large}`, run: (l, c) => migration(l, c, large, 'postcopy', rate, 1) })
+    v.push({
+      name: `writer-postcopythr-${large}`,
+      run: (l, c) => migration(l, c, large, 'postcopy', rate, 1, false, 'throughput'),
+    })
   }
   if (!args.only) return v
   const only = String(args.only).split(',')
@@ -267,6 +272,9 @@ async function main() {
         summary[`${k}.demandP99us`] = m((r) => r[k]?.demandP99Us)
         summary[`${k}.demandP99vsRtt`] = m((r) => r[k]?.demandP99Us / r.rtt?.p50us)
         summary[`${k}.threadFaultP99us`] = m((r) => r[k]?.targetFaultP99us)
+        // The default postcopyPriority ('latency') against 'throughput', same size, same rounds.
+        if (mode === 'postcopy')
+          summary[`${k}.totalVsThroughput`] = m((r) => r[k]?.totalMs / r[`writer-postcopythr-${size}`]?.totalMs)
       }
     }
     if (large) {
@@ -300,7 +308,8 @@ async function main() {
             `writer ${args.dirtyRate} MiB/s ${mode.padEnd(9)} ${String(size).padStart(5)} MiB: downtime ${fmt(summary[`${k}.downtimeMs`])} ms, total ${fmt(summary[`${k}.totalMs`], 0)} ms, wire ${fmt(summary[`${k}.wire`], 3)}x, rounds ${fmt(summary[`${k}.rounds`], 0)}, dirty at stop ${fmt(summary[`${k}.dirtyAtStop`], 0)}` +
               (mode === 'precopy'
                 ? ''
-                : `, demand p50 ${fmt(summary[`${k}.demandP50us`], 0)} us p99 ${fmt(summary[`${k}.demandP99us`], 0)} us = ${fmt(summary[`${k}.demandP99vsRtt`])}x idle rtt p50 (faulting thread p99 ${fmt(summary[`${k}.threadFaultP99us`], 0)} us)`),
+                : `, demand p50 ${fmt(summary[`${k}.demandP50us`], 0)} us p99 ${fmt(summary[`${k}.demandP99us`], 0)} us = ${fmt(summary[`${k}.demandP99vsRtt`])}x idle rtt p50 (faulting thread p99 ${fmt(summary[`${k}.threadFaultP99us`], 0)} us)`) +
+              (mode === 'postcopy' ? `, total / postcopythr ${fmt(summary[`${k}.totalVsThroughput`])}` : ''),
           )
         }
       if (large)
