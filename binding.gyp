@@ -31,6 +31,7 @@
         "native/binding/wp_dirty_tracker.cc",
         "native/engine/fault_engine.cc",
         "native/engine/fault_sources.cc",
+        "native/engine/nbd_prefetch.cc",
         "native/engine/migration_channel.cc",
         "native/engine/migration_channel_pair.cc",
         "native/engine/migration_source.cc",

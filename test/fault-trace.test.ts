@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { FaultServer, FaultTrace, Feature, Mapping, PAGE_SIZE, Userfaultfd } from '../src/index'
 import { native } from '../src/addon/native'
 import { pages, touch } from '../src/testing'
-import { closeAll, randomContent, setup, track, until, within } from './helpers/fault-server'
+import { closeAll, ENGINE_DEFAULTS, randomContent, setup, track, until, within } from './helpers/fault-server'
 
 afterEach((ctx) => closeAll(ctx))
 
@@ -23,22 +23,6 @@ interface TraceEvent {
   tid: number
   args?: Record<string, unknown>
 }
-
-const ENGINE_DEFAULTS = {
-  faultAround: 65536,
-  faultAroundMax: 2 << 20,
-  prefetchChunk: 262144,
-  spinUs: 0,
-  readSize: 64,
-  progressIntervalMs: 100,
-  onRemove: 'zero',
-  onFork: 'close',
-  backgroundPriority: 'idle',
-  handlerConcurrency: 4,
-  prefetchYieldUs: 1000,
-  watchdogMs: 0,
-  startPaused: false,
-} as const
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'uffd-trace-'))
 let n = 0

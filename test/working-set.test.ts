@@ -130,8 +130,9 @@ describe.skipIf(missing('nbdkit'))('working sets over NBD', () => {
     expect([...ws.pages]).toEqual(order)
     expect(ws.identity.size).toBe(96 * MiB)
 
-    // replay through a RemoteSource whose background reads are logged as they are issued
-    const remote = await RemoteSource.open(srv.url)
+    // replay in JavaScript (test/nbd-prefetch.test.ts has the native replay) through a
+    // RemoteSource whose background reads are logged as they are issued
+    const remote = await RemoteSource.open(srv.url, { nativeReads: false })
     const reads: number[] = []
     const read = remote.store.read.bind(remote.store)
     remote.store.read = (offset, length, o) => {

@@ -21,6 +21,14 @@
 //   resume() (options.startPaused: read nothing from the uffd until then);
 //   latencyHistogram() -> { count, buckets: [[index, count], ...] } (src/util/histogram.ts's buckets);
 //   takeTrace() -> { records: ArrayBuffer (40-byte FaultTraceRecords), dropped } | null;
+//   prefetchNbd(rangeId, fds[], reads: Float64Array [offset, length, ...],
+//               { depth, initialWindow, maxQueued, timeoutMs, exportSize }) -> id: a working set's reads from
+//               an
+//     NBD server in native code (engine/nbd_prefetch.h) over dups of `fds` (connected, after the
+//     handshake, simple replies); its end is a { type: 'prefetched', id } notice;
+//   prefetchResult(id) -> { provided: Uint8Array (per read, 1: its bytes went to the engine),
+//     bytes, error: UffdError | null } once it has ended (then forgotten), else null;
+//   prefetchStop(id) -> the same outcome (ended now if it ran; then forgotten), or null;
 //   close(); ref(); unref()
 //
 // Why bytes are copied: N-API cannot pin an ArrayBuffer's memory. A strong reference keeps it from
@@ -33,6 +41,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <fcntl.h>
+
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -43,6 +54,7 @@
 #include "binding/uffd.h"
 #include "binding/watchdog.h"
 #include "engine/fault_engine.h"
+#include "engine/nbd_prefetch.h"
 #include "engine/util.h"
 
 namespace {
@@ -60,6 +72,9 @@ struct Core : ThreadedCore {
   int watchdogMs = 0;
   uint64_t faultAroundMax = 2 << 20;
   bool watched = false;
+  // native NBD prefetches (JS thread only), stopped before the engine
+  std::map<uint64_t, std::unique_ptr<NbdPrefetch>> prefetches;
+  uint64_t nextPrefetch = 1;
 
   // Deletes the references of provided buffers the engine is done with (JS thread).
   void Release(napi_env e) {
@@ -74,6 +89,7 @@ struct Core : ThreadedCore {
  protected:
   void Stop() override {
     if (watched) WatchdogForget(env, engine->requestFd());
+    prefetches.clear();  // each joins its thread: nothing provides after this
     engine->Stop();
     engine->DropProvided();
     Release(env);
@@ -145,6 +161,10 @@ Napi::Value NoticesToJs(Napi::Env env, std::deque<Notice>& notices) {
       case Notice::kProgress:
         o.Set("type", "progress");
         break;
+      case Notice::kPrefetched:
+        o.Set("type", "prefetched");
+        o.Set("id", Napi::Number::New(env, static_cast<double>(n.id)));
+        break;
       case Notice::kFork:
         o.Set("type", "fork");
         o.Set("fd", Napi::Number::New(env, n.fd));
@@ -204,6 +224,9 @@ class JsFaultEngine : public ThreadedWrap<JsFaultEngine, Core> {
                            InstanceMethod<&JsFaultEngine::LatencyBuckets>("latencyHistogram"),
                            InstanceMethod<&JsFaultEngine::Settled>("settled"),
                            InstanceMethod<&JsFaultEngine::TakeTrace>("takeTrace"),
+                           InstanceMethod<&JsFaultEngine::PrefetchNbd>("prefetchNbd"),
+                           InstanceMethod<&JsFaultEngine::PrefetchResult>("prefetchResult"),
+                           InstanceMethod<&JsFaultEngine::PrefetchStop>("prefetchStop"),
                            CloseMethod(),
                            RefMethod(),
                            UnrefMethod(),
@@ -454,6 +477,90 @@ class JsFaultEngine : public ThreadedWrap<JsFaultEngine, Core> {
     uint64_t queued =
         core_->engine->Provide(rangeId, sourceOffset, bytes.data, bytes.length, std::move(hold));
     return Napi::Number::New(env, static_cast<double>(queued));
+  }
+
+  Napi::Value PrefetchNbd(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    FaultEngine* engine = Live(env);
+    uint32_t rangeId = static_cast<uint32_t>(ArgU64(info, 0, "rangeId"));
+    if (!info[1].IsArray() || info[1].As<Napi::Array>().Length() == 0)
+      ThrowTypeError(env, "fds must be a non-empty array of file descriptors");
+    if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+      ThrowTypeError(env, "reads must be a Float64Array of [offset, length] pairs");
+    Napi::Object opts = info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
+    Napi::Float64Array list = info[2].As<Napi::Float64Array>();
+    if (list.ElementLength() % 2 != 0) ThrowRangeError(env, "reads must hold [offset, length] pairs");
+    NbdPrefetchOptions o;
+    o.depth = static_cast<uint32_t>(OptU64(opts, "depth", o.depth));
+    o.initialWindow = static_cast<uint32_t>(OptU64(opts, "initialWindow", o.initialWindow));
+    o.maxQueued = OptU64(opts, "maxQueued", o.maxQueued);
+    o.timeoutMs = static_cast<uint32_t>(OptU64(opts, "timeoutMs", o.timeoutMs));
+    o.exportSize = U64Field(opts, "exportSize");
+    if (o.depth < 1 || o.depth > 65536) ThrowRangeError(env, "depth must be 1..65536");
+    std::vector<NbdRead> reads(list.ElementLength() / 2);
+    for (size_t i = 0; i < reads.size(); i++) {
+      double off = list[2 * i], len = list[2 * i + 1];
+      if (!(off >= 0 && off < 9007199254740992.0 && off == static_cast<double>(static_cast<uint64_t>(off))) ||
+          !(len >= 1 && len <= 32.0 * 1024 * 1024 && len == static_cast<double>(static_cast<uint32_t>(len))))
+        ThrowRangeError(env, "each read must be a whole offset >= 0 and a length of 1 byte..32 MiB");
+      reads[i] = NbdRead{static_cast<uint64_t>(off), static_cast<uint32_t>(len)};
+    }
+    // Our own dups: JS lets its sockets go once this returns.
+    Napi::Array arr = info[1].As<Napi::Array>();
+    std::vector<int> fds;
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Value v = arr[i];
+      int fd = v.IsNumber() ? v.As<Napi::Number>().Int32Value() : -1;
+      int dup = fd >= 0 ? fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+      if (dup < 0) {
+        int err = fd >= 0 ? errno : EBADF;
+        for (int d : fds) close(d);
+        ThrowUffdError(env, err, "fcntl(F_DUPFD_CLOEXEC)", -1, "an NBD connection's socket");
+      }
+      fds.push_back(dup);
+    }
+    uint64_t id = core_->nextPrefetch++;
+    auto prefetch =
+        std::make_unique<NbdPrefetch>(engine, rangeId, std::move(fds), std::move(reads), o, [engine, id] {
+          Notice n;
+          n.kind = Notice::kPrefetched;
+          n.id = id;
+          engine->Notify(std::move(n));
+        });
+    int err = prefetch->Start();
+    if (err != 0) ThrowUffdError(env, err, "NbdPrefetch");
+    core_->prefetches[id] = std::move(prefetch);
+    return Napi::Number::New(env, static_cast<double>(id));
+  }
+
+  Napi::Value PrefetchResult(const Napi::CallbackInfo& info) {
+    auto it = core_->prefetches.find(ArgU64(info, 0, "id"));
+    if (it == core_->prefetches.end() || !it->second->finished()) return info.Env().Null();
+    return TakePrefetch(info.Env(), it);
+  }
+
+  Napi::Value PrefetchStop(const Napi::CallbackInfo& info) {
+    auto it = core_->prefetches.find(ArgU64(info, 0, "id"));
+    if (it == core_->prefetches.end()) return info.Env().Null();
+    return TakePrefetch(info.Env(), it);
+  }
+
+  // Ends the prefetch (if it runs), forgets it and returns its outcome.
+  Napi::Value TakePrefetch(Napi::Env env, std::map<uint64_t, std::unique_ptr<NbdPrefetch>>::iterator it) {
+    std::unique_ptr<NbdPrefetch> p = std::move(it->second);
+    core_->prefetches.erase(it);
+    p->Stop();  // joins
+    std::vector<uint8_t> provided = p->Provided();
+    Napi::Uint8Array flags = Napi::Uint8Array::New(env, provided.size());
+    if (!provided.empty()) memcpy(flags.Data(), provided.data(), provided.size());
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("provided", flags);
+    out.Set("bytes", Napi::Number::New(env, static_cast<double>(p->bytes())));
+    if (p->error() != 0)
+      out.Set("error", MakeUffdError(env, p->error(), "NBD_CMD_READ", -1, p->detail()).Value());
+    else
+      out.Set("error", env.Null());
+    return out;
   }
 
   Napi::Value ProvidedQueued(const Napi::CallbackInfo& info) {

@@ -180,7 +180,7 @@ struct HandlerRequest {
 };
 
 struct Notice {
-  enum Kind { kError, kProgress, kFork, kRequests } kind = kError;
+  enum Kind { kError, kProgress, kFork, kRequests, kPrefetched } kind = kError;
   int err = 0;
   std::string syscall;
   std::string detail;
@@ -191,6 +191,7 @@ struct Notice {
   // thread waits on the page), and for "retry" when; empty for other errors.
   std::string action;
   uint32_t retryInMs = 0;
+  uint64_t id = 0;  // kPrefetched: which native prefetch (nbd_prefetch.h) has ended
 };
 
 // Named as FaultServerStats. Page counts are in each range's own pages (a 2 MiB page counts one).
@@ -256,6 +257,9 @@ class FaultEngine {
     for (auto& r : table_) f(*r);
   }
   std::deque<Notice> TakeNotices();
+  // Queues a notice for JS (any thread): the engine's own, and its helpers' (NbdPrefetch's end).
+  void Notify(Notice notice);
+  // Queues a notice for JS (any thread): the engine's own, and its helpers' (NbdPrefetch's end).
   Settlement Settled();
   // Zeros to copy into hugetlb ranges of `pageSize` (shared by every range of that size).
   std::shared_ptr<ZeroRegion> ZerosFor(uint64_t pageSize, int* err);
@@ -392,7 +396,6 @@ class FaultEngine {
   // A fill's failure, with what was done about it (onSourceError: "retry", "poison", "zero"; "": nothing).
   void SourceError(const FillResult& f, const std::string& detail, uint64_t address, const char* action,
                    uint32_t retryInMs);
-  void Notify(Notice notice);
   void Progress(bool force);
 
   EngineOptions options_;

@@ -331,6 +331,26 @@ export type FaultEngineNotice =
   | { type: 'progress' }
   | { type: 'fork'; fd: number }
   | { type: 'requests'; requests: FaultEngineRequest[] }
+  /** a native NBD prefetch has ended: prefetchResult(id) has its outcome */
+  | { type: 'prefetched'; id: number }
+
+export interface NbdPrefetchOptions {
+  /** reads in flight per connection (default 256) */
+  depth?: number
+  /** no new read while the engine holds this many provided bytes (default 64 MiB) */
+  maxQueued?: number
+  /** reads in flight and nothing received for this long: failed (ms, default 30000) */
+  timeoutMs?: number
+  exportSize: number
+}
+
+export interface NbdPrefetchResult {
+  /** per read: 1 where its bytes went to the engine */
+  provided: Uint8Array
+  bytes: number
+  /** the first failure ('ECANCELED' when stopped), or null */
+  error: NativeError | null
+}
 
 export interface FaultEngine {
   addRange(range: FaultEngineRange, source: FaultEngineSource): void
@@ -364,6 +384,16 @@ export interface FaultEngine {
    * FaultTraceRecords (native/engine/fault_trace.h), and how many did not fit meanwhile.
    */
   takeTrace(): FaultEngineTrace | null
+  /**
+   * Reads [offset, length] pairs (in this order) from an NBD export in native code over dups of
+   * `fds` (connected, past the handshake, simple replies) and provides them for range `rangeId`.
+   * Ends with a 'prefetched' notice; never retries (JS reads what it did not provide).
+   */
+  prefetchNbd(rangeId: number, fds: number[], reads: Float64Array, options: NbdPrefetchOptions): number
+  /** the outcome once the prefetch has ended (then forgotten), else null */
+  prefetchResult(id: number): NbdPrefetchResult | null
+  /** ends a prefetch and returns its outcome (then forgotten); null if unknown */
+  prefetchStop(id: number): NbdPrefetchResult | null
   close(): void
   ref(): void
   unref(): void

@@ -35,6 +35,7 @@ import { FaultTrace } from './fault-trace'
 import { bool, checkRenamed, choice, describe, int, optionalInt, powerOfTwo } from '../util/validate'
 import { faultServerMetrics, type MetricsOptions } from './fault-metrics'
 import { FedRanges, isRemoteSpec, type RemoteSpec } from './fed-ranges'
+import { NativePrefetches } from './native-prefetch'
 import { type Backing, type PageCacheLease, leasePageCache } from './page-cache'
 
 export type { FaultHandler, FaultRequest, FaultSource, PageBytes } from '../sources/fault-source'
@@ -321,6 +322,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
   readonly #served = new Map<number, Served>()
   readonly #handlers = new Map<number, FaultHandler>()
   readonly #fed: FedRanges
+  readonly #prefetches: NativePrefetches
   /** { handler } demand requests not yet answered */
   #handlerWaiting = 0
   #nextId = 1
@@ -389,6 +391,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       this.#trace = { file, owned: typeof o.trace === 'string', threadIds, timer }
     }
     const h = this.#handle
+    this.#prefetches = new NativePrefetches(() => (this.#closed ? null : h))
     this.#fed = new FedRanges(
       {
         provide: (id, offset, bytes) => (this.#closed ? 0 : h.provide(id, offset, bytes)),
@@ -404,6 +407,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         if (address !== undefined && err.address === undefined) err.address = address
         this.#error(err)
       },
+      this.#prefetches,
     )
     serving.add(uffd)
     released.register(this, uffd, this)
@@ -632,7 +636,8 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
    */
   close(): void {
     if (this.#closed) return
-    this.#fed.close()
+    this.#fed.close() // stops the feeds, and so their native prefetches
+    this.#prefetches.close()
     this.#closed = true
     if (debug.enabled) debug('FaultServer: close (uffd %d)', this.#uffd.fd)
     this.#handle.close() // joins the engine's threads: nothing reads the sources any more
@@ -709,6 +714,9 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
           else child.close()
           break
         }
+        case 'prefetched':
+          this.#prefetches.ended(n.id)
+          break
         case 'requests':
           for (const q of n.requests) {
             if (this.#fed.handles(q.handler)) this.#fed.request(q.handler, q)

@@ -13,6 +13,7 @@ import { type RemoteOptions, RemoteSource, type RemoteSpec } from '../sources/re
 import { bytesIdentity, type SnapshotIdentity } from '../sources/snapshot-identity'
 import { WorkingSet, WorkingSetError } from '../sources/working-set'
 import { describe } from '../util/validate'
+import type { NativePrefetches } from './native-prefetch'
 
 export interface FedEngine extends EngineLink {
   recordTouches(on: boolean): void
@@ -112,14 +113,21 @@ export interface FedServe {
 export class FedRanges {
   readonly #engine: FedEngine
   readonly #onError: (err: Error, address?: bigint) => void
+  readonly #prefetches: NativePrefetches | null
   readonly #ranges = new Map<number, FedRange>()
   /** recorded demand faults: [range id, source offset] in arrival order */
   readonly #touches: Array<[number, number]> = []
   #recording = 0
 
-  constructor(engine: FedEngine, onError: (err: Error, address?: bigint) => void) {
+  /** `prefetches`: working sets of NBD sources replayed in native code (null: in JavaScript) */
+  constructor(
+    engine: FedEngine,
+    onError: (err: Error, address?: bigint) => void,
+    prefetches: NativePrefetches | null = null,
+  ) {
     this.#engine = engine
     this.#onError = onError
+    this.#prefetches = prefetches
   }
 
   /** Whether range `id` (a handler id in the engine) answers its own requests. */
@@ -158,9 +166,12 @@ export class FedRanges {
     let sourceName: string
     let offset: number
     let base = 0
+    let nativeReplay: ReturnType<NativePrefetches['replayer']> | undefined
     if (remote) {
       const r = openRemote(source as RemoteSpec)
       reader = r.reader
+      if (ws !== undefined && this.#prefetches !== null)
+        nativeReplay = this.#prefetches.replayer(id, () => r.reader.source())
       offset = r.offset
       sourceName = r.name
       identity = async () => (await r.reader.source()).identity()
@@ -191,6 +202,7 @@ export class FedRanges {
       base,
       prefetch: options.prefetch && !record,
       onError: this.#onError,
+      nativeReplay,
     })
     const fed: FedRange = { range, feed, demand: remote, reader, recorded: record, base, identity, sourceName }
     return {
@@ -252,6 +264,7 @@ export class FedRanges {
       providedBytes: 0,
       workingSetDelivered: 0,
       workingSetPages: 0,
+      nativeReads: 0,
     }
     for (const f of this.#ranges.values())
       for (const k of Object.keys(sum) as Array<keyof FeedStats>) sum[k] += f.feed.stats[k]

@@ -40,6 +40,20 @@ export interface EngineRequest {
   fault?: bigint
 }
 
+/** How a native working-set replay ended: per read, 1 where its bytes went to the engine. */
+export interface NativeReplayOutcome {
+  provided: Uint8Array
+  bytes: number
+  /** the first failure (code 'ECANCELED' when stopped), or null */
+  error: Error | null
+}
+
+/** A working-set replay running in native code (src/engines/native-prefetch.ts). */
+export interface NativeReplay {
+  done: Promise<NativeReplayOutcome>
+  stop(): void
+}
+
 export interface FeedOptions {
   rangeId: number
   /** the range's start address (for error reports) and length */
@@ -66,6 +80,13 @@ export interface FeedOptions {
   onError: (err: Error, address?: bigint) => void
   /** the background has nothing left to fetch */
   onDone?: () => void
+  /**
+   * Replays the working set in native code where the reader allows it (an NBD export without a
+   * cache or a manifest). Called once at start() (it may connect meanwhile); what it returns is
+   * then given the reads, [offset, length] pairs in order, and gives a running replay, or null
+   * (JavaScript reads them). What it does not provide, JavaScript reads afterwards.
+   */
+  nativeReplay?: () => (reads: Float64Array) => Promise<NativeReplay | null>
 }
 
 export interface FeedStats {
@@ -79,6 +100,8 @@ export interface FeedStats {
   /** of the working set: pages delivered so far, and its pages inside this range */
   workingSetDelivered: number
   workingSetPages: number
+  /** of backgroundReads, those done in native code (nativeReplay) */
+  nativeReads: number
 }
 
 // per-page background state
@@ -96,6 +119,7 @@ export class Feed {
     providedBytes: 0,
     workingSetDelivered: 0,
     workingSetPages: 0,
+    nativeReads: 0,
   }
   readonly #o: FeedOptions
   readonly #reader: PageReader
@@ -115,6 +139,10 @@ export class Feed {
   #paused: NodeJS.Timeout | null = null
   #failures = 0
   #done = false
+  /** a native replay runs: JavaScript's background reads wait for it */
+  #nativeBusy = false
+  #native: NativeReplay | null = null
+  #wsAbandoned = false
   readonly #batchPages: number
   readonly #maxInflightBytes: number
   readonly #maxQueued: number
@@ -153,17 +181,84 @@ export class Feed {
   /** Stops replaying the working set (found stale); the rest goes on. */
   abandonWorkingSet(): void {
     this.#wsCursor = this.#ws.length
+    this.#wsAbandoned = true
+    this.#native?.stop()
   }
 
   /** Starts the background fill (working set, then the rest with prefetch). */
   start(): void {
     this.#started = true
-    this.#pump()
+    if (this.#o.nativeReplay !== undefined && this.#ws.length > 0) this.#replayNatively(this.#o.nativeReplay)
+    else this.#pump()
   }
 
   stop(): void {
     this.#stopped = true
     if (this.#paused) clearTimeout(this.#paused)
+    this.#native?.stop()
+  }
+
+  // The whole working set handed to native code at once, in first-touch order: one read per
+  // page or run of consecutive pages (a native read costs too little to read through gaps, and
+  // gaps would only install pages nobody touched). The connections are made meanwhile.
+  #replayNatively(replay: NonNullable<FeedOptions['nativeReplay']>): void {
+    const begin = replay()
+    const ws = this.#ws
+    const firsts = new Uint32Array(ws.length)
+    const counts = new Uint32Array(ws.length)
+    let n = 0
+    for (let k = 0; k < ws.length; k++) {
+      const i = ws[k]
+      if (this.#state[i] !== TODO) continue
+      this.#state[i] = INFLIGHT
+      if (n > 0 && firsts[n - 1] + counts[n - 1] === i && counts[n - 1] < this.#batchPages) counts[n - 1]++
+      else {
+        firsts[n] = i
+        counts[n++] = 1
+      }
+    }
+    this.#wsCursor = ws.length
+    const runs: Array<[number, number]> = []
+    const reads = new Float64Array(n * 2)
+    for (let k = 0; k < n; k++) {
+      runs.push([firsts[k], counts[k]])
+      reads[2 * k] = this.#o.sourceOffset + firsts[k] * PAGE
+      reads[2 * k + 1] = counts[k] * PAGE
+    }
+    this.#nativeBusy = true
+    const ended = (o: NativeReplayOutcome | null): void => this.#nativeEnded(runs, o)
+    begin(reads)
+      .then((r) => {
+        if (r === null) return ended(null)
+        this.#native = r
+        if (this.#stopped || this.#wsAbandoned) r.stop()
+        return r.done.then(ended)
+      })
+      .catch((err: Error) => ended({ provided: new Uint8Array(runs.length), bytes: 0, error: err }))
+  }
+
+  #nativeEnded(runs: Array<[number, number]>, o: NativeReplayOutcome | null): void {
+    this.#native = null
+    this.#nativeBusy = false
+    let failedAt = -1
+    runs.forEach(([first, count], k) => {
+      if (o?.provided[k] === 1) {
+        this.stats.backgroundReads++
+        this.stats.nativeReads++
+        this.stats.providedBytes += count * PAGE
+        for (let i = first; i < first + count; i++) this.#deliver(i)
+        return
+      }
+      if (failedAt < 0) failedAt = first
+      for (let i = first; i < first + count; i++) if (this.#state[i] === INFLIGHT) this.#state[i] = TODO
+    })
+    if (this.#stopped) return
+    const err = o?.error ?? null
+    if (err !== null && (err as { code?: string }).code !== 'ECANCELED')
+      this.#o.onError(err, this.#o.address + BigInt(Math.max(0, failedAt) * PAGE))
+    // what it did not provide: read by JavaScript, working set first
+    if (!this.#wsAbandoned) this.#wsCursor = 0
+    this.#pump()
   }
 
   get done(): boolean {
@@ -215,7 +310,7 @@ export class Feed {
 
   // Keeps background reads going (up to #maxInflightBytes, 1024 reads), working set first.
   #pump(): void {
-    if (this.#pumping || this.#stopped || !this.#started) return
+    if (this.#pumping || this.#stopped || !this.#started || this.#nativeBusy) return
     this.#pumping = true
     try {
       while (this.#inflightBytes < this.#maxInflightBytes && this.#inflight < MAX_READS && !this.#stopped) {
@@ -249,7 +344,28 @@ export class Feed {
   // The next batch: up to #batchPages pages of the working set (sorted, gaps up to #gap pages
   // read through), else the next stretch in address order; null when nothing is left.
   #nextRuns(): Array<[number, number]> | null {
-    if (this.#wsCursor < this.#ws.length) {
+    const ws = this.#nextWorkingSetRuns()
+    if (ws !== null) return ws
+    if (!this.#o.prefetch) return null
+    // address order from the cursor (which follows demand), wrapping once
+    for (let pass = 0; pass < 2; pass++) {
+      let i = pass === 0 ? this.#seqCursor : 0
+      const limit = pass === 0 ? this.#pages : this.#seqCursor
+      while (i < limit && this.#state[i] !== TODO) i++
+      if (i < limit) {
+        let n = 0
+        while (i + n < this.#pages && n < this.#batchPages && this.#state[i + n] === TODO) n++
+        this.#seqCursor = i + n
+        return [[i, n]]
+      }
+    }
+    return null
+  }
+
+  // The working set's next batch of pages still to fetch, as runs in first-touch order; null
+  // once it is all asked for.
+  #nextWorkingSetRuns(): Array<[number, number]> | null {
+    while (this.#wsCursor < this.#ws.length) {
       // The first batches are small (the workload waits for its first pages), then they grow.
       const want = Math.min(this.#batchPages, this.#wsBatch)
       this.#wsBatch *= 2
@@ -281,19 +397,6 @@ export class Feed {
         // issued in the order the pages were first touched: the workload's next page comes first
         runs.sort((a, b) => a[2] - b[2])
         return runs.map(([f, n]) => [f, n])
-      }
-    }
-    if (!this.#o.prefetch) return null
-    // address order from the cursor (which follows demand), wrapping once
-    for (let pass = 0; pass < 2; pass++) {
-      let i = pass === 0 ? this.#seqCursor : 0
-      const limit = pass === 0 ? this.#pages : this.#seqCursor
-      while (i < limit && this.#state[i] !== TODO) i++
-      if (i < limit) {
-        let n = 0
-        while (i + n < this.#pages && n < this.#batchPages && this.#state[i + n] === TODO) n++
-        this.#seqCursor = i + n
-        return [[i, n]]
       }
     }
     return null

@@ -233,8 +233,16 @@ export class NbdConnection {
     return this.#pending.size
   }
 
-  /** Connects and negotiates; rejects with a SourceError (retryable where a retry may help). */
-  static async connect(target: NbdTarget, location: string, options: NbdOptions = {}): Promise<NbdConnection> {
+  /**
+   * Connects and negotiates; rejects with a SourceError (retryable where a retry may help).
+   * `simple`: no structured replies (a connection handed to native code, which parses only simple ones).
+   */
+  static async connect(
+    target: NbdTarget,
+    location: string,
+    options: NbdOptions = {},
+    simple = false,
+  ): Promise<NbdConnection> {
     const connectTimeout = options.connectTimeout ?? 10_000
     const incoming = new Incoming()
     // Reads land where the parser says: payloads straight into the reply's buffer (see
@@ -269,7 +277,13 @@ export class NbdConnection {
       connectTimeout,
     )
     try {
-      const info = await handshake(socket, incoming, target.export, (code, message) => fail(code, message, false))
+      const info = await handshake(
+        socket,
+        incoming,
+        target.export,
+        (code, message) => fail(code, message, false),
+        !simple,
+      )
       socket.off('error', onError)
       socket.off('close', onClose)
       return new NbdConnection(socket, receiver, info, location, options.timeout ?? 30_000, incoming.chunks.splice(0))
@@ -360,6 +374,24 @@ export class NbdConnection {
         this.#die(`no reply to a read within ${this.#timeout} ms`, 'ETIMEDOUT', true)
     }, tick)
     this.#timer.unref()
+  }
+
+  /**
+   * For a connection handed to native code: its socket's fd (the JS side reads nothing from it
+   * any more), or null where it has none or reads are in flight. Call release() once the fd is
+   * dup'ed: the JS socket then goes without a goodbye (the dup keeps the connection open).
+   */
+  handOver(): { fd: number; release: () => void } | null {
+    const fd = (this.#socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd
+    if (this.#dead !== null || this.#pending.size > 0 || typeof fd !== 'number' || fd < 0) return null
+    this.#socket.pause() // an onread socket stops reading at once: replies are the new owner's
+    return {
+      fd,
+      release: () => {
+        this.#dead = this.#error('handed over', 'ESHUTDOWN', false)
+        this.#socket.destroy()
+      },
+    }
   }
 
   /** NBD_CMD_DISC, then the socket closes; pending reads fail. */
@@ -609,6 +641,7 @@ async function handshake(
   incoming: Incoming,
   exportName: string,
   fail: (code: string, message: string) => SourceError,
+  askStructured = true,
 ): Promise<ExportInfo> {
   const greeting = await incoming.take(18)
   if (greeting.readBigUInt64BE(0) !== NBDMAGIC) throw fail('EPROTO', 'not an NBD server (bad magic)')
@@ -641,12 +674,14 @@ async function handshake(
   }
 
   // Structured replies: holes without data. Refused: simple replies (still correct).
-  sendOption(OPT_STRUCTURED_REPLY, Buffer.alloc(0))
   let structured = false
-  for (;;) {
-    const r = await readReply(OPT_STRUCTURED_REPLY)
-    if (r.type === REP_ACK) structured = true
-    if (r.type === REP_ACK || r.type >= 0x80000000) break
+  if (askStructured) {
+    sendOption(OPT_STRUCTURED_REPLY, Buffer.alloc(0))
+    for (;;) {
+      const r = await readReply(OPT_STRUCTURED_REPLY)
+      if (r.type === REP_ACK) structured = true
+      if (r.type === REP_ACK || r.type >= 0x80000000) break
+    }
   }
 
   const name = Buffer.from(exportName, 'utf8')
@@ -783,6 +818,37 @@ export class NbdStore implements BlockStore {
     // the common case without an extra promise hop: a live connection
     if (conn instanceof NbdConnection) return conn.read(offset, length)
     return conn.then((c) => c.read(offset, length))
+  }
+
+  /** ms a read may take (the timeout option) */
+  get timeout(): number {
+    return this.#options.timeout ?? 30_000
+  }
+
+  /**
+   * `count` (default: as many as the bulk connections) new connections with simple replies,
+   * handed over as fds for native reads (the FaultServer's working-set prefetch); null where the
+   * server takes one client at a time or a socket has no fd. release() once they are dup'ed.
+   */
+  async handOver(count = this.#bulk.length): Promise<{ fds: number[]; release: () => void } | null> {
+    if (this.#closed || !this.#multi) return null
+    const conns = await Promise.all(
+      Array.from({ length: count }, () =>
+        NbdConnection.connect(this.#target, this.location, this.#options, true).catch(() => null),
+      ),
+    )
+    const handed = conns.map((c) => c?.handOver() ?? null)
+    const ok = handed.every((h) => h !== null) && !this.#closed
+    if (!ok) {
+      for (const c of conns) c?.close()
+      return null
+    }
+    return {
+      fds: handed.map((h) => h!.fd),
+      release: () => {
+        for (const h of handed) h!.release()
+      },
+    }
   }
 
   async close(): Promise<void> {

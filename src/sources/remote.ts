@@ -10,6 +10,7 @@ import { Manifest } from './manifest'
 import { type NbdOptions, NbdStore } from './nbd'
 import { fingerprintOf, fingerprintOffsets, type SnapshotIdentity } from './snapshot-identity'
 import { type BlockStore, SourceError } from './store'
+import { flag } from '../util/validate'
 
 const PAGE = 4096
 
@@ -45,6 +46,12 @@ export interface RemoteOptions extends Omit<HttpOptions, 'connections' | 'timeou
   attempts?: number
   /** called on every failed try (the FaultServer makes these 'error' events) */
   onError?: (err: SourceError, willRetry: boolean) => void
+  /**
+   * NBD: replay working sets in native code (a thread of the FaultServer's engine pipelines the
+   * reads over connections of its own; default true). Without a cache or a manifest only, whose
+   * checks and writes are JavaScript's. false: every read through JavaScript.
+   */
+  nativeReads?: boolean
 }
 
 export interface RemoteCounters {
@@ -88,6 +95,8 @@ export class RemoteSource {
     integrityFailures: 0,
   }
   onError?: (err: SourceError, willRetry: boolean) => void
+  /** working sets from NBD replayed in native code (RemoteOptions.nativeReads) */
+  readonly nativeReads: boolean
   readonly #attempts: number
   readonly #ownCache: boolean
   #closed = false
@@ -111,6 +120,7 @@ export class RemoteSource {
     if (!Number.isSafeInteger(this.#attempts) || this.#attempts < 1)
       throw new RangeError(`attempts must be an integer >= 1 (got ${options.attempts})`)
     this.onError = options.onError
+    this.nativeReads = flag(options as Record<string, unknown>, 'nativeReads', true)
   }
 
   /** Opens nbd://, nbd+unix://, http:// or https:// (the store's handshake or probe runs now). */

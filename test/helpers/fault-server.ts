@@ -115,3 +115,20 @@ export async function until(pred: () => boolean, ms = 5000, what = 'condition'):
     await new Promise((r) => setTimeout(r, 2))
   }
 }
+
+/** The FaultServer's defaults, as the native FaultEngine takes them (tests that build one directly). */
+export const ENGINE_DEFAULTS = {
+  faultAround: 65536,
+  faultAroundMax: 2 << 20,
+  prefetchChunk: 262144,
+  spinUs: 0,
+  readSize: 64,
+  progressIntervalMs: 100,
+  onRemove: 'zero',
+  onFork: 'close',
+  backgroundPriority: 'idle',
+  handlerConcurrency: 4,
+  prefetchYieldUs: 1000,
+  watchdogMs: 0,
+  startPaused: false,
+} as const
