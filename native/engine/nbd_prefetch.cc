@@ -66,15 +66,16 @@ struct NbdPrefetch::Connection {
   size_t inAt = 0;                           // first byte not parsed
   size_t inHave = 0;                         // bytes read into it
   uint32_t inflight = 0;
-  double window = 0;  // reads in flight it may have now (see Adapt)
+  double window = 0;     // reads in flight it may have now (see Adapt)
   uint64_t roundNs = 0;  // latencies summed over this round of replies, and their count
   uint32_t roundCount = 0;
   uint64_t lastNs = 0;      // when bytes last came
   std::deque<size_t> sent;  // reads sent, oldest first (answered ones dropped from the front lazily)
 };
 
-NbdPrefetch::NbdPrefetch(FaultEngine* engine, uint32_t rangeId, std::vector<int> fds, std::vector<NbdRead> reads,
-                         const NbdPrefetchOptions& options, std::function<void()> done)
+NbdPrefetch::NbdPrefetch(FaultEngine* engine, uint32_t rangeId, std::vector<int> fds,
+                         std::vector<NbdRead> reads, const NbdPrefetchOptions& options,
+                         std::function<void()> done)
     : engine_(engine),
       rangeId_(rangeId),
       reads_(std::move(reads)),

@@ -34,9 +34,9 @@ struct NbdPrefetchOptions {
   // needs hundreds in flight to cover its round trip).
   uint32_t depth = 1024;
   uint32_t initialWindow = 64;
-  uint64_t maxQueued = 64ull << 20;     // no new read while the engine holds this many bytes
-  uint32_t timeoutMs = 30000;           // a read not answered within this long: failed
-  uint64_t exportSize = 0;              // reads must lie inside it
+  uint64_t maxQueued = 64ull << 20;  // no new read while the engine holds this many bytes
+  uint32_t timeoutMs = 30000;        // a read not answered within this long: failed
+  uint64_t exportSize = 0;           // reads must lie inside it
 };
 
 class NbdPrefetch {
@@ -74,7 +74,8 @@ class NbdPrefetch {
   uint32_t rangeId_;
   std::vector<std::unique_ptr<Connection>> conns_;
   std::vector<NbdRead> reads_;
-  std::vector<uint8_t> state_;  // per read: kReadTodo, kReadInFlight, kReadProvided (this thread's, until finished)
+  std::vector<uint8_t>
+      state_;  // per read: kReadTodo, kReadInFlight, kReadProvided (this thread's, until finished)
   std::vector<uint64_t> sentNs_;  // per read: when it was sent
   uint64_t rttMinNs_ = UINT64_MAX;
   NbdPrefetchOptions options_;

@@ -73,6 +73,7 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms))
 }
 
+/** How post-copy shares the network stack and the CPUs between demand faults and the background push (MigrationSourceOptions.postcopyPriority). */
 export type PostcopyPriority = 'throughput' | 'latency'
 export const POSTCOPY_PRIORITIES = ['latency', 'throughput'] as const
 export const DEFAULT_POSTCOPY_PRIORITY: PostcopyPriority = 'latency'
