@@ -78,14 +78,19 @@ function pinMain(cpu) {
   execFileSync('taskset', ['-p', '-c', String(cpu), String(process.pid)], { stdio: 'ignore' })
 }
 
+const DELAY_THREADS = 128
+const DELAY_CONNECTIONS = 8
+
 async function startNbdkit(file, delayMs) {
   const dir = fs.mkdtempSync(path.join(out, 'nbdkit-'))
   const sock = path.join(dir, 'sock')
   const pid = path.join(dir, 'pid')
   const args = ['-f', '-r', '--exit-with-parent', '-P', pid, '-U', sock, '-e', 'snap']
   // The delay filter sleeps in a server thread: with nbdkit's default 16 threads, 16 reads per
-  // delay at most. A network round trip occupies no server thread, so give it plenty.
-  if (delayMs > 0) args.push('-t', '256', '--filter=delay')
+  // delay at most. A network round trip occupies no server thread, so give it plenty: 128 per
+  // connection, over 8 connections (fewer connections with more threads each cost nbdkit more
+  // CPU here: its threads contend for each connection's locks).
+  if (delayMs > 0) args.push('-t', String(DELAY_THREADS), '--filter=delay')
   args.push('file', `file=${file}`)
   if (delayMs > 0) args.push(`delay-read=${delayMs}ms`)
   const child = spawn('nbdkit', args, { stdio: 'ignore' })
@@ -144,7 +149,9 @@ async function workload(args, size, order, spec, wsFile) {
     // starts (nbdkit creates its worker threads per connection).
     let source = spec
     if (spec !== null && 'nbd' in spec) {
-      remote = await RemoteSource.open(spec.nbd)
+      const delayed = spec.delayMs > 0
+      remote = await RemoteSource.open(spec.nbd, delayed ? { connections: DELAY_CONNECTIONS } : {})
+      await remote.store.connected() // the working set's native reads borrow them
       source = { remote }
     }
     const addrs = addressesOf(m.address, order)
@@ -175,6 +182,7 @@ async function workload(args, size, order, spec, wsFile) {
       faults: s ? s.faults : 0,
       pages: s ? s.demandPages + s.prefetchPages + s.handlerPages : 0,
       reads: s ? s.fed.backgroundReads : 0,
+      nativeReads: s ? s.fed.nativeReads : 0,
     }
   } finally {
     server?.close()
@@ -202,8 +210,8 @@ async function workingSetSection(args) {
         ['local', { file }, true],
       ]
       for (const d of delays) {
-        if (d === 0) variants.push([`nbd ${d} ms`, { nbd: servers[d].url }, false])
-        variants.push([`nbd ${d} ms`, { nbd: servers[d].url }, true])
+        if (d === 0) variants.push([`nbd ${d} ms`, { nbd: servers[d].url, delayMs: d }, false])
+        variants.push([`nbd ${d} ms`, { nbd: servers[d].url, delayMs: d }, true])
       }
       for (const [name, source, ws] of variants) {
         const key = `${name}${ws ? ' +ws' : ''}`
@@ -226,6 +234,7 @@ async function workingSetSection(args) {
       faultsSavedVsNoWs: base ? ratio(list.map((x, i) => 1 - x.faults / base[i].faults)) : null,
       pagesInstalled: Math.round(median(list.map((x) => x.pages))),
       backgroundReads: Math.round(median(list.map((x) => x.reads))),
+      nativeReads: Math.round(median(list.map((x) => x.nativeReads))),
     })
   }
   rows.unshift({
@@ -236,6 +245,7 @@ async function workingSetSection(args) {
     faultsSavedVsNoWs: null,
     pagesInstalled: 0,
     backgroundReads: 0,
+    nativeReads: 0,
   })
   return rows
 }

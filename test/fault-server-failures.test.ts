@@ -21,6 +21,7 @@ import {
 import { killChildren } from './helpers/children'
 import { closeAll, onCleanup, randomContent, track, until } from './helpers/fault-server'
 import { type Guest, guestValues, startGuest } from './helpers/guest'
+import { missing, startNbdkit } from './helpers/servers'
 
 afterEach((ctx) => {
   killChildren()
@@ -189,6 +190,53 @@ describe('onSourceError', () => {
     expect(rp.signal, rp.stderr).toBe('SIGBUS')
     expect(poison.errors[0]).toMatchObject({ action: 'poison' })
   })
+
+  it.skipIf(missing('nbdkit'))(
+    'a remote (NBD) source whose reads fail (EIO): zero, retry until a deadline, poison',
+    async (ctx) => {
+      const content = randomContent(PAGES * PAGE_SIZE)
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fault-server-nbd-'))
+      onCleanup(() => fs.rmSync(dir, { recursive: true, force: true }))
+      const file = path.join(dir, 'snapshot.bin')
+      fs.writeFileSync(file, content)
+      const srv = await startNbdkit(file, { filters: ['error'], params: ['error=EIO', 'error-pread-rate=100%'] })
+      onCleanup(() => srv.stop())
+      const nbd = { nbd: srv.url, attempts: 1 } // the store's own retries off: the policy's turn at once
+
+      const zero = await served(nbd, { onSourceError: 'zero' })
+      await zero.guest.go([2])
+      const rz = await zero.guest.result
+      expect(rz.code, rz.stderr).toBe(0)
+      expect(guestValues(rz)).toEqual([0n])
+      const ez = zero.errors.find((e) => e.action === 'zero')
+      // the source's own error (a SourceError), with the address and the action
+      expect(ez).toMatchObject({
+        name: 'SourceError',
+        code: 'EIO',
+        syscall: 'NBD_CMD_READ',
+        location: expect.stringMatching(/^nbd\+unix:/),
+        address: zero.guest.address + BigInt(2 * PAGE_SIZE),
+      })
+
+      const late = await served(nbd, { retryDeadlineMs: 300, afterDeadline: 'zero' })
+      await late.guest.go([3])
+      const rl = await late.guest.result
+      expect(rl.code, rl.stderr).toBe(0)
+      expect(guestValues(rl)).toEqual([0n])
+      const actions = late.errors.map((e) => e.action)
+      expect(actions[0]).toBe('retry')
+      expect(actions.at(-1)).toBe('zero')
+
+      if (!poisonSupported) ctx.skip('remote poison: no UFFDIO_POISON here (its refusal is tested below)')
+      const poison = await served(nbd, { onSourceError: 'poison' })
+      await poison.guest.go([4])
+      const rp = await poison.guest.result
+      expect(rp.signal, rp.stderr).toBe('SIGBUS')
+      expect(poison.errors.find((e) => e.action === 'poison')).toMatchObject({ code: 'EIO' })
+      expect(poison.server.stats().poisonedPages).toBeGreaterThanOrEqual(1)
+    },
+    30_000,
+  )
 
   it('prefetch failures are reported (no thread waits there: action none); a fault there meets the policy', async () => {
     // A handler that fails everything: deterministic, where a file truncated under a running

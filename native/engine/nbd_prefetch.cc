@@ -21,7 +21,15 @@ constexpr uint32_t kStructuredReplyMagic = 0x668e33ef;
 constexpr uint16_t kCmdRead = 0;
 constexpr uint16_t kCmdDisc = 2;
 constexpr size_t kRequestSize = 28;
+// Our cookies carry the top bit (the JS client's handles count from 1): on a connection borrowed
+// from it, a reply to one of its reads can never pass for one of ours.
+constexpr uint64_t kCookieTag = 1ull << 63;
 constexpr size_t kReplySize = 16;
+constexpr size_t kChunkHeadSize = 20;  // a structured reply chunk's header
+constexpr uint16_t kReplyFlagDone = 1;
+constexpr uint16_t kReplyNone = 0;
+constexpr uint16_t kReplyOffsetData = 1;
+constexpr uint16_t kReplyOffsetHole = 2;
 // Replies are read into chunks of this size; a chunk is lent to the engine by the payloads in it
 // and freed once the last is installed (one allocation per 256 KiB, no copy per page).
 constexpr size_t kChunk = 256 * 1024;
@@ -81,6 +89,7 @@ NbdPrefetch::NbdPrefetch(FaultEngine* engine, uint32_t rangeId, std::vector<int>
       reads_(std::move(reads)),
       state_(reads_.size(), kReadTodo),
       sentNs_(reads_.size(), 0),
+      covered_(reads_.size(), 0),
       options_(options),
       done_(std::move(done)) {
   if (options_.depth < 1) options_.depth = 1;
@@ -150,7 +159,7 @@ bool NbdPrefetch::Fill(Connection& c) {
     }
     size_t at = c.out.size();
     c.out.resize(at + kRequestSize);
-    PutRequest(c.out.data() + at, kCmdRead, next_, r.offset, r.length);
+    PutRequest(c.out.data() + at, kCmdRead, kCookieTag | next_, r.offset, r.length);
     sentNs_[next_] = now;
     c.sent.push_back(next_);
     state_[next_++] = kReadInFlight;
@@ -207,32 +216,36 @@ bool NbdPrefetch::Receive(Connection& c) {
   return true;
 }
 
-// Every whole reply in the chunk: its bytes go to the engine.
+// Every whole message in the chunk: simple replies, and structured reply chunks (a connection
+// that negotiated them: data, holes, errors), whose bytes go to the engine as they come.
 bool NbdPrefetch::Parse(Connection& c) {
   for (;;) {
     size_t have = c.inHave - c.inAt;
-    if (have < kReplySize) break;
+    if (have < 4) break;
     const uint8_t* h = c.in->data() + c.inAt;
     uint32_t magic = Get32(h);
-    if (magic != kSimpleReplyMagic) {
-      Fail(EPROTO, magic == kStructuredReplyMagic ? "a structured reply where simple replies were negotiated"
-                                                  : "bad reply magic " + Hex(magic));
+    bool structured = magic == kStructuredReplyMagic;
+    if (!structured && magic != kSimpleReplyMagic) {
+      Fail(EPROTO, "bad reply magic " + Hex(magic));
       return false;
     }
-    uint32_t err = Get32(h + 4);
-    uint64_t cookie = Get64(h + 8);
-    if (cookie >= reads_.size() || state_[cookie] != kReadInFlight) {
-      Fail(EPROTO, "a reply for a read not in flight (" + Hex(cookie) + ")");
+    size_t head = structured ? kChunkHeadSize : kReplySize;
+    if (have < head) break;
+    uint64_t tagged = Get64(h + 8);
+    uint64_t cookie = tagged & ~kCookieTag;
+    if ((tagged & kCookieTag) == 0 || cookie >= reads_.size() || state_[cookie] != kReadInFlight) {
+      Fail(EPROTO, "a reply for a read not in flight (" + Hex(tagged) + ")");
       return false;
     }
     const NbdRead& r = reads_[cookie];
-    if (err != 0) {
-      // NBD's error values are Linux errno values (EIO, ENOMEM, EINVAL, ...)
-      Fail(err < 4096 ? static_cast<int>(err) : EIO,
-           "the server failed a read at " + Hex(r.offset) + " (+" + std::to_string(r.length) + ")");
+    uint32_t err = structured ? 0 : Get32(h + 4);
+    if (err != 0) return ReadFailed(err, r);
+    size_t payload = structured ? Get32(h + 16) : r.length;
+    if (payload > uint64_t{r.length} + 64 * 1024) {
+      Fail(EPROTO, "a reply chunk larger than its read");
       return false;
     }
-    size_t whole = kReplySize + r.length;
+    size_t whole = head + payload;
     if (have < whole) {
       // Wait for the rest; make room for all of it now if this chunk cannot hold it.
       if (c.in->size() - c.inAt < whole) {
@@ -244,15 +257,69 @@ bool NbdPrefetch::Parse(Connection& c) {
       }
       break;
     }
-    engine_->Provide(rangeId_, r.offset, h + kReplySize, r.length, std::shared_ptr<void>(c.in));
+    c.inAt += whole;
+    bool done = true;
+    if (structured) {
+      uint16_t flags = static_cast<uint16_t>((h[4] << 8) | h[5]);
+      uint16_t type = static_cast<uint16_t>((h[6] << 8) | h[7]);
+      done = (flags & kReplyFlagDone) != 0;
+      if (!Chunk(c, cookie, type, h + head, payload)) return false;
+    } else {
+      engine_->Provide(rangeId_, r.offset, h + kReplySize, r.length, std::shared_ptr<void>(c.in));
+      covered_[cookie] = r.length;
+    }
+    if (!done) continue;
+    if (covered_[cookie] != r.length) {
+      Fail(EPROTO, "a reply that did not cover its read at " + Hex(r.offset));
+      return false;
+    }
     Adapt(c, c.lastNs > sentNs_[cookie] ? c.lastNs - sentNs_[cookie] : 0);
     state_[cookie] = kReadProvided;
     provided_++;
     bytes_.fetch_add(r.length, std::memory_order_relaxed);
     c.inflight--;
-    c.inAt += whole;
   }
   return true;
+}
+
+bool NbdPrefetch::ReadFailed(uint32_t err, const NbdRead& r) {
+  // NBD's error values are Linux errno values (EIO, ENOMEM, EINVAL, ...)
+  Fail(err != 0 && err < 4096 ? static_cast<int>(err) : EIO,
+       "the server failed a read at " + Hex(r.offset) + " (+" + std::to_string(r.length) + ")");
+  return false;
+}
+
+// One structured reply chunk of read `cookie`: data and holes (zeros) provided where they fall
+// inside the read (the engine installs the whole pages among them: a page split between chunks
+// is left to a fault), errors fail the prefetch, unknown informational chunks are skipped.
+bool NbdPrefetch::Chunk(Connection& c, uint64_t cookie, uint16_t type, const uint8_t* p, size_t n) {
+  const NbdRead& r = reads_[cookie];
+  auto inside = [&](uint64_t at, uint64_t len) { return at >= r.offset && at + len <= r.offset + r.length; };
+  switch (type) {
+    case kReplyNone:
+      return true;
+    case kReplyOffsetData: {
+      if (n < 8 || !inside(Get64(p), n - 8)) break;
+      engine_->Provide(rangeId_, Get64(p), p + 8, n - 8, std::shared_ptr<void>(c.in));
+      covered_[cookie] += static_cast<uint32_t>(n - 8);
+      return true;
+    }
+    case kReplyOffsetHole: {
+      if (n != 12 || !inside(Get64(p), Get32(p + 8))) break;
+      uint64_t at = Get64(p);
+      uint32_t size = Get32(p + 8);
+      if (!zeros_ || zeros_->size() < size) zeros_ = std::make_shared<std::vector<uint8_t>>(size);
+      engine_->Provide(rangeId_, at, zeros_->data(), size, zeros_);
+      covered_[cookie] += size;
+      return true;
+    }
+    default:
+      if (type & 0x8000) return ReadFailed(n >= 4 ? Get32(p) : EIO, r);
+      return true;  // an informational chunk this client does not know: the spec lets it be ignored
+  }
+  Fail(EPROTO,
+       "a malformed reply chunk (type " + std::to_string(type) + ") for the read at " + Hex(r.offset));
+  return false;
 }
 
 // Once per round (a window's worth of replies): replies that took about the least round trip

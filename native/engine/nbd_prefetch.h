@@ -1,8 +1,8 @@
 // NbdPrefetch: a working set's background reads from an NBD server, in native code. JavaScript
-// does the handshake (src/sources/nbd.ts, simple replies only) and hands over the connected
-// sockets; one thread here then pipelines NBD_CMD_READs over them, in the order given, and
-// provides each reply's bytes to the FaultEngine, which installs them where pages are still
-// missing. A working set is thousands of scattered 4 KiB reads: done in JavaScript, each cost
+// does the handshake (src/sources/nbd.ts) and hands over the connected sockets (simple or
+// structured replies, whichever the connection negotiated); one thread here then pipelines NBD_CMD_READs over
+// them, in the order given, and provides each reply's bytes to the FaultEngine, which installs them where
+// pages are still missing. A working set is thousands of scattered 4 KiB reads: done in JavaScript, each cost
 // ~11 us of promises, parsing and an N-API call, as much as the server's own work.
 //
 // It never retries and never decides a failure policy: at the first failure (an error reply,
@@ -67,6 +67,8 @@ class NbdPrefetch {
   bool Flush(Connection& c);
   bool Receive(Connection& c);
   bool Parse(Connection& c);
+  bool Chunk(Connection& c, uint64_t cookie, uint16_t type, const uint8_t* payload, size_t n);
+  bool ReadFailed(uint32_t err, const NbdRead& r);
   void Fail(int err, const std::string& detail);
   void Adapt(Connection& c, uint64_t latencyNs);
 
@@ -76,7 +78,9 @@ class NbdPrefetch {
   std::vector<NbdRead> reads_;
   std::vector<uint8_t>
       state_;  // per read: kReadTodo, kReadInFlight, kReadProvided (this thread's, until finished)
-  std::vector<uint64_t> sentNs_;  // per read: when it was sent
+  std::vector<uint64_t> sentNs_;                 // per read: when it was sent
+  std::vector<uint32_t> covered_;                // per read: bytes its reply has brought so far
+  std::shared_ptr<std::vector<uint8_t>> zeros_;  // what holes are provided from
   uint64_t rttMinNs_ = UINT64_MAX;
   NbdPrefetchOptions options_;
   std::function<void()> done_;

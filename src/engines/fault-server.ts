@@ -273,6 +273,14 @@ interface SourcePolicy {
   afterDeadline: 'poison' | 'zero'
 }
 
+/** What onSourceError does about a demand read failing since `firstFailure` (Date.now()). */
+function actionFor(policy: SourcePolicy, firstFailure: number): SourceErrorPolicy {
+  const retry = policy.onSourceError === 'retry'
+  if (retry && policy.retryDeadlineMs > 0 && Date.now() - firstFailure >= policy.retryDeadlineMs)
+    return policy.afterDeadline
+  return policy.onSourceError
+}
+
 interface Served {
   range: Range
   /** what must stay alive while the engine copies from it */
@@ -399,12 +407,19 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         complete: (id, bytes) => {
           if (!this.#closed) h.complete(id, bytes)
         },
+        resolve: (id, action) => {
+          if (!this.#closed) h.resolve(id, action)
+        },
         recordTouches: (on) => h.recordTouches(on),
         takeTouches: () =>
           this.#closed ? { ranges: new Uint32Array(0), offsets: new Float64Array(0) } : h.takeTouches(),
       },
-      (err: FaultServerError, address) => {
+      (err: FaultServerError, address, action, retryInMs) => {
+        // the source's own error (a SourceError), with the faulting address and, for a demand
+        // read, what onSourceError did about it
         if (address !== undefined && err.address === undefined) err.address = address
+        if (action !== undefined) err.action = action
+        if (retryInMs !== undefined) err.retryInMs = retryInMs
         this.#error(err)
       },
       this.#prefetches,
@@ -447,6 +462,7 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
       prefetch,
       workingSet: options.workingSet,
       recordWorkingSet: options.recordWorkingSet,
+      demandPolicy: (first) => actionFor(policy, first),
     })
     const spec = fed?.spec ?? local!.spec
     const offset = fed?.offset ?? local!.offset
@@ -761,11 +777,8 @@ export class FaultServer extends TypedEmitter<FaultServerEvents> {
         this.#error(sourceFailure(cause, address, 'none'))
         return
       }
-      const policy = this.#served.get(q.range)?.policy ?? this.#policy
       const first = firstFailure || Date.now()
-      let action: SourceErrorPolicy = policy.onSourceError
-      if (action === 'retry' && policy.retryDeadlineMs > 0 && Date.now() - first >= policy.retryDeadlineMs)
-        action = policy.afterDeadline
+      const action = actionFor(this.#served.get(q.range)?.policy ?? this.#policy, first)
       if (action === 'retry') {
         const delay = Math.min(10 * 2 ** attempt, 1000)
         setTimeout(() => this.#request(q, attempt + 1, first), delay).unref()

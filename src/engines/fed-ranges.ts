@@ -7,7 +7,14 @@ import { PAGE_SIZE } from '../core/constants'
 import { Mapping } from '../core/mapping'
 import type { FaultEngineSource } from '../addon/binding'
 import type { Range } from '../core/range'
-import { type EngineLink, type EngineRequest, Feed, type FeedStats, type PageReader } from '../sources/feed'
+import {
+  type EngineLink,
+  type EngineRequest,
+  Feed,
+  type FeedOptions,
+  type FeedStats,
+  type PageReader,
+} from '../sources/feed'
 import { BufferReader, FileReader } from '../sources/local'
 import { type RemoteOptions, RemoteSource, type RemoteSpec } from '../sources/remote'
 import { bytesIdentity, type SnapshotIdentity } from '../sources/snapshot-identity'
@@ -42,6 +49,10 @@ class LazyRemote implements PageReader {
 
   get size(): number {
     return this.#source?.size ?? 0
+  }
+  /** the source, if open already */
+  get ready(): RemoteSource | null {
+    return this.#source
   }
   get parallel(): number | undefined {
     return this.#source?.store.parallel
@@ -112,7 +123,7 @@ export interface FedServe {
 
 export class FedRanges {
   readonly #engine: FedEngine
-  readonly #onError: (err: Error, address?: bigint) => void
+  readonly #onError: FeedOptions['onError']
   readonly #prefetches: NativePrefetches | null
   readonly #ranges = new Map<number, FedRange>()
   /** recorded demand faults: [range id, source offset] in arrival order */
@@ -120,11 +131,7 @@ export class FedRanges {
   #recording = 0
 
   /** `prefetches`: working sets of NBD sources replayed in native code (null: in JavaScript) */
-  constructor(
-    engine: FedEngine,
-    onError: (err: Error, address?: bigint) => void,
-    prefetches: NativePrefetches | null = null,
-  ) {
+  constructor(engine: FedEngine, onError: FeedOptions['onError'], prefetches: NativePrefetches | null = null) {
     this.#engine = engine
     this.#onError = onError
     this.#prefetches = prefetches
@@ -148,7 +155,13 @@ export class FedRanges {
     range: Range,
     source: Record<string, unknown>,
     local: { spec: FaultEngineSource; offset: number } | null,
-    options: { prefetch: boolean; workingSet?: unknown; recordWorkingSet?: unknown },
+    options: {
+      prefetch: boolean
+      workingSet?: unknown
+      recordWorkingSet?: unknown
+      /** the range's onSourceError for a demand read that failed since then */
+      demandPolicy?: FeedOptions['demandPolicy']
+    },
   ): FedServe | null {
     const record = options.recordWorkingSet ?? false
     if (typeof record !== 'boolean') throw new TypeError(`recordWorkingSet must be a boolean (got ${describe(record)})`)
@@ -170,8 +183,7 @@ export class FedRanges {
     if (remote) {
       const r = openRemote(source as RemoteSpec)
       reader = r.reader
-      if (ws !== undefined && this.#prefetches !== null)
-        nativeReplay = this.#prefetches.replayer(id, () => r.reader.source())
+      if (ws !== undefined && this.#prefetches !== null) nativeReplay = this.#prefetches.replayer(id, r.reader)
       offset = r.offset
       sourceName = r.name
       identity = async () => (await r.reader.source()).identity()
@@ -202,6 +214,7 @@ export class FedRanges {
       base,
       prefetch: options.prefetch && !record,
       onError: this.#onError,
+      demandPolicy: options.demandPolicy,
       nativeReplay,
     })
     const fed: FedRange = { range, feed, demand: remote, reader, recorded: record, base, identity, sourceName }

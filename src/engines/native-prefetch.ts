@@ -2,8 +2,8 @@
 // done by a thread of the engine instead of the JavaScript client. This starts them and turns the
 // engine's 'prefetched' notices into the outcome each Feed waits for.
 import type { FaultEngine, NbdPrefetchOptions, NbdPrefetchResult } from '../addon/binding'
-import type { NativeReplay, NativeReplayOutcome } from '../sources/feed'
-import { NbdStore } from '../sources/nbd'
+import type { NativeReplay, NativeReplayOutcome, NativeReplayStart } from '../sources/feed'
+import { type HandedOver, NbdStore } from '../sources/nbd'
 import type { RemoteSource } from '../sources/remote'
 import { SourceError } from '../sources/store'
 
@@ -47,69 +47,87 @@ export class NativePrefetches {
   /**
    * A Feed's nativeReplay for range `rangeId` read from `source`: native where the source is an
    * NBD export read without a cache or a manifest (they are checked and filled in JavaScript),
-   * over connections of its own; reads past the export's end (zeros) are left to JavaScript.
+   * over its idle bulk connections (taken at once), else over new ones; reads past the export's
+   * end (zeros) are left to JavaScript.
    */
   replayer(
     rangeId: number,
-    source: () => Promise<RemoteSource>,
-  ): () => (reads: Float64Array) => Promise<NativeReplay | null> {
+    source: { readonly ready: RemoteSource | null; source(): Promise<RemoteSource> },
+  ): () => NativeReplayStart {
+    const eligible = (remote: RemoteSource): NbdStore | null =>
+      remote.store instanceof NbdStore &&
+      remote.nativeReads &&
+      remote.cacheKey === null &&
+      remote.manifest === undefined
+        ? remote.store
+        : null
     return () => {
-      // the connections are made while the caller lists its reads
-      const ready = source()
-        .then(async (remote) => {
-          const store = remote.store
-          if (!(store instanceof NbdStore) || !remote.nativeReads) return null
-          if (remote.cacheKey !== null || remote.manifest !== undefined) return null
-          const handed = await store.handOver()
-          return handed === null ? null : { remote, store, handed }
-        })
-        .catch(() => null)
-      return async (reads) => {
-        const r = await ready
-        if (r === null) return null
-        const { remote, store, handed } = r
-        const inside: number[] = []
-        for (let k = 0; k < reads.length / 2; k++) if (reads[2 * k] + reads[2 * k + 1] <= store.size) inside.push(k)
-        const mine = new Float64Array(inside.length * 2)
-        inside.forEach((k, j) => {
-          mine[2 * j] = reads[2 * k]
-          mine[2 * j + 1] = reads[2 * k + 1]
-        })
-        let replay: NativeReplay
-        try {
-          if (inside.length === 0) return null
-          replay = this.start(rangeId, handed.fds, mine, { exportSize: store.size, timeoutMs: store.timeout })
-        } finally {
-          handed.release()
-        }
-        const done = replay.done.then((o): NativeReplayOutcome => {
-          // back to the caller's numbering, and into the source's counters as its own reads
-          const provided = new Uint8Array(reads.length / 2)
-          inside.forEach((k, j) => {
-            provided[k] = o.provided[j]
-            if (o.provided[j] === 1) {
-              store.counters.requests++
-              store.counters.bytes += reads[2 * k + 1]
-              remote.counters.reads++
-              remote.counters.fetchedPages += reads[2 * k + 1] / PAGE
-            }
-          })
-          const e = o.error as (Error & { code?: string; errno?: number }) | null
-          const error =
-            e === null || e.code === 'ECANCELED'
-              ? e
-              : new SourceError(`NBD ${store.location}: ${e.message}`, {
-                  code: e.code ?? 'EIO',
-                  syscall: 'NBD_CMD_READ',
-                  retryable: true,
-                  location: store.location,
-                  errno: e.errno,
-                })
-          return { provided, bytes: o.bytes, error }
-        })
-        return { done, stop: replay.stop }
-      }
+      const now = source.ready
+      const store = now !== null ? eligible(now) : null
+      const taken = store?.takeIdle() ?? null
+      const ready =
+        taken !== null
+          ? Promise.resolve({ remote: now!, store: store!, handed: taken })
+          : source
+              .source()
+              .then(async (remote) => {
+                const s = eligible(remote)
+                const handed = s === null ? null : await s.handOverNew()
+                return handed === null ? null : { remote, store: s!, handed }
+              })
+              .catch(() => null)
+      return { connecting: taken === null, start: (reads) => this.#run(rangeId, ready, reads) }
     }
+  }
+
+  async #run(
+    rangeId: number,
+    ready: Promise<{ remote: RemoteSource; store: NbdStore; handed: HandedOver } | null>,
+    reads: Float64Array,
+  ): Promise<NativeReplay | null> {
+    const r = await ready
+    if (r === null) return null
+    const { remote, store, handed } = r
+    const inside: number[] = []
+    for (let k = 0; k < reads.length / 2; k++) if (reads[2 * k] + reads[2 * k + 1] <= store.size) inside.push(k)
+    const mine = new Float64Array(inside.length * 2)
+    inside.forEach((k, j) => {
+      mine[2 * j] = reads[2 * k]
+      mine[2 * j + 1] = reads[2 * k + 1]
+    })
+    let replay: NativeReplay
+    try {
+      if (inside.length === 0) return null
+      replay = this.start(rangeId, handed.fds, mine, { exportSize: store.size, timeoutMs: store.timeout })
+    } finally {
+      handed.release()
+    }
+    const done = replay.done.then((o): NativeReplayOutcome => {
+      // back to the caller's numbering, and into the source's counters as its own reads
+      const provided = new Uint8Array(reads.length / 2)
+      inside.forEach((k, j) => {
+        provided[k] = o.provided[j]
+        if (o.provided[j] === 1) {
+          store.counters.requests++
+          store.counters.bytes += reads[2 * k + 1]
+          remote.counters.reads++
+          remote.counters.fetchedPages += reads[2 * k + 1] / PAGE
+        }
+      })
+      const e = o.error as (Error & { code?: string; errno?: number }) | null
+      const error =
+        e === null || e.code === 'ECANCELED'
+          ? e
+          : new SourceError(`NBD ${store.location}: ${e.message}`, {
+              code: e.code ?? 'EIO',
+              syscall: 'NBD_CMD_READ',
+              retryable: true,
+              location: store.location,
+              errno: e.errno,
+            })
+      return { provided, bytes: o.bytes, error }
+    })
+    return { done, stop: replay.stop }
   }
 
   /** A 'prefetched' notice. */

@@ -27,6 +27,8 @@ export interface EngineLink {
   providedQueued(): number
   /** the answer to a demand request */
   complete(requestId: number, bytes: Buffer | null): void
+  /** a demand request given up by the range's policy: the faulting page poisoned or zeroed */
+  resolve?(requestId: number, action: 'poison' | 'zero'): void
 }
 
 export interface EngineRequest {
@@ -40,6 +42,8 @@ export interface EngineRequest {
   fault?: bigint
 }
 
+export type DemandAction = 'retry' | 'poison' | 'zero'
+
 /** How a native working-set replay ended: per read, 1 where its bytes went to the engine. */
 export interface NativeReplayOutcome {
   provided: Uint8Array
@@ -52,6 +56,13 @@ export interface NativeReplayOutcome {
 export interface NativeReplay {
   done: Promise<NativeReplayOutcome>
   stop(): void
+}
+
+/** A native replay about to start: its connections are being made (`connecting`) or are there. */
+export interface NativeReplayStart {
+  connecting: boolean
+  /** given the reads, [offset, length] pairs in order: the running replay, or null (not possible) */
+  start(reads: Float64Array): Promise<NativeReplay | null>
 }
 
 export interface FeedOptions {
@@ -77,16 +88,24 @@ export interface FeedOptions {
   inflightBytes?: number
   /** pause while the engine holds this many provided bytes not yet installed (default 64 MiB) */
   maxQueued?: number
-  onError: (err: Error, address?: bigint) => void
+  /**
+   * Every failure. Demand reads' carry what the policy did: 'retry' (again in retryInMs),
+   * 'poison' or 'zero'; background reads' carry none (no thread waits on them).
+   */
+  onError: (err: Error, address?: bigint, action?: DemandAction, retryInMs?: number) => void
+  /**
+   * What to do about a demand read that failed, given when its first failure was (Date.now()):
+   * 'retry' (default), or give the page up, 'poison' or 'zero' (the range's onSourceError).
+   */
+  demandPolicy?: (firstFailureAt: number) => DemandAction
   /** the background has nothing left to fetch */
   onDone?: () => void
   /**
    * Replays the working set in native code where the reader allows it (an NBD export without a
-   * cache or a manifest). Called once at start() (it may connect meanwhile); what it returns is
-   * then given the reads, [offset, length] pairs in order, and gives a running replay, or null
-   * (JavaScript reads them). What it does not provide, JavaScript reads afterwards.
+   * cache or a manifest). Called once at start(); what JavaScript does not get provided that way
+   * (null: none of it), it reads afterwards.
    */
-  nativeReplay?: () => (reads: Float64Array) => Promise<NativeReplay | null>
+  nativeReplay?: () => NativeReplayStart
 }
 
 export interface FeedStats {
@@ -109,6 +128,8 @@ const TODO = 0
 const INFLIGHT = 1
 const DELIVERED = 2
 const MAX_READS = 1024
+/** working-set pages read by JavaScript while a native replay connects */
+const NATIVE_HEAD_PAGES = 480
 
 export class Feed {
   readonly stats: FeedStats = {
@@ -198,16 +219,25 @@ export class Feed {
     this.#native?.stop()
   }
 
-  // The whole working set handed to native code at once, in first-touch order: one read per
-  // page or run of consecutive pages (a native read costs too little to read through gaps, and
-  // gaps would only install pages nobody touched). The connections are made meanwhile.
+  // The working set handed to native code at once, in first-touch order: one read per page or
+  // run of consecutive pages (a native read costs too little to read through gaps, and gaps would
+  // only install pages nobody touched). While its connections are being made, its first pages
+  // are read here: the workload is waiting for them.
   #replayNatively(replay: NonNullable<FeedOptions['nativeReplay']>): void {
     const begin = replay()
+    for (let head = 0; begin.connecting && head < NATIVE_HEAD_PAGES; ) {
+      const runs = this.#nextWorkingSetRuns()
+      if (runs === null) break
+      for (const [first, count] of runs) {
+        this.#fetch(first, count)
+        head += count
+      }
+    }
     const ws = this.#ws
     const firsts = new Uint32Array(ws.length)
     const counts = new Uint32Array(ws.length)
     let n = 0
-    for (let k = 0; k < ws.length; k++) {
+    for (let k = this.#wsCursor; k < ws.length; k++) {
       const i = ws[k]
       if (this.#state[i] !== TODO) continue
       this.#state[i] = INFLIGHT
@@ -218,40 +248,42 @@ export class Feed {
       }
     }
     this.#wsCursor = ws.length
-    const runs: Array<[number, number]> = []
+    const runs = { firsts: firsts.subarray(0, n), counts: counts.subarray(0, n) }
     const reads = new Float64Array(n * 2)
     for (let k = 0; k < n; k++) {
-      runs.push([firsts[k], counts[k]])
       reads[2 * k] = this.#o.sourceOffset + firsts[k] * PAGE
       reads[2 * k + 1] = counts[k] * PAGE
     }
     this.#nativeBusy = true
     const ended = (o: NativeReplayOutcome | null): void => this.#nativeEnded(runs, o)
-    begin(reads)
+    begin
+      .start(reads)
       .then((r) => {
         if (r === null) return ended(null)
         this.#native = r
         if (this.#stopped || this.#wsAbandoned) r.stop()
         return r.done.then(ended)
       })
-      .catch((err: Error) => ended({ provided: new Uint8Array(runs.length), bytes: 0, error: err }))
+      .catch((err: Error) => ended({ provided: new Uint8Array(n), bytes: 0, error: err }))
   }
 
-  #nativeEnded(runs: Array<[number, number]>, o: NativeReplayOutcome | null): void {
+  #nativeEnded(runs: { firsts: Uint32Array; counts: Uint32Array }, o: NativeReplayOutcome | null): void {
     this.#native = null
     this.#nativeBusy = false
     let failedAt = -1
-    runs.forEach(([first, count], k) => {
+    for (let k = 0; k < runs.firsts.length; k++) {
+      const first = runs.firsts[k]
+      const count = runs.counts[k]
       if (o?.provided[k] === 1) {
         this.stats.backgroundReads++
         this.stats.nativeReads++
         this.stats.providedBytes += count * PAGE
         for (let i = first; i < first + count; i++) this.#deliver(i)
-        return
+        continue
       }
       if (failedAt < 0) failedAt = first
       for (let i = first; i < first + count; i++) if (this.#state[i] === INFLIGHT) this.#state[i] = TODO
-    })
+    }
     if (this.#stopped) return
     const err = o?.error ?? null
     if (err !== null && (err as { code?: string }).code !== 'ECANCELED')
@@ -272,10 +304,10 @@ export class Feed {
     // prefetch follows demand: continue the sequential fill right after the fault
     const page = Math.floor((q.offset - this.#o.sourceOffset) / PAGE)
     if (page >= 0 && page < this.#pages) this.#seqCursor = Math.min(this.#pages, page + Math.ceil(q.length / PAGE))
-    this.#demand(q, 0)
+    this.#demand(q, 0, 0)
   }
 
-  #demand(q: EngineRequest, attempt: number): void {
+  #demand(q: EngineRequest, attempt: number, firstFailureAt: number): void {
     if (this.#stopped) return
     this.#reader.read(q.offset, q.length, { urgent: !q.prefetch }).then(
       (bytes) => {
@@ -286,12 +318,20 @@ export class Feed {
       },
       (err: Error) => {
         if (this.#stopped) return
-        // Reported, then tried again (the source retried a few times already): the thread
-        // stays blocked on a page that only the source can give.
-        this.#o.onError(err, q.fault ?? q.address)
+        // The source retried a few times already. The range's policy decides: try again (the
+        // thread stays blocked on a page only the source can give), or give the page up.
+        const first = firstFailureAt || Date.now()
+        const action = this.#o.demandPolicy?.(first) ?? 'retry'
+        if (action !== 'retry' && this.#engine.resolve !== undefined) {
+          this.stats.demandWaiting--
+          this.#o.onError(err, q.fault ?? q.address, action)
+          this.#engine.resolve(q.id, action)
+          return
+        }
         this.stats.demandRetries++
         const delay = Math.min(5000, 100 * 2 ** Math.min(attempt, 6))
-        setTimeout(() => this.#demand(q, attempt + 1), delay).unref()
+        this.#o.onError(err, q.fault ?? q.address, 'retry', delay)
+        setTimeout(() => this.#demand(q, attempt + 1, first), delay).unref()
       },
     )
   }

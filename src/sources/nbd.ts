@@ -742,6 +742,21 @@ async function handshake(
   return info
 }
 
+/** Connections handed to native code: their fds, and release() to let the JS sockets go once dup'ed. */
+export interface HandedOver {
+  fds: number[]
+  release: () => void
+}
+
+function handedOver(list: Array<{ fd: number; release: () => void }>): HandedOver {
+  return {
+    fds: list.map((h) => h.fd),
+    release: () => {
+      for (const h of list) h.release()
+    },
+  }
+}
+
 /** A connection slot: connected, connecting, or empty (never connected, or dropped). */
 class Slot {
   conn: NbdConnection | null = null
@@ -820,17 +835,39 @@ export class NbdStore implements BlockStore {
     return conn.then((c) => c.read(offset, length))
   }
 
+  /** Once the bulk connections being made are made (or failed): a handler's, before its clock starts. */
+  async connected(): Promise<void> {
+    await Promise.all(this.#bulk.map((s) => s.connecting?.catch(() => null)))
+  }
+
   /** ms a read may take (the timeout option) */
   get timeout(): number {
     return this.#options.timeout ?? 30_000
   }
 
   /**
-   * `count` (default: as many as the bulk connections) new connections with simple replies,
-   * handed over as fds for native reads (the FaultServer's working-set prefetch); null where the
-   * server takes one client at a time or a socket has no fd. release() once they are dup'ed.
+   * The idle bulk connections, handed over as fds for native reads (the FaultServer's working-set
+   * replay); the store makes new ones when it next needs them. Null when none is idle. Call
+   * release() once the fds are dup'ed.
    */
-  async handOver(count = this.#bulk.length): Promise<{ fds: number[]; release: () => void } | null> {
+  takeIdle(): HandedOver | null {
+    if (this.#closed || !this.#multi) return null
+    const taken: Array<{ fd: number; release: () => void }> = []
+    for (const slot of this.#bulk) {
+      if (slot.connecting !== null || slot.conn === null || !slot.conn.alive || slot.conn.inflight > 0) continue
+      const h = slot.conn.handOver()
+      if (h === null) continue
+      slot.conn = null // not a reconnect: the next read connects anew
+      taken.push(h)
+    }
+    return taken.length === 0 ? null : handedOver(taken)
+  }
+
+  /**
+   * `count` (default: as many as the bulk connections) new connections with simple replies,
+   * handed over as fds (see takeIdle); null where the server takes one client at a time.
+   */
+  async handOverNew(count = this.#bulk.length): Promise<HandedOver | null> {
     if (this.#closed || !this.#multi) return null
     const conns = await Promise.all(
       Array.from({ length: count }, () =>
@@ -838,17 +875,11 @@ export class NbdStore implements BlockStore {
       ),
     )
     const handed = conns.map((c) => c?.handOver() ?? null)
-    const ok = handed.every((h) => h !== null) && !this.#closed
-    if (!ok) {
+    if (handed.some((h) => h === null) || this.#closed) {
       for (const c of conns) c?.close()
       return null
     }
-    return {
-      fds: handed.map((h) => h!.fd),
-      release: () => {
-        for (const h of handed) h!.release()
-      },
-    }
+    return handedOver(handed as Array<{ fd: number; release: () => void }>)
   }
 
   async close(): Promise<void> {

@@ -18,8 +18,15 @@ const REP_ERR_UNSUP = 0x80000001
 export interface FakeRead {
   /** connection number (in accept order, from 0) and this connection's read number (from 0) */
   conn: number
-  /** whether the connection asked for structured replies (native connections do not) */
+  /** whether the connection asked for structured replies (the JS client's do) */
   structured: boolean
+  /**
+   * A read of the native client (native/engine/nbd_prefetch.cc: its cookies carry the top bit),
+   * on a connection of its own or one it borrowed from the JS client; nativeIndex counts the
+   * native reads on this connection (-1 for the JS client's).
+   */
+  native: boolean
+  nativeIndex: number
   index: number
   offset: number
   length: number
@@ -44,9 +51,15 @@ export interface FakeNbd {
   close(): Promise<void>
 }
 
+/**
+ * `structured`: accept NBD_OPT_STRUCTURED_REPLY; reads on such connections are then answered in
+ * chunks: an all-zero read as one hole, else its data in two chunks (halves) when it has two pages.
+ * `greetLaterMs`: every connection but the first waits this long for the server's greeting.
+ */
 export async function startFakeNbd(
   bytes: Buffer,
   answer: (r: FakeRead) => FakeAnswer = () => 'data',
+  options: { structured?: boolean; greetLaterMs?: number } = {},
 ): Promise<FakeNbd> {
   const dir = tempDir('uffd-fakenbd-')
   const sock = path.join(dir, 'nbd.sock')
@@ -66,12 +79,14 @@ export async function startFakeNbd(
     let buf = Buffer.alloc(0)
     let stage: 'flags' | 'options' | 'requests' = 'flags'
     let index = 0
+    let nativeIndex = 0
     structured[conn] = false
     const greeting = Buffer.alloc(18)
     greeting.writeBigUInt64BE(NBDMAGIC, 0)
     greeting.writeBigUInt64BE(IHAVEOPT, 8)
     greeting.writeUInt16BE(3, 16) // FIXED_NEWSTYLE | NO_ZEROES
-    s.write(greeting)
+    if (conn > 0 && options.greetLaterMs) setTimeout(() => s.write(greeting), options.greetLaterMs)
+    else s.write(greeting)
     const optReply = (option: number, type: number, data: Buffer): void => {
       const h = Buffer.alloc(20)
       h.writeBigUInt64BE(REPLY_MAGIC, 0)
@@ -93,7 +108,13 @@ export async function startFakeNbd(
           const length = buf.readUInt32BE(12)
           if (buf.length < 16 + length) return
           buf = buf.subarray(16 + length)
-          if (option === 8) structured[conn] = true // asked (and refused: simple replies)
+          if (option === 8) {
+            structured[conn] = true // asked
+            if (options.structured) {
+              optReply(option, REP_ACK, Buffer.alloc(0))
+              continue
+            }
+          }
           if (option !== OPT_GO) {
             optReply(option, REP_ERR_UNSUP, Buffer.alloc(0))
             continue
@@ -116,15 +137,55 @@ export async function startFakeNbd(
             s.end()
             return
           }
-          const r = { conn, structured: structured[conn], index: index++, offset, length }
+          const native = (cookie[0] & 0x80) !== 0
+          const r = {
+            conn,
+            structured: structured[conn],
+            native,
+            nativeIndex: native ? nativeIndex++ : -1,
+            index: index++,
+            offset,
+            length,
+          }
           reads.push(r)
-          reply(s, r, cookie, answer(r))
+          reply(s, r, cookie, answer(r), options.structured === true && structured[conn])
         }
       }
     })
   }
 
-  function reply(s: net.Socket, r: FakeRead, cookie: Buffer, a: FakeAnswer): void {
+  function chunk(cookie: Buffer, flags: number, type: number, payload: Buffer): Buffer {
+    const c = Buffer.alloc(20)
+    c.writeUInt32BE(0x668e33ef, 0)
+    c.writeUInt16BE(flags, 4)
+    c.writeUInt16BE(type, 6)
+    cookie.copy(c, 8)
+    c.writeUInt32BE(payload.length, 16)
+    return Buffer.concat([c, payload])
+  }
+
+  function reply(s: net.Socket, r: FakeRead, cookie: Buffer, a: FakeAnswer, chunked: boolean): void {
+    if (chunked && a === 'data') {
+      const data = bytes.subarray(r.offset, r.offset + r.length)
+      const at = (off: number): Buffer => {
+        const b = Buffer.alloc(8)
+        b.writeBigUInt64BE(BigInt(off))
+        return b
+      }
+      if (data.every((x) => x === 0)) {
+        const hole = Buffer.alloc(12)
+        hole.writeBigUInt64BE(BigInt(r.offset), 0)
+        hole.writeUInt32BE(r.length, 8)
+        s.write(chunk(cookie, 1, 2, hole))
+      } else if (r.length >= 8192) {
+        const half = r.length / 2
+        s.write(chunk(cookie, 0, 1, Buffer.concat([at(r.offset), data.subarray(0, half)])))
+        s.write(chunk(cookie, 1, 1, Buffer.concat([at(r.offset + half), data.subarray(half)])))
+      } else {
+        s.write(chunk(cookie, 1, 1, Buffer.concat([at(r.offset), data])))
+      }
+      return
+    }
     const h = Buffer.alloc(16)
     h.writeUInt32BE(0x67446698, 0)
     cookie.copy(h, 8)
