@@ -9,9 +9,11 @@
 //   total   migration of idle memory (no writer) / floor            target <= 1.15
 //   down    downtime with a 64 MiB/s writer, post-copy and hybrid   target <= 20 ms, 4 GiB / 1 GiB <= 1.2
 //   demand  demand-fault p99 in post-copy while the push runs / idle rtt p50   target <= 3
+//           (the default postcopyPriority, 'latency'; postcopythr: 'throughput', for its time)
 //   wire    bytes on the wire / memory size, post-copy              target <= 1.05
 //
-//   npm run bench:migrate [-- --sizes 1024,4096 --rounds 3 --placements split,packed --warmGiB 6 --json]
+//   npm run bench:migrate [-- --sizes 1024,4096 --rounds 3 --placements split,packed --warmGiB 6 --only NAME,NAME --json]
+//   (--only: the variants whose names contain one of the NAMEs, e.g. rtt,writer-postcopy)
 //
 // Ratios are medians over rounds; each round runs every variant once, in a shuffled order.
 // Placements: split (source on CPU 0, target on CPU 1), packed (both on CPU 0).
@@ -121,7 +123,8 @@ async function rtt(link, cpus) {
   return JSON.parse(client.lines[client.lines.length - 1])
 }
 
-async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false, priority = 'throughput') {
+// priority: postcopyPriority, undefined for the default
+async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = false, priority = undefined) {
   const p = port++
   const target = start([
     ...prefix(link, 'target', cpus.target),
@@ -151,8 +154,7 @@ async function migration(link, cpus, mib, mode, dirtyRate, readers, prealloc = f
     String(dirtyRate),
     '--target-readers',
     String(readers),
-    '--postcopy-priority',
-    priority,
+    ...(priority === undefined ? [] : ['--postcopy-priority', priority]),
     '--events',
   ])
   const timer = setTimeout(() => {
@@ -196,16 +198,22 @@ function variants() {
     { name: `writer-hybrid-${small}`, run: (l, c) => migration(l, c, small, 'hybrid', rate, 1) },
     { name: `writer-postcopy-${small}`, run: (l, c) => migration(l, c, small, 'postcopy', rate, 1) },
     {
-      name: `writer-postcopylat-${small}`,
-      run: (l, c) => migration(l, c, small, 'postcopy', rate, 1, false, 'latency'),
+      name: `writer-postcopythr-${small}`,
+      run: (l, c) => migration(l, c, small, 'postcopy', rate, 1, false, 'throughput'),
     },
     { name: `writer-precopy-${small}`, run: (l, c) => migration(l, c, small, 'precopy', rate, 1) },
   ]
   if (large) {
     v.push({ name: `writer-hybrid-${large}`, run: (l, c) => migration(l, c, large, 'hybrid', rate, 1) })
     v.push({ name: `writer-postcopy-${large}`, run: (l, c) => migration(l, c, large, 'postcopy', rate, 1) })
+    v.push({
+      name: `writer-postcopythr-${large}`,
+      run: (l, c) => migration(l, c, large, 'postcopy', rate, 1, false, 'throughput'),
+    })
   }
-  return args.only ? v.filter((x) => x.name.includes(args.only)) : v
+  if (!args.only) return v
+  const only = String(args.only).split(',')
+  return v.filter((x) => only.some((o) => x.name.includes(o)))
 }
 
 const PLACEMENTS = {
@@ -252,7 +260,7 @@ async function main() {
       summary[`${k}.vsFresh`] = m((r) => r[k]?.totalMs / r['floor-fresh']?.ms)
     }
     for (const size of [small, large].filter(Boolean)) {
-      for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
+      for (const mode of ['hybrid', 'postcopy', 'postcopythr', 'precopy']) {
         const k = `writer-${mode}-${size}`
         if (!rounds.some((r) => r[k])) continue
         summary[`${k}.downtimeMs`] = m((r) => r[k]?.downtimeMs)
@@ -264,6 +272,9 @@ async function main() {
         summary[`${k}.demandP99us`] = m((r) => r[k]?.demandP99Us)
         summary[`${k}.demandP99vsRtt`] = m((r) => r[k]?.demandP99Us / r.rtt?.p50us)
         summary[`${k}.threadFaultP99us`] = m((r) => r[k]?.targetFaultP99us)
+        // The default postcopyPriority ('latency') against 'throughput', same size, same rounds.
+        if (mode === 'postcopy')
+          summary[`${k}.totalVsThroughput`] = m((r) => r[k]?.totalMs / r[`writer-postcopythr-${size}`]?.totalMs)
       }
     }
     if (large) {
@@ -290,14 +301,15 @@ async function main() {
           `idle ${mode.padEnd(9)} into touched memory: total ${fmt(summary[`idle-${mode}-touched.totalMs`], 0)} ms = ${fmt(summary[`idle-${mode}-touched.vsTouched`])}x floor (touched)`,
         )
       for (const size of [small, large].filter(Boolean))
-        for (const mode of ['hybrid', 'postcopy', 'postcopylat', 'precopy']) {
+        for (const mode of ['hybrid', 'postcopy', 'postcopythr', 'precopy']) {
           const k = `writer-${mode}-${size}`
           if (summary[`${k}.downtimeMs`] === undefined) continue
           out(
             `writer ${args.dirtyRate} MiB/s ${mode.padEnd(9)} ${String(size).padStart(5)} MiB: downtime ${fmt(summary[`${k}.downtimeMs`])} ms, total ${fmt(summary[`${k}.totalMs`], 0)} ms, wire ${fmt(summary[`${k}.wire`], 3)}x, rounds ${fmt(summary[`${k}.rounds`], 0)}, dirty at stop ${fmt(summary[`${k}.dirtyAtStop`], 0)}` +
               (mode === 'precopy'
                 ? ''
-                : `, demand p50 ${fmt(summary[`${k}.demandP50us`], 0)} us p99 ${fmt(summary[`${k}.demandP99us`], 0)} us = ${fmt(summary[`${k}.demandP99vsRtt`])}x idle rtt p50 (faulting thread p99 ${fmt(summary[`${k}.threadFaultP99us`], 0)} us)`),
+                : `, demand p50 ${fmt(summary[`${k}.demandP50us`], 0)} us p99 ${fmt(summary[`${k}.demandP99us`], 0)} us = ${fmt(summary[`${k}.demandP99vsRtt`])}x idle rtt p50 (faulting thread p99 ${fmt(summary[`${k}.threadFaultP99us`], 0)} us)`) +
+              (mode === 'postcopy' ? `, total / postcopythr ${fmt(summary[`${k}.totalVsThroughput`])}` : ''),
           )
         }
       if (large)

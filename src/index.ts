@@ -153,6 +153,7 @@ export type {
   MigrationEndpoint,
   MigrationRangeInfo,
   DirtyTracking,
+  PostcopyPriority,
 } from './migration'
 export type { TypedEmitter, TypedEvents, EventMap, TypedEventName, TypedListener } from './util/typed-emitter'
 export { CHANNELS as diagnosticsChannels } from './util/diagnostics'

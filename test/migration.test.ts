@@ -13,6 +13,7 @@ import { hasFeature } from '../src/core/kernel-features'
 import { canPrecopy, migrateHere, SECRET, unmapAll } from './helpers/migration'
 import * as fs from 'node:fs'
 import { timeScale } from './helpers/children'
+import { env } from './helpers/env'
 
 afterEach(() => killChildren())
 
@@ -99,20 +100,35 @@ describe('migration over loopback', () => {
     }
   })
 
-  it("postcopyPriority 'latency' (idle push, small bulk buffers, real-time demand path where permitted)", {
-    timeout: 60_000 * timeScale,
-  }, async () => {
-    const r = await migrateHere({
-      mode: 'postcopy',
-      kind: 'anonymous',
-      size: 16 * MiB,
-      dirtyRate: 8 * MiB,
-      source: { postcopyPriority: 'latency' },
+  for (const priority of [undefined, 'latency', 'throughput'] as const) {
+    it(`postcopyPriority ${priority ?? 'by default (latency)'}: the demand path's threads SCHED_FIFO and the push's nice -10 where permitted, or neither`, {
+      timeout: 60_000 * timeScale,
+    }, async () => {
+      // The push held to 32 MiB/s so that post-copy lasts long enough to watch the threads.
+      const r = await migrateHere({
+        mode: 'postcopy',
+        kind: 'anonymous',
+        size: 16 * MiB,
+        dirtyRate: 8 * MiB,
+        watchThreads: true,
+        source: { postcopyPriority: priority, postcopyBandwidth: 32 * MiB },
+      })
+      expect(r.mismatches).toBe(0)
+      expect(r.lostStamps).toBe(0)
+      expect(r.source.pushedPages + r.source.demandPages).toBe(r.source.pagesTotal)
+      const threads = r.postcopyThreads
+      if (priority === 'throughput' || !env.capSysNice) {
+        // Without CAP_SYS_NICE 'latency' keeps only its socket buffers (and still migrates).
+        expect(threads).toEqual({ fifo: 0, niced: 0, lowestNice: 0 })
+      } else {
+        // The source's demand thread, the target's demand reader (and the engine's thread once
+        // a fault came); the pusher and the target's main-channel reader.
+        expect(threads?.fifo).toBeGreaterThanOrEqual(2)
+        expect(threads?.niced).toBe(2)
+        expect(threads?.lowestNice).toBe(-10)
+      }
     })
-    expect(r.mismatches).toBe(0)
-    expect(r.lostStamps).toBe(0)
-    expect(r.source.pushedPages + r.source.demandPages).toBe(r.source.pagesTotal)
-  })
+  }
 
   it('the connection is cut in post-copy: faulting threads wait, the source reconnects, nothing lost or sent twice', {
     timeout: 60_000 * timeScale,

@@ -89,6 +89,16 @@ inline uint64_t OptU64(Napi::Object opts, const char* name, uint64_t fallback) {
   return static_cast<uint64_t>(d);
 }
 
+inline int OptInt(Napi::Object opts, const char* name, int fallback, int min, int max) {
+  Napi::Value v = opts.Get(name);
+  if (!v.IsNumber()) return fallback;
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= min && d <= max) || d != static_cast<double>(static_cast<int>(d)))
+    ThrowRangeError(opts.Env(), std::string(name) + " must be an integer in " + std::to_string(min) + ".." +
+                                    std::to_string(max));
+  return static_cast<int>(d);
+}
+
 inline uint64_t U64Field(Napi::Object o, const char* name) {
   Napi::Value v = o.Get(name);
   if (v.IsBigInt()) {

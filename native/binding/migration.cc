@@ -257,8 +257,12 @@ class MigrationSourceHandle : public SessionHandle<MigrationSourceHandle, Source
     o.chunkBytes = OptU64(opts, "chunkBytes", o.chunkBytes);
     if (o.chunkBytes < 4096 || o.chunkBytes > migration::kMaxPagesPayload)
       ThrowRangeError(env, "chunkBytes must be 4 KiB..4 MiB");
-    if (opts.Get("pushIdle").IsBoolean()) o.pushIdle = opts.Get("pushIdle").ToBoolean();
+    o.pushChunkBytes = OptU64(opts, "pushChunkBytes", 0);
+    if (o.pushChunkBytes != 0 && (o.pushChunkBytes < 4096 || o.pushChunkBytes > migration::kMaxPagesPayload))
+      ThrowRangeError(env, "pushChunkBytes must be 4 KiB..4 MiB");
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
+    o.notsentLowat = static_cast<uint32_t>(OptU64(opts, "notsentLowat", 0));
+    o.pushNice = OptInt(opts, "pushNice", 0, -20, 19);
     if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
     Open(info, std::move(ranges), o, "userfaultfd.MigrationSource");
   }
@@ -360,7 +364,7 @@ class MigrationTargetHandle : public SessionHandle<MigrationTargetHandle, Target
     o.readSize = static_cast<uint32_t>(OptU64(opts, "readSize", o.readSize));
     if (o.readSize < 1 || o.readSize > 4096) ThrowRangeError(env, "readSize must be 1..4096");
     o.postcopyBuffer = static_cast<uint32_t>(OptU64(opts, "postcopyBuffer", 0));
-    if (opts.Get("bulkIdle").IsBoolean()) o.bulkIdle = opts.Get("bulkIdle").ToBoolean();
+    o.bulkNice = OptInt(opts, "bulkNice", 0, -20, 19);
     if (opts.Get("realtimeDemand").IsBoolean()) o.realtimeDemand = opts.Get("realtimeDemand").ToBoolean();
     Open(info, std::move(ranges), o, "userfaultfd.MigrationTarget");
   }

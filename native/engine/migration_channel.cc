@@ -3,7 +3,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,6 +20,10 @@ bool RaiseToRealtime() {
   struct sched_param param = {};
   param.sched_priority = 1;
   return pthread_setschedparam(pthread_self(), SCHED_FIFO, &param) == 0;
+}
+
+bool SetThreadNice(int nice) {
+  return setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice) == 0;
 }
 
 FrameChannel::FrameChannel(int fd, uint32_t pingMs) : fd_(fd), pingMs_(pingMs) {

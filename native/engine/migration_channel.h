@@ -28,6 +28,9 @@ namespace migration {
 // The calling thread to SCHED_FIFO priority 1 (the demand path: it must not wait behind bulk
 // work for a CPU). Best effort: without CAP_SYS_NICE it stays as it was. Returns whether it did.
 bool RaiseToRealtime();
+// The calling thread's nice value (bulk work in post-copy: ahead of the workload's threads for a
+// CPU, behind the demand path). Best effort: below 0 needs CAP_SYS_NICE. Returns whether it did.
+bool SetThreadNice(int nice);
 
 class FrameChannel {
  public:

@@ -1,6 +1,8 @@
 #include "engine/migration_source.h"
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/socket.h>
@@ -181,7 +183,7 @@ void SourceSession::StartPostcopy(const std::vector<Run>& toCome, bool push) {
 }
 
 void SourceSession::SetPush(bool on) {
-  if (on) SetMainBuffer(options_.postcopyBuffer);
+  if (on) TuneMainForPostcopy();
   push_.store(on);
   pushCv_.notify_all();
 }
@@ -191,15 +193,18 @@ void SourceSession::ResumePush() {
   pushCv_.notify_all();
 }
 
-void SourceSession::SetMainBuffer(uint32_t bytes) {
-  channels_.WithChannels([bytes](FrameChannel* main, FrameChannel*) {
-    int v = static_cast<int>(bytes);
-    if (main && bytes > 0) setsockopt(main->fd(), SOL_SOCKET, SO_SNDBUF, &v, sizeof v);
+void SourceSession::TuneMainForPostcopy() {
+  const int buffer = static_cast<int>(options_.postcopyBuffer),
+            lowat = static_cast<int>(options_.notsentLowat);
+  channels_.WithChannels([buffer, lowat](FrameChannel* main, FrameChannel*) {
+    if (main == nullptr) return;
+    if (buffer > 0) setsockopt(main->fd(), SOL_SOCKET, SO_SNDBUF, &buffer, sizeof buffer);
+    if (lowat > 0) setsockopt(main->fd(), IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
   });
 }
 
 void SourceSession::PushLoop() {
-  bool idle = false;
+  bool niced = false;
   uint64_t rateStart = 0, rateBytes = 0;
   bool pushedNoticed = false;
   while (true) {
@@ -241,11 +246,11 @@ void SourceSession::PushLoop() {
       continue;
     }
     if (!postcopy_.load() || !push_.load() || pushPaused_.load() || !ch) continue;
-    if (options_.pushIdle && !idle) {
-      // The push yields the CPU to everything else here, the demand channel's thread first.
-      struct sched_param param = {};
-      pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
-      idle = true;
+    if (options_.pushNice != 0 && !niced) {
+      // Post-copy: the push goes before the workload's threads for a CPU (they share one where
+      // both ends run on a host), the demand path (SCHED_FIFO) before the push.
+      SetThreadNice(options_.pushNice);
+      niced = true;
     }
     uint16_t range;
     uint64_t page;
@@ -260,7 +265,8 @@ void SourceSession::PushLoop() {
     }
     pushedNoticed = false;
     const uint64_t ps = ranges_[range].pageSize;
-    const uint64_t maxPages = std::max<uint64_t>(1, options_.chunkBytes / ps);
+    const uint64_t chunk = options_.pushChunkBytes > 0 ? options_.pushChunkBytes : options_.chunkBytes;
+    const uint64_t maxPages = std::max<uint64_t>(1, chunk / ps);
     uint64_t n = 0;
     while (n < maxPages && page + n < ranges_[range].pages && Claim(range, page + n)) n++;
     if (n == 0) continue;

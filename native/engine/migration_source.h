@@ -47,9 +47,12 @@ struct Run {
 struct SourceOptions {
   uint32_t pingMs = 100;
   uint64_t chunkBytes = 256 * 1024;  // bytes per PAGES frame (at least one page)
-  bool pushIdle = false;             // pusher under SCHED_IDLE in post-copy
-  uint32_t postcopyBuffer = 0;       // post-copy: SO_SNDBUF of the main channel (0: leave it)
-  bool realtimeDemand = false;       // the demand channel's thread under SCHED_FIFO 1
+  // Post-copy (postcopyPriority: src/migration/common.ts postcopyTuning). 0: leave as it is.
+  uint64_t pushChunkBytes = 0;  // bytes per PAGES frame of the push (0: chunkBytes)
+  uint32_t postcopyBuffer = 0;  // SO_SNDBUF of the main channel
+  uint32_t notsentLowat = 0;    // TCP_NOTSENT_LOWAT of the main channel
+  int pushNice = 0;             // the pusher's nice value (below 0 needs CAP_SYS_NICE)
+  bool realtimeDemand = false;  // the demand channel's thread under SCHED_FIFO 1 (where permitted)
 };
 
 struct SourceStats {
@@ -81,8 +84,9 @@ class SourceSession {
   void StartPostcopy(const std::vector<Run>& toCome, bool push);
   void ResumePush();
   void SetPush(bool on);
-  // The main channel's send buffer (post-copy: a short queue ahead of demand pages' packets).
-  void SetMainBuffer(uint32_t bytes);
+  // Post-copy: the main channel's send buffer and unsent-bytes bound (a short queue of push
+  // packets ahead of a demand page's in the network stack, without capping the window).
+  void TuneMainForPostcopy();
   void SetPushRate(uint64_t bytesPerSecond) { pushRate_.store(bytesPerSecond); }
 
   std::deque<SessionNotice> TakeNotices();

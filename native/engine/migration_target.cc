@@ -518,17 +518,17 @@ void TargetSession::ReaderLoop(FrameChannel* ch, bool demand, uint64_t gen) {
   const Role role = demand ? Role::kTargetDemand : Role::kTargetMain;
   std::vector<uint8_t> staging;
   std::vector<uint8_t> payload;
-  bool idle = false;
+  bool niced = false;
   if (demand && options_.realtimeDemand) RaiseToRealtime();
   while (true) {
     FrameHeader h;
     int err = ch->ReadHeader(&h);
     if (err != 0) return notices_.PushClosed(name, gen, ch->shutDown() ? ECANCELED : err, false, "");
-    if (!demand && !idle && options_.bulkIdle && serving_.load()) {
-      // Post-copy: the push's pages wait for any CPU time the demand path wants.
-      struct sched_param param = {};
-      pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
-      idle = true;
+    if (!demand && !niced && options_.bulkNice != 0 && serving_.load()) {
+      // Post-copy: the push's pages go before the workload's threads for a CPU, the demand
+      // path (SCHED_FIFO) before them.
+      SetThreadNice(options_.bulkNice);
+      niced = true;
     }
     std::string bad = CheckFrame(h, role, shapes_);
     if (bad.empty() && demand && h.type == kPages && !serving_.load())

@@ -54,10 +54,11 @@ struct TargetRange {
 
 struct TargetOptions {
   uint32_t pingMs = 100;
-  uint32_t spinUs = 0;          // the engine's adaptive spin bound
-  uint32_t readSize = 64;       // the engine's messages per read(2)
-  uint32_t postcopyBuffer = 0;  // post-copy: SO_RCVBUF of the main channel (0: leave it)
-  bool bulkIdle = false;        // post-copy: the main channel's reader under SCHED_IDLE
+  uint32_t spinUs = 0;     // the engine's adaptive spin bound
+  uint32_t readSize = 64;  // the engine's messages per read(2)
+  // Post-copy (postcopyPriority: src/migration/common.ts postcopyTuning). 0: leave as it is.
+  uint32_t postcopyBuffer = 0;  // SO_RCVBUF of the main channel
+  int bulkNice = 0;             // the main channel's reader's nice value (below 0 needs CAP_SYS_NICE)
   bool realtimeDemand = false;  // the demand channel's reader and the engine's thread under SCHED_FIFO 1
 };
 

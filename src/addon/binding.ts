@@ -499,9 +499,9 @@ export interface MigrationSessionRange {
   memfd?: number
 }
 
-/** The postcopyPriority knobs (src/migration/common.ts postcopyTuning). */
+/** The postcopyPriority knobs (src/migration/common.ts postcopyTuning); 0: left as it is. */
 export interface MigrationTuning {
-  /** bytes per socket read in post-copy (0: the default) */
+  /** post-copy: the main channel's SO_SNDBUF (source) or SO_RCVBUF (target), bytes */
   postcopyBuffer?: number
   /** the demand path's threads SCHED_FIFO where permitted */
   realtimeDemand?: boolean
@@ -511,16 +511,20 @@ export interface MigrationSourceOptions extends MigrationTuning {
   pingMs: number
   /** bytes per PAGES frame in the rounds and the push */
   chunkBytes: number
-  /** the push thread under SCHED_IDLE */
-  pushIdle?: boolean
+  /** bytes per PAGES frame of the post-copy push (0: chunkBytes) */
+  pushChunkBytes?: number
+  /** post-copy: the main channel's TCP_NOTSENT_LOWAT, bytes */
+  notsentLowat?: number
+  /** post-copy: the push thread's nice value (-20..19; below 0 where permitted) */
+  pushNice?: number
 }
 
 export interface MigrationTargetOptions extends MigrationTuning {
   pingMs: number
   spinUs: number
   readSize?: number
-  /** the main channel's receiving thread under SCHED_IDLE in post-copy */
-  bulkIdle?: boolean
+  /** post-copy: the main channel's receiving thread's nice value (-20..19; below 0 where permitted) */
+  bulkNice?: number
 }
 
 /** The source's session: sends rounds, serves demand requests, pushes the rest in post-copy. */

@@ -73,16 +73,49 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms))
 }
 
+/** How post-copy shares the network stack and the CPUs between demand faults and the background push (MigrationSourceOptions.postcopyPriority). */
+export type PostcopyPriority = 'throughput' | 'latency'
+export const POSTCOPY_PRIORITIES = ['latency', 'throughput'] as const
+export const DEFAULT_POSTCOPY_PRIORITY: PostcopyPriority = 'latency'
+
 /**
- * What postcopyPriority 'latency' sets at each end (measured in bench/migrate.js: demand-fault
- * p99 several times lower while the push runs, the push slower, much slower on a busy machine).
+ * What each end sets in post-copy for a postcopyPriority (measured in bench/migrate.js, see
+ * docs/migration.md "Numbers"). 'latency' keeps a demand page from waiting behind the push:
+ *  - in the network stack: a short queue of push bytes (128 KiB send buffer, at most 16 KiB not
+ *    sent yet, 256 KiB receive buffer, 64 KiB frames) ahead of a demand page's packets;
+ *  - for a CPU: the demand path's threads SCHED_FIFO, the push's two threads nice -10 (ahead of
+ *    the workload's, which would otherwise take the CPU a faster demand path frees). Both need
+ *    CAP_SYS_NICE; without it only the buffers apply.
+ * 'throughput' leaves everything as the kernel sets it: the push fills the link and the socket
+ * buffers, and a demand page waits behind them (milliseconds).
  */
-export function postcopyTuning(priority: 'throughput' | 'latency'): {
-  pushIdle: boolean
-  bulkIdle: boolean
-  postcopyBuffer: number
-  realtimeDemand: boolean
+export function postcopyTuning(
+  priority: PostcopyPriority,
+  chunkBytes = 256 * 1024,
+): {
+  source: {
+    pushChunkBytes: number
+    postcopyBuffer: number
+    notsentLowat: number
+    pushNice: number
+    realtimeDemand: boolean
+  }
+  target: { postcopyBuffer: number; bulkNice: number; realtimeDemand: boolean }
 } {
-  const latency = priority === 'latency'
-  return { pushIdle: latency, bulkIdle: latency, postcopyBuffer: latency ? 256 * 1024 : 0, realtimeDemand: latency }
+  if (priority === 'throughput') {
+    return {
+      source: { pushChunkBytes: 0, postcopyBuffer: 0, notsentLowat: 0, pushNice: 0, realtimeDemand: false },
+      target: { postcopyBuffer: 0, bulkNice: 0, realtimeDemand: false },
+    }
+  }
+  return {
+    source: {
+      pushChunkBytes: Math.min(chunkBytes, 64 * 1024),
+      postcopyBuffer: 128 * 1024,
+      notsentLowat: 16 * 1024,
+      pushNice: -10,
+      realtimeDemand: true,
+    },
+    target: { postcopyBuffer: 256 * 1024, bulkNice: -10, realtimeDemand: true },
+  }
 }

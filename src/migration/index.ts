@@ -11,7 +11,7 @@ export type {
 } from './target'
 export type { MigrationEndpoint } from './transport'
 export type { DirtyTracking } from './dirty'
-export type { MigrationResult, Phase as MigrationPhase } from './common'
+export type { MigrationResult, Phase as MigrationPhase, PostcopyPriority } from './common'
 export { AuthError, SECRET_ENV } from './auth'
 export { RejectedError } from './transport'
 export { pageHashes } from './hash'

@@ -17,7 +17,7 @@ import { resolveSecret, type SecretOptions } from './auth'
 import { DirtyTracker } from '../engines/dirty-tracker'
 import { checkTracking, type DirtyTracking } from './dirty'
 import { type Control, decodeControl, finite, type MigrationResult, type Phase, sleep } from './common'
-import { postcopyTuning } from './common'
+import { DEFAULT_POSTCOPY_PRIORITY, POSTCOPY_PRIORITIES, type PostcopyPriority, postcopyTuning } from './common'
 import {
   type AnySocket,
   dial,
@@ -81,12 +81,12 @@ export interface MigrationSourceOptions extends SecretOptions {
   /** handshake and connect timeout (ms, default 10000) */
   connectTimeoutMs?: number
   /**
-   * Post-copy: 'throughput' (default) pushes as fast as it can; 'latency' favours demand faults
-   * over the push at both ends (the push and the thread receiving it run under SCHED_IDLE, the
-   * bulk channel's buffers shrink to 256 KiB, the demand path's threads run under SCHED_FIFO
-   * where permitted): demand faults are served faster, the push takes longer.
+   * Post-copy, at both ends: 'latency' (default) keeps demand faults from waiting behind the push
+   * (short socket queues for the push; the demand path's threads SCHED_FIFO and the push's nice
+   * -10 where permitted, CAP_SYS_NICE); 'throughput' pushes as fast as it can and a demand fault
+   * waits behind the push (milliseconds). See docs/migration.md "Numbers".
    */
-  postcopyPriority?: 'throughput' | 'latency'
+  postcopyPriority?: PostcopyPriority
   /**
    * How pre-copy finds the pages written since the last round: 'auto' (default) is 'async' where
    * the kernel has WP_ASYNC and PAGEMAP_SCAN (Linux 6.7+: writes never block), 'sync' otherwise
@@ -204,7 +204,7 @@ export class MigrationSource extends EventEmitter {
   readonly #timeoutMs: number
   readonly #reconnectMs: number
   readonly #connectMs: number
-  readonly #priority: 'throughput' | 'latency'
+  readonly #priority: PostcopyPriority
   readonly #session = randomBytes(16).toString('hex')
   readonly #pagesTotal: number
   readonly #bytes: number
@@ -293,8 +293,8 @@ export class MigrationSource extends EventEmitter {
     this.#priority = choice(
       options.postcopyPriority,
       'postcopyPriority',
-      ['throughput', 'latency'] as const,
-      'throughput',
+      POSTCOPY_PRIORITIES,
+      DEFAULT_POSTCOPY_PRIORITY,
     )
     this.#pagesTotal = this.#ranges.reduce((n, r) => n + r.pages, 0)
     this.#bytes = this.#ranges.reduce((n, r) => n + r.length, 0)
@@ -374,7 +374,7 @@ export class MigrationSource extends EventEmitter {
       {
         pingMs: this.#pingMs,
         chunkBytes: this.#chunk,
-        ...postcopyTuning(this.#priority),
+        ...postcopyTuning(this.#priority, this.#chunk).source,
       },
       (notices) => this.#onNotices(notices),
     )

@@ -19,7 +19,7 @@ import { toRange } from '../core/range'
 import { Userfaultfd } from '../core/userfaultfd'
 import { choice, describe, optionalInt } from '../util/validate'
 import { AuthError, resolveSecret, type SecretOptions } from './auth'
-import { type Control, decodeControl, finite, type Phase, postcopyTuning } from './common'
+import { type Control, DEFAULT_POSTCOPY_PRIORITY, decodeControl, finite, type Phase, postcopyTuning } from './common'
 import { type MigrationEndpoint, FrameConn, handOver, parseEndpoint, reject, targetHandshake } from './transport'
 import { encodeJson, FrameType, type MigrationMode, ProtocolError, type MigrationRangeInfo, type Setup } from './wire'
 
@@ -382,7 +382,8 @@ export class MigrationTarget extends EventEmitter {
       {
         pingMs: this.#pingMs,
         spinUs: this.#spin,
-        ...postcopyTuning(meta.postcopyPriority === 'latency' ? 'latency' : 'throughput'),
+        // What the source asked for (its default if it said nothing).
+        ...postcopyTuning(meta.postcopyPriority === 'throughput' ? 'throughput' : DEFAULT_POSTCOPY_PRIORITY).target,
       },
       (notices) => this.#onNotices(notices),
     )

@@ -11,6 +11,7 @@ import { native } from '../../src/addon/native'
 import { OpenFlag } from '../../src/core/constants'
 
 const CAP_SYS_PTRACE = 19n
+const CAP_SYS_NICE = 23n
 
 function capEff(): bigint {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))
@@ -31,6 +32,8 @@ const flags = OpenFlag.O_CLOEXEC | OpenFlag.O_NONBLOCK
 export const env = {
   /** CAP_SYS_PTRACE: EVENT_FORK, and (in Docker) process_vm_readv, ptrace, kcmp */
   capSysPtrace: ((capEff() >> CAP_SYS_PTRACE) & 1n) === 1n,
+  /** CAP_SYS_NICE: SCHED_FIFO threads and nice values below 0 (migration's postcopyPriority 'latency') */
+  capSysNice: ((capEff() >> CAP_SYS_NICE) & 1n) === 1n,
   /** the userfaultfd(2) syscall opens a full uffd (not user-mode-only) */
   syscall: canOpen(() => native.openSyscall(flags)),
   /** the syscall with UFFD_USER_MODE_ONLY (always allowed, unless seccomp blocks the syscall) */

@@ -3,6 +3,7 @@
 // this JS thread never touches migrated memory before the end), and fake peers that speak the
 // protocol frame by frame, for what a real peer never does (late or duplicate pages, hostile
 // frames).
+import * as fs from 'node:fs'
 import * as net from 'node:net'
 import { randomFillSync } from 'node:crypto'
 import { Mapping, hugePageSize } from '../../src/core/mapping'
@@ -48,6 +49,8 @@ export interface RunOptions {
    * (on a loaded machine it may not have run at all during the rounds).
    */
   writesInStop?: number
+  /** watch this process's threads' scheduling during post-copy (RunResult.postcopyThreads) */
+  watchThreads?: boolean
 }
 
 export interface RunResult {
@@ -63,6 +66,8 @@ export interface RunResult {
   targetFaults: number
   /** the source's 'round' events, in order */
   rounds: RoundInfo[]
+  /** with watchThreads: the most threads seen at once during post-copy under SCHED_FIFO, and below nice 0 */
+  postcopyThreads?: { fifo: number; niced: number; lowestNice: number }
 }
 
 const SOURCE_STAMP = 0
@@ -118,13 +123,16 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
   source.on('round', (info: RoundInfo) => rounds.push(info))
   let cut = 0
   let armed = relay !== undefined
+  let watch: ReturnType<typeof watchThreads> | undefined
   source.on('phase', ({ phase }) => {
+    if (phase === 'postcopy' && o.watchThreads && watch === undefined) watch = watchThreads()
     if (phase !== 'postcopy' || !armed || relay === undefined) return
     armed = false // once: post-copy starts again after each reconnect
     setTimeout(() => (cut = relay.cut()), o.cutInPostcopyMs)
   })
   try {
     const [s, t] = await Promise.all([source.start(), target.done])
+    const postcopyThreads = watch?.stop()
     const stuck = targetWork?.stop(2000) ?? 0
     if (stuck > 0) throw new Error(`${stuck} target workload thread(s) stayed blocked after the migration`)
     const v = target.verify()
@@ -149,8 +157,10 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
       targetWrites: ws?.writes ?? 0,
       targetFaults: ws?.faults ?? 0,
       rounds,
+      postcopyThreads,
     }
   } finally {
+    watch?.stop()
     relay?.close()
     targetWork?.stop(1000)
     writer.stop(1000)
@@ -158,6 +168,44 @@ export async function migrateHere(o: RunOptions): Promise<RunResult> {
     target.close()
     unmapAll(target)
     memory.unmap()
+  }
+}
+
+/**
+ * Samples this process's threads' scheduling (/proc/self/task/TID/stat: nice, policy) every
+ * millisecond until stop(), which returns the most threads seen at once under SCHED_FIFO and
+ * below nice 0, and the lowest nice value seen.
+ */
+function watchThreads(): { stop(): { fifo: number; niced: number; lowestNice: number } } {
+  const SCHED_FIFO = 1
+  const seen = { fifo: 0, niced: 0, lowestNice: 0 }
+  const sample = () => {
+    let fifo = 0
+    let niced = 0
+    for (const tid of fs.readdirSync('/proc/self/task')) {
+      let stat: string
+      try {
+        stat = fs.readFileSync(`/proc/self/task/${tid}/stat`, 'utf8')
+      } catch {
+        continue // the thread ended
+      }
+      // Fields after "(comm)": state is field 3, nice field 19, policy field 41.
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+      const nice = Number(f[19 - 3])
+      if (Number(f[41 - 3]) === SCHED_FIFO) fifo++
+      if (nice < 0) niced++
+      seen.lowestNice = Math.min(seen.lowestNice, nice)
+    }
+    seen.fifo = Math.max(seen.fifo, fifo)
+    seen.niced = Math.max(seen.niced, niced)
+  }
+  sample()
+  const timer = setInterval(sample, 1)
+  return {
+    stop() {
+      clearInterval(timer)
+      return { ...seen }
+    },
   }
 }
 

@@ -1,5 +1,6 @@
 // `userfaultfd migrate demo|send|receive`: the option tables, help and up-front checks; what
 // they run is ../migrate/.
+import { DEFAULT_POSTCOPY_PRIORITY, POSTCOPY_PRIORITIES } from '../../migration/common'
 import { UsageError, defineCommand } from '../command'
 import { bytes, choice, flag, int, text } from '../options'
 import { checkEndpoint, checkSecret, runDemo, runReceive, runSend } from '../migrate'
@@ -149,9 +150,9 @@ export const migrateSendCommand = defineCommand({
     'max-downtime': maxDowntimeOption,
     'postcopy-priority': choice({
       value: 'P',
-      values: ['throughput', 'latency'] as const,
-      default: 'throughput',
-      help: 'post-copy: push as fast as possible, or favour demand faults over the push.',
+      values: POSTCOPY_PRIORITIES,
+      default: DEFAULT_POSTCOPY_PRIORITY,
+      help: 'post-copy: latency keeps demand faults from waiting behind the push (real-time demand threads where permitted); throughput pushes as fast as possible.',
     }),
     tls: flag({
       help: 'TLS (the target needs --tls-key and --tls-cert); the certificate is not checked, the shared secret authenticates.',

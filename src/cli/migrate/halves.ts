@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
 import { Mapping } from '../../core/mapping'
 import { AuthError } from '../../migration/auth'
-import type { MigrationResult } from '../../migration/common'
+import type { MigrationResult, PostcopyPriority } from '../../migration/common'
 import { MigrationSource } from '../../migration/source'
 import { MigrationTarget, type MigrationTargetResult, type SourceLossPolicy } from '../../migration/target'
 import type { MemoryKind, MigrationMode } from '../../migration/wire'
@@ -43,7 +43,7 @@ export interface SendOptions {
   seed: number
   /** reader threads the target runs from its resume (default 1) */
   targetReaders?: number
-  postcopyPriority?: 'throughput' | 'latency'
+  postcopyPriority?: PostcopyPriority
   emit: Emit
 }
 

@@ -4,6 +4,7 @@
 // (--json), or lines for people.
 import * as fs from 'node:fs'
 import { resolveSecret } from '../../migration/auth'
+import type { PostcopyPriority } from '../../migration/common'
 import type { SourceLossPolicy } from '../../migration/target'
 import type { MemoryKind, MigrationMode } from '../../migration/wire'
 import { UsageError } from '../command'
@@ -127,7 +128,7 @@ export interface SendValues {
   faultDevice?: string
   seed: number
   targetReaders: number
-  postcopyPriority: 'throughput' | 'latency'
+  postcopyPriority: PostcopyPriority
   json: boolean
   events: boolean
 }
