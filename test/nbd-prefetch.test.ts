@@ -65,6 +65,18 @@ async function expectBytes(base: bigint, order: number[], bytes: Buffer): Promis
   })
 }
 
+type Play = ReturnType<typeof setup>
+
+/** Every page right, not one fault more (it was all installed), no error; then both closed. */
+async function expectServedAndClose(play: Play, remote: RemoteSource, order: number[], bytes: Buffer): Promise<void> {
+  const faults = play.server.stats().faults
+  await expectBytes(play.m.address, order, bytes)
+  expect(play.server.stats().faults).toBe(faults)
+  expect(play.errors).toEqual([])
+  play.server.close()
+  await remote.close()
+}
+
 function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length
 }
@@ -105,12 +117,7 @@ describe('native NBD replay against a fake server', () => {
       }
       // the source's counters count them as its own reads
       expect(remote.counters.fetchedPages).toBeGreaterThanOrEqual(order.length)
-      const faults = play.server.stats().faults
-      await expectBytes(play.m.address, order, bytes)
-      expect(play.server.stats().faults).toBe(faults)
-      expect(play.errors).toEqual([])
-      play.server.close()
-      await remote.close()
+      await expectServedAndClose(play, remote, order, bytes)
     } finally {
       await srv.close()
     }
@@ -162,12 +169,7 @@ describe('native NBD replay against a fake server', () => {
       play.server.serve(play.m, { remote }, { workingSet: ws })
       await installed(play.server, order.length)
       expect(play.server.stats().fed.nativeReads).toBe(order.length / 2)
-      const faults = play.server.stats().faults
-      await expectBytes(play.m.address, order, bytes)
-      expect(play.server.stats().faults).toBe(faults)
-      expect(play.errors).toEqual([])
-      play.server.close()
-      await remote.close()
+      await expectServedAndClose(play, remote, order, bytes)
     } finally {
       await srv.close()
     }
@@ -275,12 +277,7 @@ describe.skipIf(missing('nbdkit'))('native NBD replay against nbdkit', () => {
     play.server.serve(play.m, { remote }, { workingSet: ws })
     await installed(play.server, order.length)
     expect(play.server.stats().fed.nativeReads).toBeGreaterThan(order.length / 2)
-    const faults = play.server.stats().faults
-    await expectBytes(play.m.address, order, bytes)
-    expect(play.server.stats().faults).toBe(faults)
-    expect(play.errors).toEqual([])
-    play.server.close()
-    await remote.close()
+    await expectServedAndClose(play, remote, order, bytes)
   })
 })
 
