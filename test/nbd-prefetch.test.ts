@@ -281,6 +281,30 @@ describe.skipIf(missing('nbdkit'))('native NBD replay against nbdkit', () => {
   })
 })
 
+describe('the engine binding', () => {
+  it('ends a prefetch whose fd is no socket with its errno, nothing provided, its fds closed', async () => {
+    const uffd = track(Userfaultfd.open())
+    const notices: Array<{ type: string; id?: number }> = []
+    const engine = new native.FaultEngine(uffd.fd, { ...ENGINE_DEFAULTS, hugePageSize: 2 << 20 }, (n) =>
+      notices.push(...n),
+    )
+    const fd = fs.openSync('/dev/null', 'r+')
+    try {
+      const fds = openFds()
+      const id = engine.prefetchNbd(1, [fd], new Float64Array([0, 4096, 4096, 4096]), { exportSize: 8192 })
+      await until(() => notices.some((n) => n.type === 'prefetched' && n.id === id), 5000, 'prefetched')
+      const r = engine.prefetchResult(id)
+      expect(r?.error).toMatchObject({ code: 'ENOTSOCK' })
+      expect([...(r?.provided ?? [])]).toEqual([0, 0])
+      expect(engine.prefetchResult(id)).toBeNull() // forgotten
+      expect(openFds()).toBe(fds) // its dup closed
+    } finally {
+      fs.closeSync(fd)
+      engine.close()
+    }
+  })
+})
+
 describe('the engine binding refuses bad prefetch input', () => {
   it('TypeError, RangeError, or a UffdError with code', () => {
     const uffd = track(Userfaultfd.open())

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -174,14 +175,15 @@ bool NbdPrefetch::Fill(Connection& c) {
 
 bool NbdPrefetch::Flush(Connection& c) {
   while (c.outAt < c.out.size()) {
-    ssize_t n = write(c.fd, c.out.data() + c.outAt, c.out.size() - c.outAt);
+    // send(MSG_NOSIGNAL): a server gone is an EPIPE here, never a SIGPIPE for the process
+    ssize_t n = send(c.fd, c.out.data() + c.outAt, c.out.size() - c.outAt, MSG_NOSIGNAL);
     if (n > 0) {
       c.outAt += static_cast<size_t>(n);
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
-    Fail(n < 0 ? errno : EPIPE, "write(NBD_CMD_READ)");
+    Fail(n < 0 ? errno : EPIPE, "send(NBD_CMD_READ)");
     return false;
   }
   c.out.clear();
@@ -388,7 +390,7 @@ void NbdPrefetch::Run() {
     if (error_ == 0 && c->outAt == c->out.size()) {
       uint8_t disc[kRequestSize];
       PutRequest(disc, kCmdDisc, 0, 0, 0);
-      ssize_t ignored = write(c->fd, disc, sizeof disc);
+      ssize_t ignored = send(c->fd, disc, sizeof disc, MSG_NOSIGNAL);
       (void)ignored;
     }
     close(c->fd);
